@@ -1,0 +1,54 @@
+# sagecheck: `make report` and `make test` need nothing installed beforehand but python3.
+PYTHON      ?= python3
+VENV        ?= .venv
+PARAMS      ?= params/default.yaml
+# the torch build to install when the environment has none (CPU machines: the CPU build)
+TORCH_SPEC  ?= torch==2.13.0
+# pinned versions the tests were run with; `make CONSTRAINTS= ...` to resolve freely
+CONSTRAINTS ?= constraints.txt
+EXTRAS      ?= test
+ARGS        ?=
+PYTEST_ARGS ?=
+WHEEL_PYTHON    ?= 3.12
+WHEEL_PLATFORMS ?= manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
+WHEEL_EXTRAS    ?= gpu,lab
+
+BIN   := $(VENV)/bin
+STAMP := $(VENV)/.sagecheck-installed
+CFLAG := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+
+.PHONY: report test lab wheelhouse clean-outputs
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q $(CFLAG) -e ".[$(EXTRAS)]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name sagecheck --display-name "Python (sagecheck)" >/dev/null
+	@touch $(STAMP)
+
+## run every notebook on $(PARAMS); prints the path of the HTML report
+report: $(STAMP)
+	$(BIN)/python -m sagecheck run --params $(PARAMS) $(ARGS)
+
+## the test suite (unit tests + every notebook executed by papermill on the built-in model)
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+## JupyterLab on notebooks/ with the project's kernel
+lab: $(STAMP)
+	$(BIN)/pip install -q $(CFLAG) -e ".[lab]"
+	$(BIN)/jupyter lab --notebook-dir=notebooks
+
+## wheels for an offline GPU node: make wheelhouse WHEEL_PYTHON=3.12
+wheelhouse:
+	@mkdir -p wheelhouse
+	$(PYTHON) -m pip wheel -q --no-deps -w wheelhouse .
+	$(PYTHON) -c "import tomllib,sys; p=tomllib.load(open('pyproject.toml','rb'))['project']; \
+	  extras=[e for e in '$(WHEEL_EXTRAS)'.split(',') if e]; \
+	  print('\n'.join(p['dependencies']+[d for e in extras for d in p['optional-dependencies'][e]]))" > wheelhouse/requirements.txt
+	$(PYTHON) -m pip download -q -d wheelhouse --only-binary=:all: --implementation cp \
+	  --python-version $(WHEEL_PYTHON) $(foreach p,$(WHEEL_PLATFORMS),--platform $(p)) -r wheelhouse/requirements.txt
+	@echo "wheelhouse/ ready: pip install --no-index --find-links wheelhouse -r wheelhouse/requirements.txt wheelhouse/sagecheck-*.whl"
+
+clean-outputs:
+	rm -rf outputs/

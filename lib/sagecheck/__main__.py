@@ -1,0 +1,120 @@
+"""Command line: ``python -m sagecheck run|report|params|sync-notebooks``.
+
+Exit codes: 0 all notebooks ran, 1 a notebook failed, 2 bad input (nothing ran).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from sagecheck.params import ParamError
+
+
+def _split_only(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    return [name for value in values for name in value.split(",") if name.strip()]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from sagecheck.run import run
+
+    outcome = run(
+        args.params,
+        overrides=args.p or (),
+        only=_split_only(args.only),
+        out=args.out,
+        resume=args.resume,
+        notebooks_dir=args.notebooks,
+        kernel=args.kernel,
+        report=not args.no_report,
+        progress=not args.quiet,
+    )
+    for nb in outcome.failed:
+        print(f"FAILED {nb.name}: {nb.error}", file=sys.stderr)
+    if outcome.report:
+        print(outcome.report)
+    else:
+        print(outcome.run_dir)
+    return outcome.exit_code
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from sagecheck.report import build_report
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise ParamError(f"run folder not found: {run_dir}")
+    try:
+        print(build_report(run_dir))
+    except FileNotFoundError as e:
+        raise ParamError(str(e)) from None
+    return 0
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    import yaml
+
+    from sagecheck.params import load_params
+
+    params = load_params(args.params, args.p or ())
+    print(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from sagecheck.notebooks import sync_parameter_cells
+
+    changed = sync_parameter_cells(Path(args.notebooks) if args.notebooks else None, check=args.check)
+    for path in changed:
+        print(("out of date: " if args.check else "updated: ") + str(path))
+    return 1 if (args.check and changed) else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sagecheck", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="execute the notebooks with a parameter file, then build the report")
+    r.add_argument("--params", help="YAML parameter file (default: the schema's defaults)")
+    r.add_argument("-p", action="append", metavar="KEY=VALUE", help="override a parameter, e.g. -p logits.n_short=4")
+    r.add_argument("--only", action="append", metavar="NAMES", help="notebooks to run (comma separated; 02, logits or 02_logits)")
+    r.add_argument("--out", help="run folder (default: outputs/<params-name>-<hash>)")
+    r.add_argument("--resume", action="store_true", help="skip notebooks whose results exist for the same parameters")
+    r.add_argument("--notebooks", help="folder of notebooks (default: the project's notebooks/)")
+    r.add_argument("--kernel", help="Jupyter kernel name (default: 'sagecheck', installed for this interpreter)")
+    r.add_argument("--no-report", action="store_true", help="do not build report.html at the end")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=cmd_run)
+
+    rep = sub.add_parser("report", help="build report.html and summary.md from a run folder")
+    rep.add_argument("run_dir")
+    rep.set_defaults(func=cmd_report)
+
+    pa = sub.add_parser("params", help="validate parameters and print them with all defaults")
+    pa.add_argument("--params")
+    pa.add_argument("-p", action="append", metavar="KEY=VALUE")
+    pa.set_defaults(func=cmd_params)
+
+    sy = sub.add_parser("sync-notebooks", help="rewrite each notebook's parameters cell from the schema")
+    sy.add_argument("--notebooks")
+    sy.add_argument("--check", action="store_true", help="only report notebooks that are out of date (exit 1)")
+    sy.set_defaults(func=cmd_sync)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ParamError as e:
+        print(f"sagecheck: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

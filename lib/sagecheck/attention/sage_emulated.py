@@ -1,0 +1,126 @@
+"""SageAttention v1's arithmetic in plain torch (CPU or GPU).
+
+This mirrors what ``sageattention==1.0.6`` does for head dims 64 and 128, step by
+step, so that the report can tell "the quantization scheme loses accuracy" (the
+emulation shows it too) from "the kernel is wrong" (only the kernel shows it).
+Each step names the file of the 1.0.6 wheel it reproduces:
+
+1. ``core.py``: K is smoothed, ``k -= k.mean(dim=seq)``, in K's own dtype (we subtract
+   out of place: the caller's K is never changed). V is cast to fp16 when it is
+   bf16 or fp32.
+2. ``quant_per_block.py``: Q is scaled by ``sm_scale * 1.44269504`` (log2(e), so that
+   the softmax can use exp2) in fp32; Q is quantized per block of 128 tokens, K per
+   block of 64 tokens, each block with one scale ``max|x| / 127``; a value becomes
+   ``int8(x / scale + 0.5 * sign(x))`` (round half away from zero, then truncation by
+   the int8 conversion). The last, partial block takes its maximum over the real
+   tokens only (masked loads).
+3. ``attn_qk_int8_per_block.py`` / ``attn_qk_int8_per_block_causal.py``: the scores of
+   a 64-key block are ``(Q_int8 · K_int8^T) * q_scale * k_scale`` in fp32 (the integer
+   dot product is exact); an online softmax over key blocks with exp2, a running
+   maximum ``m`` and sum ``l`` (``l`` sums the fp32 probabilities); the probabilities
+   are rounded to fp16 and multiplied with the fp16 V of the block; the block's
+   P·V result is rounded to fp16 (``tl.dot(p, v, out_dtype=tl.float16)``) before it
+   is added to the fp32 accumulator; the output is ``acc / l`` in the input dtype.
+
+Where the emulation deliberately differs from the kernel:
+
+* Exact masking: keys past the sequence end never take part. The non-causal 1.0.6
+  kernel loads the missing keys of a last, partial 64-key block as zeros, so each
+  of them enters the softmax denominator with score 0 (their V is zero). When the
+  number of keys is not a multiple of 64, the kernel's output is scaled down by
+  ``sum(exp(s)) / (sum(exp(s)) + n_pad * exp(0))``; the emulation has no such term.
+  The causal kernel masks those keys and is exact.
+* Inside one 64-key block, the kernel's tensor cores accumulate P·V in fp16; the
+  emulation accumulates in fp32 and rounds the block's result to fp16 once.
+* A block whose values are all zero has scale 0; the kernel then divides 0 by 0.
+  The emulation quantizes such a block to zeros.
+
+Bottom-right causal masking with a query shorter than the keys and arbitrary
+boolean masks are supported here (the kernel supports neither); they follow the
+same arithmetic with the masked scores excluded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sagecheck.attention.baseline import check_shapes, expand_kv
+
+EMULATED_VERSION = "1.0.6"
+BLOCK_Q = 128  # quant_per_block.py: BLKQ
+BLOCK_K = 64  # quant_per_block.py: BLKK; attn kernels: BLOCK_N
+LOG2E = 1.44269504  # quant_per_block.py: sm_scale * 1.44269504
+
+
+def quantize_per_block(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block symmetric INT8 quantization along the sequence (quant_per_block.py).
+
+    ``x``: ``[b, h, n, d]`` float32 (already scaled). Returns the int8 values (held in
+    float32, exact integers) and the scales ``[b, h, ceil(n / block)]``.
+    """
+    b, h, n, d = x.shape
+    n_blocks = -(-n // block)
+    pad = n_blocks * block - n
+    xp = torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
+    xb = xp.reshape(b, h, n_blocks, block, d)
+    scale = xb.abs().amax(dim=(-1, -2)) / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = xb / safe[..., None, None]
+    q = q + 0.5 * torch.where(q >= 0, 1.0, -1.0)
+    q = torch.trunc(q).clamp_(-127, 127)
+    q = torch.where(scale[..., None, None] > 0, q, torch.zeros_like(q))
+    return q.reshape(b, h, n_blocks * block, d)[:, :, :n], scale
+
+
+def sage_emulated(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    mask: torch.Tensor | None = None,
+    smooth_k: bool = True,
+) -> torch.Tensor:
+    """SageAttention v1 (per-block INT8 Q·K^T, fp16 P·V) in plain torch; see the module docstring."""
+    b, h, h_kv, n_q, n_k, d = check_shapes(q, k, v, causal)
+    out_dtype = q.dtype
+    sm_scale = d**-0.5 if scale is None else scale
+
+    if smooth_k:  # core.py: km = k.mean(dim=seq_dim, keepdim=True); k -= km (here out of place)
+        k = k - k.mean(dim=2, keepdim=True)
+    v16 = v.to(torch.float16)  # core.py: bf16/fp32 V -> fp16
+
+    q_scaled = q.float() * torch.tensor(sm_scale * LOG2E, dtype=torch.float32)
+    q_int, q_scale = quantize_per_block(q_scaled, BLOCK_Q)
+    k_int, k_scale = quantize_per_block(k.float(), BLOCK_K)
+
+    # one scale per query row (its 128-token block) and per key block; kv heads shared by their query group
+    q_scale_rows = q_scale.repeat_interleave(BLOCK_Q, dim=2)[:, :, :n_q, None]
+    k_int, v16 = expand_kv(k_int, h), expand_kv(v16, h)
+    k_scale = expand_kv(k_scale, h)
+    rows = torch.arange(n_q, device=q.device)[:, None] + (n_k - n_q)  # bottom-right causal alignment
+
+    m = torch.full((b, h, n_q, 1), float("-inf"), dtype=torch.float32, device=q.device)
+    l = torch.zeros((b, h, n_q, 1), dtype=torch.float32, device=q.device)
+    acc = torch.zeros((b, h, n_q, d), dtype=torch.float32, device=q.device)
+    for j, start in enumerate(range(0, n_k, BLOCK_K)):
+        stop = min(n_k, start + BLOCK_K)
+        s = torch.matmul(q_int, k_int[:, :, start:stop].transpose(-1, -2))  # exact: |sum| < 2**24
+        s = s * q_scale_rows * k_scale[:, :, j, None, None]
+        if causal or mask is not None:  # masks built per key block: a full n_q x n_k mask would not fit at 32k
+            block_keep = torch.arange(start, stop, device=q.device)[None, :] <= rows if causal else None
+            if mask is not None:
+                block_mask = mask[..., start:stop]
+                block_keep = block_mask if block_keep is None else (block_mask & block_keep)
+            s = s.masked_fill(~block_keep, float("-inf"))
+        m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+        m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
+        p = torch.exp2(s - m_safe)
+        alpha = torch.exp2(torch.where(torch.isfinite(m), m - m_safe, torch.full_like(m, float("-inf"))))
+        l = l * alpha + p.sum(dim=-1, keepdim=True)
+        pv = torch.matmul(p.to(torch.float16).float(), v16[:, :, start:stop].float())
+        acc = acc * alpha + pv.to(torch.float16).float()
+        m = m_new
+    out = acc / torch.where(l > 0, l, torch.ones_like(l))
+    return out.to(out_dtype)

@@ -1,0 +1,1 @@
+"""Text corpora, prompt sets and passkey-retrieval tasks."""

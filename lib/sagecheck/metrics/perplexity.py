@@ -1,0 +1,116 @@
+"""Sliding-window perplexity, word perplexity, bits per byte, and a paired bootstrap of the delta.
+
+Windows follow the Hugging Face "perplexity of fixed-length models" guide: windows of
+``window`` tokens start every ``stride`` tokens; in each window only the tokens not
+scored by an earlier window count (the overlap is context only), so every token of
+the text is scored exactly once, the first one excepted (it has no context).
+
+Word perplexity and bits per byte are those of lm-evaluation-harness:
+``exp(NLL / words)`` and ``NLL / bytes / ln 2``, with NLL the total in nats.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Window:
+    begin: int  # first token of the window (context included)
+    end: int  # one past the last token
+    n_scored: int  # the last n_scored tokens of the window are scored
+
+    @property
+    def length(self) -> int:
+        return self.end - self.begin
+
+
+def sliding_windows(n_tokens: int, window: int, stride: int) -> list[Window]:
+    if window < 2 or stride < 1 or stride > window:
+        raise ValueError(f"need window >= 2 and 1 <= stride <= window; got window={window}, stride={stride}")
+    if n_tokens < 2:
+        raise ValueError("the text has fewer than two tokens")
+    windows = []
+    prev_end = 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + window, n_tokens)
+        target = end - prev_end
+        # the window's first token cannot be scored (nothing precedes it inside the window)
+        windows.append(Window(begin, end, min(target, end - begin - 1)))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return windows
+
+
+@dataclass
+class WindowScores:
+    """Per window: summed negative log-likelihood (nats) and number of scored tokens."""
+
+    nll: np.ndarray
+    count: np.ndarray
+
+    @property
+    def total_nll(self) -> float:
+        return float(self.nll.sum())
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.count.sum())
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.total_nll / self.total_tokens)
+
+    def word_perplexity(self, n_words: int) -> float:
+        return math.exp(self.total_nll / n_words)
+
+    def bits_per_byte(self, n_bytes: int) -> float:
+        return self.total_nll / n_bytes / math.log(2)
+
+
+TokenLogprobFn = Callable[[list[list[int]]], list[np.ndarray]]
+
+
+def score_windows(ids: Sequence[int], windows: list[Window], token_logprobs: TokenLogprobFn, batch_size: int = 8) -> WindowScores:
+    """``token_logprobs(batch)`` returns, per sequence, log p(x_t | x_<t) for t = 1..n-1."""
+    nll = np.zeros(len(windows), dtype=np.float64)
+    count = np.zeros(len(windows), dtype=np.int64)
+    by_length: dict[int, list[int]] = {}
+    for i, w in enumerate(windows):
+        by_length.setdefault(w.length, []).append(i)
+    for idx in by_length.values():
+        for start in range(0, len(idx), batch_size):
+            chunk = idx[start : start + batch_size]
+            batch = [list(ids[windows[i].begin : windows[i].end]) for i in chunk]
+            logprobs = token_logprobs(batch)
+            for i, lp in zip(chunk, logprobs):
+                n = windows[i].n_scored
+                scored = np.asarray(lp, dtype=np.float64)[-n:] if n > 0 else np.zeros(0)
+                nll[i] = -scored.sum()
+                count[i] = n
+    return WindowScores(nll, count)
+
+
+def paired_bootstrap_delta_pct(base: WindowScores, cand: WindowScores, resamples: int = 1000, seed: int = 0) -> dict[str, float]:
+    """Perplexity delta ``100 * (ppl_cand / ppl_base - 1)`` with a paired bootstrap 95% CI over windows.
+
+    The same resampled windows are used for both backends (pairing), so the interval
+    reflects the difference between backends, not the spread of the text.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(base.nll)
+    if n != len(cand.nll) or not np.array_equal(base.count, cand.count):
+        raise ValueError("baseline and candidate must be scored on the same windows")
+    idx = rng.integers(0, n, size=(resamples, n))
+    counts = base.count[idx].sum(axis=1)
+    ppl_b = np.exp(base.nll[idx].sum(axis=1) / counts)
+    ppl_c = np.exp(cand.nll[idx].sum(axis=1) / counts)
+    deltas = 100.0 * (ppl_c / ppl_b - 1.0)
+    point = 100.0 * (cand.perplexity / base.perplexity - 1.0)
+    lo, hi = np.percentile(deltas, [2.5, 97.5])
+    return {"delta_pct": point, "ci_low_pct": float(lo), "ci_high_pct": float(hi), "resamples": resamples}

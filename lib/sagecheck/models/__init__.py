@@ -1,0 +1,114 @@
+"""Where the model under test comes from.
+
+``model`` parameter values:
+
+* ``builtin``: the reference model shipped in this package (``models/sagecheck-tiny-llama``);
+* a Hugging Face model id (``meta-llama/Llama-3.1-8B-Instruct``) or a local folder: both go
+  through ``from_pretrained``, the same code path; a hub token is read from ``$HF_TOKEN``;
+* ``random:<config>``: a model built from a config with random weights, no download
+  (``random:llama-3.1-8b`` ships with the package; a path to a ``config.json`` works too).
+  It has no tokenizer of its own: the built-in tokenizer's ids are used as input.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MODELS_DIR = Path(__file__).parent
+BUILTIN_NAME = "sagecheck-tiny-llama"
+CONFIGS_DIR = MODELS_DIR / "configs"
+
+
+def builtin_path() -> Path:
+    return MODELS_DIR / BUILTIN_NAME
+
+
+def random_config_path(name: str) -> Path:
+    shipped = CONFIGS_DIR / f"{name}.json"
+    if shipped.is_file():
+        return shipped
+    p = Path(name).expanduser()
+    if p.is_dir():
+        p = p / "config.json"
+    if p.is_file():
+        return p
+    known = ", ".join(sorted(c.stem for c in CONFIGS_DIR.glob("*.json")))
+    raise FileNotFoundError(f"no model config '{name}' (shipped: {known}; or give a path to a config.json)")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # builtin | pretrained | random
+    location: str  # folder, hub id, or config path
+    revision: str | None = None
+
+    @property
+    def tokenizer_location(self) -> str:
+        return str(builtin_path()) if self.kind == "random" else self.location
+
+
+def resolve(model: str, revision: str | None = None) -> ModelSource:
+    if model == "builtin":
+        return ModelSource("builtin", str(builtin_path()))
+    if model.startswith("random:"):
+        return ModelSource("random", str(random_config_path(model.split(":", 1)[1])))
+    p = Path(model).expanduser()
+    return ModelSource("pretrained", str(p) if p.exists() else model, revision)
+
+
+def hub_token() -> str | None:
+    """The hub token from the environment (never a parameter, never printed)."""
+    from sagecheck.params import SECRET_ENV_VARS
+
+    for var in SECRET_ENV_VARS:
+        if os.environ.get(var):
+            return os.environ[var]
+    return None
+
+
+def load_tokenizer(source: ModelSource) -> Any:
+    from transformers import AutoTokenizer
+
+    kwargs = {"revision": source.revision} if source.kind == "pretrained" and source.revision else {}
+    tok = AutoTokenizer.from_pretrained(source.tokenizer_location, token=hub_token(), **kwargs)
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    source: ModelSource,
+    device: torch.device,
+    dtype: torch.dtype,
+    attn_implementation: str,
+    seed: int = 0,
+) -> Any:
+    """The model in eval mode on ``device`` with ``attn_implementation`` (a transformers registry name)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if source.kind == "random":
+        config = AutoConfig.from_pretrained(source.location)
+        config._attn_implementation = attn_implementation
+        torch.manual_seed(seed)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+        finally:
+            torch.set_default_dtype(previous)
+        return model.eval()
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation, "token": hub_token()}
+    if source.revision:
+        kwargs["revision"] = source.revision
+    if device.type == "cuda" and torch.cuda.device_count() > 1 and device.index is None:
+        kwargs["device_map"] = "auto"  # larger than one GPU: let accelerate spread the layers
+        return AutoModelForCausalLM.from_pretrained(source.location, **kwargs).eval()
+    model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
+    return model.to(device).eval()

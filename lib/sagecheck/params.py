@@ -1,0 +1,436 @@
+"""One schema for every parameter of a run.
+
+A run is described by a YAML file (``params/*.yaml``) plus ``-p key=value``
+overrides. Everything is validated here, before any notebook starts: an unknown
+key, a wrong type or a missing file is reported as one line naming the key, the
+value and what is allowed (:class:`ParamError`, exit code 2 in the CLI).
+
+Each notebook receives the common parameters plus its own section, flattened
+into plain variables (papermill injects them after the notebook's
+``parameters`` cell). The same schema writes the defaults of that cell
+(:func:`parameters_cell_source`), so a notebook opened in JupyterLab runs top to
+bottom on the embedded default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+BASELINES = ("sdpa", "eager")
+# "sdpa-noisy" is a deliberately wrong candidate (a negative control): every
+# verdict of the report must catch it.
+CANDIDATES = ("sage", "sage-emulated", "sdpa", "eager", "sdpa-noisy")
+Phase = Literal["prefill", "decode"]
+
+SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN")
+
+
+class ParamError(ValueError):
+    """A bad parameter. ``str(err)`` is the one line shown to the user."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+class SGLangServer(_Section):
+    """How the SGLang engine reaches a server (used when ``engine: sglang``)."""
+
+    url: Optional[str] = Field(None, description="attach to a running server instead of starting one")
+    python: Optional[str] = Field(None, description="interpreter that has sglang installed (default: this one)")
+    tp: int = Field(1, ge=1, description="--tp (tensor parallel size)")
+    mem_fraction_static: Optional[float] = Field(None, gt=0, le=1, description="--mem-fraction-static")
+    disable_cuda_graph: bool = Field(False, description="--disable-cuda-graph")
+    context_length: Optional[int] = Field(None, ge=16, description="--context-length")
+    extra_args: list[str] = Field(default_factory=list, description="more server arguments, passed as given")
+    startup_timeout_s: float = Field(600.0, gt=0, description="seconds to wait for the server to become ready")
+    request_timeout_s: float = Field(600.0, gt=0)
+
+
+class EnvironmentParams(_Section):
+    pass
+
+
+class RuntimeFlagParams(_Section):
+    implementations: list[str] = Field(
+        default_factory=lambda: ["sdpa", "eager", "sage-emulated", "sage"],
+        description="implementations to switch on one after the other; unavailable ones must fail clearly",
+    )
+    prompt: str = "To be, or not to be, that is the question:"
+    max_new_tokens: int = Field(16, ge=1)
+
+
+class LogitsParams(_Section):
+    text: str = Field("builtin", description="text the prompts are cut from: builtin, wikitext, ptb or a local path")
+    n_short: int = Field(8, ge=1, description="number of short prompts")
+    short_tokens: int = Field(100, ge=8)
+    n_long: int = Field(2, ge=0, description="number of long prompts")
+    long_tokens: int = Field(2048, ge=16)
+    greedy_tokens: int = Field(32, ge=1, description="greedy continuation length per prompt")
+    top_k: int = Field(20, ge=1, description="top-k logprobs (the SGLang engine gives no full distribution)")
+    kl_mean_max: float = Field(1e-3, gt=0, description="verdict: mean KL(baseline || candidate) in nats at most")
+    top1_min: float = Field(0.99, gt=0, le=1, description="verdict: top-1 agreement at least")
+
+
+class PerplexityParams(_Section):
+    dataset: str = Field("builtin", description="builtin (shipped held-out text), wikitext, ptb, or a local file/folder")
+    window: int = Field(512, ge=8, description="tokens per window (model context used)")
+    stride: int = Field(256, ge=1, description="new tokens scored per window")
+    max_tokens: Optional[int] = Field(None, ge=16, description="score only the first N tokens of the text")
+    bootstrap: int = Field(1000, ge=10, description="paired bootstrap resamples over windows")
+    delta_max_pct: float = Field(1.0, gt=0, description="verdict: |perplexity delta| in percent at most")
+
+    @field_validator("stride")
+    @classmethod
+    def _stride_le_window(cls, v: int, info: Any) -> int:
+        window = info.data.get("window")
+        if window is not None and v > window:
+            raise ValueError(f"stride must be at most window ({window})")
+        return v
+
+
+class ThroughputParams(_Section):
+    input_lengths: list[int] = Field(default_factory=lambda: [128, 256, 512, 1024, 2048])
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
+    decode_tokens: int = Field(32, ge=1, description="tokens generated per sequence when timing decode")
+    repeats: int = Field(5, ge=5, description="timed repeats per point (at least 5)")
+    warmup: int = Field(2, ge=1)
+    cpu_input_lengths: list[int] = Field(default_factory=lambda: [64, 128], description="sweep used on CPU")
+    cpu_batch_sizes: list[int] = Field(default_factory=lambda: [1, 2], description="sweep used on CPU")
+    repeat_point: bool = Field(True, description="measure the first point again at the end (stability check)")
+    stability_max_pct: float = Field(3.0, gt=0, description="verdict: repeated point within this many % (median)")
+
+
+class MemoryParams(_Section):
+    input_lengths: list[int] = Field(default_factory=lambda: [512, 1024, 2048, 4096])
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 4, 16])
+    decode_tokens: int = Field(16, ge=1)
+    margin_pct: float = Field(5.0, ge=0, description="verdict: candidate peak at most baseline peak plus this margin")
+
+
+class ActivationDriftParams(_Section):
+    text: str = Field("builtin")
+    n_prompts: int = Field(2, ge=1)
+    tokens: int = Field(512, ge=8)
+    position_buckets: int = Field(4, ge=1)
+    modes: list[Literal["compounded", "isolated"]] = Field(default_factory=lambda: ["compounded", "isolated"])
+    final_cosine_min: float = Field(0.999, gt=0, le=1, description="verdict: cosine of the final hidden state at least")
+    final_rel_l2_max: float = Field(0.05, gt=0, description="verdict: relative L2 of the final hidden state at most")
+
+
+class ContextLengthParams(_Section):
+    lengths: list[int] = Field(default_factory=lambda: [128, 256, 512, 1024, 2048])
+    max_length: Optional[int] = Field(None, ge=16, description="drop lengths above this")
+    trials: int = Field(6, ge=1, description="passkey trials per length and depth")
+    depths: list[float] = Field(default_factory=lambda: [0.1, 0.5, 0.9])
+    text: str = Field("builtin", description="natural text for the per-position KL and loss")
+    short_range: list[int] = Field(default_factory=lambda: [128, 512], description="positions counted as short context")
+    long_range: list[int] = Field(default_factory=lambda: [2048, 8192], description="positions counted as long context")
+    accuracy_delta_max: float = Field(0.1, ge=0, description="verdict: |candidate - baseline| passkey accuracy per length")
+    loss_delta_max: float = Field(0.01, gt=0, description="verdict: |mean loss delta| (nats/token) in the long range")
+
+
+class KernelParams(_Section):
+    seq_lens: list[int] = Field(default_factory=lambda: [1, 17, 128, 333, 1024, 1000, 4096, 8192, 16384, 32768])
+    head_dims: list[int] = Field(default_factory=lambda: [64, 128])
+    dtypes: list[Literal["float16", "bfloat16"]] = Field(default_factory=lambda: ["float16", "bfloat16"])
+    batch: int = Field(1, ge=1)
+    heads: int = Field(32, ge=1)
+    kv_heads: int = Field(8, ge=1)
+    decode_kv_lens: list[int] = Field(default_factory=lambda: [1000, 4096], description="decode shapes: 1 query, this many keys")
+    speed_seq_lens: list[int] = Field(default_factory=lambda: [1024, 2048, 4096, 8192, 16384, 32768])
+    speed_batch: int = Field(4, ge=1)
+    speed_heads: int = Field(32, ge=1)
+    repeats: int = Field(20, ge=3)
+    cpu_max_seq_len: int = Field(1024, ge=1, description="accuracy shapes longer than this are skipped on CPU")
+    reference_max_elements: int = Field(2**31, description="above this many score elements the reference runs per head")
+    kernel_vs_emulation_max: float = Field(5e-3, gt=0, description="flag shapes whose kernel-vs-emulation rel. L2 exceeds this")
+    emulation_vs_reference_max: float = Field(5e-2, gt=0, description="verdict: emulation rel. L2 vs fp64 reference")
+
+
+class SummaryParams(_Section):
+    pass
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    "environment": EnvironmentParams,
+    "runtime_flag": RuntimeFlagParams,
+    "logits": LogitsParams,
+    "perplexity": PerplexityParams,
+    "throughput": ThroughputParams,
+    "memory": MemoryParams,
+    "activation_drift": ActivationDriftParams,
+    "context_length": ContextLengthParams,
+    "kernel": KernelParams,
+    "summary": SummaryParams,
+}
+
+# notebook file stem -> section name
+NOTEBOOK_SECTIONS = {
+    "00_environment": "environment",
+    "01_runtime_flag": "runtime_flag",
+    "02_logits": "logits",
+    "03_perplexity": "perplexity",
+    "04_throughput": "throughput",
+    "05_memory": "memory",
+    "06_activation_drift": "activation_drift",
+    "07_context_length": "context_length",
+    "08_kernel": "kernel",
+    "99_summary": "summary",
+}
+
+
+class Params(_Section):
+    """All parameters of a run: the common ones, then one section per notebook."""
+
+    title: str = Field("sagecheck report", description="report title")
+    model: str = Field("builtin", description="builtin, a Hugging Face model id, a local folder, or random:<config>")
+    revision: Optional[str] = Field(None, description="hub revision of the model")
+    engine: Literal["hf", "sglang"] = "hf"
+    baseline: Literal["sdpa", "eager"] = "sdpa"
+    candidate: Literal["sage", "sage-emulated", "sdpa", "eager", "sdpa-noisy"] = "sage-emulated"
+    candidate_phases: list[Phase] = Field(default_factory=lambda: ["prefill", "decode"])
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    seed: int = 0
+    sglang_attention_backend: str = Field(
+        "sage_attn", description="SGLang --attention-backend name of the candidate (engine: sglang)"
+    )
+    sglang_baseline_backend: str = Field("fa3", description="SGLang --attention-backend name of the baseline")
+    sglang: SGLangServer = Field(default_factory=SGLangServer)
+    notebooks: Optional[list[str]] = Field(None, description="run only these notebooks (names or number prefixes)")
+
+    environment: EnvironmentParams = Field(default_factory=EnvironmentParams)
+    runtime_flag: RuntimeFlagParams = Field(default_factory=RuntimeFlagParams)
+    logits: LogitsParams = Field(default_factory=LogitsParams)
+    perplexity: PerplexityParams = Field(default_factory=PerplexityParams)
+    throughput: ThroughputParams = Field(default_factory=ThroughputParams)
+    memory: MemoryParams = Field(default_factory=MemoryParams)
+    activation_drift: ActivationDriftParams = Field(default_factory=ActivationDriftParams)
+    context_length: ContextLengthParams = Field(default_factory=ContextLengthParams)
+    kernel: KernelParams = Field(default_factory=KernelParams)
+    summary: SummaryParams = Field(default_factory=SummaryParams)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return v
+
+    @field_validator("candidate_phases")
+    @classmethod
+    def _phases(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("name at least one phase: prefill, decode")
+        return list(dict.fromkeys(v))
+
+
+COMMON_KEYS = tuple(k for k in Params.model_fields if k not in SECTIONS)
+# keys every notebook gets from the runner on top of its parameters
+RUN_KEYS = ("run_dir",)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _did_you_mean(key: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _format_error(err: dict, data: dict, origin: str) -> str:
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc)
+    where = f" in {origin}" if origin else ""
+    if err["type"] == "extra_forbidden":
+        model: type[BaseModel] = Params
+        for part in loc[:-1]:
+            ann = model.model_fields[part].annotation
+            model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else model
+        allowed = sorted(model.model_fields)
+        scope = ".".join(loc[:-1]) or "the top level"
+        return (
+            f"unknown parameter '{key}'{where}{_did_you_mean(loc[-1], allowed)}; "
+            f"allowed at {scope}: {', '.join(allowed)}"
+        )
+    value = err.get("input")
+    return f"parameter '{key}'{where} = {value!r}: {err['msg']}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``key.sub=value`` -> (["key", "sub"], value parsed as YAML)."""
+    if "=" not in text:
+        raise ParamError(f"override '{text}' must look like key=value (e.g. -p logits.n_short=4)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+        raise ParamError(f"override '{text}': '{key}' is not a parameter name")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _apply_override(data: dict, path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[path[-1]] = value
+
+
+def load_params(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """Read a params file, apply ``key=value`` overrides, validate everything."""
+    data: dict[str, Any] = {}
+    origin = ""
+    if path is not None:
+        p = Path(path)
+        origin = str(p)
+        if not p.is_file():
+            raise ParamError(f"params file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ParamError(f"params file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise ParamError(f"params file {p} must hold a mapping of parameters, not {type(loaded).__name__}")
+        data = loaded
+    for text in overrides:
+        keys, value = parse_override(text)
+        _apply_override(data, keys, value)
+    try:
+        params = Params.model_validate(data)
+    except ValidationError as e:
+        raise ParamError(_format_error(e.errors()[0], data, origin)) from None
+    check_paths(params, base=Path(path).parent if path else Path.cwd())
+    return params
+
+
+# --------------------------------------------------------------------------- paths
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+_HUB_DATASETS = ("builtin", "wikitext", "ptb")  # anything else must be a local file or folder
+
+
+def looks_like_path(value: str) -> bool:
+    """A hub id is ``name`` or ``owner/name``; anything else is a local path."""
+    if value.startswith((".", "/", "~")) or Path(value).exists():
+        return True
+    return not _HUB_ID.fullmatch(value)
+
+
+def _check_existing(key: str, value: str, base: Path) -> None:
+    candidate = Path(os.path.expanduser(value))
+    if not candidate.is_absolute() and not candidate.exists():
+        candidate = base / candidate
+    if not candidate.exists():
+        raise ParamError(f"parameter '{key}' = {value!r}: local path does not exist")
+
+
+def check_paths(params: Params, base: Path) -> None:
+    """Missing local files fail here, before any notebook starts."""
+    model = params.model
+    if model.startswith("random:"):
+        from sagecheck.models import random_config_path
+
+        try:
+            random_config_path(model.split(":", 1)[1])
+        except FileNotFoundError as e:
+            raise ParamError(f"parameter 'model' = {model!r}: {e}") from None
+    elif model != "builtin" and looks_like_path(model):
+        _check_existing("model", model, base)
+    for key, value in (
+        ("logits.text", params.logits.text),
+        ("perplexity.dataset", params.perplexity.dataset),
+        ("activation_drift.text", params.activation_drift.text),
+        ("context_length.text", params.context_length.text),
+    ):
+        if value not in _HUB_DATASETS:
+            _check_existing(key, value, base)
+    if params.sglang.python:
+        _check_existing("sglang.python", params.sglang.python, base)
+
+
+# --------------------------------------------------------------------------- notebooks
+
+
+def section_for(notebook: str) -> str | None:
+    return NOTEBOOK_SECTIONS.get(Path(notebook).stem)
+
+
+def notebook_parameters(params: Params, notebook: str) -> dict[str, Any]:
+    """The flat variables a notebook receives: common keys plus its own section."""
+    dumped = params.model_dump(mode="json")
+    flat = {k: dumped[k] for k in COMMON_KEYS}
+    section = section_for(notebook)
+    if section:
+        flat.update(dumped[section])
+    return flat
+
+
+def from_notebook(notebook: str, namespace: dict[str, Any]) -> Params:
+    """Rebuild validated :class:`Params` from a notebook's variables.
+
+    A notebook calls ``P = sagecheck.params.from_notebook("02_logits", globals())``
+    after its parameters cell. Invalid values raise :class:`ParamError`.
+    """
+    data: dict[str, Any] = {k: namespace[k] for k in COMMON_KEYS if k in namespace}
+    section = section_for(notebook)
+    if section:
+        fields = SECTIONS[section].model_fields
+        data[section] = {k: namespace[k] for k in fields if k in namespace}
+    try:
+        params = Params.model_validate(data)
+    except ValidationError as e:
+        raise ParamError(_format_error(e.errors()[0], data, notebook)) from None
+    check_paths(params, base=Path.cwd())
+    return params
+
+
+def params_hash(flat: dict[str, Any]) -> str:
+    """Stable hash of a notebook's parameters (run bookkeeping keys excluded)."""
+    from sagecheck import __version__
+
+    payload = {k: v for k, v in flat.items() if k not in RUN_KEYS}
+    payload["__sagecheck__"] = __version__
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def parameters_cell_source(notebook: str) -> str:
+    """The committed ``parameters`` cell of a notebook: the schema's defaults."""
+    flat = notebook_parameters(Params(), notebook)
+    lines = [
+        "# Parameters: defaults from sagecheck.params (the embedded default).",
+        "# `python -m sagecheck run` injects the values of the run below this cell.",
+    ]
+    for key, value in flat.items():
+        lines.append(f"{key} = {value!r}")
+    lines.append('run_dir = ""  # empty: outputs/interactive in the project root')
+    return "\n".join(lines)
+
+
+def resolve_run_dir(run_dir: str) -> Path:
+    """Where a notebook writes results when run by hand (``run_dir`` empty)."""
+    if run_dir:
+        return Path(run_dir)
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").is_file() and (folder / "notebooks").is_dir():
+            return folder / "outputs" / "interactive"
+    return here / "outputs" / "interactive"

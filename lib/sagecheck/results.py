@@ -1,0 +1,267 @@
+"""The results contract: one JSON file per notebook, written atomically.
+
+``outputs/<run>/results/<notebook>.json`` holds::
+
+    {
+      "schema": 1,
+      "notebook": "02_logits",
+      "status": "ok" | "failed" | "skipped",
+      "reason": null | "why it failed or was skipped",
+      "started_at": "...", "finished_at": "...",
+      "params": {...}, "params_hash": "...",
+      "environment": {...},
+      "metrics": {"name": number | string | list | dict},
+      "tables": {"name": [{column: value}, ...]},
+      "verdicts": [{"name", "value", "threshold", "comparison", "passed", "unit", "detail"}],
+      "notes": ["..."]
+    }
+
+``passed`` is computed here from value, comparison and threshold; a value that
+is missing or not finite never passes. The summary notebook and any later
+comparison across machines read only these files.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+SCHEMA_VERSION = 1
+COMPARISONS = {
+    "<": lambda v, t: v < t,
+    "<=": lambda v, t: v <= t,
+    ">": lambda v, t: v > t,
+    ">=": lambda v, t: v >= t,
+    "abs<=": lambda v, t: abs(v) <= t,
+    "==": lambda v, t: v == t,
+}
+STATUSES = ("ok", "failed", "skipped")
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def to_jsonable(value: Any) -> Any:
+    """Numbers, strings, lists and dicts only; numpy/torch scalars and NaN made portable."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if hasattr(value, "to_dict") and hasattr(value, "columns"):  # pandas DataFrame
+        return to_jsonable(value.to_dict(orient="records"))
+    if hasattr(value, "tolist"):  # numpy / torch
+        return to_jsonable(value.tolist())
+    if hasattr(value, "item"):
+        return to_jsonable(value.item())
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+@dataclass
+class Verdict:
+    name: str
+    value: float | None
+    threshold: float
+    comparison: str
+    passed: bool
+    unit: str = ""
+    detail: str = ""
+    notebook: str = ""
+
+    @classmethod
+    def make(cls, name: str, value: Any, comparison: str, threshold: float, unit: str = "", detail: str = "", notebook: str = "") -> "Verdict":
+        if comparison not in COMPARISONS:
+            raise ValueError(f"comparison must be one of {sorted(COMPARISONS)}, not {comparison!r}")
+        v = to_jsonable(value)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        passed = bool(ok and COMPARISONS[comparison](v, threshold))
+        return cls(name, v if ok else None, float(threshold), comparison, passed, unit, detail, notebook)
+
+    def describe(self) -> str:
+        value = "n/a" if self.value is None else format_number(self.value)
+        return f"{value} {self.comparison} {format_number(self.threshold)}{(' ' + self.unit) if self.unit else ''}"
+
+
+def format_number(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, bool):
+        return str(x)
+    if isinstance(x, int):
+        return str(x)
+    if x == 0:
+        return "0"
+    ax = abs(x)
+    if ax >= 1e5 or ax < 1e-3:
+        return f"{x:.3g}"
+    if ax >= 100:
+        return f"{x:.1f}"
+    return f"{x:.4g}"
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=1, sort_keys=False, allow_nan=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+@dataclass
+class Results:
+    """What one notebook measured. Build it up, then :meth:`save`."""
+
+    notebook: str
+    results_dir: Path
+    params: dict[str, Any] = field(default_factory=dict)
+    params_hash: str = ""
+    status: str = "ok"
+    reason: str | None = None
+    started_at: str = field(default_factory=_now)
+    finished_at: str | None = None
+    environment: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    verdicts: list[Verdict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.results_dir) / f"{self.notebook}.json"
+
+    def metric(self, name: str, value: Any) -> Any:
+        self.metrics[name] = to_jsonable(value)
+        return value
+
+    def table(self, name: str, records: Any) -> Any:
+        data = to_jsonable(records)
+        if not isinstance(data, list):
+            raise TypeError(f"table {name!r} must be a list of records or a DataFrame")
+        self.tables[name] = data
+        return records
+
+    def verdict(self, name: str, value: Any, comparison: str, threshold: float, unit: str = "", detail: str = "") -> Verdict:
+        v = Verdict.make(name, value, comparison, threshold, unit=unit, detail=detail, notebook=self.notebook)
+        self.verdicts = [x for x in self.verdicts if x.name != name] + [v]
+        return v
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    def skip(self, reason: str) -> None:
+        self.status, self.reason = "skipped", reason
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA_VERSION,
+            "notebook": self.notebook,
+            "status": self.status,
+            "reason": self.reason,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "params": to_jsonable(self.params),
+            "params_hash": self.params_hash,
+            "environment": to_jsonable(self.environment),
+            "metrics": self.metrics,
+            "tables": self.tables,
+            "verdicts": [asdict(v) for v in self.verdicts],
+            "notes": list(self.notes),
+        }
+
+    def save(self) -> Path:
+        self.finished_at = _now()
+        write_json_atomic(self.path, self.to_dict())
+        return self.path
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], results_dir: Path) -> "Results":
+        r = cls(notebook=data["notebook"], results_dir=results_dir)
+        r.params = data.get("params", {})
+        r.params_hash = data.get("params_hash", "")
+        r.status = data.get("status", "ok")
+        r.reason = data.get("reason")
+        r.started_at = data.get("started_at") or r.started_at
+        r.finished_at = data.get("finished_at")
+        r.environment = data.get("environment", {})
+        r.metrics = data.get("metrics", {})
+        r.tables = data.get("tables", {})
+        r.verdicts = [Verdict(**v) for v in data.get("verdicts", [])]
+        r.notes = data.get("notes", [])
+        return r
+
+
+def start(notebook: str, params: Any, run_dir: str | Path = "") -> Results:
+    """Begin the results of ``notebook`` (called by each notebook after its parameters)."""
+    from sagecheck import environment
+    from sagecheck.params import notebook_parameters, params_hash, resolve_run_dir
+
+    flat = notebook_parameters(params, notebook)
+    run = resolve_run_dir(str(run_dir))
+    return Results(
+        notebook=notebook,
+        results_dir=run / "results",
+        params=flat,
+        params_hash=params_hash(flat),
+        environment=environment.brief(),
+    )
+
+
+def load(path: Path) -> Results:
+    data = json.loads(Path(path).read_text())
+    if data.get("schema") != SCHEMA_VERSION:
+        raise ValueError(f"{path}: results schema {data.get('schema')!r}, expected {SCHEMA_VERSION}")
+    return Results.from_dict(data, Path(path).parent)
+
+
+def load_all(results_dir: Path) -> list[Results]:
+    out = []
+    for p in sorted(Path(results_dir).glob("*.json")):
+        try:
+            out.append(load(p))
+        except (ValueError, KeyError, json.JSONDecodeError) as e:
+            r = Results(notebook=p.stem, results_dir=Path(results_dir), status="failed", reason=f"unreadable results: {e}")
+            out.append(r)
+    return out
+
+
+def verdict_records(results: Iterable[Results]) -> list[dict[str, Any]]:
+    rows = []
+    for r in results:
+        for v in r.verdicts:
+            rows.append(
+                {
+                    "notebook": r.notebook,
+                    "check": v.name,
+                    "value": v.value,
+                    "comparison": v.comparison,
+                    "threshold": v.threshold,
+                    "unit": v.unit,
+                    "passed": v.passed,
+                    "detail": v.detail,
+                }
+            )
+    return rows

@@ -1,0 +1,275 @@
+"""The batch runner: papermill over the notebooks, one run folder per parameter set.
+
+``outputs/<run>/notebooks/``  executed notebooks (a failed one keeps its error)
+``outputs/<run>/results/``    one results JSON per notebook (results.py)
+``outputs/<run>/run.json``    the run's manifest: parameters, status of each notebook
+``outputs/<run>/report.html`` and ``summary.md`` (report.py)
+
+A failing notebook is recorded and the run goes on; the exit code is 1 if any
+notebook failed. ``resume`` skips notebooks whose results exist for the same
+parameters (same hash).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from sagecheck import params as P
+from sagecheck import results as R
+from sagecheck.redact import redact_tree, secret_values
+
+KERNEL_NAME = "sagecheck"
+log = logging.getLogger("sagecheck.run")
+
+
+def project_root() -> Path:
+    from sagecheck.environment import project_root as _root
+
+    return _root() or Path.cwd()
+
+
+def default_notebooks_dir() -> Path:
+    return project_root() / "notebooks"
+
+
+def discover(notebooks_dir: Path) -> list[Path]:
+    """Notebooks named ``NN_name.ipynb``, in order."""
+    found = sorted(p for p in Path(notebooks_dir).glob("[0-9][0-9]_*.ipynb") if p.is_file())
+    return found
+
+
+def select(notebooks: list[Path], only: Sequence[str] | None) -> list[Path]:
+    """Keep the notebooks named by ``only`` (stem, number prefix or name); the summary always runs last."""
+    if not only:
+        return list(notebooks)
+    wanted: list[Path] = []
+    for name in only:
+        name = name.strip()
+        if not name:
+            continue
+        match = [
+            nb
+            for nb in notebooks
+            if name in (nb.stem, nb.name, nb.stem.split("_", 1)[0], nb.stem.split("_", 1)[-1])
+        ]
+        if not match:
+            available = ", ".join(nb.stem for nb in notebooks)
+            raise P.ParamError(f"--only: no notebook named '{name}'; available: {available}")
+        wanted.extend(m for m in match if m not in wanted)
+    summary = [nb for nb in notebooks if nb.stem.startswith("99_")]
+    for nb in summary:
+        if nb not in wanted:
+            wanted.append(nb)
+    return sorted(wanted)
+
+
+def ensure_kernel(name: str = KERNEL_NAME) -> str:
+    """Make sure a Jupyter kernel ``name`` runs this interpreter (install it into sys.prefix if not)."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    ksm = KernelSpecManager()
+    try:
+        spec = ksm.get_kernel_spec(name)
+        if spec.argv and Path(spec.argv[0]).resolve() == Path(sys.executable).resolve():
+            return name
+    except NoSuchKernel:
+        pass
+    from ipykernel.kernelspec import install
+
+    try:
+        install(kernel_name=name, display_name=f"Python ({name})", prefix=sys.prefix)
+    except PermissionError:
+        install(kernel_name=name, display_name=f"Python ({name})", user=True)
+    return name
+
+
+@dataclass
+class NotebookRun:
+    name: str
+    status: str  # ok | failed | reused
+    duration_s: float = 0.0
+    error: str | None = None
+    output: str | None = None
+
+
+@dataclass
+class RunOutcome:
+    run_dir: Path
+    notebooks: list[NotebookRun] = field(default_factory=list)
+    report: Path | None = None
+
+    @property
+    def failed(self) -> list[NotebookRun]:
+        return [n for n in self.notebooks if n.status == "failed"]
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+def default_run_name(params_path: str | Path | None, params: P.Params) -> str:
+    stem = Path(params_path).stem if params_path else "default"
+    digest = P.params_hash(params.model_dump(mode="json"))[:8]
+    return f"{stem}-{digest}"
+
+
+def _check_no_secret_in_params(params: P.Params) -> None:
+    blob = json.dumps(params.model_dump(mode="json"))
+    for var, value in secret_values().items():
+        if value in blob:
+            raise P.ParamError(
+                f"a parameter holds the value of ${var}; secrets are read from the environment, never from parameters"
+            )
+
+
+def _write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
+    R.write_json_atomic(run_dir / "run.json", manifest)
+
+
+def _error_summary(exc: BaseException) -> str:
+    ename = getattr(exc, "ename", type(exc).__name__)
+    evalue = getattr(exc, "evalue", str(exc))
+    return f"{ename}: {evalue}".strip()
+
+
+def _record_failure(results_dir: Path, nb: Path, flat: dict[str, Any], error: str) -> None:
+    """The notebook failed: keep what it saved, mark it failed with the error."""
+    path = results_dir / f"{nb.stem}.json"
+    if path.exists():
+        try:
+            res = R.load(path)
+        except Exception:
+            res = R.Results(notebook=nb.stem, results_dir=results_dir)
+    else:
+        res = R.Results(notebook=nb.stem, results_dir=results_dir)
+    res.params, res.params_hash = flat, P.params_hash(flat)
+    res.status, res.reason = "failed", error
+    res.save()
+
+
+def run(
+    params_path: str | Path | None,
+    overrides: Sequence[str] = (),
+    only: Sequence[str] | None = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    notebooks_dir: str | Path | None = None,
+    kernel: str | None = None,
+    report: bool = True,
+    progress: bool = True,
+) -> RunOutcome:
+    """Validate everything, then execute the notebooks one after the other."""
+    params = P.load_params(params_path, overrides)  # raises ParamError before any notebook runs
+    _check_no_secret_in_params(params)
+    nb_dir = Path(notebooks_dir) if notebooks_dir else default_notebooks_dir()
+    if not nb_dir.is_dir():
+        raise P.ParamError(f"notebooks folder not found: {nb_dir}")
+    notebooks = select(discover(nb_dir), only if only else params.notebooks)
+    if not notebooks:
+        raise P.ParamError(f"no notebooks (NN_name.ipynb) in {nb_dir}")
+
+    run_dir = Path(out) if out else project_root() / "outputs" / default_run_name(params_path, params)
+    run_dir = run_dir.resolve()
+    (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
+    results_dir = run_dir / "results"
+    results_dir.mkdir(parents=True, exist_ok=True)
+
+    import papermill as pm
+    from tqdm.auto import tqdm
+
+    kernel_name = kernel or ensure_kernel()
+    manifest: dict[str, Any] = {
+        "run": run_dir.name,
+        "params_file": str(params_path) if params_path else None,
+        "overrides": list(overrides),
+        "params": params.model_dump(mode="json"),
+        "started_at": R._now(),
+        "finished_at": None,
+        "kernel": kernel_name,
+        "notebooks_dir": str(nb_dir.resolve()),
+        "selected": [nb.stem for nb in notebooks],
+        "available": [nb.stem for nb in discover(nb_dir)],
+        "notebooks": [],
+    }
+    outcome = RunOutcome(run_dir=run_dir)
+    _write_manifest(run_dir, manifest)
+
+    bar = tqdm(notebooks, unit="notebook", disable=not progress, file=sys.stderr)
+    for nb in bar:
+        bar.set_description(f"running {nb.stem}")
+        flat = P.notebook_parameters(params, nb.stem)
+        flat["run_dir"] = str(run_dir)
+        digest = P.params_hash(flat)
+        out_nb = run_dir / "notebooks" / nb.name
+        res_path = results_dir / f"{nb.stem}.json"
+
+        if resume and res_path.exists() and out_nb.exists() and not nb.stem.startswith("99_"):
+            try:
+                previous = R.load(res_path)
+            except Exception:
+                previous = None
+            if previous and previous.params_hash == digest and previous.status in ("ok", "skipped"):
+                outcome.notebooks.append(NotebookRun(nb.stem, "reused", 0.0, None, str(out_nb)))
+                manifest["notebooks"].append(asdict(outcome.notebooks[-1]))
+                _write_manifest(run_dir, manifest)
+                continue
+
+        res_path.unlink(missing_ok=True)  # never let an earlier run's results stand for this one
+        t0 = time.perf_counter()
+        error = None
+        try:
+            pm.execute_notebook(
+                str(nb),
+                str(out_nb),
+                parameters=flat,
+                kernel_name=kernel_name,
+                progress_bar=False,
+                cwd=str(nb_dir),
+                log_output=False,
+                request_save_on_cell_execute=True,
+            )
+            if not res_path.exists():
+                error = "the notebook finished without writing its results JSON"
+        except Exception as exc:  # PapermillExecutionError and kernel deaths alike
+            error = _error_summary(exc)
+            if not out_nb.exists():
+                out_nb.write_text(_failure_notebook(nb, exc))
+        duration = time.perf_counter() - t0
+        if error:
+            _record_failure(results_dir, nb, flat, error)
+            log.warning("%s failed: %s", nb.stem, error)
+            if progress:
+                tqdm.write(f"  {nb.stem}: FAILED ({error.splitlines()[0][:160]})", file=sys.stderr)
+        outcome.notebooks.append(NotebookRun(nb.stem, "failed" if error else "ok", round(duration, 2), error, str(out_nb)))
+        manifest["notebooks"].append(asdict(outcome.notebooks[-1]))
+        _write_manifest(run_dir, manifest)
+    bar.close()
+
+    manifest["finished_at"] = R._now()
+    _write_manifest(run_dir, manifest)
+    redacted = redact_tree(run_dir)
+    if redacted:
+        log.warning("redacted a secret value in %d file(s) of %s", redacted, run_dir)
+    if report:
+        from sagecheck.report import build_report
+
+        outcome.report = build_report(run_dir)
+    return outcome
+
+
+def _failure_notebook(nb: Path, exc: BaseException) -> str:
+    """A stand-in executed notebook when papermill could not even save one (kernel never started)."""
+    import nbformat
+
+    cell = nbformat.v4.new_markdown_cell(
+        f"**{nb.stem} could not be executed.**\n\n```\n{''.join(traceback.format_exception(exc))[-4000:]}\n```"
+    )
+    return nbformat.writes(nbformat.v4.new_notebook(cells=[cell]))
