@@ -2,11 +2,13 @@
 
 The format is the one of Mohtashami & Jaggi (Landmark Attention, 2023), used widely since.
 Prompts are assembled from token ids, so they have exactly the requested length with any
-causal LM's tokenizer, and the key appears in them exactly once.
+causal LM's tokenizer; the needle is placed at the sentence boundary of the filler nearest
+to the requested depth, and the key appears in the prompt exactly once.
 """
 
 from __future__ import annotations
 
+import bisect
 import random
 import re
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
     "I will quiz you about the important information there.\n"
 )
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "\nThe pass key is {key}. Remember it.\n"
 QUESTION = "\nWhat is the pass key? The pass key is"
 KEY_DIGITS = 5
@@ -32,47 +34,63 @@ class PasskeyTrial:
     key: str
     input_ids: list[int]
     needle_start: int  # token index where the needle begins
-    answer_ids: list[int] = field(default_factory=list)  # " <key>" tokens, for training
+    filler_before: int = 0  # filler tokens before the needle
+    filler_total: int = 0  # filler tokens in the prompt
+    answer_ids: list[int] = field(default_factory=list)  # " <key>" tokens (training, scoring)
 
     @property
     def actual_depth(self) -> float:
-        return self.needle_start / max(1, self.length)
+        """Where the needle sits within the filler, 0 (start) to 1 (end)."""
+        return self.filler_before / max(1, self.filler_total)
 
 
-@lru_cache(maxsize=8)
-def _pieces(tokenizer: Any) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    head = tuple(bos_ids(tokenizer) + encode(tokenizer, INTRO))
-    filler = tuple(encode(tokenizer, FILLER * 64))
-    question = tuple(encode(tokenizer, QUESTION))
-    return head, filler, question
+@lru_cache(maxsize=16)
+def _fixed(tokenizer: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    return tuple(bos_ids(tokenizer) + encode(tokenizer, INTRO)), tuple(encode(tokenizer, QUESTION))
+
+
+@lru_cache(maxsize=16)
+def _filler(tokenizer: Any, reps: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Filler tokens of ``reps`` repetitions and the token offsets where its sentences end."""
+    ids = tuple(encode(tokenizer, " ".join([FILLER] * reps)))
+    ends = tuple(i + 1 for i, t in enumerate(ids) if tokenizer.decode([t]).rstrip().endswith("."))
+    return ids, ends
+
+
+def _filler_tokens(tokenizer: Any, n: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    reps = 1
+    while True:
+        ids, ends = _filler(tokenizer, reps)
+        if len(ids) >= n + 64:
+            return ids, ends
+        reps *= 2
 
 
 def min_length(tokenizer: Any) -> int:
-    head, _, question = _pieces(tokenizer)
-    needle = encode(tokenizer, NEEDLE.format(key="9" * KEY_DIGITS))
-    return len(head) + len(needle) + len(question)
-
-
-def _filler(filler: tuple[int, ...], n: int, start: int = 0) -> list[int]:
-    if n <= 0:
-        return []
-    reps = (start + n) // len(filler) + 1
-    return list((filler * reps)[start : start + n])
+    head, question = _fixed(tokenizer)
+    return len(head) + len(encode(tokenizer, NEEDLE.format(key="9" * KEY_DIGITS))) + len(question)
 
 
 def make_prompt(tokenizer: Any, length: int, depth: float, key: str) -> PasskeyTrial:
     """One prompt of exactly ``length`` tokens with the needle at ``depth`` (0 = start, 1 = end) of the filler."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be within [0, 1], got {depth}")
-    head, filler, question = _pieces(tokenizer)
+    head, question = _fixed(tokenizer)
     needle = encode(tokenizer, NEEDLE.format(key=key))
     budget = length - len(head) - len(needle) - len(question)
     if budget < 0:
         raise ValueError(f"a passkey prompt needs at least {length - budget} tokens with this tokenizer, not {length}")
-    before = int(round(depth * budget))
-    ids = list(head) + _filler(filler, before) + needle + _filler(filler, budget - before, start=before) + list(question)
-    answer = encode(tokenizer, " " + key)
-    return PasskeyTrial(length=length, depth=depth, key=key, input_ids=ids, needle_start=len(head) + before, answer_ids=answer)
+    filler, ends = _filler_tokens(tokenizer, budget)
+    target = depth * budget
+    candidates = [0, *(e for e in ends if e <= budget)]
+    i = bisect.bisect_left(candidates, target)
+    before = min(candidates[max(0, i - 1) : i + 1], key=lambda c: abs(c - target))
+    after = filler[before : before + (budget - before)]
+    ids = list(head) + list(filler[:before]) + needle + list(after) + list(question)
+    return PasskeyTrial(
+        length=length, depth=depth, key=key, input_ids=ids, needle_start=len(head) + before,
+        filler_before=before, filler_total=budget, answer_ids=encode(tokenizer, " " + key),
+    )
 
 
 def make_trials(tokenizer: Any, lengths: list[int], depths: list[float], trials: int, seed: int = 0) -> list[PasskeyTrial]:

@@ -72,6 +72,12 @@ def hub_token() -> str | None:
 
 
 def load_tokenizer(source: ModelSource) -> Any:
+    if source.kind in ("builtin", "random"):
+        # the built-in tokenizer is a plain `tokenizers` file: load it directly, without
+        # AutoTokenizer's class resolution (about 2 s of imports on a laptop CPU)
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(source.tokenizer_location)
     from transformers import AutoTokenizer
 
     kwargs = {"revision": source.revision} if source.kind == "pretrained" and source.revision else {}
@@ -91,6 +97,9 @@ def load_model(
     """The model in eval mode on ``device`` with ``attn_implementation`` (a transformers registry name)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from sagecheck.attention.hf import register
+
+    register()  # our implementation names must be known before a model is built with one
     if source.kind == "random":
         config = AutoConfig.from_pretrained(source.location)
         config._attn_implementation = attn_implementation

@@ -1,0 +1,1 @@
+"""Statistics the notebooks report: logits, perplexity, drift, timing, memory."""

@@ -1,0 +1,141 @@
+"""Per-layer activation drift of the candidate against the baseline, compared on the fly with hooks.
+
+The baseline pass stores each decoder layer's attention output and hidden state on
+the CPU (one run's worth); the candidate pass compares each layer as it is produced,
+moving one baseline tensor at a time back to the device, and keeps only the
+statistics. GPU memory therefore never holds all layers of both runs.
+
+Two modes:
+
+* ``compounded``: every layer runs the candidate; the drift at layer i contains the
+  error of layers 0..i (does it compound?);
+* ``isolated``: only layer i runs the candidate, the others the baseline; the drift of
+  layer i's attention output is the error that enters at layer i alone.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+
+def error_stats(base: torch.Tensor, cand: torch.Tensor) -> dict[str, float]:
+    """Relative L2, cosine, max abs difference and SQNR (dB) of ``cand`` against ``base`` (float64)."""
+    b = base.double().reshape(-1)
+    c = cand.double().reshape(-1)
+    diff = c - b
+    err = float(diff.norm())
+    ref = float(b.norm())
+    cos = float((b @ c) / (b.norm() * c.norm()).clamp_min(1e-300))
+    return {
+        "rel_l2": err / ref if ref > 0 else float("nan"),
+        "cosine": cos,
+        "max_abs": float(diff.abs().max()) if diff.numel() else 0.0,
+        "sqnr_db": 10.0 * math.log10(ref**2 / err**2) if err > 0 else float("inf"),
+    }
+
+
+def position_buckets(n: int, buckets: int) -> list[tuple[int, int]]:
+    edges = np.linspace(0, n, min(buckets, n) + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def decoder_layers(model: Any) -> list[Any]:
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no .model.layers: activation drift supports Llama-style decoders")
+    return list(layers)
+
+
+def final_norm(model: Any) -> Any:
+    return getattr(getattr(model, "model", model), "norm")
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _points(model: Any) -> list[tuple[str, int, Any]]:
+    """(kind, layer, module) of every tensor compared: attention output, layer output, final norm."""
+    pts = []
+    for i, layer in enumerate(decoder_layers(model)):
+        pts.append(("attention", i, layer.self_attn))
+        pts.append(("hidden", i, layer))
+    pts.append(("final", len(pts) // 2, final_norm(model)))
+    return pts
+
+
+@contextmanager
+def capture(model: Any) -> Iterator[dict[tuple[str, int], torch.Tensor]]:
+    """Store every compared tensor of one forward pass on the CPU (float32)."""
+    store: dict[tuple[str, int], torch.Tensor] = {}
+    handles = []
+    for kind, idx, module in _points(model):
+        def hook(_m, _inp, out, key=(kind, idx)):
+            store[key] = _first(out).detach().float().cpu()
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def compare(model: Any, reference: dict[tuple[str, int], torch.Tensor], buckets: int, keys: set | None = None) -> Iterator[list[dict[str, Any]]]:
+    """Compare each tensor against ``reference`` as it is produced; yields the growing list of records."""
+    records: list[dict[str, Any]] = []
+    handles = []
+    for kind, idx, module in _points(model):
+        if keys is not None and (kind, idx) not in keys:
+            continue
+
+        def hook(_m, _inp, out, key=(kind, idx)):
+            cand = _first(out).detach()
+            base = reference[key].to(cand.device)
+            n = cand.shape[-2]
+            rec = {"kind": key[0], "layer": key[1], "bucket": "all", **error_stats(base, cand)}
+            records.append(rec)
+            for lo, hi in position_buckets(n, buckets):
+                rec = {"kind": key[0], "layer": key[1], "bucket": f"{lo}-{hi - 1}",
+                       **error_stats(base[..., lo:hi, :], cand[..., lo:hi, :])}
+                records.append(rec)
+            del base
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield records
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.inference_mode()
+def measure(engine: Any, baseline: str, candidate: str, ids: list[int], modes: list[str], buckets: int = 4) -> list[dict[str, Any]]:
+    """Drift records for one prompt: per mode, kind (attention, hidden, final), layer and position bucket."""
+    model = engine.model
+    x = torch.tensor([ids], dtype=torch.long, device=engine.device)
+    with engine.backend(baseline):
+        with capture(model) as reference:
+            model(input_ids=x, use_cache=False)
+    records: list[dict[str, Any]] = []
+    n_layers = len(decoder_layers(model))
+    if "compounded" in modes:
+        with engine.backend(candidate):
+            with compare(model, reference, buckets) as recs:
+                model(input_ids=x, use_cache=False)
+        records += [{"mode": "compounded", **r} for r in recs]
+    if "isolated" in modes:
+        for i in range(n_layers):
+            keep = {("attention", i), ("hidden", i), ("final", n_layers)}
+            with engine.backend(candidate, layers={i}):
+                with compare(model, reference, buckets, keys=keep) as recs:
+                    model(input_ids=x, use_cache=False)
+            records += [{"mode": "isolated", "candidate_layer": i, **r} for r in recs]
+    reference.clear()
+    return records

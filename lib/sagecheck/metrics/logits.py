@@ -1,0 +1,122 @@
+"""Comparing next-token distributions of two backends on identical token sequences."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def compare_logprobs(base: torch.Tensor, cand: torch.Tensor, chunk: int = 1024) -> dict[str, np.ndarray]:
+    """Per position: KL(base || cand), top-1 / top-5 agreement, max abs and RMS logit difference, cosine.
+
+    ``base`` and ``cand`` are full log-softmax distributions ``[n, vocab]``. Logit
+    differences are taken between log-probabilities (logits up to their per-position
+    constant, which is what a sampler sees). Everything is computed in float64.
+    """
+    if base.shape != cand.shape:
+        raise ValueError(f"shapes differ: {tuple(base.shape)} vs {tuple(cand.shape)}")
+    out: dict[str, list[np.ndarray]] = {k: [] for k in ("kl", "top1", "top5", "max_abs", "rms", "cosine")}
+    for start in range(0, base.shape[0], chunk):
+        b = base[start : start + chunk].double()
+        c = cand[start : start + chunk].double()
+        pb = b.exp()
+        kl = (pb * (b - c)).sum(-1).clamp_min(0.0)
+        top1 = b.argmax(-1) == c.argmax(-1)
+        top5_b = b.topk(5, dim=-1).indices
+        top5_c = c.topk(5, dim=-1).indices
+        top5 = (top5_b.sort(-1).values == top5_c.sort(-1).values).all(-1)
+        diff = b - c
+        # log-probabilities are -inf nowhere for a softmax over finite logits; guard anyway
+        diff = torch.nan_to_num(diff, nan=0.0, posinf=0.0, neginf=0.0)
+        bc = b - b.mean(-1, keepdim=True)
+        cc = c - c.mean(-1, keepdim=True)
+        cos = (bc * cc).sum(-1) / (bc.norm(dim=-1) * cc.norm(dim=-1)).clamp_min(1e-300)
+        for key, val in (("kl", kl), ("top1", top1), ("top5", top5), ("max_abs", diff.abs().amax(-1)),
+                         ("rms", diff.pow(2).mean(-1).sqrt()), ("cosine", cos)):
+            out[key].append(val.cpu().numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def compare_topk(base_vals: np.ndarray, base_idx: np.ndarray, cand_vals: np.ndarray, cand_idx: np.ndarray) -> dict[str, np.ndarray]:
+    """The same comparison from top-k logprobs only (the SGLang engine's view).
+
+    KL is restricted to the baseline's top-k tokens, with the candidate's logprob for a
+    token it did not list taken as its own k-th logprob (an upper bound for that
+    token's probability); the mass outside the top-k is ignored. Reported as an
+    approximation.
+    """
+    n, k = base_vals.shape
+    kl = np.zeros(n)
+    max_abs = np.zeros(n)
+    for i in range(n):
+        cand_map = dict(zip(cand_idx[i].tolist(), cand_vals[i].tolist()))
+        floor = float(cand_vals[i].min())
+        c = np.array([cand_map.get(t, floor) for t in base_idx[i].tolist()])
+        pb = np.exp(base_vals[i])
+        kl[i] = max(0.0, float((pb * (base_vals[i] - c)).sum()))
+        shared = [t for t in base_idx[i].tolist() if t in cand_map]
+        bmap = dict(zip(base_idx[i].tolist(), base_vals[i].tolist()))
+        max_abs[i] = max((abs(bmap[t] - cand_map[t]) for t in shared), default=np.nan)
+    top1 = base_idx[:, 0] == cand_idx[:, 0]
+    k5 = min(5, k)
+    top5 = np.array([set(base_idx[i, :k5].tolist()) == set(cand_idx[i, :k5].tolist()) for i in range(n)])
+    return {"kl": kl, "top1": top1, "top5": top5, "max_abs": max_abs}
+
+
+def summarize(per_position: dict[str, np.ndarray]) -> dict[str, float]:
+    """Aggregates over positions: KL mean / p99 / max, agreement rates, difference maxima, cosine."""
+    kl = per_position["kl"]
+    out: dict[str, Any] = {
+        "positions": int(kl.size),
+        "kl_mean": float(kl.mean()),
+        "kl_p99": float(np.percentile(kl, 99)),
+        "kl_max": float(kl.max()),
+        "top1_agreement": float(np.mean(per_position["top1"])),
+        "top5_agreement": float(np.mean(per_position["top5"])),
+        "max_abs_logit_diff": float(np.nanmax(per_position["max_abs"])) if np.isfinite(per_position["max_abs"]).any() else float("nan"),
+    }
+    if "rms" in per_position:
+        out["rms_logit_diff"] = float(np.sqrt(np.mean(per_position["rms"] ** 2)))
+    if "cosine" in per_position:
+        out["cosine_min"] = float(per_position["cosine"].min())
+        out["cosine_mean"] = float(per_position["cosine"].mean())
+    return out
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    """Index of the first token where two greedy continuations differ (None: identical)."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def collect(backend: Any, prompts: list[list[int]], top_k: int | None = None) -> list[Any]:
+    """Next-token distributions of every prompt: full log-softmax on the CPU, or top-k where that is all there is."""
+    from sagecheck.engines import FULL_LOGITS
+
+    out = []
+    for ids in prompts:
+        if FULL_LOGITS in backend.capabilities and top_k is None:
+            out.append(backend.next_token_logprobs(ids).float().cpu())
+        else:
+            out.append(backend.next_token_logprobs(ids, top_k=top_k or 20))
+    return out
+
+
+def compare_collected(base: list[Any], cand: list[Any]) -> list[dict[str, np.ndarray]]:
+    """Per prompt, per position comparison of two :func:`collect` results."""
+    per_prompt = []
+    for b, c in zip(base, cand):
+        if isinstance(b, torch.Tensor):
+            per_prompt.append(compare_logprobs(b, c))
+        else:
+            per_prompt.append(compare_topk(b.values, b.indices, c.values, c.indices))
+    return per_prompt
+
+
+def concat(per_prompt: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    keys = per_prompt[0].keys()
+    return {k: np.concatenate([p[k] for p in per_prompt]) for k in keys}

@@ -1,0 +1,75 @@
+"""GPU memory: the torch allocator's peaks, the device's used memory from NVML, and sizes of weights and KV cache."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def reset_peaks(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def allocator_peaks(device: torch.device) -> dict[str, int]:
+    """Peak bytes allocated and reserved by torch's CUDA allocator since the last reset."""
+    if device.type != "cuda":
+        return {}
+    torch.cuda.synchronize(device)
+    return {
+        "peak_allocated": int(torch.cuda.max_memory_allocated(device)),
+        "peak_reserved": int(torch.cuda.max_memory_reserved(device)),
+        "allocated_now": int(torch.cuda.memory_allocated(device)),
+    }
+
+
+def nvml_used(device: torch.device) -> int | None:
+    """Bytes in use on the whole device as NVML sees it (all processes, the CUDA context included)."""
+    if device.type != "cuda":
+        return None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return None
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def weights_bytes(model: Any) -> int:
+    return sum(tensor_bytes(p) for p in model.parameters()) + sum(tensor_bytes(b) for b in model.buffers())
+
+
+def kv_cache_bytes(cache: Any) -> int:
+    """Bytes held by a transformers cache (its key and value tensors)."""
+    total = 0
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        for layer in layers:
+            for name in ("keys", "values"):
+                t = getattr(layer, name, None)
+                if isinstance(t, torch.Tensor):
+                    total += tensor_bytes(t)
+        return total
+    for pair in cache:  # legacy tuple of (key, value) per layer
+        total += sum(tensor_bytes(t) for t in pair if isinstance(t, torch.Tensor))
+    return total
+
+
+def kv_cache_bytes_expected(config: Any, batch: int, tokens: int, dtype: torch.dtype) -> int:
+    """What a full KV cache must hold: 2 x layers x batch x kv_heads x tokens x head_dim x element size."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    element = torch.tensor([], dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * batch * config.num_key_value_heads * tokens * head_dim * element

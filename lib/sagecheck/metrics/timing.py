@@ -1,0 +1,100 @@
+"""Timing: CUDA events on a GPU, a monotonic clock on the CPU; warm-up, repeats, median and spread."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Samples:
+    """Repeated measurements of one quantity (milliseconds, or a ratio)."""
+
+    values: np.ndarray
+    clock: str  # "cuda-events" or "cpu-monotonic"
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.values))
+
+    @property
+    def p10(self) -> float:
+        return float(np.percentile(self.values, 10))
+
+    @property
+    def p90(self) -> float:
+        return float(np.percentile(self.values, 90))
+
+    @property
+    def iqr(self) -> float:
+        q1, q3 = np.percentile(self.values, [25, 75])
+        return float(q3 - q1)
+
+    @property
+    def spread_pct(self) -> float:
+        """Interquartile range relative to the median, in percent."""
+        return 100.0 * self.iqr / self.median if self.median else float("nan")
+
+    def summary(self, prefix: str = "") -> dict[str, Any]:
+        return {
+            f"{prefix}median": self.median,
+            f"{prefix}p10": self.p10,
+            f"{prefix}p90": self.p90,
+            f"{prefix}iqr": self.iqr,
+            f"{prefix}n": int(self.values.size),
+        }
+
+
+class Stopwatch:
+    """Elapsed milliseconds of a region: CUDA events on a CUDA device, else a monotonic clock.
+
+    CUDA work is asynchronous: the events are recorded on the current stream and the
+    reading waits for the end event, so the figure is the device time of the region.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = torch.device(device).type == "cuda"
+        self.clock = "cuda-events" if self.cuda else "cpu-monotonic"
+
+    def __enter__(self) -> "Stopwatch":
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._end = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.cuda:
+            self._end.record()
+            self._end.synchronize()
+            self.ms = float(self._start.elapsed_time(self._end))
+        else:
+            self.ms = (time.perf_counter() - self._t0) * 1e3
+
+
+def time_callable(fn: Callable[[], Any], device: torch.device, repeats: int = 5, warmup: int = 2) -> Samples:
+    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times timed; one sample per run (ms)."""
+    for _ in range(warmup):
+        fn()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    values = []
+    clock = "cpu-monotonic"
+    for _ in range(repeats):
+        with Stopwatch(device) as sw:
+            fn()
+        values.append(sw.ms)
+        clock = sw.clock
+    return Samples(np.asarray(values, dtype=np.float64), clock)
+
+
+def paired_ratio(numerator: Samples, denominator: Samples) -> Samples:
+    """Per-repeat ratios of two interleaved series (e.g. baseline time / candidate time = speedup)."""
+    n = min(numerator.values.size, denominator.values.size)
+    return Samples(numerator.values[:n] / denominator.values[:n], numerator.clock)

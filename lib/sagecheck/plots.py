@@ -1,0 +1,138 @@
+"""The figures of the report. Each function draws one figure and returns it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg") if matplotlib.get_backend().lower() == "agg" else None
+import matplotlib.pyplot as plt
+import numpy as np
+
+BASE_COLOR = "#4C72B0"
+CAND_COLOR = "#DD8452"
+
+
+def _finish(fig: Any, title: str) -> Any:
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def kl_by_position(series: dict[str, np.ndarray], title: str, smooth: int = 16) -> Any:
+    """KL(baseline || candidate) against token position, one line per prompt (running mean over ``smooth``)."""
+    fig, ax = plt.subplots(figsize=(9, 3.4))
+    for label, kl in series.items():
+        kl = np.asarray(kl, dtype=float)
+        if smooth > 1 and kl.size > smooth:
+            kernel = np.ones(smooth) / smooth
+            y = np.convolve(kl, kernel, mode="valid")
+            x = np.arange(y.size) + smooth // 2
+        else:
+            x, y = np.arange(kl.size), kl
+        ax.plot(x, np.maximum(y, 1e-12), lw=1, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("token position")
+    ax.set_ylabel(f"KL (nats), mean of {smooth}")
+    if len(series) <= 8:
+        ax.legend(fontsize=8, ncol=2)
+    ax.grid(alpha=0.3)
+    return _finish(fig, title)
+
+
+def cdf(series: dict[str, np.ndarray], xlabel: str, title: str, threshold: float | None = None) -> Any:
+    """Empirical cumulative distributions (log x) with an optional threshold line."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    for label, values in series.items():
+        v = np.sort(np.maximum(np.asarray(values, dtype=float), 1e-12))
+        ax.plot(v, np.arange(1, v.size + 1) / v.size, label=label)
+    if threshold is not None:
+        ax.axvline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:g}")
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("fraction of positions")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _finish(fig, title)
+
+
+def bars_with_ci(labels: list[str], values: list[float], lows: list[float], highs: list[float], ylabel: str, title: str, bound: float | None = None) -> Any:
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    x = np.arange(len(labels))
+    err = np.array([np.subtract(values, lows), np.subtract(highs, values)])
+    ax.bar(x, values, color=CAND_COLOR, alpha=0.8)
+    ax.errorbar(x, values, yerr=np.abs(err), fmt="none", ecolor="k", capsize=4)
+    if bound is not None:
+        for b in (bound, -bound):
+            ax.axhline(b, color="k", ls="--", lw=1)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xticks(x, labels)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, axis="y")
+    return _finish(fig, title)
+
+
+def drift_by_layer(records: list[dict[str, Any]], metric: str, title: str) -> Any:
+    """``metric`` per layer: attention output and hidden state, compounded and isolated."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
+    for ax, kind in zip(axes, ("attention", "hidden")):
+        for mode, style in (("compounded", "-o"), ("isolated", "--s")):
+            rows = [r for r in records if r["mode"] == mode and r["kind"] == kind and r["bucket"] == "all"]
+            if mode == "isolated":
+                rows = [r for r in rows if r.get("candidate_layer") == r["layer"]]
+            if not rows:
+                continue
+            by_layer: dict[int, list[float]] = {}
+            for r in rows:
+                v = r[metric]
+                if v is not None and np.isfinite(v):
+                    by_layer.setdefault(r["layer"], []).append(v)
+            xs = sorted(by_layer)
+            ax.plot(xs, [np.mean(by_layer[x]) for x in xs], style, ms=3, label=mode)
+        ax.set_title(f"{kind} output", fontsize=10)
+        ax.set_xlabel("decoder layer")
+        ax.grid(alpha=0.3)
+        if metric in ("rel_l2", "max_abs"):
+            ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel(metric)
+    return _finish(fig, title)
+
+
+def heatmap(matrix: np.ndarray, rows: list[Any], cols: list[Any], title: str, xlabel: str, ylabel: str, fmt: str = "{:.2f}", center: float | None = 1.0) -> Any:
+    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(cols), 0.8 + 0.5 * len(rows)))
+    data = np.ma.masked_invalid(np.asarray(matrix, dtype=float))
+    if center is not None and data.count():
+        span = max(abs(data.max() - center), abs(center - data.min()), 1e-9)
+        im = ax.imshow(data, cmap="RdYlGn", vmin=center - span, vmax=center + span, aspect="auto")
+    else:
+        im = ax.imshow(data, cmap="viridis", aspect="auto")
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            v = matrix[i][j]
+            ax.text(j, i, "n/a" if v is None or not np.isfinite(v) else fmt.format(v), ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(cols)), cols)
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    return _finish(fig, title)
+
+
+def lines(xs: dict[str, list[float]], ys: dict[str, list[float]], xlabel: str, ylabel: str, title: str, logx: bool = True, logy: bool = False, yerr: dict[str, tuple[list[float], list[float]]] | None = None) -> Any:
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for label in ys:
+        if yerr and label in yerr:
+            lo, hi = yerr[label]
+            ax.fill_between(xs[label], lo, hi, alpha=0.2)
+        ax.plot(xs[label], ys[label], "-o", ms=3, label=label)
+    if logx:
+        ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _finish(fig, title)
