@@ -81,7 +81,7 @@ class LogitsParams(_Section):
     greedy_tokens: int = Field(32, ge=1, description="greedy continuation length per prompt")
     top_k: int = Field(20, ge=1, description="top-k logprobs (the SGLang engine gives no full distribution)")
     kl_mean_max: float = Field(1e-3, gt=0, description="verdict: mean KL(baseline || candidate) in nats at most")
-    top1_min: float = Field(0.99, gt=0, le=1, description="verdict: top-1 agreement at least")
+    top1_min: float = Field(0.97, gt=0, le=1, description="verdict: top-1 agreement at least")
 
 
 class PerplexityParams(_Section):
@@ -434,3 +434,26 @@ def resolve_run_dir(run_dir: str) -> Path:
         if (folder / "pyproject.toml").is_file() and (folder / "notebooks").is_dir():
             return folder / "outputs" / "interactive"
     return here / "outputs" / "interactive"
+
+
+class NotebookParams:
+    """A notebook's view of the parameters: its own section's keys and the common keys as attributes.
+
+    ``P.kl_mean_max`` reads the section, ``P.model`` the common part; ``P.all`` is the full :class:`Params`.
+    """
+
+    def __init__(self, params: Params, notebook: str) -> None:
+        self.all = params
+        self.notebook = notebook
+        section = section_for(notebook)
+        self.section = getattr(params, section) if section else None
+
+    def __getattr__(self, name: str) -> Any:
+        section = self.__dict__.get("section")
+        if section is not None and name in type(section).model_fields:
+            return getattr(section, name)
+        return getattr(self.__dict__["all"], name)
+
+    def with_common(self, **changes: Any) -> "NotebookParams":
+        """The same view with common keys changed (e.g. ``engine="hf"``)."""
+        return NotebookParams(self.all.model_copy(update=changes), self.notebook)

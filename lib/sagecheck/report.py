@@ -242,6 +242,7 @@ def combined_notebook(run_dir: Path) -> nbformat.NotebookNode:
             if _is_parameter_cell(cell):
                 continue
             _hide_code(cell)
+            cell.metadata["alt"] = f"figure of {stem}"
             cell["id"] = f"{stem}-{len(cells)}"
             cells.append(cell)
     combined = nbformat.v4.new_notebook()

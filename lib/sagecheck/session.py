@@ -8,9 +8,12 @@ from sagecheck import params as sp
 from sagecheck import results, runtime
 
 
-def start(notebook: str, namespace: dict[str, Any]) -> tuple[sp.Params, results.Results]:
-    """``P, R = sagecheck.session.start("02_logits", globals())`` after the parameters cell."""
-    P = sp.from_notebook(notebook, namespace)
-    runtime.seed_everything(P.seed)
-    R = results.start(notebook, P, namespace.get("run_dir", ""))
-    return P, R
+def start(notebook: str, namespace: dict[str, Any]) -> tuple[sp.NotebookParams, results.Results]:
+    """``P, R = sagecheck.session.start("02_logits", globals())`` after the parameters cell.
+
+    ``P`` reads the notebook's own section and the common keys alike (``P.n_short``, ``P.model``).
+    """
+    params = sp.from_notebook(notebook, namespace)
+    runtime.seed_everything(params.seed)
+    R = results.start(notebook, params, namespace.get("run_dir", ""))
+    return sp.NotebookParams(params, notebook), R

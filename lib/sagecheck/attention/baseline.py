@@ -100,7 +100,7 @@ def reference(
     return out
 
 
-NOISE_RELATIVE = 0.05
+NOISE_RELATIVE = 0.2
 _noise_calls = 0
 
 

@@ -59,6 +59,7 @@ class Backend(abc.ABC):
 class Engine(abc.ABC):
     name: str
     tokenizer: Any
+    max_context: int | None = None  # longest sequence the model takes, where known
 
     @abc.abstractmethod
     @contextmanager

@@ -70,6 +70,10 @@ class HFEngine(Engine):
     def config(self) -> Any:
         return self.model.config
 
+    @property
+    def max_context(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
     def current_implementation(self) -> str:
         return attn_hf.sagecheck_name(self.model.config._attn_implementation)
 

@@ -73,3 +73,40 @@ def kv_cache_bytes_expected(config: Any, batch: int, tokens: int, dtype: torch.d
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     element = torch.tensor([], dtype=dtype).element_size()
     return 2 * config.num_hidden_layers * batch * config.num_key_value_heads * tokens * head_dim * element
+
+
+def measure_point(engine: Any, implementation: str, batch: int, length: int, decode_tokens: int, seed: int) -> dict[str, Any]:
+    """Peak GPU memory of prefill + decode at one point, split into weights, KV cache and activations."""
+    from sagecheck.metrics.throughput import random_prompts
+
+    device = engine.device
+    prompts = random_prompts(engine.config.vocab_size, batch, length, seed, device)
+    weights = weights_bytes(engine.model)
+    try:
+        with engine.backend(implementation) as backend:
+            reset_peaks(device)
+            before = allocator_peaks(device).get("allocated_now", 0)
+            logits, cache = backend.prefill(prompts)
+            tokens = logits.argmax(-1)
+            for _ in range(decode_tokens):
+                logits, cache = backend.decode_step(tokens, cache)
+                tokens = logits.argmax(-1)
+            peaks = allocator_peaks(device)
+            used = nvml_used(device)
+            kv = kv_cache_bytes(cache)
+            del cache, logits
+    except torch.cuda.OutOfMemoryError as e:
+        reset_peaks(device)
+        return {"status": "out of memory", "error": str(e).splitlines()[0][:200]}
+    reset_peaks(device)
+    return {
+        "status": "ok",
+        "weights": weights,
+        "resident_before": before,
+        "kv_cache": kv,
+        "kv_cache_expected": kv_cache_bytes_expected(engine.config, batch, length + decode_tokens, engine.dtype),
+        "peak_allocated": peaks["peak_allocated"],
+        "peak_reserved": peaks["peak_reserved"],
+        "activations_peak": peaks["peak_allocated"] - before - kv,
+        "nvml_used": used,
+    }

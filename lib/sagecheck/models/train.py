@@ -418,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a recipe field, e.g. --set lr=1e-3")
     ap.add_argument("--eval-only", action="store_true", help="evaluate an existing --out folder and rewrite its card")
+    ap.add_argument("--skip-eval", action="store_true", help="train and save only (no evaluation, no card)")
     args = ap.parse_args(argv)
     from dataclasses import replace
 
@@ -440,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = json.loads(log_path.read_text())["training"]
     else:
         summary = train(recipe, data, out, device)
+    if args.skip_eval:
+        log_path.write_text(json.dumps({"training": summary}, indent=1))
+        return 0
     evaluation = evaluate(out, data, Recipe(**summary["recipe"]), device)
     print(json.dumps(evaluation, indent=1), flush=True)
     log_path.write_text(json.dumps({"training": summary, "evaluation": evaluation}, indent=1))

@@ -1,0 +1,149 @@
+"""The attention op alone: accuracy of each implementation against a float64 reference, and speed.
+
+Inputs are random normal Q, K, V, with a per-channel offset added to K (real keys have
+channel-wise outliers: that is what SageAttention's K smoothing is for). The error
+of ``sdpa``, ``sage-emulated`` and ``sage`` is measured against attention computed in
+float64 from the same inputs; ``sage`` is also compared with ``sage-emulated``: if
+the kernel is right, it agrees with its emulation far more closely than either agrees
+with the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from sagecheck import attention
+from sagecheck.attention.baseline import flops, reference
+from sagecheck.metrics.timing import time_callable
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Shape:
+    batch: int
+    heads: int
+    kv_heads: int
+    n_q: int
+    n_k: int
+    head_dim: int
+    causal: bool
+    dtype: str
+
+    @property
+    def label(self) -> str:
+        c = "causal" if self.causal else "full"
+        return f"b{self.batch} h{self.heads}/{self.kv_heads} q{self.n_q} k{self.n_k} d{self.head_dim} {c} {self.dtype}"
+
+
+def accuracy_shapes(p: Any, device: torch.device) -> list[Shape]:
+    """The sweep of the kernel notebook's parameters (long shapes dropped on CPU)."""
+    shapes = []
+    limit = None if device.type == "cuda" else p.cpu_max_seq_len
+    for dtype in p.dtypes:
+        for d in p.head_dims:
+            for n in p.seq_lens:
+                if limit and n > limit:
+                    continue
+                for causal in (False, True):
+                    shapes.append(Shape(p.batch, p.heads, p.kv_heads, n, n, d, causal, dtype))
+            for nk in p.decode_kv_lens:
+                if limit and nk > limit:
+                    continue
+                shapes.append(Shape(max(p.batch, 2), p.heads, p.kv_heads, 1, nk, d, False, dtype))
+            # a chunk of queries over a longer cache (chunked prefill): causal, bottom-right aligned
+            nk = min(1000, limit or 1000)
+            shapes.append(Shape(p.batch, p.heads, p.kv_heads, min(128, nk), nk, d, True, dtype))
+    return shapes
+
+
+def make_inputs(shape: Shape, device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    dt = DTYPES[shape.dtype]
+    q = torch.randn(shape.batch, shape.heads, shape.n_q, shape.head_dim, generator=gen, device=device)
+    k = torch.randn(shape.batch, shape.kv_heads, shape.n_k, shape.head_dim, generator=gen, device=device)
+    k = k + 2.0 * torch.randn(1, shape.kv_heads, 1, shape.head_dim, generator=gen, device=device)  # channel offsets
+    v = torch.randn(shape.batch, shape.kv_heads, shape.n_k, shape.head_dim, generator=gen, device=device)
+    return q.to(dt), k.to(dt), v.to(dt)
+
+
+def errors(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    o = out.double().reshape(-1)
+    r = ref.double().reshape(-1)
+    d = o - r
+    return {
+        "rel_l2": float(d.norm() / r.norm()),
+        "cosine": float((o @ r) / (o.norm() * r.norm()).clamp_min(1e-300)),
+        "max_abs": float(d.abs().max()),
+    }
+
+
+def run_shape(shape: Shape, device: torch.device, seed: int, kernel_available: bool) -> dict[str, Any]:
+    """Errors of every implementation at one shape, and whether each call left its inputs unchanged."""
+    q, k, v = make_inputs(shape, device, seed)
+    ref = reference(q, k, v, causal=shape.causal)
+    row: dict[str, Any] = {"shape": shape.label, **asdict(shape)}
+    outs = {}
+    impls = ["sdpa", "sage-emulated"] + (["sage"] if kernel_available else [])
+    for name in impls:
+        q0, k0, v0 = q.clone(), k.clone(), v.clone()
+        try:
+            out = attention.get(name)(q, k, v, causal=shape.causal)
+        except attention.UnsupportedCall as e:
+            row[f"{name}_status"] = f"unsupported: {e}"
+            continue
+        except torch.cuda.OutOfMemoryError:
+            row[f"{name}_status"] = "out of memory"
+            torch.cuda.empty_cache()
+            continue
+        row[f"{name}_status"] = "ok"
+        row[f"{name}_inputs_unchanged"] = bool(torch.equal(q, q0) and torch.equal(k, k0) and torch.equal(v, v0))
+        if not row[f"{name}_inputs_unchanged"]:
+            q, k, v = q0, k0, v0
+        outs[name] = out
+        for key, val in errors(out, ref).items():
+            row[f"{name}_vs_ref_{key}"] = val
+    if "sage" in outs and "sage-emulated" in outs:
+        for key, val in errors(outs["sage"], outs["sage-emulated"].to(outs["sage"].dtype)).items():
+            row[f"sage_vs_emulated_{key}"] = val
+    if kernel_available and shape.n_q == shape.n_k:
+        from sagecheck.attention.sage_kernel import raw_sageattn
+
+        k0 = k.clone()
+        raw_sageattn()(q, k, v, is_causal=shape.causal)
+        row["raw_sageattn_k_unchanged"] = bool(torch.equal(k, k0))
+    return row
+
+
+def likely_cause(row: dict[str, Any]) -> str:
+    """Our reading of why the kernel and its emulation disagree at this shape."""
+    if not row["causal"] and row["n_k"] % 64:
+        pad = 64 - row["n_k"] % 64
+        return (f"n_k={row['n_k']} is not a multiple of the kernel's 64-key block: the non-causal 1.0.6 kernel loads the "
+                f"{pad} missing keys as zeros and lets them into the softmax denominator with score 0 "
+                "(attn_qk_int8_per_block.py masks their loads, not their scores)")
+    return "not explained by the block padding; compare with the emulation's documented differences"
+
+
+def speed(impl: str, batch: int, heads: int, n: int, head_dim: int, causal: bool, dtype: str, device: torch.device,
+          repeats: int, seed: int) -> dict[str, Any]:
+    """Median TOPS of one implementation (FLOPs = 4·b·h·n²·d, halved when causal)."""
+    shape = Shape(batch, heads, heads, n, n, head_dim, causal, dtype)
+    try:
+        q, k, v = make_inputs(shape, device, seed)
+        fn = attention.get(impl)
+        samples = time_callable(lambda: fn(q, k, v, causal=causal), device, repeats=repeats, warmup=3)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return {"implementation": impl, "seq_len": n, "status": "out of memory"}
+    except (attention.UnsupportedCall, attention.AttentionUnavailable) as e:
+        return {"implementation": impl, "seq_len": n, "status": f"unsupported: {e}"}
+    f = flops(batch, heads, n, n, head_dim, causal)
+    return {
+        "implementation": impl, "seq_len": n, "batch": batch, "heads": heads, "head_dim": head_dim, "causal": causal,
+        "dtype": dtype, "status": "ok", "ms_median": samples.median, "ms_p10": samples.p10, "ms_p90": samples.p90,
+        "tops": f / (samples.median / 1e3) / 1e12, "clock": samples.clock,
+    }

@@ -1,0 +1,124 @@
+"""Prefill and decode speed of two attention implementations on identical inputs, interleaved.
+
+For each (input length, batch size) point, every repeat runs the baseline and the
+candidate back to back, alternating which goes first, so that a drift of the machine
+(clocks, temperature, other tenants) hits both alike. One repeat is:
+
+* prefill: the prompts ``[batch, length]`` through the model with a fresh KV cache and
+  the first token picked (time to first token, TTFT);
+* decode: ``decode_tokens`` greedy steps through that cache, one token per sequence.
+
+Times come from CUDA events on a GPU (a monotonic clock on the CPU) after ``warmup``
+untimed repeats. A point that runs out of memory or that the implementation does not
+support is recorded as such and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+import numpy as np
+import torch
+
+from sagecheck.attention import AttentionUnavailable, UnsupportedCall
+from sagecheck.metrics.timing import Samples, Stopwatch, paired_ratio
+
+
+def random_prompts(vocab_size: int, batch: int, length: int, seed: int, device: torch.device, low: int = 16) -> torch.Tensor:
+    """Seeded random token ids (never all zeros; special ids below ``low`` avoided)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + batch * 7919 + length)
+    return torch.randint(low, vocab_size, (batch, length), generator=gen).to(device)
+
+
+def _one_repeat(backend: Any, prompts: torch.Tensor, decode_tokens: int, device: torch.device) -> tuple[float, float]:
+    with Stopwatch(device) as pre:
+        logits, cache = backend.prefill(prompts)
+        tokens = logits.argmax(-1)
+    with Stopwatch(device) as dec:
+        for _ in range(decode_tokens):
+            logits, cache = backend.decode_step(tokens, cache)
+            tokens = logits.argmax(-1)
+    del cache, logits
+    return pre.ms, dec.ms
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure_point(engine: Any, implementations: tuple[str, str], batch: int, length: int, decode_tokens: int,
+                  repeats: int, warmup: int, seed: int) -> dict[str, Any]:
+    """Timing samples of both implementations at one point: {impl: {"prefill": Samples, "decode": Samples}} or a status."""
+    device = engine.device
+    prompts = random_prompts(engine.config.vocab_size, batch, length, seed, device)
+    samples: dict[str, dict[str, list[float]]] = {impl: {"prefill": [], "decode": []} for impl in implementations}
+    clock = "cpu-monotonic"
+    try:
+        for r in range(warmup + repeats):
+            order = implementations if r % 2 == 0 else implementations[::-1]
+            for impl in order:
+                with engine.backend(impl) as backend:
+                    pre, dec = _one_repeat(backend, prompts, decode_tokens, device)
+                clock = Stopwatch(device).clock
+                if r >= warmup:
+                    samples[impl]["prefill"].append(pre)
+                    samples[impl]["decode"].append(dec)
+    except torch.cuda.OutOfMemoryError as e:
+        _free(device)
+        return {"status": "out of memory", "error": str(e).splitlines()[0][:200]}
+    except (AttentionUnavailable, UnsupportedCall) as e:
+        _free(device)
+        return {"status": "unsupported", "error": str(e)[:200]}
+    _free(device)
+    return {
+        "status": "ok",
+        "samples": {impl: {k: Samples(np.asarray(v), clock) for k, v in s.items()} for impl, s in samples.items()},
+    }
+
+
+def point_records(point: dict[str, Any], implementations: tuple[str, str], batch: int, length: int, decode_tokens: int) -> list[dict[str, Any]]:
+    """Table rows of one point: per implementation tokens/s, TTFT, and the candidate's speedup with its spread."""
+    base, cand = implementations
+    if point["status"] != "ok":
+        return [{"batch": batch, "input_length": length, "implementation": impl, "status": point["status"],
+                 "error": point.get("error", "")} for impl in implementations]
+    rows = []
+    s = point["samples"]
+    for impl in implementations:
+        pre, dec = s[impl]["prefill"], s[impl]["decode"]
+        rows.append({
+            "batch": batch, "input_length": length, "implementation": impl, "status": "ok",
+            "ttft_ms": pre.median, "ttft_ms_p10": pre.p10, "ttft_ms_p90": pre.p90,
+            "prefill_tok_s": batch * length / (pre.median / 1e3),
+            "decode_ms_per_token": dec.median / decode_tokens,
+            "decode_tok_s_per_seq": decode_tokens / (dec.median / 1e3),
+            "decode_tok_s_total": batch * decode_tokens / (dec.median / 1e3),
+            "prefill_spread_pct": pre.spread_pct, "decode_spread_pct": dec.spread_pct,
+            "repeats": int(pre.values.size), "clock": pre.clock,
+        })
+    sp_pre = paired_ratio(s[base]["prefill"], s[cand]["prefill"])
+    sp_dec = paired_ratio(s[base]["decode"], s[cand]["decode"])
+    for row in rows:
+        if row["implementation"] == cand:
+            row.update({
+                "prefill_speedup": sp_pre.median, "prefill_speedup_p10": sp_pre.p10, "prefill_speedup_p90": sp_pre.p90,
+                "decode_speedup": sp_dec.median, "decode_speedup_p10": sp_dec.p10, "decode_speedup_p90": sp_dec.p90,
+            })
+    return rows
+
+
+def repeat_agreement(first: dict[str, Any], again: dict[str, Any], implementations: tuple[str, str]) -> dict[str, float]:
+    """Largest relative difference (%) between two measurements of the same point (medians)."""
+    if first["status"] != "ok" or again["status"] != "ok":
+        return {"max_diff_pct": float("nan")}
+    diffs = {}
+    for impl in implementations:
+        for kind in ("prefill", "decode"):
+            a = first["samples"][impl][kind].median
+            b = again["samples"][impl][kind].median
+            diffs[f"{impl}:{kind}"] = 100.0 * abs(b - a) / a
+    diffs["max_diff_pct"] = max(diffs.values())
+    return diffs
