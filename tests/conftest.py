@@ -1,0 +1,36 @@
+"""Shared fixtures: the project root, the built-in model loaded once, a helper to run the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CI_PARAMS = ROOT / "tests" / "params_ci.yaml"
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "shakespeare"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    """``python -m sagecheck ARGS`` in a fresh process, as a user runs it."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "sagecheck", *args], cwd=ROOT, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def builtin():
+    """(engine, tokenizer) for the built-in model on the CPU in float32."""
+    from sagecheck import models
+    from sagecheck.engines.hf import HFEngine
+
+    src = models.resolve("builtin")
+    tok = models.load_tokenizer(src)
+    model = models.load_model(src, torch.device("cpu"), torch.float32, "sagecheck-sdpa")
+    return HFEngine(model, tok, torch.device("cpu"), torch.float32)

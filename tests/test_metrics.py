@@ -1,0 +1,134 @@
+"""Metrics against independent computations."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from sagecheck.data import corpus
+from sagecheck.metrics import drift, logits as L, perplexity as ppl
+from sagecheck.metrics.timing import Stopwatch, paired_ratio, time_callable
+
+
+@pytest.mark.parametrize("n, window, stride", [(1000, 256, 128), (1000, 256, 256), (257, 256, 100), (50, 256, 64)])
+def test_every_token_is_scored_exactly_once(n, window, stride):
+    windows = ppl.sliding_windows(n, window, stride)
+    scored = []
+    for w in windows:
+        assert w.length <= window and 0 < w.n_scored < w.length
+        scored += list(range(w.end - w.n_scored, w.end))
+    assert scored == list(range(1, n)) or (stride == window and len(set(scored)) == len(scored))
+
+
+def test_perplexity_equals_a_plain_loop_with_labels(builtin):
+    """The notebook's code against the Hugging Face guide's loop (model(..., labels=...)), to 1e-6 relative."""
+    tok, model = builtin.tokenizer, builtin.model
+    ids = tok(corpus.builtin_heldout().text).input_ids[:3000]
+    window, stride = 512, 200
+    with builtin.backend("sdpa") as b:
+        ours = ppl.score_windows(ids, ppl.sliding_windows(len(ids), window, stride), b.token_logprobs)
+        x = torch.tensor([ids])
+        nll_sum, n_tokens, prev_end = 0.0, 0, 0
+        for begin in range(0, len(ids), stride):
+            end = min(begin + window, len(ids))
+            trg = end - prev_end
+            inp = x[:, begin:end]
+            labels = inp.clone()
+            labels[:, :-trg] = -100
+            with torch.inference_mode():
+                loss = model(input_ids=inp, labels=labels).loss
+            valid = int((labels[:, 1:] != -100).sum())
+            nll_sum += float(loss) * valid
+            n_tokens += valid
+            prev_end = end
+            if end == len(ids):
+                break
+    assert ours.total_tokens == n_tokens == len(ids) - 1
+    assert ours.perplexity == pytest.approx(math.exp(nll_sum / n_tokens), rel=1e-6)
+
+
+def test_word_perplexity_and_bits_per_byte_definitions():
+    s = ppl.WindowScores(np.array([10.0, 20.0]), np.array([5, 5]))
+    assert s.perplexity == pytest.approx(math.exp(3.0))
+    assert s.word_perplexity(6) == pytest.approx(math.exp(5.0))
+    assert s.bits_per_byte(30) == pytest.approx(1.0 / math.log(2))
+
+
+def test_paired_bootstrap_brackets_the_delta():
+    rng = np.random.default_rng(0)
+    counts = np.full(200, 100)
+    base = ppl.WindowScores(rng.uniform(300, 400, 200), counts)
+    same = ppl.paired_bootstrap_delta_pct(base, base, 300)
+    assert same["delta_pct"] == 0 and same["ci_low_pct"] == 0 and same["ci_high_pct"] == 0
+    cand = ppl.WindowScores(base.nll * 1.01 + rng.normal(0, 0.5, 200), counts)
+    d = ppl.paired_bootstrap_delta_pct(base, cand, 500)
+    assert d["ci_low_pct"] < d["delta_pct"] < d["ci_high_pct"]
+    assert d["ci_low_pct"] > 0  # a systematic 1% NLL increase is resolved by the pairing
+
+
+def test_identical_distributions_give_zero_kl_full_agreement():
+    logp = torch.log_softmax(torch.randn(50, 300), dim=-1)
+    s = L.summarize(L.compare_logprobs(logp, logp.clone()))
+    assert s["kl_mean"] == 0 and s["kl_max"] == 0
+    assert s["top1_agreement"] == 1 and s["top5_agreement"] == 1
+    assert s["max_abs_logit_diff"] == 0 and s["cosine_min"] == pytest.approx(1, abs=1e-12)
+
+
+def test_kl_against_a_direct_formula():
+    a = torch.log_softmax(torch.randn(7, 40, dtype=torch.float64), -1)
+    b = torch.log_softmax(torch.randn(7, 40, dtype=torch.float64), -1)
+    ours = L.compare_logprobs(a, b)["kl"]
+    direct = torch.nn.functional.kl_div(b, a, log_target=True, reduction="none").sum(-1)
+    np.testing.assert_allclose(ours, direct.numpy(), rtol=1e-10)
+
+
+def test_topk_comparison_of_identical_lists():
+    vals = np.log(np.array([[0.5, 0.3, 0.1]]))
+    idx = np.array([[4, 2, 9]])
+    s = L.compare_topk(vals, idx, vals, idx)
+    assert s["kl"][0] == 0 and s["top1"][0] and s["max_abs"][0] == 0
+
+
+def test_first_divergence():
+    assert L.first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert L.first_divergence([1, 2, 3], [1, 5, 3]) == 1
+
+
+def test_drift_of_identical_tensors():
+    x = torch.randn(2, 16, 32)
+    s = drift.error_stats(x, x.clone())
+    assert s["rel_l2"] == 0 and s["max_abs"] == 0 and s["sqnr_db"] == math.inf
+    assert s["cosine"] == pytest.approx(1, abs=1e-12)
+    noisy = drift.error_stats(x, x + 0.01 * torch.randn_like(x))
+    assert 0.005 < noisy["rel_l2"] < 0.02 and 35 < noisy["sqnr_db"] < 45
+
+
+def test_drift_measure_on_the_builtin_model(builtin):
+    ids = builtin.tokenizer("Something is rotten in the state of Denmark. " * 8).input_ids
+    recs = drift.measure(builtin, "sdpa", "sdpa", ids, ["compounded", "isolated"], buckets=2)
+    layers = builtin.model.config.num_hidden_layers
+    assert {r["kind"] for r in recs} == {"attention", "hidden", "final"}
+    assert len([r for r in recs if r["mode"] == "compounded" and r["bucket"] == "all"]) == 2 * layers + 1
+    assert all(r["rel_l2"] == 0 and r["cosine"] == pytest.approx(1, abs=1e-12) for r in recs)
+    emu = drift.measure(builtin, "sdpa", "sage-emulated", ids, ["compounded"], buckets=2)
+    assert all(0 < r["rel_l2"] < 0.1 for r in emu)
+
+
+def test_timing_helper_against_an_independent_clock():
+    """Known work (a 30 ms sleep) timed by the helper and by time.monotonic around the whole loop."""
+    t0 = time.monotonic()
+    s = time_callable(lambda: time.sleep(0.03), torch.device("cpu"), repeats=6, warmup=1)
+    total = (time.monotonic() - t0) * 1e3
+    assert s.clock == "cpu-monotonic" and s.values.size == 6
+    assert 29.5 < s.median < 45
+    assert s.values.sum() <= total  # the helper's samples fit inside the independent measurement
+    assert total / 7 == pytest.approx(s.median, rel=0.25)
+    with Stopwatch(torch.device("cpu")) as sw:
+        time.sleep(0.01)
+    assert 9.5 < sw.ms < 30
+    r = paired_ratio(s, s)
+    assert r.median == 1.0

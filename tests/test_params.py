@@ -1,0 +1,118 @@
+"""Parameters: one schema, YAML files, -p overrides, and bad input stopped before any notebook runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sagecheck import params as sp
+from tests.conftest import CI_PARAMS, ROOT, run_cli
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "p.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize(
+    "yaml_text, overrides, expected",
+    [
+        ("modle: builtin\n", [], "unknown parameter 'modle' in "),
+        ("logits:\n  n_shrt: 3\n", [], "unknown parameter 'logits.n_shrt'"),
+        ("logits:\n  n_short: many\n", [], "parameter 'logits.n_short'"),
+        ("engine: vllm\n", [], "Input should be 'hf' or 'sglang'"),
+        ("candidate: sage2\n", [], "parameter 'candidate'"),
+        ("device: tpu\n", [], "must be auto, cpu, cuda or cuda:N"),
+        ("model: ./no/such/model\n", [], "parameter 'model' = './no/such/model': local path does not exist"),
+        ("perplexity:\n  dataset: missing.txt\n", [], "parameter 'perplexity.dataset' = 'missing.txt'"),
+        ("perplexity:\n  window: 64\n  stride: 128\n", [], "stride must be at most window"),
+        ("", ["logits.top_k=-1"], "parameter 'logits.top_k'"),
+        ("", ["nonsense"], "must look like key=value"),
+        ("- a\n- b\n", [], "must hold a mapping"),
+        ("model: [unclosed\n", [], "is not valid YAML"),
+    ],
+)
+def test_bad_input_exits_2_before_any_notebook(tmp_path, yaml_text, overrides, expected):
+    params = write(tmp_path, yaml_text)
+    out = tmp_path / "run"
+    args = ["run", "--params", str(params), "--out", str(out), "-q"]
+    for o in overrides:
+        args += ["-p", o]
+    done = run_cli(*args, timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = [l for l in done.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("sagecheck: error: ")
+    assert expected in lines[0]
+    assert not (out / "notebooks").exists() or not any((out / "notebooks").iterdir())
+
+
+def test_missing_params_file_exits_2(tmp_path):
+    done = run_cli("run", "--params", str(tmp_path / "nope.yaml"), "-q", timeout=120)
+    assert done.returncode == 2
+    assert "params file not found" in done.stderr
+
+
+def test_unknown_key_suggests_the_right_one():
+    with pytest.raises(sp.ParamError, match="did you mean 'model'"):
+        sp.load_params(None, ["modle=builtin"])
+
+
+def test_unknown_only_name_exits_2(tmp_path):
+    done = run_cli("run", "--params", str(CI_PARAMS), "--only", "03,nope", "--out", str(tmp_path / "r"), "-q", timeout=120)
+    assert done.returncode == 2
+    assert "no notebook named 'nope'" in done.stderr
+
+
+def test_defaults_are_the_embedded_default():
+    p = sp.load_params(ROOT / "params" / "default.yaml")
+    d = sp.Params()
+    for key in ("model", "engine", "baseline", "candidate", "device", "dtype", "seed"):
+        assert getattr(p, key) == getattr(d, key)
+    assert p.model == "builtin" and p.candidate == "sage-emulated"
+
+
+def test_overrides_and_yaml_values():
+    p = sp.load_params(CI_PARAMS, ["logits.n_short=5", "candidate_phases=[prefill]", "seed=7"])
+    assert p.logits.n_short == 5
+    assert p.candidate_phases == ["prefill"]
+    assert p.seed == 7
+    assert p.kernel.heads == 4  # from the file
+
+
+def test_every_shipped_preset_validates():
+    for path in sorted((ROOT / "params").glob("*.yaml")):
+        sp.load_params(path)
+
+
+def test_notebook_view_reads_section_then_common():
+    p = sp.load_params(CI_PARAMS)
+    view = sp.NotebookParams(p, "02_logits")
+    assert view.n_short == p.logits.n_short
+    assert view.model == "builtin"
+    assert view.with_common(engine="sglang").engine == "sglang"
+
+
+def test_flat_keys_do_not_collide():
+    common = set(sp.COMMON_KEYS) | set(sp.RUN_KEYS)
+    for name, section in sp.SECTIONS.items():
+        clash = common & set(section.model_fields)
+        assert not clash, f"section {name} reuses common keys {clash}"
+
+
+def test_from_notebook_round_trip():
+    p = sp.load_params(CI_PARAMS)
+    flat = sp.notebook_parameters(p, "07_context_length")
+    again = sp.from_notebook("07_context_length", flat)
+    assert again.context_length == p.context_length
+    assert sp.params_hash(flat) == sp.params_hash(dict(flat))
+
+
+def test_secret_in_parameters_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_planted_secret_123456")
+    from sagecheck.run import _check_no_secret_in_params
+
+    with pytest.raises(sp.ParamError, match="HF_TOKEN"):
+        _check_no_secret_in_params(sp.load_params(None, ["title=hf_planted_secret_123456"]))

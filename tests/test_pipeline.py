@@ -1,0 +1,223 @@
+"""The whole report as users run it: every notebook executed by papermill on the built-in model."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from sagecheck import results as R
+from tests.conftest import CI_PARAMS, ROOT, run_cli
+
+pytestmark = pytest.mark.slow
+SECRET = "hf_PLANTEDsecret0123456789abcdef"
+
+
+@pytest.fixture(scope="session")
+def ci_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "ci"
+    done = run_cli("run", "--params", str(CI_PARAMS), "--out", str(out), "-q", env={"HF_TOKEN": SECRET})
+    return done, out
+
+
+def result(out: Path, name: str) -> R.Results:
+    return R.load(out / "results" / f"{name}.json")
+
+
+def test_every_notebook_ran(ci_run):
+    done, out = ci_run
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("report.html")
+    manifest = json.loads((out / "run.json").read_text())
+    assert [n["status"] for n in manifest["notebooks"]] == ["ok"] * 10
+    for nb in (ROOT / "notebooks").glob("*.ipynb"):
+        executed = nbformat.read(out / "notebooks" / nb.name, as_version=4)
+        assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
+
+
+def test_results_hold_real_values(ci_run):
+    _, out = ci_run
+    env = result(out, "00_environment")
+    import torch
+
+    assert env.metrics["versions"]["torch"] == torch.__version__.split("+")[0] or env.metrics["versions"]["torch"].startswith(torch.__version__.split("+")[0])
+    assert env.metrics["gpu"] == "none (CPU only)" and len(env.metrics["params_hash"]) == 16
+
+    flag = {r["implementation"]: r for r in result(out, "01_runtime_flag").tables["implementations"]}
+    for name in ("sdpa", "eager", "sage-emulated"):
+        assert flag[name]["loaded"] and flag[name]["calls"] == 4 * 4  # 4 layers x (prefill + 3 decode steps)
+    assert not flag["sage"]["loaded"] and "sage-emulated" in flag["sage"]["error"]
+
+    logits = result(out, "02_logits")
+    o = logits.metrics["overall"]
+    assert o["positions"] == 2 * 100 + 2048
+    assert 0 < o["kl_mean"] < 1e-2 and 0 < o["kl_max"] and 0.9 < o["top1_agreement"] <= 1
+    assert logits.metrics["calls"]["sage-emulated"]["calls"]["sage-emulated"] > 0
+
+    p = result(out, "03_perplexity")
+    base, cand = p.metrics["perplexity"]["sdpa"], p.metrics["perplexity"]["sage-emulated"]
+    assert 10 < base < 600 and base != cand
+    d = p.metrics["delta"]
+    assert d["ci_low_pct"] <= d["delta_pct"] <= d["ci_high_pct"]
+    assert d["delta_pct"] == pytest.approx(100 * (cand / base - 1))
+    assert sum(w["scored"] for w in p.tables["windows"]) == p.metrics["tokens"] - 1
+
+    t = result(out, "04_throughput")
+    rows = [r for r in t.tables["throughput"] if r["status"] == "ok"]
+    assert len(rows) == 2 * 2 * 2 and all(r["prefill_tok_s"] > 0 and r["clock"] == "cpu-monotonic" for r in rows)
+    assert all(r["prefill_speedup"] > 0 for r in rows if r["implementation"] == "sage-emulated")
+    assert "CPU" in json.dumps(t.notes) or t.metrics["context"]["device"] == "cpu"
+
+    m = result(out, "05_memory")
+    assert m.status == "skipped" and "no CUDA" in m.reason
+    sizes = {(r["input_length"], r["batch"]): r["kv_cache_MiB (computed)"] for r in m.tables["computed_sizes"]}
+    # 2 (k, v) x 4 layers x batch x 2 kv heads x tokens x 64 x 4 bytes (float32)
+    assert sizes[(512, 4)] == pytest.approx(2 * 4 * 4 * 2 * (512 + 16) * 64 * 4 / 2**20)
+
+    drift = result(out, "06_activation_drift")
+    assert 0 < drift.metrics["final_hidden"]["rel_l2_max"] < 0.1
+    assert {r["mode"] for r in drift.tables["drift"]} == {"compounded", "isolated"}
+
+    ctx = result(out, "07_context_length")
+    acc = ctx.tables["passkey_by_length"]
+    assert [r["length"] for r in acc] == [128, 256, 512]
+    assert all(0 <= r["sdpa"] <= 1 and 0 <= r["sage-emulated"] <= 1 for r in acc)
+    assert acc[-1]["sdpa"] >= 0.75  # the built-in model retrieves at 512 tokens
+
+    k = result(out, "08_kernel")
+    # one key: the output is that key's value, exactly, in every implementation
+    emu = [r["sage-emulated_vs_ref_rel_l2"] for r in k.tables["accuracy"] if r.get("sage-emulated_status") == "ok" and r["n_k"] > 1]
+    assert emu and all(1e-3 < e < 3e-2 for e in emu)
+    assert all(r["sdpa_vs_ref_rel_l2"] < 1e-2 for r in k.tables["accuracy"] if r.get("sdpa_status") == "ok")
+    assert k.metrics["device"].startswith("CPU")
+    assert "kernel checks not run" in " ".join(k.notes)
+
+    summary = result(out, "99_summary")
+    all_verdicts = [v for f in (out / "results").glob("*.json") if f.stem != "99_summary" for v in R.load(f).verdicts]
+    assert summary.metrics["verdicts"] == len(all_verdicts) > 10
+    assert summary.metrics["passed"] == sum(v.passed for v in all_verdicts)
+    assert summary.metrics["skipped_notebooks"] == ["05_memory"]
+
+
+def test_planted_token_appears_nowhere(ci_run):
+    _, out = ci_run
+    for f in out.rglob("*"):
+        if f.is_file():
+            assert SECRET not in f.read_text(errors="replace"), f
+
+
+def test_summary_markdown_for_the_pr(ci_run):
+    _, out = ci_run
+    md = (out / "summary.md").read_text()
+    assert "| Notebook | Check | Value | Threshold | Result |" in md
+    assert re.search(r"\| 03_perplexity \| \\\|token perplexity delta\\\| \| [-\d.e]+ % \| abs<= 1 % \| ✅ pass \|", md)
+
+
+def test_report_is_self_contained_with_summary_first(ci_run):
+    _, out = ci_run
+    html = (out / "report.html").read_text()
+    assert "<script src=" not in html and "cdnjs" not in html
+    summary_at = re.search(r"id=[\"']sagecheck-summary", html).start()
+    assert summary_at < html.index("00 · Environment") < html.index("08 · Kernel")
+    assert "data:image/png;base64" in html
+    assert "import torch" not in html  # code hidden
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def test_summary_table_is_visible_in_chromium(ci_run):
+    _, out = ci_run
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("SAGECHECK_REQUIRE_BROWSER"):
+            pytest.fail("SAGECHECK_REQUIRE_BROWSER is set but no Chromium was found")
+        pytest.skip("no Chromium on this machine (Debian: apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=browser, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                                               "--disable-component-update", "--disable-sync", "--no-first-run"])
+        page = b.new_page(viewport={"width": 1280, "height": 900})
+        page.goto((out / "report.html").as_uri())
+        table = page.locator("#sagecheck-summary")
+        assert table.is_visible()
+        box = table.bounding_box()
+        assert box and box["width"] > 300 and box["height"] > 100
+        rows = table.locator("tbody tr")
+        assert rows.count() > 10
+        assert "PASS" in table.inner_text()
+        assert page.locator("#nb-00_environment").count() == 1
+        page.screenshot(path=str(out / "report.png"), full_page=False)
+        b.close()
+
+
+def test_baseline_against_itself(tmp_path):
+    out = tmp_path / "self"
+    done = run_cli("run", "--params", str(CI_PARAMS), "-p", "candidate=sdpa", "--only", "02,03,06", "--out", str(out), "-q")
+    assert done.returncode == 0, done.stderr[-2000:]
+    o = result(out, "02_logits").metrics["overall"]
+    assert o["kl_mean"] == 0 and o["kl_max"] == 0 and o["top1_agreement"] == 1 and o["top5_agreement"] == 1
+    d = result(out, "03_perplexity").metrics["delta"]
+    assert d["delta_pct"] == 0 and d["ci_low_pct"] == 0 == d["ci_high_pct"]
+    for r in result(out, "06_activation_drift").tables["drift"]:
+        assert r["rel_l2"] == 0 and r["max_abs"] == 0 and r["cosine"] == pytest.approx(1, abs=1e-12)
+
+
+def test_a_perturbed_candidate_is_caught_by_every_accuracy_notebook(tmp_path):
+    out = tmp_path / "noisy"
+    done = run_cli("run", "--params", str(CI_PARAMS), "-p", "candidate=sdpa-noisy", "--only", "02,03,06,07", "--out", str(out), "-q")
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("02_logits", "03_perplexity", "06_activation_drift", "07_context_length"):
+        res = result(out, name)
+        assert res.verdicts and not all(v.passed for v in res.verdicts), name
+
+
+def test_a_failing_notebook_is_recorded_and_the_run_goes_on(tmp_path):
+    nb_dir = tmp_path / "notebooks"
+    nb_dir.mkdir()
+    for name in ("00_environment", "99_summary"):
+        shutil.copy(ROOT / "notebooks" / f"{name}.ipynb", nb_dir)
+    broken = nbformat.read(ROOT / "notebooks" / "00_environment.ipynb", as_version=4)
+    broken.cells = [broken.cells[1], nbformat.v4.new_code_cell("raise ZeroDivisionError('planted failure for the test')")]
+    nbformat.write(broken, nb_dir / "50_broken.ipynb")
+    out = tmp_path / "run"
+    done = run_cli("run", "--params", str(CI_PARAMS), "--notebooks", str(nb_dir), "--out", str(out), "-q")
+    assert done.returncode == 1
+    assert "FAILED 50_broken: ZeroDivisionError: planted failure for the test" in done.stderr
+    manifest = json.loads((out / "run.json").read_text())
+    assert [(n["name"], n["status"]) for n in manifest["notebooks"]] == [("00_environment", "ok"), ("50_broken", "failed"), ("99_summary", "ok")]
+    failed = result(out, "50_broken")
+    assert failed.status == "failed" and "planted failure" in failed.reason
+    assert result(out, "99_summary").metrics["failed_notebooks"] == ["50_broken"]
+    html = (out / "report.html").read_text()
+    assert "50_broken FAILED" in html and "ZeroDivisionError" in html and "planted failure for the test" in html
+
+    again = run_cli("run", "--params", str(CI_PARAMS), "--notebooks", str(nb_dir), "--out", str(out), "--resume", "-q")
+    assert again.returncode == 1
+    statuses = {n["name"]: n["status"] for n in json.loads((out / "run.json").read_text())["notebooks"]}
+    assert statuses == {"00_environment": "reused", "50_broken": "failed", "99_summary": "ok"}
+    changed = run_cli("run", "--params", str(CI_PARAMS), "-p", "seed=3", "--notebooks", str(nb_dir), "--out", str(out), "--resume", "-q")
+    statuses = {n["name"]: n["status"] for n in json.loads((out / "run.json").read_text())["notebooks"]}
+    assert changed.returncode == 1 and statuses["00_environment"] == "ok"  # other parameters: not reused
+
+
+def test_report_command_rebuilds_from_a_run_folder(ci_run, tmp_path):
+    _, out = ci_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "report.html").unlink()
+    done = run_cli("report", str(copy))
+    assert done.returncode == 0 and (copy / "report.html").is_file()
+    missing = run_cli("report", str(tmp_path / "nothing"))
+    assert missing.returncode == 2 and "run folder not found" in missing.stderr
