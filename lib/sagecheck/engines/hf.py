@@ -156,8 +156,11 @@ class HFBackend(Backend):
 
     @torch.inference_mode()
     def prefill(self, batch: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """Process prompts ``[b, n]`` with a fresh KV cache; returns (next-token logits [b, vocab], cache)."""
-        out = self.model(input_ids=batch, use_cache=True)
+        """Process prompts ``[b, n]`` with a fresh KV cache; returns (next-token logits [b, vocab], cache).
+
+        Only the last position's logits are computed (``logits_to_keep=1``), as a serving engine does.
+        """
+        out = self.model(input_ids=batch, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float(), out.past_key_values
 
     @torch.inference_mode()
