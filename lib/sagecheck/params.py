@@ -109,7 +109,7 @@ class ThroughputParams(_Section):
     warmup: int = Field(2, ge=1)
     cpu_input_lengths: list[int] = Field(default_factory=lambda: [64, 128], description="sweep used on CPU")
     cpu_batch_sizes: list[int] = Field(default_factory=lambda: [1, 2], description="sweep used on CPU")
-    repeat_point: bool = Field(True, description="measure the first point again at the end (stability check)")
+    repeat_point: bool = Field(True, description="measure the largest point again at the end (stability check)")
     stability_max_pct: float = Field(3.0, gt=0, description="verdict: repeated point within this many % (median)")
 
 
