@@ -34,3 +34,14 @@ def builtin():
     tok = models.load_tokenizer(src)
     model = models.load_model(src, torch.device("cpu"), torch.float32, "sagecheck-sdpa")
     return HFEngine(model, tok, torch.device("cpu"), torch.float32)
+
+
+SECRET = "hf_PLANTEDsecret0123456789abcdef"
+
+
+@pytest.fixture(scope="session")
+def ci_run(tmp_path_factory):
+    """The whole report on tests/params_ci.yaml, once per session, with a hub token planted in the environment."""
+    out = tmp_path_factory.mktemp("runs") / "ci"
+    done = run_cli("run", "--params", str(CI_PARAMS), "--out", str(out), "-q", env={"HF_TOKEN": SECRET})
+    return done, out

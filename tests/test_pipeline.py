@@ -15,14 +15,7 @@ from sagecheck import results as R
 from tests.conftest import CI_PARAMS, ROOT, run_cli
 
 pytestmark = pytest.mark.slow
-SECRET = "hf_PLANTEDsecret0123456789abcdef"
-
-
-@pytest.fixture(scope="session")
-def ci_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "ci"
-    done = run_cli("run", "--params", str(CI_PARAMS), "--out", str(out), "-q", env={"HF_TOKEN": SECRET})
-    return done, out
+from tests.conftest import SECRET
 
 
 def result(out: Path, name: str) -> R.Results:

@@ -48,7 +48,8 @@ class _Section(BaseModel):
 class SGLangServer(_Section):
     """How the SGLang engine reaches a server (used when ``engine: sglang``)."""
 
-    url: Optional[str] = Field(None, description="attach to a running server instead of starting one")
+    url: Optional[str] = Field(None, description="attach to a running candidate server instead of starting one")
+    baseline_url: Optional[str] = Field(None, description="with url: the running baseline server")
     python: Optional[str] = Field(None, description="interpreter that has sglang installed (default: this one)")
     tp: int = Field(1, ge=1, description="--tp (tensor parallel size)")
     mem_fraction_static: Optional[float] = Field(None, gt=0, le=1, description="--mem-fraction-static")

@@ -153,6 +153,11 @@ class Results:
     def path(self) -> Path:
         return Path(self.results_dir) / f"{self.notebook}.json"
 
+    @property
+    def log_dir(self) -> Path:
+        """Where servers and tools of this run write their logs."""
+        return Path(self.results_dir).parent / "logs"
+
     def metric(self, name: str, value: Any) -> Any:
         self.metrics[name] = to_jsonable(value)
         return value

@@ -43,7 +43,7 @@ class HFEngine(Engine):
         attn_hf.configure(baseline=baseline, phases=phases)
 
     @classmethod
-    def from_params(cls, params: Any, implementation: str | None = None) -> "HFEngine":
+    def from_params(cls, params: Any, implementation: str | None = None, **_: Any) -> "HFEngine":
         """Load ``params.model`` once, with ``implementation`` (default: the baseline)."""
         from sagecheck import models, runtime
 

@@ -58,6 +58,8 @@ def resolve(model: str, revision: str | None = None) -> ModelSource:
     if model.startswith("random:"):
         return ModelSource("random", str(random_config_path(model.split(":", 1)[1])))
     p = Path(model).expanduser()
+    if p.exists() and p.resolve() == builtin_path().resolve():
+        return ModelSource("builtin", str(builtin_path()))
     return ModelSource("pretrained", str(p) if p.exists() else model, revision)
 
 

@@ -1,0 +1,111 @@
+"""A client of SGLang's native HTTP API (``sglang/srt/entrypoints/http_server.py``).
+
+* ``POST /generate`` takes ``GenerateReqInput`` (``sglang/srt/managers/io_struct.py``):
+  ``input_ids`` (one list or a batch of lists), ``sampling_params``, ``return_logprob``,
+  ``logprob_start_len``, ``top_logprobs_num``. The answer (a dict, or a list for a batch)
+  has ``meta_info`` with ``input_token_logprobs`` (``[logprob, token_id, text]`` per
+  prompt position from ``logprob_start_len``; the first prompt token's logprob is
+  ``None``), ``input_top_logprobs`` (per position a list of ``[logprob, token_id, text]``,
+  ``None`` for the first), ``output_token_logprobs`` / ``output_top_logprobs`` for the
+  generated tokens, ``prompt_tokens`` and ``completion_tokens``.
+* ``GET /get_server_info``: the server arguments (``attention_backend``, ``dtype``, ...)
+  merged with the scheduler's info (``max_total_num_tokens``, ...) and ``internal_states``.
+* ``GET|POST /flush_cache``: empties the radix (prefix) cache between measurements.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import numpy as np
+import requests
+
+
+class ClientError(RuntimeError):
+    pass
+
+
+class SGLangClient:
+    def __init__(self, url: str, timeout_s: float = 600, on_failure: Callable[[], None] | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.on_failure = on_failure  # e.g. raise the server's log if its process died
+        self.session = requests.Session()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        try:
+            r = self.session.request(method, self.url + path, timeout=self.timeout_s, **kwargs)
+        except requests.RequestException as e:
+            if self.on_failure:
+                self.on_failure()
+            raise ClientError(f"{method} {self.url}{path} failed: {e}") from None
+        if r.status_code >= 400:
+            raise ClientError(f"{method} {path} answered {r.status_code}: {r.text[:500]}")
+        return r
+
+    def health(self) -> bool:
+        try:
+            return self.session.get(self.url + "/health_generate", timeout=10).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def server_info(self) -> dict[str, Any]:
+        return self._request("GET", "/get_server_info").json()
+
+    def model_info(self) -> dict[str, Any]:
+        return self._request("GET", "/get_model_info").json()
+
+    def flush_cache(self) -> None:
+        self._request("POST", "/flush_cache")
+
+    def generate(self, input_ids: list[int] | list[list[int]], max_new_tokens: int = 1, **extra: Any) -> Any:
+        payload = {
+            "input_ids": input_ids,
+            "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True},
+            **extra,
+        }
+        return self._request("POST", "/generate", json=payload).json()
+
+    # ------------------------------------------------------------------ derived queries
+
+    def input_logprobs(self, batch: list[list[int]]) -> list[np.ndarray]:
+        """log p(x_t | x_<t) for t = 1..n-1 of each sequence (teacher forcing)."""
+        out = self.generate(batch, max_new_tokens=1, return_logprob=True, logprob_start_len=0)
+        out = out if isinstance(out, list) else [out]
+        result = []
+        for seq, o in zip(batch, out):
+            entries = o["meta_info"]["input_token_logprobs"]
+            values = [e[0] for e in entries][1:]  # the first token has no context
+            if len(values) != len(seq) - 1 or any(v is None for v in values):
+                raise ClientError(f"expected {len(seq) - 1} input logprobs, got {len(values)}")
+            result.append(np.asarray(values, dtype=np.float64))
+        return result
+
+    def top_logprobs(self, ids: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k next-token logprobs after each prefix ids[:t+1]: (values, token ids), each [n, k]."""
+        o = self.generate(ids, max_new_tokens=1, return_logprob=True, logprob_start_len=0, top_logprobs_num=k)
+        meta = o["meta_info"]
+        rows = list(meta["input_top_logprobs"][1:]) + [meta["output_top_logprobs"][0]]
+        if len(rows) != len(ids) or any(r is None for r in rows):
+            raise ClientError(f"expected {len(ids)} positions of top-{k} logprobs")
+        values = np.array([[e[0] for e in r[:k]] for r in rows], dtype=np.float64)
+        indices = np.array([[e[1] for e in r[:k]] for r in rows], dtype=np.int64)
+        return values, indices
+
+    def greedy(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        out = self.generate(prompts, max_new_tokens=max_new_tokens, return_logprob=True, logprob_start_len=-1)
+        out = out if isinstance(out, list) else [out]
+        result = []
+        for o in out:
+            if "output_ids" in o:
+                result.append(list(o["output_ids"]))
+            else:
+                result.append([e[1] for e in o["meta_info"]["output_token_logprobs"]])
+        return result
+
+    def timed_generate(self, batch: list[list[int]], max_new_tokens: int) -> float:
+        """Wall time (ms) of one batch request, measured at the client as sglang.bench_one_batch_server does."""
+        t0 = time.perf_counter()
+        self.generate(batch, max_new_tokens=max_new_tokens)
+        return (time.perf_counter() - t0) * 1e3

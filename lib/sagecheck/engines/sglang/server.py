@@ -1,0 +1,200 @@
+"""An SGLang server's lifecycle: the command line, start, readiness, logs, stop.
+
+The server runs ``python -m sglang.launch_server`` in its own process group, with its
+output written to a log file in the run folder. Readiness is ``GET /health_generate``
+answering 200, as in SGLang's own test harness (``sglang/test/test_utils.py``). If the
+process exits or never becomes ready, :class:`ServerError` carries the last lines of
+the log. Stopping ends the whole process group (SGLang starts scheduler and detokenizer
+processes of its own); the server also gets SIGTERM if the process that started it dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import requests
+
+DTYPE_ARG = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
+
+
+class ServerError(RuntimeError):
+    """The server could not start, did not become ready, or died; the message quotes its log."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def log_tail(path: Path | None, lines: int = 25) -> str:
+    if path is None or not Path(path).exists():
+        return "(no log)"
+    text = Path(path).read_text(errors="replace").rstrip().splitlines()
+    return "\n".join(text[-lines:]) or "(empty log)"
+
+
+@dataclass
+class LaunchSpec:
+    """Everything that goes on the ``sglang.launch_server`` command line."""
+
+    model_path: str
+    attention_backend: str | None
+    host: str = "127.0.0.1"
+    port: int = 0
+    dtype: str = "auto"
+    tp: int = 1
+    mem_fraction_static: float | None = None
+    disable_cuda_graph: bool = False
+    context_length: int | None = None
+    seed: int | None = None
+    load_format: str | None = None
+    extra_args: list[str] = field(default_factory=list)
+    python: str = sys.executable
+
+    def command(self) -> list[str]:
+        cmd = [self.python, "-m", "sglang.launch_server", "--model-path", self.model_path,
+               "--host", self.host, "--port", str(self.port)]
+        if self.attention_backend:
+            cmd += ["--attention-backend", self.attention_backend]
+        if self.dtype != "auto":
+            cmd += ["--dtype", DTYPE_ARG[self.dtype]]
+        if self.tp != 1:
+            cmd += ["--tp", str(self.tp)]
+        if self.mem_fraction_static is not None:
+            cmd += ["--mem-fraction-static", str(self.mem_fraction_static)]
+        if self.disable_cuda_graph:
+            cmd.append("--disable-cuda-graph")
+        if self.context_length is not None:
+            cmd += ["--context-length", str(self.context_length)]
+        if self.seed is not None:
+            cmd += ["--random-seed", str(self.seed)]
+        if self.load_format:
+            cmd += ["--load-format", self.load_format]
+        return cmd + [str(a) for a in self.extra_args]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent dies (Linux), so no server outlives its notebook."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Server:
+    """A running ``sglang.launch_server`` process (a context manager)."""
+
+    def __init__(self, spec: LaunchSpec, log_dir: Path, startup_timeout_s: float = 600, poll_s: float = 1.0,
+                 env: dict[str, str] | None = None) -> None:
+        if spec.port == 0:
+            spec.port = free_port(spec.host)
+        self.spec = spec
+        self.url = spec.url
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"sglang-{spec.attention_backend or 'default'}-{spec.port}.log"
+        self.startup_timeout_s = startup_timeout_s
+        self.poll_s = poll_s
+        self.env = env
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "Server":
+        cmd = self.spec.command()
+        log = open(self.log_path, "w")
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        self.process = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            env={**os.environ, **(self.env or {})},
+        )
+        log.close()
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            code = self.process.poll()
+            if code is not None:
+                raise ServerError(
+                    f"the SGLang server (--attention-backend {self.spec.attention_backend}) exited with code {code} "
+                    f"before it was ready. Last lines of {self.log_path}:\n{log_tail(self.log_path)}"
+                )
+            try:
+                if requests.get(f"{self.url}/health_generate", timeout=5).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(self.poll_s)
+        self.stop()
+        raise ServerError(
+            f"the SGLang server (--attention-backend {self.spec.attention_backend}) was not ready after "
+            f"{self.startup_timeout_s:g} s; it was stopped. Last lines of {self.log_path}:\n{log_tail(self.log_path)}"
+        )
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def check_alive(self) -> None:
+        if self.process is not None and self.process.poll() is not None:
+            raise ServerError(
+                f"the SGLang server (--attention-backend {self.spec.attention_backend}) died with code "
+                f"{self.process.returncode}. Last lines of {self.log_path}:\n{log_tail(self.log_path)}"
+            )
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """End the whole process group: SIGTERM, then SIGKILL after ``grace_s``."""
+        if self.process is None:
+            return
+        pgid = self.process.pid
+        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, sig)
+            try:
+                self.process.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        # children that outlived the leader (still in the group)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+        self.process = None
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def running(spec: LaunchSpec, log_dir: Path, startup_timeout_s: float = 600, env: dict[str, str] | None = None) -> Iterator[Server]:
+    server = Server(spec, log_dir, startup_timeout_s, env=env)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+def random_model_folder(config_path: Path, tokenizer_dir: Path, target: Path) -> Path:
+    """A folder SGLang can load with ``--load-format dummy``: the config and a tokenizer, no weights."""
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copy(config_path, target / "config.json")
+    for f in tokenizer_dir.glob("tokenizer*"):
+        shutil.copy(f, target / f.name)
+    return target
