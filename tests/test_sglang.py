@@ -236,3 +236,19 @@ def test_notebooks_on_the_sglang_engine(tmp_path, ci_run):
     leftovers = [p for p in psutil.process_iter(["cmdline"]) if "sglang.launch_server" in " ".join(p.info["cmdline"] or [])
                  and str(out) in " ".join(p.info["cmdline"] or [])]
     assert not leftovers
+
+
+@pytest.mark.slow
+def test_a_crashing_server_fails_its_notebooks_and_the_run_goes_on(tmp_path):
+    out = tmp_path / "crash"
+    done = run_cli("run", "--params", str(SGLANG_PARAMS), "--only", "00,03,06", "--out", str(out), "-q",
+                   env={"PYTHONPATH": os.environ["PYTHONPATH"], "SAGECHECK_STANDIN_MODE": "crash"})
+    assert done.returncode == 1
+    statuses = {n["name"]: n["status"] for n in json.loads((out / "run.json").read_text())["notebooks"]}
+    assert statuses == {"00_environment": "ok", "03_perplexity": "failed", "06_activation_drift": "ok", "99_summary": "ok"}
+    assert "simulated failure while loading the model" in done.stderr
+    html = (out / "report.html").read_text()
+    assert "03_perplexity FAILED" in html and "exited with code 1 before it was ready" in html
+    leftovers = [p for p in psutil.process_iter(["cmdline"]) if "sglang.launch_server" in " ".join(p.info["cmdline"] or [])
+                 and str(out) in " ".join(p.info["cmdline"] or [])]
+    assert not leftovers

@@ -34,6 +34,8 @@ def project_root() -> Path | None:
 
 @functools.lru_cache(maxsize=1)
 def git_info() -> dict[str, Any]:
+    if os.environ.get("SAGECHECK_GIT_SHA"):  # a copy of the tree without .git (a lent GPU machine, a container)
+        return {"sha": os.environ["SAGECHECK_GIT_SHA"], "dirty": None}
     root = project_root()
     if root is None:
         return {"sha": "unknown (installed package)", "dirty": None}

@@ -79,34 +79,38 @@ def measure_point(engine: Any, implementations: tuple[str, str], batch: int, len
     }
 
 
+def timing_row(batch: int, length: int, implementation: str, prefill: Samples, decode: Samples, decode_steps: int) -> dict[str, Any]:
+    """One table row: TTFT, prefill tokens/s, decode tokens/s per sequence and in total, with spreads."""
+    return {
+        "batch": batch, "input_length": length, "implementation": implementation, "status": "ok",
+        "ttft_ms": prefill.median, "ttft_ms_p10": prefill.p10, "ttft_ms_p90": prefill.p90,
+        "prefill_tok_s": batch * length / (prefill.median / 1e3),
+        "decode_ms_per_token": decode.median / decode_steps,
+        "decode_tok_s_per_seq": decode_steps / (decode.median / 1e3),
+        "decode_tok_s_total": batch * decode_steps / (decode.median / 1e3),
+        "prefill_spread_pct": prefill.spread_pct, "decode_spread_pct": decode.spread_pct,
+        "repeats": int(prefill.values.size), "clock": prefill.clock,
+    }
+
+
+def speedup_fields(base: dict[str, Samples], cand: dict[str, Samples]) -> dict[str, float]:
+    """Candidate speedup (baseline time / candidate time, per repeat): median and 10th-90th percentiles."""
+    out = {}
+    for kind in ("prefill", "decode"):
+        ratio = paired_ratio(base[kind], cand[kind])
+        out.update({f"{kind}_speedup": ratio.median, f"{kind}_speedup_p10": ratio.p10, f"{kind}_speedup_p90": ratio.p90})
+    return out
+
+
 def point_records(point: dict[str, Any], implementations: tuple[str, str], batch: int, length: int, decode_tokens: int) -> list[dict[str, Any]]:
     """Table rows of one point: per implementation tokens/s, TTFT, and the candidate's speedup with its spread."""
     base, cand = implementations
     if point["status"] != "ok":
         return [{"batch": batch, "input_length": length, "implementation": impl, "status": point["status"],
                  "error": point.get("error", "")} for impl in implementations]
-    rows = []
     s = point["samples"]
-    for impl in implementations:
-        pre, dec = s[impl]["prefill"], s[impl]["decode"]
-        rows.append({
-            "batch": batch, "input_length": length, "implementation": impl, "status": "ok",
-            "ttft_ms": pre.median, "ttft_ms_p10": pre.p10, "ttft_ms_p90": pre.p90,
-            "prefill_tok_s": batch * length / (pre.median / 1e3),
-            "decode_ms_per_token": dec.median / decode_tokens,
-            "decode_tok_s_per_seq": decode_tokens / (dec.median / 1e3),
-            "decode_tok_s_total": batch * decode_tokens / (dec.median / 1e3),
-            "prefill_spread_pct": pre.spread_pct, "decode_spread_pct": dec.spread_pct,
-            "repeats": int(pre.values.size), "clock": pre.clock,
-        })
-    sp_pre = paired_ratio(s[base]["prefill"], s[cand]["prefill"])
-    sp_dec = paired_ratio(s[base]["decode"], s[cand]["decode"])
-    for row in rows:
-        if row["implementation"] == cand:
-            row.update({
-                "prefill_speedup": sp_pre.median, "prefill_speedup_p10": sp_pre.p10, "prefill_speedup_p90": sp_pre.p90,
-                "decode_speedup": sp_dec.median, "decode_speedup_p10": sp_dec.p10, "decode_speedup_p90": sp_dec.p90,
-            })
+    rows = [timing_row(batch, length, impl, s[impl]["prefill"], s[impl]["decode"], decode_tokens) for impl in implementations]
+    rows[1].update(speedup_fields(s[base], s[cand]))
     return rows
 
 

@@ -164,13 +164,13 @@ def runtime_flag_checks(params: Any, names: list[str], log_dir: Path, max_new_to
     return rows
 
 
-def throughput_sweep(params: Any, lengths: list[int], batches: list[int], log_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def throughput_sweep(params: Any, lengths: list[int], batches: list[int], log_dir: Path) -> list[dict[str, Any]]:
     """Per backend (one server at a time), per point: time to first token and decode throughput from client-side timing.
 
     Each repeat flushes the prefix cache first. Prefill = a request for one new token;
     decode = (request for ``decode_tokens`` new tokens - that) / (decode_tokens - 1).
     """
-    from sagecheck.metrics.throughput import random_prompts
+    from sagecheck.metrics.throughput import random_prompts, speedup_fields, timing_row
     from sagecheck.metrics.timing import Samples
 
     p = params.throughput
@@ -196,32 +196,16 @@ def throughput_sweep(params: Any, lengths: list[int], batches: list[int], log_di
                         pre_s = Samples(np.asarray(pre), "client wall clock")
                         dec_s = Samples(np.maximum(np.asarray(full) - np.asarray(pre), 1e-6), "client wall clock")
                         samples[(impl, batch, length)] = {"prefill": pre_s, "decode": dec_s}
-                        steps = max(1, p.decode_tokens - 1)
-                        rows.append({
-                            "batch": batch, "input_length": length, "implementation": impl, "status": "ok",
-                            "attention_backend": b.info.get("attention_backend"),
-                            "ttft_ms": pre_s.median, "ttft_ms_p10": pre_s.p10, "ttft_ms_p90": pre_s.p90,
-                            "prefill_tok_s": batch * length / (pre_s.median / 1e3),
-                            "decode_ms_per_token": dec_s.median / steps,
-                            "decode_tok_s_per_seq": steps / (dec_s.median / 1e3),
-                            "decode_tok_s_total": batch * steps / (dec_s.median / 1e3),
-                            "prefill_spread_pct": pre_s.spread_pct, "decode_spread_pct": dec_s.spread_pct,
-                            "repeats": p.repeats, "clock": "client wall clock",
-                        })
+                        row = timing_row(batch, length, impl, pre_s, dec_s, max(1, p.decode_tokens - 1))
+                        rows.append({**row, "attention_backend": b.info.get("attention_backend")})
         except (ServerError, ClientError) as e:
             rows += [{"batch": b_, "input_length": l_, "implementation": impl, "status": "server error", "error": str(e)[:300]}
                      for l_ in lengths for b_ in batches]
     for row in rows:
-        if row["implementation"] == params.candidate and row["status"] == "ok":
-            base = samples.get((params.baseline, row["batch"], row["input_length"]))
-            cand = samples[(params.candidate, row["batch"], row["input_length"])]
-            if base:
-                for kind in ("prefill", "decode"):
-                    ratio = base[kind].values / cand[kind].values
-                    row[f"{kind}_speedup"] = float(np.median(ratio))
-                    row[f"{kind}_speedup_p10"] = float(np.percentile(ratio, 10))
-                    row[f"{kind}_speedup_p90"] = float(np.percentile(ratio, 90))
-    return rows, {}
+        base = samples.get((params.baseline, row["batch"], row["input_length"]))
+        if row["implementation"] == params.candidate and row["status"] == "ok" and base:
+            row.update(speedup_fields(base, samples[(params.candidate, row["batch"], row["input_length"])]))
+    return rows
 
 
 def _cpu():

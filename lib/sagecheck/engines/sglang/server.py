@@ -150,8 +150,15 @@ class Server:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def check_alive(self) -> None:
-        if self.process is not None and self.process.poll() is not None:
+    def check_alive(self, wait_s: float = 5.0) -> None:
+        """Raise :class:`ServerError` with the log if the process has exited (a dying one gets ``wait_s`` to finish)."""
+        if self.process is None:
+            return
+        try:
+            self.process.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            return
+        if self.process.poll() is not None:
             raise ServerError(
                 f"the SGLang server (--attention-backend {self.spec.attention_backend}) died with code "
                 f"{self.process.returncode}. Last lines of {self.log_path}:\n{log_tail(self.log_path)}"
