@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q $(CFLAG) -e ".[$(EXTRAS)]"
-	$(BIN)/python -m ipykernel install --sys-prefix --name sagecheck --display-name "Python (sagecheck)" >/dev/null
+	$(BIN)/python -c "from sagecheck.run import ensure_kernel; ensure_kernel()"
 	@touch $(STAMP)
 
 ## run every notebook on $(PARAMS); prints the path of the HTML report

@@ -81,6 +81,12 @@ def counts(results: Iterable[R.Results]) -> dict[str, int]:
     }
 
 
+def _resolved(env: dict[str, Any], key: str, params: dict[str, Any]) -> str:
+    """`` (cpu)`` when the parameter said auto and the environment notebook recorded what it became."""
+    value = env.get(key)
+    return f" ({value})" if value and params.get(key) == "auto" else ""
+
+
 def _md_cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -96,7 +102,8 @@ def summary_markdown(results: list[R.Results], manifest: dict[str, Any] | None =
         phases = ", ".join(p.get("candidate_phases", []))
         lines.append(
             f"Model `{p.get('model')}` on engine `{p.get('engine')}`: baseline `{p.get('baseline')}` vs candidate "
-            f"`{p.get('candidate')}` ({phases}); dtype `{p.get('dtype')}`, device `{p.get('device')}`."
+            f"`{p.get('candidate')}` ({phases}); dtype `{p.get('dtype')}`{_resolved(env, 'dtype', p)}, "
+            f"device `{p.get('device')}`{_resolved(env, 'device', p)}."
         )
     if env:
         versions = env.get("versions", {})

@@ -71,24 +71,32 @@ def select(notebooks: list[Path], only: Sequence[str] | None) -> list[Path]:
     return sorted(wanted)
 
 
+def kernel_argv() -> list[str]:
+    # the kernel's own log (e.g. ipykernel's notice that its local TCP sockets are unencrypted) stays out of the run's output
+    return [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}", "--IPKernelApp.log_level=ERROR"]
+
+
 def ensure_kernel(name: str = KERNEL_NAME) -> str:
-    """Make sure a Jupyter kernel ``name`` runs this interpreter (install it into sys.prefix if not)."""
-    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+    """Make sure the Jupyter kernel ``name`` runs this interpreter; write its spec into sys.prefix (or the user's folder)."""
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_core.paths import jupyter_data_dir
 
     ksm = KernelSpecManager()
-    try:
-        spec = ksm.get_kernel_spec(name)
-        if spec.argv and Path(spec.argv[0]).resolve() == Path(sys.executable).resolve():
+    existing = ksm.find_kernel_specs().get(name)
+    if existing and json.loads((Path(existing) / "kernel.json").read_text()).get("argv") == kernel_argv():
+        return name
+    payload = {"argv": kernel_argv(), "display_name": f"Python ({name})", "language": "python", "metadata": {"debugger": True}}
+    # the spec Jupyter finds first is the one to (re)write; else this interpreter's prefix, else the user's folder
+    targets = ([Path(existing)] if existing else []) + [Path(sys.prefix) / "share" / "jupyter" / "kernels" / name,
+                                                         Path(jupyter_data_dir()) / "kernels" / name]
+    for folder in targets:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "kernel.json").write_text(json.dumps(payload, indent=1))
             return name
-    except NoSuchKernel:
-        pass
-    from ipykernel.kernelspec import install
-
-    try:
-        install(kernel_name=name, display_name=f"Python ({name})", prefix=sys.prefix)
-    except PermissionError:
-        install(kernel_name=name, display_name=f"Python ({name})", user=True)
-    return name
+        except OSError:
+            continue
+    raise RuntimeError(f"could not write the Jupyter kernel spec '{name}' (tried {', '.join(map(str, targets))})")
 
 
 @dataclass
