@@ -132,3 +132,24 @@ def test_timing_helper_against_an_independent_clock():
     assert 9.5 < sw.ms < 30
     r = paired_ratio(s, s)
     assert r.median == 1.0
+
+
+def test_position_ranges_short_long_and_the_stand_in():
+    kl = np.arange(1, 100, dtype=float)  # prediction of token i + 1
+    loss = np.ones(99)
+    rows, note = L.position_ranges(kl, loss, [10, 20], [50, 80])
+    short, long = rows
+    assert (short["positions"], short["n"], short["kl_mean"]) == ("10-19", 10, pytest.approx(np.mean(range(9, 19)) + 1))
+    assert long["positions"] == "50-79" and long["loss_delta_mean"] == 1 and note == ""
+    rows, note = L.position_ranges(kl, loss, [10, 20], [500, 800])
+    assert rows[1]["positions"] == "75-99" and "last quarter" in note
+
+
+def test_memory_peak_deltas():
+    from sagecheck.metrics.memory import peak_deltas
+
+    base = {"status": "ok", "input_length": 8, "batch": 1, "peak_allocated": 100, "peak_reserved": 200, "activations_peak": 2**30}
+    cand = {**base, "implementation": "sage", "peak_allocated": 110, "activations_peak": 2 * 2**30}
+    rows = [{**base, "implementation": "sdpa"}, cand, {**base, "batch": 4, "implementation": "sdpa"}]
+    (d,) = peak_deltas(rows, "sdpa", "sage")
+    assert d["peak_delta_pct"] == pytest.approx(10) and d["reserved_delta_pct"] == 0 and d["activations_delta_GiB"] == 1

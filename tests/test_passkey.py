@@ -49,3 +49,12 @@ def test_trials_are_seeded_and_scored(tokenizer):
     t = a[0]
     assert passkey.is_correct(t, f" {t.key}. Remember") and not passkey.is_correct(t, " 00000")
     assert passkey.extract_key("no digits") is None
+
+
+def test_accuracy_by_length_and_depth():
+    outcomes = {("a", 100, 0.5, "1"): True, ("a", 100, 0.9, "2"): False, ("b", 100, 0.5, "1"): True, ("b", 100, 0.9, "2"): True,
+                ("a", 200, 0.5, "3"): True, ("b", 200, 0.5, "3"): False}
+    by_len = passkey.accuracy_by(outcomes, ("a", "b"), "length")
+    assert by_len == [{"length": 100, "a": 0.5, "b": 1.0, "delta": 0.5}, {"length": 200, "a": 1.0, "b": 0.0, "delta": -1.0}]
+    by_depth = passkey.accuracy_by(outcomes, ("a", "b"), "depth")
+    assert [r["depth"] for r in by_depth] == [0.5, 0.9] and by_depth[1]["a"] == 0.0

@@ -113,3 +113,21 @@ def extract_key(generated_text: str) -> str | None:
 
 def is_correct(trial: PasskeyTrial, generated_text: str) -> bool:
     return extract_key(generated_text) == trial.key
+
+
+def accuracy_by(outcomes: dict[tuple[str, int, float, str], bool], implementations: tuple[str, str], by: str) -> list[dict]:
+    """Accuracy per length or per depth from ``{(implementation, length, depth, key): correct}``.
+
+    With two implementations, ``delta`` is the second's accuracy minus the first's.
+    """
+    position = {"length": 1, "depth": 2}[by]
+    values = sorted({k[position] for k in outcomes})
+    rows = []
+    for value in values:
+        row = {by: value}
+        for impl in implementations:
+            hits = [ok for k, ok in outcomes.items() if k[0] == impl and k[position] == value]
+            row[impl] = sum(hits) / len(hits) if hits else float("nan")
+        row["delta"] = row[implementations[1]] - row[implementations[0]]
+        rows.append(row)
+    return rows

@@ -71,48 +71,41 @@ def _points(model: Any) -> list[tuple[str, int, Any]]:
 
 
 @contextmanager
-def capture(model: Any) -> Iterator[dict[tuple[str, int], torch.Tensor]]:
-    """Store every compared tensor of one forward pass on the CPU (float32)."""
-    store: dict[tuple[str, int], torch.Tensor] = {}
+def _on_outputs(model: Any, callback: Any, keys: set | None = None) -> Iterator[None]:
+    """Call ``callback((kind, layer), tensor)`` for every compared tensor a forward pass produces."""
     handles = []
     for kind, idx, module in _points(model):
-        def hook(_m, _inp, out, key=(kind, idx)):
-            store[key] = _first(out).detach().float().cpu()
-        handles.append(module.register_forward_hook(hook))
+        if keys is None or (kind, idx) in keys:
+            handles.append(module.register_forward_hook(lambda _m, _i, out, key=(kind, idx): callback(key, _first(out).detach())))
     try:
-        yield store
+        yield
     finally:
         for h in handles:
             h.remove()
 
 
 @contextmanager
+def capture(model: Any) -> Iterator[dict[tuple[str, int], torch.Tensor]]:
+    """Store every compared tensor of one forward pass on the CPU (float32)."""
+    store: dict[tuple[str, int], torch.Tensor] = {}
+    with _on_outputs(model, lambda key, t: store.__setitem__(key, t.float().cpu())):
+        yield store
+
+
+@contextmanager
 def compare(model: Any, reference: dict[tuple[str, int], torch.Tensor], buckets: int, keys: set | None = None) -> Iterator[list[dict[str, Any]]]:
     """Compare each tensor against ``reference`` as it is produced; yields the growing list of records."""
     records: list[dict[str, Any]] = []
-    handles = []
-    for kind, idx, module in _points(model):
-        if keys is not None and (kind, idx) not in keys:
-            continue
 
-        def hook(_m, _inp, out, key=(kind, idx)):
-            cand = _first(out).detach()
-            base = reference[key].to(cand.device)
-            n = cand.shape[-2]
-            rec = {"kind": key[0], "layer": key[1], "bucket": "all", **error_stats(base, cand)}
-            records.append(rec)
-            for lo, hi in position_buckets(n, buckets):
-                rec = {"kind": key[0], "layer": key[1], "bucket": f"{lo}-{hi - 1}",
-                       **error_stats(base[..., lo:hi, :], cand[..., lo:hi, :])}
-                records.append(rec)
-            del base
+    def on_output(key: tuple[str, int], cand: torch.Tensor) -> None:
+        base = reference[key].to(cand.device)  # one layer at a time on the device
+        records.append({"kind": key[0], "layer": key[1], "bucket": "all", **error_stats(base, cand)})
+        for lo, hi in position_buckets(cand.shape[-2], buckets):
+            records.append({"kind": key[0], "layer": key[1], "bucket": f"{lo}-{hi - 1}",
+                            **error_stats(base[..., lo:hi, :], cand[..., lo:hi, :])})
 
-        handles.append(module.register_forward_hook(hook))
-    try:
+    with _on_outputs(model, on_output, keys):
         yield records
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @torch.inference_mode()

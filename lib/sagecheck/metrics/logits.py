@@ -120,3 +120,28 @@ def compare_collected(base: list[Any], cand: list[Any]) -> list[dict[str, np.nda
 def concat(per_prompt: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     keys = per_prompt[0].keys()
     return {k: np.concatenate([p[k] for p in per_prompt]) for k in keys}
+
+
+def position_ranges(kl: np.ndarray, loss_delta: np.ndarray, short_range: list[int], long_range: list[int]) -> tuple[list[dict[str, Any]], str]:
+    """KL and loss difference averaged over short and long positions of one long sequence.
+
+    ``kl[i]`` and ``loss_delta[i]`` belong to the prediction of token ``i + 1``. If no position
+    falls in ``long_range`` (a shorter sequence), the last quarter stands in, and the returned
+    note says so.
+    """
+    positions = np.arange(1, loss_delta.size + 1)
+    note = ""
+    masks = {}
+    for name, (lo, hi) in (("short", short_range), ("long", long_range)):
+        m = (positions >= lo) & (positions < hi)
+        if m.any():
+            masks[name] = m
+    if "long" not in masks:
+        start = int(0.75 * (loss_delta.size + 1))
+        masks["long"] = positions >= start
+        note = (f"no positions in {list(long_range)} (longest context {loss_delta.size + 1}): "
+                f"the last quarter ({start}+) stands in for the long range")
+    rows = [{"range": name, "positions": f"{positions[m].min()}-{positions[m].max()}", "n": int(m.sum()),
+             "kl_mean": float(kl[m].mean()), "loss_delta_mean": float(loss_delta[m].mean()),
+             "loss_delta_abs_mean": float(np.abs(loss_delta[m]).mean())} for name, m in masks.items()]
+    return rows, note

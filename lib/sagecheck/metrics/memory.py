@@ -110,3 +110,20 @@ def measure_point(engine: Any, implementation: str, batch: int, length: int, dec
         "activations_peak": peaks["peak_allocated"] - before - kv,
         "nvml_used": used,
     }
+
+
+def peak_deltas(rows: list[dict[str, Any]], baseline: str, candidate: str) -> list[dict[str, Any]]:
+    """Per (length, batch) measured for both: the candidate's peaks relative to the baseline's."""
+    by_point: dict[tuple[int, int], dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("status") == "ok":
+            by_point.setdefault((r["input_length"], r["batch"]), {})[r["implementation"]] = r
+    out = []
+    for (length, batch), pair in by_point.items():
+        if baseline in pair and candidate in pair:
+            b, c = pair[baseline], pair[candidate]
+            out.append({"input_length": length, "batch": batch,
+                        "peak_delta_pct": 100 * (c["peak_allocated"] / b["peak_allocated"] - 1),
+                        "reserved_delta_pct": 100 * (c["peak_reserved"] / b["peak_reserved"] - 1),
+                        "activations_delta_GiB": (c["activations_peak"] - b["activations_peak"]) / 2**30})
+    return out
