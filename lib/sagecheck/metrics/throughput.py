@@ -9,7 +9,7 @@ candidate back to back, alternating which goes first, so that a drift of the mac
 * decode: ``decode_tokens`` greedy steps through that cache, one token per sequence.
 
 Times come from CUDA events on a GPU (a monotonic clock on the CPU) after ``warmup``
-untimed repeats. A point that runs out of memory or that the implementation does not
+untimed repeats, with Python's garbage collector paused inside each repeat. A point that runs out of memory or that the implementation does not
 support is recorded as such and the sweep goes on.
 """
 
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from sagecheck.attention import AttentionUnavailable, UnsupportedCall
-from sagecheck.metrics.timing import Samples, Stopwatch, paired_ratio
+from sagecheck.metrics.timing import Samples, Stopwatch, gc_paused, paired_ratio
 
 
 def random_prompts(vocab_size: int, batch: int, length: int, seed: int, device: torch.device, low: int = 16) -> torch.Tensor:
@@ -60,7 +60,7 @@ def measure_point(engine: Any, implementations: tuple[str, str], batch: int, len
         for r in range(warmup + repeats):
             order = implementations if r % 2 == 0 else implementations[::-1]
             for impl in order:
-                with engine.backend(impl) as backend:
+                with engine.backend(impl) as backend, gc_paused():
                     pre, dec = _one_repeat(backend, prompts, decode_tokens, device)
                 clock = Stopwatch(device).clock
                 if r >= warmup:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -78,6 +80,25 @@ class Stopwatch:
             self.ms = (time.perf_counter() - self._t0) * 1e3
 
 
+@contextlib.contextmanager
+def gc_paused():
+    """Collect garbage now, then keep the cyclic collector off for the timed region.
+
+    A full collection of the heap that torch and transformers build takes tens of
+    milliseconds and lands on whichever repeat happens to trigger it; in a launch-bound
+    decode loop (one Python step per token) that alone moved a median by several
+    percent. ``timeit`` pauses the collector for the same reason.
+    """
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def time_callable(fn: Callable[[], Any], device: torch.device, repeats: int = 5, warmup: int = 2) -> Samples:
     """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times timed; one sample per run (ms)."""
     for _ in range(warmup):
@@ -86,11 +107,12 @@ def time_callable(fn: Callable[[], Any], device: torch.device, repeats: int = 5,
         torch.cuda.synchronize(device)
     values = []
     clock = "cpu-monotonic"
-    for _ in range(repeats):
-        with Stopwatch(device) as sw:
-            fn()
-        values.append(sw.ms)
-        clock = sw.clock
+    with gc_paused():
+        for _ in range(repeats):
+            with Stopwatch(device) as sw:
+                fn()
+            values.append(sw.ms)
+            clock = sw.clock
     return Samples(np.asarray(values, dtype=np.float64), clock)
 
 
