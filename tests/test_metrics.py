@@ -177,3 +177,20 @@ def test_memory_peak_deltas():
     rows = [{**base, "implementation": "sdpa"}, cand, {**base, "batch": 4, "implementation": "sdpa"}]
     (d,) = peak_deltas(rows, "sdpa", "sage")
     assert d["peak_delta_pct"] == pytest.approx(10) and d["reserved_delta_pct"] == 0 and d["activations_delta_GiB"] == 1
+
+
+def test_throughput_sweep_rows_stability_and_progress_log(builtin, tmp_path):
+    from sagecheck.metrics import throughput as T
+
+    log = tmp_path / "logs" / "progress.log"
+    rows, stability = T.sweep(builtin, ("sdpa", "sage-emulated"), [16, 24], [1, 2], decode_tokens=2, repeats=2, warmup=0,
+                              seed=0, progress_log=log)
+    assert len(rows) == 2 * 2 * 2 and all(r["status"] == "ok" for r in rows)
+    cand = [r for r in rows if r["implementation"] == "sage-emulated"]
+    assert all(r["prefill_speedup"] > 0 and r["decode_tok_s_total"] > 0 and r["point_wall_s"] > 0 for r in cand)
+    assert (stability["batch"], stability["input_length"]) == (2, 24)  # the largest point is the one repeated
+    assert {"sdpa:decode", "sage-emulated:prefill"} <= set(stability) and stability["max_diff_pct"] >= 0
+    lines = log.read_text().splitlines()
+    assert len(lines) == 5 and "batch 2 length 24 again" in lines[-1]
+    _, none = T.sweep(builtin, ("sdpa", "sdpa"), [16], [1], 1, 1, 0, 0, repeat_point=False)
+    assert none == {}

@@ -16,6 +16,8 @@ support is recorded as such and the sweep goes on.
 from __future__ import annotations
 
 import gc
+import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -126,3 +128,42 @@ def repeat_agreement(first: dict[str, Any], again: dict[str, Any], implementatio
             diffs[f"{impl}:{kind}"] = 100.0 * abs(b - a) / a
     diffs["max_diff_pct"] = max(diffs.values())
     return diffs
+
+
+def sweep(engine: Any, implementations: tuple[str, str], lengths: list[int], batches: list[int], decode_tokens: int,
+          repeats: int, warmup: int, seed: int, repeat_point: bool = True,
+          progress_log: str | Path | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every (length, batch) point, then the largest point that ran measured once more.
+
+    Returns the table rows (with each point's wall time, warm-up included) and the
+    stability record of the repeated point ({} when not repeated). The largest point is
+    the most GPU-bound and least launch-bound one. Each finished point appends a line to
+    ``progress_log`` so a long sweep can be watched, and what ran is known if it is cut off.
+    """
+    def log(line: str) -> None:
+        if progress_log is not None:
+            Path(progress_log).parent.mkdir(parents=True, exist_ok=True)
+            with open(progress_log, "a") as f:
+                f.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+
+    rows: list[dict[str, Any]] = []
+    points: dict[tuple[int, int], dict[str, Any]] = {}
+    for length in lengths:
+        for batch in batches:
+            t0 = time.perf_counter()
+            point = measure_point(engine, implementations, batch, length, decode_tokens, repeats, warmup, seed)
+            wall = time.perf_counter() - t0
+            points[(batch, length)] = point
+            new = point_records(point, implementations, batch, length, decode_tokens)
+            for r in new:
+                r["point_wall_s"] = wall
+            rows += new
+            log(f"batch {batch} length {length}: {point['status']} in {wall:.1f} s")
+    stability: dict[str, Any] = {}
+    measured = {k: v for k, v in points.items() if v["status"] == "ok"}
+    if repeat_point and measured:
+        (b0, l0), first = max(measured.items(), key=lambda kv: kv[0][0] * kv[0][1])
+        again = measure_point(engine, implementations, b0, l0, decode_tokens, repeats, warmup, seed)
+        stability = {"batch": b0, "input_length": l0, **repeat_agreement(first, again, implementations)}
+        log(f"batch {b0} length {l0} again: largest difference of medians {stability['max_diff_pct']:.2f}%")
+    return rows, stability
