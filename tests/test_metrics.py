@@ -194,3 +194,33 @@ def test_throughput_sweep_rows_stability_and_progress_log(builtin, tmp_path):
     assert len(lines) == 5 and "batch 2 length 24 again" in lines[-1]
     _, none = T.sweep(builtin, ("sdpa", "sdpa"), [16], [1], 1, 1, 0, 0, repeat_point=False)
     assert none == {}
+
+
+def test_busy_time_is_the_union_of_device_intervals():
+    from sagecheck.metrics.timing import busy_ms
+
+    assert busy_ms([]) == 0
+    assert busy_ms([(0, 1000), (500, 1500), (3000, 4000), (3100, 3200)]) == pytest.approx(2.5)  # overlaps once
+
+
+def test_repeat_agreement_judges_host_bound_decode_on_gpu_time():
+    from sagecheck.metrics import throughput as T
+    from sagecheck.metrics.timing import Samples
+
+    def point(prefill, decode, prefill_gpu, decode_gpu):
+        s = {"prefill": Samples(np.array(prefill), "cuda-events"), "decode": Samples(np.array(decode), "cuda-events"),
+             "prefill_gpu": Samples(np.array([prefill_gpu]), "cuda-kernel-time"),
+             "decode_gpu": Samples(np.array([decode_gpu]), "cuda-kernel-time")}
+        return {"status": "ok", "samples": {"a": s, "b": s}}
+
+    first = point([100.0, 100, 100], [500.0, 500, 500], 99.0, 150.0)  # decode: GPU busy 30% of the elapsed time
+    again = point([101.0, 101, 101], [550.0, 550, 550], 99.5, 150.75)
+    agree = T.repeat_agreement(first, again, ("a", "b"))
+    assert agree["max_diff_pct"] == pytest.approx(10.0)  # elapsed decode moved by 10%
+    assert agree["a:decode_gpu"] == pytest.approx(0.5) and agree["verdict_diff_pct"] == pytest.approx(1.0)  # prefill 1%
+    assert agree["basis"]["a:decode"].startswith("GPU busy time") and agree["basis"]["a:prefill"].startswith("elapsed")
+    plain = {"status": "ok", "samples": {k: {"prefill": v["prefill"], "decode": v["decode"]} for k, v in first["samples"].items()}}
+    plain_again = {"status": "ok", "samples": {k: {"prefill": v["prefill"], "decode": v["decode"]} for k, v in again["samples"].items()}}
+    assert T.repeat_agreement(plain, plain_again, ("a", "b"))["verdict_diff_pct"] == pytest.approx(10.0)  # no kernel time: elapsed
+    rows = T.point_records(first, ("a", "b"), 1, 16, 4)
+    assert rows[1]["decode_gpu_busy_pct"] == pytest.approx(30.0) and rows[1]["decode_kernel_speedup"] == 1.0

@@ -120,3 +120,38 @@ def paired_ratio(numerator: Samples, denominator: Samples) -> Samples:
     """Per-repeat ratios of two interleaved series (e.g. baseline time / candidate time = speedup)."""
     n = min(numerator.values.size, denominator.values.size)
     return Samples(numerator.values[:n] / denominator.values[:n], numerator.clock)
+
+
+def busy_ms(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of (start_us, end_us) intervals, in ms: time during which something ran."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total / 1e3
+
+
+def gpu_busy_ms(fn: Callable[[], Any], device: torch.device) -> float:
+    """Time the GPU spent running what ``fn`` launched (kernels, copies), gaps between launches left out.
+
+    Read from the profiler's device activity (CUPTI): the union of the intervals of the
+    device events, so streams that overlap are not counted twice. Where the host cannot
+    launch work as fast as the GPU runs it (an eager decode loop, one Python step per
+    token) the wall-clock time measures the host; this figure is what the same work costs
+    on the device when the launches are hidden (CUDA graphs, as serving engines do).
+    """
+    if torch.device(device).type != "cuda":
+        raise ValueError("GPU busy time needs a CUDA device")
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize(device)
+    spans = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
+    if not spans:
+        raise RuntimeError("the profiler recorded no GPU activity")
+    return busy_ms(spans)
