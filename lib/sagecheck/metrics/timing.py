@@ -133,6 +133,18 @@ def busy_ms(intervals: list[tuple[float, float]]) -> float:
     return total / 1e3
 
 
+def _is_annotation(event: Any) -> bool:
+    """A user range mirrored on the GPU's timeline, not work (its span would cover the gaps).
+
+    The accessors differ between torch versions (torch 2.11's events have no activity_type).
+    """
+    flag = getattr(event, "is_user_annotation", None)
+    if flag is not None and flag():
+        return True
+    kind = getattr(event, "activity_type", None)
+    return kind is not None and "annotation" in str(kind()).lower()
+
+
 def gpu_busy_ms(fn: Callable[[], Any], device: torch.device) -> float:
     """Time the GPU spent running what ``fn`` launched (kernels, copies), gaps between launches left out.
 
@@ -153,7 +165,7 @@ def gpu_busy_ms(fn: Callable[[], Any], device: torch.device) -> float:
         torch.cuda.synchronize(device)
     # the raw events: prof.events() would build Python objects for every kernel (seconds per call)
     spans = [(e.start_ns() / 1e3, e.end_ns() / 1e3) for e in prof.profiler.kineto_results.events()
-             if e.device_type() == DeviceType.CUDA and "annotation" not in str(e.activity_type()).lower()]
+             if e.device_type() == DeviceType.CUDA and not _is_annotation(e)]
     if not spans:
         raise RuntimeError("the profiler recorded no GPU activity")
     return busy_ms(spans)
