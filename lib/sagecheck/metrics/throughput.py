@@ -74,7 +74,7 @@ def _free(device: torch.device) -> None:
 
 
 def measure_point(engine: Any, implementations: tuple[str, str], batch: int, length: int, decode_tokens: int,
-                  repeats: int, warmup: int, seed: int) -> dict[str, Any]:
+                  repeats: int, warmup: int, seed: int, kernel_time: bool = True) -> dict[str, Any]:
     """Timing samples of both implementations at one point, or a status.
 
     ``{"status": "ok", "samples": {impl: {"prefill": Samples, "decode": Samples}}}``; on a
@@ -97,7 +97,7 @@ def measure_point(engine: Any, implementations: tuple[str, str], batch: int, len
                 if r >= warmup:
                     samples[impl]["prefill"].append(pre)
                     samples[impl]["decode"].append(dec)
-        if device.type == "cuda":
+        if kernel_time and device.type == "cuda":
             for impl in implementations:
                 try:
                     with engine.backend(impl) as backend, gc_paused():
@@ -221,13 +221,15 @@ def repeat_agreement(first: dict[str, Any], again: dict[str, Any], implementatio
 
 
 def sweep(engine: Any, implementations: tuple[str, str], lengths: list[int], batches: list[int], decode_tokens: int,
-          repeats: int, warmup: int, seed: int, repeat_point: bool = True,
+          repeats: int, warmup: int, seed: int, repeat_point: bool = True, kernel_time: str = "repeated",
           progress_log: str | Path | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every (length, batch) point, then the largest point that ran measured once more.
 
     Returns the table rows (with each point's wall time, warm-up included) and the
     stability record of the repeated point ({} when not repeated). The largest point is
-    the most GPU-bound and least launch-bound one. Each finished point appends a line to
+    the most GPU-bound and least launch-bound one. ``kernel_time`` ("all", "repeated", "off"):
+    where the decode's GPU busy time is profiled; "repeated" profiles the largest point of
+    the grid, both times (if it does not run, the repeat check falls back to elapsed times). Each finished point appends a line to
     ``progress_log`` so a long sweep can be watched, and what ran is known if it is cut off.
     """
     def log(line: str) -> None:
@@ -236,12 +238,20 @@ def sweep(engine: Any, implementations: tuple[str, str], lengths: list[int], bat
             with open(progress_log, "a") as f:
                 f.write(f"{time.strftime('%H:%M:%S')} {line}\n")
 
+    if kernel_time not in ("all", "repeated", "off"):
+        raise ValueError(f"kernel_time must be all, repeated or off; got {kernel_time!r}")
+    largest = max(((b, n) for n in lengths for b in batches), key=lambda p: p[0] * p[1])
+
+    def profiled(point: tuple[int, int]) -> bool:
+        return kernel_time == "all" or (kernel_time == "repeated" and repeat_point and point == largest)
+
     rows: list[dict[str, Any]] = []
     points: dict[tuple[int, int], dict[str, Any]] = {}
     for length in lengths:
         for batch in batches:
             t0 = time.perf_counter()
-            point = measure_point(engine, implementations, batch, length, decode_tokens, repeats, warmup, seed)
+            point = measure_point(engine, implementations, batch, length, decode_tokens, repeats, warmup, seed,
+                                  kernel_time=profiled((batch, length)))
             wall = time.perf_counter() - t0
             points[(batch, length)] = point
             new = point_records(point, implementations, batch, length, decode_tokens)
@@ -253,7 +263,8 @@ def sweep(engine: Any, implementations: tuple[str, str], lengths: list[int], bat
     measured = {k: v for k, v in points.items() if v["status"] == "ok"}
     if repeat_point and measured:
         (b0, l0), first = max(measured.items(), key=lambda kv: kv[0][0] * kv[0][1])
-        again = measure_point(engine, implementations, b0, l0, decode_tokens, repeats, warmup, seed)
+        again = measure_point(engine, implementations, b0, l0, decode_tokens, repeats, warmup, seed,
+                              kernel_time=profiled((b0, l0)))
         stability = {"batch": b0, "input_length": l0, **repeat_agreement(first, again, implementations)}
         log(f"batch {b0} length {l0} again: largest difference of medians {stability['max_diff_pct']:.2f}% elapsed, "
             f"{stability['verdict_diff_pct']:.2f}% by the verdict's basis")
