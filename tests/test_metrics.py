@@ -224,3 +224,22 @@ def test_repeat_agreement_judges_host_bound_decode_on_gpu_time():
     assert T.repeat_agreement(plain, plain_again, ("a", "b"))["verdict_diff_pct"] == pytest.approx(10.0)  # no kernel time: elapsed
     rows = T.point_records(first, ("a", "b"), 1, 16, 4)
     assert rows[1]["decode_gpu_busy_pct"] == pytest.approx(30.0) and rows[1]["decode_kernel_speedup"] == 1.0
+
+
+def test_a_timed_repeat_leaves_no_cyclic_garbage(builtin):
+    """measure_point pauses the collector for a whole point; that is safe only while a repeat frees all it makes."""
+    import gc
+
+    from sagecheck.metrics import throughput as T
+
+    prompts = T.random_prompts(builtin.config.vocab_size, 2, 24, 0, builtin.device)
+    for impl in ("sdpa", "sage-emulated"):
+        with builtin.backend(impl) as backend:
+            T._one_repeat(backend, prompts, 3, builtin.device)  # warm: first calls build caches that live on
+            gc.collect()
+            gc.disable()
+            try:
+                T._one_repeat(backend, prompts, 3, builtin.device)
+                assert gc.collect() == 0
+            finally:
+                gc.enable()

@@ -88,25 +88,26 @@ def measure_point(engine: Any, implementations: tuple[str, str], batch: int, len
     clock = "cpu-monotonic"
     kernel_error = ""
     try:
-        for r in range(warmup + repeats):
-            order = implementations if r % 2 == 0 else implementations[::-1]
-            for impl in order:
-                with engine.backend(impl) as backend, gc_paused():
-                    pre, dec = _one_repeat(backend, prompts, decode_tokens, device)
-                clock = Stopwatch(device).clock
-                if r >= warmup:
-                    samples[impl]["prefill"].append(pre)
-                    samples[impl]["decode"].append(dec)
-        if kernel_time and device.type == "cuda":
-            for impl in implementations:
-                try:
-                    with engine.backend(impl) as backend, gc_paused():
-                        _, dec = _one_repeat(backend, prompts, decode_tokens, device, kernel_time=True)
-                    samples[impl]["decode_gpu"] = [dec]
-                except torch.cuda.OutOfMemoryError:
-                    raise
-                except Exception as e:  # the busy time is an extra: without it the point keeps its elapsed times
-                    kernel_error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        with gc_paused():  # once per point: a repeat leaves no cyclic garbage (tested), and a collection costs ~0.2 s
+            for r in range(warmup + repeats):
+                order = implementations if r % 2 == 0 else implementations[::-1]
+                for impl in order:
+                    with engine.backend(impl) as backend:
+                        pre, dec = _one_repeat(backend, prompts, decode_tokens, device)
+                    clock = Stopwatch(device).clock
+                    if r >= warmup:
+                        samples[impl]["prefill"].append(pre)
+                        samples[impl]["decode"].append(dec)
+            if kernel_time and device.type == "cuda":
+                for impl in implementations:
+                    try:
+                        with engine.backend(impl) as backend:
+                            _, dec = _one_repeat(backend, prompts, decode_tokens, device, kernel_time=True)
+                        samples[impl]["decode_gpu"] = [dec]
+                    except torch.cuda.OutOfMemoryError:
+                        raise
+                    except Exception as e:  # the busy time is an extra: without it the point keeps its elapsed times
+                        kernel_error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     except torch.cuda.OutOfMemoryError as e:
         _free(device)
         return {"status": "out of memory", "error": str(e).splitlines()[0][:200]}
