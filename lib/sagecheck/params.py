@@ -112,7 +112,7 @@ class ThroughputParams(_Section):
     cpu_batch_sizes: list[int] = Field(default_factory=lambda: [1, 2], description="sweep used on CPU")
     repeat_point: bool = Field(True, description="measure the largest point again at the end (stability check)")
     kernel_time: Literal["all", "repeated", "off"] = Field(
-        "repeated", description="GPU busy time of the decode, from one profiled repeat (seconds of host time each): "
+        "repeated", description="GPU busy time of prefill and decode, from one profiled repeat (seconds of host time each): "
                                 "at every point, at the repeated (largest) point only, or nowhere")
     stability_max_pct: float = Field(3.0, gt=0, description="verdict: repeated point within this many % (median)")
 

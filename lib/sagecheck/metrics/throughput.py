@@ -40,12 +40,8 @@ def _wall_ms(fn: Any, device: torch.device) -> float:
 
 
 def _one_repeat(backend: Any, prompts: torch.Tensor, decode_tokens: int, device: torch.device,
-                kernel_time: bool = False) -> tuple[float | None, float]:
-    """(prefill ms, decode ms) of one repeat, elapsed; with ``kernel_time`` (None, the decode's GPU busy ms).
-
-    Only the decode is profiled: prefill keeps the GPU busy on its own (its elapsed time is
-    its device time), and each profiled region costs host time to set up.
-    """
+                kernel_time: bool = False) -> tuple[float, float]:
+    """(prefill ms, decode ms) of one repeat: elapsed time, or with ``kernel_time`` the GPU's busy time."""
     state: dict[str, Any] = {}
 
     def prefill() -> None:
@@ -57,12 +53,8 @@ def _one_repeat(backend: Any, prompts: torch.Tensor, decode_tokens: int, device:
             logits, state["cache"] = backend.decode_step(state["tokens"], state["cache"])
             state["tokens"] = logits.argmax(-1)
 
-    if kernel_time:
-        prefill()
-        dec = gpu_busy_ms(decode, device)
-        state.clear()
-        return None, dec
-    pre, dec = _wall_ms(prefill, device), _wall_ms(decode, device)
+    measure = gpu_busy_ms if kernel_time else _wall_ms
+    pre, dec = measure(prefill, device), measure(decode, device)
     state.clear()
     return pre, dec
 
@@ -78,8 +70,8 @@ def measure_point(engine: Any, implementations: tuple[str, str], batch: int, len
     """Timing samples of both implementations at one point, or a status.
 
     ``{"status": "ok", "samples": {impl: {"prefill": Samples, "decode": Samples}}}``; on a
-    GPU each implementation also gets ``decode_gpu``: the GPU's busy time during the
-    decode of one more, profiled repeat (profiling slows the host, so it is kept apart from
+    GPU (with ``kernel_time``) each implementation also gets ``prefill_gpu`` and
+    ``decode_gpu``: the GPU's busy time in one more, profiled repeat (profiling slows the host, so it is kept apart from
     the timed repeats). ``kernel_time_error`` says why those are missing where they are.
     """
     device = engine.device
@@ -102,8 +94,8 @@ def measure_point(engine: Any, implementations: tuple[str, str], batch: int, len
                 for impl in implementations:
                     try:
                         with engine.backend(impl) as backend:
-                            _, dec = _one_repeat(backend, prompts, decode_tokens, device, kernel_time=True)
-                        samples[impl]["decode_gpu"] = [dec]
+                            pre, dec = _one_repeat(backend, prompts, decode_tokens, device, kernel_time=True)
+                        samples[impl]["prefill_gpu"], samples[impl]["decode_gpu"] = [pre], [dec]
                     except torch.cuda.OutOfMemoryError:
                         raise
                     except Exception as e:  # the busy time is an extra: without it the point keeps its elapsed times
