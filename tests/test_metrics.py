@@ -189,7 +189,9 @@ def test_throughput_sweep_rows_stability_and_progress_log(builtin, tmp_path):
     cand = [r for r in rows if r["implementation"] == "sage-emulated"]
     assert all(r["prefill_speedup"] > 0 and r["decode_tok_s_total"] > 0 and r["point_wall_s"] > 0 for r in cand)
     assert (stability["batch"], stability["input_length"]) == (2, 24)  # the largest point is the one repeated
-    assert {"sdpa:decode", "sage-emulated:prefill"} <= set(stability) and stability["max_diff_pct"] >= 0
+    assert {"sdpa:decode", "sage-emulated:prefill"} <= set(stability) and math.isfinite(stability["max_diff_pct"])
+    assert stability["verdict_diff_pct"] == stability["max_diff_pct"]  # no GPU busy time on the CPU: judged on elapsed time
+    assert set(stability["basis"].values()) == {"elapsed time"}
     lines = log.read_text().splitlines()
     assert len(lines) == 5 and "batch 2 length 24 again" in lines[-1]
     _, none = T.sweep(builtin, ("sdpa", "sdpa"), [16], [1], 1, 1, 0, 0, repeat_point=False)
@@ -243,3 +245,56 @@ def test_a_timed_repeat_leaves_no_cyclic_garbage(builtin):
                 assert gc.collect() == 0
             finally:
                 gc.enable()
+
+
+def test_per_window_perplexity_delta_against_each_windows_own_perplexity():
+    base = ppl.WindowScores(np.array([10.0, 20.0, 5.0]), np.array([4, 8, 2]))
+    cand = ppl.WindowScores(np.array([10.4, 19.0, 5.0]), np.array([4, 8, 2]))
+    expected = [100 * (math.exp(c / n) / math.exp(b / n) - 1) for b, c, n in zip(base.nll, cand.nll, base.count)]
+    assert ppl.per_window_delta_pct(base, cand) == pytest.approx(expected)
+    assert ppl.per_window_delta_pct(base, base) == pytest.approx([0, 0, 0])
+
+
+def test_kernel_agreement_flags_shapes_and_takes_the_smallest_ratio():
+    from sagecheck.metrics.kernel import agreement
+
+    rows = [
+        {"shape": "a", "sage_status": "ok", "sage_vs_emulated_rel_l2": 5e-4, "sage_vs_ref_rel_l2": 1e-2, "sage_inputs_unchanged": True},
+        {"shape": "b", "sage_status": "ok", "sage_vs_emulated_rel_l2": 1e-3, "sage_vs_ref_rel_l2": 8e-3, "sage_inputs_unchanged": True},
+        {"shape": "c", "sage_status": "ok", "sage_vs_emulated_rel_l2": 0.0, "sage_vs_ref_rel_l2": 0.0, "sage_inputs_unchanged": True},
+        {"shape": "d", "sage_status": "ok", "sage_vs_emulated_rel_l2": 0.6, "sage_vs_ref_rel_l2": 0.6, "sage_inputs_unchanged": False},
+        {"shape": "e", "sage_status": "unsupported: chunked causal"},
+        {"shape": "f"},  # no kernel at this shape
+    ]
+    a = agreement(rows, threshold=1e-2)
+    assert [r["shape"] for r in a["flagged"]] == ["d"] and [r["shape"] for r in a["unsupported"]] == ["e"]
+    assert a["agree_ratio_min"] == pytest.approx(8.0)  # shape b; c (exact) has no ratio
+    assert a["inputs_unchanged"] is False and len(a["ran"]) == 4
+    assert agreement(rows[2:3], 1e-2)["agree_ratio_min"] == math.inf
+
+
+def test_kv_cache_check_and_sglang_server_deltas():
+    from sagecheck.metrics.memory import kv_cache_matches, server_deltas
+
+    rows = [{"status": "ok", "kv_cache": 1000, "kv_cache_expected": 1000},
+            {"status": "out of memory"}]
+    assert kv_cache_matches(rows)
+    assert not kv_cache_matches(rows + [{"status": "ok", "kv_cache": 900, "kv_cache_expected": 1000}])
+    assert not kv_cache_matches([{"status": "out of memory"}])  # nothing measured proves nothing
+    servers = [{"implementation": "fa3", "status": "ok", "max_total_num_tokens": 200_000, "nvml_used_bytes": 50},
+               {"implementation": "sage_attn", "status": "ok", "max_total_num_tokens": 190_000, "nvml_used_bytes": 51}]
+    d = server_deltas(servers, "fa3", "sage_attn")
+    assert d["capacity_delta_pct"] == pytest.approx(-5.0) and d["nvml_delta_pct"] == pytest.approx(2.0)
+    servers[1]["nvml_used_bytes"] = None
+    assert server_deltas(servers, "fa3", "sage_attn")["nvml_delta_pct"] is None
+    assert server_deltas(servers[:1], "fa3", "sage_attn") is None
+
+
+def test_heatmap_grid_places_records_and_leaves_gaps():
+    from sagecheck.plots import grid
+
+    records = [{"batch": 4, "input_length": 128, "v": 1.5}, {"batch": 1, "input_length": 256, "v": 0.5},
+               {"batch": 1, "input_length": 128}, {"batch": 8, "input_length": 128, "v": 9.0}]  # no value; batch not shown
+    g = grid(records, "v", [1, 4], [128, 256])
+    assert g[1, 0] == 1.5 and g[0, 1] == 0.5
+    assert np.isnan(g[0, 0]) and np.isnan(g[1, 1])

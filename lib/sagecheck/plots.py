@@ -97,6 +97,16 @@ def drift_by_layer(records: list[dict[str, Any]], metric: str, title: str) -> An
     return _finish(fig, title)
 
 
+def grid(records: list[dict[str, Any]], key: str, rows: list[Any], cols: list[Any], row_key: str = "batch",
+         col_key: str = "input_length") -> np.ndarray:
+    """``record[key]`` laid out as a ``[len(rows), len(cols)]`` matrix for :func:`heatmap` (NaN where missing)."""
+    matrix = np.full((len(rows), len(cols)), np.nan)
+    for r in records:
+        if r.get(row_key) in rows and r.get(col_key) in cols and r.get(key) is not None:
+            matrix[rows.index(r[row_key]), cols.index(r[col_key])] = r[key]
+    return matrix
+
+
 def heatmap(matrix: np.ndarray, rows: list[Any], cols: list[Any], title: str, xlabel: str, ylabel: str, fmt: str = "{:.2f}", center: float | None = 1.0) -> Any:
     fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(cols), 0.8 + 0.5 * len(rows)))
     data = np.ma.masked_invalid(np.asarray(matrix, dtype=float))

@@ -85,8 +85,7 @@ def make_prompt(tokenizer: Any, length: int, depth: float, key: str) -> PasskeyT
     candidates = [0, *(e for e in ends if e <= budget)]
     i = bisect.bisect_left(candidates, target)
     before = min(candidates[max(0, i - 1) : i + 1], key=lambda c: abs(c - target))
-    after = filler[before : before + (budget - before)]
-    ids = list(head) + list(filler[:before]) + needle + list(after) + list(question)
+    ids = list(head) + list(filler[:before]) + needle + list(filler[before:budget]) + list(question)
     return PasskeyTrial(
         length=length, depth=depth, key=key, input_ids=ids, needle_start=len(head) + before,
         filler_before=before, filler_total=budget, answer_ids=encode(tokenizer, " " + key),

@@ -17,6 +17,7 @@ import torch
 
 from sagecheck import attention
 from sagecheck.attention.baseline import flops, reference
+from sagecheck.metrics.drift import error_stats
 from sagecheck.metrics.timing import time_callable
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -70,17 +71,6 @@ def make_inputs(shape: Shape, device: torch.device, seed: int) -> tuple[torch.Te
     return q.to(dt), k.to(dt), v.to(dt)
 
 
-def errors(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
-    o = out.double().reshape(-1)
-    r = ref.double().reshape(-1)
-    d = o - r
-    return {
-        "rel_l2": float(d.norm() / r.norm()),
-        "cosine": float((o @ r) / (o.norm() * r.norm()).clamp_min(1e-300)),
-        "max_abs": float(d.abs().max()),
-    }
-
-
 def run_shape(shape: Shape, device: torch.device, seed: int, kernel_available: bool) -> dict[str, Any]:
     """Errors of every implementation at one shape, and whether each call left its inputs unchanged."""
     q, k, v = make_inputs(shape, device, seed)
@@ -104,10 +94,10 @@ def run_shape(shape: Shape, device: torch.device, seed: int, kernel_available: b
         if not row[f"{name}_inputs_unchanged"]:
             q, k, v = q0, k0, v0
         outs[name] = out
-        for key, val in errors(out, ref).items():
+        for key, val in error_stats(ref, out).items():
             row[f"{name}_vs_ref_{key}"] = val
     if "sage" in outs and "sage-emulated" in outs:
-        for key, val in errors(outs["sage"], outs["sage-emulated"].to(outs["sage"].dtype)).items():
+        for key, val in error_stats(outs["sage-emulated"].to(outs["sage"].dtype), outs["sage"]).items():
             row[f"sage_vs_emulated_{key}"] = val
     if kernel_available and shape.n_q == shape.n_k:
         from sagecheck.attention.sage_kernel import raw_sageattn
@@ -126,6 +116,24 @@ def likely_cause(row: dict[str, Any]) -> str:
                 f"{pad} missing keys as zeros and lets them into the softmax denominator with score 0 "
                 "(attn_qk_int8_per_block.py masks their loads, not their scores)")
     return "not explained by the block padding; compare with the emulation's documented differences"
+
+
+def agreement(rows: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
+    """Where the kernel ran: the shapes where it disagrees with its emulation by more than ``threshold``
+    (relative L2), and over the others the smallest ratio kernel-vs-reference / kernel-vs-emulation
+    (a right kernel sits much closer to its emulation than to the reference)."""
+    ran = [r for r in rows if r.get("sage_status") == "ok"]
+    flagged = [r for r in ran if r["sage_vs_emulated_rel_l2"] > threshold]
+    agree = [r for r in ran if r["sage_vs_emulated_rel_l2"] <= threshold]
+    ratios = [r["sage_vs_ref_rel_l2"] / r["sage_vs_emulated_rel_l2"] for r in agree if r["sage_vs_emulated_rel_l2"] > 0]
+    exact = [r for r in agree if r["sage_vs_emulated_rel_l2"] == 0]  # bit-identical outputs: agreement beyond any ratio
+    return {
+        "ran": ran,
+        "flagged": flagged,
+        "agree_ratio_min": min(ratios) if ratios else (float("inf") if exact else float("nan")),
+        "unsupported": [r for r in rows if str(r.get("sage_status", "")).startswith("unsupported")],
+        "inputs_unchanged": all(r.get("sage_inputs_unchanged") for r in ran),
+    }
 
 
 def speed(impl: str, batch: int, heads: int, n: int, head_dim: int, causal: bool, dtype: str, device: torch.device,

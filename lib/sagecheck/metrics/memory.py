@@ -127,3 +127,24 @@ def peak_deltas(rows: list[dict[str, Any]], baseline: str, candidate: str) -> li
                         "reserved_delta_pct": 100 * (c["peak_reserved"] / b["peak_reserved"] - 1),
                         "activations_delta_GiB": (c["activations_peak"] - b["activations_peak"]) / 2**30})
     return out
+
+
+def kv_cache_matches(rows: list[dict[str, Any]], rel_tol: float = 0.02) -> bool:
+    """Every measured KV cache holds what the shapes say it must (within ``rel_tol``)."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    return bool(ok) and all(abs(r["kv_cache"] - r["kv_cache_expected"]) <= rel_tol * r["kv_cache_expected"] for r in ok)
+
+
+def server_deltas(server_rows: list[dict[str, Any]], baseline: str, candidate: str) -> dict[str, Any] | None:
+    """SGLang servers of both backends: the candidate's KV-cache capacity and NVML use against the baseline's (%).
+
+    None unless both servers ran and reported a capacity; ``nvml_delta_pct`` is None without NVML figures.
+    """
+    ok = {r["implementation"]: r for r in server_rows if r.get("status") == "ok"}
+    if baseline not in ok or candidate not in ok or not ok[baseline].get("max_total_num_tokens"):
+        return None
+    b, c = ok[baseline], ok[candidate]
+    nvml = (100 * (c["nvml_used_bytes"] / b["nvml_used_bytes"] - 1)
+            if b.get("nvml_used_bytes") and c.get("nvml_used_bytes") else None)
+    return {"capacity_delta_pct": 100 * (c["max_total_num_tokens"] / b["max_total_num_tokens"] - 1),
+            "capacity_tokens": (b["max_total_num_tokens"], c["max_total_num_tokens"]), "nvml_delta_pct": nvml}

@@ -114,3 +114,8 @@ def paired_bootstrap_delta_pct(base: WindowScores, cand: WindowScores, resamples
     point = 100.0 * (cand.perplexity / base.perplexity - 1.0)
     lo, hi = np.percentile(deltas, [2.5, 97.5])
     return {"delta_pct": point, "ci_low_pct": float(lo), "ci_high_pct": float(hi), "resamples": resamples}
+
+
+def per_window_delta_pct(base: WindowScores, cand: WindowScores) -> np.ndarray:
+    """Each window's own perplexity delta in %: ``100 * (exp((nll_cand - nll_base) / scored) - 1)``."""
+    return 100.0 * (np.exp((cand.nll - base.nll) / np.maximum(base.count, 1)) - 1.0)

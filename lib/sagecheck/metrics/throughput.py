@@ -9,8 +9,10 @@ candidate back to back, alternating which goes first, so that a drift of the mac
 * decode: ``decode_tokens`` greedy steps through that cache, one token per sequence.
 
 Times come from CUDA events on a GPU (a monotonic clock on the CPU) after ``warmup``
-untimed repeats, with Python's garbage collector paused inside each repeat. A point that runs out of memory or that the implementation does not
-support is recorded as such and the sweep goes on.
+untimed repeats, with Python's garbage collector paused for the point. On a GPU, one
+more profiled repeat can give the GPU's busy time (see :func:`sweep`). A point that
+runs out of memory or that the implementation does not support is recorded as such and
+the sweep goes on.
 """
 
 from __future__ import annotations
@@ -71,22 +73,22 @@ def measure_point(engine: Any, implementations: tuple[str, str], batch: int, len
 
     ``{"status": "ok", "samples": {impl: {"prefill": Samples, "decode": Samples}}}``; on a
     GPU (with ``kernel_time``) each implementation also gets ``prefill_gpu`` and
-    ``decode_gpu``: the GPU's busy time in one more, profiled repeat (profiling slows the host, so it is kept apart from
-    the timed repeats). ``kernel_time_error`` says why those are missing where they are.
+    ``decode_gpu``: the GPU's busy time in one more, profiled repeat (profiling slows the
+    host, so it is kept apart from the timed repeats). ``kernel_time_error`` says why those
+    are missing where they are.
     """
     device = engine.device
     prompts = random_prompts(engine.config.vocab_size, batch, length, seed, device)
     samples: dict[str, dict[str, list[float]]] = {impl: {"prefill": [], "decode": []} for impl in implementations}
-    clock = "cpu-monotonic"
+    clock = Stopwatch(device).clock
     kernel_error = ""
     try:
-        with gc_paused():  # once per point: a repeat leaves no cyclic garbage (tested), and a collection costs ~0.2 s
+        with gc_paused():  # once per point: a repeat leaves no cyclic garbage (tested)
             for r in range(warmup + repeats):
                 order = implementations if r % 2 == 0 else implementations[::-1]
                 for impl in order:
                     with engine.backend(impl) as backend:
                         pre, dec = _one_repeat(backend, prompts, decode_tokens, device)
-                    clock = Stopwatch(device).clock
                     if r >= warmup:
                         samples[impl]["prefill"].append(pre)
                         samples[impl]["decode"].append(dec)
@@ -221,9 +223,10 @@ def sweep(engine: Any, implementations: tuple[str, str], lengths: list[int], bat
     Returns the table rows (with each point's wall time, warm-up included) and the
     stability record of the repeated point ({} when not repeated). The largest point is
     the most GPU-bound and least launch-bound one. ``kernel_time`` ("all", "repeated", "off"):
-    where the decode's GPU busy time is profiled; "repeated" profiles the largest point of
-    the grid, both times (if it does not run, the repeat check falls back to elapsed times). Each finished point appends a line to
-    ``progress_log`` so a long sweep can be watched, and what ran is known if it is cut off.
+    where the GPU busy time of prefill and decode is profiled; "repeated" profiles the
+    largest point of the grid, both times (if it does not run, the repeat check falls back
+    to elapsed times). Each finished point appends a line to ``progress_log`` so a long
+    sweep can be watched, and what ran is known if it is cut off.
     """
     def log(line: str) -> None:
         if progress_log is not None:

@@ -12,11 +12,13 @@ activations, the torch allocator's peaks. The backend's ``capabilities`` say so.
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import torch
 
 from sagecheck.engines import Backend, Engine, TopK
 from sagecheck.engines.sglang.client import ClientError, SGLangClient
@@ -44,14 +46,8 @@ def launch_spec(params: Any, backend: str | None, log_dir: Path) -> LaunchSpec:
         model_path=model_path, attention_backend=backend, dtype=params.dtype, tp=s.tp,
         mem_fraction_static=s.mem_fraction_static, disable_cuda_graph=s.disable_cuda_graph,
         context_length=s.context_length, seed=params.seed, load_format=load_format, extra_args=extra,
-        python=s.python or _python(),
+        python=s.python or sys.executable,
     )
-
-
-def _python() -> str:
-    import sys
-
-    return sys.executable
 
 
 class SGLangBackend(Backend):
@@ -67,23 +63,15 @@ class SGLangBackend(Backend):
         return {"name": self.implementation, "attention_backend": self.info.get("attention_backend"),
                 "sglang_version": self.info.get("version")}
 
-    def _call(self, fn, *args):
-        try:
-            return fn(*args)
-        except ClientError:
-            if self.server is not None:
-                self.server.check_alive()  # raises ServerError with the log if the server died
-            raise
-
     def token_logprobs(self, batch: list[list[int]]) -> list[np.ndarray]:
-        return self._call(self.client.input_logprobs, batch)
+        return self.client.input_logprobs(batch)
 
     def next_token_logprobs(self, ids: list[int], top_k: int | None = None) -> TopK:
-        values, indices = self._call(self.client.top_logprobs, ids, top_k or 20)
+        values, indices = self.client.top_logprobs(ids, top_k or 20)
         return TopK(values, indices)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        return self._call(self.client.greedy, prompts, max_new_tokens)
+        return self.client.greedy(prompts, max_new_tokens)
 
 
 class SGLangEngine(Engine):
@@ -183,7 +171,7 @@ def throughput_sweep(params: Any, lengths: list[int], batches: list[int], log_di
             with engine.backend(impl) as b:
                 for length in lengths:
                     for batch in batches:
-                        prompts = random_prompts(vocab, batch, length, params.seed, _cpu()).tolist()
+                        prompts = random_prompts(vocab, batch, length, params.seed, torch.device("cpu")).tolist()
                         pre, full = [], []
                         for r in range(p.warmup + p.repeats):
                             b.client.flush_cache()
@@ -208,12 +196,6 @@ def throughput_sweep(params: Any, lengths: list[int], batches: list[int], log_di
     return rows
 
 
-def _cpu():
-    import torch
-
-    return torch.device("cpu")
-
-
 def memory_report(params: Any, log_dir: Path) -> list[dict[str, Any]]:
     """Per backend: the KV-cache capacity and memory figures the server reports, and NVML's used memory."""
     from sagecheck.metrics.memory import nvml_used
@@ -223,15 +205,8 @@ def memory_report(params: Any, log_dir: Path) -> list[dict[str, Any]]:
     for impl in (params.baseline, params.candidate):
         try:
             with engine.backend(impl) as b:
-                info = b.client.server_info()
-                used = None
-                try:
-                    import torch
-
-                    if torch.cuda.is_available():
-                        used = nvml_used(torch.device("cuda", 0))
-                except Exception:
-                    used = None
+                info = b.info
+                used = nvml_used(torch.device("cuda", 0)) if torch.cuda.is_available() else None  # None where NVML fails
                 states = info.get("internal_states") or [{}]
                 rows.append({
                     "implementation": impl, "status": "ok", "attention_backend": info.get("attention_backend"),

@@ -44,17 +44,8 @@ class SGLangClient:
             raise ClientError(f"{method} {path} answered {r.status_code}: {r.text[:500]}")
         return r
 
-    def health(self) -> bool:
-        try:
-            return self.session.get(self.url + "/health_generate", timeout=10).status_code == 200
-        except requests.RequestException:
-            return False
-
     def server_info(self) -> dict[str, Any]:
         return self._request("GET", "/get_server_info").json()
-
-    def model_info(self) -> dict[str, Any]:
-        return self._request("GET", "/get_model_info").json()
 
     def flush_cache(self) -> None:
         self._request("POST", "/flush_cache")

@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import requests
 
@@ -147,9 +147,6 @@ class Server:
             f"{self.startup_timeout_s:g} s; it was stopped. Last lines of {self.log_path}:\n{log_tail(self.log_path)}"
         )
 
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
     def check_alive(self, wait_s: float = 5.0) -> None:
         """Raise :class:`ServerError` with the log if the process has exited (a dying one gets ``wait_s`` to finish)."""
         if self.process is None:
@@ -187,15 +184,6 @@ class Server:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
-
-
-@contextlib.contextmanager
-def running(spec: LaunchSpec, log_dir: Path, startup_timeout_s: float = 600, env: dict[str, str] | None = None) -> Iterator[Server]:
-    server = Server(spec, log_dir, startup_timeout_s, env=env)
-    try:
-        yield server.start()
-    finally:
-        server.stop()
 
 
 def random_model_folder(config_path: Path, tokenizer_dir: Path, target: Path) -> Path:
