@@ -126,15 +126,16 @@ class Server:
         self._wait_ready()
         return self
 
+    def _error(self, what: str) -> ServerError:
+        return ServerError(f"the SGLang server (--attention-backend {self.spec.attention_backend}) {what}. "
+                           f"Last lines of {self.log_path}:\n{log_tail(self.log_path)}")
+
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             code = self.process.poll()
             if code is not None:
-                raise ServerError(
-                    f"the SGLang server (--attention-backend {self.spec.attention_backend}) exited with code {code} "
-                    f"before it was ready. Last lines of {self.log_path}:\n{log_tail(self.log_path)}"
-                )
+                raise self._error(f"exited with code {code} before it was ready")
             try:
                 if requests.get(f"{self.url}/health_generate", timeout=5).status_code == 200:
                     return
@@ -142,10 +143,7 @@ class Server:
                 pass
             time.sleep(self.poll_s)
         self.stop()
-        raise ServerError(
-            f"the SGLang server (--attention-backend {self.spec.attention_backend}) was not ready after "
-            f"{self.startup_timeout_s:g} s; it was stopped. Last lines of {self.log_path}:\n{log_tail(self.log_path)}"
-        )
+        raise self._error(f"was not ready after {self.startup_timeout_s:g} s; it was stopped")
 
     def check_alive(self, wait_s: float = 5.0) -> None:
         """Raise :class:`ServerError` with the log if the process has exited (a dying one gets ``wait_s`` to finish)."""
@@ -156,10 +154,7 @@ class Server:
         except subprocess.TimeoutExpired:
             return
         if self.process.poll() is not None:
-            raise ServerError(
-                f"the SGLang server (--attention-backend {self.spec.attention_backend}) died with code "
-                f"{self.process.returncode}. Last lines of {self.log_path}:\n{log_tail(self.log_path)}"
-            )
+            raise self._error(f"died with code {self.process.returncode}")
 
     def stop(self, grace_s: float = 15.0) -> None:
         """End the whole process group: SIGTERM, then SIGKILL after ``grace_s``."""
