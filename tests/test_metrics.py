@@ -193,9 +193,42 @@ def test_throughput_sweep_rows_stability_and_progress_log(builtin, tmp_path):
     assert stability["verdict_diff_pct"] == stability["max_diff_pct"]  # no GPU busy time on the CPU: judged on elapsed time
     assert set(stability["basis"].values()) == {"elapsed time"}
     lines = log.read_text().splitlines()
-    assert len(lines) == 5 and "batch 2 length 24 again" in lines[-1]
+    assert len(lines) == 6 and "batch 2 length 24 again" in lines[-2] and "largest difference" in lines[-1]
     _, none = T.sweep(builtin, ("sdpa", "sdpa"), [16], [1], 1, 1, 0, 0, repeat_point=False)
     assert none == {}
+
+
+def test_sweep_profiles_only_after_every_timed_repeat(monkeypatch):
+    """Once the profiler has run, kernel launches cost the host more: no timed repeat may follow a profiled one."""
+    from types import SimpleNamespace
+
+    from sagecheck.metrics import throughput as T
+    from sagecheck.metrics.timing import Samples
+
+    calls = []
+
+    def timed(engine, impls, batch, length, *a, **k):
+        calls.append(("timed", batch, length))
+        s = {"prefill": Samples(np.array([10.0, 10.0]), "cuda-events"), "decode": Samples(np.array([40.0, 40.0]), "cuda-events")}
+        return {"status": "ok", "samples": {i: dict(s) for i in impls}}
+
+    def profiled(engine, impls, batch, length, *a, **k):
+        calls.append(("profiled", batch, length))
+        s = {"prefill_gpu": Samples(np.array([9.5]), "cuda-kernel-time"), "decode_gpu": Samples(np.array([10.0]), "cuda-kernel-time")}
+        return {"samples": {i: dict(s) for i in impls}}
+
+    monkeypatch.setattr(T, "measure_point", timed)
+    monkeypatch.setattr(T, "profile_point", profiled)
+    gpu_engine = SimpleNamespace(device=torch.device("cuda"))
+    for mode, n_profiled in (("repeated", 2), ("all", 4 + 1), ("off", 0)):
+        calls.clear()
+        rows, stability = T.sweep(gpu_engine, ("a", "b"), [16, 32], [1, 2], 4, 2, 0, 0, kernel_time=mode)
+        kinds = [c[0] for c in calls]
+        assert kinds == ["timed"] * 5 + ["profiled"] * n_profiled, mode  # 4 points, the largest again, then profiling
+        if mode != "off":
+            assert calls[-1] == ("profiled", 2, 32) and calls[-2] == ("profiled", 2, 32)  # the repeated point, both times
+            assert stability["judged"] == ["a:prefill", "a:decode_gpu", "b:prefill", "b:decode_gpu"]  # decode busy 25%
+        assert ("decode_gpu_busy_pct" in rows[-1]) == (mode != "off")
 
 
 def test_busy_time_is_the_union_of_device_intervals():
@@ -221,6 +254,11 @@ def test_repeat_agreement_judges_host_bound_decode_on_gpu_time():
     assert agree["max_diff_pct"] == pytest.approx(10.0)  # elapsed decode moved by 10%
     assert agree["a:decode_gpu"] == pytest.approx(0.5) and agree["verdict_diff_pct"] == pytest.approx(1.0)  # prefill 1%
     assert agree["basis"]["a:decode"].startswith("GPU busy time") and agree["basis"]["a:prefill"].startswith("elapsed")
+    assert agree["judged"] == ["a:prefill", "a:decode_gpu", "b:prefill", "b:decode_gpu"]
+    assert agree["medians_ms"]["a:decode"] == [500.0, 550.0] and agree["medians_ms"]["b:decode_gpu"] == [150.0, 150.75]
+    table = {r["figure"]: r for r in T.stability_rows(agree)}
+    assert table["a:decode GPU busy time"]["judged"] == "yes" and table["a:decode elapsed"]["judged"] == ""
+    assert table["a:decode elapsed"]["diff_pct"] == pytest.approx(10.0) and table["a:decode elapsed"]["again_ms"] == 550.0
     plain = {"status": "ok", "samples": {k: {"prefill": v["prefill"], "decode": v["decode"]} for k, v in first["samples"].items()}}
     plain_again = {"status": "ok", "samples": {k: {"prefill": v["prefill"], "decode": v["decode"]} for k, v in again["samples"].items()}}
     assert T.repeat_agreement(plain, plain_again, ("a", "b"))["verdict_diff_pct"] == pytest.approx(10.0)  # no kernel time: elapsed

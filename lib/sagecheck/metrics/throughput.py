@@ -9,10 +9,10 @@ candidate back to back, alternating which goes first, so that a drift of the mac
 * decode: ``decode_tokens`` greedy steps through that cache, one token per sequence.
 
 Times come from CUDA events on a GPU (a monotonic clock on the CPU) after ``warmup``
-untimed repeats, with Python's garbage collector paused for the point. On a GPU, one
-more profiled repeat can give the GPU's busy time (see :func:`sweep`). A point that
-runs out of memory or that the implementation does not support is recorded as such and
-the sweep goes on.
+untimed repeats, with Python's garbage collector paused for the point. On a GPU, profiled
+repeats can give the GPU's busy time too; they run after every timed repeat of the sweep
+(see :func:`sweep`). A point that runs out of memory or that the implementation does not
+support is recorded as such and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -68,20 +68,16 @@ def _free(device: torch.device) -> None:
 
 
 def measure_point(engine: Any, implementations: tuple[str, str], batch: int, length: int, decode_tokens: int,
-                  repeats: int, warmup: int, seed: int, kernel_time: bool = True) -> dict[str, Any]:
-    """Timing samples of both implementations at one point, or a status.
+                  repeats: int, warmup: int, seed: int) -> dict[str, Any]:
+    """Elapsed-time samples of both implementations at one point, or a status.
 
-    ``{"status": "ok", "samples": {impl: {"prefill": Samples, "decode": Samples}}}``; on a
-    GPU (with ``kernel_time``) each implementation also gets ``prefill_gpu`` and
-    ``decode_gpu``: the GPU's busy time in one more, profiled repeat (profiling slows the
-    host, so it is kept apart from the timed repeats). ``kernel_time_error`` says why those
-    are missing where they are.
+    ``{"status": "ok", "samples": {impl: {"prefill": Samples, "decode": Samples}}}``, else
+    ``{"status": "out of memory" | "unsupported", "error": ...}``.
     """
     device = engine.device
     prompts = random_prompts(engine.config.vocab_size, batch, length, seed, device)
     samples: dict[str, dict[str, list[float]]] = {impl: {"prefill": [], "decode": []} for impl in implementations}
     clock = Stopwatch(device).clock
-    kernel_error = ""
     try:
         with gc_paused():  # once per point: a repeat leaves no cyclic garbage (tested)
             for r in range(warmup + repeats):
@@ -92,16 +88,6 @@ def measure_point(engine: Any, implementations: tuple[str, str], batch: int, len
                     if r >= warmup:
                         samples[impl]["prefill"].append(pre)
                         samples[impl]["decode"].append(dec)
-            if kernel_time and device.type == "cuda":
-                for impl in implementations:
-                    try:
-                        with engine.backend(impl) as backend:
-                            pre, dec = _one_repeat(backend, prompts, decode_tokens, device, kernel_time=True)
-                        samples[impl]["prefill_gpu"], samples[impl]["decode_gpu"] = [pre], [dec]
-                    except torch.cuda.OutOfMemoryError:
-                        raise
-                    except Exception as e:  # the busy time is an extra: without it the point keeps its elapsed times
-                        kernel_error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     except torch.cuda.OutOfMemoryError as e:
         _free(device)
         return {"status": "out of memory", "error": str(e).splitlines()[0][:200]}
@@ -109,14 +95,42 @@ def measure_point(engine: Any, implementations: tuple[str, str], batch: int, len
         _free(device)
         return {"status": "unsupported", "error": str(e)[:200]}
     _free(device)
-    out: dict[str, Any] = {
-        "status": "ok",
-        "samples": {impl: {k: Samples(np.asarray(v), "cuda-kernel-time" if k.endswith("_gpu") else clock)
-                           for k, v in s.items()} for impl, s in samples.items()},
-    }
-    if kernel_error:
-        out["kernel_time_error"] = kernel_error
-    return out
+    return {"status": "ok",
+            "samples": {impl: {k: Samples(np.asarray(v), clock) for k, v in s.items()} for impl, s in samples.items()}}
+
+
+def profile_point(engine: Any, implementations: tuple[str, str], batch: int, length: int, decode_tokens: int,
+                  seed: int) -> dict[str, Any]:
+    """The GPU's busy time of prefill and decode, one profiled repeat per implementation (after a warm one).
+
+    ``{"samples": {impl: {"prefill_gpu": Samples, "decode_gpu": Samples}}}``, or ``{"error": why}``:
+    the busy time is an extra, a point keeps its elapsed times without it.
+    """
+    device = engine.device
+    prompts = random_prompts(engine.config.vocab_size, batch, length, seed, device)
+    out: dict[str, dict[str, Samples]] = {}
+    try:
+        with gc_paused():
+            for impl in implementations:
+                with engine.backend(impl) as backend:
+                    _one_repeat(backend, prompts, decode_tokens, device)  # warm: the sweep's last point was another
+                    pre, dec = _one_repeat(backend, prompts, decode_tokens, device, kernel_time=True)
+                out[impl] = {"prefill_gpu": Samples(np.asarray([pre]), "cuda-kernel-time"),
+                             "decode_gpu": Samples(np.asarray([dec]), "cuda-kernel-time")}
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+    finally:
+        _free(device)
+    return {"samples": out}
+
+
+def _with_busy_time(point: dict[str, Any], profile: dict[str, Any]) -> None:
+    """Merge :func:`profile_point`'s result into a timed point."""
+    if profile.get("error"):
+        point["kernel_time_error"] = profile["error"]
+        return
+    for impl, s in profile["samples"].items():
+        point["samples"][impl].update(s)
 
 
 def timing_row(batch: int, length: int, implementation: str, prefill: Samples, decode: Samples, decode_steps: int,
@@ -184,35 +198,49 @@ def repeat_agreement(first: dict[str, Any], again: dict[str, Any], implementatio
     difference of the figure that measures the GPU work: the elapsed time where the GPU was
     busy at least ``HOST_BOUND_BELOW_PCT`` % of it, else (the host set the pace, so the
     elapsed time measures the host) the GPU's busy time; ``basis`` says which for each.
+    ``judged``: the figures the verdict took; ``medians_ms``: the two medians (first, again)
+    of every figure compared, in ms.
     """
     if first["status"] != "ok" or again["status"] != "ok":
-        return {"max_diff_pct": float("nan"), "verdict_diff_pct": float("nan"), "basis": {}}
+        return {"max_diff_pct": float("nan"), "verdict_diff_pct": float("nan"), "basis": {}, "judged": [], "medians_ms": {}}
+
+    medians: dict[str, list[float]] = {}
 
     def diff(impl: str, kind: str) -> float:
         a, b = first["samples"][impl][kind].median, again["samples"][impl][kind].median
+        medians[f"{impl}:{kind}"] = [a, b]
         return 100.0 * abs(b - a) / a
 
     out: dict[str, Any] = {}
     basis: dict[str, str] = {}
-    chosen = []
+    judged = []
     for impl in implementations:
         have = first["samples"][impl]
         for kind in ("prefill", "decode"):
             key = f"{impl}:{kind}"
             out[key] = diff(impl, kind)
-            chosen_value, basis[key] = out[key], "elapsed time"
+            chosen_key, basis[key] = key, "elapsed time"
             if f"{kind}_gpu" in have and f"{kind}_gpu" in again["samples"][impl]:
                 out[f"{key}_gpu"] = diff(impl, f"{kind}_gpu")
                 busy = 100.0 * have[f"{kind}_gpu"].median / have[kind].median
                 if busy < HOST_BOUND_BELOW_PCT:
-                    chosen_value, basis[key] = out[f"{key}_gpu"], f"GPU busy time (GPU busy {busy:.0f}% of the elapsed time)"
+                    chosen_key, basis[key] = f"{key}_gpu", f"GPU busy time (GPU busy {busy:.0f}% of the elapsed time)"
                 else:
                     basis[key] = f"elapsed time (GPU busy {busy:.0f}%)"
-            chosen.append(chosen_value)
+            judged.append(chosen_key)
     out["max_diff_pct"] = max(out[f"{impl}:{kind}"] for impl in implementations for kind in ("prefill", "decode"))
-    out["verdict_diff_pct"] = max(chosen)
-    out["basis"] = basis
+    out["verdict_diff_pct"] = max(out[k] for k in judged)
+    out["basis"], out["judged"] = basis, judged
+    out["medians_ms"] = medians
     return out
+
+
+def stability_rows(stability: dict[str, Any]) -> list[dict[str, Any]]:
+    """The repeat check as table rows: each figure's two medians (ms), their difference, and whether the verdict took it."""
+    judged = set(stability.get("judged", []))
+    return [{"figure": key.removesuffix("_gpu") + (" GPU busy time" if key.endswith("_gpu") else " elapsed"),
+             "first_ms": first, "again_ms": again, "diff_pct": stability[key], "judged": "yes" if key in judged else ""}
+            for key, (first, again) in stability.get("medians_ms", {}).items()]
 
 
 def sweep(engine: Any, implementations: tuple[str, str], lengths: list[int], batches: list[int], decode_tokens: int,
@@ -222,11 +250,15 @@ def sweep(engine: Any, implementations: tuple[str, str], lengths: list[int], bat
 
     Returns the table rows (with each point's wall time, warm-up included) and the
     stability record of the repeated point ({} when not repeated). The largest point is
-    the most GPU-bound and least launch-bound one. ``kernel_time`` ("all", "repeated", "off"):
-    where the GPU busy time of prefill and decode is profiled; "repeated" profiles the
-    largest point of the grid, both times (if it does not run, the repeat check falls back
-    to elapsed times). Each finished point appends a line to ``progress_log`` so a long
-    sweep can be watched, and what ran is known if it is cut off.
+    the most GPU-bound and least launch-bound one.
+
+    ``kernel_time`` ("all", "repeated", "off"): where the GPU busy time of prefill and
+    decode is profiled on a GPU: every point, the repeated point (both times), or none.
+    Profiling comes last, after every timed repeat: once the profiler has run, CUPTI stays
+    attached to the process and each kernel launch costs the host more (pytorch/pytorch
+    #144455; ``benchmarks/profiler_aftereffect.py`` measures it), which slowed host-paced
+    timed repeats that came after it. Each finished step appends a line to
+    ``progress_log`` so a long sweep can be watched, and what ran is known if it is cut off.
     """
     def log(line: str) -> None:
         if progress_log is not None:
@@ -236,32 +268,44 @@ def sweep(engine: Any, implementations: tuple[str, str], lengths: list[int], bat
 
     if kernel_time not in ("all", "repeated", "off"):
         raise ValueError(f"kernel_time must be all, repeated or off; got {kernel_time!r}")
-    largest = max(((b, n) for n in lengths for b in batches), key=lambda p: p[0] * p[1])
 
-    def profiled(point: tuple[int, int]) -> bool:
-        return kernel_time == "all" or (kernel_time == "repeated" and repeat_point and point == largest)
-
-    rows: list[dict[str, Any]] = []
     points: dict[tuple[int, int], dict[str, Any]] = {}
+    walls: dict[tuple[int, int], float] = {}
     for length in lengths:
         for batch in batches:
             t0 = time.perf_counter()
-            point = measure_point(engine, implementations, batch, length, decode_tokens, repeats, warmup, seed,
-                                  kernel_time=profiled((batch, length)))
-            wall = time.perf_counter() - t0
+            point = measure_point(engine, implementations, batch, length, decode_tokens, repeats, warmup, seed)
+            walls[(batch, length)] = time.perf_counter() - t0
             points[(batch, length)] = point
-            new = point_records(point, implementations, batch, length, decode_tokens)
-            for r in new:
-                r["point_wall_s"] = wall
-            rows += new
-            log(f"batch {batch} length {length}: {point['status']} in {wall:.1f} s {point.get('kernel_time_error', '')}")
+            log(f"batch {batch} length {length}: {point['status']} in {walls[(batch, length)]:.1f} s")
+
+    measured = [k for k, v in points.items() if v["status"] == "ok"]
+    repeated = max(measured, key=lambda p: p[0] * p[1]) if repeat_point and measured else None
+    again = None
+    if repeated is not None:
+        again = measure_point(engine, implementations, *repeated, decode_tokens, repeats, warmup, seed)
+        log(f"batch {repeated[0]} length {repeated[1]} again: {again['status']}")
+
+    if engine.device.type == "cuda" and kernel_time != "off":
+        targets = measured if kernel_time == "all" else ([repeated] if repeated is not None else [])
+        for b, n in targets:
+            t0 = time.perf_counter()
+            _with_busy_time(points[(b, n)], profile_point(engine, implementations, b, n, decode_tokens, seed))
+            if (b, n) == repeated and again["status"] == "ok":
+                _with_busy_time(again, profile_point(engine, implementations, b, n, decode_tokens, seed))
+            log(f"batch {b} length {n}: GPU busy time profiled in {time.perf_counter() - t0:.1f} s "
+                f"{points[(b, n)].get('kernel_time_error', '')}")
+
+    rows: list[dict[str, Any]] = []
+    for (batch, length), point in points.items():
+        new = point_records(point, implementations, batch, length, decode_tokens)
+        for r in new:
+            r["point_wall_s"] = walls[(batch, length)]
+        rows += new
     stability: dict[str, Any] = {}
-    measured = {k: v for k, v in points.items() if v["status"] == "ok"}
-    if repeat_point and measured:
-        (b0, l0), first = max(measured.items(), key=lambda kv: kv[0][0] * kv[0][1])
-        again = measure_point(engine, implementations, b0, l0, decode_tokens, repeats, warmup, seed,
-                              kernel_time=profiled((b0, l0)))
-        stability = {"batch": b0, "input_length": l0, **repeat_agreement(first, again, implementations)}
-        log(f"batch {b0} length {l0} again: largest difference of medians {stability['max_diff_pct']:.2f}% elapsed, "
-            f"{stability['verdict_diff_pct']:.2f}% by the verdict's basis")
+    if repeated is not None:
+        stability = {"batch": repeated[0], "input_length": repeated[1],
+                     **repeat_agreement(points[repeated], again, implementations)}
+        log(f"batch {repeated[0]} length {repeated[1]}: largest difference of medians {stability['max_diff_pct']:.2f}% "
+            f"elapsed, {stability['verdict_diff_pct']:.2f}% by the verdict's basis")
     return rows, stability
