@@ -214,7 +214,7 @@ def test_sweep_profiles_only_after_every_timed_repeat(monkeypatch):
 
     def profiled(engine, impls, batch, length, *a, **k):
         calls.append(("profiled", batch, length))
-        s = {"prefill_gpu": Samples(np.array([9.5]), "cuda-kernel-time"), "decode_gpu": Samples(np.array([10.0]), "cuda-kernel-time")}
+        s = {"prefill_gpu": Samples(np.array([9.9]), "cuda-kernel-time"), "decode_gpu": Samples(np.array([10.0]), "cuda-kernel-time")}
         return {"samples": {i: dict(s) for i in impls}}
 
     monkeypatch.setattr(T, "measure_point", timed)
@@ -227,7 +227,7 @@ def test_sweep_profiles_only_after_every_timed_repeat(monkeypatch):
         assert kinds == ["timed"] * 5 + ["profiled"] * n_profiled, mode  # 4 points, the largest again, then profiling
         if mode != "off":
             assert calls[-1] == ("profiled", 2, 32) and calls[-2] == ("profiled", 2, 32)  # the repeated point, both times
-            assert stability["judged"] == ["a:prefill", "a:decode_gpu", "b:prefill", "b:decode_gpu"]  # decode busy 25%
+            assert stability["judged"] == ["a:prefill", "a:decode_gpu", "b:prefill", "b:decode_gpu"]  # prefill idle 1%, decode idle 75%
         assert ("decode_gpu_busy_pct" in rows[-1]) == (mode != "off")
 
 
@@ -256,6 +256,10 @@ def test_repeat_agreement_judges_host_bound_decode_on_gpu_time():
     assert agree["basis"]["a:decode"].startswith("GPU busy time") and agree["basis"]["a:prefill"].startswith("elapsed")
     assert agree["judged"] == ["a:prefill", "a:decode_gpu", "b:prefill", "b:decode_gpu"]
     assert agree["medians_ms"]["a:decode"] == [500.0, 550.0] and agree["medians_ms"]["b:decode_gpu"] == [150.0, 150.75]
+    near_knee = point([100.0] * 3, [500.0] * 3, 99.0, 480.0)  # decode: GPU idle 4% of the elapsed time
+    near_knee_again = point([100.0] * 3, [540.0] * 3, 99.0, 481.0)  # the host slowed: elapsed +8%, busy +0.2%
+    assert T.repeat_agreement(near_knee, near_knee_again, ("a", "b"))["verdict_diff_pct"] == pytest.approx(100 / 480)
+    assert T.repeat_agreement(near_knee, near_knee_again, ("a", "b"), tolerance_pct=5)["verdict_diff_pct"] == pytest.approx(8.0)
     table = {r["figure"]: r for r in T.stability_rows(agree)}
     assert table["a:decode GPU busy time"]["judged"] == "yes" and table["a:decode elapsed"]["judged"] == ""
     assert table["a:decode elapsed"]["diff_pct"] == pytest.approx(10.0) and table["a:decode elapsed"]["again_ms"] == 550.0
