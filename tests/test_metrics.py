@@ -340,3 +340,41 @@ def test_heatmap_grid_places_records_and_leaves_gaps():
     g = grid(records, "v", [1, 4], [128, 256])
     assert g[1, 0] == 1.5 and g[0, 1] == 0.5
     assert np.isnan(g[0, 0]) and np.isnan(g[1, 1])
+
+
+def test_memory_point_warms_up_before_the_peaks_are_reset(builtin, monkeypatch):
+    """One-time allocations (cuBLAS workspace) must land in resident_before, not in the first point's activations."""
+    from sagecheck.metrics import memory as M
+
+    events = []
+    real_backend = builtin.backend
+
+    class Recording:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def prefill(self, prompts):
+            events.append(("prefill", tuple(prompts.shape)))
+            return self.inner.prefill(prompts)
+
+        def decode_step(self, tokens, cache):
+            events.append(("decode", tuple(tokens.shape)))
+            return self.inner.decode_step(tokens, cache)
+
+    class Ctx:
+        def __init__(self, impl):
+            self.cm = real_backend(impl)
+
+        def __enter__(self):
+            return Recording(self.cm.__enter__())
+
+        def __exit__(self, *exc):
+            return self.cm.__exit__(*exc)
+
+    monkeypatch.setattr(builtin, "backend", Ctx)
+    monkeypatch.setattr(M, "reset_peaks", lambda device: events.append(("reset",)))
+    monkeypatch.setattr(M, "allocator_peaks", lambda device: {"peak_allocated": 10, "peak_reserved": 20, "allocated_now": 1})
+    row = M.measure_point(builtin, "sdpa", 2, 32, 3, 0)
+    assert events[:3] == [("prefill", (1, 16)), ("decode", (1,)), ("reset",)]
+    assert events[3] == ("prefill", (2, 32)) and events.count(("decode", (2,))) == 3
+    assert row["status"] == "ok" and row["kv_cache_expected"] == M.kv_cache_bytes_expected(builtin.config, 2, 35, builtin.dtype)
