@@ -343,7 +343,7 @@ def test_heatmap_grid_places_records_and_leaves_gaps():
 
 
 def test_memory_point_warms_up_before_the_peaks_are_reset(builtin, monkeypatch):
-    """One-time allocations (cuBLAS workspace) must land in resident_before, not in the first point's activations."""
+    """One-time allocations must land in resident_before, not in the first point's activations."""
     from sagecheck.metrics import memory as M
 
     events = []
@@ -377,4 +377,25 @@ def test_memory_point_warms_up_before_the_peaks_are_reset(builtin, monkeypatch):
     row = M.measure_point(builtin, "sdpa", 2, 32, 3, 0)
     assert events[:3] == [("prefill", (1, 16)), ("decode", (1,)), ("reset",)]
     assert events[3] == ("prefill", (2, 32)) and events.count(("decode", (2,))) == 3
-    assert row["status"] == "ok" and row["kv_cache_expected"] == M.kv_cache_bytes_expected(builtin.config, 2, 35, builtin.dtype)
+    # the measured cache is the point's, not the warm-up's: 2 (k, v) x 4 layers x batch 2 x 2 kv heads x 35 tokens x 64 x 4 bytes
+    assert row["status"] == "ok" and row["kv_cache"] == 2 * 4 * 2 * 2 * (32 + 3) * 64 * 4
+
+
+def test_throughput_summary_medians_over_the_points_that_ran():
+    from sagecheck.metrics.throughput import summary
+
+    def row(b, n, impl, **kw):
+        return {"batch": b, "input_length": n, "implementation": impl, "status": "ok", **kw}
+
+    rows = [row(1, 8, "base", decode_gpu_busy_pct=20.0), row(1, 8, "cand", prefill_speedup=0.8, decode_speedup=0.9,
+                                                               decode_kernel_speedup=0.5, decode_gpu_busy_pct=40.0),
+            row(2, 8, "base"), row(2, 8, "cand", prefill_speedup=1.0, decode_speedup=0.7),
+            row(4, 8, "base"), row(4, 8, "cand", prefill_speedup=1.3, decode_speedup=0.8),
+            {"batch": 8, "input_length": 8, "implementation": "base", "status": "out of memory"},
+            {"batch": 8, "input_length": 8, "implementation": "cand", "status": "out of memory"}]
+    s = summary(rows, "cand")
+    assert (s["points"], s["points_not_run"]) == (4, 1)
+    assert s["prefill_speedup_median_over_points"] == 1.0 and s["decode_speedup_median_over_points"] == 0.8
+    assert s["decode_kernel_speedup_median_over_points"] == 0.5 and s["decode_gpu_busy_pct_median"] == 30.0  # both rows
+    nothing = summary(rows[-2:], "cand")
+    assert nothing["points_not_run"] == 1 and nothing["prefill_speedup_median_over_points"] is None

@@ -176,6 +176,19 @@ def test_a_perturbed_candidate_is_caught_by_every_accuracy_notebook(tmp_path):
         assert res.verdicts and not all(v.passed for v in res.verdicts), name
 
 
+def test_throughput_with_no_point_run_records_it_and_fails_its_verdict(tmp_path):
+    """The real kernel on a CPU: every point unsupported; 04 still finishes, says so, and its verdict fails."""
+    out = tmp_path / "unsupported"
+    done = run_cli("run", "--params", str(CI_PARAMS), "-p", "candidate=sage", "--only", "04", "--out", str(out), "-q")
+    assert done.returncode == 0, done.stderr[-2000:]
+    t = result(out, "04_throughput")
+    assert t.status == "ok" and t.metrics["points_not_run"] == t.metrics["points"] == 4
+    assert t.metrics["prefill_speedup_median_over_points"] is None
+    assert all(r["status"] == "unsupported" for r in t.tables["throughput"])
+    (v,) = [v for v in t.verdicts if v.name.startswith("points measured")]
+    assert v.value == 0 and not v.passed
+
+
 def test_a_failing_notebook_is_recorded_and_the_run_goes_on(tmp_path):
     nb_dir = tmp_path / "notebooks"
     nb_dir.mkdir()

@@ -188,6 +188,28 @@ def point_records(point: dict[str, Any], implementations: tuple[str, str], batch
     return rows
 
 
+def summary(rows: list[dict[str, Any]], candidate: str) -> dict[str, Any]:
+    """The sweep in a few figures: points run and not run, and medians over the points that ran.
+
+    Speedups are the candidate's rows' (None where no point ran); the GPU-busy share is the
+    median over both implementations' rows that were profiled (None where none was).
+    """
+    def median(values: list[float]) -> float | None:
+        return float(np.median(values)) if values else None
+
+    cand = [r for r in rows if r["implementation"] == candidate and r["status"] == "ok"]
+    points = {(r["batch"], r["input_length"]) for r in rows}
+    not_run = {(r["batch"], r["input_length"]) for r in rows if r["status"] != "ok"}
+    return {
+        "points": len(points),
+        "points_not_run": len(not_run),
+        "prefill_speedup_median_over_points": median([r["prefill_speedup"] for r in cand]),
+        "decode_speedup_median_over_points": median([r["decode_speedup"] for r in cand]),
+        "decode_kernel_speedup_median_over_points": median([r["decode_kernel_speedup"] for r in cand if "decode_kernel_speedup" in r]),
+        "decode_gpu_busy_pct_median": median([r["decode_gpu_busy_pct"] for r in rows if "decode_gpu_busy_pct" in r]),
+    }
+
+
 def repeat_agreement(first: dict[str, Any], again: dict[str, Any], implementations: tuple[str, str],
                      tolerance_pct: float = 3.0) -> dict[str, Any]:
     """Relative differences (%) between two measurements of the same point (medians).
@@ -255,10 +277,11 @@ def sweep(engine: Any, implementations: tuple[str, str], lengths: list[int], bat
 
     ``kernel_time`` ("all", "repeated", "off"): where the GPU busy time of prefill and
     decode is profiled on a GPU: every point, the repeated point (both times), or none.
-    Profiling comes last, after every timed repeat: once the profiler has run, CUPTI stays
-    attached to the process and each kernel launch costs the host more (pytorch/pytorch
-    #144455; ``benchmarks/profiler_aftereffect.py`` measures it), which slowed host-paced
-    timed repeats that came after it. Each finished step appends a line to
+    Profiling comes last, after every timed repeat: after one profiled repeat, the built-in
+    model's host-paced decode ran 27-51% slower for the rest of the process on an H100
+    (``benchmarks/profiler_aftereffect.py``; pytorch/pytorch#144455 reports CUPTI staying
+    attached as the cause). The repeated point's two profiled repeats therefore run back to
+    back at the end. Each finished step appends a line to
     ``progress_log`` so a long sweep can be watched, and what ran is known if it is cut off.
     """
     def log(line: str) -> None:
