@@ -17,7 +17,7 @@ BIN   := $(VENV)/bin
 STAMP := $(VENV)/.sagecheck-installed
 CFLAG := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
-.PHONY: report test lab wheelhouse clean-outputs
+.PHONY: report test gpu-check lab wheelhouse clean-outputs
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ report: $(STAMP)
 ## the test suite (unit tests + every notebook executed by papermill on the built-in model)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+## on a GPU machine with SGLang and sageattention installed: the sage_attn plugin against real SGLang servers
+## (uses that machine's python and its CUDA torch, not a venv: make gpu-check PYTHON=python3)
+gpu-check:
+	$(PYTHON) -m pytest -q -s -p no:cacheprovider -m gpu tests/test_sglang_plugin.py tests/test_sglang_gpu.py
 
 ## JupyterLab on notebooks/ with the project's kernel
 lab: $(STAMP)

@@ -1,0 +1,35 @@
+"""``--attention-backend sage_attn`` for stock SGLang.
+
+An SGLang general plugin: ``pyproject.toml`` declares :func:`register` under the entry-point
+group ``sglang.srt.plugins``. SGLang (0.5.15) calls it in ``launch_server`` before it parses
+the command line, and again in every scheduler process, so the name is both accepted by the
+argument parser (``add_attention_backend_choices``) and built by the model runner
+(``register_attention_backend``). Registering imports neither torch kernels nor
+sageattention; the backend (:mod:`sagecheck.sglang_plugin.backend`) is imported only when a
+server asks for ``sage_attn``, and it fails there, at start, with a message that says why and
+what to use instead (no sageattention, an unsupported GPU or model).
+
+What the backend computes, and its settings (environment variables of the server), are in
+:mod:`sagecheck.sglang_plugin.backend` and :mod:`sagecheck.sglang_plugin.settings`.
+"""
+
+from __future__ import annotations
+
+NAME = "sage_attn"
+
+
+def create_backend(model_runner):  # noqa: ANN001 - SGLang's ModelRunner
+    """SGLang's factory for ``sage_attn`` (called by the model runner in each scheduler process)."""
+    from sagecheck.sglang_plugin.backend import SageAttnBackend
+
+    return SageAttnBackend(model_runner)
+
+
+def register() -> None:
+    """The entry point: add ``sage_attn`` to SGLang's attention backends (idempotent)."""
+    from sglang.srt import server_args
+    from sglang.srt.layers.attention import attention_registry
+
+    if NAME not in server_args.ATTENTION_BACKEND_CHOICES:
+        server_args.add_attention_backend_choices([NAME])
+    attention_registry.register_attention_backend(NAME)(create_backend)

@@ -1,0 +1,213 @@
+"""``SageAttnBackend``: SGLang's Triton attention backend with prefill (and optionally decode) on SageAttention.
+
+What runs where:
+
+* **Prefill / extend** (``ForwardMode.EXTEND``): sageattention's varlen kernel, causal, for
+  every request of the batch, with or without a cached prefix (radix cache hit, chunked
+  prefill): :func:`sagecheck.sglang_plugin.varlen.extend_attention`. The new K/V are written
+  to SGLang's cache first, exactly as the Triton backend writes them; the cache is then only
+  read (prefix keys are gathered into a new tensor, smoothing is out of place).
+* **Decode**: ``SAGE_ATTN_DECODE=triton`` (default) runs the Triton backend's decode, CUDA
+  graphs included: nothing of this class runs inside a captured graph, so a replay cannot
+  read stale metadata of ours. ``SAGE_ATTN_DECODE=sage`` runs
+  :func:`~sagecheck.sglang_plugin.varlen.decode_attention` eagerly (needs ``--disable-cuda-graph``).
+* **Everything else falls back to the Triton backend and is counted** (``fallback:<reason>``
+  in the statistics): mixed, speculative and other forward modes; layers with a sliding
+  window, a logit cap, attention sinks, cross/encoder attention, KV scales or shared KV.
+* Metadata (Triton's ``kv_indptr``/``kv_indices`` and our packing layout) is rebuilt in every
+  :meth:`init_forward_metadata`, the eager entry SGLang calls before each eager batch and each
+  prefill-graph replay (whose attention runs eagerly between graph segments).
+
+Tensor parallelism: each rank sees its own heads (``layer.tp_q_head_num`` query and
+``layer.tp_k_head_num`` KV heads), recorded in the statistics per rank.
+
+What the kernel cannot serve fails at start (:class:`SageAttnUnavailable`, raised in the
+scheduler, quoted in the server's log): no sageattention, a GPU below compute capability 8.0,
+head dims other than 64 and 128, MLA, a KV cache in another dtype than the model (fp8),
+``--page-size`` other than 1, decode on the kernel with CUDA graphs on.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+from typing import Any
+
+import torch
+from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+from sagecheck.sglang_plugin import NAME
+from sagecheck.sglang_plugin.settings import INSTEAD, SageAttnUnavailable, Settings
+from sagecheck.sglang_plugin.stats import Stats
+from sagecheck.sglang_plugin.varlen import ExtendLayout, decode_attention, extend_attention, extend_lengths, load_kernel
+
+KERNEL = "sageattn_varlen: per-block INT8 Q·K, FP16 P·V (Triton)"
+HEAD_DIMS = (64, 128)  # sageattn_varlen asserts these
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def decode_graphs_enabled(server_args: Any) -> bool:
+    cfg = getattr(server_args, "cuda_graph_config", None)
+    decode = getattr(cfg, "decode", None)
+    if decode is not None and hasattr(decode, "backend"):
+        return str(decode.backend) != "disabled"
+    return not getattr(server_args, "disable_cuda_graph", False)
+
+
+def check_serveable(device: torch.device, head_dim: int, v_head_dim: int, use_mla: bool, model_dtype: torch.dtype,
+                    kv_dtype: torch.dtype, page_size: int, decode: str, decode_graphs: bool) -> None:
+    """Refuse, at start, what the kernel cannot serve: one message that says why and what to use instead."""
+    if device.type != "cuda":
+        raise SageAttnUnavailable(f"{NAME}: sageattention's kernel runs on NVIDIA GPUs only, this server runs on {device}; {INSTEAD}")
+    cap = torch.cuda.get_device_capability(device)
+    if cap < (8, 0):
+        raise SageAttnUnavailable(f"{NAME}: sageattention 1.0.6 needs compute capability 8.0 or newer (A100, RTX 30xx, "
+                                  f"H100 ...); {torch.cuda.get_device_name(device)} is {cap[0]}.{cap[1]}; {INSTEAD}")
+    if use_mla:
+        raise SageAttnUnavailable(f"{NAME}: multi-head latent attention (DeepSeek-style MLA) is not supported; {INSTEAD} "
+                                  f"or one of SGLang's MLA backends")
+    if head_dim not in HEAD_DIMS or v_head_dim != head_dim:
+        raise SageAttnUnavailable(f"{NAME}: sageattention's varlen kernel takes head dims {HEAD_DIMS} (equal for K and V); "
+                                  f"this model has {head_dim} (V {v_head_dim}); {INSTEAD}")
+    if kv_dtype != model_dtype:
+        raise SageAttnUnavailable(f"{NAME}: the KV cache is {kv_dtype} and the model {model_dtype}; prefix keys are read from "
+                                  f"the cache in the model's dtype, so drop --kv-cache-dtype, or {INSTEAD}")
+    if page_size != 1:
+        raise SageAttnUnavailable(f"{NAME}: --page-size {page_size}: prefix keys are gathered token by token; use page size 1 "
+                                  f"(the default), or {INSTEAD}")
+    if decode == "sage" and decode_graphs:
+        raise SageAttnUnavailable(
+            f"{NAME}: SAGE_ATTN_DECODE=sage runs sageattn_varlen for decode, whose wrapper sizes its buffers on the host "
+            f"and cannot be captured in a CUDA graph; add --disable-cuda-graph, or use SAGE_ATTN_DECODE=triton (the default)")
+
+
+class SageAttnBackend(TritonAttnBackend):
+    def __init__(self, model_runner: Any) -> None:
+        self.settings = Settings.from_env()
+        self.kernel = load_kernel()
+        super().__init__(model_runner)
+        if getattr(self, "dcp_size", 1) > 1:
+            raise SageAttnUnavailable(f"{NAME}: decode context parallelism (dcp size {self.dcp_size}) is not supported; {INSTEAD}")
+        device = torch.device("cuda", model_runner.gpu_id) if model_runner.device == "cuda" else torch.device(model_runner.device)
+        check_serveable(device,
+                        model_runner.model_config.head_dim, self.v_head_dim, self.use_mla, model_runner.dtype,
+                        model_runner.token_to_kv_pool.dtype, self.page_size, self.settings.decode,
+                        decode_graphs_enabled(model_runner.server_args))
+        tp_rank = getattr(model_runner, "tp_rank", 0)
+        self.stats = Stats(self.settings.stats_dir, {
+            "backend": NAME, "kernel": KERNEL, "sageattention_version": _version("sageattention"),
+            "sagecheck_version": _version("sagecheck"), "decode": self.settings.decode,
+            "decode_cuda_graphs": decode_graphs_enabled(model_runner.server_args),
+            "tp_rank": tp_rank, "tp_size": getattr(model_runner, "tp_size", 1),
+            "q_heads_per_rank": self.num_head, "kv_heads_per_rank": self.num_kv_head,
+            "head_dim": model_runner.model_config.head_dim, "dtype": str(model_runner.dtype).replace("torch.", ""),
+            "gpu": torch.cuda.get_device_name(), "sliding_window": model_runner.sliding_window_size,
+        })
+        # decode on the kernel reads each request's length on the host (the Triton backend opts out of that copy)
+        self.needs_cpu_seq_lens = self.settings.decode == "sage"
+        self._layout: ExtendLayout | None = None
+        self._batch_fallback: str | None = None
+
+    # ------------------------------------------------------------------ metadata
+
+    def init_forward_metadata(self, forward_batch: Any) -> None:
+        super().init_forward_metadata(forward_batch)
+        self._layout, self._batch_fallback = None, None
+        mode = forward_batch.forward_mode
+        if mode == ForwardMode.EXTEND:
+            prefix, extend = extend_lengths(forward_batch)
+            self._layout = ExtendLayout.build(prefix, extend, self.device)
+            self.stats.count("extend_batches_kernel")
+            self.stats.count("extend_tokens_kernel", sum(extend))
+            if self._layout.has_prefix:
+                self.stats.count("extend_batches_with_prefix")
+                self.stats.count("extend_prefix_tokens", sum(prefix))
+        elif mode.is_decode():
+            self.stats.count("decode_batches_kernel" if self.settings.decode == "sage" else "decode_batches_triton")
+        elif not mode.is_idle():
+            self._batch_fallback = f"forward mode {mode.name.lower()}"
+            self.stats.count(f"fallback:{self._batch_fallback}")
+
+    def init_forward_metadata_out_graph(self, forward_batch: Any, in_capture: bool = False) -> None:
+        super().init_forward_metadata_out_graph(forward_batch, in_capture)
+        if not in_capture and forward_batch.forward_mode.is_decode():
+            self.stats.count("decode_graph_replays")
+
+    # ------------------------------------------------------------------ extend
+
+    def _layer_fallback(self, layer: Any, k: Any, sinks: Any, kwargs: dict[str, Any]) -> str | None:
+        if k is None:
+            return "shared KV (no new keys)"
+        if layer.sliding_window_size is not None and layer.sliding_window_size > -1:
+            return "sliding-window layer"
+        if layer.logit_cap and layer.logit_cap > 0:
+            return "logit cap"
+        if sinks is not None:
+            return "attention sinks"
+        if layer.is_cross_attention or getattr(layer.attn_type, "name", "DECODER") != "DECODER":
+            return "cross or encoder attention"
+        if layer.k_scale is not None or layer.v_scale is not None:
+            return "KV scales"
+        if kwargs:
+            return f"arguments {sorted(kwargs)}"
+        return None
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, **kwargs):
+        layout = self._layout
+        reason = self._batch_fallback or ("no layout" if layout is None else self._layer_fallback(layer, k, sinks, kwargs))
+        if reason is None and q.shape[0] != sum(layout.extend_lens):
+            reason = "token count differs from the batch's"
+        if reason is not None:
+            if not self._batch_fallback:  # batch fallbacks are counted once, in init_forward_metadata
+                self.stats.count(f"fallback:{reason}")
+            return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, sinks=sinks, **kwargs)
+
+        if save_kv_cache:
+            loc = KVWriteLoc(forward_batch.out_cache_loc, self.forward_metadata.swa_out_cache_loc,
+                             full_loc=self.forward_metadata.out_cache_loc_full_physical)
+            self._set_kv_buffer(forward_batch, layer, loc, k, v)
+
+        heads, kv_heads, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
+        q3 = q.view(-1, heads, d)
+        k3, v3 = k.view(-1, kv_heads, d), v.view(-1, kv_heads, layer.v_head_dim)
+        k_prefix = v_prefix = None
+        if layout.has_prefix:
+            idx = self.forward_metadata.kv_indices[: sum(layout.prefix_lens)]
+            k_prefix = self.token_to_kv_pool.get_key_buffer(layer.layer_id)[idx]
+            v_prefix = self.token_to_kv_pool.get_value_buffer(layer.layer_id)[idx]
+        out = extend_attention(self.kernel, q3, k3, v3, k_prefix, v_prefix, layout, layer.scaling)
+        return out.reshape(-1, heads * layer.v_head_dim)
+
+    # ------------------------------------------------------------------ decode
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, **kwargs):
+        reason = None if self.settings.decode == "sage" else "decode on triton"
+        if reason is None:
+            reason = self._layer_fallback(layer, k, sinks, kwargs)
+            if reason is not None:
+                self.stats.count(f"fallback:{reason}")
+        if reason is not None:
+            return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, sinks=sinks, **kwargs)
+
+        if save_kv_cache:
+            loc = KVWriteLoc(forward_batch.out_cache_loc, self.forward_metadata.swa_out_cache_loc,
+                             full_loc=self.forward_metadata.out_cache_loc_full_physical)
+            self._set_kv_buffer(forward_batch, layer, loc, k, v)
+        heads, d = layer.tp_q_head_num, layer.qk_head_dim
+        bs = forward_batch.batch_size
+        seq_lens = (forward_batch.seq_lens_cpu.tolist() if forward_batch.seq_lens_cpu is not None
+                    else forward_batch.seq_lens.tolist())[:bs]
+        kv_indptr = self.forward_metadata.kv_indptr[: bs + 1]
+        idx = self.forward_metadata.kv_indices[: sum(seq_lens)]
+        keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)[idx]
+        values = self.token_to_kv_pool.get_value_buffer(layer.layer_id)[idx]
+        out = decode_attention(self.kernel, q.reshape(-1, heads, d)[:bs], keys, values, kv_indptr.to(torch.int32),
+                               seq_lens, layer.scaling)
+        return out.reshape(-1, heads * layer.v_head_dim)

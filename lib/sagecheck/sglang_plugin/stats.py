@@ -1,0 +1,96 @@
+"""What the backend ran, written by each scheduler process for the report to read.
+
+The backend lives in SGLang's scheduler processes (one per tensor-parallel rank), out of
+reach of the HTTP API. With ``SAGE_ATTN_STATS_DIR`` set, each process writes
+``<dir>/rank<R>-<pid>.json``: its configuration (decode mode, kernel, heads per rank) at
+start, then its counters (batches on the kernel, batches with a cached prefix, fallbacks to
+the baseline by reason, decode steps by path), at most twice a second while they change.
+:func:`read` merges the files of one server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+WRITE_INTERVAL_S = 0.5
+
+
+class Stats:
+    """Counters of one scheduler process; ``count`` is cheap (called per batch and per fallback)."""
+
+    def __init__(self, folder: Path | None, config: dict[str, Any]) -> None:
+        self.config = config
+        self.counts: Counter[str] = Counter()
+        self.path = None if folder is None else Path(folder) / f"rank{config.get('tp_rank', 0)}-{os.getpid()}.json"
+        self._dirty = threading.Event()
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.write()
+            threading.Thread(target=self._writer, name="sage_attn-stats", daemon=True).start()
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.counts[key] += int(n)
+        self._dirty.set()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"config": self.config, "counts": dict(self.counts), "pid": os.getpid(), "written_at": time.time()}
+
+    def write(self) -> None:
+        if self.path is None:
+            return
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.snapshot(), indent=1, sort_keys=True))
+        os.replace(tmp, self.path)
+
+    def _writer(self) -> None:
+        while True:
+            self._dirty.wait()
+            time.sleep(WRITE_INTERVAL_S)
+            self._dirty.clear()
+            try:
+                self.write()
+            except Exception as e:  # noqa: BLE001 - statistics must never take the server down, nor stop being written
+                print(f"sage_attn: could not write statistics to {self.path}: {e}", file=sys.stderr, flush=True)
+
+
+def read(folder: str | Path | None) -> dict[str, Any] | None:
+    """One server's files merged: the configuration of each rank and the counters summed; None when there are none."""
+    if folder is None or not Path(folder).is_dir():
+        return None
+    ranks = []
+    for path in sorted(Path(folder).glob("rank*.json")):
+        try:
+            ranks.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError):
+            continue
+    if not ranks:
+        return None
+    counts: Counter[str] = Counter()
+    for r in ranks:
+        counts.update(r.get("counts", {}))
+    configs = [r.get("config", {}) for r in ranks]
+    return {"config": configs[0], "ranks": configs, "counts": dict(counts)}
+
+
+def describe(stats: dict[str, Any] | None) -> str:
+    """One sentence on what ran, for a notebook; says so where nothing was written."""
+    if not stats:
+        return ("what sage_attn ran is not known: the server wrote no statistics (started outside sagecheck "
+                "without SAGE_ATTN_STATS_DIR, or not the sagecheck plugin)")
+    c, cfg = stats["counts"], stats["config"]
+    fallbacks = {k.split(":", 1)[1]: v for k, v in c.items() if k.startswith("fallback:")}
+    fb = ", ".join(f"{v} {k}" for k, v in sorted(fallbacks.items())) or "none"
+    decode = {"triton": "the baseline's Triton decode kernel", "sage": "the sageattention kernel"}.get(cfg.get("decode"), cfg.get("decode"))
+    return (f"sage_attn ({cfg.get('kernel')}, sageattention {cfg.get('sageattention_version') or 'not installed'}): "
+            f"{c.get('extend_batches_kernel', 0)} prefill batches on the kernel, {c.get('extend_batches_with_prefix', 0)} of "
+            f"them with a cached prefix; fallbacks to the baseline (batches or layer calls): {fb}; decode on {decode} "
+            f"({c.get('decode_batches_kernel', 0)} eager steps on the kernel, {c.get('decode_batches_triton', 0)} eager and "
+            f"{c.get('decode_graph_replays', 0)} CUDA-graph steps on Triton); "
+            f"{len(stats['ranks'])} rank(s), {cfg.get('q_heads_per_rank')} query / {cfg.get('kv_heads_per_rank')} KV heads per rank")
