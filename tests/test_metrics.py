@@ -323,12 +323,15 @@ def test_kv_cache_check_and_sglang_server_deltas():
     assert kv_cache_matches(rows)
     assert not kv_cache_matches(rows + [{"status": "ok", "kv_cache": 900, "kv_cache_expected": 1000}])
     assert not kv_cache_matches([{"status": "out of memory"}])  # nothing measured proves nothing
-    servers = [{"implementation": "fa3", "status": "ok", "max_total_num_tokens": 200_000, "nvml_used_bytes": 50},
-               {"implementation": "sage_attn", "status": "ok", "max_total_num_tokens": 190_000, "nvml_used_bytes": 51}]
+    servers = [{"implementation": "fa3", "status": "ok", "max_total_num_tokens": 200_000, "server_gpu_bytes": 50},
+               {"implementation": "sage_attn", "status": "ok", "max_total_num_tokens": 190_000, "server_gpu_bytes": 51}]
     d = server_deltas(servers, "fa3", "sage_attn")
-    assert d["capacity_delta_pct"] == pytest.approx(-5.0) and d["nvml_delta_pct"] == pytest.approx(2.0)
-    servers[1]["nvml_used_bytes"] = None
-    assert server_deltas(servers, "fa3", "sage_attn")["nvml_delta_pct"] is None
+    assert d["capacity_delta_pct"] == pytest.approx(-5.0) and d["server_gpu_delta_pct"] == pytest.approx(2.0)
+    assert not d["same_capacity"] and d["capacity_tokens"] == (200_000, 190_000)
+    servers[1]["server_gpu_bytes"] = None
+    servers[1]["max_total_num_tokens"] = 200_000
+    d = server_deltas(servers, "fa3", "sage_attn")
+    assert d["server_gpu_delta_pct"] is None and d["same_capacity"]
     assert server_deltas(servers[:1], "fa3", "sage_attn") is None
 
 

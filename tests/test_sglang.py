@@ -20,7 +20,7 @@ import pytest
 
 from sagecheck import models
 from sagecheck.engines.sglang import SGLangEngine, launch_spec
-from sagecheck.engines.sglang.client import SGLangClient
+from sagecheck.engines.sglang.client import ClientError, SGLangClient
 from sagecheck.engines.sglang.server import LaunchSpec, Server, ServerError, free_port
 from sagecheck.params import load_params
 from tests.conftest import ROOT, run_cli
@@ -146,10 +146,13 @@ def test_a_server_that_never_becomes_ready(tmp_path):
 def test_a_server_that_dies_mid_run(tmp_path):
     engine = SGLangEngine(params(), tmp_path, env={"SAGECHECK_STANDIN_MODE": "die-after:1"})
     with pytest.raises(ServerError, match=r"died with code 1(.|\n)*simulated crash in the scheduler"):
-        with engine.backend("sage-emulated") as b:
-            pid = b.server.process.pid
-            b.generate([[1, 300, 301]], 2)
-            b.generate([[1, 300, 301]], 2)
+        try:
+            with engine.backend("sage-emulated") as b:
+                pid = b.handle.pid
+                b.generate([[1, 300, 301]], 2)
+                b.generate([[1, 300, 301]], 2)
+        finally:
+            engine.close()
     assert no_server_left(pid)
 
 
@@ -158,12 +161,16 @@ def test_an_unknown_backend_gives_sglangs_own_error(tmp_path):
         Server(spec("no_such_backend"), tmp_path, startup_timeout_s=60).start()
 
 
-def test_an_exception_inside_the_block_stops_the_server(tmp_path):
+def test_the_engine_keeps_its_servers_until_close_even_after_an_exception(tmp_path):
     engine = SGLangEngine(params(), tmp_path)
     with pytest.raises(KeyboardInterrupt):
-        with engine.backend("sdpa") as b:
-            pid = b.server.process.pid
-            raise KeyboardInterrupt  # what an interrupted notebook cell raises
+        try:
+            with engine.backend("sdpa") as b:
+                pid = b.handle.pid
+                raise KeyboardInterrupt  # what an interrupted notebook cell raises
+        finally:
+            assert psutil.pid_exists(pid) and not no_server_left(pid)  # one server per role, reused by the next block
+            engine.close()
     assert no_server_left(pid)
 
 
@@ -190,13 +197,185 @@ def test_attach_to_running_servers(tmp_path):
     with Server(spec("sage_attn"), tmp_path, 120) as cand, Server(spec("fa3"), tmp_path, 120) as base:
         engine = SGLangEngine(params(f"sglang.url={cand.url}", f"sglang.baseline_url={base.url}"), tmp_path)
         with engine.backend("sage-emulated") as b:
-            assert b.info["attention_backend"] == "sage_attn" and b.server is None
+            assert b.info["attention_backend"] == "sage_attn" and b.handle.pid is None
         with engine.backend("sdpa") as b:
             assert b.info["attention_backend"] == "fa3"
         alone = SGLangEngine(params(f"sglang.url={cand.url}"), tmp_path)
         with pytest.raises(ServerError, match="needs a running server for the baseline"):
             with alone.backend("sdpa"):
                 pass
+        with pytest.raises(ServerError, match=r"a second baseline \(A/A control\) too.*aa_control=false"):
+            engine.handle("baseline_copy")
+
+
+# ------------------------------------------------------------------ the run's server set, the plugin, streaming
+
+
+def test_the_roles_a_run_needs():
+    from sagecheck.engines.sglang.servers import needed_roles
+
+    assert needed_roles(params(), ["00_environment", "04_throughput", "99_summary"]) == ["baseline", "candidate", "baseline_copy"]
+    assert needed_roles(params("throughput.aa_control=false"), ["02_logits"]) == ["baseline", "candidate"]
+    assert needed_roles(params(), ["02_logits"]) == ["baseline", "candidate"]
+    assert needed_roles(params(), ["00_environment", "06_activation_drift", "08_kernel"]) == []
+    assert needed_roles(params("engine=hf"), ["02_logits"]) == []
+    assert needed_roles(params("sglang.url=http://x:1", "sglang.baseline_url=http://x:2"), ["02_logits"]) == []
+
+
+def test_a_server_set_starts_matched_servers_side_by_side_and_stops_them(tmp_path):
+    from sagecheck.engines.sglang.servers import ServerSet, stepped_fraction
+
+    assert [stepped_fraction(i) for i in (1, 2, 3)] == [0.283, 0.567, 0.85]
+    assert stepped_fraction(3, 0.5) == 0.92  # never the whole GPU
+    p = params("sglang.max_total_tokens=5000", "sglang.sage_attn_decode=sage")
+    with ServerSet(p, tmp_path, ["baseline", "candidate", "baseline_copy"]) as servers:
+        handles = servers.as_dicts()
+        pids = [h["pid"] for h in handles.values()]
+        assert [h["attention_backend"] for h in handles.values()] == ["fa3", "sage_attn", "fa3"]
+        assert [h["mem_fraction_static"] for h in handles.values()] == [0.85] * 3  # capped KV: started at once
+        assert list(handles) == ["baseline", "candidate", "baseline_copy"]
+        infos = [SGLangClient(h["url"]).server_info() for h in handles.values()]
+        assert [i["max_total_num_tokens"] for i in infos] == [5000] * 3
+        assert handles["candidate"]["env"] == {"SAGE_ATTN_DECODE": "sage",
+                                               "SAGE_ATTN_STATS_DIR": str(tmp_path / "sage_attn-stats-candidate")}
+        commands = [Path(h["log"]).read_text().splitlines()[0].split() for h in handles.values()]
+
+        def without(cmd, *flags):  # the command line less the values that must differ
+            return [a for i, a in enumerate(cmd) if a not in flags and (i == 0 or cmd[i - 1] not in flags)]
+
+        varying = ("--port", "--attention-backend")
+        assert without(commands[0], *varying) == without(commands[1], *varying) == without(commands[2], *varying)
+    assert all(no_server_left(pid) for pid in pids)
+
+
+def test_without_a_kv_cap_the_servers_start_one_after_the_other_with_stepped_fractions(tmp_path):
+    from sagecheck.engines.sglang.servers import ServerSet
+
+    with ServerSet(params(), tmp_path, ["baseline", "candidate"]) as servers:
+        handles = servers.as_dicts()
+        assert [h["mem_fraction_static"] for h in handles.values()] == [0.283, 0.567]
+        assert all(h["url"] for h in handles.values())
+
+
+def test_a_role_that_fails_to_start_is_recorded_and_the_others_run(tmp_path):
+    from sagecheck.engines.sglang.servers import ServerSet
+
+    p = params("sglang_attention_backend=no_such_backend")
+    with ServerSet(p, tmp_path, ["baseline", "candidate"]) as servers:
+        h = servers.as_dicts()
+        assert h["baseline"]["url"] and h["candidate"]["url"] is None
+        assert "invalid choice: 'no_such_backend'" in h["candidate"]["error"]
+        engine = SGLangEngine(p, tmp_path, servers=h)
+        with pytest.raises(ServerError, match="invalid choice: 'no_such_backend'"):
+            with engine.backend("sage-emulated"):
+                pass
+        with engine.backend("sdpa") as b:
+            assert b.info["attention_backend"] == "fa3"
+
+
+def test_sage_attn_is_a_choice_only_where_the_plugin_is_loaded(tmp_path):
+    ok = Server(spec("sage_attn"), tmp_path, 120)
+    with ok:
+        assert SGLangClient(ok.url).server_info()["attention_backend"] == "sage_attn"
+    refused = Server(spec("sage_attn"), tmp_path, 60, env={"SGLANG_PLUGINS": "some_other_plugin"})
+    with pytest.raises(ServerError) as e:
+        refused.start()
+    assert "error: argument --attention-backend: invalid choice: 'sage_attn'" in e.value.cause
+
+
+def test_sage_attn_refuses_to_start_where_sageattention_cannot_be_imported(tmp_path):
+    from sagecheck.engines.sglang.runtime_flag import hidden_sageattention
+
+    shadow = hidden_sageattention(tmp_path / "shadow")
+    env = {"PYTHONPATH": os.pathsep.join([str(shadow), os.environ["PYTHONPATH"]])}
+    with pytest.raises(ServerError) as e:
+        Server(spec("sage_attn"), tmp_path, 60, env=env).start()
+    assert "sage_attn: the sageattention package cannot be imported" in e.value.cause
+    assert "--attention-backend triton" in e.value.cause  # and what to use instead
+    with Server(spec("fa3"), tmp_path, 60, env=env) as baseline:  # the baseline does not need it
+        assert SGLangClient(baseline.url).server_info()["attention_backend"] == "fa3"
+
+
+def test_the_default_backend_is_resolved_the_same_with_and_without_the_plugin(tmp_path):
+    from sagecheck.engines.sglang.runtime_flag import NO_PLUGINS, resolve_default
+
+    with_plugin = resolve_default(params(), tmp_path, {})
+    without = resolve_default(params(), tmp_path, {"SGLANG_PLUGINS": NO_PLUGINS})
+    assert with_plugin["attention_backend"] == without["attention_backend"] == "flashinfer"
+    assert with_plugin["sage_attn_is_a_choice"] and not without["sage_attn_is_a_choice"]
+
+
+def test_the_candidate_writes_the_plugins_statistics(tmp_path):
+    from sagecheck.engines.sglang import candidate_ran
+
+    engine = SGLangEngine(params("sglang.sage_attn_decode=sage"), tmp_path)
+    try:
+        with engine.backend("sage-emulated") as b:
+            b.generate([[1, 300, 301], [1, 5, 6, 7]], 3)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and not (b.plugin_stats() or {}).get("counts"):
+                time.sleep(0.2)
+            stats = b.plugin_stats()
+        assert stats["config"]["decode"] == "sage" and stats["counts"]["extend_batches_kernel"] == 1
+        assert stats["counts"]["decode_batches_kernel"] == 2
+        text = candidate_ran(engine)
+        assert "1 prefill batches on the kernel" in text and "decode on the sageattention kernel" in text
+    finally:
+        engine.close()
+
+
+def test_a_streamed_request_is_timed_to_the_last_first_token_and_to_the_end(tmp_path):
+    with Server(spec("fa3"), tmp_path, 120) as server:
+        client = SGLangClient(server.url)
+        ttft, total = client.streamed_timing([[1, 300, 301, 302], [1, 7, 8]], 5)
+        assert 0 < ttft <= total
+        with pytest.raises(ClientError, match="answered 400"):
+            client.streamed_timing([[1, 300, 10**6]], 2)  # an id outside the vocabulary
+
+
+def test_log_cause_prefers_the_plugins_refusal_then_argparse_then_the_last_exception():
+    from sagecheck.engines.sglang.server import log_cause
+
+    assert log_cause("x\nValueError: early\nRuntimeError: late\n") == "RuntimeError: late"
+    assert log_cause("launch_server: error: argument --attention-backend: invalid choice: 'x'\n") == (
+        "error: argument --attention-backend: invalid choice: 'x'")
+    assert log_cause("sagecheck.sglang_plugin.settings.SageAttnUnavailable: sage_attn: no GPU\nRuntimeError: child died") == (
+        "sage_attn: no GPU")
+    assert log_cause("all fine\n") is None
+
+
+def test_speedups_are_judged_against_the_aa_interval():
+    import numpy as np
+
+    from sagecheck.engines.sglang.throughput import classify
+    from sagecheck.metrics.timing import Samples
+
+    aa = Samples(np.array([0.97, 0.99, 1.0, 1.01, 1.03]), "x")
+    assert classify(Samples(np.array([1.10, 1.12, 1.15, 1.2, 1.11]), "x"), aa) == "faster"
+    assert classify(Samples(np.array([0.8, 0.85, 0.82, 0.84, 0.83]), "x"), aa) == "slower"
+    assert classify(Samples(np.array([1.02, 1.05, 1.0, 1.04, 1.03]), "x"), aa) == "no difference"
+    assert classify(Samples(np.array([1.5] * 5), "x"), None) == "no A/A control"
+
+
+def test_the_sglang_sweep_measures_three_servers_interleaved(tmp_path):
+    from sagecheck.engines.sglang import throughput as ST
+
+    engine = SGLangEngine(params(), tmp_path)
+    try:
+        rows, served = ST.sweep(engine, [16, 600], [1, 2], 3, 5, 1, 0, aa_control=True, max_batch_tokens=1000)
+    finally:
+        engine.close()
+    assert set(served["servers"]) == {"sdpa", "sage-emulated", "baseline_copy"} and "rotated per repeat" in served["order"]
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert {(r["input_length"], r["batch"]) for r in ok} == {(16, 1), (16, 2), (600, 1)}
+    over = [r for r in rows if r["status"] == "over the token budget"]
+    assert {(r["input_length"], r["batch"]) for r in over} == {(600, 2)} and len(over) == 3
+    cand = [r for r in ok if r["implementation"] == "sage-emulated"]
+    assert all(r["prefill_vs_aa"] in ("faster", "slower", "no difference") and r["aa_prefill_speedup"] > 0 for r in cand)
+    assert all(r["decode_ms_per_token"] > 0 and r["ttft_ms"] > 0 and r["repeats"] == 5 for r in ok)
+    s = ST.summary(rows, "sage-emulated")
+    assert s["points"] == 4 and s["points_not_run"] == 1 and s["aa_decode_abs_diff_pct_median"] is not None
+    assert s["prefill_points_faster"] + s["prefill_points_slower"] + s["prefill_points_no_difference"] == 3
 
 
 # ------------------------------------------------------------------ the notebooks on engine: sglang
@@ -213,9 +392,15 @@ def test_notebooks_on_the_sglang_engine(tmp_path, ci_run):
                                                  "activation_drift", "context_length"]) if i} | {"99_summary": "ok"}, done.stderr[-3000:]
     from sagecheck import results as R
 
-    flag = {r["implementation"]: r for r in R.load(out / "results" / "01_runtime_flag.json").tables["implementations"]}
-    assert flag["sage-emulated"]["attention_backend_reported"] == "sage_attn" and flag["sage-emulated"]["generated_tokens"] == 4
-    assert "invalid choice: 'no_such_backend'" in flag["no_such_backend"]["error"]
+    flag = R.load(out / "results" / "01_runtime_flag.json")
+    checks = {r["check"]: r for r in flag.tables["sglang_checks"]}
+    assert all(r["passed"] for r in checks.values()) and all(v.passed for v in flag.verdicts) and len(flag.verdicts) == 6
+    cand = checks["--attention-backend sage_attn (sage-emulated)"]
+    assert cand["reported"] == "sage_attn" and cand["generated_tokens"] == 4 and cand["kernel_prefill_batches"] >= 1
+    assert "invalid choice: 'sage_attn'" in checks["sage_attn with the plugin not loaded (SGLANG_PLUGINS=__sagecheck_none__)"]["error"]
+    assert "sage_attn: the sageattention package cannot be imported" in checks["sage_attn where sageattention cannot be imported"]["error"]
+    assert checks["default backend (no --attention-backend), resolved by SGLang"]["reported"] == "with plugin: flashinfer, without: flashinfer"
+    assert "invalid choice: 'no_such_backend'" in checks["--attention-backend no_such_backend"]["error"]
     logits = R.load(out / "results" / "02_logits.json").metrics["overall"]
     assert logits["positions"] == 2 * 100 + 600 and 0 < logits["kl_mean"] < 1e-2
     # the same perplexity as the in-process engine on the same model and text
@@ -223,16 +408,24 @@ def test_notebooks_on_the_sglang_engine(tmp_path, ci_run):
     sg = R.load(out / "results" / "03_perplexity.json").metrics["perplexity"]
     for impl in ("sdpa", "sage-emulated"):
         assert sg[impl] == pytest.approx(hf[impl], rel=1e-4)
-    t = R.load(out / "results" / "04_throughput.json").tables["throughput"]
-    assert all(r["status"] == "ok" and r["prefill_tok_s"] > 0 for r in t)
+    t = R.load(out / "results" / "04_throughput.json")
+    assert all(r["status"] == "ok" and r["prefill_tok_s"] > 0 for r in t.tables["throughput"])
+    assert {r["implementation"] for r in t.tables["throughput"]} == {"sdpa", "sage-emulated", "baseline_copy"}
+    assert t.metrics["aa_prefill_abs_diff_pct_median"] >= 0 and any("A/A control (prefill)" in n for n in t.notes)
+    assert [s["mem_fraction_static"] for s in t.metrics["servers"]["servers"].values()] == [0.283, 0.567, 0.85]
+    for nb in ("02_logits", "03_perplexity", "04_throughput", "07_context_length"):
+        assert "prefill batches on the kernel" in R.load(out / "results" / f"{nb}.json").metrics["candidate_ran"]
     mem = R.load(out / "results" / "05_memory.json")
     assert [r["attention_backend"] for r in mem.tables["sglang_memory"]] == ["fa3", "sage_attn"]
+    assert all(r["max_total_num_tokens"] == 8192 and r["weights_GB"] > 0 for r in mem.tables["sglang_memory"])
     drift = R.load(out / "results" / "06_activation_drift.json")
     assert any("hf engine" in n for n in drift.notes) and drift.metrics["final_hidden"]["rel_l2_max"] > 0
     ctx = R.load(out / "results" / "07_context_length.json")
     assert [r["length"] for r in ctx.tables["passkey_by_length"]] == [128, 256]
-    logs = list((out / "logs").glob("sglang-*.log"))
-    assert len(logs) >= 10
+    # the run's three servers, started once for every notebook, and 01's three that must not start
+    logs = sorted(p.name.rsplit("-", 1)[0] for p in (out / "logs").glob("sglang-*.log"))
+    assert logs == ["sglang-baseline-fa3", "sglang-baseline_copy-fa3", "sglang-candidate-sage_attn", "sglang-no_such_backend",
+                    "sglang-sage_attn", "sglang-sage_attn"]
     leftovers = [p for p in psutil.process_iter(["cmdline"]) if "sglang.launch_server" in " ".join(p.info["cmdline"] or [])
                  and str(out) in " ".join(p.info["cmdline"] or [])]
     assert not leftovers

@@ -52,7 +52,14 @@ class SGLangServer(_Section):
     baseline_url: Optional[str] = Field(None, description="with url: the running baseline server")
     python: Optional[str] = Field(None, description="interpreter that has sglang installed (default: this one)")
     tp: int = Field(1, ge=1, description="--tp (tensor parallel size)")
-    mem_fraction_static: Optional[float] = Field(None, gt=0, le=1, description="--mem-fraction-static")
+    mem_fraction_static: Optional[float] = Field(
+        None, gt=0, le=1, description="--mem-fraction-static of the first server; the i-th running at once gets i times it "
+                                      "(default 0.283: three servers fit one GPU)")
+    max_total_tokens: Optional[int] = Field(None, ge=16, description="--max-total-tokens: the same KV capacity for every server "
+                                                                   "(default: what each server's memory fraction leaves)")
+    sage_attn_decode: Literal["triton", "sage"] = Field(
+        "triton", description="decode of sagecheck's sage_attn backend (SAGE_ATTN_DECODE): the baseline's Triton kernel "
+                              "(CUDA graphs) or sageattention's (needs disable_cuda_graph)")
     disable_cuda_graph: bool = Field(False, description="--disable-cuda-graph")
     context_length: Optional[int] = Field(None, ge=16, description="--context-length")
     extra_args: list[str] = Field(default_factory=list, description="more server arguments, passed as given")
@@ -69,6 +76,10 @@ class RuntimeFlagParams(_Section):
         default_factory=lambda: ["sdpa", "eager", "sage-emulated", "sage"],
         description="implementations to switch on one after the other; unavailable ones must fail clearly",
     )
+    sglang_backends: list[str] = Field(default_factory=list, description="SGLang engine: more --attention-backend names that "
+                                                                       "must start and generate")
+    sglang_refused: list[str] = Field(default_factory=lambda: ["no_such_backend"],
+                                      description="SGLang engine: names SGLang must refuse with its own error")
     prompt: str = "To be, or not to be, that is the question:"
     max_new_tokens: int = Field(16, ge=1)
 
@@ -115,6 +126,11 @@ class ThroughputParams(_Section):
         "repeated", description="GPU busy time of prefill and decode, from one profiled repeat (seconds of host time each): "
                                 "at every point, at the repeated (largest) point only, or nowhere")
     stability_max_pct: float = Field(3.0, gt=0, description="verdict: repeated point within this many % (median)")
+    aa_control: bool = Field(True, description="SGLang engine: a second baseline server measured interleaved with the others "
+                                               "(A/A control: its speedup over the baseline must be 1)")
+    aa_max_pct: float = Field(3.0, gt=0, description="verdict: |A/A speedup - 1| (median over points) at most this many %")
+    max_batch_tokens: Optional[int] = Field(None, ge=1, description="skip points whose batch x (input + decode tokens) "
+                                                                    "exceeds this (recorded as not run)")
 
 
 class MemoryParams(_Section):
@@ -212,7 +228,8 @@ class Params(_Section):
     sglang_attention_backend: str = Field(
         "sage_attn", description="SGLang --attention-backend name of the candidate (engine: sglang)"
     )
-    sglang_baseline_backend: str = Field("fa3", description="SGLang --attention-backend name of the baseline")
+    sglang_baseline_backend: str = Field("triton", description="SGLang --attention-backend name of the baseline "
+                                                               "(triton is in every build; fa3 where installed)")
     sglang: SGLangServer = Field(default_factory=SGLangServer)
     notebooks: Optional[list[str]] = Field(None, description="run only these notebooks (names or number prefixes)")
 
@@ -244,7 +261,7 @@ class Params(_Section):
 
 COMMON_KEYS = tuple(k for k in Params.model_fields if k not in SECTIONS)
 # keys every notebook gets from the runner on top of its parameters
-RUN_KEYS = ("run_dir",)
+RUN_KEYS = ("run_dir", "sglang_servers")
 
 
 # --------------------------------------------------------------------------- loading
@@ -426,6 +443,7 @@ def parameters_cell_source(notebook: str) -> str:
     for key, value in flat.items():
         lines.append(f"{key} = {value!r}")
     lines.append('run_dir = ""  # empty: outputs/interactive in the project root')
+    lines.append("sglang_servers = {}  # the run's SGLang servers (the runner fills it); empty: the notebook starts its own")
     return "\n".join(lines)
 
 
@@ -446,11 +464,12 @@ class NotebookParams:
     ``P.kl_mean_max`` reads the section, ``P.model`` the common part; ``P.all`` is the full :class:`Params`.
     """
 
-    def __init__(self, params: Params, notebook: str) -> None:
+    def __init__(self, params: Params, notebook: str, servers: dict[str, Any] | None = None) -> None:
         self.all = params
         self.notebook = notebook
         section = section_for(notebook)
         self.section = getattr(params, section) if section else None
+        self.servers = dict(servers or {})  # the run's SGLang servers by role (run key sglang_servers)
 
     def __getattr__(self, name: str) -> Any:
         section = self.__dict__.get("section")
@@ -460,4 +479,4 @@ class NotebookParams:
 
     def with_common(self, **changes: Any) -> "NotebookParams":
         """The same view with common keys changed (e.g. ``engine="hf"``)."""
-        return NotebookParams(self.all.model_copy(update=changes), self.notebook)
+        return NotebookParams(self.all.model_copy(update=changes), self.notebook, self.servers)

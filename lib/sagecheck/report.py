@@ -87,6 +87,17 @@ def _resolved(env: dict[str, Any], key: str, params: dict[str, Any]) -> str:
     return f" ({value})" if value and params.get(key) == "auto" else ""
 
 
+def compared(p: dict[str, Any]) -> str:
+    """What was compared, in the engine's own names: SGLang's --attention-backend names, or the in-process implementations."""
+    if p.get("engine") == "sglang":
+        decode = (p.get("sglang") or {}).get("sage_attn_decode", "?")
+        extra = f"; sage_attn decode on {decode}" if p.get("sglang_attention_backend") == "sage_attn" else ""
+        return (f"SGLang --attention-backend `{p.get('sglang_baseline_backend', '?')}` (baseline) vs "
+                f"`{p.get('sglang_attention_backend', '?')}` (candidate{extra})")
+    phases = ", ".join(p.get("candidate_phases", [])) or "?"
+    return f"baseline `{p.get('baseline', '?')}` vs candidate `{p.get('candidate', '?')}` (phases: {phases})"
+
+
 def _md_cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -99,10 +110,8 @@ def summary_markdown(results: list[R.Results], manifest: dict[str, Any] | None =
     c = counts(results)
     lines = [f"### {p.get('title', 'sagecheck report')}", ""]
     if p:
-        phases = ", ".join(p.get("candidate_phases", []))
         lines.append(
-            f"Model `{p.get('model')}` on engine `{p.get('engine')}`: baseline `{p.get('baseline')}` vs candidate "
-            f"`{p.get('candidate')}` ({phases}); dtype `{p.get('dtype')}`{_resolved(env, 'dtype', p)}, "
+            f"Model `{p.get('model')}` on engine `{p.get('engine')}`: {compared(p)}; dtype `{p.get('dtype')}`{_resolved(env, 'dtype', p)}, "
             f"device `{p.get('device')}`{_resolved(env, 'device', p)}."
         )
     if env:
@@ -207,13 +216,11 @@ def combined_notebook(run_dir: Path) -> nbformat.NotebookNode:
             f"<tr><td><a href='#nb-{_esc(stem)}'>{_esc(stem)}</a></td><td class='{label}'>{_esc(status)}</td>"
             f"<td class='num'>{npass}/{nv}</td><td class='num'>{'' if dur is None else f'{dur:.1f} s'}</td></tr>"
         )
-    phases = ", ".join(p.get("candidate_phases", []))
     header = [
         f"# {title}",
         "",
         f"Run `{manifest.get('run', run_dir.name)}` · started {manifest.get('started_at', '?')} · "
-        f"model `{p.get('model', '?')}` · engine `{p.get('engine', '?')}` · baseline `{p.get('baseline', '?')}` vs "
-        f"candidate `{p.get('candidate', '?')}` (phases: {phases or '?'}) · dtype `{p.get('dtype', '?')}` · "
+        f"model `{p.get('model', '?')}` · engine `{p.get('engine', '?')}` · {compared(p)} · dtype `{p.get('dtype', '?')}` · "
         f"device `{p.get('device', '?')}`",
         "",
         f"<p id='sagecheck-counts'><b>{c['passed']} checks passed, {c['failed']} failed</b>; notebooks: "

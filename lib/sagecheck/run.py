@@ -190,9 +190,6 @@ def run(
     results_dir = run_dir / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
 
-    import papermill as pm
-    from tqdm.auto import tqdm
-
     kernel_name = kernel or ensure_kernel()
     manifest: dict[str, Any] = {
         "run": run_dir.name,
@@ -210,11 +207,50 @@ def run(
     outcome = RunOutcome(run_dir=run_dir)
     _write_manifest(run_dir, manifest)
 
+    servers = _start_servers(params, notebooks, run_dir, progress)
+    manifest["sglang_servers"] = servers.as_dicts() if servers else {}
+    _write_manifest(run_dir, manifest)
+    try:
+        _run_notebooks(notebooks, params, run_dir, results_dir, kernel_name, nb_dir, resume, progress, outcome, manifest,
+                       servers.as_dicts() if servers else {})
+    finally:
+        if servers:
+            servers.stop()
+
+    manifest["finished_at"] = R._now()
+    _write_manifest(run_dir, manifest)
+    redacted = redact_tree(run_dir)
+    if redacted:
+        log.warning("redacted a secret value in %d file(s) of %s", redacted, run_dir)
+    if report:
+        from sagecheck.report import build_report
+
+        outcome.report = build_report(run_dir)
+    return outcome
+
+
+def _start_servers(params: P.Params, notebooks: list[Path], run_dir: Path, progress: bool) -> Any:
+    """The run's SGLang servers (engine: sglang, no server given by URL), started once for every notebook that needs them."""
+    from sagecheck.engines.sglang.servers import ServerSet, needed_roles
+
+    roles = needed_roles(params, [nb.stem for nb in notebooks])
+    if not roles:
+        return None
+    return ServerSet(params, run_dir / "logs", roles, progress=progress).start()
+
+
+def _run_notebooks(notebooks: list[Path], params: P.Params, run_dir: Path, results_dir: Path, kernel_name: str, nb_dir: Path,
+                   resume: bool, progress: bool, outcome: RunOutcome, manifest: dict[str, Any],
+                   servers: dict[str, Any]) -> None:
+    import papermill as pm
+    from tqdm.auto import tqdm
+
     bar = tqdm(notebooks, unit="notebook", disable=not progress, file=sys.stderr)
     for nb in bar:
         bar.set_description(f"running {nb.stem}")
         flat = P.notebook_parameters(params, nb.stem)
         flat["run_dir"] = str(run_dir)
+        flat["sglang_servers"] = servers
         digest = P.params_hash(flat)
         out_nb = run_dir / "notebooks" / nb.name
         res_path = results_dir / f"{nb.stem}.json"
@@ -260,17 +296,6 @@ def run(
         manifest["notebooks"].append(asdict(outcome.notebooks[-1]))
         _write_manifest(run_dir, manifest)
     bar.close()
-
-    manifest["finished_at"] = R._now()
-    _write_manifest(run_dir, manifest)
-    redacted = redact_tree(run_dir)
-    if redacted:
-        log.warning("redacted a secret value in %d file(s) of %s", redacted, run_dir)
-    if report:
-        from sagecheck.report import build_report
-
-        outcome.report = build_report(run_dir)
-    return outcome
 
 
 def _failure_notebook(nb: Path, exc: BaseException) -> str:

@@ -16,4 +16,4 @@ def start(notebook: str, namespace: dict[str, Any]) -> tuple[sp.NotebookParams, 
     params = sp.from_notebook(notebook, namespace)
     runtime.seed_everything(params.seed)
     R = results.start(notebook, params, namespace.get("run_dir", ""))
-    return sp.NotebookParams(params, notebook), R
+    return sp.NotebookParams(params, notebook, namespace.get("sglang_servers")), R

@@ -87,3 +87,13 @@ def create(params: Any, **kwargs: Any) -> Engine:
 
         return SGLangEngine.from_params(params, **kwargs)
     raise ValueError(f"unknown engine {params.engine!r}")
+
+
+def record_candidate(engine: Engine, results: Any) -> Any:
+    """SGLang: what the candidate server ran (sage_attn's statistics), as a metric and a line to display."""
+    from sagecheck import show
+    from sagecheck.engines.sglang import candidate_ran
+
+    text = candidate_ran(engine)
+    results.metric("candidate_ran", text)
+    return show.say(f"**What the candidate server ran** (since it started): {text}")

@@ -44,6 +44,35 @@ def nvml_used(device: torch.device) -> int | None:
         return None
 
 
+def process_tree_gpu_bytes(pid: int) -> int | None:
+    """GPU memory held by a process and its descendants on every GPU, as NVML reports it per process.
+
+    An SGLang server's memory sits in its scheduler processes (one per tensor-parallel rank),
+    children of the process that was started. None where NVML or the process is not available,
+    or NVML lists none of them (in a container NVML may see other process ids).
+    """
+    try:
+        import psutil
+        import pynvml
+
+        root = psutil.Process(pid)
+        pids = {root.pid, *(c.pid for c in root.children(recursive=True))}
+        pynvml.nvmlInit()
+    except Exception:
+        return None
+    try:
+        total, seen = 0, False
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(pynvml.nvmlDeviceGetHandleByIndex(i)):
+                if proc.pid in pids and proc.usedGpuMemory is not None:
+                    total, seen = total + int(proc.usedGpuMemory), True
+        return total if seen else None
+    except Exception:
+        return None
+    finally:
+        pynvml.nvmlShutdown()
+
+
 def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -144,15 +173,21 @@ def kv_cache_matches(rows: list[dict[str, Any]], rel_tol: float = 0.02) -> bool:
 
 
 def server_deltas(server_rows: list[dict[str, Any]], baseline: str, candidate: str) -> dict[str, Any] | None:
-    """SGLang servers of both backends: the candidate's KV-cache capacity and NVML use against the baseline's (%).
+    """SGLang servers of both backends: the candidate's KV-cache capacity and GPU memory against the baseline's (%).
 
-    None unless both servers ran and reported a capacity; ``nvml_delta_pct`` is None without NVML figures.
+    ``server_gpu_delta_pct``: the GPU memory of the candidate server's processes against the baseline's
+    (NVML per process); None without both figures. It compares backends only where both servers hold
+    the same KV cache (``same_capacity``, e.g. set by ``--max-total-tokens``): else the memory fractions
+    the servers were started with decide most of it. None unless both servers ran and reported a capacity.
     """
     ok = {r["implementation"]: r for r in server_rows if r.get("status") == "ok"}
     if baseline not in ok or candidate not in ok or not ok[baseline].get("max_total_num_tokens"):
         return None
     b, c = ok[baseline], ok[candidate]
-    nvml = (100 * (c["nvml_used_bytes"] / b["nvml_used_bytes"] - 1)
-            if b.get("nvml_used_bytes") and c.get("nvml_used_bytes") else None)
+    gpu = (100 * (c["server_gpu_bytes"] / b["server_gpu_bytes"] - 1)
+           if b.get("server_gpu_bytes") and c.get("server_gpu_bytes") else None)
     return {"capacity_delta_pct": 100 * (c["max_total_num_tokens"] / b["max_total_num_tokens"] - 1),
-            "capacity_tokens": (b["max_total_num_tokens"], c["max_total_num_tokens"]), "nvml_delta_pct": nvml}
+            "capacity_tokens": (b["max_total_num_tokens"], c["max_total_num_tokens"]),
+            "same_capacity": b["max_total_num_tokens"] == c["max_total_num_tokens"],
+            "server_gpu_delta_pct": gpu, "server_gpu_bytes": (b.get("server_gpu_bytes"), c.get("server_gpu_bytes")),
+            "cuda_graphs_GB": (b.get("cuda_graphs_GB"), c.get("cuda_graphs_GB"))}

@@ -1,15 +1,21 @@
 """STAND-IN for ``python -m sglang.launch_server`` (tests only; see the package docstring).
 
-Backends: ``sage_attn`` (sagecheck's SageAttention emulation), ``fa3``, ``flashinfer``,
-``triton``, ``torch_native`` (SDPA). Any other ``--attention-backend`` is refused by the
-argument parser with exit code 2, as SGLang does. Failure modes for the tests, chosen by
-``SAGECHECK_STANDIN_MODE``: ``crash`` (dies while starting), ``hang`` (never becomes
-ready), ``die-after:N`` (exits after answering N /generate requests).
+As SGLang 0.5.15 does, it loads the general plugins of the entry-point group
+``sglang.srt.plugins`` before it parses arguments (``sglang.srt.plugins`` here), so
+``--attention-backend sage_attn`` is accepted only where sagecheck's plugin is installed
+and loaded. Built-in backends ``fa3``, ``flashinfer`` (the default), ``triton``,
+``torch_native`` compute SDPA; ``sage_attn`` computes sagecheck's emulation of SageAttention
+1.0.6 in prefill (and in decode with ``SAGE_ATTN_DECODE=sage``), refuses to start where
+``import sageattention`` fails (the plugin's own check and message), and writes the plugin's
+statistics to ``SAGE_ATTN_STATS_DIR``. Any other name is refused by the argument parser with
+exit code 2, as SGLang does. Failure modes for the tests, chosen by ``SAGECHECK_STANDIN_MODE``:
+``crash`` (dies while starting), ``hang`` (never becomes ready), ``die-after:N`` (exits after
+answering N /generate requests).
 """
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -19,31 +25,22 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-BACKENDS = {"sage_attn": "sage-emulated", "fa3": "sdpa", "flashinfer": "sdpa", "triton": "sdpa", "torch_native": "sdpa"}
-DEFAULT_BACKEND = "flashinfer"
+BUILTIN = ("fa3", "flashinfer", "triton", "torch_native")  # all computed with SDPA here
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m sglang.launch_server")
-    ap.add_argument("--model-path", required=True)
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=30000)
-    ap.add_argument("--attention-backend", choices=sorted(BACKENDS))
-    ap.add_argument("--dtype", default="auto", choices=["auto", "half", "float16", "bfloat16", "float", "float32"])
-    ap.add_argument("--tp", "--tp-size", dest="tp_size", type=int, default=1)
-    ap.add_argument("--mem-fraction-static", type=float)
-    ap.add_argument("--disable-cuda-graph", action="store_true")
-    ap.add_argument("--context-length", type=int)
-    ap.add_argument("--random-seed", type=int)
-    ap.add_argument("--load-format", default="auto")
-    ap.add_argument("--revision")
-    return ap.parse_args(argv)
+    from sglang.srt.server_args import build_parser
+
+    return build_parser().parse_args(argv)
 
 
 class State:
+    decode = "triton"
     engine = None
     args = None
     backend = None
+    name = None
+    stats = None
     ready = False
     generate_calls = 0
     die_after = None
@@ -66,6 +63,10 @@ def handle_generate(req: dict):
     top = int(req.get("top_logprobs_num") or 0)
     engine, impl = State.engine, State.backend
     outs = []
+    if State.stats is not None:  # what the plugin counts: one prefill batch, then decode steps
+        State.stats.count("extend_batches_kernel")
+        State.stats.count("extend_tokens_kernel", sum(len(x) for x in batch))
+        State.stats.count("decode_batches_kernel" if State.decode == "sage" else "decode_graph_replays", max(0, n_new - 1))
     with State.lock, engine.backend(impl) as b:
         gens = b.generate(batch, n_new) if n_new > 0 else [[] for _ in batch]
         for seq, gen in zip(batch, gens):
@@ -94,6 +95,20 @@ def handle_generate(req: dict):
     return outs if ids and isinstance(ids[0], list) else outs[0]
 
 
+def stream_chunks(req: dict, outs):
+    """SGLang's streamed answer: per generated token a chunk of each request (with its ``index``), then [DONE]."""
+    outs = outs if isinstance(outs, list) else [outs]
+    n = max(len(o["output_ids"]) for o in outs)
+    for j in range(n):
+        for i, o in enumerate(outs):
+            if j >= len(o["output_ids"]):
+                continue
+            done = j + 1 == len(o["output_ids"])
+            meta = {"id": f"standin-{i}", "prompt_tokens": o["meta_info"]["prompt_tokens"], "completion_tokens": j + 1,
+                    "finish_reason": {"type": "length", "length": j + 1} if done else None}
+            yield {"text": "", "output_ids": o["output_ids"][: j + 1], "meta_info": meta, "index": i}
+
+
 class Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):
         sys.stderr.write("standin: " + (fmt % args) + "\n")
@@ -113,15 +128,23 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(503, {"error": "starting"})
         if self.path == "/get_model_info":
             return self._send(200, {"model_path": State.args.model_path, "tokenizer_path": State.args.model_path, "is_generation": True})
-        if self.path == "/get_server_info":
+        if self.path in ("/get_server_info", "/server_info"):
             cfg = State.engine.model.config
+            a = State.args
+            # the stand-in computes one request at a time; its "capacity" is what --max-total-tokens says, else the context
+            capacity = a.max_total_tokens or cfg.max_position_embeddings
+            weights_gb = sum(p.numel() * p.element_size() for p in State.engine.model.parameters()) / 2**30
             return self._send(200, {
-                "model_path": State.args.model_path, "attention_backend": State.args.attention_backend or DEFAULT_BACKEND,
-                "dtype": State.args.dtype, "tp_size": State.args.tp_size, "mem_fraction_static": State.args.mem_fraction_static,
-                "random_seed": State.args.random_seed, "context_length": State.args.context_length or cfg.max_position_embeddings,
-                # one sequence at a time, as long as the model takes: the stand-in's real capacity
-                "max_total_num_tokens": cfg.max_position_embeddings, "max_req_input_len": cfg.max_position_embeddings - 1,
-                "internal_states": [{"memory_usage": None}], "version": "0.0.0-standin",
+                "model_path": a.model_path, "tokenizer_path": a.model_path, "attention_backend": State.name,
+                "dtype": a.dtype, "tp_size": a.tp_size, "mem_fraction_static": a.mem_fraction_static,
+                "random_seed": a.random_seed, "context_length": a.context_length or cfg.max_position_embeddings,
+                "disable_cuda_graph": a.disable_cuda_graph, "cuda_graph_max_bs": a.cuda_graph_max_bs,
+                "chunked_prefill_size": a.chunked_prefill_size or 8192,
+                "max_total_num_tokens": capacity, "max_req_input_len": cfg.max_position_embeddings - 1,
+                "internal_states": [{"memory_usage": {"weight": round(weights_gb, 2), "kvcache": 0.0, "token_capacity": capacity,
+                                                      "graph": 0.0},
+                                     "effective_max_running_requests_per_dp": 64}],
+                "version": "0.0.0-standin",
             })
         if self.path == "/flush_cache":
             return self._send(200, b"Cache flushed.\n", "text/plain")
@@ -142,16 +165,42 @@ class Handler(BaseHTTPRequestHandler):
             sys.stderr.flush()
             os._exit(1)
         try:
-            return self._send(200, handle_generate(json.loads(body)))
+            req = json.loads(body)
+            outs = handle_generate(req)
         except Exception as e:  # reported like SGLang's error response
             return self._send(400, {"error": {"message": f"{type(e).__name__}: {e}"}})
+        if not req.get("stream"):
+            return self._send(200, outs)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for chunk in stream_chunks(req, outs):
+            self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        self.wfile.write(b"data: [DONE]\n\n")
+
+
+def candidate_phases(name):
+    """The phases a plugin backend computes with SageAttention (sage_attn: prefill; decode only with SAGE_ATTN_DECODE=sage)."""
+    if name != "sage_attn":
+        raise SystemExit(f"standin: the plugin backend {name!r} has no stand-in computation")
+    if importlib.util.find_spec("sageattention") is not None:
+        from sagecheck.sglang_plugin.varlen import load_kernel
+
+        load_kernel()  # the plugin's own check: raises its message where the import fails
+    return ("prefill", "decode") if os.environ.get("SAGE_ATTN_DECODE") == "sage" else ("prefill",)
 
 
 def main(argv=None):
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import DEFAULT_ATTENTION_BACKEND
+
+    load_plugins()  # before the arguments are parsed, as SGLang does
     args = parse_args(argv)
     State.args = args
+    State.name = args.attention_backend or DEFAULT_ATTENTION_BACKEND
     mode = os.environ.get("SAGECHECK_STANDIN_MODE", "")
-    print(f"standin sglang: model {args.model_path}, attention backend {args.attention_backend or DEFAULT_BACKEND}", flush=True)
+    print(f"standin sglang: model {args.model_path}, attention backend {State.name}", flush=True)
     if mode == "crash":
         print("Traceback (most recent call last):\nRuntimeError: standin: simulated failure while loading the model", flush=True)
         sys.exit(1)
@@ -169,8 +218,23 @@ def main(argv=None):
     dtype = {"auto": torch.float32, "float32": torch.float32, "float": torch.float32}.get(args.dtype, torch.float32)
     src = models.resolve(args.model_path)
     model = models.load_model(src, torch.device("cpu"), dtype, "sagecheck-sdpa", seed=args.random_seed or 0)
-    State.engine = HFEngine(model, models.load_tokenizer(src), torch.device("cpu"), dtype)
-    State.backend = BACKENDS[args.attention_backend or DEFAULT_BACKEND]
+    phases = ("prefill", "decode")
+    State.backend = "sdpa"
+    if State.name not in BUILTIN:
+        assert State.name in ATTENTION_BACKENDS, f"{State.name} passed the parser but no plugin registered it"
+        phases = candidate_phases(State.name)
+        State.backend = "sage-emulated"
+        State.decode = "sage" if "decode" in phases else "triton"
+        from sagecheck.sglang_plugin.settings import Settings
+        from sagecheck.sglang_plugin.stats import Stats
+
+        cfg = model.config
+        State.stats = Stats(Settings.from_env().stats_dir, {
+            "backend": State.name, "kernel": "sage-emulated (stand-in: sagecheck's emulation of SageAttention 1.0.6)",
+            "sageattention_version": None, "decode": State.decode, "decode_cuda_graphs": not args.disable_cuda_graph,
+            "tp_rank": 0, "tp_size": args.tp_size, "q_heads_per_rank": cfg.num_attention_heads // args.tp_size,
+            "kv_heads_per_rank": max(1, cfg.num_key_value_heads // args.tp_size), "head_dim": cfg.head_dim})
+    State.engine = HFEngine(model, models.load_tokenizer(src), torch.device("cpu"), dtype, phases=phases)
     State.ready = True
     print("The server is fired up and ready to roll!", flush=True)
     while True:

@@ -1,10 +1,18 @@
-"""The SGLang engine: a real ``sglang.launch_server`` per attention backend, driven over HTTP.
+"""The SGLang engine: real ``sglang.launch_server`` processes, driven over HTTP.
 
-Names: the notebooks ask for ``params.baseline`` and ``params.candidate``; here they mean
-the SGLang backends ``params.sglang_baseline_backend`` (e.g. ``fa3``) and
-``params.sglang_attention_backend`` (``sage_attn``). Any other name is passed to
-``--attention-backend`` as it is. With ``sglang.url`` (and ``sglang.baseline_url``) the
-engine attaches to servers that are already running instead of starting them.
+Names: the notebooks ask for ``params.baseline`` and ``params.candidate``; here they are the
+*roles* whose servers run SGLang's ``params.sglang_baseline_backend`` (``triton``) and
+``params.sglang_attention_backend`` (``sage_attn``); :data:`BASELINE_COPY` is a second
+baseline server (the A/A control of 04). Any other name is started as that
+``--attention-backend`` on its own server.
+
+Where the servers come from, first match wins:
+
+1. the run's server set (:mod:`.servers`: ``python -m sagecheck run`` starts baseline,
+   candidate and, for 04, the copy once, side by side, and hands their URLs to every notebook);
+2. ``sglang.url`` / ``sglang.baseline_url``: servers started by hand;
+3. otherwise (a notebook run by hand) the engine starts the roles it is asked for, side by
+   side with the same stepped memory fractions, and stops them at :meth:`SGLangEngine.close`.
 
 What SGLang cannot give: full-vocabulary distributions (top-k logprobs only), per-layer
 activations, the torch allocator's peaks. The backend's ``capabilities`` say so.
@@ -23,12 +31,13 @@ import torch
 from sagecheck.engines import Backend, Engine, TopK
 from sagecheck.engines.sglang.client import ClientError, SGLangClient
 from sagecheck.engines.sglang.server import LaunchSpec, Server, ServerError, random_model_folder
+from sagecheck.engines.sglang.servers import BASELINE, BASELINE_COPY, CANDIDATE, ServerHandle, ServerSet, backend_for
 
-__all__ = ["SGLangEngine", "SGLangBackend", "ServerError", "ClientError", "launch_spec", "runtime_flag_checks",
-           "throughput_sweep", "memory_report"]
+__all__ = ["SGLangEngine", "SGLangBackend", "ServerError", "ClientError", "launch_spec", "BASELINE_COPY", "plugin_stats",
+           "candidate_ran"]
 
 
-def launch_spec(params: Any, backend: str | None, log_dir: Path) -> LaunchSpec:
+def launch_spec(params: Any, backend: str | None, log_dir: Path, mem_fraction_static: float | None = None) -> LaunchSpec:
     """The command line for ``params`` and one attention backend (None: SGLang's default)."""
     from sagecheck import models
 
@@ -44,24 +53,52 @@ def launch_spec(params: Any, backend: str | None, log_dir: Path) -> LaunchSpec:
         extra += ["--revision", source.revision]
     return LaunchSpec(
         model_path=model_path, attention_backend=backend, dtype=params.dtype, tp=s.tp,
-        mem_fraction_static=s.mem_fraction_static, disable_cuda_graph=s.disable_cuda_graph,
-        context_length=s.context_length, seed=params.seed, load_format=load_format, extra_args=extra,
-        python=s.python or sys.executable,
+        mem_fraction_static=mem_fraction_static if mem_fraction_static is not None else s.mem_fraction_static,
+        disable_cuda_graph=s.disable_cuda_graph, context_length=s.context_length, seed=params.seed,
+        load_format=load_format, max_total_tokens=s.max_total_tokens, extra_args=extra, python=s.python or sys.executable,
     )
+
+
+def plugin_stats(handle: ServerHandle | None) -> dict[str, Any] | None:
+    """What the sage_attn plugin of this server wrote it ran since it was ready (None: nothing written).
+
+    The counters SGLang's own start-up put there (warm-up requests, CUDA-graph capture) are subtracted.
+    """
+    from sagecheck.sglang_plugin import stats
+
+    got = stats.read(handle.stats_dir) if handle is not None and handle.stats_dir else None
+    if got:
+        got["counts"] = {k: v - handle.stats_at_start.get(k, 0) for k, v in got["counts"].items()}
+    return got
+
+
+def candidate_ran(engine: "SGLangEngine") -> str:
+    """One sentence on what the candidate server ran (the sage_attn plugin's statistics), for every SGLang notebook."""
+    from sagecheck.sglang_plugin.stats import describe
+
+    handle = engine.handles.get(CANDIDATE)
+    if handle is None:
+        return "the candidate server was not used"
+    if handle.error:
+        return f"the candidate server did not start: {handle.error.splitlines()[0]}"
+    return describe(plugin_stats(handle))
 
 
 class SGLangBackend(Backend):
     capabilities = frozenset()
 
-    def __init__(self, client: SGLangClient, implementation: str, server: Server | None, info: dict[str, Any]) -> None:
+    def __init__(self, client: SGLangClient, implementation: str, handle: ServerHandle, info: dict[str, Any]) -> None:
         self.client = client
         self.implementation = implementation
-        self.server = server
+        self.handle = handle
         self.info = info
+
+    def plugin_stats(self) -> dict[str, Any] | None:
+        return plugin_stats(self.handle)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.implementation, "attention_backend": self.info.get("attention_backend"),
-                "sglang_version": self.info.get("version")}
+                "sglang_version": self.info.get("version"), "role": self.handle.role, "url": self.handle.url}
 
     def token_logprobs(self, batch: list[list[int]]) -> list[np.ndarray]:
         return self.client.input_logprobs(batch)
@@ -77,145 +114,117 @@ class SGLangBackend(Backend):
 class SGLangEngine(Engine):
     name = "sglang"
 
-    def __init__(self, params: Any, log_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, params: Any, log_dir: Path, env: dict[str, str] | None = None,
+                 servers: dict[str, dict[str, Any]] | None = None) -> None:
         from sagecheck import models
 
         self.params = params
         self.log_dir = Path(log_dir)
         self.env = env
+        self.handles = {role: ServerHandle.from_dict(h) for role, h in (servers or {}).items()}
+        self._own: ServerSet | None = None
         self.tokenizer = models.load_tokenizer(models.resolve(params.model, params.revision))
         self.max_context = None
 
     @classmethod
     def from_params(cls, params: Any, log_dir: str | Path | None = None, **_: Any) -> "SGLangEngine":
-        return cls(params, Path(log_dir) if log_dir else Path.cwd() / "sglang-logs")
+        return cls(params, Path(log_dir) if log_dir else Path.cwd() / "sglang-logs", servers=getattr(params, "servers", None))
+
+    def role(self, implementation: str) -> str | None:
+        if implementation == BASELINE_COPY:
+            return BASELINE_COPY
+        if implementation == self.params.candidate:
+            return CANDIDATE
+        if implementation == self.params.baseline:
+            return BASELINE
+        return None
 
     def backend_name(self, implementation: str) -> str:
-        if implementation == self.params.candidate:
-            return self.params.sglang_attention_backend
-        if implementation == self.params.baseline:
-            return self.params.sglang_baseline_backend
-        return implementation
+        role = self.role(implementation)
+        return backend_for(self.params, role) if role else implementation
 
-    def _attached_url(self, implementation: str) -> str | None:
+    def handle(self, role: str) -> ServerHandle:
+        """The server of a role: the run's, one given by URL, or one this engine starts (and keeps until close)."""
+        if role in self.handles:
+            return self.handles[role]
         s = self.params.sglang
-        if not (s.url or s.baseline_url):
-            return None
-        url = s.url if implementation == self.params.candidate else s.baseline_url
-        if not url:
-            role = "candidate" if implementation == self.params.candidate else "baseline"
-            raise ServerError(f"attached mode needs a running server for the {role} too: set sglang.url and sglang.baseline_url")
-        return url
+        if s.url or s.baseline_url:
+            url = s.url if role == CANDIDATE else s.baseline_url
+            if not url or role == BASELINE_COPY:
+                what = {CANDIDATE: "the candidate", BASELINE: "the baseline", BASELINE_COPY: "a second baseline (A/A control)"}[role]
+                raise ServerError(f"attached mode needs a running server for {what} too: set sglang.url and sglang.baseline_url"
+                                  + (" (or throughput.aa_control=false)" if role == BASELINE_COPY else ""))
+            handle = ServerHandle(role, backend_for(self.params, role), url=url)
+        else:
+            if self._own is None:
+                self._own = ServerSet(self.params, self.log_dir, [], env=self.env)
+            handle = self._own.start_role(role)
+        self.handles[role] = handle
+        return handle
+
+    def client(self, handle: ServerHandle) -> SGLangClient:
+        if handle.error:
+            raise ServerError(handle.error, cause=handle.error.splitlines()[0])
+        server = self._own.servers.get(handle.role) if self._own else None
+        return SGLangClient(handle.url, self.params.sglang.request_timeout_s,
+                            on_failure=server.check_alive if server else None)
 
     @contextmanager
-    def backend(self, implementation: str | None) -> Iterator[SGLangBackend]:
-        """A server running ``implementation``'s SGLang backend (None: no --attention-backend)."""
-        s = self.params.sglang
-        url = self._attached_url(implementation) if implementation else None
-        if url:
-            client = SGLangClient(url, s.request_timeout_s)
-            info = client.server_info()
-            self.max_context = info.get("context_length") or info.get("max_req_input_len")
-            yield SGLangBackend(client, implementation, None, info)
+    def backend(self, implementation: str) -> Iterator[SGLangBackend]:
+        """The server of ``implementation``'s role (kept running), or a server of its own for another backend name."""
+        role = self.role(implementation)
+        if role is None:
+            with self.own_server(implementation) as (server, client, info):
+                yield SGLangBackend(client, implementation, ServerHandle("other", implementation, url=server.url), info)
             return
-        name = self.backend_name(implementation) if implementation else None
-        server = Server(launch_spec(self.params, name, self.log_dir), self.log_dir, s.startup_timeout_s, env=self.env)
+        handle = self.handle(role)
+        client = self.client(handle)
+        info = client.server_info()
+        self.max_context = info.get("context_length") or info.get("max_req_input_len")
+        yield SGLangBackend(client, implementation, handle, info)
+
+    @contextmanager
+    def own_server(self, backend: str | None, env: dict[str, str] | None = None) -> Iterator[tuple[Server, SGLangClient, dict]]:
+        """A server of its own for ``backend`` (None: no --attention-backend), stopped at the end of the block."""
+        spec = launch_spec(self.params, backend, self.log_dir)
+        server = Server(spec, self.log_dir, self.params.sglang.startup_timeout_s, env={**(self.env or {}), **(env or {})})
         try:
             server.start()
-            client = SGLangClient(server.url, s.request_timeout_s, on_failure=server.check_alive)
-            info = client.server_info()
-            self.max_context = info.get("context_length") or info.get("max_req_input_len")
-            yield SGLangBackend(client, implementation or "default", server, info)
+            client = SGLangClient(server.url, self.params.sglang.request_timeout_s, on_failure=server.check_alive)
+            yield server, client, client.server_info()
         finally:
             server.stop()
 
-
-# --------------------------------------------------------------------------- notebook helpers
-
-
-def runtime_flag_checks(params: Any, names: list[str], log_dir: Path, max_new_tokens: int, prompt_ids: list[int]) -> list[dict[str, Any]]:
-    """Start a server per backend name; each must report that backend and generate, or fail with SGLang's own error."""
-    engine = SGLangEngine(params, log_dir)
-    rows = []
-    for name in [None, *names]:
-        sglang_name = engine.backend_name(name) if name else None
-        row = {"implementation": name or "(default)", "attention_backend_asked": sglang_name or "(none: SGLang's default)"}
-        try:
-            with engine.backend(name) as b:
-                out = b.generate([prompt_ids], max_new_tokens)[0]
-                row.update({"loaded": True, "error": "", "attention_backend_reported": b.info.get("attention_backend"),
-                            "generated_tokens": len(out), "generated": engine.tokenizer.decode(out),
-                            "version": b.info.get("version")})
-        except (ServerError, ClientError) as e:
-            row.update({"loaded": False, "error": str(e), "generated_tokens": 0, "generated": ""})
-        rows.append(row)
-    return rows
-
-
-def throughput_sweep(params: Any, lengths: list[int], batches: list[int], log_dir: Path) -> list[dict[str, Any]]:
-    """Per backend (one server at a time), per point: time to first token and decode throughput from client-side timing.
-
-    Each repeat flushes the prefix cache first. Prefill = a request for one new token;
-    decode = (request for ``decode_tokens`` new tokens - that) / (decode_tokens - 1).
-    """
-    from sagecheck.metrics.throughput import random_prompts, speedup_fields, timing_row
-    from sagecheck.metrics.timing import Samples
-
-    p = params.throughput
-    engine = SGLangEngine(params, log_dir)
-    vocab = len(engine.tokenizer)
-    rows: list[dict[str, Any]] = []
-    samples: dict[tuple[str, int, int], dict[str, Samples]] = {}
-    for impl in (params.baseline, params.candidate):
-        try:
-            with engine.backend(impl) as b:
-                for length in lengths:
-                    for batch in batches:
-                        prompts = random_prompts(vocab, batch, length, params.seed, torch.device("cpu")).tolist()
-                        pre, full = [], []
-                        for r in range(p.warmup + p.repeats):
-                            b.client.flush_cache()
-                            t1 = b.client.timed_generate(prompts, 1)
-                            b.client.flush_cache()
-                            tn = b.client.timed_generate(prompts, p.decode_tokens)
-                            if r >= p.warmup:
-                                pre.append(t1)
-                                full.append(tn)
-                        pre_s = Samples(np.asarray(pre), "client wall clock")
-                        dec_s = Samples(np.maximum(np.asarray(full) - np.asarray(pre), 1e-6), "client wall clock")
-                        samples[(impl, batch, length)] = {"prefill": pre_s, "decode": dec_s}
-                        row = timing_row(batch, length, impl, pre_s, dec_s, max(1, p.decode_tokens - 1))
-                        rows.append({**row, "attention_backend": b.info.get("attention_backend")})
-        except (ServerError, ClientError) as e:
-            rows += [{"batch": b_, "input_length": l_, "implementation": impl, "status": "server error", "error": str(e)[:300]}
-                     for l_ in lengths for b_ in batches]
-    for row in rows:
-        base = samples.get((params.baseline, row["batch"], row["input_length"]))
-        if row["implementation"] == params.candidate and row["status"] == "ok" and base:
-            row.update(speedup_fields(base, samples[(params.candidate, row["batch"], row["input_length"])]))
-    return rows
+    def close(self) -> None:
+        if self._own is not None:
+            self._own.stop()
+            self._own = None
 
 
 def memory_report(params: Any, log_dir: Path) -> list[dict[str, Any]]:
-    """Per backend: the KV-cache capacity and memory figures the server reports, and NVML's used memory."""
-    from sagecheck.metrics.memory import nvml_used
+    """Per role: the KV-cache capacity and the memory split SGLang reports, and the GPU memory its processes hold (NVML)."""
+    from sagecheck.metrics.memory import process_tree_gpu_bytes
 
-    engine = SGLangEngine(params, log_dir)
+    engine = SGLangEngine(params, log_dir, servers=params.servers)
     rows = []
-    for impl in (params.baseline, params.candidate):
-        try:
-            with engine.backend(impl) as b:
-                info = b.info
-                used = nvml_used(torch.device("cuda", 0)) if torch.cuda.is_available() else None  # None where NVML fails
-                states = info.get("internal_states") or [{}]
-                rows.append({
-                    "implementation": impl, "status": "ok", "attention_backend": info.get("attention_backend"),
-                    "max_total_num_tokens": info.get("max_total_num_tokens"),
-                    "mem_fraction_static": info.get("mem_fraction_static"),
-                    "memory_usage": states[0].get("memory_usage") if isinstance(states[0], dict) else None,
-                    "nvml_used_bytes": used,
-                })
-        except (ServerError, ClientError) as e:
-            rows.append({"implementation": impl, "status": "server error", "error": str(e)[:300]})
+    try:
+        for impl in (params.baseline, params.candidate):
+            try:
+                with engine.backend(impl) as b:
+                    info = b.info
+                    states = info.get("internal_states") or [{}]
+                    usage = (states[0] or {}).get("memory_usage") or {}
+                    rows.append({
+                        "implementation": impl, "role": b.handle.role, "status": "ok",
+                        "attention_backend": info.get("attention_backend"),
+                        "max_total_num_tokens": info.get("max_total_num_tokens"),
+                        "mem_fraction_static": info.get("mem_fraction_static"),
+                        "weights_GB": usage.get("weight"), "kv_cache_GB": usage.get("kvcache"),
+                        "cuda_graphs_GB": usage.get("graph"),
+                        "server_gpu_bytes": process_tree_gpu_bytes(b.handle.pid) if b.handle.pid else None,
+                    })
+            except (ServerError, ClientError) as e:
+                rows.append({"implementation": impl, "status": "server error", "error": getattr(e, "cause", str(e))[:300]})
+    finally:
+        engine.close()
     return rows
-

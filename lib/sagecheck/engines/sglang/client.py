@@ -11,10 +11,14 @@
 * ``GET /get_server_info``: the server arguments (``attention_backend``, ``dtype``, ...)
   merged with the scheduler's info (``max_total_num_tokens``, ...) and ``internal_states``.
 * ``GET|POST /flush_cache``: empties the radix (prefix) cache between measurements.
+* ``"stream": true``: server-sent events, ``data: {...}`` per chunk (a batch's chunks carry
+  their request's ``index`` and ``meta_info.completion_tokens``), then ``data: [DONE]``; an
+  error arrives as a chunk ``{"error": {"message": ...}}``.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Callable
 
@@ -100,3 +104,38 @@ class SGLangClient:
         t0 = time.perf_counter()
         self.generate(batch, max_new_tokens=max_new_tokens)
         return (time.perf_counter() - t0) * 1e3
+
+    def streamed_timing(self, batch: list[list[int]], max_new_tokens: int) -> tuple[float, float]:
+        """(time to the last request's first token, time to the end), ms, of one streamed batch request.
+
+        The method of ``sglang.bench_one_batch_server`` (``run_one_case``): a streamed
+        ``/generate``, ``ignore_eos``, timed at the client from the request to the chunk in which
+        the last request reports its first completion token, and to the end of the stream.
+        """
+        payload = {"input_ids": batch, "stream": True,
+                   "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True}}
+        first: dict[int, float] = {}
+        t0 = time.perf_counter()
+        try:
+            with self.session.post(self.url + "/generate", json=payload, stream=True, timeout=self.timeout_s) as r:
+                if r.status_code >= 400:
+                    raise ClientError(f"POST /generate answered {r.status_code}: {r.text[:500]}")
+                for line in r.iter_lines():
+                    if not line.startswith(b"data:"):
+                        continue
+                    body = line[5:].strip()
+                    if body == b"[DONE]":
+                        break
+                    chunk = json.loads(body)
+                    if "error" in chunk:
+                        raise ClientError(f"POST /generate (streamed) failed: {chunk['error']}")
+                    if chunk["meta_info"].get("completion_tokens", 0) >= 1:
+                        first.setdefault(int(chunk.get("index", 0)), time.perf_counter())
+        except requests.RequestException as e:
+            if self.on_failure:
+                self.on_failure()
+            raise ClientError(f"POST {self.url}/generate (streamed) failed: {e}") from None
+        end = time.perf_counter()
+        if len(first) != len(batch):
+            raise ClientError(f"streamed /generate: {len(first)} of {len(batch)} requests returned a token")
+        return (max(first.values()) - t0) * 1e3, (end - t0) * 1e3

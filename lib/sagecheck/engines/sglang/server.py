@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import shutil
 import signal
 import socket
@@ -29,7 +30,33 @@ DTYPE_ARG = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
 
 
 class ServerError(RuntimeError):
-    """The server could not start, did not become ready, or died; the message quotes its log."""
+    """The server could not start, did not become ready, or died; the message quotes its log.
+
+    ``cause``: one line, the log's own words where it has them (the exception or the argument
+    parser's error), for tables and one-line failures; ``str()`` adds the log's last lines.
+    """
+
+    def __init__(self, message: str, cause: str | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause or message.splitlines()[0]
+
+
+_CAUSE_PATTERNS = (
+    re.compile(r"\bsage_attn: .+"),  # the plugin's own refusals
+    re.compile(r"error: argument .+"),  # argparse, e.g. an unknown --attention-backend
+    re.compile(r"\b[A-Za-z_][\w.]*(?:Error|Exception|Unavailable): .+"),
+)
+
+
+def log_cause(text: str) -> str | None:
+    """The most telling line of a server log: the plugin's refusal, an argument error, else the last exception."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for pattern in _CAUSE_PATTERNS:
+        for line in reversed(lines):
+            m = pattern.search(line)
+            if m:
+                return m.group(0)[:400]
+    return None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -60,6 +87,7 @@ class LaunchSpec:
     context_length: int | None = None
     seed: int | None = None
     load_format: str | None = None
+    max_total_tokens: int | None = None
     extra_args: list[str] = field(default_factory=list)
     python: str = sys.executable
 
@@ -82,6 +110,8 @@ class LaunchSpec:
             cmd += ["--random-seed", str(self.seed)]
         if self.load_format:
             cmd += ["--load-format", self.load_format]
+        if self.max_total_tokens is not None:
+            cmd += ["--max-total-tokens", str(self.max_total_tokens)]
         return cmd + [str(a) for a in self.extra_args]
 
     @property
@@ -100,19 +130,27 @@ class Server:
     """A running ``sglang.launch_server`` process (a context manager)."""
 
     def __init__(self, spec: LaunchSpec, log_dir: Path, startup_timeout_s: float = 600, poll_s: float = 1.0,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, name: str | None = None) -> None:
         if spec.port == 0:
             spec.port = free_port(spec.host)
         self.spec = spec
         self.url = spec.url
         log_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = log_dir / f"sglang-{spec.attention_backend or 'default'}-{spec.port}.log"
+        label = f"{name}-" if name else ""
+        self.log_path = log_dir / f"sglang-{label}{spec.attention_backend or 'default'}-{spec.port}.log"
         self.startup_timeout_s = startup_timeout_s
         self.poll_s = poll_s
         self.env = env
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "Server":
+        self.launch()
+        self.wait_ready()
+        return self
+
+    def launch(self) -> "Server":
+        """Start the process and return at once (``wait_ready`` waits for it). Launch from the thread that will
+        outlive the server: the child's parent-death signal fires when the launching *thread* ends."""
         cmd = self.spec.command()
         log = open(self.log_path, "w")
         log.write("$ " + " ".join(cmd) + "\n")
@@ -123,14 +161,15 @@ class Server:
             env={**os.environ, **(self.env or {})},
         )
         log.close()
-        self._wait_ready()
         return self
 
     def _error(self, what: str) -> ServerError:
-        return ServerError(f"the SGLang server (--attention-backend {self.spec.attention_backend}) {what}. "
-                           f"Last lines of {self.log_path}:\n{log_tail(self.log_path)}")
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        cause = log_cause(text)
+        first = f"the SGLang server (--attention-backend {self.spec.attention_backend}) {what}" + (f": {cause}" if cause else "")
+        return ServerError(f"{first}. Last lines of {self.log_path}:\n{log_tail(self.log_path)}", cause=first)
 
-    def _wait_ready(self) -> None:
+    def wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             code = self.process.poll()

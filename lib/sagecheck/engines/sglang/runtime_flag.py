@@ -1,0 +1,128 @@
+"""01_runtime_flag on SGLang: does ``--attention-backend sage_attn`` switch on by the flag alone, and fail clearly without its parts?
+
+Each check is one row (``check``, what was ``expected``, what happened, ``passed``):
+
+* the baseline and the candidate servers report the backend they were asked for and generate;
+  the candidate's plugin statistics show prefill batches on the kernel;
+* ``sage_attn`` without the plugin loaded (``SGLANG_PLUGINS`` names another plugin) is
+  refused by SGLang's argument parser;
+* ``sage_attn`` where ``import sageattention`` fails (a package of that name that raises
+  ImportError is put first on the server's path) stops the server at start with the
+  plugin's message;
+* SGLang's default backend, resolved by SGLang for the same command line without the flag,
+  is the same with and without the plugin, and is not ``sage_attn``;
+* further names start a server each: ``runtime_flag.sglang_backends`` must serve,
+  ``runtime_flag.sglang_refused`` (a name SGLang does not know) must be refused with SGLang's own error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from sagecheck.engines.sglang import SGLangEngine, launch_spec
+from sagecheck.engines.sglang.client import ClientError
+from sagecheck.engines.sglang.server import ServerError
+from sagecheck.sglang_plugin import NAME
+
+NO_PLUGINS = "__sagecheck_none__"  # an SGLANG_PLUGINS allow-list that admits no plugin
+
+
+def hidden_sageattention(folder: Path) -> Path:
+    """A folder whose ``sageattention`` package raises ImportError, to put first on a server's PYTHONPATH."""
+    pkg = Path(folder) / "sageattention"
+    pkg.mkdir(parents=True, exist_ok=True)
+    (pkg / "__init__.py").write_text(
+        'raise ImportError("No module named \'sageattention\' (hidden by sagecheck 01_runtime_flag to check that '
+        'sage_attn refuses to start without it)")\n')
+    return Path(folder)
+
+
+def resolve_default(params: Any, log_dir: Path, env: dict[str, str]) -> dict[str, Any]:
+    """SGLang's resolved backend for the run's command line without --attention-backend (no server started)."""
+    spec = launch_spec(params, None, log_dir)
+    argv = spec.command()[3:]  # drop "python -m sglang.launch_server"
+    cmd = [spec.python, "-m", "sagecheck.sglang_plugin.default_backend", *argv]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+    if done.returncode != 0:
+        lines = [ln for ln in (done.stderr or done.stdout).splitlines() if ln.strip()]
+        return {"error": (lines[-1] if lines else f"exit code {done.returncode}")[:300]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _row(check: str, expected: str, passed: bool, **more: Any) -> dict[str, Any]:
+    return {"check": check, "expected": expected, "passed": bool(passed), **more}
+
+
+def _serving(engine: SGLangEngine, impl: str, prompt_ids: list[int], max_new_tokens: int) -> dict[str, Any]:
+    asked = engine.backend_name(impl)
+    try:
+        with engine.backend(impl) as b:
+            out = b.generate([prompt_ids], max_new_tokens)[0]
+            stats = None
+            if asked == NAME and b.handle.stats_dir:
+                deadline = time.monotonic() + 5  # the plugin writes its counters twice a second
+                while time.monotonic() < deadline:
+                    stats = b.plugin_stats()
+                    if stats and stats["counts"].get("extend_batches_kernel"):
+                        break
+                    time.sleep(0.25)
+            reported = b.info.get("attention_backend")
+            kernel = (stats or {}).get("counts", {}).get("extend_batches_kernel")
+            ran = reported == asked and len(out) > 0 and (asked != NAME or not b.handle.stats_dir or bool(kernel))
+            return _row(f"--attention-backend {asked} ({impl})", "reports the backend and generates"
+                        + ("; the plugin ran the kernel" if asked == NAME else ""), ran,
+                        reported=reported, generated=engine.tokenizer.decode(out), generated_tokens=len(out),
+                        kernel_prefill_batches=kernel, decode=(stats or {}).get("config", {}).get("decode"),
+                        sglang_version=b.info.get("version"), error="")
+    except (ServerError, ClientError) as e:
+        return _row(f"--attention-backend {asked} ({impl})", "reports the backend and generates", False,
+                    error=getattr(e, "cause", str(e)))
+
+
+def _refused(engine: SGLangEngine, check: str, expected: str, backend: str, env: dict[str, str], must_say: str) -> dict[str, Any]:
+    try:
+        with engine.own_server(backend, env=env) as (_, _, info):
+            return _row(check, expected, False, reported=info.get("attention_backend"), error="(the server started)")
+    except (ServerError, ClientError) as e:
+        cause = getattr(e, "cause", str(e))
+        return _row(check, expected, must_say in cause, error=cause)
+
+
+def checks(params: Any, log_dir: Path, prompt_ids: list[int], max_new_tokens: int, serving: list[str] = (),
+           refused: list[str] = ()) -> list[dict[str, Any]]:
+    engine = SGLangEngine(params, log_dir, servers=params.servers)
+    rows = []
+    try:
+        for impl in (params.baseline, params.candidate):
+            rows.append(_serving(engine, impl, prompt_ids, max_new_tokens))
+        if params.sglang_attention_backend == NAME:
+            rows.append(_refused(engine, f"{NAME} with the plugin not loaded (SGLANG_PLUGINS={NO_PLUGINS})",
+                                 "refused by SGLang's argument parser", NAME, {"SGLANG_PLUGINS": NO_PLUGINS}, "invalid choice"))
+            shadow = hidden_sageattention(log_dir / "no-sageattention")
+            path = os.pathsep.join(p for p in (str(shadow), os.environ.get("PYTHONPATH", "")) if p)
+            rows.append(_refused(engine, f"{NAME} where sageattention cannot be imported",
+                                 "the server stops at start, naming sageattention and what to use instead", NAME,
+                                 {"PYTHONPATH": path}, "sageattention"))
+        with_plugin = resolve_default(params, log_dir, {})
+        without = resolve_default(params, log_dir, {"SGLANG_PLUGINS": NO_PLUGINS})
+        same = "error" not in with_plugin and "error" not in without and \
+            with_plugin["attention_backend"] == without["attention_backend"] != NAME
+        rows.append(_row("default backend (no --attention-backend), resolved by SGLang",
+                         f"the same with and without the plugin, not {NAME}", same,
+                         reported=f"with plugin: {with_plugin.get('attention_backend')}, without: {without.get('attention_backend')}",
+                         error=with_plugin.get("error") or without.get("error") or "",
+                         sage_attn_is_a_choice=f"with plugin: {with_plugin.get('sage_attn_is_a_choice')}, "
+                                               f"without: {without.get('sage_attn_is_a_choice')}"))
+        for name in serving:
+            rows.append(_serving(engine, name, prompt_ids, max_new_tokens))
+        for name in refused:
+            rows.append(_refused(engine, f"--attention-backend {name}", "refused with SGLang's own error", name, {},
+                                 "invalid choice"))
+    finally:
+        engine.close()
+    return rows

@@ -1,0 +1,187 @@
+"""The SGLang servers of a run: baseline, candidate and an A/A copy of the baseline, started once, side by side.
+
+Why side by side, once per run: a server takes one to two minutes to start (CUDA graphs are
+captured), so starting two per notebook would cost more than the measurements; and speed can
+only be compared fairly between servers that run at the same time, measured interleaved
+request by request, under the same settings. Two servers of the *same* backend started 90 s
+apart, with different ``--mem-fraction-static``, were 20-30% apart in speed on the H100
+(issue 13), so the set is started with identical command lines except for the memory
+fraction, and the throughput notebook measures an A/A pair (baseline against its copy) beside
+the A/B pair. The copy is started only where it is measured (04_throughput, ``aa_control``).
+
+Memory: SGLang sizes a server's static memory (weights + KV cache) as a fraction of the whole
+GPU, the memory of servers already running included. Without ``sglang.max_total_tokens`` each
+server would take all the KV cache its fraction allows, so the set starts one after the other and
+the i-th server gets ``i × share`` (share = 0.85 / 3 unless ``sglang.mem_fraction_static`` sets the
+first's), which leaves each about the same room. With ``sglang.max_total_tokens``
+(``--max-total-tokens``: the same KV capacity for all, so that no server's batching differs) a
+server takes only that, and the set starts side by side, every server with the same fraction
+(``sglang.mem_fraction_static`` or 0.85): identical command lines, and the one to two minutes of
+start-up paid once instead of per server (measured on the H100: 70-115 s per server, mostly imports).
+
+A server that fails to start is recorded with its error; the notebooks that need it fail with
+that error, the others run.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from sagecheck.engines.sglang.server import Server, ServerError
+
+BASELINE, CANDIDATE, BASELINE_COPY = "baseline", "candidate", "baseline_copy"
+ROLES = (BASELINE, CANDIDATE, BASELINE_COPY)
+SHARE = 0.85 / len(ROLES)
+SIDE_BY_SIDE_FRACTION = 0.85  # each server of a set started at once (KV cache capped by --max-total-tokens)
+# notebooks that talk to SGLang servers (06 and 08 run in process, 00 and 99 need none)
+SERVER_NOTEBOOKS = ("01", "02", "03", "04", "05", "07", "09")
+
+
+def stepped_fraction(index: int, first: float | None = None) -> float:
+    """``--mem-fraction-static`` of the index-th (1-based) server running at once on a GPU."""
+    return round(min(0.92, index * (first or SHARE)), 3)
+
+
+def needed_roles(params: Any, notebooks: Iterable[str]) -> list[str]:
+    """The roles the selected notebooks need (none unless the engine is SGLang and no server was given by URL)."""
+    if params.engine != "sglang" or params.sglang.url or params.sglang.baseline_url:
+        return []
+    prefixes = {str(nb).split("_", 1)[0] for nb in notebooks}
+    if not prefixes & set(SERVER_NOTEBOOKS):
+        return []
+    roles = [BASELINE, CANDIDATE]
+    if "04" in prefixes and params.throughput.aa_control:
+        roles.append(BASELINE_COPY)
+    return roles
+
+
+@dataclass
+class ServerHandle:
+    """What a notebook needs of one server of the set (travels to notebooks as a plain dict)."""
+
+    role: str
+    attention_backend: str | None
+    url: str | None = None
+    pid: int | None = None
+    log: str | None = None
+    stats_dir: str | None = None
+    mem_fraction_static: float | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+    stats_at_start: dict[str, int] = field(default_factory=dict)  # the plugin's counters once ready (warm-up, graph capture)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ServerHandle":
+        return cls(**data)
+
+
+def backend_for(params: Any, role: str) -> str:
+    return params.sglang_attention_backend if role == CANDIDATE else params.sglang_baseline_backend
+
+
+def role_env(params: Any, role: str, log_dir: Path) -> dict[str, str]:
+    """The sage_attn plugin's settings for the candidate (decode mode, statistics folder); nothing for the others."""
+    if role != CANDIDATE:
+        return {}
+    return {"SAGE_ATTN_DECODE": params.sglang.sage_attn_decode,
+            "SAGE_ATTN_STATS_DIR": str(Path(log_dir) / f"sage_attn-stats-{role}")}
+
+
+def counters_when_ready(stats_dir: str | None, settle_s: float = 1.0) -> dict[str, int]:
+    """The sage_attn plugin's counters once its server is ready: SGLang's own warm-up and CUDA-graph capture ran
+    batches through the backend, which the notebooks subtract (the plugin writes twice a second: wait for it)."""
+    from sagecheck.sglang_plugin import stats
+
+    if not stats_dir:
+        return {}
+    time.sleep(settle_s)
+    return dict((stats.read(stats_dir) or {}).get("counts", {}))
+
+
+class ServerSet:
+    """Start the given roles one after the other (stepped memory fractions), hand out their URLs, stop them all."""
+
+    def __init__(self, params: Any, log_dir: Path, roles: Iterable[str], env: dict[str, str] | None = None,
+                 progress: bool = False) -> None:
+        self.params = params
+        self.log_dir = Path(log_dir)
+        self.roles = list(roles)
+        self.env = dict(env or {})
+        self.progress = progress
+        self.servers: dict[str, Server] = {}
+        self.handles: dict[str, ServerHandle] = {}
+
+    def _say(self, text: str) -> None:
+        if self.progress:
+            print(f"sagecheck: {text}", file=sys.stderr, flush=True)
+
+    def start(self) -> "ServerSet":
+        if not self.params.sglang.max_total_tokens:
+            for role in self.roles:
+                self._ready(*self._launch(role, stepped_fraction(len(self.servers) + 1, self.params.sglang.mem_fraction_static)))
+            return self
+        fraction = self.params.sglang.mem_fraction_static or SIDE_BY_SIDE_FRACTION
+        launched = [self._launch(role, fraction) for role in self.roles]  # all processes start now ...
+        for server, handle in launched:  # ... and are waited for in turn: together, the slowest one's start-up
+            self._ready(server, handle)
+        return self
+
+    def start_role(self, role: str) -> ServerHandle:
+        """Start one more server, with the next stepped fraction (servers started one after the other)."""
+        return self._ready(*self._launch(role, stepped_fraction(len(self.servers) + 1, self.params.sglang.mem_fraction_static)))
+
+    def _launch(self, role: str, fraction: float) -> tuple[Server | None, ServerHandle]:
+        from sagecheck.engines.sglang import launch_spec
+
+        backend = backend_for(self.params, role)
+        renv = role_env(self.params, role, self.log_dir)
+        spec = launch_spec(self.params, backend, self.log_dir, mem_fraction_static=fraction)
+        server = Server(spec, self.log_dir, self.params.sglang.startup_timeout_s, env={**self.env, **renv}, name=role)
+        handle = ServerHandle(role, backend, log=str(server.log_path), stats_dir=renv.get("SAGE_ATTN_STATS_DIR"),
+                              mem_fraction_static=fraction, env=renv)
+        self.handles[role] = handle
+        self._say(f"starting the {role} SGLang server (--attention-backend {backend}, --mem-fraction-static {fraction})")
+        try:
+            server.launch()
+        except OSError as e:
+            handle.error = f"the {role} SGLang server could not be launched: {e}"
+            self._say(handle.error)
+            return None, handle
+        self.servers[role] = server
+        return server, handle
+
+    def _ready(self, server: Server | None, handle: ServerHandle) -> ServerHandle:
+        if server is None:
+            return handle
+        try:
+            server.wait_ready()
+        except ServerError as e:
+            handle.error = str(e)
+            self.servers.pop(handle.role, None)
+            server.stop()
+            self._say(f"the {handle.role} server did not start: {e.cause}")
+        else:
+            handle.url, handle.pid = server.url, server.process.pid
+            handle.stats_at_start = counters_when_ready(handle.stats_dir)
+        return handle
+
+    def as_dicts(self) -> dict[str, dict[str, Any]]:
+        return {role: h.to_dict() for role, h in self.handles.items()}
+
+    def stop(self) -> None:
+        for server in self.servers.values():
+            server.stop()
+        self.servers.clear()
+
+    def __enter__(self) -> "ServerSet":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

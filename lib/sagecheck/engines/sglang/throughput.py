@@ -1,0 +1,174 @@
+"""Serving speed through SGLang: baseline, candidate and an A/A copy of the baseline, interleaved request by request.
+
+Per point (input length, batch size) and repeat, each server gets the same random prompts as
+one streamed batch request after its prefix cache is flushed, timed at the client as
+``sglang.bench_one_batch_server`` times it (:meth:`SGLangClient.streamed_timing`): TTFT is
+the time to the last request's first token, decode the rest, per token ``(end - TTFT) /
+(decode_tokens - 1)``. The order of the servers rotates from repeat to repeat, so that a drift
+of the machine hits all alike.
+
+The A/A control: the baseline's copy is another server of the same backend, started with the
+same flags. Its "speedup" over the baseline must be 1; its spread at a point is the smallest
+difference the measurement can tell there. A candidate speedup counts as a difference only
+where its 10-90% interval lies outside the A/A interval of the same point
+(:func:`classify`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sagecheck.engines.sglang import BASELINE_COPY, SGLangEngine
+from sagecheck.engines.sglang.client import ClientError
+from sagecheck.engines.sglang.server import ServerError
+from sagecheck.metrics.throughput import random_prompts, speedup_fields, timing_row
+from sagecheck.metrics.timing import Samples, paired_ratio
+
+CLOCK = "client wall clock (streamed /generate)"
+
+
+def classify(speedup: Samples, control: Samples | None) -> str:
+    """``faster`` / ``slower`` where the speedup's 10-90% interval lies above / below the A/A interval, else ``no difference``."""
+    if control is None:
+        return "no A/A control"
+    if speedup.p10 > control.p90:
+        return "faster"
+    if speedup.p90 < control.p10:
+        return "slower"
+    return "no difference"
+
+
+def _point(clients: dict[str, Any], labels: list[str], prompts: list[list[int]], decode_tokens: int, repeats: int,
+           warmup: int) -> dict[str, dict[str, Samples]]:
+    times: dict[str, dict[str, list[float]]] = {label: {"prefill": [], "decode": []} for label in labels}
+    for r in range(warmup + repeats):
+        shift = r % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            clients[label].flush_cache()
+            ttft, total = clients[label].streamed_timing(prompts, decode_tokens)
+            if r >= warmup:
+                times[label]["prefill"].append(ttft)
+                times[label]["decode"].append(max(total - ttft, 1e-6))
+    return {label: {k: Samples(np.asarray(v), CLOCK) for k, v in t.items()} for label, t in times.items()}
+
+
+def point_rows(samples: dict[str, dict[str, Samples]], baseline: str, candidate: str, batch: int, length: int,
+               decode_steps: int, backends: dict[str, str]) -> list[dict[str, Any]]:
+    """Table rows of one point: each server's figures; the candidate's speedup, the A/A speedup and the verdict of each phase."""
+    rows = []
+    base = samples[baseline]
+    control = samples.get(BASELINE_COPY)
+    for label, s in samples.items():
+        row = timing_row(batch, length, label, s["prefill"], s["decode"], decode_steps)
+        row["attention_backend"] = backends.get(label)
+        if label != baseline:
+            row.update(speedup_fields(base, s))
+        if label == candidate:
+            for kind in ("prefill", "decode"):
+                speed = paired_ratio(base[kind], s[kind])
+                aa = paired_ratio(base[kind], control[kind]) if control else None
+                row[f"{kind}_vs_aa"] = classify(speed, aa)
+                if aa is not None:
+                    row.update({f"aa_{kind}_speedup": aa.median, f"aa_{kind}_speedup_p10": aa.p10,
+                                f"aa_{kind}_speedup_p90": aa.p90})
+        rows.append(row)
+    return rows
+
+
+def sweep(engine: SGLangEngine, lengths: list[int], batches: list[int], decode_tokens: int, repeats: int, warmup: int,
+          seed: int, aa_control: bool = True, max_batch_tokens: int | None = None,
+          progress_log: str | Path | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every point on every server; rows as :func:`point_rows`, and what ran on which server.
+
+    A point is not run (and recorded so) where ``batch * (length + decode_tokens)`` exceeds
+    ``max_batch_tokens`` or a server answers with an error; a server that could not start
+    leaves its points not run.
+    """
+    p = engine.params
+    labels = [p.baseline, p.candidate] + ([BASELINE_COPY] if aa_control else [])
+    clients, backends, servers = {}, {}, {}
+    for label in labels:
+        try:
+            handle = engine.handle(engine.role(label))
+            clients[label] = engine.client(handle)
+            info = clients[label].server_info()
+            backends[label] = info.get("attention_backend")
+            servers[label] = {"role": handle.role, "attention_backend": info.get("attention_backend"), "url": handle.url,
+                              "mem_fraction_static": info.get("mem_fraction_static"),
+                              "max_total_num_tokens": info.get("max_total_num_tokens"),
+                              "cuda_graph_max_bs": info.get("cuda_graph_max_bs"),
+                              "disable_cuda_graph": info.get("disable_cuda_graph"),
+                              "chunked_prefill_size": info.get("chunked_prefill_size")}
+        except (ServerError, ClientError) as e:
+            servers[label] = {"role": engine.role(label), "error": getattr(e, "cause", str(e))[:300]}
+    running = [label for label in labels if label in clients]
+    vocab = len(engine.tokenizer)
+    decode_steps = max(1, decode_tokens - 1)
+
+    def log(line: str) -> None:
+        if progress_log is not None:
+            Path(progress_log).parent.mkdir(parents=True, exist_ok=True)
+            with open(progress_log, "a") as f:
+                f.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+
+    rows: list[dict[str, Any]] = []
+    for length in lengths:
+        for batch in batches:
+            not_run = [{"batch": batch, "input_length": length, "implementation": label, "status": status, "error": error}
+                       for label, status, error in ((lb, "server error", servers[lb].get("error", "")) for lb in labels)
+                       if label not in clients]
+            if p.baseline not in clients or p.candidate not in clients:
+                rows += [{"batch": batch, "input_length": length, "implementation": label, "status": "server error",
+                          "error": servers[label].get("error", "")} for label in labels]
+                continue
+            if max_batch_tokens and batch * (length + decode_tokens) > max_batch_tokens:
+                rows += [{"batch": batch, "input_length": length, "implementation": label, "status": "over the token budget",
+                          "error": f"{batch} x ({length} + {decode_tokens}) tokens > throughput.max_batch_tokens = {max_batch_tokens}"}
+                         for label in labels]
+                continue
+            prompts = random_prompts(vocab, batch, length, seed, torch.device("cpu")).tolist()
+            t0 = time.perf_counter()
+            try:
+                samples = _point(clients, running, prompts, decode_tokens, repeats, warmup)
+            except (ClientError, ServerError) as e:
+                why = getattr(e, "cause", str(e)).splitlines()[0][:300]
+                rows += [{"batch": batch, "input_length": length, "implementation": label, "status": "error", "error": why}
+                         for label in labels]
+                log(f"batch {batch} length {length}: error {why}")
+                continue
+            new = point_rows(samples, p.baseline, p.candidate, batch, length, decode_steps, backends)
+            wall = time.perf_counter() - t0
+            for r in new:
+                r["point_wall_s"] = wall
+            rows += new + not_run
+            log(f"batch {batch} length {length}: ok in {wall:.1f} s")
+    return rows, {"servers": servers, "order": "rotated per repeat: " + ", ".join(running), "clock": CLOCK,
+                  "decode_steps_per_request": decode_steps}
+
+
+def summary(rows: list[dict[str, Any]], candidate: str) -> dict[str, Any]:
+    """Medians over the points of the candidate's and the A/A speedups, and how many points each verdict got."""
+    cand = [r for r in rows if r["implementation"] == candidate and r.get("status") == "ok"]
+
+    def median(key: str) -> float | None:
+        values = [r[key] for r in cand if r.get(key) is not None]
+        return float(np.median(values)) if values else None
+
+    out: dict[str, Any] = {}
+    for kind in ("prefill", "decode"):
+        out[f"{kind}_speedup_median_over_points"] = median(f"{kind}_speedup")
+        out[f"aa_{kind}_speedup_median_over_points"] = median(f"aa_{kind}_speedup")
+        aa = [abs(r[f"aa_{kind}_speedup"] - 1) * 100 for r in cand if r.get(f"aa_{kind}_speedup") is not None]
+        out[f"aa_{kind}_abs_diff_pct_median"] = float(np.median(aa)) if aa else None
+        out[f"aa_{kind}_abs_diff_pct_max"] = float(np.max(aa)) if aa else None
+        for verdict in ("faster", "slower", "no difference"):
+            out[f"{kind}_points_{verdict.replace(' ', '_')}"] = sum(r.get(f"{kind}_vs_aa") == verdict for r in cand)
+    points = {(r["batch"], r["input_length"]) for r in rows}
+    out["points"] = len(points)
+    out["points_not_run"] = len(points - {(r["batch"], r["input_length"]) for r in cand})
+    return out

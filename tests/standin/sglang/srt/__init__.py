@@ -1,0 +1,1 @@
+"""STAND-IN for ``sglang.srt``: only the plugin hooks sagecheck's plugin uses (tests only)."""
