@@ -395,7 +395,7 @@ def test_notebooks_on_the_sglang_engine(tmp_path, ci_run):
     flag = R.load(out / "results" / "01_runtime_flag.json")
     checks = {r["check"]: r for r in flag.tables["sglang_checks"]}
     assert all(r["passed"] for r in checks.values()) and all(v.passed for v in flag.verdicts) and len(flag.verdicts) == 6
-    cand = checks["--attention-backend sage_attn (sage-emulated)"]
+    cand = checks["--attention-backend sage_attn (candidate)"]
     assert cand["reported"] == "sage_attn" and cand["generated_tokens"] == 4 and cand["kernel_prefill_batches"] >= 1
     assert "invalid choice: 'sage_attn'" in checks["sage_attn with the plugin not loaded (SGLANG_PLUGINS=__sagecheck_none__)"]["error"]
     assert "sage_attn: the sageattention package cannot be imported" in checks["sage_attn where sageattention cannot be imported"]["error"]

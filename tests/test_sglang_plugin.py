@@ -10,6 +10,7 @@ alignment, an independent computation of what each request's attention must be.
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -217,6 +218,27 @@ def test_statistics_count_tensors_as_numbers_and_stay_writable(tmp_path):
     s.count("extend_tokens_kernel", torch.tensor(7))
     s.write()
     assert read(tmp_path)["counts"] == {"extend_tokens_kernel": 7}
+
+
+def test_preflight_refuses_from_the_arguments_alone_before_any_model_loads(monkeypatch):
+    from types import SimpleNamespace as NS
+
+    from sagecheck.sglang_plugin.preflight import after_check_server_args, preflight
+
+    graphs_on = NS(attention_backend="sage_attn", cuda_graph_config=NS(decode=NS(backend="full")))
+    graphs_off = NS(attention_backend="sage_attn", cuda_graph_config=NS(decode=NS(backend="disabled")))
+    monkeypatch.setitem(sys.modules, "sageattention", None)  # import fails
+    preflight(NS(attention_backend="triton", prefill_attention_backend=None))  # not ours: nothing checked
+    with pytest.raises(SageAttnUnavailable, match="sageattention package cannot be imported.*--attention-backend triton"):
+        after_check_server_args(None, graphs_off)
+    monkeypatch.setenv("SAGE_ATTN_DECODE", "sage")
+    with pytest.raises(SageAttnUnavailable, match="--disable-cuda-graph"):
+        preflight(graphs_on)
+    with pytest.raises(SageAttnUnavailable, match="--disable-cuda-graph"):  # prefill/decode split: also ours
+        preflight(NS(attention_backend="triton", decode_attention_backend="sage_attn", disable_cuda_graph=False))
+    monkeypatch.setenv("SAGE_ATTN_DECODE", "fast")
+    with pytest.raises(SageAttnUnavailable, match="not a decode mode"):
+        preflight(graphs_off)
 
 
 def test_statistics_of_two_ranks_are_merged(tmp_path):

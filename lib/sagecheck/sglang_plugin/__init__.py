@@ -6,8 +6,10 @@ the command line, and again in every scheduler process, so the name is both acce
 argument parser (``add_attention_backend_choices``) and built by the model runner
 (``register_attention_backend``). Registering imports neither torch kernels nor
 sageattention; the backend (:mod:`sagecheck.sglang_plugin.backend`) is imported only when a
-server asks for ``sage_attn``, and it fails there, at start, with a message that says why and
-what to use instead (no sageattention, an unsupported GPU or model).
+server asks for ``sage_attn``. A server that cannot use it fails at start with a message that says
+why and what to use instead: in the launcher, before the model loads, where the arguments alone
+decide (no sageattention, kernel decode under CUDA graphs: :mod:`.preflight`, hooked after
+``ServerArgs.check_server_args``), else where the backend is built (the GPU, the model's heads).
 
 What the backend computes, and its settings (environment variables of the server), are in
 :mod:`sagecheck.sglang_plugin.backend` and :mod:`sagecheck.sglang_plugin.settings`.
@@ -33,3 +35,10 @@ def register() -> None:
     if NAME not in server_args.ATTENTION_BACKEND_CHOICES:
         server_args.add_attention_backend_choices([NAME])
     attention_registry.register_attention_backend(NAME)(create_backend)
+    try:  # fail in seconds, before the model loads, where the arguments alone rule sage_attn out
+        from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    except ImportError:  # an SGLang without the hook registry: the backend's own checks at start still refuse
+        return
+    from sagecheck.sglang_plugin.preflight import after_check_server_args
+
+    HookRegistry.register("sglang.srt.server_args.ServerArgs.check_server_args", after_check_server_args, HookType.AFTER)

@@ -38,6 +38,7 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
 from sagecheck.sglang_plugin import NAME
+from sagecheck.sglang_plugin.preflight import check_decode_mode, decode_graphs_enabled
 from sagecheck.sglang_plugin.settings import INSTEAD, SageAttnUnavailable, Settings
 from sagecheck.sglang_plugin.stats import Stats
 from sagecheck.sglang_plugin.varlen import ExtendLayout, decode_attention, extend_attention, extend_lengths, load_kernel
@@ -51,14 +52,6 @@ def _version(dist: str) -> str | None:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return None
-
-
-def decode_graphs_enabled(server_args: Any) -> bool:
-    cfg = getattr(server_args, "cuda_graph_config", None)
-    decode = getattr(cfg, "decode", None)
-    if decode is not None and hasattr(decode, "backend"):
-        return str(decode.backend) != "disabled"
-    return not getattr(server_args, "disable_cuda_graph", False)
 
 
 def check_serveable(device: torch.device, head_dim: int, v_head_dim: int, use_mla: bool, model_dtype: torch.dtype,
@@ -82,10 +75,7 @@ def check_serveable(device: torch.device, head_dim: int, v_head_dim: int, use_ml
     if page_size != 1:
         raise SageAttnUnavailable(f"{NAME}: --page-size {page_size}: prefix keys are gathered token by token; use page size 1 "
                                   f"(the default), or {INSTEAD}")
-    if decode == "sage" and decode_graphs:
-        raise SageAttnUnavailable(
-            f"{NAME}: SAGE_ATTN_DECODE=sage runs sageattn_varlen for decode, whose wrapper sizes its buffers on the host "
-            f"and cannot be captured in a CUDA graph; add --disable-cuda-graph, or use SAGE_ATTN_DECODE=triton (the default)")
+    check_decode_mode(Settings(decode=decode), decode_graphs)
 
 
 class SageAttnBackend(TritonAttnBackend):

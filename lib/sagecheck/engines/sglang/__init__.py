@@ -31,7 +31,8 @@ import torch
 from sagecheck.engines import Backend, Engine, TopK
 from sagecheck.engines.sglang.client import ClientError, SGLangClient
 from sagecheck.engines.sglang.server import LaunchSpec, Server, ServerError, random_model_folder
-from sagecheck.engines.sglang.servers import BASELINE, BASELINE_COPY, CANDIDATE, ServerHandle, ServerSet, backend_for
+from sagecheck.engines.sglang.servers import (BASELINE, BASELINE_COPY, CANDIDATE, SIDE_BY_SIDE_FRACTION, ServerHandle, ServerSet,
+                                             backend_for, stepped_fraction)
 
 __all__ = ["SGLangEngine", "SGLangBackend", "ServerError", "ClientError", "launch_spec", "BASELINE_COPY", "plugin_stats",
            "candidate_ran"]
@@ -183,11 +184,23 @@ class SGLangEngine(Engine):
         self.max_context = info.get("context_length") or info.get("max_req_input_len")
         yield SGLangBackend(client, implementation, handle, info)
 
+    def extra_fraction(self) -> float | None:
+        """``--mem-fraction-static`` for a server of its own beside the run's: the side-by-side fraction where the KV
+        cache is capped, else the next stepped one after the servers now running."""
+        if self.params.sglang.max_total_tokens:
+            return self.params.sglang.mem_fraction_static or SIDE_BY_SIDE_FRACTION
+        running = sum(1 for h in self.handles.values() if h.url and not h.error)
+        return stepped_fraction(running + 1, self.params.sglang.mem_fraction_static)
+
+    def extra_server(self, backend: str | None, env: dict[str, str] | None = None) -> Server:
+        """A server of its own for ``backend`` (None: no --attention-backend), not started yet."""
+        spec = launch_spec(self.params, backend, self.log_dir, mem_fraction_static=self.extra_fraction())
+        return Server(spec, self.log_dir, self.params.sglang.startup_timeout_s, env={**(self.env or {}), **(env or {})})
+
     @contextmanager
     def own_server(self, backend: str | None, env: dict[str, str] | None = None) -> Iterator[tuple[Server, SGLangClient, dict]]:
         """A server of its own for ``backend`` (None: no --attention-backend), stopped at the end of the block."""
-        spec = launch_spec(self.params, backend, self.log_dir)
-        server = Server(spec, self.log_dir, self.params.sglang.startup_timeout_s, env={**(self.env or {}), **(env or {})})
+        server = self.extra_server(backend, env)
         try:
             server.start()
             client = SGLangClient(server.url, self.params.sglang.request_timeout_s, on_failure=server.check_alive)

@@ -21,11 +21,12 @@ import json
 import os
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from sagecheck.engines.sglang import SGLangEngine, launch_spec
-from sagecheck.engines.sglang.client import ClientError
+from sagecheck.engines.sglang.client import ClientError, SGLangClient
 from sagecheck.engines.sglang.server import ServerError
 from sagecheck.sglang_plugin import NAME
 
@@ -58,6 +59,10 @@ def _row(check: str, expected: str, passed: bool, **more: Any) -> dict[str, Any]
     return {"check": check, "expected": expected, "passed": bool(passed), **more}
 
 
+def _role_word(engine: SGLangEngine, impl: str) -> str:
+    return engine.role(impl) or "another backend"
+
+
 def _serving(engine: SGLangEngine, impl: str, prompt_ids: list[int], max_new_tokens: int) -> dict[str, Any]:
     asked = engine.backend_name(impl)
     try:
@@ -74,23 +79,35 @@ def _serving(engine: SGLangEngine, impl: str, prompt_ids: list[int], max_new_tok
             reported = b.info.get("attention_backend")
             kernel = (stats or {}).get("counts", {}).get("extend_batches_kernel")
             ran = reported == asked and len(out) > 0 and (asked != NAME or not b.handle.stats_dir or bool(kernel))
-            return _row(f"--attention-backend {asked} ({impl})", "reports the backend and generates"
+            return _row(f"--attention-backend {asked} ({_role_word(engine, impl)})", "reports the backend and generates"
                         + ("; the plugin ran the kernel" if asked == NAME else ""), ran,
                         reported=reported, generated=engine.tokenizer.decode(out), generated_tokens=len(out),
                         kernel_prefill_batches=kernel, decode=(stats or {}).get("config", {}).get("decode"),
                         sglang_version=b.info.get("version"), error="")
     except (ServerError, ClientError) as e:
-        return _row(f"--attention-backend {asked} ({impl})", "reports the backend and generates", False,
+        return _row(f"--attention-backend {asked} ({_role_word(engine, impl)})", "reports the backend and generates", False,
                     error=getattr(e, "cause", str(e)))
 
 
-def _refused(engine: SGLangEngine, check: str, expected: str, backend: str, env: dict[str, str], must_say: str) -> dict[str, Any]:
-    try:
-        with engine.own_server(backend, env=env) as (_, _, info):
-            return _row(check, expected, False, reported=info.get("attention_backend"), error="(the server started)")
-    except (ServerError, ClientError) as e:
-        cause = getattr(e, "cause", str(e))
-        return _row(check, expected, must_say in cause, error=cause)
+def _refused_all(engine: SGLangEngine, cases: list[tuple[str, str, str, dict[str, str], str]]) -> list[dict[str, Any]]:
+    """Servers that must not start, all launched at once (each costs SGLang's start-up, about a minute on the H100),
+    then judged in turn: a case passes when its server stopped with a cause that says ``must_say``."""
+    launched = []
+    for check, expected, backend, env, must_say in cases:
+        server = engine.extra_server(backend, env)
+        launched.append((server.launch(), check, expected, must_say))
+    rows = []
+    for server, check, expected, must_say in launched:
+        try:
+            server.wait_ready()
+            info = SGLangClient(server.url, engine.params.sglang.request_timeout_s).server_info()
+            rows.append(_row(check, expected, False, reported=info.get("attention_backend"), error="(the server started)"))
+        except (ServerError, ClientError) as e:
+            cause = getattr(e, "cause", None) or str(e)
+            rows.append(_row(check, expected, must_say in cause, error=cause))
+        finally:
+            server.stop()
+    return rows
 
 
 def checks(params: Any, log_dir: Path, prompt_ids: list[int], max_new_tokens: int, serving: list[str] = (),
@@ -100,16 +117,23 @@ def checks(params: Any, log_dir: Path, prompt_ids: list[int], max_new_tokens: in
     try:
         for impl in (params.baseline, params.candidate):
             rows.append(_serving(engine, impl, prompt_ids, max_new_tokens))
+        refusals = []
         if params.sglang_attention_backend == NAME:
-            rows.append(_refused(engine, f"{NAME} with the plugin not loaded (SGLANG_PLUGINS={NO_PLUGINS})",
-                                 "refused by SGLang's argument parser", NAME, {"SGLANG_PLUGINS": NO_PLUGINS}, "invalid choice"))
             shadow = hidden_sageattention(log_dir / "no-sageattention")
             path = os.pathsep.join(p for p in (str(shadow), os.environ.get("PYTHONPATH", "")) if p)
-            rows.append(_refused(engine, f"{NAME} where sageattention cannot be imported",
-                                 "the server stops at start, naming sageattention and what to use instead", NAME,
-                                 {"PYTHONPATH": path}, "sageattention"))
-        with_plugin = resolve_default(params, log_dir, {})
-        without = resolve_default(params, log_dir, {"SGLANG_PLUGINS": NO_PLUGINS})
+            refusals += [
+                (f"{NAME} with the plugin not loaded (SGLANG_PLUGINS={NO_PLUGINS})", "refused by SGLang's argument parser",
+                 NAME, {"SGLANG_PLUGINS": NO_PLUGINS}, "invalid choice"),
+                (f"{NAME} where sageattention cannot be imported",
+                 "the server stops at start, naming sageattention and what to use instead", NAME, {"PYTHONPATH": path},
+                 "sageattention")]
+        refusals += [(f"--attention-backend {name}", "refused with SGLang's own error", name, {}, "invalid choice")
+                     for name in refused]
+        with ThreadPoolExecutor(2) as pool:  # SGLang resolves its default while the refused servers start
+            defaults = [pool.submit(resolve_default, params, log_dir, env) for env in ({}, {"SGLANG_PLUGINS": NO_PLUGINS})]
+            refused_rows = _refused_all(engine, refusals)
+            with_plugin, without = (f.result() for f in defaults)
+        rows += refused_rows
         same = "error" not in with_plugin and "error" not in without and \
             with_plugin["attention_backend"] == without["attention_backend"] != NAME
         rows.append(_row("default backend (no --attention-backend), resolved by SGLang",
@@ -120,9 +144,6 @@ def checks(params: Any, log_dir: Path, prompt_ids: list[int], max_new_tokens: in
                                                f"without: {without.get('sage_attn_is_a_choice')}"))
         for name in serving:
             rows.append(_serving(engine, name, prompt_ids, max_new_tokens))
-        for name in refused:
-            rows.append(_refused(engine, f"--attention-backend {name}", "refused with SGLang's own error", name, {},
-                                 "invalid choice"))
     finally:
         engine.close()
     return rows
