@@ -97,9 +97,12 @@ def test_backend_names_map_to_sglang_backends(tmp_path):
 def test_free_port_is_free():
     import socket
 
-    port = free_port()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", port))
+    ports = [free_port() for _ in range(50)]
+    for port in ports[:3]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+    # SGLang's gRPC port is --port + 10000 and must stay below 65536 (a port of 58331 failed the start on the H100)
+    assert all(20000 <= p < 55000 for p in ports)
 
 
 # ------------------------------------------------------------------ lifecycle

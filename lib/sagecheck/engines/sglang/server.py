@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import random
 import re
 import shutil
 import signal
@@ -59,10 +60,24 @@ def log_cause(text: str) -> str | None:
     return None
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+# SGLang 0.5.15 derives further ports from --port (its gRPC port is port + 10000, refused above 65535), so a
+# server's port must leave that room: the kernel's ephemeral ports (up to 60999 on Linux) do not.
+PORT_RANGE = (20000, 55000)
+
+
+def free_port(host: str = "127.0.0.1", port_range: tuple[int, int] = PORT_RANGE) -> int:
+    """A port in ``port_range`` that nothing listens on now (and whose +10000 is free too)."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(*port_range)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                    s.bind((host, p))
+        except OSError:
+            continue
+        return port
+    raise ServerError(f"no free port found in {port_range[0]}-{port_range[1]} on {host}")
 
 
 def log_tail(path: Path | None, lines: int = 25) -> str:
