@@ -77,6 +77,18 @@ def ours(clients: dict[str, SGLangClient], prompts: list[list[int]], output_len:
     return out
 
 
+def sweep(params: Any, clients: dict[str, SGLangClient], batches: list[int], lengths: list[int], output_len: int,
+          repeats: int):
+    """(batch, input length, {server: medians}) at every point, the same seeded random prompts for every server."""
+    from sagecheck import models
+
+    vocab = len(models.load_tokenizer(models.resolve(params.model, params.revision)))
+    for length in lengths:
+        for batch in batches:
+            prompts = random_prompts(vocab, batch, length, params.seed, torch.device("cpu")).tolist()
+            yield batch, length, ours(clients, prompts, output_len, repeats)
+
+
 def bench_one_batch_server(url: str, model_path: str, batches: list[int], lengths: list[int], output_len: int, repeats: int,
                            python: str, work: Path) -> list[dict[str, Any]]:
     """SGLang's own benchmark against a running server; its JSONL rows (each case ``repeats`` times). It builds
@@ -93,9 +105,6 @@ def bench_one_batch_server(url: str, model_path: str, batches: list[int], length
 
 def agreement(params: Any, log_dir: Path, batches: list[int], lengths: list[int], output_len: int, repeats: int,
               tolerance_pct: float) -> dict[str, Any]:
-    from sagecheck import models
-
-    vocab = len(models.load_tokenizer(models.resolve(params.model, params.revision)))
     with ServerSet(params, log_dir, [BASELINE, CANDIDATE], progress=True) as servers:
         handles = servers.handles
         failed = {r: h.error for r, h in handles.items() if h.error}
@@ -103,14 +112,12 @@ def agreement(params: Any, log_dir: Path, batches: list[int], lengths: list[int]
             raise RuntimeError(f"servers did not start: {failed}")
         clients = {r: SGLangClient(h.url, 900) for r, h in handles.items()}
         rows = []
-        for length in lengths:
-            for batch in batches:
-                prompts = random_prompts(vocab, batch, length, params.seed, torch.device("cpu")).tolist()
-                for role, m in ours(clients, prompts, output_len, repeats).items():
-                    rows.append({"role": role, "attention_backend": handles[role].attention_backend, "batch": batch,
-                                 "input_len": length, "ours_ttft_ms": m["ttft_ms"],
-                                 "ours_output_tok_s": batch * output_len / (m["decode_ms"] / 1e3),
-                                 "ours_ttft_spread_pct": m["ttft_spread_pct"]})
+        for batch, length, measured in sweep(params, clients, batches, lengths, output_len, repeats):
+            for role, m in measured.items():
+                rows.append({"role": role, "attention_backend": handles[role].attention_backend, "batch": batch,
+                             "input_len": length, "ours_ttft_ms": m["ttft_ms"],
+                             "ours_output_tok_s": batch * output_len / (m["decode_ms"] / 1e3),
+                             "ours_ttft_spread_pct": m["ttft_spread_pct"]})
         python = params.sglang.python or sys.executable
         for role, h in handles.items():
             bench = bench_one_batch_server(h.url, launch_spec(params, None, log_dir).model_path, batches, lengths, output_len, repeats, python, log_dir)
@@ -136,9 +143,6 @@ def agreement(params: Any, log_dir: Path, batches: list[int], lengths: list[int]
 
 def decode_modes(params: Any, log_dir: Path, batches: list[int], lengths: list[int], output_len: int,
                  repeats: int) -> dict[str, Any]:
-    from sagecheck import models
-
-    vocab = len(models.load_tokenizer(models.resolve(params.model, params.revision)))
     fraction = params.sglang.mem_fraction_static or 0.85
     servers: dict[str, Server] = {}
     try:
@@ -150,12 +154,10 @@ def decode_modes(params: Any, log_dir: Path, batches: list[int], lengths: list[i
             s.wait_ready()
         clients = {n: SGLangClient(s.url, 900) for n, s in servers.items()}
         rows = []
-        for length in lengths:
-            for batch in batches:
-                prompts = random_prompts(vocab, batch, length, params.seed, torch.device("cpu")).tolist()
-                for name, m in ours(clients, prompts, output_len, repeats).items():
-                    rows.append({"mode": name, "batch": batch, "input_len": length, "ttft_ms": m["ttft_ms"],
-                                 "decode_ms_per_token": m["decode_ms"] / max(output_len - 1, 1)})
+        for batch, length, measured in sweep(params, clients, batches, lengths, output_len, repeats):
+            for name, m in measured.items():
+                rows.append({"mode": name, "batch": batch, "input_len": length, "ttft_ms": m["ttft_ms"],
+                             "decode_ms_per_token": m["decode_ms"] / max(output_len - 1, 1)})
     finally:
         for s in servers.values():
             s.stop()

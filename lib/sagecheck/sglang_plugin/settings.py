@@ -8,7 +8,7 @@ environment (the scheduler processes inherit it from ``launch_server``):
     inside SGLang's CUDA graphs. ``sage``: decode steps run sageattention's kernel over each
     request's cached keys; its wrapper sizes buffers on the host, so it cannot be captured in a
     CUDA graph and needs ``--disable-cuda-graph`` (the server refuses to start otherwise).
-    The default is what the measurements favour (README, "The sage_attn backend").
+    The default is what the measurements favour (benchmarks/sglang_serving.py, README "Against SGLang").
 ``SAGE_ATTN_STATS_DIR``
     A folder where each scheduler process writes what it ran (:mod:`.stats`); unset: nothing is written.
 """
