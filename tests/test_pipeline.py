@@ -121,6 +121,20 @@ def test_report_is_self_contained_with_summary_first(ci_run):
     assert "import torch" not in html  # code hidden
 
 
+def test_header_and_summary_give_one_count_and_one_order(ci_run):
+    _, out = ci_run
+    html = (out / "report.html").read_text()
+    header = re.search(r"id=[\"']sagecheck-counts[\"']><b>(\d+) checks passed, (\d+) failed</b>; notebooks: (\d+) ok, (\d+) failed, (\d+) skipped", html)
+    summary = re.search(r"(\d+) of (\d+) checks passed, (\d+) failed\.</b> Notebooks: (\d+) ok, (\d+) failed, (\d+) skipped", html)
+    assert header and summary
+    h, s = [int(x) for x in header.groups()], [int(x) for x in summary.groups()]
+    assert (h[0], h[1]) == (s[0], s[2]) and h[2:] == s[3:]
+    table = html[re.search(r"id=[\"']sagecheck-notebooks", html).start():]
+    table = table[:table.index("</table>")]
+    listed = re.findall(r"href=[\"']#nb-(\w+)", table)
+    assert listed == sorted(listed) and "99_summary" not in listed and listed[0] == "00_environment"
+
+
 def _chromium() -> str | None:
     for name in ("chromium", "chromium-browser", "google-chrome"):
         path = shutil.which(name)

@@ -200,9 +200,12 @@ def combined_notebook(run_dir: Path) -> nbformat.NotebookNode:
     p = manifest.get("params", {})
     title = p.get("title", "sagecheck report")
 
-    c = counts(results.values())
+    # one count and one order everywhere: the measuring notebooks in numeric order; 99_summary is the
+    # report's summary (shown first as a section), not a notebook of the count, as in its own table
+    measured = [s for s in stems if not s.startswith("99_")]
+    c = counts(results[s] for s in measured if s in results)
     rows = []
-    for stem in stems:
+    for stem in measured:
         res = results.get(stem)
         entry = entries.get(stem, {})
         status = entry.get("status") or (res.status if res else "missing")
@@ -229,6 +232,11 @@ def combined_notebook(run_dir: Path) -> nbformat.NotebookNode:
         "<table class='sc-table' id='sagecheck-notebooks'><thead><tr><th>notebook</th><th>status</th>"
         f"<th>checks passed</th><th>time</th></tr></thead><tbody>{''.join(rows)}</tbody></table>",
     ]
+    summary = [s for s in stems if s.startswith("99_")]
+    for stem in summary:
+        status = entries.get(stem, {}).get("status") or (results[stem].status if stem in results else "missing")
+        if status not in ("ok", "reused"):
+            header.append(f"\n**The summary notebook {stem} {status}**: the checks above are counted from the results files.")
     not_run = [s for s in manifest.get("available", []) if s not in stems]
     if not_run:
         header.append(f"\nNot part of this run: {', '.join(not_run)}.")
