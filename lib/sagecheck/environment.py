@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-PACKAGES = ("torch", "triton", "transformers", "tokenizers", "sglang", "sageattention", "papermill", "nbconvert", "numpy")
+PACKAGES = ("sagecheck", "torch", "triton", "transformers", "tokenizers", "sglang", "sageattention", "papermill", "nbconvert", "numpy")
 
 
 def package_version(name: str) -> str:
@@ -45,6 +45,10 @@ def git_info() -> dict[str, Any]:
         return done.stdout.strip() if done.returncode == 0 else ""
 
     try:
+        top = git("rev-parse", "--show-toplevel")
+        # an unpacked archive inside some other repository: that repository's commit is not sagecheck's
+        if not top or Path(top).resolve() != root.resolve():
+            return {"sha": "unknown (not run from a git checkout of sagecheck)", "dirty": None}
         sha = git("rev-parse", "HEAD") or "unknown (no commit)"
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
