@@ -87,6 +87,12 @@ def _resolved(env: dict[str, Any], key: str, params: dict[str, Any]) -> str:
     return f" ({value})" if value and params.get(key) == "auto" else ""
 
 
+def _short_sha(sha: Any) -> str:
+    """A commit cut to 12 characters; "unknown (why)" kept whole."""
+    sha = str(sha or "?")
+    return sha if sha.startswith("unknown") else sha[:12]
+
+
 def compared(p: dict[str, Any]) -> str:
     """What was compared, in the engine's own names: SGLang's --attention-backend names, or the in-process implementations."""
     if p.get("engine") == "sglang":
@@ -119,7 +125,7 @@ def summary_markdown(results: list[R.Results], manifest: dict[str, Any] | None =
         lines.append(
             f"GPU: {env.get('gpu', 'n/a')} · torch {versions.get('torch', '?')} · transformers {versions.get('transformers', '?')}"
             f" · sageattention {versions.get('sageattention', '?')} · sglang {versions.get('sglang', '?')}"
-            f" · git `{str(env.get('git', {}).get('sha', '?'))[:12]}`"
+            f" · sagecheck {versions.get('sagecheck', '?')} · git `{_short_sha(env.get('git', {}).get('sha'))}`"
         )
     lines.append("")
     lines.append(
