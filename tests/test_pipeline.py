@@ -241,3 +241,23 @@ def test_report_command_rebuilds_from_a_run_folder(ci_run, tmp_path):
     assert done.returncode == 0 and (copy / "report.html").is_file()
     missing = run_cli("report", str(tmp_path / "nothing"))
     assert missing.returncode == 2 and "run folder not found" in missing.stderr
+
+
+def test_a_report_that_cannot_be_assembled_ends_the_run_with_one_line_and_keeps_the_results(tmp_path, monkeypatch, capsys):
+    """As seen on the GPU machine: nbconvert without its 'lab' template, after every notebook ran."""
+    from sagecheck import __main__ as cli
+    from sagecheck import report
+
+    def no_template(run_dir):
+        raise ValueError("No template sub-directory with name 'lab' found in the following paths:\n\t/x\n\t/y")
+
+    monkeypatch.setattr(report, "build_report", no_template)
+    out = tmp_path / "no-template"
+    code = cli.main(["run", "--params", str(CI_PARAMS), "--only", "00", "--out", str(out), "-q"])
+    err = capsys.readouterr().err
+    assert code == 1
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "could not be assembled: ValueError: No template sub-directory with name 'lab'" in lines[0]
+    assert (out / "results" / "00_environment.json").is_file() and (out / "notebooks" / "00_environment.ipynb").is_file()
+    assert cli.main(["report", str(out)]) == 1 and "ValueError" in capsys.readouterr().err

@@ -35,6 +35,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     for nb in outcome.failed:
         print(f"FAILED {nb.name}: {nb.error}", file=sys.stderr)
+    if outcome.report_error:
+        print(f"sagecheck: the notebooks ran but the HTML report could not be assembled: {outcome.report_error} "
+              f"(results and executed notebooks are in {outcome.run_dir}; `python -m sagecheck report "
+              f"{outcome.run_dir}` builds it again)", file=sys.stderr)
     if outcome.report:
         print(outcome.report)
     else:
@@ -52,6 +56,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(build_report(run_dir))
     except FileNotFoundError as e:
         raise ParamError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - one line, not a traceback
+        first = (str(e).strip().splitlines() or [""])[0]
+        print(f"sagecheck: the HTML report of {run_dir} could not be assembled: {type(e).__name__}: {first}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -113,6 +113,7 @@ class RunOutcome:
     run_dir: Path
     notebooks: list[NotebookRun] = field(default_factory=list)
     report: Path | None = None
+    report_error: str | None = None  # assembling the HTML failed after the notebooks ran: the cause, in one line
 
     @property
     def failed(self) -> list[NotebookRun]:
@@ -120,7 +121,7 @@ class RunOutcome:
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.failed else 0
+        return 1 if self.failed or self.report_error else 0
 
 
 def default_run_name(params_path: str | Path | None, params: P.Params) -> str:
@@ -225,7 +226,12 @@ def run(
     if report:
         from sagecheck.report import build_report
 
-        outcome.report = build_report(run_dir)
+        try:
+            outcome.report = build_report(run_dir)
+        except Exception as e:  # noqa: BLE001 - the results and executed notebooks stay; the cause is said in one line
+            log.debug("building the report failed", exc_info=True)
+            first = (str(e).strip().splitlines() or [""])[0]
+            outcome.report_error = f"{type(e).__name__}: {first}"[:300]
     return outcome
 
 
