@@ -448,3 +448,14 @@ def test_a_crashing_server_fails_its_notebooks_and_the_run_goes_on(tmp_path):
     leftovers = [p for p in psutil.process_iter(["cmdline"]) if "sglang.launch_server" in " ".join(p.info["cmdline"] or [])
                  and str(out) in " ".join(p.info["cmdline"] or [])]
     assert not leftovers
+
+
+def test_unreachable_servers_fail_each_notebook_with_the_cause_in_one_line(tmp_path):
+    out = tmp_path / "unreachable"
+    done = run_cli("run", "--params", str(SGLANG_PARAMS), "-p", "sglang.url=http://127.0.0.1:1", "-p",
+                   "sglang.baseline_url=http://127.0.0.1:2", "-p", "throughput.aa_control=false", "--only", "02,04,05",
+                   "--out", str(out), "-q", "--no-report", env={"PYTHONPATH": os.environ["PYTHONPATH"]})
+    assert done.returncode == 1
+    failed = {ln.split(":", 1)[0][len("FAILED "):]: ln for ln in done.stderr.splitlines() if ln.startswith("FAILED ")}
+    assert set(failed) == {"02_logits", "04_throughput", "05_memory"}, done.stderr[-2000:]
+    assert all("127.0.0.1:2" in ln and "KeyError" not in ln for ln in failed.values())

@@ -240,4 +240,6 @@ def memory_report(params: Any, log_dir: Path) -> list[dict[str, Any]]:
                 rows.append({"implementation": impl, "status": "server error", "error": getattr(e, "cause", str(e))[:300]})
     finally:
         engine.close()
+    if all(r["status"] != "ok" for r in rows):  # nothing measured: fail with the cause rather than an empty table
+        raise ServerError(f"no SGLang server could be reached: {rows[0]['error']}", cause=rows[0]["error"])
     return rows

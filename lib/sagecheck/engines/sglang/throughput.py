@@ -95,8 +95,9 @@ def sweep(engine: SGLangEngine, lengths: list[int], batches: list[int], decode_t
     for label in labels:
         try:
             handle = engine.handle(engine.role(label))
-            clients[label] = engine.client(handle)
-            info = clients[label].server_info()
+            client = engine.client(handle)
+            info = client.server_info()
+            clients[label] = client  # only a server that answered
             backends[label] = info.get("attention_backend")
             servers[label] = {"role": handle.role, "attention_backend": info.get("attention_backend"), "url": handle.url,
                               "mem_fraction_static": info.get("mem_fraction_static"),
@@ -106,6 +107,9 @@ def sweep(engine: SGLangEngine, lengths: list[int], batches: list[int], decode_t
                               "chunked_prefill_size": info.get("chunked_prefill_size")}
         except (ServerError, ClientError) as e:
             servers[label] = {"role": engine.role(label), "error": getattr(e, "cause", str(e))[:300]}
+    if p.baseline not in clients:  # nothing can be compared: the notebook fails with the cause, in one line
+        raise ServerError(f"the baseline server cannot be reached, no point can be measured: {servers[p.baseline]['error']}",
+                          cause=servers[p.baseline]["error"])
     running = [label for label in labels if label in clients]
     vocab = len(engine.tokenizer)
     decode_steps = max(1, decode_tokens - 1)
