@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+from pathlib import Path
 import torch
 
 from sagecheck.data import corpus
@@ -402,3 +403,16 @@ def test_throughput_summary_medians_over_the_points_that_ran():
     assert s["decode_kernel_speedup_median_over_points"] == 0.5 and s["decode_gpu_busy_pct_median"] == 30.0  # both rows
     nothing = summary(rows[-2:], "cand")
     assert nothing["points_not_run"] == 1 and nothing["prefill_speedup_median_over_points"] is None
+
+
+def test_results_refuse_fields_without_a_name():
+    import pandas as pd
+
+    from sagecheck.results import Results
+
+    r = Results("08_kernel", Path("unused"))
+    ratio = pd.Series([1.5, 0.9], index=pd.Index([128, 256], name="seq_len"))
+    with pytest.raises(ValueError, match="fields without a name"):
+        r.metric("sage_over_sdpa_tops", ratio.reset_index().to_dict(orient="records"))  # column "0"
+    r.metric("sage_over_sdpa_tops", ratio.rename("sage_over_sdpa").reset_index().to_dict(orient="records"))
+    assert r.metrics["sage_over_sdpa_tops"] == [{"seq_len": 128, "sage_over_sdpa": 1.5}, {"seq_len": 256, "sage_over_sdpa": 0.9}]

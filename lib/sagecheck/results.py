@@ -113,6 +113,22 @@ def format_number(x: float | None) -> str:
     return f"{x:.4g}"
 
 
+def unnamed_fields_refused(name: str, data: Any) -> Any:
+    """``data``, or ValueError where a record has a field without a name (pandas' default ``0`` column of an
+    unnamed Series): every field of the results JSON says what it is."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            bad = [k for k in item if str(k).strip().lstrip("-").isdigit() or str(k).strip() == ""]
+            if bad:
+                raise ValueError(f"{name!r}: fields without a name {bad}; name them (e.g. Series.rename)")
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return data
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -159,11 +175,11 @@ class Results:
         return Path(self.results_dir).parent / "logs"
 
     def metric(self, name: str, value: Any) -> Any:
-        self.metrics[name] = to_jsonable(value)
+        self.metrics[name] = unnamed_fields_refused(name, to_jsonable(value))
         return value
 
     def table(self, name: str, records: Any) -> Any:
-        data = to_jsonable(records)
+        data = unnamed_fields_refused(name, to_jsonable(records))
         if not isinstance(data, list):
             raise TypeError(f"table {name!r} must be a list of records or a DataFrame")
         self.tables[name] = data
