@@ -261,3 +261,14 @@ def test_a_report_that_cannot_be_assembled_ends_the_run_with_one_line_and_keeps_
     assert "could not be assembled: ValueError: No template sub-directory with name 'lab'" in lines[0]
     assert (out / "results" / "00_environment.json").is_file() and (out / "notebooks" / "00_environment.ipynb").is_file()
     assert cli.main(["report", str(out)]) == 1 and "ValueError" in capsys.readouterr().err
+
+
+def test_executed_notebooks_have_no_stderr_output(ci_run):
+    """Progress bars and tqdm's IProgress warning stay out of the report (they render as red stderr boxes)."""
+    _, out = ci_run
+    noise = []
+    for path in sorted((out / "notebooks").glob("*.ipynb")):
+        for cell in nbformat.read(path, as_version=4).cells:
+            noise += [(path.stem, o["text"][:120]) for o in cell.get("outputs", [])
+                      if o.get("output_type") == "stream" and o.get("name") == "stderr"]
+    assert not noise, noise

@@ -76,6 +76,12 @@ def kernel_argv() -> list[str]:
     return [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}", "--IPKernelApp.log_level=ERROR"]
 
 
+# Batch runs write HTML, not a terminal: progress bars inside notebooks (transformers' "Loading weights", hub
+# downloads) and tqdm's "IProgress not found" warning would only show as red stderr boxes in the report.
+# The runner's own progress bar stays in the terminal.
+KERNEL_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore:IProgress not found"}
+
+
 def ensure_kernel(name: str = KERNEL_NAME) -> str:
     """Make sure the Jupyter kernel ``name`` runs this interpreter; write its spec into sys.prefix (or the user's folder)."""
     from jupyter_client.kernelspec import KernelSpecManager
@@ -83,9 +89,12 @@ def ensure_kernel(name: str = KERNEL_NAME) -> str:
 
     ksm = KernelSpecManager()
     existing = ksm.find_kernel_specs().get(name)
-    if existing and json.loads((Path(existing) / "kernel.json").read_text()).get("argv") == kernel_argv():
-        return name
-    payload = {"argv": kernel_argv(), "display_name": f"Python ({name})", "language": "python", "metadata": {"debugger": True}}
+    payload = {"argv": kernel_argv(), "display_name": f"Python ({name})", "language": "python", "env": KERNEL_ENV,
+               "metadata": {"debugger": True}}
+    if existing:
+        spec = json.loads((Path(existing) / "kernel.json").read_text())
+        if spec.get("argv") == payload["argv"] and spec.get("env") == payload["env"]:
+            return name
     # the spec Jupyter finds first is the one to (re)write; else this interpreter's prefix, else the user's folder
     targets = ([Path(existing)] if existing else []) + [Path(sys.prefix) / "share" / "jupyter" / "kernels" / name,
                                                          Path(jupyter_data_dir()) / "kernels" / name]
