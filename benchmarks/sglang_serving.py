@@ -46,7 +46,8 @@ import torch
 from sagecheck.engines.sglang import launch_spec
 from sagecheck.engines.sglang.client import SGLangClient
 from sagecheck.engines.sglang.server import Server, ServerError
-from sagecheck.engines.sglang.servers import BASELINE, CANDIDATE, ServerSet
+from sagecheck.engines.sglang.servers import BASELINE, CANDIDATE, SIDE_BY_SIDE_FRACTION, ServerSet
+from sagecheck.engines.sglang.throughput import measure_interleaved
 from sagecheck.metrics.throughput import random_prompts
 from sagecheck.params import load_params
 
@@ -57,36 +58,19 @@ DECODE_MODES = {  # name: (environment of the sage_attn server, extra flags)
 }
 
 
-def ours(clients: dict[str, SGLangClient], prompts: list[list[int]], output_len: int, repeats: int) -> dict[str, dict[str, float]]:
-    """04's method: flush, one streamed batch request per server, rotated order; one warm-up; medians."""
-    names = list(clients)
-    got: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
-    for r in range(1 + repeats):
-        shift = r % len(names)
-        for n in names[shift:] + names[:shift]:
-            clients[n].flush_cache()
-            ttft, total = clients[n].streamed_timing(prompts, output_len)
-            if r:
-                got[n].append((ttft, total))
-    out = {}
-    for n, samples in got.items():
-        ttft = np.array([s[0] for s in samples])
-        decode = np.array([s[1] - s[0] for s in samples])
-        out[n] = {"ttft_ms": float(np.median(ttft)), "decode_ms": float(np.median(decode)),
-                  "ttft_spread_pct": float(100 * (ttft.max() - ttft.min()) / np.median(ttft))}
-    return out
-
-
 def sweep(params: Any, clients: dict[str, SGLangClient], batches: list[int], lengths: list[int], output_len: int,
           repeats: int):
-    """(batch, input length, {server: medians}) at every point, the same seeded random prompts for every server."""
+    """(batch, input length, {server: medians}) at every point, the same seeded random prompts for every server,
+    measured as 04 measures (:func:`sagecheck.engines.sglang.throughput.measure_interleaved`, one warm-up)."""
     from sagecheck import models
 
     vocab = len(models.load_tokenizer(models.resolve(params.model, params.revision)))
     for length in lengths:
         for batch in batches:
             prompts = random_prompts(vocab, batch, length, params.seed, torch.device("cpu")).tolist()
-            yield batch, length, ours(clients, prompts, output_len, repeats)
+            samples = measure_interleaved(clients, list(clients), prompts, output_len, repeats, warmup=1)
+            yield batch, length, {n: {"ttft_ms": s["prefill"].median, "decode_ms": s["decode"].median,
+                                      "ttft_spread_pct": s["prefill"].spread_pct} for n, s in samples.items()}
 
 
 def bench_one_batch_server(url: str, model_path: str, batches: list[int], lengths: list[int], output_len: int, repeats: int,
@@ -143,7 +127,7 @@ def agreement(params: Any, log_dir: Path, batches: list[int], lengths: list[int]
 
 def decode_modes(params: Any, log_dir: Path, batches: list[int], lengths: list[int], output_len: int,
                  repeats: int) -> dict[str, Any]:
-    fraction = params.sglang.mem_fraction_static or 0.85
+    fraction = params.sglang.mem_fraction_static or SIDE_BY_SIDE_FRACTION
     servers: dict[str, Server] = {}
     try:
         for name, (env, extra) in DECODE_MODES.items():

@@ -57,8 +57,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     except FileNotFoundError as e:
         raise ParamError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - one line, not a traceback
-        first = (str(e).strip().splitlines() or [""])[0]
-        print(f"sagecheck: the HTML report of {run_dir} could not be assembled: {type(e).__name__}: {first}", file=sys.stderr)
+        from sagecheck.run import error_line
+
+        print(f"sagecheck: the HTML report of {run_dir} could not be assembled: {error_line(e)}", file=sys.stderr)
         return 1
     return 0
 

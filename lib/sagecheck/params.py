@@ -53,7 +53,8 @@ class SGLangServer(_Section):
     python: Optional[str] = Field(None, description="interpreter that has sglang installed (default: this one)")
     tp: int = Field(1, ge=1, description="--tp (tensor parallel size)")
     mem_fraction_static: Optional[float] = Field(
-        None, gt=0, le=1, description="--mem-fraction-static of the first server; the i-th running at once gets i times it "
+        None, gt=0, le=1, description="--mem-fraction-static: with max_total_tokens, every server's (default 0.85, started "
+                                      "side by side); without, the first server's, the i-th running at once gets i times it "
                                       "(default 0.283: three servers fit one GPU)")
     max_total_tokens: Optional[int] = Field(None, ge=16, description="--max-total-tokens: the same KV capacity for every server "
                                                                    "(default: what each server's memory fraction leaves)")

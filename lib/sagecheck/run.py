@@ -158,6 +158,11 @@ def _error_summary(exc: BaseException) -> str:
     return f"{ename}: {evalue}".strip()
 
 
+def error_line(exc: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message``, for a failure said in one line."""
+    return _error_summary(exc).splitlines()[0][:limit]
+
+
 def _record_failure(results_dir: Path, nb: Path, flat: dict[str, Any], error: str) -> None:
     """The notebook failed: keep what it saved, mark it failed with the error."""
     path = results_dir / f"{nb.stem}.json"
@@ -239,8 +244,7 @@ def run(
             outcome.report = build_report(run_dir)
         except Exception as e:  # noqa: BLE001 - the results and executed notebooks stay; the cause is said in one line
             log.debug("building the report failed", exc_info=True)
-            first = (str(e).strip().splitlines() or [""])[0]
-            outcome.report_error = f"{type(e).__name__}: {first}"[:300]
+            outcome.report_error = error_line(e)
     return outcome
 
 

@@ -29,7 +29,6 @@ head dims other than 64 and 128, MLA, a KV cache in another dtype than the model
 
 from __future__ import annotations
 
-from importlib import metadata
 from typing import Any
 
 import torch
@@ -37,6 +36,7 @@ from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
+from sagecheck.environment import package_version
 from sagecheck.sglang_plugin import NAME
 from sagecheck.sglang_plugin.preflight import check_decode_mode, decode_graphs_enabled
 from sagecheck.sglang_plugin.settings import INSTEAD, SageAttnUnavailable, Settings
@@ -45,13 +45,6 @@ from sagecheck.sglang_plugin.varlen import ExtendLayout, decode_attention, exten
 
 KERNEL = "sageattn_varlen: per-block INT8 Q·K, FP16 P·V (Triton)"
 HEAD_DIMS = (64, 128)  # sageattn_varlen asserts these
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def check_serveable(device: torch.device, head_dim: int, v_head_dim: int, use_mla: bool, model_dtype: torch.dtype,
@@ -92,8 +85,8 @@ class SageAttnBackend(TritonAttnBackend):
                         decode_graphs_enabled(model_runner.server_args))
         tp_rank = getattr(model_runner, "tp_rank", 0)
         self.stats = Stats(self.settings.stats_dir, {
-            "backend": NAME, "kernel": KERNEL, "sageattention_version": _version("sageattention"),
-            "sagecheck_version": _version("sagecheck"), "decode": self.settings.decode,
+            "backend": NAME, "kernel": KERNEL, "sageattention_version": package_version("sageattention"),
+            "sagecheck_version": package_version("sagecheck"), "decode": self.settings.decode,
             "decode_cuda_graphs": decode_graphs_enabled(model_runner.server_args),
             "tp_rank": tp_rank, "tp_size": getattr(model_runner, "tp_size", 1),
             "q_heads_per_rank": self.num_head, "kv_heads_per_rank": self.num_kv_head,

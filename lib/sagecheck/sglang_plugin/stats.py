@@ -88,7 +88,7 @@ def describe(stats: dict[str, Any] | None) -> str:
     fallbacks = {k.split(":", 1)[1]: v for k, v in c.items() if k.startswith("fallback:")}
     fb = ", ".join(f"{v} {k}" for k, v in sorted(fallbacks.items())) or "none"
     decode = {"triton": "the baseline's Triton decode kernel", "sage": "the sageattention kernel"}.get(cfg.get("decode"), cfg.get("decode"))
-    return (f"sage_attn ({cfg.get('kernel')}, sageattention {cfg.get('sageattention_version') or 'not installed'}): "
+    return (f"sage_attn ({cfg.get('kernel')}, sageattention {cfg.get('sageattention_version', '?')}): "
             f"{c.get('extend_batches_kernel', 0)} prefill batches on the kernel, {c.get('extend_batches_with_prefix', 0)} of "
             f"them with a cached prefix; fallbacks to the baseline (batches or layer calls): {fb}; decode on {decode} "
             f"({c.get('decode_batches_kernel', 0)} eager steps on the kernel, {c.get('decode_batches_triton', 0)} eager and "

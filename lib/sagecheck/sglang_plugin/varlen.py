@@ -169,11 +169,6 @@ def decode_attention(kernel: VarlenKernel, q: torch.Tensor, k: torch.Tensor, v: 
     return (out.float() / norm.float()[..., :1]).to(q.dtype)
 
 
-def padded_keys(seq_lens: Sequence[int]) -> int:
-    """Zero keys the non-causal kernel lets into the softmax (to the next multiple of 64 per sequence)."""
-    return sum(-int(n) % KEY_BLOCK for n in seq_lens)
-
-
 def extend_lengths(forward_batch: Any) -> tuple[list[int], list[int]]:
     """Each request's cached-prefix and new-token counts as plain ints, from SGLang's host copies where it made them
     (during CUDA-graph capture they are tensors, or lists of 0-d tensors) else from the device tensors."""

@@ -225,13 +225,14 @@ def main(argv=None):
         phases = candidate_phases(State.name)
         State.backend = "sage-emulated"
         State.decode = "sage" if "decode" in phases else "triton"
+        from sagecheck.environment import package_version
         from sagecheck.sglang_plugin.settings import Settings
         from sagecheck.sglang_plugin.stats import Stats
 
         cfg = model.config
         State.stats = Stats(Settings.from_env().stats_dir, {
             "backend": State.name, "kernel": "sage-emulated (stand-in: sagecheck's emulation of SageAttention 1.0.6)",
-            "sageattention_version": None, "decode": State.decode, "decode_cuda_graphs": not args.disable_cuda_graph,
+            "sageattention_version": package_version("sageattention"), "decode": State.decode, "decode_cuda_graphs": not args.disable_cuda_graph,
             "tp_rank": 0, "tp_size": args.tp_size, "q_heads_per_rank": cfg.num_attention_heads // args.tp_size,
             "kv_heads_per_rank": max(1, cfg.num_key_value_heads // args.tp_size), "head_dim": cfg.head_dim})
     State.engine = HFEngine(model, models.load_tokenizer(src), torch.device("cpu"), dtype, phases=phases)

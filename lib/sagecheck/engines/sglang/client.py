@@ -99,12 +99,6 @@ class SGLangClient:
                 result.append([e[1] for e in o["meta_info"]["output_token_logprobs"]])
         return result
 
-    def timed_generate(self, batch: list[list[int]], max_new_tokens: int) -> float:
-        """Wall time (ms) of one batch request, measured at the client as sglang.bench_one_batch_server does."""
-        t0 = time.perf_counter()
-        self.generate(batch, max_new_tokens=max_new_tokens)
-        return (time.perf_counter() - t0) * 1e3
-
     def streamed_timing(self, batch: list[list[int]], max_new_tokens: int) -> tuple[float, float]:
         """(time to the last request's first token, time to the end), ms, of one streamed batch request.
 

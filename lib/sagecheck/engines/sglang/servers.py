@@ -106,7 +106,8 @@ def counters_when_ready(stats_dir: str | None, settle_s: float = 1.0) -> dict[st
 
 
 class ServerSet:
-    """Start the given roles one after the other (stepped memory fractions), hand out their URLs, stop them all."""
+    """Start the given roles (side by side where the KV cache is capped, else one after the other: module docstring),
+    hand out their URLs, stop them all."""
 
     def __init__(self, params: Any, log_dir: Path, roles: Iterable[str], env: dict[str, str] | None = None,
                  progress: bool = False) -> None:

@@ -43,8 +43,10 @@ def classify(speedup: Samples, control: Samples | None) -> str:
     return "no difference"
 
 
-def _point(clients: dict[str, Any], labels: list[str], prompts: list[list[int]], decode_tokens: int, repeats: int,
-           warmup: int) -> dict[str, dict[str, Samples]]:
+def measure_interleaved(clients: dict[str, Any], labels: list[str], prompts: list[list[int]], decode_tokens: int,
+                        repeats: int, warmup: int) -> dict[str, dict[str, Samples]]:
+    """One point on every server: per repeat, each server in rotated order gets the prompts as one streamed request
+    after its prefix cache is flushed. Prefill = TTFT (ms), decode = the rest of the request (ms)."""
     times: dict[str, dict[str, list[float]]] = {label: {"prefill": [], "decode": []} for label in labels}
     for r in range(warmup + repeats):
         shift = r % len(labels)
@@ -138,7 +140,7 @@ def sweep(engine: SGLangEngine, lengths: list[int], batches: list[int], decode_t
             prompts = random_prompts(vocab, batch, length, seed, torch.device("cpu")).tolist()
             t0 = time.perf_counter()
             try:
-                samples = _point(clients, running, prompts, decode_tokens, repeats, warmup)
+                samples = measure_interleaved(clients, running, prompts, decode_tokens, repeats, warmup)
             except (ClientError, ServerError) as e:
                 why = getattr(e, "cause", str(e)).splitlines()[0][:300]
                 rows += [{"batch": batch, "input_length": length, "implementation": label, "status": "error", "error": why}
