@@ -416,3 +416,16 @@ def test_results_refuse_fields_without_a_name():
         r.metric("sage_over_sdpa_tops", ratio.reset_index().to_dict(orient="records"))  # column "0"
     r.metric("sage_over_sdpa_tops", ratio.rename("sage_over_sdpa").reset_index().to_dict(orient="records"))
     assert r.metrics["sage_over_sdpa_tops"] == [{"seq_len": 128, "sage_over_sdpa": 1.5}, {"seq_len": 256, "sage_over_sdpa": 0.9}]
+
+
+def test_heatmap_colour_scale_covers_at_least_the_minimum_span():
+    import matplotlib.pyplot as plt
+
+    from sagecheck import plots
+
+    near_one = [[1.01, 0.99], [1.0, float("nan")]]
+    fig = plots.heatmap(near_one, [1, 2], [128, 512], "t", "x", "y", min_span=0.1)
+    assert fig.axes[0].images[0].get_clim() == pytest.approx((0.9, 1.1))
+    wide = plots.heatmap([[1.5, 0.7]], [1], [128, 512], "t", "x", "y", min_span=0.1)
+    assert wide.axes[0].images[0].get_clim() == pytest.approx((0.5, 1.5))  # the data's own span where larger
+    plt.close("all")

@@ -107,11 +107,14 @@ def grid(records: list[dict[str, Any]], key: str, rows: list[Any], cols: list[An
     return matrix
 
 
-def heatmap(matrix: np.ndarray, rows: list[Any], cols: list[Any], title: str, xlabel: str, ylabel: str, fmt: str = "{:.2f}", center: float | None = 1.0) -> Any:
+def heatmap(matrix: np.ndarray, rows: list[Any], cols: list[Any], title: str, xlabel: str, ylabel: str, fmt: str = "{:.2f}",
+            center: float | None = 1.0, min_span: float = 0.0) -> Any:
+    """Cells coloured around ``center``; ``min_span``: the colour scale covers at least center ± min_span, so that a
+    map whose cells all lie within 1% of the centre does not paint that 1% as deep red and green."""
     fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(cols), 0.8 + 0.5 * len(rows)))
     data = np.ma.masked_invalid(np.asarray(matrix, dtype=float))
     if center is not None and data.count():
-        span = max(abs(data.max() - center), abs(center - data.min()), 1e-9)
+        span = max(abs(data.max() - center), abs(center - data.min()), min_span, 1e-9)
         im = ax.imshow(data, cmap="RdYlGn", vmin=center - span, vmax=center + span, aspect="auto")
     else:
         im = ax.imshow(data, cmap="viridis", aspect="auto")
