@@ -429,3 +429,15 @@ def test_heatmap_colour_scale_covers_at_least_the_minimum_span():
     wide = plots.heatmap([[1.5, 0.7]], [1], [128, 512], "t", "x", "y", min_span=0.1)
     assert wide.axes[0].images[0].get_clim() == pytest.approx((0.5, 1.5))  # the data's own span where larger
     plt.close("all")
+
+
+def test_sglangs_startup_split_is_flagged_where_servers_starting_together_moved_it():
+    from sagecheck.metrics.memory import startup_split_disturbed
+
+    # as measured on the H100 (three 8B servers started side by side)
+    seen = [{"status": "ok", "weights_GB": 15.67, "cuda_graphs_GB": -0.72}, {"status": "ok", "weights_GB": 15.02, "cuda_graphs_GB": 0.12}]
+    why = startup_split_disturbed(seen)
+    assert "CUDA graphs -0.72 vs 0.12 GB" in why and "weights 15.67 vs 15.02 GB" in why
+    clean = [{"status": "ok", "weights_GB": 15.02, "cuda_graphs_GB": 0.26}, {"status": "ok", "weights_GB": 15.02, "cuda_graphs_GB": 0.12}]
+    assert startup_split_disturbed(clean) is None
+    assert startup_split_disturbed([{"status": "server error"}]) is None

@@ -190,4 +190,28 @@ def server_deltas(server_rows: list[dict[str, Any]], baseline: str, candidate: s
             "capacity_tokens": (b["max_total_num_tokens"], c["max_total_num_tokens"]),
             "same_capacity": b["max_total_num_tokens"] == c["max_total_num_tokens"],
             "server_gpu_delta_pct": gpu, "server_gpu_bytes": (b.get("server_gpu_bytes"), c.get("server_gpu_bytes")),
-            "cuda_graphs_GB": (b.get("cuda_graphs_GB"), c.get("cuda_graphs_GB"))}
+            "cuda_graphs_GB": (b.get("cuda_graphs_GB"), c.get("cuda_graphs_GB")),
+            "startup_split_disturbed": startup_split_disturbed([b, c])}
+
+
+def startup_split_disturbed(server_rows: list[dict[str, Any]], weights_rel_tol: float = 0.02) -> str | None:
+    """Why SGLang's own start-up split of a server's memory cannot be compared here, or None.
+
+    SGLang measures a server's weights and CUDA-graph memory as differences of the whole GPU's free
+    memory before and after each step; servers starting at the same time on the GPU move those
+    differences. Seen on the H100 with three 8B servers started side by side: weights 15.67 vs 15.02 GB
+    for the same model and CUDA graphs -0.72 GB. The signs of that: a negative figure, or weights that
+    differ between servers of the same model.
+    """
+    ok = [r for r in server_rows if r.get("status", "ok") == "ok"]
+    graphs = [r.get("cuda_graphs_GB") for r in ok if r.get("cuda_graphs_GB") is not None]
+    weights = [r.get("weights_GB") for r in ok if r.get("weights_GB")]
+    signs = []
+    if any(g < 0 for g in graphs):
+        signs.append("CUDA graphs " + " vs ".join(f"{g:g}" for g in graphs) + " GB")
+    if len(weights) > 1 and max(weights) > (1 + weights_rel_tol) * min(weights):
+        signs.append("weights " + " vs ".join(f"{w:g}" for w in weights) + " GB for the same model")
+    if not signs:
+        return None
+    return ("SGLang's start-up split (weights, CUDA graphs) is a difference of the GPU's free memory, moved by servers "
+            f"starting at the same time ({'; '.join(signs)}); the comparison uses each server's processes' memory (NVML)")
