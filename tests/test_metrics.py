@@ -441,3 +441,26 @@ def test_sglangs_startup_split_is_flagged_where_servers_starting_together_moved_
     clean = [{"status": "ok", "weights_GB": 15.02, "cuda_graphs_GB": 0.26}, {"status": "ok", "weights_GB": 15.02, "cuda_graphs_GB": 0.12}]
     assert startup_split_disturbed(clean) is None
     assert startup_split_disturbed([{"status": "server error"}]) is None
+
+
+def test_kernel_accuracy_view_gives_words_where_no_figure_exists():
+    from sagecheck.metrics.kernel import accuracy_view, likely_cause
+
+    ran = {"shape": "a", "sdpa_status": "ok", "sdpa_vs_ref_rel_l2": 1e-4, "sage-emulated_status": "ok",
+           "sage-emulated_vs_ref_rel_l2": 1e-2, "sage_status": "ok", "sage_vs_ref_rel_l2": 1.1e-2,
+           "sage_vs_emulated_rel_l2": 1e-3, "sage_vs_ref_cosine": 0.9999, "sage_vs_ref_max_abs": 0.01, "sage_inputs_unchanged": True}
+    refused = {"shape": "b", "sdpa_status": "ok", "sdpa_vs_ref_rel_l2": 1e-4, "sage-emulated_status": "ok",
+               "sage-emulated_vs_ref_rel_l2": 1e-2, "sage_status": "unsupported: q and k lengths differ"}
+    oom = {"shape": "c", "sdpa_status": "out of memory", "sage-emulated_status": "ok", "sage-emulated_vs_ref_rel_l2": 1e-2,
+           "sage_status": "ok", "sage_vs_ref_rel_l2": 1e-2, "sage_inputs_unchanged": False}
+    a, b, c = accuracy_view([ran, refused, oom], kernel_ran=True)
+    assert a["kernel vs emulation"] == 1e-3 and a["kernel leaves inputs alone"] == "yes"
+    assert b["kernel vs reference"] == b["kernel vs emulation"] == b["kernel leaves inputs alone"] == "unsupported"
+    assert c["sdpa vs reference"] == "out of memory" and c["kernel vs emulation"] == "n/a" and c["kernel leaves inputs alone"] == "NO"
+    assert accuracy_view([{**ran, "sage_status": None}], kernel_ran=True)[0]["kernel vs reference"] == "not run"
+    assert "kernel vs reference" not in accuracy_view([refused], kernel_ran=False)[0]  # no kernel: no kernel columns
+    for view in (a, b, c):
+        assert not any(isinstance(v, float) and v != v for v in view.values())  # never a nan
+    tag, why = likely_cause({"causal": False, "n_k": 17})
+    assert tag.startswith("key padding") and "64-key block" in why
+    assert likely_cause({"causal": True, "n_k": 17})[0] == "not explained"

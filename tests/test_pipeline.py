@@ -169,6 +169,53 @@ def test_summary_table_is_visible_in_chromium(ci_run):
         b.close()
 
 
+# every element of one report section: from its marker's cell up to the next section's
+_SECTION_OVERFLOW_JS = """(stem) => {
+  const cells = Array.from(document.querySelectorAll('.jp-Cell'));
+  const start = cells.findIndex(c => c.querySelector('#nb-' + stem));
+  let end = cells.findIndex((c, i) => i > start && c.querySelector('.sc-section'));
+  if (end < 0) end = cells.length;
+  const width = document.documentElement.clientWidth, out = [];
+  for (const cell of cells.slice(start, end)) {
+    for (const el of [cell, ...cell.querySelectorAll('*')]) {
+      const r = el.getBoundingClientRect();
+      if (r.width === 0) continue;
+      if (r.right > width + 1) out.push('beyond the page: ' + el.tagName + ' ' + Math.round(r.right));
+      if (el.scrollWidth > el.clientWidth + 1 && getComputedStyle(el).overflowX !== 'visible')
+        out.push('scrolls: ' + el.tagName + '.' + el.className + ' ' + el.scrollWidth + '>' + el.clientWidth);
+    }
+  }
+  return {cells: end - start, problems: out.slice(0, 10)};
+}"""
+
+
+def test_report_reads_cleanly_in_chromium_at_1400_px(ci_run):
+    """The kernel section fits 1400 px with its folded tables open; no stderr box anywhere; the recommendation on top."""
+    _, out = ci_run
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("SAGECHECK_REQUIRE_BROWSER"):
+            pytest.fail("SAGECHECK_REQUIRE_BROWSER is set but no Chromium was found")
+        pytest.skip("no Chromium on this machine (Debian: apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=browser, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                                               "--disable-component-update", "--disable-sync", "--no-first-run"])
+        page = b.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto((out / "report.html").as_uri())
+        assert page.locator("[data-mime-type='application/vnd.jupyter.stderr']").count() == 0
+        rec = page.locator("#sagecheck-recommendation")
+        assert rec.is_visible() and rec.locator("li").count() >= 2 and "Speed of sage-emulated against sdpa" in rec.inner_text()
+        folded = page.locator("#nb-08_kernel ~ details, details.sc-folded")
+        assert folded.count() >= 2
+        page.evaluate("document.querySelectorAll('details').forEach(d => d.open = true)")
+        kernel = page.evaluate(_SECTION_OVERFLOW_JS, "08_kernel")
+        assert kernel["cells"] > 3 and kernel["problems"] == []
+        assert page.evaluate("document.documentElement.scrollWidth") <= 1400
+        b.close()
+
+
 def test_baseline_against_itself(tmp_path):
     out = tmp_path / "self"
     done = run_cli("run", "--params", str(CI_PARAMS), "-p", "candidate=sdpa", "--only", "02,03,06", "--out", str(out), "-q")

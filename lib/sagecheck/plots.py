@@ -1,4 +1,13 @@
-"""The figures of the report. Each function draws one figure and returns it."""
+"""The figures of the report. Each function draws one figure and returns it.
+
+Plain matplotlib with one theme (:data:`THEME`, applied when this module is imported), not seaborn:
+the report's figures are line plots, CDFs, heat maps and interval bars whose statistics (paired
+bootstrap intervals, A/A bands, percentiles) the library computes and tests itself. seaborn's
+statistical plots would compute their own intervals from raw samples (its own bootstrap), which
+would put a second, untested set of numbers beside ours; for the theme alone it would be one more
+package on every offline GPU node. The colours are seaborn's "deep" palette, so figures look
+familiar to readers who know it.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +15,27 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
+from cycler import cycler
 
-BASE_COLOR = "#4C72B0"
-CAND_COLOR = "#DD8452"
+# seaborn's "deep" palette: baseline blue, candidate orange, then the rest
+PALETTE = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C", "#CCB974", "#64B5CD"]
+BASE_COLOR, CAND_COLOR = PALETTE[0], PALETTE[1]
+THEME = {
+    "axes.prop_cycle": cycler(color=PALETTE),
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "legend.fontsize": 8,
+    "legend.frameon": False,
+    "figure.dpi": 100,
+    "savefig.dpi": 100,
+}
+plt.rcParams.update(THEME)
 
 
 def _finish(fig: Any, title: str) -> Any:
@@ -140,9 +167,55 @@ def lines(xs: dict[str, list[float]], ys: dict[str, list[float]], xlabel: str, y
     if logx:
         ax.set_xscale("log", base=2)
     if logy:
-        ax.set_yscale("log")
+        ax.set_yscale("log", nonpositive="mask")  # an exact 0 is left out, not drawn as a cliff to the axis' floor
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return _finish(fig, title)
+
+
+KIND_MARKERS = {"prefill": "o", "decode": "^", "chunk": "D"}
+
+
+def error_by_shape(rows: list[dict[str, Any]], field: str, ylabel: str, title: str, threshold: float | None = None,
+                   flagged: set[str] | None = None) -> Any:
+    """``row[field]`` of every shape against its key length: one panel per mask (full, causal), colour per
+    dtype and head dim, marker per ``row["kind"]`` (prefill, decode, chunk); flagged shapes ringed in red. Exact zeros
+    are drawn at the bottom of the axis and counted in the legend."""
+    flagged = flagged or set()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    groups = sorted({(r["dtype"], r["head_dim"]) for r in rows})
+    values = [r[field] for r in rows if r.get(field) is not None and np.isfinite(r[field]) and r[field] > 0]
+    floor = (min(values) / 3) if values else 1e-6
+    for ax, causal in zip(axes, (False, True)):
+        for gi, (dtype, d) in enumerate(groups):
+            for kind, marker in KIND_MARKERS.items():
+                sel = [r for r in rows if r["causal"] == causal and (r["dtype"], r["head_dim"]) == (dtype, d)
+                       and r["kind"] == kind and r.get(field) is not None and np.isfinite(r[field])]
+                if not sel:
+                    continue
+                ax.scatter([r["n_k"] for r in sel], [max(r[field], floor) for r in sel], marker=marker, s=28,
+                           color=PALETTE[gi % len(PALETTE)], alpha=0.85, label=f"{dtype} d={d} {kind}")
+        ring = [r for r in rows if r["causal"] == causal and r["shape"] in flagged and r.get(field) is not None]
+        if ring:
+            ax.scatter([r["n_k"] for r in ring], [max(r[field], floor) for r in ring], s=120, facecolors="none",
+                       edgecolors="#b3261e", linewidths=1.5, label="flagged")
+        if threshold is not None:
+            ax.axhline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:g}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("key length n_k")
+        ax.set_title("causal" if causal else "full (non-causal)")
+    axes[0].set_ylabel(ylabel)
+    handles, labels = axes[0].get_legend_handles_labels()
+    more_h, more_l = axes[1].get_legend_handles_labels()
+    for h, label in zip(more_h, more_l):
+        if label not in labels:
+            handles.append(h)
+            labels.append(label)
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
+    zeros = sum(1 for r in rows if r.get(field) == 0)
+    if zeros:
+        fig.text(0.01, 0.01, f"{zeros} shapes with error exactly 0 drawn at {floor:.1e}", fontsize=7)
     return _finish(fig, title)

@@ -15,6 +15,7 @@ from typing import Any, Iterable
 
 import nbformat
 
+from sagecheck import recommendation
 from sagecheck import results as R
 
 SHOW_CODE_TAG = "show-code"
@@ -135,6 +136,7 @@ def summary_markdown(results: list[R.Results], manifest: dict[str, Any] | None =
     bad = [r for r in results if r.status != "ok"]
     for r in bad:
         lines.append(f"- `{r.notebook}` {r.status}: {_md_cell((r.reason or '')[:300])}")
+    lines += ["", "**What this run says:** " + " ".join(recommendation.sentences(results, p))]
     lines += ["", "| Notebook | Check | Value | Threshold | Result |", "|---|---|---|---|---|"]
     for r in results:
         for v in r.verdicts:
@@ -235,6 +237,10 @@ def combined_notebook(run_dir: Path) -> nbformat.NotebookNode:
         f"<p id='sagecheck-counts'><b>{c['passed']} checks passed, {c['failed']} failed</b>; notebooks: "
         f"{c['notebooks_ok']} ok, {c['notebooks_failed']} failed, {c['notebooks_skipped']} skipped.</p>",
         "",
+        "<div id='sagecheck-recommendation' class='sc-recommendation'><b>What this run says</b><ul>"
+        + "".join(f"<li>{_esc(s)}</li>" for s in recommendation.sentences([results[s] for s in measured if s in results], p))
+        + "</ul></div>",
+        "",
         "<table class='sc-table' id='sagecheck-notebooks'><thead><tr><th>notebook</th><th>status</th>"
         f"<th>checks passed</th><th>time</th></tr></thead><tbody>{''.join(rows)}</tbody></table>",
     ]
@@ -301,7 +307,7 @@ def build_report(run_dir: str | Path) -> Path:
     body, _ = redact_text(body)
     out = run_dir / "report.html"
     out.write_text(body)
-    results = R.load_all(run_dir / "results")  # sorted by notebook name
+    results = [r for r in R.load_all(run_dir / "results") if not r.notebook.startswith("99_")]  # as the summary counts them
     md, _ = redact_text(summary_markdown(results, _load_manifest(run_dir)))
     (run_dir / "summary.md").write_text(md)
     return out

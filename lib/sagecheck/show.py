@@ -22,6 +22,10 @@ def _cell(value: Any) -> str:
 
 def table(records: Any, caption: str = "", columns: Iterable[str] | None = None, max_rows: int = 200) -> Any:
     """A compact HTML table from a DataFrame or a list of dicts."""
+    return _html(table_html(records, caption, columns, max_rows))
+
+
+def table_html(records: Any, caption: str = "", columns: Iterable[str] | None = None, max_rows: int = 200) -> str:
     if hasattr(records, "to_dict"):
         records = records.to_dict(orient="records")
     records = list(records)
@@ -38,7 +42,12 @@ def table(records: Any, caption: str = "", columns: Iterable[str] | None = None,
         body.append("<tr>" + "".join(cells) + "</tr>")
     more = f"<caption style='caption-side:bottom'>{len(records) - max_rows} more rows in the results JSON</caption>" if len(records) > max_rows else ""
     cap = f"<caption><b>{html.escape(caption)}</b></caption>" if caption else ""
-    return _html(f"<table class='sc-table'>{cap}<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody>{more}</table>")
+    return f"<table class='sc-table'>{cap}<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody>{more}</table>"
+
+
+def folded(label: str, inner_html: str) -> Any:
+    """Detail a reader opens on demand (a long table): a collapsed ``<details>`` block."""
+    return _html(f"<details class='sc-folded'><summary>{html.escape(label)}</summary>{inner_html}</details>")
 
 
 def kv(mapping: Mapping[str, Any], caption: str = "") -> Any:

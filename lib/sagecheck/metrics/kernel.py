@@ -76,6 +76,7 @@ def run_shape(shape: Shape, device: torch.device, seed: int, kernel_available: b
     q, k, v = make_inputs(shape, device, seed)
     ref = reference(q, k, v, causal=shape.causal)
     row: dict[str, Any] = {"shape": shape.label, **asdict(shape)}
+    row["kind"] = shape_kind(row)
     outs = {}
     impls = ["sdpa", "sage-emulated"] + (["sage"] if kernel_available else [])
     for name in impls:
@@ -108,14 +109,63 @@ def run_shape(shape: Shape, device: torch.device, seed: int, kernel_available: b
     return row
 
 
-def likely_cause(row: dict[str, Any]) -> str:
-    """Our reading of why the kernel and its emulation disagree at this shape."""
+def likely_cause(row: dict[str, Any]) -> tuple[str, str]:
+    """Our reading of why the kernel and its emulation disagree at this shape: a short tag for the table
+    and the explanation, which the notebook states once per tag."""
     if not row["causal"] and row["n_k"] % 64:
-        pad = 64 - row["n_k"] % 64
-        return (f"n_k={row['n_k']} is not a multiple of the kernel's 64-key block: the non-causal 1.0.6 kernel loads the "
-                f"{pad} missing keys as zeros and lets them into the softmax denominator with score 0 "
-                "(attn_qk_int8_per_block.py masks their loads, not their scores)")
-    return "not explained by the block padding; compare with the emulation's documented differences"
+        return ("key padding: n_k not a multiple of 64",
+                "the non-causal 1.0.6 kernel loads the keys missing from its last 64-key block as zeros and lets them into "
+                "the softmax denominator with score 0 (attn_qk_int8_per_block.py masks their loads, not their scores); "
+                "the fewer real keys in that block, the larger the error")
+    return ("not explained", "not explained by the block padding; compare with the emulation's documented differences")
+
+
+STATUS_WORDS = {"ok": "ok", "out of memory": "out of memory"}
+
+
+def status_word(status: Any) -> str:
+    """A cell's word where an implementation produced no figure: never a bare nan."""
+    if status is None:
+        return "not run"
+    status = str(status)
+    return STATUS_WORDS.get(status, "unsupported" if status.startswith("unsupported") else status)
+
+
+# the full accuracy table: (column heading, implementations that must have run, field)
+ACCURACY_COLUMNS = [
+    ("sdpa vs reference", ("sdpa",), "sdpa_vs_ref_rel_l2"),
+    ("emulation vs reference", ("sage-emulated",), "sage-emulated_vs_ref_rel_l2"),
+    ("kernel vs reference", ("sage",), "sage_vs_ref_rel_l2"),
+    ("kernel vs emulation", ("sage", "sage-emulated"), "sage_vs_emulated_rel_l2"),
+    ("kernel cosine", ("sage",), "sage_vs_ref_cosine"),
+    ("kernel max |error|", ("sage",), "sage_vs_ref_max_abs"),
+]
+
+
+def accuracy_view(rows: list[dict[str, Any]], kernel_ran: bool) -> list[dict[str, Any]]:
+    """The full accuracy table as shown: relative L2 errors where an implementation ran, its status word
+    (unsupported, out of memory) where it did not; the kernel's columns only where the kernel was available."""
+    out = []
+    for r in rows:
+        view: dict[str, Any] = {"shape": r["shape"]}
+        for heading, impls, field in ACCURACY_COLUMNS:
+            if "sage" in impls and not kernel_ran:
+                continue
+            bad = [i for i in impls if r.get(f"{i}_status") != "ok"]
+            value = r.get(field)
+            view[heading] = status_word(r.get(f"{bad[0]}_status")) if bad else ("n/a" if value is None else value)
+        if kernel_ran:
+            inputs = r.get("sage_inputs_unchanged")
+            view["kernel leaves inputs alone"] = status_word(r.get("sage_status")) if inputs is None else ("yes" if inputs else "NO")
+        out.append(view)
+    return out
+
+
+def shape_kind(row: dict[str, Any]) -> str:
+    """prefill (n_q = n_k), decode (one query) or chunk (a block of queries over a longer cache)."""
+    if row["n_q"] == row["n_k"]:
+        return "prefill"
+    return "decode" if row["n_q"] == 1 else "chunk"
 
 
 def agreement(rows: list[dict[str, Any]], threshold: float) -> dict[str, Any]:

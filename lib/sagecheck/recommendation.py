@@ -1,0 +1,191 @@
+"""The report's opening paragraph: from this run's results, where the candidate is faster, what it costs in
+accuracy and what the failing checks mean. Every figure in it is read from the results; the only fixed text
+is what a failing check of each notebook means."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from sagecheck import results as R
+
+# the notebooks whose checks measure answers (accuracy), not speed, memory or plumbing
+ACCURACY_NOTEBOOKS = ("02_logits", "03_perplexity", "06_activation_drift", "07_context_length", "09_tasks")
+
+# what a failing check of each notebook means for the pull request
+FAILURE_MEANS = {
+    "00_environment": "the run's environment could not be recorded",
+    "01_runtime_flag": "the backend does not switch on and off as claimed, so the other figures may not measure it",
+    "02_logits": "its next-token distributions differ from the baseline's by more than the thresholds allow",
+    "03_perplexity": "language-model quality changed beyond the threshold",
+    "04_throughput": "the speed figures are not conclusive",
+    "05_memory": "it costs more GPU memory than allowed",
+    "06_activation_drift": "precision error grows through the layers beyond the threshold",
+    "07_context_length": "retrieval or loss degrades on long contexts",
+    "08_kernel": "the kernel itself disagrees with what it should compute at some shapes",
+    "09_tasks": "it changes downstream answers beyond the threshold",
+}
+
+
+def _phase_points(rows: list[dict[str, Any]], phase: str) -> list[dict[str, Any]]:
+    """The candidate's measured points of one phase, each classified: faster / slower / no difference.
+    SGLang rows carry the class against the A/A control; in-process rows are classed by whether the speedup's
+    10-90% interval lies above or below 1."""
+    points = []
+    for r in rows:
+        speedup = r.get(f"{phase}_speedup")
+        if r.get("status") != "ok" or speedup is None:
+            continue
+        verdict = r.get(f"{phase}_vs_aa")
+        if verdict in ("faster", "slower") and (speedup > 1) != (verdict == "faster"):
+            verdict = "no difference"  # beyond a noisy A/A interval, yet on the other side of 1: not a difference to report
+        if verdict is None:
+            lo, hi = r.get(f"{phase}_speedup_p10"), r.get(f"{phase}_speedup_p90")
+            verdict = "faster" if lo is not None and lo > 1 else "slower" if hi is not None and hi < 1 else "no difference"
+        points.append({"batch": r["batch"], "input_length": r["input_length"], "speedup": speedup, "verdict": verdict})
+    return points
+
+
+def crossover(points: list[dict[str, Any]]) -> dict[int, int]:
+    """Per batch size, the smallest input length from which the candidate is faster at every longer measured
+    length (the batch is left out where its longest length is not faster)."""
+    out = {}
+    for batch in sorted({p["batch"] for p in points}):
+        by_len = sorted((p for p in points if p["batch"] == batch), key=lambda p: p["input_length"])
+        start = None
+        for p in reversed(by_len):
+            if p["verdict"] != "faster":
+                break
+            start = p["input_length"]
+        if start is not None:
+            out[batch] = start
+    return out
+
+
+def _point(p: dict[str, Any]) -> str:
+    return f"{p['speedup']:.3g}x at input {p['input_length']}, batch {p['batch']}"
+
+
+def speed_sentence(tp: R.Results | None, label: str, candidate: str, baseline: str, cpu_emulation: bool) -> str:
+    """``label``: the candidate's implementation label in 04's rows; ``candidate``, ``baseline``: the names to print."""
+    if tp is None:
+        return "Speed was not measured in this run (04_throughput did not run)."
+    if tp.status != "ok":
+        return f"Speed was not measured: 04_throughput {tp.status} ({(tp.reason or '').strip()[:160]})."
+    rows = [r for r in tp.tables.get("throughput", []) if r.get("implementation") == label]
+    parts = []
+    for phase in ("prefill", "decode"):
+        points = _phase_points(rows, phase)
+        if not points:
+            continue
+        faster = [p for p in points if p["verdict"] == "faster"]
+        slower = [p for p in points if p["verdict"] == "slower"]
+        text = f"{phase}: faster at {len(faster)} of {len(points)} points, slower at {len(slower)}"
+        if faster:
+            cross = crossover(points)
+            best = max(faster, key=lambda p: p["speedup"])
+            text += f" (best {_point(best)}"
+            if cross:
+                starts: dict[int, list[int]] = {}
+                for b, n in cross.items():
+                    starts.setdefault(n, []).append(b)
+                text += "; faster from input " + "; from input ".join(
+                    f"{n} on at batch {' and '.join(map(str, bs))}" for n, bs in sorted(starts.items()))
+            text += ")"
+        else:
+            text += (f" (not faster anywhere up to input {max(p['input_length'] for p in points)}, "
+                     f"batch {max(p['batch'] for p in points)})")
+        if slower:
+            text += f", worst {_point(min(slower, key=lambda p: p['speedup']))}"
+        parts.append(text)
+    if not parts:
+        return "Speed: no point of 04_throughput ran."
+    sentence = f"Speed of {candidate} against {baseline}: " + "; ".join(parts) + "."
+    aa = [v for v in tp.verdicts if v.name.startswith("A/A control") and not v.passed]
+    if aa:
+        worst = max(aa, key=lambda v: v.value or 0)
+        unit = f" {worst.unit}" if worst.unit else ""
+        sentence += (f" The A/A control failed (the baseline against its own copy differs by {R.format_number(worst.value)}{unit}, "
+                     f"limit {R.format_number(worst.threshold)}{unit}), so smaller differences are not resolved.")
+    if cpu_emulation:
+        sentence += " These are CPU timings of the plain-torch emulation: they say nothing about the kernel's speed on a GPU."
+    return sentence
+
+
+def _figure(v: R.Verdict) -> str:
+    unit = f" {v.unit}" if v.unit else ""
+    return f"{v.name} {R.format_number(v.value)}{unit} (limit {v.comparison} {R.format_number(v.threshold)}{unit})"
+
+
+def accuracy_sentence(results: list[R.Results]) -> str:
+    checks = [v for r in results if r.notebook in ACCURACY_NOTEBOOKS for v in r.verdicts]
+    if not checks:
+        return "Accuracy was not measured in this run."
+    failing = [v for v in checks if not v.passed]
+    if failing:
+        shown = failing
+        head = f"In accuracy, {len(failing)} of {len(checks)} checks fail: "
+    else:  # the first check of each accuracy notebook: its headline figure
+        shown = [r.verdicts[0] for r in results if r.notebook in ACCURACY_NOTEBOOKS and r.verdicts]
+        head = f"In accuracy, all {len(checks)} checks pass; headline figures: "
+    return head + "; ".join(_figure(v) for v in shown[:5]) + (f"; and {len(shown) - 5} more" if len(shown) > 5 else "") + "."
+
+
+def failures_sentence(results: list[R.Results]) -> str:
+    failed_nb = [r.notebook for r in results if r.status == "failed"]
+    failing = {r.notebook: [v for v in r.verdicts if not v.passed] for r in results}
+    failing = {nb: vs for nb, vs in failing.items() if vs}
+    total = sum(len(r.verdicts) for r in results)
+    if not failing and not failed_nb:
+        return f"All {total} checks pass."
+    parts = []
+    for nb, vs in failing.items():
+        means = FAILURE_MEANS.get(nb, "see the notebook")
+        if nb == "04_throughput" and not any(v.name.startswith("A/A control") for v in vs):
+            means = "too few points of the sweep ran"
+        parts.append(f"{nb} ({len(vs)}: {means})")
+    text = ""
+    if parts:
+        text = f"{sum(len(v) for v in failing.values())} of {total} checks fail, meaning for the candidate: " + "; ".join(parts) + "."
+    if failed_nb:
+        text += (" " if text else "") + (f"{len(failed_nb)} notebook(s) failed ({', '.join(failed_nb)}): their checks are "
+                                          "missing, so this reading is incomplete.")
+    return text
+
+
+def overall_sentence(results: list[R.Results], tp: R.Results | None, candidate: str) -> str:
+    acc_fail = [v for r in results if r.notebook in ACCURACY_NOTEBOOKS for v in r.verdicts if not v.passed]
+    acc_ran = any(r.verdicts for r in results if r.notebook in ACCURACY_NOTEBOOKS)
+    rows = [r for r in (tp.tables.get("throughput", []) if tp and tp.status == "ok" else []) if r.get("implementation") == candidate]
+    faster = [p for phase in ("prefill", "decode") for p in _phase_points(rows, phase) if p["verdict"] == "faster"]
+    aa_failed = bool(tp and any(v.name.startswith("A/A control") and not v.passed for v in tp.verdicts))
+    if acc_fail:
+        return f"Reading: not a drop-in replacement here; {len(acc_fail)} accuracy check(s) fail."
+    if not acc_ran:
+        return "Reading: no accuracy check ran, so nothing here says the candidate is safe to enable."
+    if not rows:
+        return "Reading: accurate by these checks; its speed was not measured here."
+    if aa_failed:
+        return "Reading: accurate by these checks; whether it is faster, this setup's timing cannot tell."
+    if not faster:
+        return "Reading: accurate by these checks, but not faster at any measured point, so no speed reason to enable it here."
+    return "Reading: accurate by these checks, and worth enabling where it is faster (above)."
+
+
+def sentences(results: Iterable[R.Results], params: dict[str, Any]) -> list[str]:
+    """Two to five sentences from this run's results (the summary notebook's own results left out)."""
+    res = [r for r in results if not r.notebook.startswith("99_")]
+    tp = next((r for r in res if r.notebook == "04_throughput"), None)
+    if params.get("engine") == "sglang":
+        baseline, candidate_name = params.get("sglang_baseline_backend", "baseline"), params.get("sglang_attention_backend", "candidate")
+    else:
+        baseline, candidate_name = params.get("baseline", "baseline"), params.get("candidate", "candidate")
+    env = next((r.metrics for r in res if r.notebook == "00_environment"), {})
+    device = env.get("device") or params.get("device")
+    cpu_emulation = params.get("engine") != "sglang" and str(device).startswith("cpu")
+    out = [
+        speed_sentence(tp, params.get("candidate", ""), candidate_name, baseline, cpu_emulation),
+        accuracy_sentence(res),
+        failures_sentence(res),
+        overall_sentence(res, tp, params.get("candidate", "")),
+    ]
+    return [s for s in out if s]

@@ -1,0 +1,78 @@
+"""The report's opening sentences are computed from the run's results: crossover, accuracy figures, failures."""
+
+from __future__ import annotations
+
+from sagecheck import recommendation as rec
+from sagecheck import results as R
+
+
+def _throughput(tmp_path, speedups: dict[tuple[int, int], tuple[float, str]], aa_pct: float = 1.0) -> R.Results:
+    """04's results of an SGLang run: the candidate's prefill speedup and its class against the A/A control per point."""
+    res = R.Results("04_throughput", tmp_path)
+    rows = []
+    for (batch, length), (speedup, verdict) in speedups.items():
+        rows.append({"batch": batch, "input_length": length, "implementation": "sdpa", "status": "ok"})
+        rows.append({"batch": batch, "input_length": length, "implementation": "sage", "status": "ok",
+                     "prefill_speedup": speedup, "prefill_vs_aa": verdict, "decode_speedup": 1.0, "decode_vs_aa": "no difference"})
+    res.table("throughput", rows)
+    res.verdict("A/A control (prefill): the baseline's copy measures as the baseline", aa_pct, "<=", 3.0, unit="%")
+    return res
+
+
+SGLANG = {"engine": "sglang", "candidate": "sage", "baseline": "sdpa", "sglang_attention_backend": "sage_attn",
+          "sglang_baseline_backend": "triton"}
+
+
+def test_crossover_is_where_every_longer_length_is_faster():
+    pts = [{"batch": 1, "input_length": n, "verdict": v, "speedup": 1.0} for n, v in
+           [(128, "slower"), (512, "faster"), (2048, "no difference"), (8192, "faster"), (16384, "faster")]]
+    pts += [{"batch": 4, "input_length": n, "verdict": "slower", "speedup": 0.5} for n in (128, 8192)]
+    assert rec.crossover(pts) == {1: 8192}  # 512 is faster but 2048 is not: the crossover is 8192; batch 4 never
+
+
+def test_sentences_name_the_crossover_and_the_worst_point(tmp_path):
+    tp = _throughput(tmp_path, {(1, 128): (0.4, "slower"), (1, 8192): (1.08, "faster"), (4, 128): (0.6, "slower"),
+                                (4, 8192): (1.12, "faster")})
+    logits = R.Results("02_logits", tmp_path)
+    logits.verdict("mean KL(baseline || candidate)", 0.0004, "<=", 0.001, unit="nats")
+    out = rec.sentences([tp, logits], SGLANG)
+    assert 2 <= len(out) <= 5
+    speed = out[0]
+    assert "sage_attn against triton" in speed and "faster at 2 of 4 points, slower at 2" in speed
+    assert "best 1.12x at input 8192, batch 4" in speed and "faster from input 8192 on at batch 1 and 4" in speed
+    assert "worst 0.4x at input 128, batch 1" in speed
+    assert "all 1 checks pass" in out[1] and "0.0004 nats" in out[1]
+    assert out[-1].startswith("Reading: accurate by these checks, and worth enabling")
+
+
+def test_a_failed_aa_control_and_failing_accuracy_are_said(tmp_path):
+    tp = _throughput(tmp_path, {(1, 128): (0.9, "faster")}, aa_pct=8.0)  # "faster" than a noisy A/A, yet below 1
+    logits = R.Results("02_logits", tmp_path)
+    logits.verdict("top-1 agreement", 0.96, ">=", 0.97)
+    out = rec.sentences([tp, logits], SGLANG)
+    assert "faster at 0 of 1 points" in out[0]  # a point below 1 is never called faster
+    assert "A/A control failed" in out[0] and "8 %" in out[0] and "limit 3 %" in out[0]
+    assert "1 of 1 checks fail: top-1 agreement 0.96 (limit >= 0.97)" in out[1]
+    assert "02_logits (1: its next-token distributions differ" in out[2] and "04_throughput (1: the speed figures are not conclusive)" in out[2]
+    assert out[-1] == "Reading: not a drop-in replacement here; 1 accuracy check(s) fail."
+
+
+def test_missing_and_failed_notebooks_are_said_not_guessed(tmp_path):
+    failed = R.Results("03_perplexity", tmp_path, status="failed", reason="ConnectionError: no server")
+    out = rec.sentences([failed], {"engine": "hf", "candidate": "sage", "baseline": "sdpa", "device": "cuda"})
+    assert out[0] == "Speed was not measured in this run (04_throughput did not run)."
+    assert out[1] == "Accuracy was not measured in this run."
+    assert "1 notebook(s) failed (03_perplexity)" in out[2]
+    assert "no accuracy check ran" in out[-1]
+
+
+def test_in_process_points_are_classed_by_their_interval_around_one(tmp_path):
+    tp = R.Results("04_throughput", tmp_path)
+    tp.table("throughput", [{"batch": 1, "input_length": 64, "implementation": "sage-emulated", "status": "ok",
+                             "prefill_speedup": 0.5, "prefill_speedup_p10": 0.45, "prefill_speedup_p90": 0.55},
+                            {"batch": 2, "input_length": 64, "implementation": "sage-emulated", "status": "ok",
+                             "prefill_speedup": 1.01, "prefill_speedup_p10": 0.97, "prefill_speedup_p90": 1.05}])
+    env = R.Results("00_environment", tmp_path)
+    env.metric("device", "cpu")
+    out = rec.sentences([env, tp], {"engine": "hf", "candidate": "sage-emulated", "baseline": "sdpa", "device": "auto"})
+    assert "faster at 0 of 2 points, slower at 1" in out[0] and "say nothing about the kernel's speed" in out[0]
