@@ -27,7 +27,7 @@ def test_every_notebook_ran(ci_run):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith("report.html")
     manifest = json.loads((out / "run.json").read_text())
-    assert [n["status"] for n in manifest["notebooks"]] == ["ok"] * 10
+    assert [n["status"] for n in manifest["notebooks"]] == ["ok"] * 11
     for nb in (ROOT / "notebooks").glob("*.ipynb"):
         executed = nbformat.read(out / "notebooks" / nb.name, as_version=4)
         assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
@@ -89,6 +89,21 @@ def test_results_hold_real_values(ci_run):
     assert all(r["sdpa_vs_ref_rel_l2"] < 1e-2 for r in k.tables["accuracy"] if r.get("sdpa_status") == "ok")
     assert k.metrics["device"].startswith("CPU")
     assert "kernel checks not run" in " ".join(k.notes)
+
+    tasks = result(out, "09_tasks")
+    acc = {(r["task"], r["metric"]): r for r in tasks.tables["accuracy"]}
+    line = acc["line ending", "acc"]
+    assert line["questions"] == 60 and line["baseline_accuracy"] > 0.25 + 2 * (0.25 * 0.75 / 60) ** 0.5  # well above chance
+    answers = [r for r in tasks.tables["answers"] if r["task"] == "line ending"]
+    for impl, key in (("sdpa", "baseline_accuracy"), ("sage-emulated", "candidate_accuracy")):
+        rows = [r for r in answers if r["implementation"] == impl]
+        assert len(rows) == 60 and line[key] == pytest.approx(sum(r["correct"] for r in rows) / 60)  # recomputed from the answers
+    flips = [f for f in tasks.tables["flips"] if f["task"] == "line ending" and f["metric"] == "acc"]
+    assert len(flips) == line["right_to_wrong"] + line["wrong_to_right"]
+    arithmetic = acc["arithmetic (local GSM8K file, 2-shot)", "exact match"]
+    assert arithmetic["questions"] == 5  # 7 rows in the file, 2 of them the examples
+    # a Shakespeare model cannot do sums: the check that the task can tell right from wrong says so
+    assert [v.passed for v in tasks.verdicts if v.name.startswith("arithmetic") and "reference level" in v.name] == [False]
 
     summary = result(out, "99_summary")
     all_verdicts = [v for f in (out / "results").glob("*.json") if f.stem != "99_summary" for v in R.load(f).verdicts]
@@ -218,7 +233,7 @@ def test_report_reads_cleanly_in_chromium_at_1400_px(ci_run):
 
 def test_baseline_against_itself(tmp_path):
     out = tmp_path / "self"
-    done = run_cli("run", "--params", str(CI_PARAMS), "-p", "candidate=sdpa", "--only", "02,03,06", "--out", str(out), "-q")
+    done = run_cli("run", "--params", str(CI_PARAMS), "-p", "candidate=sdpa", "--only", "02,03,06,09", "--out", str(out), "-q")
     assert done.returncode == 0, done.stderr[-2000:]
     o = result(out, "02_logits").metrics["overall"]
     assert o["kl_mean"] == 0 and o["kl_max"] == 0 and o["top1_agreement"] == 1 and o["top5_agreement"] == 1
@@ -226,12 +241,16 @@ def test_baseline_against_itself(tmp_path):
     assert d["delta_pct"] == 0 and d["ci_low_pct"] == 0 == d["ci_high_pct"]
     for r in result(out, "06_activation_drift").tables["drift"]:
         assert r["rel_l2"] == 0 and r["max_abs"] == 0 and r["cosine"] == pytest.approx(1, abs=1e-12)
+    tasks = result(out, "09_tasks")
+    assert tasks.tables["flips"] == [] and all(r["delta_pp"] == 0 and r["mcnemar_p"] == 1 for r in tasks.tables["accuracy"])
 
 
 def test_a_perturbed_candidate_is_caught_by_every_accuracy_notebook(tmp_path):
     out = tmp_path / "noisy"
-    done = run_cli("run", "--params", str(CI_PARAMS), "-p", "candidate=sdpa-noisy", "--only", "02,03,06,07", "--out", str(out), "-q")
+    done = run_cli("run", "--params", str(CI_PARAMS), "-p", "candidate=sdpa-noisy", "--only", "02,03,06,07,09", "--out", str(out), "-q")
     assert done.returncode == 0, done.stderr[-2000:]
+    # 60 questions cannot resolve a 2-point delta, but the changed answers are there to see
+    assert result(out, "09_tasks").tables["flips"]
     for name in ("02_logits", "03_perplexity", "06_activation_drift", "07_context_length"):
         res = result(out, name)
         assert res.verdicts and not all(v.passed for v in res.verdicts), name

@@ -76,3 +76,13 @@ def test_in_process_points_are_classed_by_their_interval_around_one(tmp_path):
     env.metric("device", "cpu")
     out = rec.sentences([env, tp], {"engine": "hf", "candidate": "sage-emulated", "baseline": "sdpa", "device": "auto"})
     assert "faster at 0 of 2 points, slower at 1" in out[0] and "say nothing about the kernel's speed" in out[0]
+
+
+def test_a_task_that_cannot_tell_right_from_wrong_is_not_blamed_on_the_candidate(tmp_path):
+    tasks = R.Results("09_tasks", tmp_path)
+    tasks.verdict("sums: |accuracy delta|", 0.0, "abs<=", 2.0, unit="pp")
+    tasks.verdict("sums: baseline above its reference level (the task can tell right from wrong)", 0.0, ">", 0.5)
+    out = rec.sentences([tasks], SGLANG)
+    assert "all 1 checks pass" in out[1]
+    assert "09_tasks (1: a task the baseline cannot answer above its reference level" in out[2]
+    assert not out[-1].startswith("Reading: not a drop-in")

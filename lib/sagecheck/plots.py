@@ -219,3 +219,28 @@ def error_by_shape(rows: list[dict[str, Any]], field: str, ylabel: str, title: s
     if zeros:
         fig.text(0.01, 0.01, f"{zeros} shapes with error exactly 0 drawn at {floor:.1e}", fontsize=7)
     return _finish(fig, title)
+
+
+def accuracy_by_task(tasks: list[str], accuracy: dict[str, list[float]], intervals: dict[str, list[tuple[float, float]]],
+                     reference: list[float | None], title: str) -> Any:
+    """Accuracy per task and backend (bars, with each backend's 95% interval) beside the task's reference level
+    (chance for multiple choice, always-the-commonest-answer for generation), drawn as a dashed line."""
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.8 * len(tasks) + 2), 3.4))
+    width = 0.8 / max(len(accuracy), 1)
+    x = np.arange(len(tasks))
+    for k, (label, values) in enumerate(accuracy.items()):
+        pos = x - 0.4 + width * (k + 0.5)
+        lo = [v - a for v, (a, _) in zip(values, intervals[label])]
+        hi = [b - v for v, (_, b) in zip(values, intervals[label])]
+        ax.bar(pos, values, width=width * 0.95, color=PALETTE[k % len(PALETTE)], alpha=0.85, label=label)
+        ax.errorbar(pos, values, yerr=[lo, hi], fmt="none", ecolor="k", capsize=3, lw=1)
+    labelled = False
+    for i, ref in enumerate(reference):
+        if ref is not None:
+            ax.hlines(ref, i - 0.45, i + 0.45, colors="k", linestyles="--", lw=1, label=None if labelled else "reference level")
+            labelled = True
+    ax.set_xticks(x, tasks)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="upper right")
+    return _finish(fig, title)

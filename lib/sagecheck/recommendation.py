@@ -11,6 +11,14 @@ from sagecheck import results as R
 # the notebooks whose checks measure answers (accuracy), not speed, memory or plumbing
 ACCURACY_NOTEBOOKS = ("02_logits", "03_perplexity", "06_activation_drift", "07_context_length", "09_tasks")
 
+# checks of the measurement itself, not of the candidate: a task the baseline cannot answer above chance
+CONTROL_MARKERS = ("the task can tell right from wrong",)
+
+
+def _is_control(v: R.Verdict) -> bool:
+    return any(m in v.name for m in CONTROL_MARKERS)
+
+
 # what a failing check of each notebook means for the pull request
 FAILURE_MEANS = {
     "00_environment": "the run's environment could not be recorded",
@@ -117,7 +125,7 @@ def _figure(v: R.Verdict) -> str:
 
 
 def accuracy_sentence(results: list[R.Results]) -> str:
-    checks = [v for r in results if r.notebook in ACCURACY_NOTEBOOKS for v in r.verdicts]
+    checks = [v for r in results if r.notebook in ACCURACY_NOTEBOOKS for v in r.verdicts if not _is_control(v)]
     if not checks:
         return "Accuracy was not measured in this run."
     failing = [v for v in checks if not v.passed]
@@ -125,7 +133,8 @@ def accuracy_sentence(results: list[R.Results]) -> str:
         shown = failing
         head = f"In accuracy, {len(failing)} of {len(checks)} checks fail: "
     else:  # the first check of each accuracy notebook: its headline figure
-        shown = [r.verdicts[0] for r in results if r.notebook in ACCURACY_NOTEBOOKS and r.verdicts]
+        shown = [next(v for v in r.verdicts if not _is_control(v)) for r in results
+                 if r.notebook in ACCURACY_NOTEBOOKS and any(not _is_control(v) for v in r.verdicts)]
         head = f"In accuracy, all {len(checks)} checks pass; headline figures: "
     return head + "; ".join(_figure(v) for v in shown[:5]) + (f"; and {len(shown) - 5} more" if len(shown) > 5 else "") + "."
 
@@ -142,6 +151,8 @@ def failures_sentence(results: list[R.Results]) -> str:
         means = FAILURE_MEANS.get(nb, "see the notebook")
         if nb == "04_throughput" and not any(v.name.startswith("A/A control") for v in vs):
             means = "too few points of the sweep ran"
+        if all(_is_control(v) for v in vs):
+            means = "a task the baseline cannot answer above its reference level, so its delta says nothing either way"
         parts.append(f"{nb} ({len(vs)}: {means})")
     text = ""
     if parts:
@@ -153,8 +164,8 @@ def failures_sentence(results: list[R.Results]) -> str:
 
 
 def overall_sentence(results: list[R.Results], tp: R.Results | None, candidate: str) -> str:
-    acc_fail = [v for r in results if r.notebook in ACCURACY_NOTEBOOKS for v in r.verdicts if not v.passed]
-    acc_ran = any(r.verdicts for r in results if r.notebook in ACCURACY_NOTEBOOKS)
+    acc_fail = [v for r in results if r.notebook in ACCURACY_NOTEBOOKS for v in r.verdicts if not v.passed and not _is_control(v)]
+    acc_ran = any(not _is_control(v) for r in results if r.notebook in ACCURACY_NOTEBOOKS for v in r.verdicts)
     rows = [r for r in (tp.tables.get("throughput", []) if tp and tp.status == "ok" else []) if r.get("implementation") == candidate]
     faster = [p for phase in ("prefill", "decode") for p in _phase_points(rows, phase) if p["verdict"] == "faster"]
     aa_failed = bool(tp and any(v.name.startswith("A/A control") and not v.passed for v in tp.verdicts))

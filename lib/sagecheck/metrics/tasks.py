@@ -1,0 +1,180 @@
+"""Downstream accuracy of two backends on the same questions, and the paired comparison.
+
+Multiple choice is scored as lm-evaluation-harness scores it: each choice's log-likelihood is the sum
+of its tokens' log-probabilities given the context (context and continuation tokenized together, the
+continuation being the tokens after the context's); ``acc`` takes the largest sum, ``acc_norm`` the
+largest sum per character of the choice. Generation is greedy, cut at the first stop string, and the
+extracted answer compared exactly.
+
+Both backends answer the same questions, so the comparison is paired: the accuracy delta gets a
+bootstrap interval over questions, and the exact McNemar test asks whether the discordant questions
+(right for one backend, wrong for the other) split evenly, as they would if the backends differed only
+by chance.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from sagecheck.data.tasks import GenItem, MCItem, extract
+
+TokenLogprobs = Callable[[list[list[int]]], list[np.ndarray]]
+Generate = Callable[[list[list[int]], int], list[list[int]]]
+
+
+def split_tokens(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context tokens, continuation tokens) with the pair tokenized as one text, as lm-evaluation-harness
+    does: a trailing space of the context moves to the continuation, and the continuation is whatever
+    follows the context's own tokens."""
+    spaces = len(context) - len(context.rstrip(" "))
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = list(tokenizer(context + continuation).input_ids)
+    ctx = list(tokenizer(context).input_ids)
+    if whole[: len(ctx)] != ctx:  # the boundary merged into one token: fall back to separate encodings
+        cont = list(tokenizer(continuation, add_special_tokens=False).input_ids)
+        return ctx, cont
+    return ctx, whole[len(ctx):]
+
+
+def choice_loglik(logprobs: np.ndarray, n_context: int, n_continuation: int) -> float:
+    """Sum of the continuation's token logprobs in a teacher-forced ``logprobs`` (entry t-1 is log p(x_t | x_<t))."""
+    if n_context < 1 or n_continuation < 1:
+        raise ValueError("need at least one context and one continuation token")
+    return float(np.sum(logprobs[n_context - 1: n_context - 1 + n_continuation]))
+
+
+def score_multiple_choice(items: Sequence[MCItem], tokenizer: Any, token_logprobs: TokenLogprobs,
+                          batch_size: int = 16) -> list[dict[str, Any]]:
+    """Per question: each choice's log-likelihood, the choice picked by acc and by acc_norm, correctness."""
+    requests = []
+    for qi, item in enumerate(items):
+        for ci, choice in enumerate(item.choices):
+            ctx, cont = split_tokens(tokenizer, item.context, choice)
+            requests.append((qi, ci, ctx + cont, len(ctx), len(cont)))
+    order = sorted(range(len(requests)), key=lambda i: -len(requests[i][2]))  # similar lengths batch together
+    logliks: dict[tuple[int, int], float] = {}
+    for start in range(0, len(order), batch_size):
+        chunk = [requests[i] for i in order[start: start + batch_size]]
+        for (qi, ci, _, n_ctx, n_cont), lp in zip(chunk, token_logprobs([r[2] for r in chunk])):
+            logliks[(qi, ci)] = choice_loglik(lp, n_ctx, n_cont)
+    rows = []
+    for qi, item in enumerate(items):
+        ll = [logliks[(qi, ci)] for ci in range(len(item.choices))]
+        norm = [v / max(len(c), 1) for v, c in zip(ll, item.choices)]
+        pick, pick_norm = int(np.argmax(ll)), int(np.argmax(norm))
+        rows.append({"id": item.id, "loglik": ll, "pick": pick, "pick_norm": pick_norm, "answer": item.answer,
+                     "correct": pick == item.answer, "correct_norm": pick_norm == item.answer})
+    return rows
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    cuts = [text.index(s) for s in stop if s and s in text]
+    return text[: min(cuts)] if cuts else text
+
+
+def score_generation(items: Sequence[GenItem], tokenizer: Any, generate: Generate, max_new_tokens: int, extractor: str,
+                     stop: Sequence[str] = (), batch_size: int = 16) -> list[dict[str, Any]]:
+    """Per question: the greedy output (cut at the first stop string), the extracted answer, exact match."""
+    prompts = [list(tokenizer(it.prompt).input_ids) for it in items]
+    outputs: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        outputs += generate(prompts[start: start + batch_size], max_new_tokens)
+    rows = []
+    for item, out in zip(items, outputs):
+        text = cut_at_stop(tokenizer.decode(out, skip_special_tokens=True), stop)
+        got = extract(text, extractor)
+        rows.append({"id": item.id, "output": text, "extracted": got, "answer": item.answer, "correct": got == item.answer})
+    return rows
+
+
+# --------------------------------------------------------------------------- the paired comparison
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of an accuracy of ``correct`` out of ``n``."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def reference_bar(reference: float, n: int) -> float:
+    """The level a baseline accuracy must exceed to show that a task can tell right from wrong: the reference
+    (chance) level plus two binomial standard errors at that level."""
+    return reference + 2 * math.sqrt(reference * (1 - reference) / n) if n else float("nan")
+
+
+def mcnemar_exact(base_only: int, cand_only: int) -> float:
+    """Two-sided exact McNemar p-value: the discordant pairs as a binomial(b + c, 1/2) count."""
+    n = base_only + cand_only
+    if n == 0:
+        return 1.0
+    k = min(base_only, cand_only)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired_bootstrap_delta(base: Sequence[bool], cand: Sequence[bool], resamples: int = 2000, seed: int = 0,
+                           level: float = 0.95) -> dict[str, float]:
+    """Accuracy delta (candidate - baseline, in percentage points) and its percentile bootstrap interval,
+    questions resampled with both backends' answers kept together."""
+    b, c = np.asarray(base, dtype=float), np.asarray(cand, dtype=float)
+    if b.shape != c.shape or b.size == 0:
+        raise ValueError("need the same, non-empty set of questions for both backends")
+    diff = c - b
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, diff.size, size=(resamples, diff.size))].mean(axis=1)
+    alpha = (1 - level) / 2
+    return {"delta_pp": 100 * float(diff.mean()), "ci_low_pp": 100 * float(np.quantile(means, alpha)),
+            "ci_high_pp": 100 * float(np.quantile(means, 1 - alpha)), "resamples": resamples}
+
+
+def compare(base: Sequence[bool], cand: Sequence[bool], resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Accuracy of each, the paired delta with its interval, the discordant counts and McNemar's p."""
+    b, c = np.asarray(base, dtype=bool), np.asarray(cand, dtype=bool)
+    base_only, cand_only = int(np.sum(b & ~c)), int(np.sum(~b & c))
+    return {
+        "questions": int(b.size),
+        "baseline_accuracy": float(b.mean()),
+        "candidate_accuracy": float(c.mean()),
+        **paired_bootstrap_delta(b, c, resamples, seed),
+        "right_to_wrong": base_only,
+        "wrong_to_right": cand_only,
+        "both_right": int(np.sum(b & c)),
+        "both_wrong": int(np.sum(~b & ~c)),
+        "mcnemar_p": mcnemar_exact(base_only, cand_only),
+    }
+
+
+def flips(items: Sequence[Any], base_rows: list[dict[str, Any]], cand_rows: list[dict[str, Any]], key: str = "correct",
+          max_chars: int = 160) -> list[dict[str, Any]]:
+    """The questions whose correctness changed, with what each backend answered."""
+    out = []
+    for item, b, c in zip(items, base_rows, cand_rows):
+        if b[key] == c[key]:
+            continue
+        out.append({"id": item.id, "flip": "right → wrong" if b[key] else "wrong → right",
+                    "question": item.question[:max_chars], "right answer": _answer_text(item, item.answer if isinstance(item, MCItem) else None),
+                    "baseline answered": _answered(item, b, key), "candidate answered": _answered(item, c, key)})
+    return out
+
+
+def _answer_text(item: Any, index: int | None) -> str:
+    if isinstance(item, MCItem):
+        labels = item.labels or item.choices
+        scored = item.choices[index].strip()
+        letter = scored if len(scored) == 1 and scored != labels[index].strip() else ""  # MMLU scores letters: say both
+        return f"{letter + ': ' if letter else ''}{labels[index]}"[:120]
+    return str(item.answer)
+
+
+def _answered(item: Any, row: dict[str, Any], key: str) -> str:
+    if isinstance(item, MCItem):
+        return _answer_text(item, row["pick_norm" if key == "correct_norm" else "pick"])
+    return f"{row['extracted']} ({row['output'][:60]!r})"
