@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import nbformat
@@ -158,8 +159,9 @@ def _chromium() -> str | None:
     return None
 
 
-def test_summary_table_is_visible_in_chromium(ci_run):
-    _, out = ci_run
+@contextmanager
+def report_page(out: Path, width: int, height: int):
+    """The run's report.html open in headless Chromium (skipped where there is none, unless CI requires it)."""
     browser = _chromium()
     if browser is None:
         if os.environ.get("SAGECHECK_REQUIRE_BROWSER"):
@@ -170,8 +172,17 @@ def test_summary_table_is_visible_in_chromium(ci_run):
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=browser, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                                                                "--disable-component-update", "--disable-sync", "--no-first-run"])
-        page = b.new_page(viewport={"width": 1280, "height": 900})
+        page = b.new_page(viewport={"width": width, "height": height})
         page.goto((out / "report.html").as_uri())
+        try:
+            yield page
+        finally:
+            b.close()
+
+
+def test_summary_table_is_visible_in_chromium(ci_run):
+    _, out = ci_run
+    with report_page(out, 1280, 900) as page:
         table = page.locator("#sagecheck-summary")
         assert table.is_visible()
         box = table.bounding_box()
@@ -181,7 +192,6 @@ def test_summary_table_is_visible_in_chromium(ci_run):
         assert "PASS" in table.inner_text()
         assert page.locator("#nb-00_environment").count() == 1
         page.screenshot(path=str(out / "report.png"), full_page=False)
-        b.close()
 
 
 # every element of one report section: from its marker's cell up to the next section's
@@ -207,18 +217,7 @@ _SECTION_OVERFLOW_JS = """(stem) => {
 def test_report_reads_cleanly_in_chromium_at_1400_px(ci_run):
     """The kernel section fits 1400 px with its folded tables open; no stderr box anywhere; the recommendation on top."""
     _, out = ci_run
-    browser = _chromium()
-    if browser is None:
-        if os.environ.get("SAGECHECK_REQUIRE_BROWSER"):
-            pytest.fail("SAGECHECK_REQUIRE_BROWSER is set but no Chromium was found")
-        pytest.skip("no Chromium on this machine (Debian: apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=browser, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                                               "--disable-component-update", "--disable-sync", "--no-first-run"])
-        page = b.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto((out / "report.html").as_uri())
+    with report_page(out, 1400, 1000) as page:
         assert page.locator("[data-mime-type='application/vnd.jupyter.stderr']").count() == 0
         rec = page.locator("#sagecheck-recommendation")
         assert rec.is_visible() and rec.locator("li").count() >= 2 and "Speed of sage-emulated against sdpa" in rec.inner_text()
@@ -228,7 +227,6 @@ def test_report_reads_cleanly_in_chromium_at_1400_px(ci_run):
         kernel = page.evaluate(_SECTION_OVERFLOW_JS, "08_kernel")
         assert kernel["cells"] > 3 and kernel["problems"] == []
         assert page.evaluate("document.documentElement.scrollWidth") <= 1400
-        b.close()
 
 
 def test_baseline_against_itself(tmp_path):
