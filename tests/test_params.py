@@ -116,3 +116,19 @@ def test_secret_in_parameters_is_refused(tmp_path, monkeypatch):
 
     with pytest.raises(sp.ParamError, match="HF_TOKEN"):
         _check_no_secret_in_params(sp.load_params(None, ["title=hf_planted_secret_123456"]))
+
+
+def test_local_paths_are_made_absolute_for_the_notebooks(tmp_path, monkeypatch):
+    """Notebooks run in notebooks/, so a path relative to the params file (or to where the run started) must reach
+    them absolute; an unknown key inside a task list is one line, not a traceback."""
+    (tmp_path / "text.txt").write_text("To be, or not to be.\n")
+    (tmp_path / "qa.jsonl").write_text('{"question": "1+1?", "answer": "#### 2"}\n')
+    f = tmp_path / "p.yaml"
+    f.write_text("perplexity: {dataset: text.txt}\ntasks:\n  tasks:\n    - {name: qa, kind: generate, source: qa.jsonl}\n")
+    monkeypatch.chdir(ROOT)
+    p = sp.load_params(f)
+    assert p.perplexity.dataset == str(tmp_path / "text.txt") and p.tasks.tasks[0].source == str(tmp_path / "qa.jsonl")
+    monkeypatch.chdir(tmp_path)
+    assert sp.load_params(None, ["logits.text=text.txt"]).logits.text == str(tmp_path / "text.txt")
+    with pytest.raises(sp.ParamError, match=r"unknown parameter 'tasks.tasks.0.stopp' \(did you mean 'stop'\?\)"):
+        sp.load_params(None, ["tasks.tasks=[{name: a, kind: generate, source: gsm8k, stopp: []}]"])

@@ -448,15 +448,12 @@ def check_paths(params: Params, base: Path) -> None:
         except FileNotFoundError as e:
             raise ParamError(f"parameter 'model' = {model!r}: {e}") from None
     elif model != "builtin" and looks_like_path(model):
-        _check_existing("model", model, base)
-    for key, value in (
-        ("logits.text", params.logits.text),
-        ("perplexity.dataset", params.perplexity.dataset),
-        ("activation_drift.text", params.activation_drift.text),
-        ("context_length.text", params.context_length.text),
-    ):
+        params.model = str(_check_existing("model", model, base).resolve())
+    # local paths become absolute: notebooks run in their own folder, not where the run was started
+    for section, field in (("logits", "text"), ("perplexity", "dataset"), ("activation_drift", "text"), ("context_length", "text")):
+        value = getattr(getattr(params, section), field)
         if value not in _HUB_DATASETS:
-            _check_existing(key, value, base)
+            setattr(getattr(params, section), field, str(_check_existing(f"{section}.{field}", value, base).resolve()))
     for i, task in enumerate(params.tasks.tasks):
         if Path(task.source).suffix in (".json", ".jsonl", ".csv", ".parquet"):
             # absolute, because notebooks run in their own folder
