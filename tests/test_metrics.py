@@ -461,6 +461,10 @@ def test_kernel_accuracy_view_gives_words_where_no_figure_exists():
     assert "kernel vs reference" not in accuracy_view([refused], kernel_ran=False)[0]  # no kernel: no kernel columns
     for view in (a, b, c):
         assert not any(isinstance(v, float) and v != v for v in view.values())  # never a nan
+    from sagecheck.metrics.kernel import flagged_view
+
+    shown, causes = flagged_view([{**ran, "causal": False, "n_k": 17, "sage-emulated_vs_ref_rel_l2": 1e-2}] * 2)
+    assert [r["likely cause"] for r in shown] == [next(iter(causes))] * 2 and len(causes) == 1  # each cause explained once
     tag, why = likely_cause({"causal": False, "n_k": 17})
     assert tag.startswith("key padding") and "64-key block" in why
     assert likely_cause({"causal": True, "n_k": 17})[0] == "not explained"

@@ -221,8 +221,7 @@ def test_report_reads_cleanly_in_chromium_at_1400_px(ci_run):
         assert page.locator("[data-mime-type='application/vnd.jupyter.stderr']").count() == 0
         rec = page.locator("#sagecheck-recommendation")
         assert rec.is_visible() and rec.locator("li").count() >= 2 and "Speed of sage-emulated against sdpa" in rec.inner_text()
-        folded = page.locator("#nb-08_kernel ~ details, details.sc-folded")
-        assert folded.count() >= 2
+        assert page.locator("details.sc-folded").count() >= 2  # 08's full accuracy table and its speed table
         page.evaluate("document.querySelectorAll('details').forEach(d => d.open = true)")
         kernel = page.evaluate(_SECTION_OVERFLOW_JS, "08_kernel")
         assert kernel["cells"] > 3 and kernel["problems"] == []

@@ -86,6 +86,7 @@ def test_paired_comparison_counts_flips_and_brackets_the_delta():
     c = T.compare(base, cand, resamples=2000)
     assert c["right_to_wrong"] == int(np.sum(base[:30])) and c["wrong_to_right"] == int(np.sum(~base[:30]))
     assert c["delta_pp"] == pytest.approx(100 * (cand.mean() - base.mean()))
+    assert c["baseline_ci"] == T.wilson_interval(int(base.sum()), 400) and c["candidate_ci"] == T.wilson_interval(int(cand.sum()), 400)
     assert c["ci_low_pp"] <= c["delta_pp"] <= c["ci_high_pp"]
     assert c["mcnemar_p"] == pytest.approx(stats.binomtest(min(c["right_to_wrong"], c["wrong_to_right"]), 30).pvalue)
     same = T.compare(base, base)  # A/A: nothing to tell apart
@@ -105,7 +106,7 @@ def test_flips_list_the_changed_answers():
 def test_builtin_line_ending_task_is_deterministic_with_the_answer_among_the_choices():
     t = D.line_ending_task(50, seed=3)
     again = D.line_ending_task(50, seed=3)
-    assert [i.choices for i in t.items] == [i.choices for i in again.items] and t.chance == 0.25
+    assert [i.choices for i in t.items] == [i.choices for i in again.items] and t.reference_level == 0.25
     answers = {i.answer for i in t.items}
     assert answers == {0, 1, 2, 3}  # the right ending is not always in the same place
     for item in t.items:
@@ -117,7 +118,7 @@ def test_local_files_in_both_schemas(tmp_path):
     mc.write_text("\n".join(json.dumps({"question": f"q{i}", "choices": ["w", "x", "y", "z"], "answer": "BCDA"[i % 4],
                                         "subject": "math"}) for i in range(6)))
     t = D.load_task(TaskSpec(name="m", kind="multiple_choice", source=str(mc), fewshot=2, limit=3))
-    assert len(t.items) == 3 and t.chance == 0.25 and [i.answer for i in t.items] == [3, 0, 1]  # rows 2..4: D, A, B
+    assert len(t.items) == 3 and t.reference_level == 0.25 and [i.answer for i in t.items] == [3, 0, 1]  # rows 2..4: D, A, B
     assert t.items[0].context.count("Answer:") == 3 and "about math" in t.items[0].context  # 2 examples + the question
     assert t.items[0].choices == [" A", " B", " C", " D"]
     gen = D.load_task(TaskSpec(name="g", kind="generate", source="tests/data/gsm8k_sample.jsonl", fewshot=2))

@@ -522,6 +522,15 @@ def parameters_cell_source(notebook: str) -> str:
     return "\n".join(lines)
 
 
+def backend_names(p: Any) -> tuple[str, str]:
+    """(baseline, candidate) as the report names them: SGLang's --attention-backend names on the SGLang engine,
+    the in-process implementations otherwise. ``p``: a notebook's ``P`` or a run's parameters as a dict."""
+    get = p.get if isinstance(p, dict) else (lambda key, default=None: getattr(p, key, default))
+    if get("engine") == "sglang":
+        return get("sglang_baseline_backend", "baseline"), get("sglang_attention_backend", "candidate")
+    return get("baseline", "baseline"), get("candidate", "candidate")
+
+
 def resolve_run_dir(run_dir: str) -> Path:
     """Where a notebook writes results when run by hand (``run_dir`` empty)."""
     if run_dir:

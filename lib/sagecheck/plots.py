@@ -208,13 +208,11 @@ def error_by_shape(rows: list[dict[str, Any]], field: str, ylabel: str, title: s
         ax.set_xlabel("key length n_k")
         ax.set_title("causal" if causal else "full (non-causal)")
     axes[0].set_ylabel(ylabel)
-    handles, labels = axes[0].get_legend_handles_labels()
-    more_h, more_l = axes[1].get_legend_handles_labels()
-    for h, label in zip(more_h, more_l):
-        if label not in labels:
-            handles.append(h)
-            labels.append(label)
-    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
+    legend = {}  # one entry per label over both panels
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
     zeros = sum(1 for r in rows if r.get(field) == 0)
     if zeros:
         fig.text(0.01, 0.01, f"{zeros} shapes with error exactly 0 drawn at {floor:.1e}", fontsize=7)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from sagecheck import results as R
+from sagecheck.params import backend_names
 
 # the notebooks whose checks measure answers (accuracy), not speed, memory or plumbing
 ACCURACY_NOTEBOOKS = ("02_logits", "03_perplexity", "06_activation_drift", "07_context_length", "09_tasks")
@@ -73,13 +74,25 @@ def _point(p: dict[str, Any]) -> str:
     return f"{p['speedup']:.3g}x at input {p['input_length']}, batch {p['batch']}"
 
 
+def candidate_rows(tp: R.Results | None, label: str) -> list[dict[str, Any]]:
+    """04's rows of the candidate (``label``: its implementation label there); none where 04 did not run."""
+    if tp is None or tp.status != "ok":
+        return []
+    return [r for r in tp.tables.get("throughput", []) if r.get("implementation") == label]
+
+
+def failed_aa_checks(tp: R.Results | None) -> list[R.Verdict]:
+    """04's A/A checks that failed: the timing could not tell the baseline from its own copy."""
+    return [v for v in (tp.verdicts if tp else []) if v.name.startswith("A/A control") and not v.passed]
+
+
 def speed_sentence(tp: R.Results | None, label: str, candidate: str, baseline: str, cpu_emulation: bool) -> str:
     """``label``: the candidate's implementation label in 04's rows; ``candidate``, ``baseline``: the names to print."""
     if tp is None:
         return "Speed was not measured in this run (04_throughput did not run)."
     if tp.status != "ok":
         return f"Speed was not measured: 04_throughput {tp.status} ({(tp.reason or '').strip()[:160]})."
-    rows = [r for r in tp.tables.get("throughput", []) if r.get("implementation") == label]
+    rows = candidate_rows(tp, label)
     parts = []
     for phase in ("prefill", "decode"):
         points = _phase_points(rows, phase)
@@ -108,7 +121,7 @@ def speed_sentence(tp: R.Results | None, label: str, candidate: str, baseline: s
     if not parts:
         return "Speed: no point of 04_throughput ran."
     sentence = f"Speed of {candidate} against {baseline}: " + "; ".join(parts) + "."
-    aa = [v for v in tp.verdicts if v.name.startswith("A/A control") and not v.passed]
+    aa = failed_aa_checks(tp)
     if aa:
         worst = max(aa, key=lambda v: v.value or 0)
         unit = f" {worst.unit}" if worst.unit else ""
@@ -163,12 +176,12 @@ def failures_sentence(results: list[R.Results]) -> str:
     return text
 
 
-def overall_sentence(results: list[R.Results], tp: R.Results | None, candidate: str) -> str:
+def overall_sentence(results: list[R.Results], tp: R.Results | None, label: str) -> str:
     acc_fail = [v for r in results if r.notebook in ACCURACY_NOTEBOOKS for v in r.verdicts if not v.passed and not _is_control(v)]
     acc_ran = any(not _is_control(v) for r in results if r.notebook in ACCURACY_NOTEBOOKS for v in r.verdicts)
-    rows = [r for r in (tp.tables.get("throughput", []) if tp and tp.status == "ok" else []) if r.get("implementation") == candidate]
+    rows = candidate_rows(tp, label)
     faster = [p for phase in ("prefill", "decode") for p in _phase_points(rows, phase) if p["verdict"] == "faster"]
-    aa_failed = bool(tp and any(v.name.startswith("A/A control") and not v.passed for v in tp.verdicts))
+    aa_failed = bool(failed_aa_checks(tp))
     if acc_fail:
         return f"Reading: not a drop-in replacement here; {len(acc_fail)} accuracy check(s) fail."
     if not acc_ran:
@@ -186,10 +199,7 @@ def sentences(results: Iterable[R.Results], params: dict[str, Any]) -> list[str]
     """Two to five sentences from this run's results (the summary notebook's own results left out)."""
     res = [r for r in results if not r.notebook.startswith("99_")]
     tp = next((r for r in res if r.notebook == "04_throughput"), None)
-    if params.get("engine") == "sglang":
-        baseline, candidate_name = params.get("sglang_baseline_backend", "baseline"), params.get("sglang_attention_backend", "candidate")
-    else:
-        baseline, candidate_name = params.get("baseline", "baseline"), params.get("candidate", "candidate")
+    baseline, candidate_name = backend_names(params)
     env = next((r.metrics for r in res if r.notebook == "00_environment"), {})
     device = env.get("device") or params.get("device")
     cpu_emulation = params.get("engine") != "sglang" and str(device).startswith("cpu")

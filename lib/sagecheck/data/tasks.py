@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,8 +63,18 @@ class Task:
     kind: str  # multiple_choice | generate
     description: str
     items: list[Any]
-    chance: float | None = None  # accuracy of a uniform guess (multiple choice)
     stop: list[str] = field(default_factory=list)
+
+    @property
+    def reference_level(self) -> float:
+        """The accuracy that shows nothing: a uniform guess (multiple choice), or always giving the commonest
+        gold answer (generation)."""
+        if not self.items:
+            return float("nan")
+        if self.kind == "multiple_choice":
+            return sum(1 / len(it.choices) for it in self.items) / len(self.items)
+        counts = Counter(it.answer for it in self.items)
+        return max(counts.values()) / len(self.items)
 
 
 # --------------------------------------------------------------------------- answer extraction
@@ -144,7 +155,7 @@ def line_ending_task(n: int | None, context_lines: int = 2, n_choices: int = 4, 
     return Task("line ending", "multiple_choice",
                 f"which of {n_choices} endings completes a line of Hamlet or the Sonnets (held out from the built-in model's "
                 f"training), after {context_lines} lines and the line's first half; the wrong endings are second halves of "
-                "other lines of the same text", items, chance=1 / n_choices)
+                "other lines of the same text", items)
 
 
 def next_word_task(n: int | None, context_chars: int = 300, seed: int = 0) -> Task:
@@ -161,14 +172,6 @@ def next_word_task(n: int | None, context_chars: int = 300, seed: int = 0) -> Ta
         items.append(GenItem(f"char {m.start()}", f"{tail} ___", prompt, m.group(0).lower()))
     return Task("next word", "generate", f"the next word inside a line of held-out text after {context_chars} characters "
                 "(greedy, first word compared exactly, case folded)", items, stop=["\n"])
-
-
-def majority_rate(items: list[GenItem]) -> float:
-    """Accuracy of always giving the most frequent gold answer: the reference level of a generation task."""
-    from collections import Counter
-
-    counts = Counter(it.answer for it in items)
-    return max(counts.values()) / len(items) if items else float("nan")
 
 
 # --------------------------------------------------------------------------- hub and local files
@@ -270,7 +273,5 @@ def load_task(spec: Any, seed: int = 0, cache_dir: str | None = None) -> Task:
     else:
         where = f"{repo}" + (f" ({subset})" if subset else "") + f", {split} split, {len(rows)} questions, {spec.fewshot}-shot"
     if spec.kind == "multiple_choice":
-        items = mmlu_items(rows, shots, spec.fewshot)
-        n = {len(it.choices) for it in items}
-        return Task(spec.name, spec.kind, where, items, chance=sum(1 / len(it.choices) for it in items) / len(items) if n else None)
+        return Task(spec.name, spec.kind, where, mmlu_items(rows, shots, spec.fewshot))
     return Task(spec.name, spec.kind, where, gsm8k_items(rows, shots, spec.fewshot), stop=list(spec.stop))

@@ -120,15 +120,22 @@ def likely_cause(row: dict[str, Any]) -> tuple[str, str]:
     return ("not explained", "not explained by the block padding; compare with the emulation's documented differences")
 
 
-STATUS_WORDS = {"ok": "ok", "out of memory": "out of memory"}
-
-
 def status_word(status: Any) -> str:
     """A cell's word where an implementation produced no figure: never a bare nan."""
     if status is None:
         return "not run"
-    status = str(status)
-    return STATUS_WORDS.get(status, "unsupported" if status.startswith("unsupported") else status)
+    return "unsupported" if str(status).startswith("unsupported") else str(status)
+
+
+def flagged_view(flagged: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The flagged shapes as shown (their errors and a short cause tag) and each tag's explanation, stated once."""
+    rows, causes = [], {}
+    for r in flagged:
+        tag, why = likely_cause(r)
+        causes[tag] = why
+        rows.append({"shape": r["shape"], "kernel vs emulation": r["sage_vs_emulated_rel_l2"], "kernel vs reference": r["sage_vs_ref_rel_l2"],
+                     "emulation vs reference": r["sage-emulated_vs_ref_rel_l2"], "likely cause": tag})
+    return rows, causes
 
 
 # the full accuracy table: (column heading, implementations that must have run, field)

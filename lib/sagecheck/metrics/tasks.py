@@ -143,6 +143,8 @@ def compare(base: Sequence[bool], cand: Sequence[bool], resamples: int = 2000, s
         "questions": int(b.size),
         "baseline_accuracy": float(b.mean()),
         "candidate_accuracy": float(c.mean()),
+        "baseline_ci": wilson_interval(int(b.sum()), int(b.size)),
+        "candidate_ci": wilson_interval(int(c.sum()), int(c.size)),
         **paired_bootstrap_delta(b, c, resamples, seed),
         "right_to_wrong": base_only,
         "wrong_to_right": cand_only,
@@ -150,6 +152,21 @@ def compare(base: Sequence[bool], cand: Sequence[bool], resamples: int = 2000, s
         "both_wrong": int(np.sum(~b & ~c)),
         "mcnemar_p": mcnemar_exact(base_only, cand_only),
     }
+
+
+# per kind of task: (the field of a scored row that says right or wrong, the metric's name); the first is the headline
+METRICS = {"multiple_choice": [("correct", "acc"), ("correct_norm", "acc_norm")], "generate": [("correct", "exact match")]}
+
+
+def paired_summary(task: Any, base_rows: list[dict[str, Any]], cand_rows: list[dict[str, Any]], resamples: int = 2000,
+                   seed: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One task's comparison per metric (:func:`compare`, with the task's reference level) and its flips per metric."""
+    summary, changed = [], []
+    for key, metric in METRICS[task.kind]:
+        c = compare([r[key] for r in base_rows], [r[key] for r in cand_rows], resamples=resamples, seed=seed)
+        summary.append({"task": task.name, "metric": metric, "headline": key == "correct", "reference level": task.reference_level, **c})
+        changed += [{"metric": metric, **f} for f in flips(task.items, base_rows, cand_rows, key=key)]
+    return summary, changed
 
 
 def flips(items: Sequence[Any], base_rows: list[dict[str, Any]], cand_rows: list[dict[str, Any]], key: str = "correct",
