@@ -94,6 +94,11 @@ def _short_sha(sha: Any) -> str:
     return sha if sha.startswith("unknown") else sha[:12]
 
 
+def commit_label(git: dict[str, Any]) -> str:
+    """The recorded commit, and that the code that ran differed from it where the checkout was dirty."""
+    return _short_sha(git.get("sha")) + (" + uncommitted changes" if git.get("dirty") else "")
+
+
 def compared(p: dict[str, Any]) -> str:
     """What was compared, in the engine's own names: SGLang's --attention-backend names, or the in-process implementations."""
     if p.get("engine") == "sglang":
@@ -126,7 +131,7 @@ def summary_markdown(results: list[R.Results], manifest: dict[str, Any] | None =
         lines.append(
             f"GPU: {env.get('gpu', 'n/a')} · torch {versions.get('torch', '?')} · transformers {versions.get('transformers', '?')}"
             f" · sageattention {versions.get('sageattention', '?')} · sglang {versions.get('sglang', '?')}"
-            f" · sagecheck {versions.get('sagecheck', '?')} · git `{_short_sha(env.get('git', {}).get('sha'))}`"
+            f" · sagecheck {versions.get('sagecheck', '?')} · git `{commit_label(env.get('git', {}))}`"
         )
     lines.append("")
     lines.append(

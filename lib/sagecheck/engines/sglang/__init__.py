@@ -82,6 +82,9 @@ def candidate_ran(engine: "SGLangEngine") -> str:
         return "the candidate server was not used"
     if handle.error:
         return f"the candidate server did not start: {handle.error.splitlines()[0]}"
+    backend = engine.params.sglang_attention_backend
+    if backend != "sage_attn":  # e.g. an A/A run, triton on both sides: no plugin statistics to expect
+        return f"--attention-backend {backend}, not sagecheck's sage_attn (no plugin statistics)"
     return describe(plugin_stats(handle))
 
 
