@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -45,3 +47,33 @@ def ci_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "ci"
     done = run_cli("run", "--params", str(CI_PARAMS), "--out", str(out), "-q", env={"HF_TOKEN": SECRET})
     return done, out
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@contextmanager
+def report_page(out: Path, width: int, height: int):
+    """``out`` (an HTML file, or a run folder's report.html) open in headless Chromium (skipped where there is none,
+    unless CI requires it)."""
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("SAGECHECK_REQUIRE_BROWSER"):
+            pytest.fail("SAGECHECK_REQUIRE_BROWSER is set but no Chromium was found")
+        pytest.skip("no Chromium on this machine (Debian: apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=browser, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                                               "--disable-component-update", "--disable-sync", "--no-first-run"])
+        page = b.new_page(viewport={"width": width, "height": height})
+        page.goto((out if out.suffix == ".html" else out / "report.html").as_uri())
+        try:
+            yield page
+        finally:
+            b.close()

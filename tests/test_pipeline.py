@@ -6,14 +6,13 @@ import json
 import os
 import re
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import nbformat
 import pytest
 
 from sagecheck import results as R
-from tests.conftest import CI_PARAMS, ROOT, run_cli
+from tests.conftest import CI_PARAMS, ROOT, report_page, run_cli
 
 pytestmark = pytest.mark.slow
 from tests.conftest import SECRET
@@ -149,35 +148,6 @@ def test_header_and_summary_give_one_count_and_one_order(ci_run):
     table = table[:table.index("</table>")]
     listed = re.findall(r"href=[\"']#nb-(\w+)", table)
     assert listed == sorted(listed) and "99_summary" not in listed and listed[0] == "00_environment"
-
-
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
-@contextmanager
-def report_page(out: Path, width: int, height: int):
-    """The run's report.html open in headless Chromium (skipped where there is none, unless CI requires it)."""
-    browser = _chromium()
-    if browser is None:
-        if os.environ.get("SAGECHECK_REQUIRE_BROWSER"):
-            pytest.fail("SAGECHECK_REQUIRE_BROWSER is set but no Chromium was found")
-        pytest.skip("no Chromium on this machine (Debian: apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=browser, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                                               "--disable-component-update", "--disable-sync", "--no-first-run"])
-        page = b.new_page(viewport={"width": width, "height": height})
-        page.goto((out / "report.html").as_uri())
-        try:
-            yield page
-        finally:
-            b.close()
 
 
 def test_summary_table_is_visible_in_chromium(ci_run):

@@ -328,6 +328,27 @@ def test_the_candidate_writes_the_plugins_statistics(tmp_path):
         engine.close()
 
 
+def test_heads_per_rank_of_a_tensor_parallel_candidate(tmp_path):
+    """--tp 2 on the stand-in: one statistics file per rank, each with half the heads; the check of 01 reads them."""
+    from sagecheck.engines.sglang.runtime_flag import _heads_per_rank
+
+    p = params("sglang.tp=2")
+    engine = SGLangEngine(p, tmp_path)
+    try:
+        with engine.backend("sage-emulated") as b:
+            b.generate([[1, 300, 301]], 2)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and not (b.plugin_stats() or {}).get("counts"):
+                time.sleep(0.2)
+            stats = b.plugin_stats()
+    finally:
+        engine.close()
+    row = _heads_per_rank(p, stats)
+    assert row["passed"] and row["reported"] == "rank 0: 4/1 of tp 2; rank 1: 4/1 of tp 2"
+    assert stats["counts"]["extend_batches_kernel"] == 1  # one batch, run by both ranks
+    assert not _heads_per_rank(params("sglang.tp=4"), stats)["passed"]
+
+
 def test_a_streamed_request_is_timed_to_the_last_first_token_and_to_the_end(tmp_path):
     with Server(spec("fa3"), tmp_path, 120) as server:
         client = SGLangClient(server.url)
@@ -398,7 +419,9 @@ def test_notebooks_on_the_sglang_engine(tmp_path, ci_run):
 
     flag = R.load(out / "results" / "01_runtime_flag.json")
     checks = {r["check"]: r for r in flag.tables["sglang_checks"]}
-    assert all(r["passed"] for r in checks.values()) and all(v.passed for v in flag.verdicts) and len(flag.verdicts) == 6
+    assert all(r["passed"] for r in checks.values()) and all(v.passed for v in flag.verdicts) and len(flag.verdicts) == 7
+    heads = checks["sage_attn: heads per tensor-parallel rank"]  # the built-in model: 8 query / 2 KV heads
+    assert heads["reported"] == "rank 0: 8/2 of tp 1" and heads["expected"].startswith("1 rank(s), 8 query / 2 KV")
     cand = checks["--attention-backend sage_attn (candidate)"]
     assert cand["reported"] == "sage_attn" and cand["generated_tokens"] == 4 and cand["kernel_prefill_batches"] >= 1
     assert "invalid choice: 'sage_attn'" in checks["sage_attn with the plugin not loaded (SGLANG_PLUGINS=__sagecheck_none__)"]["error"]

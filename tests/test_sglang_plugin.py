@@ -19,7 +19,7 @@ from sagecheck.attention.baseline import sdpa
 from sagecheck.attention.sage_emulated import sage_emulated
 from sagecheck.sglang_plugin import varlen as V
 from sagecheck.sglang_plugin.settings import SageAttnUnavailable, Settings
-from sagecheck.sglang_plugin.stats import Stats, describe, read
+from sagecheck.sglang_plugin.stats import Stats, describe, expected_heads_per_rank, head_split, read
 
 
 def reference_kernel(pad_block: int | None = None):
@@ -241,17 +241,39 @@ def test_preflight_refuses_from_the_arguments_alone_before_any_model_loads(monke
 
 
 def test_statistics_of_two_ranks_are_merged(tmp_path):
-    for rank in (0, 1):
-        s = Stats(tmp_path, {"tp_rank": rank, "decode": "triton", "kernel": "k", "q_heads_per_rank": 16, "kv_heads_per_rank": 4})
-        s.count("extend_batches_kernel", 3)
+    for rank, batches in ((0, 3), (1, 2)):  # rank 1's file was last written one batch earlier
+        s = Stats(tmp_path, {"tp_rank": rank, "tp_size": 2, "decode": "triton", "kernel": "k", "q_heads_per_rank": 16,
+                             "kv_heads_per_rank": 4})
+        s.count("extend_batches_kernel", batches)
         s.count("fallback:forward mode mixed")
         s.write()
     merged = read(tmp_path)
-    assert merged["counts"] == {"extend_batches_kernel": 6, "fallback:forward mode mixed": 2}
+    # every rank runs every batch: the server ran 3 batches, not 3 + 2
+    assert merged["counts"] == {"extend_batches_kernel": 3, "fallback:forward mode mixed": 1}
+    assert merged["counts_by_rank"]["1"]["extend_batches_kernel"] == 2
     assert [r["tp_rank"] for r in merged["ranks"]] == [0, 1]
     text = describe(merged)
-    assert "6 prefill batches on the kernel" in text and "2 forward mode mixed" in text and "2 rank(s), 16 query / 4 KV heads" in text
+    assert "3 prefill batches on the kernel" in text and "1 forward mode mixed" in text and "2 rank(s), 16 query / 4 KV heads" in text
     assert read(tmp_path / "none") is None and "not known" in describe(None)
+
+
+def test_head_split_per_rank(tmp_path):
+    def server(tp, q, kv, ranks=None):
+        folder = tmp_path / f"tp{tp}-{q}-{kv}-{ranks}"
+        for rank in ranks if ranks is not None else range(tp):
+            Stats(folder, {"tp_rank": rank, "tp_size": tp, "q_heads_per_rank": q, "kv_heads_per_rank": kv}).write()
+        return read(folder)
+
+    assert expected_heads_per_rank(32, 8, 2) == (16, 4)
+    assert expected_heads_per_rank(32, 8, 16) == (2, 1)  # fewer KV heads than ranks: each rank holds a copy of one
+    ok = head_split(server(2, 16, 4), 32, 8, 2)
+    assert ok["passed"] and "rank 0: 16/4 of tp 2; rank 1: 16/4 of tp 2" == ok["reported"] and "2 rank(s), 16 query / 4 KV" in ok["expected"]
+    assert head_split(server(1, 32, 8), 32, 8, 1)["passed"]
+    assert not head_split(server(2, 32, 8), 32, 8, 2)["passed"]  # every rank holding all heads: not split
+    assert not head_split(server(2, 16, 4, ranks=[0]), 32, 8, 2)["passed"]  # a rank missing
+    assert not head_split(server(1, 32, 8), 32, 8, 2)["passed"]  # asked for tp 2, ran tp 1
+    missing = head_split(None, 32, 8, 2)
+    assert not missing["passed"] and missing["reported"] == "no statistics written"
 
 
 # ------------------------------------------------------------------ the real kernel (GPU)

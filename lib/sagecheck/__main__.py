@@ -1,4 +1,4 @@
-"""Command line: ``python -m sagecheck run|report|params|sync-notebooks``.
+"""Command line: ``python -m sagecheck run|report|compare|params|sync-notebooks``.
 
 Exit codes: 0 all notebooks ran, 1 a notebook failed, 2 bad input (nothing ran).
 """
@@ -64,6 +64,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from sagecheck.compare_report import build
+
+    page = build(args.run_dirs, args.out)
+    print(page)
+    print(page.with_name("compare.md"))
+    return 0
+
+
 def cmd_params(args: argparse.Namespace) -> int:
     import yaml
 
@@ -102,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="build report.html and summary.md from a run folder")
     rep.add_argument("run_dir")
     rep.set_defaults(func=cmd_report)
+
+    co = sub.add_parser("compare", help="put run folders side by side (other GPUs, tensor-parallel sizes, parameters): "
+                                        "compare.html, compare.md, compare.json")
+    co.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="two or more run folders")
+    co.add_argument("--out", required=True, help="folder for the comparison's files")
+    co.set_defaults(func=cmd_compare)
 
     pa = sub.add_parser("params", help="validate parameters and print them with all defaults")
     pa.add_argument("--params")

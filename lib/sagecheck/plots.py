@@ -242,3 +242,71 @@ def accuracy_by_task(tasks: list[str], accuracy: dict[str, list[float]], interva
     ax.set_ylabel("accuracy")
     ax.legend(loc="upper right")
     return _finish(fig, title)
+
+
+RUN_LINESTYLES = {"sdpa": "--"}  # in the comparison: the baseline kernel dashed, every other implementation solid
+
+
+def kernel_by_run(points: list[dict[str, Any]], runs: list[str], value: str, ylabel: str, title: str,
+                  reference: float | None = None) -> Any:
+    """The comparison's kernel timings: one panel per head dim and mask, x the sequence length, a colour per run
+    (GPU), a line style per implementation. ``points`` are matched points (every run measured each)."""
+    panels = sorted({(p["head_dim"], p["causal"]) for p in points})
+    fig, axes = plt.subplots(1, len(panels), figsize=(min(11, 2.9 * len(panels) + 0.8), 3.2), squeeze=False, sharey=True)
+    for ax, (head_dim, causal) in zip(axes[0], panels):
+        here = [p for p in points if p["head_dim"] == head_dim and p["causal"] == causal]
+        for i, run in enumerate(runs):
+            for impl in sorted({p["implementation"] for p in here}):
+                pts = sorted((p["seq_len"], p["runs"][run].get(value)) for p in here if p["implementation"] == impl)
+                pts = [(x, y) for x, y in pts if y is not None]
+                if pts:
+                    ax.plot(*zip(*pts), RUN_LINESTYLES.get(impl, "-"), marker="o", ms=3, color=PALETTE[i % len(PALETTE)],
+                            label=f"{run}: {impl}")
+        if reference is not None:
+            ax.axhline(reference, color="black", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"head dim {head_dim}, {'causal' if causal else 'full'}")
+        ax.set_xlabel("sequence length")
+    axes[0][0].set_ylabel(ylabel)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), bbox_to_anchor=(0.5, -0.02))
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0.1 + 0.05 * ((len(labels) - 1) // 4), 1, 1))
+    return fig
+
+
+def speedup_by_run(points: list[dict[str, Any]], runs: list[str], phases: tuple[str, ...], title: str) -> Any:
+    """The comparison's serving speedups: a row per phase, a panel per batch size, x the input length, a colour per
+    run with its p10-p90 interval, the line at 1 (as fast as the baseline)."""
+    batches = sorted({p["batch"] for p in points})
+    fig, axes = plt.subplots(len(phases), len(batches), figsize=(min(11, 2.6 * len(batches) + 0.8), 2.6 * len(phases) + 0.5),
+                             squeeze=False, sharex=True)
+    for r, phase in enumerate(phases):
+        for c, batch in enumerate(batches):
+            ax = axes[r][c]
+            here = sorted((p for p in points if p["batch"] == batch), key=lambda p: p["input_length"])
+            for i, run in enumerate(runs):
+                xs = [p["input_length"] for p in here]
+                ys = [p["runs"][run].get(f"{phase}_speedup") for p in here]
+                lo = [p["runs"][run].get(f"{phase}_speedup_p10") for p in here]
+                hi = [p["runs"][run].get(f"{phase}_speedup_p90") for p in here]
+                keep = [k for k, y in enumerate(ys) if y is not None]
+                if not keep:
+                    continue
+                x, y = [xs[k] for k in keep], [ys[k] for k in keep]
+                err = [[max(0.0, y[j] - (lo[k] if lo[k] is not None else y[j])) for j, k in enumerate(keep)],
+                       [max(0.0, (hi[k] if hi[k] is not None else y[j]) - y[j]) for j, k in enumerate(keep)]]
+                ax.errorbar(x, y, yerr=err, fmt="-o", ms=3, capsize=2, color=PALETTE[i % len(PALETTE)], label=run)
+            ax.axhline(1.0, color="black", lw=0.8)
+            ax.set_xscale("log", base=2)
+            if r == 0:
+                ax.set_title(f"batch {batch}")
+            if r == len(phases) - 1:
+                ax.set_xlabel("input length")
+            if c == 0:
+                ax.set_ylabel(f"{phase} speedup")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), bbox_to_anchor=(0.5, -0.01))
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return fig

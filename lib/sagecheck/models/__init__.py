@@ -73,6 +73,14 @@ def hub_token() -> str | None:
     return None
 
 
+def load_config(source: ModelSource) -> Any:
+    """The model's transformers config (no weights): head counts and the like, for checks against what a server ran."""
+    from transformers import AutoConfig
+
+    kwargs = {"revision": source.revision} if source.kind == "pretrained" and source.revision else {}
+    return AutoConfig.from_pretrained(source.location, token=hub_token(), **kwargs)
+
+
 def load_tokenizer(source: ModelSource) -> Any:
     if source.kind in ("builtin", "random"):
         # the built-in tokenizer is a plain `tokenizers` file: load it directly, without

@@ -72,11 +72,15 @@ def read(folder: str | Path | None) -> dict[str, Any] | None:
             continue
     if not ranks:
         return None
-    counts: Counter[str] = Counter()
+    # every tensor-parallel rank runs every batch (on its share of the heads): a server's count is the largest of its
+    # ranks', not their sum, which would count each batch tp times
+    counts: dict[str, int] = {}
     for r in ranks:
-        counts.update(r.get("counts", {}))
+        for key, n in r.get("counts", {}).items():
+            counts[key] = max(counts.get(key, 0), n)
     configs = [r.get("config", {}) for r in ranks]
-    return {"config": configs[0], "ranks": configs, "counts": dict(counts)}
+    return {"config": configs[0], "ranks": configs, "counts": counts,
+            "counts_by_rank": {str(c.get("tp_rank", i)): r.get("counts", {}) for i, (c, r) in enumerate(zip(configs, ranks))}}
 
 
 def describe(stats: dict[str, Any] | None) -> str:
@@ -94,3 +98,28 @@ def describe(stats: dict[str, Any] | None) -> str:
             f"({c.get('decode_batches_kernel', 0)} eager steps on the kernel, {c.get('decode_batches_triton', 0)} eager and "
             f"{c.get('decode_graph_replays', 0)} CUDA-graph steps on Triton); "
             f"{len(stats['ranks'])} rank(s), {cfg.get('q_heads_per_rank')} query / {cfg.get('kv_heads_per_rank')} KV heads per rank")
+
+
+def expected_heads_per_rank(heads: int, kv_heads: int, tp: int) -> tuple[int, int]:
+    """Query and KV heads one tensor-parallel rank should hold: SGLang splits the query heads evenly and the KV heads
+    too, replicating them where there are fewer KV heads than ranks (each rank then holds one)."""
+    return heads // tp, max(1, kv_heads // tp)
+
+
+def head_split(stats: dict[str, Any] | None, heads: int, kv_heads: int, tp: int) -> dict[str, Any]:
+    """Did every rank of the server report the heads it should hold? ``passed`` with what was expected and reported.
+
+    With tensor parallelism each scheduler process writes its own file: there must be one per rank (ranks 0..tp-1,
+    each once) and each must hold heads/tp query heads and max(1, kv_heads/tp) KV heads.
+    """
+    q, kv = expected_heads_per_rank(heads, kv_heads, tp)
+    expected = f"{tp} rank(s), {q} query / {kv} KV heads each (model: {heads} / {kv_heads}, tp {tp})"
+    if not stats:
+        return {"passed": False, "expected": expected, "reported": "no statistics written"}
+    ranks = stats.get("ranks", [])
+    seen = sorted(int(r.get("tp_rank", -1)) for r in ranks)
+    per_rank = [f"rank {r.get('tp_rank')}: {r.get('q_heads_per_rank')}/{r.get('kv_heads_per_rank')} of tp {r.get('tp_size')}"
+                for r in sorted(ranks, key=lambda r: int(r.get("tp_rank", -1)))]
+    passed = seen == list(range(tp)) and all(
+        r.get("q_heads_per_rank") == q and r.get("kv_heads_per_rank") == kv and r.get("tp_size") == tp for r in ranks)
+    return {"passed": passed, "expected": expected, "reported": "; ".join(per_rank) or "no ranks"}

@@ -190,6 +190,18 @@ def candidate_phases(name):
     return ("prefill", "decode") if os.environ.get("SAGE_ATTN_DECODE") == "sage" else ("prefill",)
 
 
+class RankStats:
+    """The statistics of each tensor-parallel rank, as SGLang's scheduler processes write them (one file per rank,
+    every batch counted on each); the stand-in computes on one process."""
+
+    def __init__(self, ranks: list) -> None:
+        self.ranks = ranks
+
+    def count(self, key: str, n: int = 1) -> None:
+        for r in self.ranks:
+            r.count(key, n)
+
+
 def main(argv=None):
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
     from sglang.srt.plugins import load_plugins
@@ -230,11 +242,12 @@ def main(argv=None):
         from sagecheck.sglang_plugin.stats import Stats
 
         cfg = model.config
-        State.stats = Stats(Settings.from_env().stats_dir, {
+        State.stats = RankStats([Stats(Settings.from_env().stats_dir, {
             "backend": State.name, "kernel": "sage-emulated (stand-in: sagecheck's emulation of SageAttention 1.0.6)",
             "sageattention_version": package_version("sageattention"), "decode": State.decode, "decode_cuda_graphs": not args.disable_cuda_graph,
-            "tp_rank": 0, "tp_size": args.tp_size, "q_heads_per_rank": cfg.num_attention_heads // args.tp_size,
+            "tp_rank": rank, "tp_size": args.tp_size, "q_heads_per_rank": cfg.num_attention_heads // args.tp_size,
             "kv_heads_per_rank": max(1, cfg.num_key_value_heads // args.tp_size), "head_dim": cfg.head_dim})
+            for rank in range(args.tp_size)])
     State.engine = HFEngine(model, models.load_tokenizer(src), torch.device("cpu"), dtype, phases=phases)
     State.ready = True
     print("The server is fired up and ready to roll!", flush=True)

@@ -9,6 +9,8 @@ Each check is one row (``check``, what was ``expected``, what happened, ``passed
 * ``sage_attn`` where ``import sageattention`` fails (a package of that name that raises
   ImportError is put first on the server's path) stops the server at start with the
   plugin's message;
+* the candidate's ranks each hold the heads they should: one statistics file per
+  tensor-parallel rank, heads/tp query heads and max(1, kv_heads/tp) KV heads on each;
 * SGLang's default backend, resolved by SGLang for the same command line without the flag,
   is the same with and without the plugin, and is not ``sage_attn``;
 * further names start a server each: ``runtime_flag.sglang_backends`` must serve,
@@ -83,10 +85,23 @@ def _serving(engine: SGLangEngine, impl: str, prompt_ids: list[int], max_new_tok
                         + ("; the plugin ran the kernel" if asked == NAME else ""), ran,
                         reported=reported, generated=engine.tokenizer.decode(out), generated_tokens=len(out),
                         kernel_prefill_batches=kernel, decode=(stats or {}).get("config", {}).get("decode"),
-                        sglang_version=b.info.get("version"), error="")
+                        sglang_version=b.info.get("version"), error="",
+                        **({"_stats": stats} if asked == NAME and b.handle.stats_dir else {}))
     except (ServerError, ClientError) as e:
         return _row(f"--attention-backend {asked} ({_role_word(engine, impl)})", "reports the backend and generates", False,
                     error=getattr(e, "cause", str(e)))
+
+
+def _heads_per_rank(params: Any, stats: dict[str, Any] | None) -> dict[str, Any]:
+    """The candidate's ranks against the model's head counts and ``sglang.tp``."""
+    from sagecheck import models
+    from sagecheck.sglang_plugin.stats import head_split
+
+    config = models.load_config(models.resolve(params.model, params.revision))
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    got = head_split(stats, heads, kv_heads, params.sglang.tp)
+    return _row(f"{NAME}: heads per tensor-parallel rank", got["expected"], got["passed"], reported=got["reported"], error="")
 
 
 def _refused_all(engine: SGLangEngine, cases: list[tuple[str, str, str, dict[str, str], str]]) -> list[dict[str, Any]]:
@@ -117,6 +132,10 @@ def checks(params: Any, log_dir: Path, prompt_ids: list[int], max_new_tokens: in
     try:
         for impl in (params.baseline, params.candidate):
             rows.append(_serving(engine, impl, prompt_ids, max_new_tokens))
+        if "_stats" in rows[-1]:  # sagecheck started the candidate with its statistics folder
+            rows.append(_heads_per_rank(params, rows[-1]["_stats"]))
+        for row in rows:
+            row.pop("_stats", None)
         refusals = []
         if params.sglang_attention_backend == NAME:
             shadow = hidden_sageattention(log_dir / "no-sageattention")

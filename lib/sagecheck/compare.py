@@ -1,0 +1,574 @@
+"""Runs side by side (``python -m sagecheck compare RUN_DIR... --out DIR``): what each ran on, every check per run,
+and the measured points that can be compared.
+
+Reads only what a run folder holds: ``run.json`` and ``results/*.json`` (the results contract), never a notebook.
+Runs of different machines are the point (another GPU, another tensor-parallel size); runs of different models
+or parameters are compared only where their points match. Each section names the parameters its values depend
+on: a run whose values for them differ from the first run's is left out of that section, and a point that is
+not measured (or not ok) in every run is left out of it; both are listed with the reason, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from sagecheck import results as R
+from sagecheck.params import ParamError
+
+SUMMARY_PREFIX = "99_"
+# parameters that name a run, not what it measures
+COSMETIC_PARAMS = ("title",)
+# what tells two runs on the same GPU apart in their labels, in this order (else the run folder's name)
+LABEL_PARAMS = ("model", "engine", "sglang_attention_backend", "candidate", "dtype", "seed")
+
+
+# --------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Run:
+    path: Path
+    manifest: dict[str, Any]
+    params: dict[str, Any]
+    results: dict[str, R.Results]
+    label: str = ""
+
+    def result(self, prefix: str) -> R.Results | None:
+        """The results of the notebook named ``prefix`` (``04`` or ``04_throughput``)."""
+        for name, res in self.results.items():
+            if name == prefix or name.split("_", 1)[0] == prefix:
+                return res
+        return None
+
+    @property
+    def environment(self) -> dict[str, Any]:
+        """00_environment's facts; without it, the brief environment every results file carries."""
+        env = self.result("00")
+        if env is not None and env.status == "ok" and env.metrics:
+            return env.metrics
+        for res in self.results.values():
+            if res.environment:
+                brief = dict(res.environment)
+                brief["versions"] = {k: brief.get(k) for k in ("torch", "transformers", "sglang", "sageattention")}
+                brief["git"] = {"sha": brief.get("git_sha")}
+                return brief
+        return {}
+
+    @property
+    def measured(self) -> list[R.Results]:
+        return [r for name, r in sorted(self.results.items()) if not name.startswith(SUMMARY_PREFIX)]
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    if not path.is_dir():
+        raise ParamError(f"run folder not found: {path}")
+    results_dir = path / "results"
+    if not results_dir.is_dir() or not any(results_dir.glob("*.json")):
+        raise ParamError(f"{path} is not a run folder: no results/*.json (a folder written by `python -m sagecheck run`)")
+    manifest: dict[str, Any] = {}
+    if (path / "run.json").is_file():
+        try:
+            manifest = json.loads((path / "run.json").read_text())
+        except json.JSONDecodeError as e:
+            raise ParamError(f"{path / 'run.json'} is not valid JSON: {e}") from None
+    results = {r.notebook: r for r in R.load_all(results_dir)}
+    params = manifest.get("params") or _params_from_results(results.values())
+    return Run(path=path, manifest=manifest, params=params, results=results)
+
+
+def _params_from_results(results: Iterable[R.Results]) -> dict[str, Any]:
+    """Without run.json: the union of the notebooks' parameters (each holds the run-wide keys and its own section's)."""
+    merged: dict[str, Any] = {}
+    for r in results:
+        for k, v in r.params.items():
+            merged.setdefault(k, v)
+    return merged
+
+
+def load_runs(paths: Iterable[str | Path]) -> list[Run]:
+    paths = list(paths)
+    if len(paths) < 2:
+        raise ParamError(f"compare needs two or more run folders, got {len(paths)}")
+    runs = [load_run(p) for p in paths]
+    resolved = [r.path.resolve() for r in runs]
+    if len(set(resolved)) < len(resolved):
+        raise ParamError("the same run folder is named twice")
+    assign_labels(runs)
+    return runs
+
+
+# --------------------------------------------------------------------------- labels and environment
+
+
+def gpu_short(name: str | None) -> str:
+    """``NVIDIA H100 80GB HBM3`` -> ``H100``, ``NVIDIA GeForce RTX 4090`` -> ``RTX 4090``; CPU-only runs -> ``CPU``."""
+    if not name or name.startswith("none") or name == "CPU":
+        return "CPU"
+    text = name.replace("NVIDIA", "").replace("GeForce", "").strip()
+    m = re.search(r"\b(RTX \w+|[A-Z]+\d+[A-Za-z]*)\b", text)
+    return m.group(1) if m else text.split()[0]
+
+
+def tensor_parallel(run: Run) -> int:
+    return int((run.params.get("sglang") or {}).get("tp") or 1) if run.params.get("engine") == "sglang" else 1
+
+
+def assign_labels(runs: list[Run]) -> None:
+    """A short, unique name per run: its GPU (and tensor-parallel size), then what differs, then the folder."""
+    base = []
+    for run in runs:
+        label = gpu_short(run.environment.get("gpu"))
+        if tensor_parallel(run) > 1:
+            label += f" tp{tensor_parallel(run)}"
+        base.append(label)
+    diffs = [d for d in param_differences(runs) if d["parameter"] in LABEL_PARAMS]
+    diffs.sort(key=lambda d: LABEL_PARAMS.index(d["parameter"]))
+    for i, run in enumerate(runs):
+        label = base[i]
+        if base.count(label) > 1:
+            own = [f"{d['parameter']} {_short_value(d['values'][i])}" if d["parameter"] == "seed" else _short_value(d["values"][i])
+                   for d in diffs[:2]]
+            label = " · ".join([label, *own]) if own else label
+        run.label = label
+    labels = [r.label for r in runs]
+    for run in runs:
+        if labels.count(run.label) > 1:
+            run.label = f"{run.label} ({run.path.name})"
+
+
+def _short_value(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return text if len(text) <= 24 else text[:21] + "..."
+
+
+def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"sglang": {"tp": 2}}`` -> ``{"sglang.tp": 2}``; lists stay values."""
+    out: dict[str, Any] = {}
+    for k, v in params.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def param_differences(runs: list[Run]) -> list[dict[str, Any]]:
+    """Every parameter whose value is not the same in all runs (``missing`` where a run has no such key)."""
+    flats = [flatten(r.params) for r in runs]
+    keys = sorted(set().union(*flats))
+    out = []
+    for key in keys:
+        if key.split(".")[0] in COSMETIC_PARAMS:
+            continue
+        values = [f.get(key, "missing") for f in flats]
+        if any(json.dumps(v, sort_keys=True, default=str) != json.dumps(values[0], sort_keys=True, default=str) for v in values):
+            out.append({"parameter": key, "values": values})
+    return out
+
+
+def run_params_hash(run: Run) -> str:
+    got = run.environment.get("params_hash")
+    if got:
+        return str(got)
+    from sagecheck.params import params_hash
+
+    return params_hash(run.params) if run.params else "n/a"
+
+
+def _version(env: dict[str, Any], name: str) -> Any:
+    return (env.get("versions") or {}).get(name) or env.get(name)
+
+
+ENVIRONMENT_FIELDS: list[tuple[str, Callable[[Run], Any]]] = [
+    ("run folder", lambda r: r.path.name),
+    ("started", lambda r: r.manifest.get("started_at")),
+    ("GPU", lambda r: r.environment.get("gpu")),
+    ("GPUs in the machine", lambda r: len(r.environment.get("gpus") or []) or None),
+    ("GPU memory (GiB)", lambda r: r.environment.get("gpu_memory_gib")),
+    ("driver", lambda r: r.environment.get("driver")),
+    ("CUDA", lambda r: r.environment.get("cuda")),
+    ("torch", lambda r: _version(r.environment, "torch")),
+    ("triton", lambda r: _version(r.environment, "triton")),
+    ("transformers", lambda r: _version(r.environment, "transformers")),
+    ("sglang", lambda r: _version(r.environment, "sglang")),
+    ("sageattention", lambda r: _version(r.environment, "sageattention")),
+    ("python", lambda r: r.environment.get("python")),
+    ("CPU", lambda r: r.environment.get("cpu")),
+    ("sagecheck commit", lambda r: _commit(r.environment.get("git") or {})),
+    ("parameters file", lambda r: r.manifest.get("params_file")),
+    ("parameters hash", run_params_hash),
+    ("model", lambda r: r.params.get("model")),
+    ("engine", lambda r: r.params.get("engine")),
+    ("compared", lambda r: _compared(r.params)),
+    ("dtype", lambda r: r.environment.get("dtype") or r.params.get("dtype")),
+    ("tensor parallel", tensor_parallel),
+]
+
+
+def _commit(git: dict[str, Any]) -> str:
+    from sagecheck.report import commit_label
+
+    return commit_label(git) if git.get("sha") else "n/a"
+
+
+def _compared(params: dict[str, Any]) -> str:
+    from sagecheck.report import compared
+
+    return compared(params).replace("`", "")
+
+
+IDENTIFYING_FACTS = ("run folder", "started")  # different in every pair of runs: never flagged
+
+
+def environment_rows(runs: list[Run]) -> list[dict[str, Any]]:
+    """One row per fact, one column per run, and whether the runs differ in it."""
+    rows = []
+    for name, get in ENVIRONMENT_FIELDS:
+        values = []
+        for run in runs:
+            try:
+                v = get(run)
+            except Exception:  # noqa: BLE001 - an odd environment record is shown as unknown, not a crash
+                v = None
+            values.append("n/a" if v in (None, "") else v)
+        differs = name not in IDENTIFYING_FACTS and len({str(v) for v in values}) > 1
+        rows.append({"fact": name, "values": values, "differs": differs})
+    return rows
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_rows(runs: list[Run]) -> list[dict[str, Any]]:
+    """Every check of every run, in notebook order: per run its verdict, or why there is none."""
+    order: list[tuple[str, str]] = []
+    for run in runs:
+        for res in run.measured:
+            for v in res.verdicts:
+                if (res.notebook, v.name) not in order:
+                    order.append((res.notebook, v.name))
+    order.sort(key=lambda k: k[0])  # stable: within a notebook, first appearance
+    rows = []
+    for notebook, name in order:
+        cells = []
+        for run in runs:
+            res = run.results.get(notebook)
+            v = next((x for x in res.verdicts if x.name == name), None) if res else None
+            if v is not None:
+                cells.append({"value": v.value, "passed": v.passed, "comparison": v.comparison, "threshold": v.threshold,
+                              "unit": v.unit})
+            else:
+                cells.append({"missing": _why_missing(res)})
+        verdicts = {c.get("passed") for c in cells if "missing" not in c}
+        thresholds = {(c["comparison"], c["threshold"]) for c in cells if "missing" not in c}
+        rows.append({"notebook": notebook, "check": name, "runs": cells, "verdicts_differ": len(verdicts) > 1,
+                     "thresholds_differ": len(thresholds) > 1, "in_every_run": all("missing" not in c for c in cells)})
+    return rows
+
+
+def _why_missing(res: R.Results | None) -> str:
+    if res is None:
+        return "not run"
+    if res.status == "failed":
+        return "notebook failed"
+    if res.status == "skipped":
+        return "skipped"
+    return "no such check"
+
+
+def notebook_status_rows(runs: list[Run]) -> list[dict[str, Any]]:
+    names = sorted({n for run in runs for n in run.results if not n.startswith(SUMMARY_PREFIX)})
+    rows = []
+    for name in names:
+        cells = []
+        for run in runs:
+            res = run.results.get(name)
+            if res is None:
+                cells.append({"status": "not run", "reason": ""})
+            else:
+                cells.append({"status": res.status, "reason": (res.reason or "")[:160],
+                              "passed": sum(v.passed for v in res.verdicts), "checks": len(res.verdicts)})
+        rows.append({"notebook": name, "runs": cells})
+    return rows
+
+
+def check_counts(run: Run) -> dict[str, int]:
+    verdicts = [v for r in run.measured for v in r.verdicts]
+    return {"passed": sum(v.passed for v in verdicts), "checks": len(verdicts),
+            "notebooks_failed": sum(r.status == "failed" for r in run.measured)}
+
+
+# --------------------------------------------------------------------------- matched points
+
+
+@dataclass(frozen=True)
+class Section:
+    """A measured quantity compared point by point.
+
+    ``rows(run)`` gives the run's points (None: the notebook did not measure them, with ``missing(run)`` saying why);
+    ``key`` names a point; ``values`` are copied per run; ``depends_on`` are the parameters (dotted) the values depend
+    on besides the machine: runs that differ from the first run in one of them are left out of the section.
+    """
+
+    name: str
+    notebook: str
+    key: tuple[str, ...]
+    values: tuple[str, ...]
+    depends_on: tuple[str, ...]
+    rows: Callable[[Run], list[dict[str, Any]] | None]
+
+
+@dataclass
+class Comparison:
+    section: str
+    key: tuple[str, ...]
+    values: tuple[str, ...]
+    runs: list[str]  # labels of the runs compared
+    points: list[dict[str, Any]] = field(default_factory=list)  # key fields + {"runs": {label: {value: ...}}}
+    left_out_runs: list[dict[str, str]] = field(default_factory=list)  # {"run", "why"}
+    left_out_points: list[dict[str, Any]] = field(default_factory=list)  # key fields + {"why"}
+
+    def series(self, label: str, value: str) -> list[Any]:
+        return [p["runs"][label].get(value) for p in self.points]
+
+
+def _candidate_impl(run: Run) -> str:
+    return str(run.params.get("candidate", "sage"))
+
+
+def _baseline_impl(run: Run) -> str:
+    return str(run.params.get("baseline", "sdpa"))
+
+
+def _table(run: Run, notebook: str, name: str) -> list[dict[str, Any]] | None:
+    res = run.result(notebook)
+    if res is None or res.status != "ok":
+        return None
+    return res.tables.get(name)
+
+
+def throughput_rows(run: Run) -> list[dict[str, Any]] | None:
+    """The candidate's points of 04 with its speedups, and the baseline's tokens/s beside them."""
+    table = _table(run, "04", "throughput")
+    if table is None:
+        return None
+    base = {(r["batch"], r["input_length"]): r for r in table if r.get("implementation") == _baseline_impl(run)}
+    rows = []
+    for r in table:
+        if r.get("implementation") != _candidate_impl(run):
+            continue
+        b = base.get((r["batch"], r["input_length"]), {})
+        ok = r.get("status") == "ok" and b.get("status") == "ok"
+        rows.append({**r, "status": "ok" if ok else (r.get("status") if r.get("status") != "ok" else b.get("status", "no baseline")),
+                     "baseline_prefill_tok_s": b.get("prefill_tok_s"), "baseline_decode_tok_s_total": b.get("decode_tok_s_total")})
+    return rows
+
+
+def kernel_rows(run: Run) -> list[dict[str, Any]] | None:
+    """08's timings, with each implementation's TOPS over sdpa's at the same shape."""
+    table = _table(run, "08", "speed")
+    if table is None:
+        return None
+    shape = ("seq_len", "batch", "heads", "head_dim", "causal", "dtype")
+    sdpa = {tuple(r[k] for k in shape): r for r in table if r.get("implementation") == "sdpa" and r.get("status") == "ok"}
+    rows = []
+    for r in table:
+        ref = sdpa.get(tuple(r[k] for k in shape))
+        ratio = r["tops"] / ref["tops"] if ref and r.get("status") == "ok" and r.get("tops") and ref.get("tops") else None
+        rows.append({**r, "over_sdpa": ratio})
+    return rows
+
+
+def memory_rows(run: Run) -> list[dict[str, Any]] | None:
+    """05's figures: per SGLang server (KV capacity, its processes' GPU memory), or per in-process point (peaks)."""
+    res = run.result("05")
+    if res is None or res.status != "ok":
+        return None
+    if "sglang_memory" in res.tables:
+        return [{**r, "point": r.get("role"), "server_GiB": (r.get("server_gpu_bytes") or 0) / 2**30 or None}
+                for r in res.tables["sglang_memory"]]
+    rows = []
+    for r in res.tables.get("memory", []):
+        rows.append({**r, "point": f"{r.get('implementation')} b{r.get('batch')} n{r.get('input_length')}",
+                     "peak_allocated_GiB": (r.get("peak_allocated") or 0) / 2**30 or None,
+                     "peak_reserved_GiB": (r.get("peak_reserved") or 0) / 2**30 or None})
+    return rows or None
+
+
+ENGINE_BACKENDS = ("engine", "baseline", "candidate", "sglang_baseline_backend", "sglang_attention_backend",
+                   "sglang.sage_attn_decode", "candidate_phases")
+SECTIONS = (
+    Section("throughput", "04_throughput", key=("batch", "input_length"),
+            values=("prefill_speedup", "prefill_speedup_p10", "prefill_speedup_p90", "decode_speedup", "decode_speedup_p10",
+                    "decode_speedup_p90", "prefill_tok_s", "baseline_prefill_tok_s", "decode_tok_s_total",
+                    "baseline_decode_tok_s_total"),
+            depends_on=("model", "revision", "dtype", *ENGINE_BACKENDS, "throughput.decode_tokens"), rows=throughput_rows),
+    Section("kernel", "08_kernel", key=("implementation", "seq_len", "batch", "heads", "head_dim", "causal", "dtype"),
+            values=("tops", "ms_median", "ms_p10", "ms_p90", "over_sdpa", "clock"), depends_on=(), rows=kernel_rows),
+    Section("memory", "05_memory", key=("point",),
+            values=("attention_backend", "max_total_num_tokens", "kv_cache_GB", "cuda_graphs_GB", "server_GiB",
+                    "peak_allocated_GiB", "peak_reserved_GiB"),
+            depends_on=("model", "revision", "dtype", *ENGINE_BACKENDS, "sglang.max_total_tokens", "memory.decode_tokens"),
+            rows=memory_rows),
+)
+
+
+def _why_no_rows(run: Run, section: Section) -> str:
+    res = run.result(section.notebook.split("_", 1)[0])
+    if res is None:
+        return f"{section.notebook} was not run"
+    if res.status != "ok":
+        return f"{section.notebook} {res.status}" + (f": {res.reason.splitlines()[0][:160]}" if res.reason else "")
+    return f"{section.notebook} recorded no such table"
+
+
+def compare_section(runs: list[Run], section: Section) -> Comparison:
+    rows = {run.label: section.rows(run) for run in runs}
+    cmp = Comparison(section.name, section.key, section.values, [])
+    with_rows = [run for run in runs if rows[run.label]]
+    for run in runs:
+        if not rows[run.label]:
+            cmp.left_out_runs.append({"run": run.label, "why": _why_no_rows(run, section)})
+    if not with_rows:
+        return cmp
+    reference = with_rows[0]
+    ref_flat = flatten(reference.params)
+    for run in with_rows:
+        flat = flatten(run.params)
+        differs = [k for k in section.depends_on if json.dumps(flat.get(k), default=str) != json.dumps(ref_flat.get(k), default=str)]
+        if differs:
+            what = "; ".join(f"{k} {_short_value(flat.get(k))} vs {_short_value(ref_flat.get(k))} in {reference.label}"
+                             for k in differs)
+            cmp.left_out_runs.append({"run": run.label, "why": f"measured differently: {what}"})
+        else:
+            cmp.runs.append(run.label)
+    by_run = {label: {tuple(r.get(k) for k in section.key): r for r in rows[label]} for label in cmp.runs}
+    keys: list[tuple] = []
+    for label in cmp.runs:
+        keys += [k for k in by_run[label] if k not in keys]
+    for key in sorted(keys, key=lambda k: tuple((str(type(x)), x) for x in k)):
+        point = dict(zip(section.key, key))
+        problems = []
+        for label in cmp.runs:
+            r = by_run[label].get(key)
+            if r is None:
+                problems.append(f"not measured in {label}")
+            elif r.get("status", "ok") != "ok":
+                problems.append(f"{r.get('status')} in {label}")
+        if problems:
+            cmp.left_out_points.append({**point, "why": "; ".join(problems)})
+        else:
+            point["runs"] = {label: {v: by_run[label][key].get(v) for v in section.values} for label in cmp.runs}
+            cmp.points.append(point)
+    return cmp
+
+
+def compare_all(runs: list[Run]) -> dict[str, Comparison]:
+    return {s.name: compare_section(runs, s) for s in SECTIONS}
+
+
+# --------------------------------------------------------------------------- headline
+
+
+def _median(values: list[float | None]) -> float | None:
+    import numpy as np
+
+    vals = [v for v in values if isinstance(v, (int, float))]
+    return float(np.median(vals)) if vals else None
+
+
+def headline(runs: list[Run], sections: dict[str, Comparison], checks: list[dict[str, Any]]) -> list[str]:
+    """Two to five sentences computed from the comparison: the runs' checks, where verdicts differ, speed per machine."""
+    out = []
+    counts = [check_counts(r) for r in runs]
+    out.append("Checks passed: " + ", ".join(f"{r.label} {c['passed']}/{c['checks']} in {len(r.measured)} notebooks" + (
+        f" ({c['notebooks_failed']} notebook(s) failed)" if c["notebooks_failed"] else "") for r, c in zip(runs, counts)) + ".")
+    differ = [row for row in checks if row["verdicts_differ"]]
+    if differ:
+        names = "; ".join(f"{row['notebook'][:2]} {row['check']} (" + ", ".join(
+            f"{label} {'pass' if c.get('passed') else 'fail'}" for label, c in zip((r.label for r in runs), row["runs"])
+            if "missing" not in c) + ")" for row in differ[:4])
+        more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
+        out.append(f"{len(differ)} check(s) with a different verdict across runs: {names}{more}.")
+    elif checks:
+        common = sum(row["in_every_run"] for row in checks)
+        out.append(f"Every check in more than one run has the same verdict in each ({common} checks in all runs).")
+    tp = sections["throughput"]
+    if tp.points and len(tp.runs) > 1:
+        parts = []
+        for phase in ("prefill", "decode"):
+            meds = [(label, _median(tp.series(label, f"{phase}_speedup"))) for label in tp.runs]
+            if any(m is not None for _, m in meds):
+                parts.append(f"{phase} " + ", ".join(f"{label} {m:.2f}x" for label, m in meds if m is not None))
+        out.append(f"Serving speedup of the candidate, median over the {len(tp.points)} points measured in every run: "
+                   + "; ".join(parts) + ".")
+        noisy = [f"{label} {aa:.1f} %" for label, aa in aa_control(runs, tp.runs).items() if aa is not None and aa > aa_limit(runs, label)]
+        if noisy:
+            out.append("The A/A control (the baseline against its own copy) failed in " + ", ".join(noisy)
+                       + " (median |A/A - 1|, the larger phase): speedup differences between runs smaller than that are not resolved.")
+    kn = sections["kernel"]
+    if len(kn.runs) < 2:
+        kn = Comparison(kn.section, kn.key, kn.values, kn.runs)  # one run: nothing side by side
+    cand = [p for p in kn.points if p["implementation"] != "sdpa" and all(p["runs"][lb]["over_sdpa"] for lb in kn.runs)]
+    if cand:
+        meds = ", ".join(f"{label} {_median([p['runs'][label]['over_sdpa'] for p in cand]):.2f}x" for label in kn.runs)
+        first = kn.runs[0]
+        across = ", ".join(f"{label} {_median([p['runs'][label]['tops'] / p['runs'][first]['tops'] for p in cand]):.2f}x"
+                           for label in kn.runs[1:])
+        out.append(f"Kernel throughput over sdpa (08, median over {len(cand)} shapes timed in every run): {meds}; "
+                   f"the kernel's TOPS against {first}'s, median: {across}.")
+    elif kn.points:
+        first = kn.runs[0]
+        ratios = ", ".join(f"{label} {_median([p['runs'][label]['tops'] / p['runs'][first]['tops'] for p in kn.points]):.2f}x"
+                           for label in kn.runs[1:])
+        out.append(f"Kernel timings (08) of {len(kn.points)} shapes in every run; TOPS against {first}, median: {ratios}.")
+    points = sum(len(c.left_out_points) for c in sections.values())
+    nowhere = [name for name, c in sections.items() if not c.runs and all("not run" in x["why"] for x in c.left_out_runs)]
+    whole = [f"{x['run']} from {name}" for name, c in sections.items() if name not in nowhere for x in c.left_out_runs]
+    if points or whole:
+        out.append("Left out, each listed with why: " + "; ".join(
+            ([f"{points} point(s) not measured alike in every run"] if points else [])
+            + ([", ".join(whole)] if whole else [])) + ".")
+    if nowhere:
+        out.append("Not part of these runs (not measured in any run): " + ", ".join(nowhere) + ".")
+    return out
+
+
+def aa_control(runs: list[Run], labels: Iterable[str]) -> dict[str, float | None]:
+    """Per run, 04's A/A figure (median over points of |A/A speedup - 1|, in %; the larger of prefill and decode);
+    None where the run had no A/A control (the in-process engine, or aa_control off)."""
+    out = {}
+    for run in runs:
+        if run.label not in labels:
+            continue
+        res = run.result("04")
+        figures = [res.metrics.get(f"aa_{ph}_abs_diff_pct_median") for ph in ("prefill", "decode")] if res else []
+        figures = [f for f in figures if isinstance(f, (int, float))]
+        out[run.label] = max(figures) if figures else None
+    return out
+
+
+def aa_limit(runs: list[Run], label: str) -> float:
+    run = next(r for r in runs if r.label == label)
+    return float((run.params.get("throughput") or {}).get("aa_max_pct", 3.0))
+
+
+def comparison_data(runs: list[Run], sections: dict[str, Comparison] | None = None) -> dict[str, Any]:
+    """Everything the compare report shows, as plain data (written as compare.json)."""
+    sections = sections if sections is not None else compare_all(runs)
+    checks = check_rows(runs)
+    return {
+        "runs": [{"label": r.label, "path": str(r.path), "counts": check_counts(r)} for r in runs],
+        "environment": environment_rows(runs),
+        "param_differences": param_differences(runs),
+        "notebooks": notebook_status_rows(runs),
+        "checks": checks,
+        "sections": {name: c.__dict__ for name, c in sections.items()},
+        "headline": headline(runs, sections, checks),
+    }
