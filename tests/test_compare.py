@@ -241,3 +241,18 @@ def test_tp2_against_tp1_is_compared_point_by_point(tmp_path):
     env = {row["fact"]: row for row in C.environment_rows(runs)}
     assert env["tensor parallel"]["values"] == [1, 2] and env["tensor parallel"]["differs"]
     assert env["GPUs in the machine"]["values"] == [1, 2]
+
+
+def test_points_apart_are_those_whose_intervals_do_not_overlap():
+    def point(length, a, b):
+        return {"batch": 1, "input_length": length, "runs": {
+            "A": {"prefill_speedup_p10": a[0], "prefill_speedup_p90": a[1]},
+            "B": {"prefill_speedup_p10": b[0], "prefill_speedup_p90": b[1]}}}
+    cmp = C.Comparison("throughput", ("batch", "input_length"), (), ["A", "B"], points=[
+        point(128, (0.7, 0.8), (0.81, 0.9)),   # above: apart
+        point(256, (0.7, 0.8), (0.5, 0.69)),   # below: apart
+        point(512, (0.7, 0.8), (0.8, 0.9)),    # touching: not apart
+        point(1024, (0.7, 0.8), (None, 0.9)),  # no interval: not judged
+    ])
+    assert [p["input_length"] for p in C.disjoint_points(cmp, "A", "B", "prefill")] == [128, 256]
+    assert C.disjoint_points(cmp, "A", "B", "decode") == []

@@ -349,6 +349,17 @@ def test_heads_per_rank_of_a_tensor_parallel_candidate(tmp_path):
     assert not _heads_per_rank(params("sglang.tp=4"), stats)["passed"]
 
 
+def test_more_tensor_parallel_ranks_than_gpus_is_refused_in_one_line():
+    from sagecheck.engines.sglang.servers import check_tensor_parallel
+    from sagecheck.params import ParamError
+
+    with pytest.raises(ParamError, match=r"parameter 'sglang.tp' = 2: tensor parallelism over 2 GPUs, but this machine shows 1 .*"
+                                         r"use sglang.tp <= 1"):
+        check_tensor_parallel(2, 1)
+    check_tensor_parallel(2, 2)
+    check_tensor_parallel(2, None)  # no CUDA in this process (the stand-in): SGLang decides
+
+
 def test_a_streamed_request_is_timed_to_the_last_first_token_and_to_the_end(tmp_path):
     with Server(spec("fa3"), tmp_path, 120) as server:
         client = SGLangClient(server.url)

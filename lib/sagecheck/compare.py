@@ -508,6 +508,10 @@ def headline(runs: list[Run], sections: dict[str, Comparison], checks: list[dict
                 parts.append(f"{phase} " + ", ".join(f"{label} {m:.2f}x" for label, m in meds if m is not None))
         out.append(f"Serving speedup of the candidate, median over the {len(tp.points)} points measured in every run: "
                    + "; ".join(parts) + ".")
+        apart = [f"{label}: {n_prefill} prefill and {n_decode} decode" for label, n_prefill, n_decode in
+                 ((label, *(len(disjoint_points(tp, tp.runs[0], label, ph)) for ph in ("prefill", "decode"))) for label in tp.runs[1:])]
+        out.append(f"Points whose speedup intervals (p10-p90) do not overlap {tp.runs[0]}'s: " + "; ".join(apart)
+                   + f" of {len(tp.points)}.")
         noisy = [f"{label} {aa:.1f} %" for label, aa in aa_control(runs, tp.runs).items() if aa is not None and aa > aa_limit(runs, label)]
         if noisy:
             out.append("The A/A control (the baseline against its own copy) failed in " + ", ".join(noisy)
@@ -537,6 +541,18 @@ def headline(runs: list[Run], sections: dict[str, Comparison], checks: list[dict
             + ([", ".join(whole)] if whole else [])) + ".")
     if nowhere:
         out.append("Not part of these runs (not measured in any run): " + ", ".join(nowhere) + ".")
+    return out
+
+
+def disjoint_points(cmp: Comparison, first: str, other: str, phase: str) -> list[dict[str, Any]]:
+    """The matched points where ``other``'s p10-p90 interval of the ``phase`` speedup lies wholly above or below
+    ``first``'s: a difference between the runs larger than either run's spread at that point."""
+    out = []
+    for p in cmp.points:
+        a, b = p["runs"][first], p["runs"][other]
+        lo_a, hi_a, lo_b, hi_b = (x.get(f"{phase}_speedup_{q}") for x in (a, b) for q in ("p10", "p90"))
+        if None not in (lo_a, hi_a, lo_b, hi_b) and (lo_b > hi_a or hi_b < lo_a):
+            out.append(p)
     return out
 
 

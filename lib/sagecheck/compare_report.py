@@ -128,11 +128,14 @@ def throughput_html(cmp: C.Comparison, runs: list[C.Run]) -> str:
         rows.append(cells)
     out.append(_table(["batch", "input length", *[f"{r}: prefill / decode speedup" for r in cmp.runs]], rows,
                       table_id="compare-throughput"))
+    def rate(x: Any) -> str:  # tokens per second: whole numbers with thousands separated
+        return f"{x:,.0f}" if isinstance(x, (int, float)) and not isinstance(x, bool) else "n/a"
+
     absolute = []
     for p in cmp.points:
         absolute.append([_esc(p["batch"]), _esc(p["input_length"])] + [
-            f"{_esc(_num(p['runs'][r]['baseline_prefill_tok_s']))} → {_esc(_num(p['runs'][r]['prefill_tok_s']))}; "
-            f"{_esc(_num(p['runs'][r]['baseline_decode_tok_s_total']))} → {_esc(_num(p['runs'][r]['decode_tok_s_total']))}"
+            f"{rate(p['runs'][r]['baseline_prefill_tok_s'])} → {rate(p['runs'][r]['prefill_tok_s'])}; "
+            f"{rate(p['runs'][r]['baseline_decode_tok_s_total'])} → {rate(p['runs'][r]['decode_tok_s_total'])}"
             for r in cmp.runs])
     out.append("<details class='sc-folded'><summary>Tokens per second, baseline → candidate (prefill; decode, all "
                "sequences)</summary>" + _table(["batch", "input length", *cmp.runs], absolute) + "</details>")

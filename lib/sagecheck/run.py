@@ -198,6 +198,10 @@ def run(
     notebooks = select(discover(nb_dir), only if only else params.notebooks)
     if not notebooks:
         raise P.ParamError(f"no notebooks (NN_name.ipynb) in {nb_dir}")
+    if params.engine == "sglang" and not params.sglang.url:  # sagecheck starts the servers: can this machine hold them?
+        from sagecheck.engines.sglang.servers import check_tensor_parallel, visible_gpus
+
+        check_tensor_parallel(params.sglang.tp, visible_gpus())
 
     run_dir = Path(out) if out else project_root() / "outputs" / default_run_name(params_path, params)
     run_dir = run_dir.resolve()

@@ -25,6 +25,8 @@ that error, the others run.
 
 from __future__ import annotations
 
+import os
+
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -57,6 +59,23 @@ def needed_roles(params: Any, notebooks: Iterable[str]) -> list[str]:
     if "04" in prefixes and params.throughput.aa_control:
         roles.append(BASELINE_COPY)
     return roles
+
+
+def check_tensor_parallel(tp: int, gpus: int | None) -> None:
+    """SGLang runs one scheduler process per tensor-parallel rank, each on its own GPU: ``sglang.tp`` larger than the
+    GPUs this machine shows fails here in one line, not after minutes of server start-up. ``gpus`` None: not known
+    (no CUDA in this process; the servers may still see GPUs, so SGLang decides)."""
+    from sagecheck.params import ParamError
+
+    if gpus is not None and tp > gpus:
+        raise ParamError(f"parameter 'sglang.tp' = {tp}: tensor parallelism over {tp} GPUs, but this machine shows {gpus} "
+                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use sglang.tp <= {gpus}")
+
+
+def visible_gpus() -> int | None:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else None
 
 
 @dataclass
