@@ -256,3 +256,20 @@ def test_points_apart_are_those_whose_intervals_do_not_overlap():
     ])
     assert [p["input_length"] for p in C.disjoint_points(cmp, "A", "B", "prefill")] == [128, 256]
     assert C.disjoint_points(cmp, "A", "B", "decode") == []
+
+
+def test_the_aa_control_is_read_as_04_judged_it(tmp_path):
+    aa = "A/A control (prefill): the baseline's copy measures as the baseline"
+    table = {"throughput": throughput_table([(1, 128)])}
+    a = make_run(tmp_path / "a", base_params(), tables={"04_throughput": table},
+                 verdicts={"04_throughput": {aa: (22.1, "<=", 3.0), "A/A control (decode): x": (4.0, "<=", 3.0)}})
+    b = make_run(tmp_path / "b", base_params(), env={**GPU_ENV, "gpu": "NVIDIA H200"}, tables={"04_throughput": table},
+                 verdicts={"04_throughput": {aa: (1.2, "<=", 3.0)}})
+    runs = C.load_runs([a, b])
+    assert C.aa_control(runs, ["H100", "H200"]) == {"H100": {"pct": 22.1, "limit": 3.0, "passed": False},
+                                                    "H200": {"pct": 1.2, "limit": 3.0, "passed": True}}
+    text = " ".join(C.comparison_data(runs)["headline"])
+    assert "failed in H100 22.1 %" in text and "H200 1.2" not in text
+    page = C.compare_section(runs, C.SECTIONS[0])
+    from sagecheck.compare_report import throughput_html
+    assert "H100: 22.1 % — failed, limit 3 %; H200: 1.2 %" in throughput_html(page, runs)

@@ -142,6 +142,7 @@ def test_header_and_summary_give_one_count_and_one_order(ci_run):
     header = re.search(r"id=[\"']sagecheck-counts[\"']><b>(\d+) checks passed, (\d+) failed</b>; notebooks: (\d+) ok, (\d+) failed, (\d+) skipped", html)
     summary = re.search(r"(\d+) of (\d+) checks passed, (\d+) failed\.</b> Notebooks: (\d+) ok, (\d+) failed, (\d+) skipped", html)
     assert header and summary
+    assert "GPU <code>none (CPU only)</code>" in html  # the header names the machine (here: none)
     h, s = [int(x) for x in header.groups()], [int(x) for x in summary.groups()]
     assert (h[0], h[1]) == (s[0], s[2]) and h[2:] == s[3:]
     table = html[re.search(r"id=[\"']sagecheck-notebooks", html).start():]

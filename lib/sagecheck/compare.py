@@ -18,6 +18,9 @@ from typing import Any, Callable, Iterable
 
 from sagecheck import results as R
 from sagecheck.params import ParamError
+from sagecheck.recommendation import candidate_rows, failed_aa_checks
+from sagecheck.report import commit_label, compared
+from sagecheck.report import counts as report_counts
 
 SUMMARY_PREFIX = "99_"
 # parameters that name a run, not what it measures
@@ -212,14 +215,10 @@ ENVIRONMENT_FIELDS: list[tuple[str, Callable[[Run], Any]]] = [
 
 
 def _commit(git: dict[str, Any]) -> str:
-    from sagecheck.report import commit_label
-
     return commit_label(git) if git.get("sha") else "n/a"
 
 
 def _compared(params: dict[str, Any]) -> str:
-    from sagecheck.report import compared
-
     return compared(params).replace("`", "")
 
 
@@ -298,12 +297,6 @@ def notebook_status_rows(runs: list[Run]) -> list[dict[str, Any]]:
     return rows
 
 
-def check_counts(run: Run) -> dict[str, int]:
-    verdicts = [v for r in run.measured for v in r.verdicts]
-    return {"passed": sum(v.passed for v in verdicts), "checks": len(verdicts),
-            "notebooks_failed": sum(r.status == "failed" for r in run.measured)}
-
-
 # --------------------------------------------------------------------------- matched points
 
 
@@ -355,14 +348,12 @@ def _table(run: Run, notebook: str, name: str) -> list[dict[str, Any]] | None:
 
 def throughput_rows(run: Run) -> list[dict[str, Any]] | None:
     """The candidate's points of 04 with its speedups, and the baseline's tokens/s beside them."""
-    table = _table(run, "04", "throughput")
-    if table is None:
+    res = run.result("04")
+    if res is None or res.status != "ok" or "throughput" not in res.tables:
         return None
-    base = {(r["batch"], r["input_length"]): r for r in table if r.get("implementation") == _baseline_impl(run)}
+    base = {(r["batch"], r["input_length"]): r for r in candidate_rows(res, _baseline_impl(run))}
     rows = []
-    for r in table:
-        if r.get("implementation") != _candidate_impl(run):
-            continue
+    for r in candidate_rows(res, _candidate_impl(run)):
         b = base.get((r["batch"], r["input_length"]), {})
         ok = r.get("status") == "ok" and b.get("status") == "ok"
         rows.append({**r, "status": "ok" if ok else (r.get("status") if r.get("status") != "ok" else b.get("status", "no baseline")),
@@ -486,8 +477,8 @@ def _median(values: list[float | None]) -> float | None:
 def headline(runs: list[Run], sections: dict[str, Comparison], checks: list[dict[str, Any]]) -> list[str]:
     """Two to five sentences computed from the comparison: the runs' checks, where verdicts differ, speed per machine."""
     out = []
-    counts = [check_counts(r) for r in runs]
-    out.append("Checks passed: " + ", ".join(f"{r.label} {c['passed']}/{c['checks']} in {len(r.measured)} notebooks" + (
+    counts = [report_counts(r.measured) for r in runs]
+    out.append("Checks passed: " + ", ".join(f"{r.label} {c['passed']}/{c['verdicts']} in {len(r.measured)} notebooks" + (
         f" ({c['notebooks_failed']} notebook(s) failed)" if c["notebooks_failed"] else "") for r, c in zip(runs, counts)) + ".")
     differ = [row for row in checks if row["verdicts_differ"]]
     if differ:
@@ -512,14 +503,13 @@ def headline(runs: list[Run], sections: dict[str, Comparison], checks: list[dict
                  ((label, *(len(disjoint_points(tp, tp.runs[0], label, ph)) for ph in ("prefill", "decode"))) for label in tp.runs[1:])]
         out.append(f"Points whose speedup intervals (p10-p90) do not overlap {tp.runs[0]}'s: " + "; ".join(apart)
                    + f" of {len(tp.points)}.")
-        noisy = [f"{label} {aa:.1f} %" for label, aa in aa_control(runs, tp.runs).items() if aa is not None and aa > aa_limit(runs, label)]
+        noisy = [f"{label} {aa['pct']:.1f} %" for label, aa in aa_control(runs, tp.runs).items() if aa and not aa["passed"]]
         if noisy:
             out.append("The A/A control (the baseline against its own copy) failed in " + ", ".join(noisy)
                        + " (median |A/A - 1|, the larger phase): speedup differences between runs smaller than that are not resolved.")
     kn = sections["kernel"]
-    if len(kn.runs) < 2:
-        kn = Comparison(kn.section, kn.key, kn.values, kn.runs)  # one run: nothing side by side
-    cand = [p for p in kn.points if p["implementation"] != "sdpa" and all(p["runs"][lb]["over_sdpa"] for lb in kn.runs)]
+    side_by_side = kn.points if len(kn.runs) > 1 else []
+    cand = [p for p in side_by_side if p["implementation"] != "sdpa" and all(p["runs"][lb]["over_sdpa"] for lb in kn.runs)]
     if cand:
         meds = ", ".join(f"{label} {_median([p['runs'][label]['over_sdpa'] for p in cand]):.2f}x" for label in kn.runs)
         first = kn.runs[0]
@@ -527,7 +517,7 @@ def headline(runs: list[Run], sections: dict[str, Comparison], checks: list[dict
                            for label in kn.runs[1:])
         out.append(f"Kernel throughput over sdpa (08, median over {len(cand)} shapes timed in every run): {meds}; "
                    f"the kernel's TOPS against {first}'s, median: {across}.")
-    elif kn.points:
+    elif side_by_side:
         first = kn.runs[0]
         ratios = ", ".join(f"{label} {_median([p['runs'][label]['tops'] / p['runs'][first]['tops'] for p in kn.points]):.2f}x"
                            for label in kn.runs[1:])
@@ -556,23 +546,20 @@ def disjoint_points(cmp: Comparison, first: str, other: str, phase: str) -> list
     return out
 
 
-def aa_control(runs: list[Run], labels: Iterable[str]) -> dict[str, float | None]:
-    """Per run, 04's A/A figure (median over points of |A/A speedup - 1|, in %; the larger of prefill and decode);
-    None where the run had no A/A control (the in-process engine, or aa_control off)."""
-    out = {}
+def aa_control(runs: list[Run], labels: Iterable[str]) -> dict[str, dict[str, Any] | None]:
+    """Per run, 04's A/A control as 04 judged it: the larger of its A/A figures (median over points of |A/A speedup
+    - 1|, %), its limit, and whether every A/A check passed; None where the run had none (in-process engine, or
+    aa_control off)."""
+    out: dict[str, dict[str, Any] | None] = {}
     for run in runs:
         if run.label not in labels:
             continue
         res = run.result("04")
-        figures = [res.metrics.get(f"aa_{ph}_abs_diff_pct_median") for ph in ("prefill", "decode")] if res else []
-        figures = [f for f in figures if isinstance(f, (int, float))]
-        out[run.label] = max(figures) if figures else None
+        checks = [v for v in (res.verdicts if res else []) if v.name.startswith("A/A control") and v.value is not None]
+        worst = max(checks, key=lambda v: v.value, default=None)
+        out[run.label] = None if worst is None else {
+            "pct": worst.value, "limit": worst.threshold, "passed": not failed_aa_checks(res)}
     return out
-
-
-def aa_limit(runs: list[Run], label: str) -> float:
-    run = next(r for r in runs if r.label == label)
-    return float((run.params.get("throughput") or {}).get("aa_max_pct", 3.0))
 
 
 def comparison_data(runs: list[Run], sections: dict[str, Comparison] | None = None) -> dict[str, Any]:
@@ -580,7 +567,7 @@ def comparison_data(runs: list[Run], sections: dict[str, Comparison] | None = No
     sections = sections if sections is not None else compare_all(runs)
     checks = check_rows(runs)
     return {
-        "runs": [{"label": r.label, "path": str(r.path), "counts": check_counts(r)} for r in runs],
+        "runs": [{"label": r.label, "path": str(r.path), "counts": report_counts(r.measured)} for r in runs],
         "environment": environment_rows(runs),
         "param_differences": param_differences(runs),
         "notebooks": notebook_status_rows(runs),

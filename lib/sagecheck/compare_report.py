@@ -6,19 +6,16 @@ Everything shown is computed in :mod:`sagecheck.compare`; this module only lays 
 from __future__ import annotations
 
 import base64
-import html
 import io
 from pathlib import Path
 from typing import Any
 
 from sagecheck import compare as C
 from sagecheck import results as R
+from sagecheck.report import _esc, _result_label
+from sagecheck.show import folded_html
 
 TEMPLATES = Path(__file__).with_name("templates")
-
-
-def _esc(x: Any) -> str:
-    return html.escape("" if x is None else str(x))
 
 
 def _num(x: Any, unit: str = "") -> str:
@@ -45,18 +42,12 @@ def _table(head: list[str], rows: list[list[str]], table_id: str = "", cls: list
             + f"</tr></thead><tbody>{body}</tbody></table></div>")
 
 
-def _label(passed: bool | None) -> str:
-    if passed is None:
-        return ""
-    return "<span class='sc-pass'>PASS</span>" if passed else "<span class='sc-fail'>FAIL</span>"
-
-
 def _check_cell(cell: dict[str, Any], show_threshold: bool) -> str:
     if "missing" in cell:
         return f"<span class='sc-skip'>{_esc(cell['missing'])}</span>"
     value = _esc(_num(cell["value"], cell.get("unit", "")))
     threshold = f" <small>({_esc(cell['comparison'])} {_esc(_num(cell['threshold']))})</small>" if show_threshold else ""
-    return f"{value}{threshold} {_label(cell['passed'])}"
+    return f"{value}{threshold} {_result_label(cell['passed'])}"
 
 
 def _left_out(cmp: C.Comparison) -> str:
@@ -66,8 +57,8 @@ def _left_out(cmp: C.Comparison) -> str:
             f"<li>{_esc(x['run'])}: {_esc(x['why'])}</li>" for x in cmp.left_out_runs) + "</ul>")
     if cmp.left_out_points:
         rows = [[_esc(p.get(k)) for k in cmp.key] + [_esc(p["why"])] for p in cmp.left_out_points]
-        parts.append(f"<details class='sc-folded'><summary>{len(cmp.left_out_points)} point(s) left out: not measured "
-                     f"alike in every run (which, and why)</summary>{_table([*cmp.key, 'why left out'], rows)}</details>")
+        parts.append(folded_html(f"{len(cmp.left_out_points)} point(s) left out: not measured alike in every run (which, "
+                                 f"and why)", _table([*cmp.key, "why left out"], rows)))
     return "".join(parts)
 
 
@@ -95,8 +86,8 @@ def kernel_html(cmp: C.Comparison) -> str:
                      _esc(f"b{p['batch']} h{p['heads']} {p['dtype']}")]
                     + [_esc(_num(p["runs"][r]["tops"])) + (f" <small>({_esc(_num(p['runs'][r]['over_sdpa']))}× sdpa)</small>"
                                                           if p["implementation"] != "sdpa" else "") for r in cmp.runs])
-    out.append("<details class='sc-folded'><summary>Every matched timing (TOPS)</summary>"
-               + _table(["implementation", "seq len", "head dim", "mask", "shape", *cmp.runs], rows) + "</details>")
+    out.append(folded_html("Every matched timing (TOPS)",
+                           _table(["implementation", "seq len", "head dim", "mask", "shape", *cmp.runs], rows)))
     return "".join(out) + _left_out(cmp)
 
 
@@ -107,10 +98,12 @@ def throughput_html(cmp: C.Comparison, runs: list[C.Run]) -> str:
         return _nothing_side_by_side(cmp, "serving throughput (04)") + _left_out(cmp)
     phases = tuple(ph for ph in ("prefill", "decode") if any(p["runs"][r].get(f"{ph}_speedup") is not None
                                                                for p in cmp.points for r in cmp.runs))
-    aa = C.aa_control(runs, cmp.runs)
-    aa_text = "; ".join(f"{label}: {'none (no A/A control in this run)' if v is None else f'{v:.1f} %'}"
-                        f"{' — failed, limit ' + format(C.aa_limit(runs, label), 'g') + ' %' if v is not None and v > C.aa_limit(runs, label) else ''}"
-                        for label, v in aa.items())
+    def aa_words(aa: dict[str, Any] | None) -> str:
+        if aa is None:
+            return "none (no A/A control in this run)"
+        return f"{aa['pct']:.1f} %" + ("" if aa["passed"] else f" — failed, limit {aa['limit']:g} %")
+
+    aa_text = "; ".join(f"{label}: {aa_words(aa)}" for label, aa in C.aa_control(runs, cmp.runs).items())
     out = [f"<p>{len(cmp.points)} points (batch × input length) measured in every run. Speedup = candidate tokens/s over "
            f"the baseline's on the same machine, median of the repeats, bars p10–p90. The A/A control of each run "
            f"(median |A/A speedup − 1|, the larger phase) is the smallest difference it resolves: {_esc(aa_text)}.</p>"]
@@ -137,8 +130,8 @@ def throughput_html(cmp: C.Comparison, runs: list[C.Run]) -> str:
             f"{rate(p['runs'][r]['baseline_prefill_tok_s'])} → {rate(p['runs'][r]['prefill_tok_s'])}; "
             f"{rate(p['runs'][r]['baseline_decode_tok_s_total'])} → {rate(p['runs'][r]['decode_tok_s_total'])}"
             for r in cmp.runs])
-    out.append("<details class='sc-folded'><summary>Tokens per second, baseline → candidate (prefill; decode, all "
-               "sequences)</summary>" + _table(["batch", "input length", *cmp.runs], absolute) + "</details>")
+    out.append(folded_html("Tokens per second, baseline → candidate (prefill; decode, all sequences)",
+                           _table(["batch", "input length", *cmp.runs], absolute)))
     return "".join(out) + _left_out(cmp)
 
 
@@ -200,7 +193,7 @@ def page_html(runs: list[C.Run], data: dict[str, Any], sections: dict[str, C.Com
         labels=labels, runs=runs, headline=data["headline"],
         runs_table=_table(["run", "folder", "title", "checks passed"], [
             [_esc(r.label), f"<code>{_esc(r.path)}</code>", _esc(r.params.get("title", "")),
-             _esc(f"{c['passed']}/{c['checks']}")] for r, c in zip(runs, (x["counts"] for x in data["runs"]))]),
+             _esc(f"{c['passed']}/{c['verdicts']}")] for r, c in zip(runs, (x["counts"] for x in data["runs"]))]),
         environment=_table(["", *labels], env_rows, table_id="compare-environment", cls=env_cls),
         differences=len(diffs),
         differences_table=_table(["parameter", *labels], diff_rows, table_id="compare-parameters") if diffs else "",

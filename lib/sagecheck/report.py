@@ -232,12 +232,15 @@ def combined_notebook(run_dir: Path) -> nbformat.NotebookNode:
             f"<tr><td><a href='#nb-{_esc(stem)}'>{_esc(stem)}</a></td><td class='{label}'>{_esc(status)}</td>"
             f"<td class='num'>{npass}/{nv}</td><td class='num'>{'' if dur is None else f'{dur:.1f} s'}</td></tr>"
         )
+    gpu = next((r.environment["gpu"] for r in results.values() if r.environment.get("gpu")), "not recorded")
+    tp = (p.get("sglang") or {}).get("tp", 1) if p.get("engine") == "sglang" else 1
+    tp = f" · tensor parallel {tp}" if tp > 1 else ""
     header = [
         f"# {title}",
         "",
         f"Run `{manifest.get('run', run_dir.name)}` · started {manifest.get('started_at', '?')} · "
         f"model `{p.get('model', '?')}` · engine `{p.get('engine', '?')}` · {compared(p)} · dtype `{p.get('dtype', '?')}` · "
-        f"device `{p.get('device', '?')}`",
+        f"device `{p.get('device', '?')}` · GPU `{gpu}`{tp}",
         "",
         f"<p id='sagecheck-counts'><b>{c['passed']} checks passed, {c['failed']} failed</b>; notebooks: "
         f"{c['notebooks_ok']} ok, {c['notebooks_failed']} failed, {c['notebooks_skipped']} skipped.</p>",

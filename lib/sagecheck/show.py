@@ -47,7 +47,11 @@ def table_html(records: Any, caption: str = "", columns: Iterable[str] | None = 
 
 def folded(label: str, inner_html: str) -> Any:
     """Detail a reader opens on demand (a long table): a collapsed ``<details>`` block."""
-    return _html(f"<details class='sc-folded'><summary>{html.escape(label)}</summary>{inner_html}</details>")
+    return _html(folded_html(label, inner_html))
+
+
+def folded_html(label: str, inner_html: str) -> str:
+    return f"<details class='sc-folded'><summary>{html.escape(label)}</summary>{inner_html}</details>"
 
 
 def kv(mapping: Mapping[str, Any], caption: str = "") -> Any:

@@ -65,7 +65,9 @@ def _role_word(engine: SGLangEngine, impl: str) -> str:
     return engine.role(impl) or "another backend"
 
 
-def _serving(engine: SGLangEngine, impl: str, prompt_ids: list[int], max_new_tokens: int) -> dict[str, Any]:
+def _serving(engine: SGLangEngine, impl: str, prompt_ids: list[int], max_new_tokens: int) -> list[dict[str, Any]]:
+    """The server of ``impl`` reports its backend and generates; for sagecheck's plugin started with its statistics
+    folder, a second row: its ranks hold the heads they should."""
     asked = engine.backend_name(impl)
     try:
         with engine.backend(impl) as b:
@@ -81,15 +83,17 @@ def _serving(engine: SGLangEngine, impl: str, prompt_ids: list[int], max_new_tok
             reported = b.info.get("attention_backend")
             kernel = (stats or {}).get("counts", {}).get("extend_batches_kernel")
             ran = reported == asked and len(out) > 0 and (asked != NAME or not b.handle.stats_dir or bool(kernel))
-            return _row(f"--attention-backend {asked} ({_role_word(engine, impl)})", "reports the backend and generates"
-                        + ("; the plugin ran the kernel" if asked == NAME else ""), ran,
-                        reported=reported, generated=engine.tokenizer.decode(out), generated_tokens=len(out),
-                        kernel_prefill_batches=kernel, decode=(stats or {}).get("config", {}).get("decode"),
-                        sglang_version=b.info.get("version"), error="",
-                        **({"_stats": stats} if asked == NAME and b.handle.stats_dir else {}))
+            rows = [_row(f"--attention-backend {asked} ({_role_word(engine, impl)})", "reports the backend and generates"
+                         + ("; the plugin ran the kernel" if asked == NAME else ""), ran,
+                         reported=reported, generated=engine.tokenizer.decode(out), generated_tokens=len(out),
+                         kernel_prefill_batches=kernel, decode=(stats or {}).get("config", {}).get("decode"),
+                         sglang_version=b.info.get("version"), error="")]
+            if asked == NAME and b.handle.stats_dir:
+                rows.append(_heads_per_rank(engine.params, stats))
+            return rows
     except (ServerError, ClientError) as e:
-        return _row(f"--attention-backend {asked} ({_role_word(engine, impl)})", "reports the backend and generates", False,
-                    error=getattr(e, "cause", str(e)))
+        return [_row(f"--attention-backend {asked} ({_role_word(engine, impl)})", "reports the backend and generates", False,
+                     error=getattr(e, "cause", str(e)))]
 
 
 def _heads_per_rank(params: Any, stats: dict[str, Any] | None) -> dict[str, Any]:
@@ -131,11 +135,7 @@ def checks(params: Any, log_dir: Path, prompt_ids: list[int], max_new_tokens: in
     rows = []
     try:
         for impl in (params.baseline, params.candidate):
-            rows.append(_serving(engine, impl, prompt_ids, max_new_tokens))
-        if "_stats" in rows[-1]:  # sagecheck started the candidate with its statistics folder
-            rows.append(_heads_per_rank(params, rows[-1]["_stats"]))
-        for row in rows:
-            row.pop("_stats", None)
+            rows += _serving(engine, impl, prompt_ids, max_new_tokens)
         refusals = []
         if params.sglang_attention_backend == NAME:
             shadow = hidden_sageattention(log_dir / "no-sageattention")
@@ -162,7 +162,7 @@ def checks(params: Any, log_dir: Path, prompt_ids: list[int], max_new_tokens: in
                          sage_attn_is_a_choice=f"with plugin: {with_plugin.get('sage_attn_is_a_choice')}, "
                                                f"without: {without.get('sage_attn_is_a_choice')}"))
         for name in serving:
-            rows.append(_serving(engine, name, prompt_ids, max_new_tokens))
+            rows += _serving(engine, name, prompt_ids, max_new_tokens)
     finally:
         engine.close()
     return rows

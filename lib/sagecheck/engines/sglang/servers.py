@@ -26,7 +26,6 @@ that error, the others run.
 from __future__ import annotations
 
 import os
-
 import sys
 import time
 from dataclasses import asdict, dataclass, field
