@@ -21,7 +21,7 @@ import torch
 
 from sagecheck import engines
 from sagecheck.metrics.throughput import measure_point, profile_point
-from sagecheck.params import load_params
+from sagecheck.sources import load as load_params
 
 
 def main() -> int:
@@ -38,7 +38,7 @@ def main() -> int:
     P = load_params(args.params, args.set)
     T = P.throughput
     engine = engines.create(P)
-    impls = (P.baseline, P.candidate)
+    impls = engine.pair
 
     def timed() -> dict:
         point = measure_point(engine, impls, args.batch, args.length, T.decode_tokens, T.repeats, T.warmup, P.seed)

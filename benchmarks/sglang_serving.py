@@ -47,9 +47,9 @@ from sagecheck.engines.sglang import launch_spec
 from sagecheck.engines.sglang.client import SGLangClient
 from sagecheck.engines.sglang.server import Server, ServerError
 from sagecheck.engines.sglang.servers import BASELINE, CANDIDATE, SIDE_BY_SIDE_FRACTION, ServerSet
-from sagecheck.engines.sglang.throughput import measure_interleaved
-from sagecheck.metrics.throughput import random_prompts
-from sagecheck.params import load_params
+from sagecheck.metrics.serving import measure_interleaved
+from sagecheck.metrics.timing import random_prompts
+from sagecheck.sources import load as load_params
 
 DECODE_MODES = {  # name: (environment of the sage_attn server, extra flags)
     "triton decode, CUDA graphs (default)": ({"SAGE_ATTN_DECODE": "triton"}, []),
@@ -61,7 +61,7 @@ DECODE_MODES = {  # name: (environment of the sage_attn server, extra flags)
 def sweep(params: Any, clients: dict[str, SGLangClient], batches: list[int], lengths: list[int], output_len: int,
           repeats: int):
     """(batch, input length, {server: medians}) at every point, the same seeded random prompts for every server,
-    measured as 04 measures (:func:`sagecheck.engines.sglang.throughput.measure_interleaved`, one warm-up)."""
+    measured as 04 measures (:func:`sagecheck.metrics.serving.measure_interleaved`, one warm-up)."""
     from sagecheck import models
 
     vocab = len(models.load_tokenizer(models.resolve(params.model, params.revision)))

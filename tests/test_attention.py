@@ -106,7 +106,7 @@ def test_sage_without_cuda_names_the_cpu_alternative():
 
 
 def test_unknown_implementation():
-    with pytest.raises(KeyError, match="known: sdpa, eager"):
+    with pytest.raises(KeyError, match="Unknown attention implementation .flash9.. Available: sdpa, eager, sage"):
         attention.get("flash9")
 
 

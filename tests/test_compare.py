@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sagecheck import compare as C
+from sagecheck.report import compare as C
 from sagecheck import results as R
 from sagecheck.params import ParamError, load_params
 from tests.conftest import CI_PARAMS, report_page, run_cli
@@ -66,7 +66,11 @@ def make_run(folder: Path, params: dict, env: dict | None = None, verdicts: dict
         if name == "00_environment":
             r.metrics = dict(env)
         for check, (value, cmp, threshold) in (verdicts or {}).get(name, {}).items():
-            r.verdict(check, value, cmp, threshold)
+            kind = "control" if check.startswith("A/A") else "accuracy"
+            vid = f"throughput.aa.{check.split('(')[1].split(')')[0]}" if check.startswith("A/A") else check
+            r.verdict(vid, kind, check, value, cmp, threshold)
+        if name == "04_throughput":
+            r.metric("labels", {"baseline": params.get("baseline"), "candidate": params.get("candidate"), "copy": None})
         for tname, rows in (tables or {}).get(name, {}).items():
             r.table(tname, rows)
         if name in (statuses or {}):
@@ -217,7 +221,7 @@ def test_compare_two_cpu_runs_of_the_built_in_model_with_different_seeds(ci_run,
     md = (out / "compare.md").read_text()
     assert len(re.findall(r"^\| \d\d \| ", md, flags=re.M)) == len(rows) and "`seed` 0 / 1" in md
     page = (out / "compare.html").read_text()
-    assert "Traceback" not in page and len(re.findall(r"<img class='sc-figure'", page)) >= 2
+    assert "Traceback" not in page and len(re.findall(r"<img class=[\"']sc-figure", page)) >= 2
     with report_page(out / "compare.html", 1400, 1000) as view:
         assert view.locator("#compare-headline li").count() >= 3
         assert view.locator("#compare-checks tbody tr").count() == len(rows)
@@ -271,5 +275,5 @@ def test_the_aa_control_is_read_as_04_judged_it(tmp_path):
     text = " ".join(C.comparison_data(runs)["headline"])
     assert "failed in H100 22.1 %" in text and "H200 1.2" not in text
     page = C.compare_section(runs, C.SECTIONS[0])
-    from sagecheck.compare_report import throughput_html
-    assert "H100: 22.1 % — failed, limit 3 %; H200: 1.2 %" in throughput_html(page, runs)
+    from sagecheck.report.compare_html import throughput_view
+    assert "H100: 22.1 % — failed, limit 3 %; H200: 1.2 %" in throughput_view(page, runs)["aa"]

@@ -32,7 +32,7 @@ def test_the_version_of_sagecheck_is_recorded():
 
 
 def test_the_summary_says_when_the_code_that_ran_was_not_the_recorded_commit():
-    from sagecheck.report import commit_label
+    from sagecheck.report.summary import commit_label
 
     assert commit_label({"sha": "ad1d2b1384f05bb71baf958e8e4d07319b858de0", "dirty": True}) == "ad1d2b1384f0 + uncommitted changes"
     assert commit_label({"sha": "ad1d2b1384f05bb71baf958e8e4d07319b858de0", "dirty": False}) == "ad1d2b1384f0"
@@ -42,7 +42,7 @@ def test_the_summary_says_when_the_code_that_ran_was_not_the_recorded_commit():
 def test_an_sglang_candidate_other_than_sage_attn_is_named_not_reported_unknown():
     from types import SimpleNamespace
 
-    from sagecheck.engines.sglang import CANDIDATE, candidate_ran
+    from sagecheck.engines.sglang import CANDIDATE, SGLangEngine
 
     engine = SimpleNamespace(handles={CANDIDATE: SimpleNamespace(error=None)}, params=SimpleNamespace(sglang_attention_backend="triton"))
-    assert candidate_ran(engine) == "--attention-backend triton, not sagecheck's sage_attn (no plugin statistics)"
+    assert SGLangEngine.candidate_ran(engine) == "--attention-backend triton, not sagecheck's sage_attn (no plugin statistics)"

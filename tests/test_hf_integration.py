@@ -84,7 +84,7 @@ def test_unsupported_call_falls_back_and_is_counted(monkeypatch):
             raise attention.UnsupportedCall("no masks")
         return attention.get("sdpa")(q, k, v, causal=causal, scale=scale)
 
-    monkeypatch.setitem(attention._LOADED, "sage-emulated", picky)
+    monkeypatch.setitem(attention.ATTENTION._loaded, "sage-emulated", picky)
     x = torch.randint(3, 300, (2, 12))
     mask = torch.ones_like(x)
     mask[0, :4] = 0  # left padding

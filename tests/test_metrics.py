@@ -12,7 +12,7 @@ import torch
 
 from sagecheck.data import corpus
 from sagecheck.metrics import drift, logits as L, perplexity as ppl
-from sagecheck.metrics.timing import Stopwatch, gc_paused, paired_ratio, time_callable
+from sagecheck.metrics.timing import Stopwatch, gc_paused, paired_ratio, random_prompts, time_callable
 
 
 @pytest.mark.parametrize("n, window, stride", [(1000, 256, 128), (1000, 256, 256), (257, 256, 100), (50, 256, 64)])
@@ -277,7 +277,7 @@ def test_a_timed_repeat_leaves_no_cyclic_garbage(builtin):
 
     from sagecheck.metrics import throughput as T
 
-    prompts = T.random_prompts(builtin.config.vocab_size, 2, 24, 0, builtin.device)
+    prompts = random_prompts(builtin.model_config().vocab_size, 2, 24, 0, builtin.device)
     for impl in ("sdpa", "sage-emulated"):
         with builtin.backend(impl) as backend:
             T._one_repeat(backend, prompts, 3, builtin.device)  # warm: first calls build caches that live on

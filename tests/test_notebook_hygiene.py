@@ -7,7 +7,8 @@ import pytest
 
 from sagecheck.notebooks import parameter_cells, sync_parameter_cells
 from sagecheck.params import NOTEBOOK_SECTIONS, parameters_cell_source
-from sagecheck.run import default_notebooks_dir, discover
+from sagecheck.notebooks import default_dir as default_notebooks_dir
+from sagecheck.notebooks import discover
 
 NOTEBOOKS = discover(default_notebooks_dir())
 

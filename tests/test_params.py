@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from sagecheck import params as sp
+from sagecheck import sources
 from tests.conftest import CI_PARAMS, ROOT, run_cli
 
 
@@ -22,8 +23,11 @@ def write(tmp_path: Path, text: str) -> Path:
         ("modle: builtin\n", [], "unknown parameter 'modle' in "),
         ("logits:\n  n_shrt: 3\n", [], "unknown parameter 'logits.n_shrt'"),
         ("logits:\n  n_short: many\n", [], "parameter 'logits.n_short'"),
-        ("engine: vllm\n", [], "Input should be 'hf' or 'sglang'"),
-        ("candidate: sage2\n", [], "parameter 'candidate'"),
+        ("engine: vllm\n", [], "Unknown engine 'vllm'. Available: hf, sglang"),
+        ("candidate: sage2\n", [], "= 'sage2': Unknown attention implementation 'sage2'. Available: sdpa"),
+        ("baseline: sage\n", [], "= 'sage': 'sage' is not allowed here; allowed: sdpa, eager"),
+        ("tasks:\n  tasks:\n    - {name: a, kind: generate, source: 'builtin:nope'}\n", [],
+         "Unknown task source 'builtin:nope'. Available: builtin:line_ending"),
         ("device: tpu\n", [], "must be auto, cpu, cuda or cuda:N"),
         ("model: ./no/such/model\n", [], "parameter 'model' = './no/such/model': local path does not exist"),
         ("perplexity:\n  dataset: missing.txt\n", [], "parameter 'perplexity.dataset' = 'missing.txt'"),
@@ -74,6 +78,11 @@ def test_defaults_are_the_embedded_default():
     assert p.model == "builtin" and p.candidate == "sage-emulated"
 
 
+def test_aliases_resolve_to_the_registered_names():
+    p = sp.load_params(None, ["candidate=sage_emulated", "engine=transformers"])
+    assert (p.candidate, p.engine) == ("sage-emulated", "hf")
+
+
 def test_overrides_and_yaml_values():
     p = sp.load_params(CI_PARAMS, ["logits.n_short=5", "candidate_phases=[prefill]", "seed=7"])
     assert p.logits.n_short == 5
@@ -84,7 +93,7 @@ def test_overrides_and_yaml_values():
 
 def test_every_shipped_preset_validates():
     for path in sorted((ROOT / "params").glob("*.yaml")):
-        sp.load_params(path)
+        sources.load(path)
 
 
 def test_notebook_view_reads_section_then_common():
@@ -96,7 +105,7 @@ def test_notebook_view_reads_section_then_common():
 
 
 def test_flat_keys_do_not_collide():
-    common = set(sp.COMMON_KEYS) | set(sp.RUN_KEYS)
+    common = set(sp.COMMON_KEYS) | set(sp.RUN_KEYS) | set(sp.RUN_LEVEL)
     for name, section in sp.SECTIONS.items():
         clash = common & set(section.model_fields)
         assert not clash, f"section {name} reuses common keys {clash}"
@@ -126,9 +135,19 @@ def test_local_paths_are_made_absolute_for_the_notebooks(tmp_path, monkeypatch):
     f = tmp_path / "p.yaml"
     f.write_text("perplexity: {dataset: text.txt}\ntasks:\n  tasks:\n    - {name: qa, kind: generate, source: qa.jsonl}\n")
     monkeypatch.chdir(ROOT)
-    p = sp.load_params(f)
+    p = sources.load(f)
     assert p.perplexity.dataset == str(tmp_path / "text.txt") and p.tasks.tasks[0].source == str(tmp_path / "qa.jsonl")
     monkeypatch.chdir(tmp_path)
-    assert sp.load_params(None, ["logits.text=text.txt"]).logits.text == str(tmp_path / "text.txt")
+    assert sources.load(None, ["logits.text=text.txt"]).logits.text == str(tmp_path / "text.txt")
     with pytest.raises(sp.ParamError, match=r"unknown parameter 'tasks.tasks.0.stopp' \(did you mean 'stop'\?\)"):
         sp.load_params(None, ["tasks.tasks=[{name: a, kind: generate, source: gsm8k, stopp: []}]"])
+
+
+def test_only_measurement_parameters_are_hashed():
+    """The title and the notebook selection name a run; they reach no notebook and change no hash."""
+    a = sp.load_params(CI_PARAMS)
+    b = sp.load_params(CI_PARAMS, ["title=another title", "notebooks=['02']"])
+    assert sp.params_hash(a) == sp.params_hash(b)
+    assert sp.notebook_parameters(a, "02_logits") == sp.notebook_parameters(b, "02_logits")
+    assert "title" not in sp.notebook_parameters(a, "02_logits")
+    assert sp.params_hash(a) != sp.params_hash(sp.load_params(CI_PARAMS, ["seed=1"]))

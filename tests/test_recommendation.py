@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sagecheck import recommendation as rec
+from sagecheck.report import recommendation as rec
 from sagecheck import results as R
 
 
@@ -11,11 +11,13 @@ def _throughput(tmp_path, speedups: dict[tuple[int, int], tuple[float, str]], aa
     res = R.Results("04_throughput", tmp_path)
     rows = []
     for (batch, length), (speedup, verdict) in speedups.items():
-        rows.append({"batch": batch, "input_length": length, "implementation": "sdpa", "status": "ok"})
-        rows.append({"batch": batch, "input_length": length, "implementation": "sage", "status": "ok",
+        rows.append({"batch": batch, "input_length": length, "implementation": "triton", "status": "ok"})
+        rows.append({"batch": batch, "input_length": length, "implementation": "sage_attn", "status": "ok",
                      "prefill_speedup": speedup, "prefill_vs_aa": verdict, "decode_speedup": 1.0, "decode_vs_aa": "no difference"})
     res.table("throughput", rows)
-    res.verdict("A/A control (prefill): the baseline's copy measures as the baseline", aa_pct, "<=", 3.0, unit="%")
+    res.metric("labels", {"baseline": "triton", "candidate": "sage_attn", "copy": "triton copy"})
+    # the display name is not what the recommendation reads: the id and the kind are
+    res.verdict("throughput.aa.prefill", "control", "any words at all", aa_pct, "<=", 3.0, unit="%")
     return res
 
 
@@ -34,7 +36,7 @@ def test_sentences_name_the_crossover_and_the_worst_point(tmp_path):
     tp = _throughput(tmp_path, {(1, 128): (0.4, "slower"), (1, 8192): (1.08, "faster"), (4, 128): (0.6, "slower"),
                                 (4, 8192): (1.12, "faster")})
     logits = R.Results("02_logits", tmp_path)
-    logits.verdict("mean KL(baseline || candidate)", 0.0004, "<=", 0.001, unit="nats")
+    logits.verdict("logits.kl_mean", "accuracy", "mean KL(baseline || candidate)", 0.0004, "<=", 0.001, unit="nats")
     out = rec.sentences([tp, logits], SGLANG)
     assert 2 <= len(out) <= 5
     speed = out[0]
@@ -48,7 +50,7 @@ def test_sentences_name_the_crossover_and_the_worst_point(tmp_path):
 def test_a_failed_aa_control_and_failing_accuracy_are_said(tmp_path):
     tp = _throughput(tmp_path, {(1, 128): (0.9, "faster")}, aa_pct=8.0)  # "faster" than a noisy A/A, yet below 1
     logits = R.Results("02_logits", tmp_path)
-    logits.verdict("top-1 agreement", 0.96, ">=", 0.97)
+    logits.verdict("logits.top1", "accuracy", "top-1 agreement", 0.96, ">=", 0.97)
     out = rec.sentences([tp, logits], SGLANG)
     assert "faster at 0 of 1 points" in out[0]  # a point below 1 is never called faster
     assert "A/A control failed" in out[0] and "8 %" in out[0] and "limit 3 %" in out[0]
@@ -68,6 +70,7 @@ def test_missing_and_failed_notebooks_are_said_not_guessed(tmp_path):
 
 def test_in_process_points_are_classed_by_their_interval_around_one(tmp_path):
     tp = R.Results("04_throughput", tmp_path)
+    tp.metric("labels", {"baseline": "sdpa", "candidate": "sage-emulated", "copy": None})
     tp.table("throughput", [{"batch": 1, "input_length": 64, "implementation": "sage-emulated", "status": "ok",
                              "prefill_speedup": 0.5, "prefill_speedup_p10": 0.45, "prefill_speedup_p90": 0.55},
                             {"batch": 2, "input_length": 64, "implementation": "sage-emulated", "status": "ok",
@@ -80,9 +83,23 @@ def test_in_process_points_are_classed_by_their_interval_around_one(tmp_path):
 
 def test_a_task_that_cannot_tell_right_from_wrong_is_not_blamed_on_the_candidate(tmp_path):
     tasks = R.Results("09_tasks", tmp_path)
-    tasks.verdict("sums: |accuracy delta|", 0.0, "abs<=", 2.0, unit="pp")
-    tasks.verdict("sums: baseline above its reference level (the task can tell right from wrong)", 0.0, ">", 0.5)
+    tasks.verdict("tasks.sums.delta", "accuracy", "sums: |accuracy delta|", 0.0, "abs<=", 2.0, unit="pp")
+    tasks.verdict("tasks.sums.reference", "control", "sums: baseline above its reference level", 0.0, ">", 0.5)
     out = rec.sentences([tasks], SGLANG)
     assert "all 1 checks pass" in out[1]
     assert "09_tasks (1: a task the baseline cannot answer above its reference level" in out[2]
     assert not out[-1].startswith("Reading: not a drop-in")
+
+
+def test_a_renamed_verdict_changes_nothing_in_the_reading(tmp_path):
+    """The recommendation reads ids and kinds: the same run with every display name changed reads the same."""
+    tp = _throughput(tmp_path, {(1, 128): (1.2, "faster")}, aa_pct=8.0)
+    logits = R.Results("02_logits", tmp_path)
+    logits.verdict("logits.top1", "accuracy", "top-1 agreement", 0.96, ">=", 0.97)
+    before = rec.sentences([tp, logits], SGLANG)
+    for res in (tp, logits):
+        for v in res.verdicts:
+            v.name = "renamed " + v.name[::-1]
+    after = rec.sentences([tp, logits], SGLANG)
+    assert [s.split(":")[0] for s in before] == [s.split(":")[0] for s in after]
+    assert before[0] == after[0] and before[-1] == after[-1] and "A/A control failed" in after[0]

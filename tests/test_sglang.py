@@ -88,11 +88,13 @@ def test_command_line_auto_dtype_default_backend_random_weights_and_revision(tmp
     assert hub[hub.index("--revision") + 1] == "abc123"
 
 
-def test_backend_names_map_to_sglang_backends(tmp_path):
+def test_labels_are_sglangs_backend_names(tmp_path):
     engine = SGLangEngine(params(), tmp_path)
-    assert engine.backend_name("sdpa") == "fa3"
-    assert engine.backend_name("sage-emulated") == "sage_attn"
-    assert engine.backend_name("flashinfer") == "flashinfer"
+    assert engine.pair == ("fa3", "sage_attn") and engine.copy == "fa3 copy"
+    assert [engine.role(x) for x in ("fa3", "sage_attn", "fa3 copy", "flashinfer")] == ["baseline", "candidate", "baseline_copy", None]
+    assert engine.backend_name("fa3 copy") == "fa3" and engine.backend_name("flashinfer") == "flashinfer"
+    aa = SGLangEngine(params("sglang_attention_backend=fa3"), tmp_path)  # an A/A run: one name, two roles
+    assert aa.pair == ("fa3", "fa3 (candidate)") and aa.backend_name("fa3 (candidate)") == "fa3"
 
 
 def test_free_port_is_free():
@@ -151,7 +153,7 @@ def test_a_server_that_dies_mid_run(tmp_path):
     engine = SGLangEngine(params(), tmp_path, env={"SAGECHECK_STANDIN_MODE": "die-after:1"})
     with pytest.raises(ServerError, match=r"died with code 1(.|\n)*simulated crash in the scheduler"):
         try:
-            with engine.backend("sage-emulated") as b:
+            with engine.backend("sage_attn") as b:
                 pid = b.handle.pid
                 b.generate([[1, 300, 301]], 2)
                 b.generate([[1, 300, 301]], 2)
@@ -169,7 +171,7 @@ def test_the_engine_keeps_its_servers_until_close_even_after_an_exception(tmp_pa
     engine = SGLangEngine(params(), tmp_path)
     with pytest.raises(KeyboardInterrupt):
         try:
-            with engine.backend("sdpa") as b:
+            with engine.backend("fa3") as b:
                 pid = b.handle.pid
                 raise KeyboardInterrupt  # what an interrupted notebook cell raises
         finally:
@@ -200,13 +202,13 @@ def test_the_server_dies_with_the_process_that_started_it(tmp_path):
 def test_attach_to_running_servers(tmp_path):
     with Server(spec("sage_attn"), tmp_path, 120) as cand, Server(spec("fa3"), tmp_path, 120) as base:
         engine = SGLangEngine(params(f"sglang.url={cand.url}", f"sglang.baseline_url={base.url}"), tmp_path)
-        with engine.backend("sage-emulated") as b:
+        with engine.backend("sage_attn") as b:
             assert b.info["attention_backend"] == "sage_attn" and b.handle.pid is None
-        with engine.backend("sdpa") as b:
+        with engine.backend("fa3") as b:
             assert b.info["attention_backend"] == "fa3"
         alone = SGLangEngine(params(f"sglang.url={cand.url}"), tmp_path)
         with pytest.raises(ServerError, match="needs a running server for the baseline"):
-            with alone.backend("sdpa"):
+            with alone.backend("fa3"):
                 pass
         with pytest.raises(ServerError, match=r"a second baseline \(A/A control\) too.*aa_control=false"):
             engine.handle("baseline_copy")
@@ -271,9 +273,9 @@ def test_a_role_that_fails_to_start_is_recorded_and_the_others_run(tmp_path):
         assert "invalid choice: 'no_such_backend'" in h["candidate"]["error"]
         engine = SGLangEngine(p, tmp_path, servers=h)
         with pytest.raises(ServerError, match="invalid choice: 'no_such_backend'"):
-            with engine.backend("sage-emulated"):
+            with engine.backend(engine.candidate):
                 pass
-        with engine.backend("sdpa") as b:
+        with engine.backend("fa3") as b:
             assert b.info["attention_backend"] == "fa3"
 
 
@@ -288,7 +290,7 @@ def test_sage_attn_is_a_choice_only_where_the_plugin_is_loaded(tmp_path):
 
 
 def test_sage_attn_refuses_to_start_where_sageattention_cannot_be_imported(tmp_path):
-    from sagecheck.engines.sglang.runtime_flag import hidden_sageattention
+    from sagecheck.metrics.runtime_flag import hidden_sageattention
 
     shadow = hidden_sageattention(tmp_path / "shadow")
     env = {"PYTHONPATH": os.pathsep.join([str(shadow), os.environ["PYTHONPATH"]])}
@@ -301,7 +303,7 @@ def test_sage_attn_refuses_to_start_where_sageattention_cannot_be_imported(tmp_p
 
 
 def test_the_default_backend_is_resolved_the_same_with_and_without_the_plugin(tmp_path):
-    from sagecheck.engines.sglang.runtime_flag import NO_PLUGINS, resolve_default
+    from sagecheck.metrics.runtime_flag import NO_PLUGINS, resolve_default
 
     with_plugin = resolve_default(params(), tmp_path, {})
     without = resolve_default(params(), tmp_path, {"SGLANG_PLUGINS": NO_PLUGINS})
@@ -310,11 +312,9 @@ def test_the_default_backend_is_resolved_the_same_with_and_without_the_plugin(tm
 
 
 def test_the_candidate_writes_the_plugins_statistics(tmp_path):
-    from sagecheck.engines.sglang import candidate_ran
-
     engine = SGLangEngine(params("sglang.sage_attn_decode=sage"), tmp_path)
     try:
-        with engine.backend("sage-emulated") as b:
+        with engine.backend("sage_attn") as b:
             b.generate([[1, 300, 301], [1, 5, 6, 7]], 3)
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline and not (b.plugin_stats() or {}).get("counts"):
@@ -322,7 +322,7 @@ def test_the_candidate_writes_the_plugins_statistics(tmp_path):
             stats = b.plugin_stats()
         assert stats["config"]["decode"] == "sage" and stats["counts"]["extend_batches_kernel"] == 1
         assert stats["counts"]["decode_batches_kernel"] == 2
-        text = candidate_ran(engine)
+        text = engine.candidate_ran()
         assert "1 prefill batches on the kernel" in text and "decode on the sageattention kernel" in text
     finally:
         engine.close()
@@ -330,12 +330,12 @@ def test_the_candidate_writes_the_plugins_statistics(tmp_path):
 
 def test_heads_per_rank_of_a_tensor_parallel_candidate(tmp_path):
     """--tp 2 on the stand-in: one statistics file per rank, each with half the heads; the check of 01 reads them."""
-    from sagecheck.engines.sglang.runtime_flag import _heads_per_rank
+    from sagecheck.metrics.runtime_flag import heads_per_rank
 
     p = params("sglang.tp=2")
     engine = SGLangEngine(p, tmp_path)
     try:
-        with engine.backend("sage-emulated") as b:
+        with engine.backend("sage_attn") as b:
             b.generate([[1, 300, 301]], 2)
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline and not (b.plugin_stats() or {}).get("counts"):
@@ -343,10 +343,10 @@ def test_heads_per_rank_of_a_tensor_parallel_candidate(tmp_path):
             stats = b.plugin_stats()
     finally:
         engine.close()
-    row = _heads_per_rank(p, stats)
+    row = heads_per_rank(engine, stats)
     assert row["passed"] and row["reported"] == "rank 0: 4/1 of tp 2; rank 1: 4/1 of tp 2"
     assert stats["counts"]["extend_batches_kernel"] == 1  # one batch, run by both ranks
-    assert not _heads_per_rank(params("sglang.tp=4"), stats)["passed"]
+    assert not heads_per_rank(SGLangEngine(params("sglang.tp=4"), tmp_path), stats)["passed"]
 
 
 def test_more_tensor_parallel_ranks_than_gpus_is_refused_in_one_line():
@@ -383,7 +383,7 @@ def test_log_cause_prefers_the_plugins_refusal_then_argparse_then_the_last_excep
 def test_speedups_are_judged_against_the_aa_interval():
     import numpy as np
 
-    from sagecheck.engines.sglang.throughput import classify
+    from sagecheck.metrics.serving import classify
     from sagecheck.metrics.timing import Samples
 
     aa = Samples(np.array([0.97, 0.99, 1.0, 1.01, 1.03]), "x")
@@ -394,22 +394,22 @@ def test_speedups_are_judged_against_the_aa_interval():
 
 
 def test_the_sglang_sweep_measures_three_servers_interleaved(tmp_path):
-    from sagecheck.engines.sglang import throughput as ST
+    from sagecheck.metrics import serving as ST
 
     engine = SGLangEngine(params(), tmp_path)
     try:
         rows, served = ST.sweep(engine, [16, 600], [1, 2], 3, 5, 1, 0, aa_control=True, max_batch_tokens=1000)
     finally:
         engine.close()
-    assert set(served["servers"]) == {"sdpa", "sage-emulated", "baseline_copy"} and "rotated per repeat" in served["order"]
+    assert set(served["servers"]) == {"fa3", "sage_attn", "fa3 copy"} and "rotated per repeat" in served["order"]
     ok = [r for r in rows if r["status"] == "ok"]
     assert {(r["input_length"], r["batch"]) for r in ok} == {(16, 1), (16, 2), (600, 1)}
     over = [r for r in rows if r["status"] == "over the token budget"]
     assert {(r["input_length"], r["batch"]) for r in over} == {(600, 2)} and len(over) == 3
-    cand = [r for r in ok if r["implementation"] == "sage-emulated"]
+    cand = [r for r in ok if r["implementation"] == "sage_attn"]
     assert all(r["prefill_vs_aa"] in ("faster", "slower", "no difference") and r["aa_prefill_speedup"] > 0 for r in cand)
     assert all(r["decode_ms_per_token"] > 0 and r["ttft_ms"] > 0 and r["repeats"] == 5 for r in ok)
-    s = ST.summary(rows, "sage-emulated")
+    s = ST.summary(rows, "sage_attn")
     assert s["points"] == 4 and s["points_not_run"] == 1 and s["aa_decode_abs_diff_pct_median"] is not None
     assert s["prefill_points_faster"] + s["prefill_points_slower"] + s["prefill_points_no_difference"] == 3
 
@@ -431,6 +431,10 @@ def test_notebooks_on_the_sglang_engine(tmp_path, ci_run):
     flag = R.load(out / "results" / "01_runtime_flag.json")
     checks = {r["check"]: r for r in flag.tables["sglang_checks"]}
     assert all(r["passed"] for r in checks.values()) and all(v.passed for v in flag.verdicts) and len(flag.verdicts) == 7
+    assert {v.id for v in flag.verdicts} == {"runtime_flag.serves.baseline.fa3", "runtime_flag.serves.candidate.sage_attn",
+                                             "runtime_flag.heads_per_rank", "runtime_flag.refused.plugin_not_loaded",
+                                             "runtime_flag.refused.no_sageattention", "runtime_flag.refused.no_such_backend",
+                                             "runtime_flag.default_backend"}
     heads = checks["sage_attn: heads per tensor-parallel rank"]  # the built-in model: 8 query / 2 KV heads
     assert heads["reported"] == "rank 0: 8/2 of tp 1" and heads["expected"].startswith("1 rank(s), 8 query / 2 KV")
     cand = checks["--attention-backend sage_attn (candidate)"]
@@ -444,13 +448,13 @@ def test_notebooks_on_the_sglang_engine(tmp_path, ci_run):
     # the same perplexity as the in-process engine on the same model and text
     hf = R.load(ci_run[1] / "results" / "03_perplexity.json").metrics["perplexity"]
     sg = R.load(out / "results" / "03_perplexity.json").metrics["perplexity"]
-    for impl in ("sdpa", "sage-emulated"):
-        assert sg[impl] == pytest.approx(hf[impl], rel=1e-4)
+    for sglang_name, hf_name in (("fa3", "sdpa"), ("sage_attn", "sage-emulated")):  # each keyed by its engine's own name
+        assert sg[sglang_name] == pytest.approx(hf[hf_name], rel=1e-4)
     t = R.load(out / "results" / "04_throughput.json")
     assert all(r["status"] == "ok" and r["prefill_tok_s"] > 0 for r in t.tables["throughput"])
-    assert {r["implementation"] for r in t.tables["throughput"]} == {"sdpa", "sage-emulated", "baseline_copy"}
+    assert {r["implementation"] for r in t.tables["throughput"]} == {"fa3", "sage_attn", "fa3 copy"}
     # the A/A figure against its definition, recomputed from the table: median over points of |A/A speedup - 1|, in %
-    aa = [abs(r["aa_prefill_speedup"] - 1) * 100 for r in t.tables["throughput"] if r["implementation"] == "sage-emulated"]
+    aa = [abs(r["aa_prefill_speedup"] - 1) * 100 for r in t.tables["throughput"] if r["implementation"] == "sage_attn"]
     assert len(aa) == 4 and t.metrics["aa_prefill_abs_diff_pct_median"] == pytest.approx(float(np.median(aa)))
     assert t.metrics["aa_prefill_abs_diff_pct_median"] >= 0 and any("A/A control (prefill)" in n for n in t.notes)
     assert [s["mem_fraction_static"] for s in t.metrics["servers"]["servers"].values()] == [0.283, 0.567, 0.85]
@@ -460,7 +464,8 @@ def test_notebooks_on_the_sglang_engine(tmp_path, ci_run):
     assert [r["attention_backend"] for r in mem.tables["sglang_memory"]] == ["fa3", "sage_attn"]
     assert all(r["max_total_num_tokens"] == 8192 and r["weights_GB"] > 0 for r in mem.tables["sglang_memory"])
     drift = R.load(out / "results" / "06_activation_drift.json")
-    assert any("hf engine" in n for n in drift.notes) and drift.metrics["final_hidden"]["rel_l2_max"] > 0
+    assert any("not available on this engine (sglang): per-layer activations" in n and "measured in process (hf)" in n
+               for n in drift.notes) and drift.metrics["final_hidden"]["rel_l2_max"] > 0
     ctx = R.load(out / "results" / "07_context_length.json")
     assert [r["length"] for r in ctx.tables["passkey_by_length"]] == [128, 256]
     # the run's three servers, started once for every notebook, and 01's three that must not start

@@ -25,7 +25,7 @@ from sagecheck.data import corpus, prompts
 from sagecheck.engines.sglang import launch_spec
 from sagecheck.engines.sglang.client import SGLangClient
 from sagecheck.engines.sglang.server import Server, ServerError
-from sagecheck.params import load_params
+from sagecheck.sources import load as load_params
 from sagecheck.sglang_plugin.stats import read
 from tests.conftest import ROOT
 

@@ -14,9 +14,10 @@ from sagecheck.params import ParamError
 
 
 def _split_only(values: list[str] | None) -> list[str] | None:
-    if not values:
+    """``--only 02,03 --only 05`` -> [02, 03, 05]; None where ``--only`` was not given (an empty list is refused later)."""
+    if values is None:
         return None
-    return [name for value in values for name in value.split(",") if name.strip()]
+    return [name.strip() for value in values for name in value.split(",") if name.strip()]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -65,7 +66,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from sagecheck.compare_report import build
+    from sagecheck.report.compare_html import build
 
     page = build(args.run_dirs, args.out)
     print(page)
@@ -76,9 +77,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_params(args: argparse.Namespace) -> int:
     import yaml
 
-    from sagecheck.params import load_params
+    from sagecheck import sources
 
-    params = load_params(args.params, args.p or ())
+    params = sources.load(args.params, args.p or ())
     print(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False), end="")
     return 0
 

@@ -134,11 +134,63 @@ def collect() -> dict[str, Any]:
     }
 
 
+def gpu_name() -> str:
+    """The first visible GPU's name, or ``none (CPU only)``."""
+    gpus = gpu_info()
+    return gpus[0]["name"] if gpus else "none (CPU only)"
+
+
+def facts(env: dict[str, Any], params: Any) -> dict[str, Any]:
+    """The machine as 00 shows it: hardware, driver, CUDA, the commit, the parameters' hash, device and dtype used."""
+    from sagecheck import runtime
+    from sagecheck.params import params_hash
+
+    device = runtime.resolve_device(params.device)
+    return {
+        "GPU": env["gpu"],
+        "GPU memory (GiB)": env["gpu_memory_gib"] if env["gpus"] else "n/a",
+        "GPUs visible": len(env["gpus"]),
+        "driver": env["driver"],
+        "CUDA (torch build)": env["cuda"],
+        "cuDNN": env["cudnn"],
+        "Python": env["python"],
+        "CPU": f"{env['cpu']} ({env['cpu_count']} logical cores, torch uses {env['torch_threads']} threads)",
+        "OS": env["os"],
+        "git commit": f"{env['git']['sha']}{' (uncommitted changes)' if env['git']['dirty'] else ''}",
+        "parameters hash": params_hash(params),
+        "device used": str(device),
+        "dtype used": runtime.dtype_name(runtime.resolve_dtype(params.dtype, device)),
+    }
+
+
+def compared(params: Any) -> dict[str, Any]:
+    """What the run compares, in the engine's own names (and, on SGLang, the in-process pair of 06 and 08)."""
+    from sagecheck.params import labels
+
+    base, cand = labels(params)
+    if params.engine != "sglang":
+        return {"model": params.model, "engine": params.engine, "baseline": base, "candidate": cand,
+                "candidate phases": ", ".join(params.candidate_phases), "seed": params.seed}
+    decode = f" (SAGE_ATTN_DECODE={params.sglang.sage_attn_decode})" if params.sglang_attention_backend == "sage_attn" else ""
+    return {"model": params.model, "engine": params.engine, "baseline server": f"--attention-backend {base}",
+            "candidate server": f"--attention-backend {params.sglang_attention_backend}{decode}",
+            "tensor parallel": params.sglang.tp, "in-process pair (06, 08)": f"{params.baseline} vs {params.candidate}",
+            "seed": params.seed}
+
+
+def record(results: Any, env: dict[str, Any], shown: dict[str, Any]) -> None:
+    """00's results: everything collected, the parameters' hash, the device and dtype used."""
+    for key, value in env.items():
+        results.metric(key, value)
+    results.metric("params_hash", shown["parameters hash"])
+    results.metric("device", shown["device used"])
+    results.metric("dtype", shown["dtype used"])
+
+
 def brief() -> dict[str, Any]:
     """The short form stored in every results JSON."""
-    gpus = gpu_info()
     return {
-        "gpu": gpus[0]["name"] if gpus else "none (CPU only)",
+        "gpu": gpu_name(),
         "torch": package_version("torch"),
         "transformers": package_version("transformers"),
         "sageattention": package_version("sageattention"),

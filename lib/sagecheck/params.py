@@ -2,14 +2,19 @@
 
 A run is described by a YAML file (``params/*.yaml``) plus ``-p key=value``
 overrides. Everything is validated here, before any notebook starts: an unknown
-key, a wrong type or a missing file is reported as one line naming the key, the
-value and what is allowed (:class:`ParamError`, exit code 2 in the CLI).
+key or a wrong type is reported as one line naming the key, the value and what
+is allowed (:class:`ParamError`, exit code 2 in the CLI). Names of attention
+implementations, engines and task sources are those of :mod:`sagecheck.registry`.
+Whether the files and models the parameters name exist is checked by
+:mod:`sagecheck.sources`, which also makes local paths absolute.
 
-Each notebook receives the common parameters plus its own section, flattened
-into plain variables (papermill injects them after the notebook's
-``parameters`` cell). The same schema writes the defaults of that cell
-(:func:`parameters_cell_source`), so a notebook opened in JupyterLab runs top to
-bottom on the embedded default.
+Each notebook receives the measurement parameters (the common ones plus its own
+section), flattened into plain variables (papermill injects them after the
+notebook's ``parameters`` cell). The run-level keys (:data:`RUN_LEVEL`: the title,
+the notebook selection) reach no notebook and no hash, so changing them reruns
+nothing under ``--resume``. The same schema writes the defaults of the
+``parameters`` cell (:func:`parameters_cell_source`), so a notebook opened in
+JupyterLab runs top to bottom on the embedded default.
 """
 
 from __future__ import annotations
@@ -17,21 +22,29 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-BASELINES = ("sdpa", "eager")
-# "sdpa-noisy" is a deliberately wrong candidate (a negative control): every
-# verdict of the report must catch it.
-CANDIDATES = ("sage", "sage-emulated", "sdpa", "eager", "sdpa-noisy")
+from sagecheck.registry import ATTENTION, ENGINES, TASKS, UnknownName
+from sagecheck.results import SUMMARY_NOTEBOOK
+
 Phase = Literal["prefill", "decode"]
 
-SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN")
+
+def _registered(registry: Any, value: str, **info: Any) -> str:
+    """``value`` as the registry names it (aliases resolved); ValueError with the names allowed otherwise."""
+    try:
+        name = registry.canonical(value)
+    except UnknownName as e:
+        raise ValueError(str(e)) from None
+    allowed = registry.names(**info)
+    if name not in allowed:
+        raise ValueError(f"{value!r} is not allowed here; allowed: {', '.join(allowed)}")
+    return name
 
 
 class ParamError(ValueError):
@@ -40,6 +53,9 @@ class ParamError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # which engine the section's notebook measures with: the run's ("run"), the in-process one whatever the run's
+    # ("in_process": what only it can give), or none; the runner starts a run's servers only for "run" notebooks
+    uses_engine: ClassVar[Literal["run", "in_process", "none"]] = "run"
 
 
 # --------------------------------------------------------------------------- sections
@@ -69,7 +85,7 @@ class SGLangServer(_Section):
 
 
 class EnvironmentParams(_Section):
-    pass
+    uses_engine = "none"
 
 
 class RuntimeFlagParams(_Section):
@@ -142,6 +158,7 @@ class MemoryParams(_Section):
 
 
 class ActivationDriftParams(_Section):
+    uses_engine = "in_process"  # per-layer activations: only the in-process engine has them
     text: str = Field("builtin")
     n_prompts: int = Field(2, ge=1)
     tokens: int = Field(512, ge=8)
@@ -164,6 +181,7 @@ class ContextLengthParams(_Section):
 
 
 class KernelParams(_Section):
+    uses_engine = "none"  # the attention op alone
     seq_lens: list[int] = Field(default_factory=lambda: [1, 17, 128, 333, 1024, 1000, 4096, 8192, 16384, 32768])
     head_dims: list[int] = Field(default_factory=lambda: [64, 128])
     dtypes: list[Literal["float16", "bfloat16"]] = Field(default_factory=lambda: ["float16", "bfloat16"])
@@ -205,8 +223,8 @@ class TaskSpec(_Section):
     @field_validator("source")
     @classmethod
     def _source(cls, v: str) -> str:
-        if v.startswith("builtin:") and v not in ("builtin:line_ending", "builtin:next_word"):
-            raise ValueError("built-in tasks: builtin:line_ending, builtin:next_word")
+        if v in TASKS or v.startswith("builtin:"):
+            return _registered(TASKS, v)
         return v
 
     @field_validator("extractor")
@@ -244,7 +262,7 @@ class TasksParams(_Section):
 
 
 class SummaryParams(_Section):
-    pass
+    uses_engine = "none"
 
 
 SECTIONS: dict[str, type[_Section]] = {
@@ -273,7 +291,7 @@ NOTEBOOK_SECTIONS = {
     "07_context_length": "context_length",
     "08_kernel": "kernel",
     "09_tasks": "tasks",
-    "99_summary": "summary",
+    SUMMARY_NOTEBOOK: "summary",
 }
 
 
@@ -283,19 +301,22 @@ class Params(_Section):
     title: str = Field("sagecheck report", description="report title")
     model: str = Field("builtin", description="builtin, a Hugging Face model id, a local folder, or random:<config>")
     revision: Optional[str] = Field(None, description="hub revision of the model")
-    engine: Literal["hf", "sglang"] = "hf"
-    baseline: Literal["sdpa", "eager"] = "sdpa"
-    candidate: Literal["sage", "sage-emulated", "sdpa", "eager", "sdpa-noisy"] = "sage-emulated"
-    candidate_phases: list[Phase] = Field(default_factory=lambda: ["prefill", "decode"])
+    engine: str = Field("hf", description="where the model runs: " + "; ".join(
+        f"{n}: {ENGINES.info(n)['description']}" for n in ENGINES.names()))
+    baseline: str = Field("sdpa", description="in-process baseline attention: " + ", ".join(ATTENTION.names(role="baseline")))
+    candidate: str = Field("sage-emulated", description="in-process candidate attention: " + ", ".join(ATTENTION.names()))
+    candidate_phases: list[Phase] = Field(default_factory=lambda: ["prefill", "decode"],
+                                          description="where the in-process candidate runs: prefill, decode or both")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    seed: int = 0
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="model dtype (auto: bfloat16 on a "
+                                                                                         "GPU, float32 on the CPU)")
+    seed: int = Field(0, description="seed of every random choice (prompts, samples, bootstrap)")
     sglang_attention_backend: str = Field(
         "sage_attn", description="SGLang --attention-backend name of the candidate (engine: sglang)"
     )
     sglang_baseline_backend: str = Field("triton", description="SGLang --attention-backend name of the baseline "
                                                                "(triton is in every build; fa3 where installed)")
-    sglang: SGLangServer = Field(default_factory=SGLangServer)
+    sglang: SGLangServer = Field(default_factory=SGLangServer, description="how SGLang servers are started or reached")
     notebooks: Optional[list[str]] = Field(None, description="run only these notebooks (names or number prefixes)")
 
     environment: EnvironmentParams = Field(default_factory=EnvironmentParams)
@@ -309,6 +330,21 @@ class Params(_Section):
     kernel: KernelParams = Field(default_factory=KernelParams)
     tasks: TasksParams = Field(default_factory=TasksParams)
     summary: SummaryParams = Field(default_factory=SummaryParams)
+
+    @field_validator("engine")
+    @classmethod
+    def _engine(cls, v: str) -> str:
+        return _registered(ENGINES, v)
+
+    @field_validator("baseline")
+    @classmethod
+    def _baseline(cls, v: str) -> str:
+        return _registered(ATTENTION, v, role="baseline")
+
+    @field_validator("candidate")
+    @classmethod
+    def _candidate(cls, v: str) -> str:
+        return _registered(ATTENTION, v)
 
     @field_validator("device")
     @classmethod
@@ -325,8 +361,10 @@ class Params(_Section):
         return list(dict.fromkeys(v))
 
 
-COMMON_KEYS = tuple(k for k in Params.model_fields if k not in SECTIONS)
-# keys every notebook gets from the runner on top of its parameters
+# keys of the run, not of a measurement: they reach no notebook and no hash (changing them reruns nothing)
+RUN_LEVEL = ("title", "notebooks")
+COMMON_KEYS = tuple(k for k in Params.model_fields if k not in SECTIONS and k not in RUN_LEVEL)
+# keys every notebook gets from the runner on top of its parameters (where to write, the run's servers)
 RUN_KEYS = ("run_dir", "sglang_servers")
 
 
@@ -360,7 +398,8 @@ def _format_error(err: dict, data: dict, origin: str) -> str:
             f"allowed at {scope}: {', '.join(allowed)}"
         )
     value = err.get("input")
-    return f"parameter '{key}'{where} = {value!r}: {err['msg']}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"parameter '{key}'{where} = {value!r}: {msg}"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -387,79 +426,39 @@ def _apply_override(data: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def load_params(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Params:
-    """Read a params file, apply ``key=value`` overrides, validate everything."""
-    data: dict[str, Any] = {}
-    origin = ""
-    if path is not None:
-        p = Path(path)
-        origin = str(p)
-        if not p.is_file():
-            raise ParamError(f"params file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ParamError(f"params file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(loaded, dict):
-            raise ParamError(f"params file {p} must hold a mapping of parameters, not {type(loaded).__name__}")
-        data = loaded
+def read_file(path: str | Path) -> dict[str, Any]:
+    """The mapping of a params file; :class:`ParamError` in one line for a missing or malformed file."""
+    p = Path(path)
+    if p.is_dir():
+        raise ParamError(f"params file {p} is a folder, not a YAML file")
+    if not p.is_file():
+        raise ParamError(f"params file not found: {p}")
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ParamError(f"params file {p} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except yaml.YAMLError as e:
+        raise ParamError(f"params file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(loaded, dict):
+        raise ParamError(f"params file {p} must hold a mapping of parameters, not {type(loaded).__name__}")
+    return loaded
+
+
+def load_params(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """Read a params file, apply ``key=value`` overrides, validate the schema (not yet the files it names:
+    :func:`sagecheck.sources.load` does both)."""
+    data: dict[str, Any] = read_file(path) if path is not None else {}
     for text in overrides:
         keys, value = parse_override(text)
         _apply_override(data, keys, value)
+    return validate(data, str(path) if path is not None else "")
+
+
+def validate(data: dict[str, Any], origin: str = "") -> Params:
     try:
-        params = Params.model_validate(data)
+        return Params.model_validate(data)
     except ValidationError as e:
         raise ParamError(_format_error(e.errors()[0], data, origin)) from None
-    check_paths(params, base=Path(path).parent if path else Path.cwd())
-    return params
-
-
-# --------------------------------------------------------------------------- paths
-
-_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
-_HUB_DATASETS = ("builtin", "wikitext", "ptb")  # anything else must be a local file or folder
-
-
-def looks_like_path(value: str) -> bool:
-    """A hub id is ``name`` or ``owner/name``; anything else is a local path."""
-    if value.startswith((".", "/", "~")) or Path(value).exists():
-        return True
-    return not _HUB_ID.fullmatch(value)
-
-
-def _check_existing(key: str, value: str, base: Path) -> Path:
-    """The existing local path ``value`` (as given, else relative to ``base``), or ParamError."""
-    candidate = Path(os.path.expanduser(value))
-    if not candidate.is_absolute() and not candidate.exists():
-        candidate = base / candidate
-    if not candidate.exists():
-        raise ParamError(f"parameter '{key}' = {value!r}: local path does not exist")
-    return candidate
-
-
-def check_paths(params: Params, base: Path) -> None:
-    """Missing local files fail here, before any notebook starts."""
-    model = params.model
-    if model.startswith("random:"):
-        from sagecheck.models import random_config_path
-
-        try:
-            random_config_path(model.split(":", 1)[1])
-        except FileNotFoundError as e:
-            raise ParamError(f"parameter 'model' = {model!r}: {e}") from None
-    elif model != "builtin" and looks_like_path(model):
-        params.model = str(_check_existing("model", model, base).resolve())
-    # local paths become absolute: notebooks run in their own folder, not where the run was started
-    for section, field in (("logits", "text"), ("perplexity", "dataset"), ("activation_drift", "text"), ("context_length", "text")):
-        value = getattr(getattr(params, section), field)
-        if value not in _HUB_DATASETS:
-            setattr(getattr(params, section), field, str(_check_existing(f"{section}.{field}", value, base).resolve()))
-    for i, task in enumerate(params.tasks.tasks):
-        if Path(task.source).suffix in (".json", ".jsonl", ".csv", ".parquet"):
-            # absolute, because notebooks run in their own folder
-            task.source = str(_check_existing(f"tasks.tasks[{i}].source", task.source, base).resolve())
-    if params.sglang.python:
-        _check_existing("sglang.python", params.sglang.python, base)
 
 
 # --------------------------------------------------------------------------- notebooks
@@ -470,7 +469,7 @@ def section_for(notebook: str) -> str | None:
 
 
 def notebook_parameters(params: Params, notebook: str) -> dict[str, Any]:
-    """The flat variables a notebook receives: common keys plus its own section."""
+    """The flat variables a notebook receives: the common measurement keys plus its own section."""
     dumped = params.model_dump(mode="json")
     flat = {k: dumped[k] for k in COMMON_KEYS}
     section = section_for(notebook)
@@ -480,29 +479,27 @@ def notebook_parameters(params: Params, notebook: str) -> dict[str, Any]:
 
 
 def from_notebook(notebook: str, namespace: dict[str, Any]) -> Params:
-    """Rebuild validated :class:`Params` from a notebook's variables.
-
-    A notebook calls ``P = sagecheck.params.from_notebook("02_logits", globals())``
-    after its parameters cell. Invalid values raise :class:`ParamError`.
-    """
+    """Rebuild validated :class:`Params` from a notebook's variables (the files they name are checked by
+    :mod:`sagecheck.sources`). Invalid values raise :class:`ParamError`."""
     data: dict[str, Any] = {k: namespace[k] for k in COMMON_KEYS if k in namespace}
     section = section_for(notebook)
     if section:
         fields = SECTIONS[section].model_fields
         data[section] = {k: namespace[k] for k in fields if k in namespace}
-    try:
-        params = Params.model_validate(data)
-    except ValidationError as e:
-        raise ParamError(_format_error(e.errors()[0], data, notebook)) from None
-    check_paths(params, base=Path.cwd())
-    return params
+    return validate(data, notebook)
 
 
-def params_hash(flat: dict[str, Any]) -> str:
-    """Stable hash of a notebook's parameters (run bookkeeping keys excluded)."""
+def measurement(params: Params | dict[str, Any]) -> dict[str, Any]:
+    """What a run measures with: the parameters without the run-level keys (title, notebook selection)."""
+    dumped = params.model_dump(mode="json") if isinstance(params, Params) else dict(params)
+    return {k: v for k, v in dumped.items() if k not in RUN_LEVEL and k not in RUN_KEYS}
+
+
+def params_hash(flat: Params | dict[str, Any]) -> str:
+    """Stable hash of what is measured: a notebook's flat parameters, or a run's (run-level keys left out)."""
     from sagecheck import __version__
 
-    payload = {k: v for k, v in flat.items() if k not in RUN_KEYS}
+    payload = measurement(flat)
     payload["__sagecheck__"] = __version__
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -522,13 +519,16 @@ def parameters_cell_source(notebook: str) -> str:
     return "\n".join(lines)
 
 
-def backend_names(p: Any) -> tuple[str, str]:
-    """(baseline, candidate) as the report names them: SGLang's --attention-backend names on the SGLang engine,
-    the in-process implementations otherwise. ``p``: a notebook's ``P`` or a run's parameters as a dict."""
+def labels(p: Any) -> tuple[str, str]:
+    """(baseline, candidate) as results and the report name them: SGLang's --attention-backend names on the SGLang
+    engine, the in-process implementations otherwise; the candidate's marked where both are the same (an A/A run).
+    ``p``: :class:`Params`, a notebook's view of them, or a run's parameters as a dict."""
     get = p.get if isinstance(p, dict) else (lambda key, default=None: getattr(p, key, default))
     if get("engine") == "sglang":
-        return get("sglang_baseline_backend", "baseline"), get("sglang_attention_backend", "candidate")
-    return get("baseline", "baseline"), get("candidate", "candidate")
+        base, cand = get("sglang_baseline_backend", "baseline"), get("sglang_attention_backend", "candidate")
+    else:
+        base, cand = get("baseline", "baseline"), get("candidate", "candidate")
+    return base, (f"{cand} (candidate)" if cand == base else cand)
 
 
 def resolve_run_dir(run_dir: str) -> Path:
@@ -562,5 +562,5 @@ class NotebookParams:
         return getattr(self.__dict__["all"], name)
 
     def with_common(self, **changes: Any) -> "NotebookParams":
-        """The same view with common keys changed (e.g. ``engine="hf"``)."""
+        """The same view with common keys changed (e.g. another engine for what this one cannot give)."""
         return NotebookParams(self.all.model_copy(update=changes), self.notebook, self.servers)

@@ -10,8 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sagecheck.params import SECRET_ENV_VARS
-
+SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN")
 REPLACEMENT = "[redacted]"
 TEXT_SUFFIXES = {".ipynb", ".json", ".html", ".md", ".log", ".txt", ".yaml", ".csv"}
 

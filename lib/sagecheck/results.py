@@ -12,12 +12,14 @@
       "environment": {...},
       "metrics": {"name": number | string | list | dict},
       "tables": {"name": [{column: value}, ...]},
-      "verdicts": [{"name", "value", "threshold", "comparison", "passed", "unit", "detail"}],
+      "verdicts": [{"id", "kind", "name", "value", "threshold", "comparison", "passed", "unit", "detail"}],
       "notes": ["..."]
     }
 
 ``passed`` is computed here from value, comparison and threshold; a value that
-is missing or not finite never passes. The summary notebook and any later
+is missing or not finite never passes. A verdict's ``id`` is stable (``"throughput.aa.prefill"``)
+and its ``kind`` says what it judges (:data:`KINDS`): the recommendation, the summary and
+``compare`` read ids and kinds, never the display name. The summary notebook and any later
 comparison across machines read only these files.
 """
 
@@ -30,9 +32,22 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+SUMMARY_NOTEBOOK = "99_summary"  # the notebook that summarises the others: not a measurement of its own
+
+# what a verdict judges
+KINDS = {
+    "accuracy": "the candidate's answers against the baseline's",
+    "code_path": "one code path of the backend against the baseline and against itself",
+    "speed": "a speed figure of the candidate",
+    "memory": "the candidate's memory against the baseline's",
+    "kernel": "the attention kernel alone against its reference and its emulation",
+    "runtime_flag": "the backend switches on and off by its parameter and fails clearly",
+    "control": "the measurement itself: it can tell equal from different",
+    "coverage": "how much of a sweep could be measured",
+}
 COMPARISONS = {
     "<": lambda v, t: v < t,
     "<=": lambda v, t: v <= t,
@@ -41,7 +56,6 @@ COMPARISONS = {
     "abs<=": lambda v, t: abs(v) <= t,
     "==": lambda v, t: v == t,
 }
-STATUSES = ("ok", "failed", "skipped")
 
 
 def _now() -> str:
@@ -73,7 +87,9 @@ def to_jsonable(value: Any) -> Any:
 
 @dataclass
 class Verdict:
-    name: str
+    id: str  # stable: what the report, the summary and compare read
+    kind: str  # one of KINDS
+    name: str  # for a reader; may change with any release
     value: float | None
     threshold: float
     comparison: str
@@ -83,17 +99,16 @@ class Verdict:
     notebook: str = ""
 
     @classmethod
-    def make(cls, name: str, value: Any, comparison: str, threshold: float, unit: str = "", detail: str = "", notebook: str = "") -> "Verdict":
+    def make(cls, id: str, kind: str, name: str, value: Any, comparison: str, threshold: float, unit: str = "",
+             detail: str = "", notebook: str = "") -> "Verdict":
         if comparison not in COMPARISONS:
             raise ValueError(f"comparison must be one of {sorted(COMPARISONS)}, not {comparison!r}")
+        if kind not in KINDS:
+            raise ValueError(f"verdict {id!r}: kind must be one of {', '.join(KINDS)}, not {kind!r}")
         v = to_jsonable(value)
         ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         passed = bool(ok and COMPARISONS[comparison](v, threshold))
-        return cls(name, v if ok else None, float(threshold), comparison, passed, unit, detail, notebook)
-
-    def describe(self) -> str:
-        value = "n/a" if self.value is None else format_number(self.value)
-        return f"{value} {self.comparison} {format_number(self.threshold)}{(' ' + self.unit) if self.unit else ''}"
+        return cls(id, kind, name, v if ok else None, float(threshold), comparison, passed, unit, detail, notebook)
 
 
 def format_number(x: float | None) -> str:
@@ -185,10 +200,18 @@ class Results:
         self.tables[name] = data
         return records
 
-    def verdict(self, name: str, value: Any, comparison: str, threshold: float, unit: str = "", detail: str = "") -> Verdict:
-        v = Verdict.make(name, value, comparison, threshold, unit=unit, detail=detail, notebook=self.notebook)
-        self.verdicts = [x for x in self.verdicts if x.name != name] + [v]
+    def verdict(self, id: str, kind: str, name: str, value: Any, comparison: str, threshold: float, unit: str = "",
+                detail: str = "") -> Verdict:
+        v = Verdict.make(id, kind, name, value, comparison, threshold, unit=unit, detail=detail, notebook=self.notebook)
+        self.verdicts = [x for x in self.verdicts if x.id != id] + [v]
         return v
+
+    def find(self, id: str) -> Verdict | None:
+        """The verdict with this id, or None."""
+        return next((v for v in self.verdicts if v.id == id), None)
+
+    def of_kind(self, *kinds: str) -> list[Verdict]:
+        return [v for v in self.verdicts if v.kind in kinds]
 
     def note(self, text: str) -> None:
         self.notes.append(text)
@@ -235,22 +258,6 @@ class Results:
         return r
 
 
-def start(notebook: str, params: Any, run_dir: str | Path = "") -> Results:
-    """Begin the results of ``notebook`` (called by each notebook after its parameters)."""
-    from sagecheck import environment
-    from sagecheck.params import notebook_parameters, params_hash, resolve_run_dir
-
-    flat = notebook_parameters(params, notebook)
-    run = resolve_run_dir(str(run_dir))
-    return Results(
-        notebook=notebook,
-        results_dir=run / "results",
-        params=flat,
-        params_hash=params_hash(flat),
-        environment=environment.brief(),
-    )
-
-
 def load(path: Path) -> Results:
     data = json.loads(Path(path).read_text())
     if data.get("schema") != SCHEMA_VERSION:
@@ -267,22 +274,3 @@ def load_all(results_dir: Path) -> list[Results]:
             r = Results(notebook=p.stem, results_dir=Path(results_dir), status="failed", reason=f"unreadable results: {e}")
             out.append(r)
     return out
-
-
-def verdict_records(results: Iterable[Results]) -> list[dict[str, Any]]:
-    rows = []
-    for r in results:
-        for v in r.verdicts:
-            rows.append(
-                {
-                    "notebook": r.notebook,
-                    "check": v.name,
-                    "value": v.value,
-                    "comparison": v.comparison,
-                    "threshold": v.threshold,
-                    "unit": v.unit,
-                    "passed": v.passed,
-                    "detail": v.detail,
-                }
-            )
-    return rows

@@ -24,51 +24,13 @@ from typing import Any, Sequence
 
 from sagecheck import params as P
 from sagecheck import results as R
+from sagecheck import sources
+from sagecheck.environment import project_root
+from sagecheck.notebooks import default_dir, discover, select
 from sagecheck.redact import redact_tree, secret_values
 
 KERNEL_NAME = "sagecheck"
 log = logging.getLogger("sagecheck.run")
-
-
-def project_root() -> Path:
-    from sagecheck.environment import project_root as _root
-
-    return _root() or Path.cwd()
-
-
-def default_notebooks_dir() -> Path:
-    return project_root() / "notebooks"
-
-
-def discover(notebooks_dir: Path) -> list[Path]:
-    """Notebooks named ``NN_name.ipynb``, in order."""
-    found = sorted(p for p in Path(notebooks_dir).glob("[0-9][0-9]_*.ipynb") if p.is_file())
-    return found
-
-
-def select(notebooks: list[Path], only: Sequence[str] | None) -> list[Path]:
-    """Keep the notebooks named by ``only`` (stem, number prefix or name); the summary always runs last."""
-    if not only:
-        return list(notebooks)
-    wanted: list[Path] = []
-    for name in only:
-        name = name.strip()
-        if not name:
-            continue
-        match = [
-            nb
-            for nb in notebooks
-            if name in (nb.stem, nb.name, nb.stem.split("_", 1)[0], nb.stem.split("_", 1)[-1])
-        ]
-        if not match:
-            available = ", ".join(nb.stem for nb in notebooks)
-            raise P.ParamError(f"--only: no notebook named '{name}'; available: {available}")
-        wanted.extend(m for m in match if m not in wanted)
-    summary = [nb for nb in notebooks if nb.stem.startswith("99_")]
-    for nb in summary:
-        if nb not in wanted:
-            wanted.append(nb)
-    return sorted(wanted)
 
 
 def kernel_argv() -> list[str]:
@@ -134,9 +96,9 @@ class RunOutcome:
 
 
 def default_run_name(params_path: str | Path | None, params: P.Params) -> str:
+    """``<params file>-<hash of what is measured>``: the title or the notebook selection do not change it."""
     stem = Path(params_path).stem if params_path else "default"
-    digest = P.params_hash(params.model_dump(mode="json"))[:8]
-    return f"{stem}-{digest}"
+    return f"{stem}-{P.params_hash(params)[:8]}"
 
 
 def _check_no_secret_in_params(params: P.Params) -> None:
@@ -190,12 +152,12 @@ def run(
     progress: bool = True,
 ) -> RunOutcome:
     """Validate everything, then execute the notebooks one after the other."""
-    params = P.load_params(params_path, overrides)  # raises ParamError before any notebook runs
+    params = sources.load(params_path, overrides)  # raises ParamError before any notebook runs
     _check_no_secret_in_params(params)
-    nb_dir = Path(notebooks_dir) if notebooks_dir else default_notebooks_dir()
+    nb_dir = Path(notebooks_dir) if notebooks_dir else default_dir()
     if not nb_dir.is_dir():
         raise P.ParamError(f"notebooks folder not found: {nb_dir}")
-    notebooks = select(discover(nb_dir), only if only else params.notebooks)
+    notebooks = select(discover(nb_dir), only if only is not None else params.notebooks)
     if not notebooks:
         raise P.ParamError(f"no notebooks (NN_name.ipynb) in {nb_dir}")
     if params.engine == "sglang" and not params.sglang.url:  # sagecheck starts the servers: can this machine hold them?
@@ -203,7 +165,7 @@ def run(
 
         check_tensor_parallel(params.sglang.tp, visible_gpus())
 
-    run_dir = Path(out) if out else project_root() / "outputs" / default_run_name(params_path, params)
+    run_dir = Path(out) if out else (project_root() or Path.cwd()) / "outputs" / default_run_name(params_path, params)
     run_dir = run_dir.resolve()
     (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
     results_dir = run_dir / "results"
@@ -278,7 +240,7 @@ def _run_notebooks(notebooks: list[Path], params: P.Params, run_dir: Path, resul
         out_nb = run_dir / "notebooks" / nb.name
         res_path = results_dir / f"{nb.stem}.json"
 
-        if resume and res_path.exists() and out_nb.exists() and not nb.stem.startswith("99_"):
+        if resume and res_path.exists() and out_nb.exists() and nb.stem != R.SUMMARY_NOTEBOOK:
             try:
                 previous = R.load(res_path)
             except Exception:

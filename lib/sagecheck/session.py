@@ -1,19 +1,103 @@
-"""The first lines of every notebook: validated parameters, seeds, and its results object."""
+"""What every notebook starts with: validated parameters, seeds, its results, and the engine it asks for.
+
+::
+
+    nb = sagecheck.session.start("02_logits", globals())   # after the parameters cell
+    engine = nb.engine()                                     # the run's engine (or what a capability needs)
+    ...
+    nb.finish()                                              # the verdicts shown, the results saved
+
+``nb.P`` reads the notebook's own section and the common keys alike (``nb.P.n_short``, ``nb.P.model``);
+``nb.R`` collects metrics, tables and verdicts (:class:`sagecheck.results.Results`). A notebook names the
+capabilities it needs, never an engine: where the run's engine lacks one, the in-process engine on the
+same model stands in if it has it, and the notebook says so in the words every notebook uses.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from sagecheck import engines, environment, results, runtime, sources
 from sagecheck import params as sp
-from sagecheck import results, runtime
 
 
-def start(notebook: str, namespace: dict[str, Any]) -> tuple[sp.NotebookParams, results.Results]:
-    """``P, R = sagecheck.session.start("02_logits", globals())`` after the parameters cell.
+class Notebook:
+    def __init__(self, P: sp.NotebookParams, R: results.Results) -> None:
+        self.P = P
+        self.R = R
+        self.baseline, self.candidate = sp.labels(P)
+        self._engines: list[engines.Engine] = []
 
-    ``P`` reads the notebook's own section and the common keys alike (``P.n_short``, ``P.model``).
-    """
+    @property
+    def device(self) -> Any:
+        return runtime.resolve_device(self.P.device)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    def where(self) -> str:
+        """What this notebook measures on, in words for captions: the GPU and dtype, or that these are CPU figures."""
+        dtype = runtime.dtype_name(runtime.resolve_dtype(self.P.dtype, self.device))
+        if self.on_gpu:
+            return f"{environment.gpu_name()}, {dtype}"
+        return f"CPU (no GPU: CPU figures, not GPU ones), {dtype}"
+
+    def engine(self, *needs: str) -> engines.Engine:
+        """The run's engine, or where it lacks one of ``needs``, the in-process engine on the same model (said in the
+        notebook and in the results); :class:`~sagecheck.engines.NotAvailable` where neither has it."""
+        lacking = engines.missing(self.P.engine, *needs)
+        P = self.P
+        if lacking:
+            stand_in = "hf"
+            still = engines.missing(stand_in, *needs)
+            if still:
+                raise engines.NotAvailable(self.P.engine, still[0])
+            why = str(engines.NotAvailable(self.P.engine, lacking[0]))
+            self.say(f"**{why[0].upper() + why[1:]}.** Measured in process ({stand_in}) with the same model (`{P.model}`) "
+                     "and the same attention implementations instead.")
+            self.R.note(f"{why}; measured in process ({stand_in}) with the same model")
+            P = P.with_common(engine=stand_in)
+        engine = engines.create(P, log_dir=self.R.log_dir)
+        self._engines.append(engine)
+        return engine
+
+    def candidate_ran(self, engine: engines.Engine) -> Any:
+        """What the candidate ran on ``engine`` (its calls, or its server's statistics): recorded, and shown."""
+        from sagecheck import show
+
+        text = engine.candidate_ran()
+        self.R.metric("candidate_ran", text)
+        return show.say(f"**What the candidate ran:** {text}")
+
+    def say(self, text: str) -> None:
+        from IPython.display import display
+
+        from sagecheck import show
+
+        display(show.say(text))
+
+    def close_engines(self) -> None:
+        for engine in self._engines:
+            engine.close()
+        self._engines.clear()
+
+    def finish(self) -> Any:
+        """Close the engines, save the results; the verdicts as the summary shows them."""
+        from sagecheck import show
+
+        self.close_engines()
+        self.R.save()
+        return show.verdicts(self.R)
+
+
+def start(notebook: str, namespace: dict[str, Any]) -> Notebook:
+    """``nb = sagecheck.session.start("02_logits", globals())`` after the parameters cell."""
     params = sp.from_notebook(notebook, namespace)
+    sources.resolve(params, base=Path.cwd())
     runtime.seed_everything(params.seed)
-    R = results.start(notebook, params, namespace.get("run_dir", ""))
-    return sp.NotebookParams(params, notebook, namespace.get("sglang_servers")), R
+    flat = sp.notebook_parameters(params, notebook)
+    R = results.Results(notebook=notebook, results_dir=sp.resolve_run_dir(str(namespace.get("run_dir", ""))) / "results",
+                        params=flat, params_hash=sp.params_hash(flat), environment=environment.brief())
+    return Notebook(sp.NotebookParams(params, notebook, namespace.get("sglang_servers")), R)

@@ -18,77 +18,31 @@ CUDA only), ``sage-emulated`` (its arithmetic in plain torch, any device) and
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-BASELINE_NAMES = ("sdpa", "eager")
-CANDIDATE_NAMES = ("sage", "sage-emulated")
-CONTROL_NAMES = ("sdpa-noisy",)
-
-
-class AttentionFn(Protocol):
-    def __call__(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        causal: bool = False,
-        scale: float | None = None,
-        mask: torch.Tensor | None = None,
-    ) -> torch.Tensor: ...
-
-
-class AttentionUnavailable(RuntimeError):
-    """The implementation cannot run on this machine (no CUDA, package missing)."""
-
-
-class UnsupportedCall(ValueError):
-    """The implementation cannot compute this call (a mask, a shape); the baseline can."""
-
-
-def _load(name: str) -> AttentionFn:
-    if name == "sdpa":
-        from sagecheck.attention.baseline import sdpa
-
-        return sdpa
-    if name == "eager":
-        from sagecheck.attention.baseline import eager
-
-        return eager
-    if name == "sage-emulated":
-        from sagecheck.attention.sage_emulated import sage_emulated
-
-        return sage_emulated
-    if name == "sage":
-        from sagecheck.attention.sage_kernel import load_kernel
-
-        return load_kernel()
-    if name == "sdpa-noisy":
-        from sagecheck.attention.baseline import sdpa_noisy
-
-        return sdpa_noisy
-    raise KeyError(f"unknown attention implementation {name!r}; known: {', '.join(names())}")
+from sagecheck.attention.contract import AttentionFn, AttentionUnavailable, UnsupportedCall
+from sagecheck.registry import ATTENTION, UnknownName
 
 
 def names() -> list[str]:
-    return [*BASELINE_NAMES, *CANDIDATE_NAMES, *CONTROL_NAMES]
+    return ATTENTION.names()
 
 
-_LOADED: dict[str, AttentionFn] = {}
+def is_baseline(name: str) -> bool:
+    return ATTENTION.info(name).get("role") == "baseline"
 
 
 def get(name: str) -> AttentionFn:
-    """The implementation called ``name``; raises :class:`AttentionUnavailable` with the reason if it cannot run here."""
-    fn = _LOADED.get(name)
-    if fn is None:
-        fn = _LOADED[name] = _load(name)
-    return fn
+    """The implementation called ``name`` (:data:`sagecheck.registry.ATTENTION`); raises :class:`AttentionUnavailable`
+    with the reason if it cannot run here, :class:`~sagecheck.registry.UnknownName` for a name nobody registered."""
+    return ATTENTION.load(name)
 
 
 def info(name: str) -> dict[str, Any]:
     """What exactly runs under ``name`` (kernel variant, package version), for the results."""
+    name = ATTENTION.canonical(name)
     if name == "sage":
         from sagecheck.attention.sage_kernel import kernel_info
 
@@ -99,13 +53,11 @@ def info(name: str) -> dict[str, Any]:
         return {"name": name, "variant": f"plain-torch emulation of sageattention {EMULATED_VERSION} (v1 Triton kernels)"}
     if name == "sdpa":
         return {"name": name, "variant": f"torch.nn.functional.scaled_dot_product_attention (torch {torch.__version__})"}
-    if name == "eager":
-        return {"name": name, "variant": "explicit QK^T, softmax in float32, PV"}
     if name == "sdpa-noisy":
         from sagecheck.attention.baseline import NOISE_RELATIVE
 
         return {"name": name, "variant": f"sdpa + Gaussian noise of {NOISE_RELATIVE:g} x output RMS (negative control)"}
-    raise KeyError(name)
+    return {"name": name, "variant": ATTENTION.info(name)["description"]}
 
 
 def available(name: str) -> tuple[bool, str]:
@@ -116,3 +68,6 @@ def available(name: str) -> tuple[bool, str]:
         return False, str(e)
     return True, ""
 
+
+__all__ = ["AttentionFn", "AttentionUnavailable", "UnsupportedCall", "UnknownName", "names", "is_baseline", "get", "info",
+           "available"]

@@ -119,11 +119,6 @@ def sdpa_noisy(q, k, v, *, causal: bool = False, scale: float | None = None, mas
     return (out.float() + NOISE_RELATIVE * rms * noise).to(out.dtype)
 
 
-def reset_noise() -> None:
-    global _noise_calls
-    _noise_calls = 0
-
-
 def flops(batch: int, heads: int, n_q: int, n_k: int, head_dim: int, causal: bool) -> float:
     """FLOPs of one attention call: 4·b·h·n_q·n_k·d (two matmuls), halved when causal."""
     f = 4.0 * batch * heads * n_q * n_k * head_dim

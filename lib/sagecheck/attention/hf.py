@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from sagecheck import attention
-from sagecheck.attention import UnsupportedCall
+from sagecheck.attention.contract import UnsupportedCall
 from sagecheck.attention.baseline import causal_keep_mask
 
 TRANSFORMERS_NAMES = {
@@ -89,8 +89,8 @@ def configure(
     layers: set[int] | None = None,
 ) -> None:
     """Choose the baseline used for fallbacks, the phases and (optionally) the layers where the candidate runs."""
-    if baseline not in attention.BASELINE_NAMES:
-        raise ValueError(f"baseline must be one of {attention.BASELINE_NAMES}, not {baseline!r}")
+    if not attention.is_baseline(baseline):
+        raise ValueError(f"baseline must be one of {attention.names()} with the baseline role, not {baseline!r}")
     bad = set(phases) - {"prefill", "decode"}
     if bad or not phases:
         raise ValueError(f"phases must be a non-empty subset of prefill, decode; got {list(phases)}")
@@ -104,9 +104,8 @@ def phase_of(n_q: int, n_k: int) -> str:
 
 
 def transformers_name(name: str) -> str:
-    if name not in TRANSFORMERS_NAMES:
-        raise KeyError(f"unknown attention implementation {name!r}; known: {', '.join(TRANSFORMERS_NAMES)}")
-    return TRANSFORMERS_NAMES[name]
+    """The name transformers knows an implementation by (:class:`~sagecheck.registry.UnknownName` for none)."""
+    return TRANSFORMERS_NAMES[attention.ATTENTION.canonical(name)]
 
 
 def sagecheck_name(transformers_impl: str) -> str:
@@ -150,7 +149,7 @@ def _own_call(name: str, module, query, key, value, attention_mask, scaling, **k
 
 
 def _make_forward(name: str):
-    is_candidate = name not in attention.BASELINE_NAMES
+    is_candidate = not attention.is_baseline(name)
 
     def forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
         n_q, n_k = query.shape[2], key.shape[2]

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from sagecheck.attention import AttentionUnavailable, UnsupportedCall
+from sagecheck.attention.contract import AttentionUnavailable, UnsupportedCall
 from sagecheck.attention.baseline import check_shapes
 
 SUPPORTED_HEAD_DIMS = (64, 96, 128)

@@ -25,9 +25,6 @@ from typing import Any
 from sagecheck.data.corpus import builtin_heldout
 
 LETTERS = "ABCDEFGHIJ"
-BUILTIN_SOURCES = ("builtin:line_ending", "builtin:next_word")
-# short names of the hub sets the presets use: (repository, configuration, split, few-shot split)
-HUB_ALIASES = {"mmlu": ("cais/mmlu", "all", "test", "dev"), "gsm8k": ("openai/gsm8k", "main", "test", "train")}
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -244,15 +241,39 @@ def gsm8k_items(rows: list[dict[str, Any]], shots: list[dict[str, Any]], k: int)
             for i, r in enumerate(rows)]
 
 
+def line_ending_source(spec: Any, seed: int = 0, cache_dir: str | None = None) -> Task:
+    return line_ending_task(spec.limit, seed=seed)
+
+
+def next_word_source(spec: Any, seed: int = 0, cache_dir: str | None = None) -> Task:
+    return next_word_task(spec.limit, seed=seed)
+
+
+def mmlu_source(spec: Any, seed: int = 0, cache_dir: str | None = None) -> Task:
+    return rows_task(spec, "cais/mmlu", spec.subset or "all", spec.split or "test", spec.fewshot_split or "dev", seed, cache_dir)
+
+
+def gsm8k_source(spec: Any, seed: int = 0, cache_dir: str | None = None) -> Task:
+    return rows_task(spec, "openai/gsm8k", spec.subset or "main", spec.split or "test", spec.fewshot_split or "train", seed,
+                     cache_dir)
+
+
 def load_task(spec: Any, seed: int = 0, cache_dir: str | None = None) -> Task:
-    """The task a ``tasks.tasks`` entry names (see :class:`sagecheck.params.TaskSpec`)."""
-    if spec.source == "builtin:line_ending":
-        return line_ending_task(spec.limit, seed=seed)
-    if spec.source == "builtin:next_word":
-        return next_word_task(spec.limit, seed=seed)
-    repo, subset, split, shot_split = HUB_ALIASES.get(spec.source, (spec.source, spec.subset, spec.split, spec.fewshot_split))
-    subset = spec.subset or subset
-    split = spec.split or split or "test"
+    """The task a ``tasks.tasks`` entry names: a registered source (:data:`sagecheck.registry.TASKS`), else a hub id or a
+    local file in the MMLU or GSM8K schema (see :class:`sagecheck.params.TaskSpec`)."""
+    from sagecheck.registry import TASKS
+
+    if spec.source in TASKS:
+        task = TASKS.load(spec.source)(spec, seed, cache_dir)
+    else:
+        task = rows_task(spec, spec.source, spec.subset, spec.split or "test", spec.fewshot_split, seed, cache_dir)
+    task.name = spec.name
+    return task
+
+
+def rows_task(spec: Any, repo: str, subset: str | None, split: str, shot_split: str | None, seed: int,
+              cache_dir: str | None) -> Task:
+    """A task from the rows of a hub data set or a local file, in the MMLU or the GSM8K schema by ``spec.kind``."""
     rows = load_rows(repo, subset, split, cache_dir)
     if not rows:
         raise TaskDataError(f"{repo} ({subset}), split {split}: no rows")
@@ -264,7 +285,7 @@ def load_task(spec: Any, seed: int = 0, cache_dir: str | None = None) -> Task:
     if spec.fewshot and Path(repo).suffix in LOCAL_SUFFIXES:  # a local file: its first rows are the examples, not scored
         shots, rows = rows[: spec.fewshot], rows[spec.fewshot:]
     elif spec.fewshot:
-        shots = load_rows(repo, subset, spec.fewshot_split or shot_split or split, cache_dir)
+        shots = load_rows(repo, subset, shot_split or split, cache_dir)
     if spec.limit and spec.sample:
         rows = random.Random(seed).sample(rows, min(spec.limit, len(rows)))
     rows = rows[: spec.limit] if spec.limit else rows

@@ -1,13 +1,16 @@
-"""Where the model runs: in process (``hf``, transformers) or behind an SGLang server (``sglang``).
+"""Where the model runs: one protocol, two engines (:data:`sagecheck.registry.ENGINES`).
 
-Both give a :class:`Backend` for one attention implementation at a time::
+An :class:`Engine` holds one model and gives a :class:`Backend` for each attention implementation it
+compares, by label: ``engine.baseline`` and ``engine.candidate`` are the names results are keyed by
+(the in-process implementations, or SGLang's ``--attention-backend`` names)::
 
-    engine = sagecheck.engines.create(P)        # hf: loads the weights once
-    with engine.backend(P.baseline) as base:   # sglang: starts a server with that backend
-        lp = base.token_logprobs([ids])
+    engine = sagecheck.engines.create(P)              # hf: loads the weights once; sglang: reaches the run's servers
+    with engine.backend(engine.candidate) as b:
+        lp = b.token_logprobs([ids])
 
-What an engine cannot give (SGLang has no per-layer activations, no full
-vocabulary) is named in :attr:`Backend.capabilities`; notebooks check it and say so.
+Every method a measurement calls is declared here. What an engine cannot give is said by its
+:attr:`Engine.capabilities` (data, checked with :func:`require`); the optional methods raise
+:class:`NotAvailable` with the same words everywhere: "not available on this engine (sglang): ...".
 """
 
 from __future__ import annotations
@@ -20,10 +23,36 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-FULL_LOGITS = "full_logits"  # next-token distribution over the whole vocabulary
-HIDDEN_STATES = "hidden_states"  # per-layer activations (hooks)
-ALLOCATOR_MEMORY = "allocator_memory"  # torch allocator peaks
-CALL_COUNTS = "call_counts"  # calls that reached the attention implementation
+# capabilities: what an engine can give beyond the common methods (teacher-forced logprobs, top-k, greedy generation)
+FULL_LOGITS = "full_logits"
+HIDDEN_STATES = "hidden_states"
+ALLOCATOR_MEMORY = "allocator_memory"
+CALL_COUNTS = "call_counts"
+STEPWISE = "stepwise"
+SERVERS = "servers"
+SERVER_MEMORY = "server_memory"
+CUDA_GRAPHS = "cuda_graphs"
+RADIX_CACHE = "radix_cache"
+
+CAPABILITIES = {
+    FULL_LOGITS: "next-token distributions over the whole vocabulary",
+    HIDDEN_STATES: "per-layer activations (hidden states and attention outputs), and the candidate in chosen layers only",
+    ALLOCATOR_MEMORY: "the torch allocator's peak memory per measurement",
+    CALL_COUNTS: "the attention calls that reached each implementation, counted per call",
+    STEPWISE: "prefill and decode steps driven one by one through an explicit KV cache",
+    SERVERS: "servers started with chosen flags (each backend switched on by its command line)",
+    SERVER_MEMORY: "the memory a server reports (KV capacity, weights, CUDA graphs) and its processes' GPU memory",
+    CUDA_GRAPHS: "decode replayed from captured CUDA graphs",
+    RADIX_CACHE: "a prefix cache shared between requests (an extend over cached tokens)",
+}
+
+
+class NotAvailable(NotImplementedError):
+    """What this engine cannot give; ``str()`` is the one line a notebook shows."""
+
+    def __init__(self, engine: str, capability: str) -> None:
+        self.engine, self.capability = engine, capability
+        super().__init__(f"not available on this engine ({engine}): {CAPABILITIES.get(capability, capability)}")
 
 
 @dataclass
@@ -34,37 +63,90 @@ class TopK:
     indices: np.ndarray
 
 
-class Backend(abc.ABC):
-    """One model with one attention implementation."""
+@dataclass
+class Generated:
+    """A greedy continuation and the log-probability of each generated token as the engine produced it (decode)."""
 
-    implementation: str
-    capabilities: frozenset[str] = frozenset()
+    tokens: list[int]
+    logprobs: np.ndarray
+
+
+class Backend(abc.ABC):
+    """One model with one attention implementation, as the measurements use it."""
+
+    engine_name: str = "?"
+    label: str  # the name results key it by
 
     @abc.abstractmethod
     def token_logprobs(self, batch: list[list[int]]) -> list[np.ndarray]:
-        """Per sequence: log p(x_t | x_<t) for t = 1..n-1 (teacher forcing)."""
+        """Per sequence: log p(x_t | x_<t) for t = 1..n-1 (teacher forcing, a cold prefill)."""
 
     @abc.abstractmethod
     def next_token_logprobs(self, ids: list[int], top_k: int | None = None) -> torch.Tensor | TopK:
-        """After each prefix ids[:t+1]: the full log-softmax [n, vocab] (float32), or the top-k when ``top_k``."""
+        """After each prefix ids[:t+1]: the full log-softmax [n, vocab] (float32, :data:`FULL_LOGITS` only), or the top-k."""
 
     @abc.abstractmethod
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         """Greedy continuation of each prompt."""
 
-    def describe(self) -> dict[str, Any]:
-        return {"implementation": self.implementation}
+    @abc.abstractmethod
+    def generate_scored(self, prompts: list[list[int]], max_new_tokens: int) -> list[Generated]:
+        """Greedy continuation of each prompt, one batch, with each generated token's log-probability from its decode step."""
+
+    # -------------------------------------------------------------- optional: capabilities say which an engine has
+
+    def calls(self) -> dict[str, Any]:
+        """:data:`CALL_COUNTS`: the attention calls of this block by implementation and phase, and the fallbacks."""
+        raise NotAvailable(self.engine_name, CALL_COUNTS)
+
+    def prefill(self, batch: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """:data:`STEPWISE`: prompts ``[b, n]`` with a fresh KV cache -> (next-token logits [b, vocab], cache)."""
+        raise NotAvailable(self.engine_name, STEPWISE)
+
+    def decode_step(self, tokens: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+        """:data:`STEPWISE`: one token per sequence ``[b]`` through the cache."""
+        raise NotAvailable(self.engine_name, STEPWISE)
 
 
 class Engine(abc.ABC):
+    """One model; a :class:`Backend` per attention implementation, by label."""
+
     name: str
+    capabilities: frozenset[str] = frozenset()
     tokenizer: Any
+    baseline: str  # the baseline's label
+    candidate: str  # the candidate's label
     max_context: int | None = None  # longest sequence the model takes, where known
+
+    @property
+    def pair(self) -> tuple[str, str]:
+        return self.baseline, self.candidate
 
     @abc.abstractmethod
     @contextmanager
-    def backend(self, implementation: str) -> Iterator[Backend]:
-        """A backend running ``implementation`` (for SGLang: an --attention-backend name)."""
+    def backend(self, label: str, layers: set[int] | None = None) -> Iterator[Backend]:
+        """The backend of ``label`` (``layers``: with :data:`HIDDEN_STATES`, the candidate only in these layers)."""
+
+    @abc.abstractmethod
+    def candidate_ran(self) -> str:
+        """One sentence on what the candidate ran since the engine started (its calls, or its server's statistics)."""
+
+    @abc.abstractmethod
+    def model_config(self) -> Any:
+        """The model's transformers config (head counts, vocabulary, context)."""
+
+    # in-process engines only (:data:`HIDDEN_STATES`, :data:`ALLOCATOR_MEMORY`, :data:`STEPWISE`)
+    @property
+    def model(self) -> Any:
+        raise NotAvailable(self.name, HIDDEN_STATES)
+
+    @property
+    def device(self) -> torch.device:
+        raise NotAvailable(self.name, STEPWISE)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        raise NotAvailable(self.name, STEPWISE)
 
     def close(self) -> None:
         pass
@@ -76,24 +158,23 @@ class Engine(abc.ABC):
         self.close()
 
 
+def require(engine: Engine, *capabilities: str) -> None:
+    """Raise :class:`NotAvailable` for the first capability ``engine`` lacks."""
+    for cap in capabilities:
+        if cap not in engine.capabilities:
+            raise NotAvailable(engine.name, cap)
+
+
+def missing(engine_name: str, *capabilities: str) -> list[str]:
+    """The capabilities of ``capabilities`` the engine called ``engine_name`` lacks, without creating it."""
+    from sagecheck.registry import ENGINES
+
+    have = ENGINES.load(engine_name).capabilities
+    return [c for c in capabilities if c not in have]
+
+
 def create(params: Any, **kwargs: Any) -> Engine:
-    """The engine chosen by ``params.engine``."""
-    if params.engine == "hf":
-        from sagecheck.engines.hf import HFEngine
+    """The engine chosen by ``params.engine`` (:data:`sagecheck.registry.ENGINES`)."""
+    from sagecheck.registry import ENGINES
 
-        return HFEngine.from_params(params, **kwargs)
-    if params.engine == "sglang":
-        from sagecheck.engines.sglang import SGLangEngine
-
-        return SGLangEngine.from_params(params, **kwargs)
-    raise ValueError(f"unknown engine {params.engine!r}")
-
-
-def record_candidate(engine: Engine, results: Any) -> Any:
-    """SGLang: what the candidate server ran (sage_attn's statistics), as a metric and a line to display."""
-    from sagecheck import show
-    from sagecheck.engines.sglang import candidate_ran
-
-    text = candidate_ran(engine)
-    results.metric("candidate_ran", text)
-    return show.say(f"**What the candidate server ran** (since it started): {text}")
+    return ENGINES.load(params.engine).from_params(params, **kwargs)

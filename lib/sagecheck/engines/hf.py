@@ -16,30 +16,28 @@ import torch
 
 from sagecheck import attention
 from sagecheck.attention import hf as attn_hf
-from sagecheck.engines import ALLOCATOR_MEMORY, CALL_COUNTS, FULL_LOGITS, HIDDEN_STATES, Backend, Engine, TopK
+from sagecheck.engines import (ALLOCATOR_MEMORY, CALL_COUNTS, FULL_LOGITS, HIDDEN_STATES, STEPWISE, Backend, Engine, Generated,
+                               TopK)
 
 
 class HFEngine(Engine):
     name = "hf"
+    capabilities = frozenset({FULL_LOGITS, HIDDEN_STATES, ALLOCATOR_MEMORY, CALL_COUNTS, STEPWISE})
 
-    def __init__(
-        self,
-        model: Any,
-        tokenizer: Any,
-        device: torch.device,
-        dtype: torch.dtype,
-        baseline: str = "sdpa",
-        phases: tuple[str, ...] = ("prefill", "decode"),
-        description: dict[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, model: Any, tokenizer: Any, device: torch.device, dtype: torch.dtype, baseline: str = "sdpa",
+                 candidate: str = "sage-emulated", phases: tuple[str, ...] = ("prefill", "decode")) -> None:
+        from sagecheck.params import labels
+
         attn_hf.register()
-        self.model = model
+        self._model = model
         self.tokenizer = tokenizer
-        self.device = device
-        self.dtype = dtype
-        self.baseline = baseline
+        self._device = device
+        self._dtype = dtype
         self.phases = tuple(phases)
-        self.description = description or {}
+        self.baseline, self.candidate = labels({"engine": "hf", "baseline": baseline, "candidate": candidate})
+        self._implementation = {self.baseline: baseline, self.candidate: candidate}
+        self._baseline_impl = baseline
+        self._calls: dict[str, Any] = {}
         attn_hf.configure(baseline=baseline, phases=phases)
 
     @classmethod
@@ -51,71 +49,83 @@ class HFEngine(Engine):
         device = runtime.resolve_device(params.device)
         dtype = runtime.resolve_dtype(params.dtype, device)
         impl = implementation or params.baseline
-        _require(impl)
+        attention.get(impl)  # fail before loading where the implementation cannot run here (a clear message)
         source = models.resolve(params.model, params.revision)
-        runtime.seed_everything(params.seed)
         model = models.load_model(source, device, dtype, attn_hf.transformers_name(impl), seed=params.seed)
         tokenizer = models.load_tokenizer(source)
-        desc = {
-            "model": params.model,
-            "source": source.kind,
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "device": str(device),
-            "dtype": runtime.dtype_name(dtype),
-            "attention_at_load": impl,
-        }
-        return cls(model, tokenizer, device, dtype, params.baseline, tuple(params.candidate_phases), desc)
+        return cls(model, tokenizer, device, dtype, params.baseline, params.candidate, tuple(params.candidate_phases))
 
     @property
-    def config(self) -> Any:
-        return self.model.config
+    def model(self) -> Any:
+        return self._model
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    def model_config(self) -> Any:
+        return self._model.config
 
     @property
     def max_context(self) -> int | None:
-        return getattr(self.model.config, "max_position_embeddings", None)
+        return getattr(self._model.config, "max_position_embeddings", None)
+
+    def implementation(self, label: str) -> str:
+        """The attention implementation behind a label (the baseline's, the candidate's, or a name of its own)."""
+        return self._implementation.get(label, label)
 
     def current_implementation(self) -> str:
-        return attn_hf.sagecheck_name(self.model.config._attn_implementation)
-
-    def set_implementation(self, implementation: str) -> None:
-        _require(implementation)
-        self.model.set_attn_implementation(attn_hf.transformers_name(implementation))
+        return attn_hf.sagecheck_name(self._model.config._attn_implementation)
 
     @contextmanager
-    def backend(self, implementation: str, layers: set[int] | None = None) -> Iterator["HFBackend"]:
-        """Run ``implementation`` inside the block (only in ``layers`` if given; the baseline elsewhere)."""
+    def backend(self, label: str, layers: set[int] | None = None) -> Iterator["HFBackend"]:
+        """Run ``label``'s implementation inside the block (only in ``layers`` if given; the baseline elsewhere)."""
+        impl = self.implementation(label)
+        attention.get(impl)
         previous = self.current_implementation()
-        self.set_implementation(implementation)
-        attn_hf.configure(baseline=self.baseline, phases=self.phases, layers=layers)
+        self._model.set_attn_implementation(attn_hf.transformers_name(impl))
+        attn_hf.configure(baseline=self._baseline_impl, phases=self.phases, layers=layers)
         attn_hf.STATS.reset()
         try:
-            yield HFBackend(self, implementation)
+            yield HFBackend(self, label, impl)
         finally:
-            attn_hf.configure(baseline=self.baseline, phases=self.phases, layers=None)
-            self.model.set_attn_implementation(attn_hf.transformers_name(previous))
+            self._calls[label] = attn_hf.STATS.snapshot()
+            attn_hf.configure(baseline=self._baseline_impl, phases=self.phases, layers=None)
+            self._model.set_attn_implementation(attn_hf.transformers_name(previous))
+
+    def calls(self, label: str) -> dict[str, Any]:
+        """The calls counted in the last block of ``label`` (empty where it has not run)."""
+        return self._calls.get(label, {})
+
+    def candidate_ran(self) -> str:
+        calls = self.calls(self.candidate)
+        if not calls:
+            return "the candidate did not run"
+        impl = self.implementation(self.candidate)
+        phases = ", ".join(f"{k.split(':', 1)[1]} {n}" for k, n in sorted(calls["by_phase"].items()) if k.startswith(impl + ":"))
+        reasons = "; ".join(f"{n}× {why}" for why, n in calls["fallback_reasons"].items())
+        return (f"{impl} (in process, phases {', '.join(self.phases)}): {calls['calls'].get(impl, 0)} attention calls"
+                + (f" ({phases})" if phases else "") + f"; fallbacks to the baseline: {reasons or 'none'}")
 
     def close(self) -> None:
-        self.model = None
+        self._model = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
 
-def _require(implementation: str) -> None:
-    """Fail before loading or switching if the implementation cannot run here (clear message)."""
-    attention.get(implementation)
-
-
 class HFBackend(Backend):
-    capabilities = frozenset({FULL_LOGITS, HIDDEN_STATES, ALLOCATOR_MEMORY, CALL_COUNTS})
+    engine_name = "hf"
 
-    def __init__(self, engine: HFEngine, implementation: str) -> None:
+    def __init__(self, engine: HFEngine, label: str, implementation: str) -> None:
         self.engine = engine
         self.model = engine.model
         self.device = engine.device
+        self.label = label
         self.implementation = implementation
-
-    def describe(self) -> dict[str, Any]:
-        return {**attention.info(self.implementation), "phases": list(self.engine.phases)}
 
     def calls(self) -> dict[str, Any]:
         return attn_hf.STATS.snapshot()
@@ -170,21 +180,31 @@ class HFBackend(Backend):
         return out.logits[:, -1].float(), out.past_key_values
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        """Greedy decoding with a KV cache; prompts of equal length run as one batch."""
+    def generate_scored(self, prompts: list[list[int]], max_new_tokens: int) -> list[Generated]:
+        """Greedy decoding with a KV cache, prompts of equal length as one batch; each token's log-probability as the
+        step that chose it computed it."""
+        result: list[Generated] = [Generated([], np.zeros(0))] * len(prompts)
+        if max_new_tokens < 1:
+            return result
         groups: dict[int, list[int]] = {}
         for i, p in enumerate(prompts):
             groups.setdefault(len(p), []).append(i)
-        result: list[list[int]] = [[] for _ in prompts]
         for idx in groups.values():
             logits, cache = self.prefill(self._tensor([prompts[i] for i in idx]))
-            tokens = logits.argmax(-1)
-            produced = [tokens]
-            for _ in range(max_new_tokens - 1):
-                logits, cache = self.decode_step(tokens, cache)
-                tokens = logits.argmax(-1)
-                produced.append(tokens)
-            out = torch.stack(produced, dim=1).cpu().tolist()
+            tokens, scores = [], []
+            for step in range(max_new_tokens):
+                if step:
+                    logits, cache = self.decode_step(tokens[-1], cache)
+                logp = torch.log_softmax(logits.double(), dim=-1)
+                chosen = logp.argmax(-1)
+                tokens.append(chosen)
+                scores.append(logp.gather(-1, chosen[:, None])[:, 0])
+            toks = torch.stack(tokens, dim=1).cpu().tolist()
+            lps = torch.stack(scores, dim=1).cpu().numpy()
             for row, i in enumerate(idx):
-                result[i] = out[row]
+                result[i] = Generated(toks[row], lps[row])
         return result
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy decoding with a KV cache; prompts of equal length run as one batch."""
+        return [g.tokens for g in self.generate_scored(prompts, max_new_tokens)]

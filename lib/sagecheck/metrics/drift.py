@@ -132,3 +132,54 @@ def measure(engine: Any, baseline: str, candidate: str, ids: list[int], modes: l
             records += [{"mode": "isolated", "candidate_layer": i, **r} for r in recs]
     reference.clear()
     return records
+
+
+# --------------------------------------------------------------------------- 06_activation_drift
+
+
+def measure_prompts(engine: Any, p: Any) -> list[dict[str, Any]]:
+    """Drift records of every prompt of 06 (cut from ``p.text``), each record tagged with its prompt."""
+    from sagecheck.data import corpus, prompts
+
+    text = corpus.load_text(p.text)
+    ps = prompts.prompt_sets(engine.tokenizer, text.text, p.n_prompts, p.tokens, 0, 0)["short"]
+    records: list[dict[str, Any]] = []
+    for i, ids in enumerate(ps):
+        records += [{"prompt": i, **r} for r in measure(engine, engine.baseline, engine.candidate, ids, p.modes, p.position_buckets)]
+    return records
+
+
+STATS = ["rel_l2", "cosine", "max_abs", "sqnr_db"]
+
+
+def per_layer(df: Any, modes: list[str]) -> Any:
+    """Per layer, mean over prompts: compounded drift, and the isolated drift of each layer's own attention."""
+    import pandas as pd
+
+    main = df[df.bucket == "all"].groupby(["mode", "kind", "layer"], as_index=False)[STATS].mean()
+    if "isolated" not in modes:
+        return main
+    iso = df[(df["mode"] == "isolated") & (df.bucket == "all") & (df.candidate_layer == df.layer)]
+    iso = iso.groupby(["kind", "layer"], as_index=False)[STATS].mean()
+    iso.insert(0, "mode", "isolated (own layer)")
+    return pd.concat([main[main["mode"] == "compounded"], iso], ignore_index=True)
+
+
+def by_position(df: Any) -> Any:
+    """Hidden-state relative L2 per layer and position bucket (the first mode measured), buckets in order."""
+    buckets = df[(df["mode"] == df["mode"].iloc[0]) & (df.kind == "hidden") & (df.bucket != "all")]
+    table = buckets.groupby(["layer", "bucket"], as_index=False)["rel_l2"].mean().pivot(index="layer", columns="bucket",
+                                                                                          values="rel_l2")
+    return table[sorted(table.columns, key=lambda b: int(b.split("-")[0]))]
+
+
+def record(results: Any, df: Any, records: list[dict[str, Any]], n_layers: int, p: Any) -> None:
+    """06's results and verdicts: the final hidden state of the compounded mode (else the isolated one), worst prompt."""
+    mode = "compounded" if "compounded" in p.modes else "isolated"
+    final = df[(df.kind == "final") & (df.bucket == "all") & (df["mode"] == mode)]
+    rel, cos = float(final.rel_l2.max()), float(final.cosine.min())
+    results.metric("final_hidden", {"rel_l2_max": rel, "cosine_min": cos, "sqnr_db_min": float(final.sqnr_db.min())})
+    results.metric("layers", n_layers)
+    results.table("drift", records)
+    results.verdict("drift.final_cosine", "accuracy", "final hidden state: cosine (worst prompt)", cos, ">=", p.final_cosine_min)
+    results.verdict("drift.final_rel_l2", "accuracy", "final hidden state: relative L2 (worst prompt)", rel, "<=", p.final_rel_l2_max)

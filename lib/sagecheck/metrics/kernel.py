@@ -212,3 +212,144 @@ def speed(impl: str, batch: int, heads: int, n: int, head_dim: int, causal: bool
         "dtype": dtype, "status": "ok", "ms_median": samples.median, "ms_p10": samples.p10, "ms_p90": samples.p90,
         "tops": f / (samples.median / 1e3) / 1e12, "clock": samples.clock,
     }
+
+
+# --------------------------------------------------------------------------- 08_kernel
+
+
+def run_shapes(p: Any, device: torch.device, kernel_available: bool) -> list[dict[str, Any]]:
+    """Every accuracy shape of the sweep, each with its own seed."""
+    return [run_shape(s, device, p.seed + i, kernel_available) for i, s in enumerate(accuracy_shapes(p, device))]
+
+
+def error_curves(rows: list[dict[str, Any]], p: Any, causal: bool) -> tuple[dict[str, list[int]], dict[str, list[float]]]:
+    """Relative L2 error against sequence length of every implementation (and kernel vs emulation), at the first dtype
+    and the largest head dim, prefill shapes of one mask."""
+    sub = [r for r in rows if r["causal"] == causal and r["n_q"] == r["n_k"] and r["dtype"] == p.dtypes[0]
+           and r["head_dim"] == p.head_dims[-1]]
+    fields = {name: f"{name}_vs_ref_rel_l2" for name in ("sdpa", "sage-emulated", "sage")}
+    fields["sage vs emulation"] = "sage_vs_emulated_rel_l2"
+    xs, ys = {}, {}
+    for name, f in fields.items():
+        if any(f in r for r in sub):
+            xs[name] = [r["n_k"] for r in sub]
+            ys[name] = [r.get(f, float("nan")) for r in sub]
+    return xs, ys
+
+
+def speed_lengths(p: Any, device: torch.device) -> list[int]:
+    """The sequence lengths timed: all on a GPU, those up to ``cpu_max_seq_len`` on the CPU (at least one)."""
+    if device.type == "cuda":
+        return list(p.speed_seq_lens)
+    return [n for n in p.speed_seq_lens if n <= p.cpu_max_seq_len] or [min(p.speed_seq_lens + [p.cpu_max_seq_len])]
+
+
+def speed_sweep(p: Any, device: torch.device, kernel_available: bool) -> list[dict[str, Any]]:
+    """TOPS of sdpa (and the kernel where it runs) per head dim, mask and sequence length."""
+    batch = p.speed_batch if device.type == "cuda" else 1
+    impls = ["sdpa", "sage"] if kernel_available else ["sdpa"]
+    return [speed(impl, batch, p.speed_heads, n, d, causal, p.dtypes[0], device, p.repeats, p.seed)
+            for d in p.head_dims for causal in (False, True) for n in speed_lengths(p, device) for impl in impls]
+
+
+def tops_curves(speed_rows: list[dict[str, Any]]) -> tuple[dict[str, list[int]], dict[str, list[float]]]:
+    xs: dict[str, list[int]] = {}
+    ys: dict[str, list[float]] = {}
+    for r in speed_rows:
+        if r["status"] != "ok":
+            continue
+        key = f"{r['implementation']} d={r['head_dim']} {'causal' if r['causal'] else 'full'}"
+        xs.setdefault(key, []).append(r["seq_len"])
+        ys.setdefault(key, []).append(r["tops"])
+    return xs, ys
+
+
+SPEED_COLUMNS = ["implementation", "head_dim", "causal", "seq_len", "ms_median", "ms_p10", "ms_p90", "tops", "status"]
+
+
+def over_sdpa(speed_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each timing with its TOPS over sdpa's at the same shape (``over_sdpa``; None where either did not run)."""
+    shape = ("seq_len", "batch", "heads", "head_dim", "causal", "dtype")
+    sdpa = {tuple(r.get(k) for k in shape): r for r in speed_rows if r.get("implementation") == "sdpa" and r.get("status") == "ok"}
+    out = []
+    for r in speed_rows:
+        ref = sdpa.get(tuple(r.get(k) for k in shape))
+        ratio = r["tops"] / ref["tops"] if ref and r.get("status") == "ok" and r.get("tops") and ref.get("tops") else None
+        out.append({**r, "over_sdpa": ratio})
+    return out
+
+
+def record(results: Any, rows: list[dict[str, Any]], speed_rows: list[dict[str, Any]], agreed: dict[str, Any] | None,
+           kernel_why: str, where: str, p: Any) -> None:
+    """08's results and verdicts (the kernel's only where it ran)."""
+    results.table("accuracy", rows)
+    results.table("speed", speed_rows)
+    results.metric("kernel", attention.info("sage") if agreed is not None else {"available": False, "reason": kernel_why})
+    results.metric("device", where)
+    emu = max(r["sage-emulated_vs_ref_rel_l2"] for r in rows if r.get("sage-emulated_status") == "ok")
+    results.verdict("kernel.emulation_vs_reference", "kernel", "emulation vs float64 reference (worst shape)", emu, "<=",
+                    p.emulation_vs_reference_max, detail="the quantization scheme's own error")
+    results.verdict("kernel.sdpa_vs_reference", "control", "sdpa vs float64 reference (worst shape)",
+                    max(r["sdpa_vs_ref_rel_l2"] for r in rows if r.get("sdpa_status") == "ok"), "<=", 1e-2)
+    if agreed is None:
+        results.note(f"kernel checks not run: {kernel_why}")
+        return
+    flagged = agreed["flagged"]
+    causes = sorted(flagged_view(flagged)[1])
+    results.verdict("kernel.vs_emulation", "kernel", "shapes where the kernel disagrees with its emulation", len(flagged), "<=", 0,
+                    detail=(f"likely cause: {'; '.join(causes)}; " if causes else "")
+                    + "; ".join(f"{r['shape']}: {r['sage_vs_emulated_rel_l2']:.2e}" for r in flagged)[:500])
+    results.verdict("kernel.agreement_ratio", "kernel", "where they agree: kernel-vs-reference / kernel-vs-emulation (smallest)",
+                    agreed["agree_ratio_min"], ">=", 5.0)
+    results.verdict("kernel.inputs_unchanged", "kernel", "the sage call leaves q, k, v unchanged (all shapes)",
+                    int(agreed["inputs_unchanged"]), "==", 1)
+    raw = [r["raw_sageattn_k_unchanged"] for r in rows if r.get("raw_sageattn_k_unchanged") is not None]
+    if raw:
+        results.metric("raw_sageattn_changes_k", not all(raw))
+    results.metric("sage_over_sdpa_tops", [{k: r[k] for k in ("head_dim", "causal", "seq_len", "over_sdpa")}
+                                           for r in over_sdpa(speed_rows) if r["implementation"] == "sage" and r["over_sdpa"]])
+
+
+def read_timings(res: Any) -> list[dict[str, Any]] | None:
+    """08's timings as ``compare`` reads them: each with its TOPS over sdpa's (None where 08 did not run)."""
+    if res is None or res.status != "ok" or "speed" not in res.tables:
+        return None
+    return over_sdpa(res.tables["speed"])
+
+
+def accuracy_sentence(rows: list[dict[str, Any]], agreed: dict[str, Any] | None, kernel_why: str, p: Any) -> str:
+    if agreed is None:
+        return (f"**{len(rows)} shapes.** The kernel did not run ({kernel_why}): the figure shows the emulation against the "
+                "float64 reference, the quantization scheme's own error.")
+    return (f"**{len(rows)} shapes; the kernel ran at {len(agreed['ran'])}, disagrees with its emulation at "
+            f"{len(agreed['flagged'])} (relative L2 above {p.kernel_vs_emulation_max:g}), does not support "
+            f"{len(agreed['unsupported'])}.**")
+
+
+def flagged_tables(agreed: dict[str, Any] | None) -> list[tuple[list[dict[str, Any]], str]]:
+    """(rows, caption) of the flagged shapes (with a cause tag each) and of the shapes the kernel does not support."""
+    out = []
+    if agreed and agreed["flagged"]:
+        out.append((flagged_view(agreed["flagged"])[0], "Flagged: shapes where the kernel disagrees with its emulation (relative L2)"))
+    if agreed and agreed["unsupported"]:
+        out.append(([{"shape": r["shape"], "kernel": r["sage_status"]} for r in agreed["unsupported"]],
+                    "Shapes the kernel does not support (callers fall back to the baseline)"))
+    return out
+
+
+def causes_text(agreed: dict[str, Any] | None) -> str | None:
+    """Each cause tag of the flagged shapes explained once (None where nothing was flagged)."""
+    if not agreed or not agreed["flagged"]:
+        return None
+    return "\n".join(f"- **{tag}**: {why}." for tag, why in flagged_view(agreed["flagged"])[1].items())
+
+
+def error_figure(agreed: dict[str, Any] | None, p: Any) -> dict[str, Any]:
+    """What 08's error-by-shape figure draws: the kernel against its emulation where it ran, else the emulation against
+    the reference."""
+    if agreed is None:
+        return {"field": "sage-emulated_vs_ref_rel_l2", "ylabel": "emulation vs reference (relative L2)",
+                "title": "Emulation vs float64 reference, every shape", "threshold": p.emulation_vs_reference_max, "flagged": set()}
+    return {"field": "sage_vs_emulated_rel_l2", "ylabel": "kernel vs emulation (relative L2)",
+            "title": "Kernel vs its emulation, every shape", "threshold": p.kernel_vs_emulation_max,
+            "flagged": {r["shape"] for r in agreed["flagged"]}}

@@ -1,11 +1,14 @@
-"""Comparing next-token distributions of two backends on identical token sequences."""
+"""Comparing next-token distributions of two backends on identical token sequences (02_logits, and 07's natural text)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+
+from sagecheck.engines import FULL_LOGITS
 
 
 def compare_logprobs(base: torch.Tensor, cand: torch.Tensor, chunk: int = 1024) -> dict[str, np.ndarray]:
@@ -94,16 +97,19 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
 
 
 def collect(backend: Any, prompts: list[list[int]], top_k: int | None = None) -> list[Any]:
-    """Next-token distributions of every prompt: full log-softmax on the CPU, or top-k where that is all there is."""
-    from sagecheck.engines import FULL_LOGITS
-
+    """Next-token distributions of every prompt: the full log-softmax on the CPU (``top_k`` None), or the top-k."""
     out = []
     for ids in prompts:
-        if FULL_LOGITS in backend.capabilities and top_k is None:
+        if top_k is None:
             out.append(backend.next_token_logprobs(ids).float().cpu())
         else:
-            out.append(backend.next_token_logprobs(ids, top_k=top_k or 20))
+            out.append(backend.next_token_logprobs(ids, top_k=top_k))
     return out
+
+
+def top_k_for(engine: Any, top_k: int) -> int | None:
+    """None (the full vocabulary) where the engine gives it, else ``top_k``."""
+    return None if FULL_LOGITS in engine.capabilities else top_k
 
 
 def compare_collected(base: list[Any], cand: list[Any]) -> list[dict[str, np.ndarray]]:
@@ -145,3 +151,80 @@ def position_ranges(kl: np.ndarray, loss_delta: np.ndarray, short_range: list[in
              "kl_mean": float(kl[m].mean()), "loss_delta_mean": float(loss_delta[m].mean()),
              "loss_delta_abs_mean": float(np.abs(loss_delta[m]).mean())} for name, m in masks.items()]
     return rows, note
+
+
+# --------------------------------------------------------------------------- 02_logits
+
+
+def prompt_sets(engine: Any, p: Any) -> tuple[dict[str, list[list[int]]], Any]:
+    """The short and long prompts of 02, cut from ``p.text`` with the engine's tokenizer; and the text."""
+    from sagecheck.data import corpus, prompts
+
+    text = corpus.load_text(p.text)
+    return prompts.prompt_sets(engine.tokenizer, text.text, p.n_short, p.short_tokens, p.n_long, p.long_tokens), text
+
+
+@dataclass
+class Measured:
+    """Per backend label and prompt set: the next-token distributions and the greedy continuations."""
+
+    distributions: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    greedy: dict[str, dict[str, list[list[int]]]] = field(default_factory=dict)
+    top_k: int | None = None
+
+
+def measure(engine: Any, sets: dict[str, list[list[int]]], greedy_tokens: int, top_k: int) -> Measured:
+    """Both backends on the same prompts: distributions (full or top-k) and greedy continuations."""
+    out = Measured(top_k=top_k_for(engine, top_k))
+    for label in engine.pair:
+        with engine.backend(label) as b:
+            out.distributions[label] = {name: collect(b, ps, out.top_k) for name, ps in sets.items()}
+            out.greedy[label] = {name: b.generate(ps, greedy_tokens) for name, ps in sets.items()}
+    return out
+
+
+@dataclass
+class Comparison:
+    aggregate: list[dict[str, Any]]  # per set, then "all"
+    per_prompt: list[dict[str, Any]]
+    overall: dict[str, Any]
+    kl_series: dict[str, np.ndarray]  # the prompts drawn by position (the long ones where there are)
+    kl_by_set: dict[str, np.ndarray]  # every position's KL, per prompt set
+    greedy_identical: int
+    greedy_prompts: int
+
+
+def compare(measured: Measured, sets: dict[str, list[list[int]]], baseline: str, candidate: str) -> Comparison:
+    per_set, rows, kl_series = {}, [], {}
+    for name, ps in sets.items():
+        per_prompt = compare_collected(measured.distributions[baseline][name], measured.distributions[candidate][name])
+        per_set[name] = concat(per_prompt)
+        for i, pp in enumerate(per_prompt):
+            div = first_divergence(measured.greedy[baseline][name][i], measured.greedy[candidate][name][i])
+            rows.append({"set": name, "prompt": i, "tokens": len(ps[i]), **summarize(pp),
+                         "greedy_first_divergence": div if div is not None else "none"})
+            if name == "long" or (name == "short" and "long" not in sets):
+                kl_series[f"{name} #{i}"] = pp["kl"]
+    aggregate = [{"set": name, **summarize(v)} for name, v in per_set.items()]
+    overall = summarize(concat(list(per_set.values())))
+    aggregate.append({"set": "all", **overall})
+    same = sum(r["greedy_first_divergence"] == "none" for r in rows)
+    return Comparison(aggregate, rows, overall, kl_series, {name: v["kl"] for name, v in per_set.items()}, same, len(rows))
+
+
+PER_PROMPT_COLUMNS = ["set", "prompt", "tokens", "kl_mean", "kl_p99", "kl_max", "top1_agreement", "top5_agreement",
+                      "max_abs_logit_diff", "greedy_first_divergence"]
+
+
+def record(results: Any, c: Comparison, p: Any, text: Any) -> None:
+    """02's results and verdicts."""
+    results.metric("overall", c.overall)
+    results.metric("per_set", {a["set"]: a for a in c.aggregate})
+    results.metric("greedy_identical", c.greedy_identical)
+    results.metric("greedy_prompts", c.greedy_prompts)
+    results.metric("text", text.description)
+    results.table("per_prompt", c.per_prompt)
+    o = c.overall
+    results.verdict("logits.kl_mean", "accuracy", "mean KL(baseline || candidate)", o["kl_mean"], "<=", p.kl_mean_max,
+                    unit="nats", detail=f"{o['positions']} positions; p99 {o['kl_p99']:.3g}, max {o['kl_max']:.3g}")
+    results.verdict("logits.top1", "accuracy", "top-1 agreement", o["top1_agreement"], ">=", p.top1_min)

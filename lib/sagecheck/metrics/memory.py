@@ -1,10 +1,16 @@
-"""GPU memory: the torch allocator's peaks, the device's used memory from NVML, and sizes of weights and KV cache."""
+"""GPU memory: the torch allocator's peaks, the device's used memory from NVML, and sizes of weights and KV cache;
+on an engine of servers, what each server reports and its processes hold."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from sagecheck.engines import ALLOCATOR_MEMORY, SERVER_MEMORY
+
+GiB = 2**30
 
 
 def reset_peaks(device: torch.device) -> None:
@@ -111,10 +117,11 @@ def measure_point(engine: Any, implementation: str, batch: int, length: int, dec
     and keep (cuBLAS's workspace, kernel caches) is then resident before every point alike
     (in ``resident_before``) instead of counted as activations of the first point measured.
     """
-    from sagecheck.metrics.throughput import random_prompts
+    from sagecheck.metrics.timing import random_prompts
 
     device = engine.device
-    prompts = random_prompts(engine.config.vocab_size, batch, length, seed, device)
+    config = engine.model_config()
+    prompts = random_prompts(config.vocab_size, batch, length, seed, device)
     weights = weights_bytes(engine.model)
     try:
         with engine.backend(implementation) as backend:
@@ -141,7 +148,7 @@ def measure_point(engine: Any, implementation: str, batch: int, length: int, dec
         "weights": weights,
         "resident_before": before,
         "kv_cache": kv,
-        "kv_cache_expected": kv_cache_bytes_expected(engine.config, batch, length + decode_tokens, engine.dtype),
+        "kv_cache_expected": kv_cache_bytes_expected(config, batch, length + decode_tokens, engine.dtype),
         "peak_allocated": peaks["peak_allocated"],
         "peak_reserved": peaks["peak_reserved"],
         "activations_peak": peaks["peak_allocated"] - before - kv,
@@ -170,6 +177,34 @@ def kv_cache_matches(rows: list[dict[str, Any]], rel_tol: float = 0.02) -> bool:
     """Every measured KV cache holds what the shapes say it must (within ``rel_tol``)."""
     ok = [r for r in rows if r.get("status") == "ok"]
     return bool(ok) and all(abs(r["kv_cache"] - r["kv_cache_expected"]) <= rel_tol * r["kv_cache_expected"] for r in ok)
+
+
+def server_report(engine: Any) -> list[dict[str, Any]]:
+    """Per server of the pair: the KV-cache capacity and the memory split it reports, and the GPU memory its processes
+    hold (NVML)."""
+    from sagecheck.engines.sglang import ClientError, ServerError
+
+    rows = []
+    for label in engine.pair:
+        try:
+            with engine.backend(label) as b:
+                info = b.info
+                usage = ((info.get("internal_states") or [{}])[0] or {}).get("memory_usage") or {}
+                gpu = process_tree_gpu_bytes(b.handle.pid) if b.handle.pid else None
+                rows.append({
+                    "implementation": label, "role": b.handle.role, "status": "ok",
+                    "attention_backend": info.get("attention_backend"),
+                    "max_total_num_tokens": info.get("max_total_num_tokens"),
+                    "mem_fraction_static": info.get("mem_fraction_static"),
+                    "weights_GB": usage.get("weight"), "kv_cache_GB": usage.get("kvcache"),
+                    "cuda_graphs_GB": usage.get("graph"), "server_gpu_bytes": gpu,
+                    "server_GiB (NVML)": gpu / GiB if gpu else None,
+                })
+        except (ServerError, ClientError) as e:
+            rows.append({"implementation": label, "status": "server error", "error": getattr(e, "cause", str(e))[:300]})
+    if all(r["status"] != "ok" for r in rows):  # nothing measured: fail with the cause rather than an empty table
+        raise ServerError(f"no SGLang server could be reached: {rows[0]['error']}", cause=rows[0]["error"])
+    return rows
 
 
 def server_deltas(server_rows: list[dict[str, Any]], baseline: str, candidate: str) -> dict[str, Any] | None:
@@ -215,3 +250,121 @@ def startup_split_disturbed(server_rows: list[dict[str, Any]], weights_rel_tol: 
         return None
     return ("SGLang's start-up split (weights, CUDA graphs) is a difference of the GPU's free memory, moved by servers "
             f"starting at the same time ({'; '.join(signs)}); the comparison uses each server's processes' memory (NVML)")
+
+# --------------------------------------------------------------------------- 05_memory: either engine
+
+
+@dataclass
+class Measured:
+    """05's measurement: per server (``servers``), per point from the allocator (``allocator``), or sizes computed from
+    the shapes where peak memory cannot be measured (``computed``, with ``why``)."""
+
+    kind: str
+    rows: list[dict[str, Any]]
+    baseline: str
+    candidate: str
+    where: str
+    deltas: list[dict[str, Any]] = field(default_factory=list)
+    servers: dict[str, Any] | None = None
+    why: str = ""
+
+
+def measure(engine: Any, p: Any, where: str, on_gpu: bool) -> Measured:
+    base, cand = engine.pair
+    if SERVER_MEMORY in engine.capabilities:
+        rows = server_report(engine)
+        return Measured("servers", rows, base, cand, where, servers=server_deltas(rows, base, cand))
+    if ALLOCATOR_MEMORY not in engine.capabilities or not on_gpu:
+        config, weights = engine.model_config(), weights_bytes(engine.model)
+        rows = [{"input_length": n, "batch": b, "weights_MiB": weights / 2**20,
+                 "kv_cache_MiB (computed)": kv_cache_bytes_expected(config, b, n + p.decode_tokens, engine.dtype) / 2**20}
+                for n in p.input_lengths for b in p.batch_sizes]
+        return Measured("computed", rows, base, cand, where,
+                        why="no CUDA device: peak GPU memory cannot be measured here; weights and KV-cache sizes are computed "
+                            "from the shapes")
+    rows = [{"input_length": n, "batch": b, "implementation": label, **measure_point(engine, label, b, n, p.decode_tokens, p.seed)}
+            for n in p.input_lengths for b in p.batch_sizes for label in engine.pair]
+    return Measured("allocator", rows, base, cand, where, deltas=peak_deltas(rows, base, cand))
+
+
+SERVER_COLUMNS = ["implementation", "role", "attention_backend", "status", "max_total_num_tokens", "mem_fraction_static",
+                  "weights_GB", "kv_cache_GB", "cuda_graphs_GB", "server_GiB (NVML)", "error"]
+POINT_COLUMNS = ["input_length", "batch", "implementation", "peak_allocated", "peak_reserved", "weights", "kv_cache",
+                 "kv_cache_expected", "activations_peak", "nvml_used"]
+
+
+def tables(m: Measured) -> list[tuple[list[dict[str, Any]], str, list[str] | None]]:
+    """(rows, caption, columns) of every table 05 shows."""
+    if m.kind == "servers":
+        return [(m.rows, f"What each server reports, and its processes' GPU memory — {m.where}", SERVER_COLUMNS)]
+    if m.kind == "computed":
+        return [(m.rows, "Sizes computed from the shapes (no GPU)", None)]
+    gib = [{k: (v / GiB if isinstance(v, int) and k not in ("input_length", "batch") else v) for k, v in r.items()
+            if k not in ("status", "error")} for r in m.rows if r["status"] == "ok"]
+    return [(gib, f"GiB per point — {m.where}", POINT_COLUMNS), (m.deltas, "Candidate against baseline", None)]
+
+
+def record(results: Any, m: Measured, p: Any) -> list[str]:
+    """05's results and verdicts; returns the notes to show."""
+    shown: list[str] = []
+    if m.kind == "computed":
+        results.table("computed_sizes", m.rows)
+        results.skip(m.why)
+        return shown
+    if m.kind == "servers":
+        results.table("sglang_memory", m.rows)
+        results.metric("sglang", m.servers)
+        d = m.servers
+        if not d:
+            return shown
+        base_cap, cand_cap = d["capacity_tokens"]
+        results.verdict("memory.kv_capacity", "memory", f"candidate KV-cache capacity within -{p.margin_pct:g}% of the baseline's",
+                        -d["capacity_delta_pct"], "<=", p.margin_pct, unit="%", detail=f"{cand_cap} vs {base_cap} tokens; " + (
+                            f"both set by --max-total-tokens {p.sglang.max_total_tokens}" if p.sglang.max_total_tokens
+                            else "each left by its memory fraction (servers side by side: not a backend comparison)"))
+        if d["server_gpu_delta_pct"] is not None and d["same_capacity"]:
+            results.verdict("memory.server_gpu", "memory", f"GPU memory of the server's processes (NVML) within "
+                            f"+{p.margin_pct:g}% of the baseline's", d["server_gpu_delta_pct"], "<=", p.margin_pct, unit="%",
+                            detail="same KV capacity; {:.2f} vs {:.2f} GiB".format(*(b / GiB for b in d["server_gpu_bytes"])))
+        elif d["server_gpu_delta_pct"] is None:
+            results.note("no per-process GPU memory (no GPU, or NVML did not list the servers' processes): only KV capacities compared")
+        else:
+            results.note(f"the servers hold different KV caches ({base_cap} vs {cand_cap} tokens): their GPU memory "
+                         f"({d['server_gpu_delta_pct']:+.1f}%) is not compared; set sglang.max_total_tokens to compare it")
+        if d["startup_split_disturbed"]:
+            results.note(d["startup_split_disturbed"])
+            shown.append(f"**Note.** {d['startup_split_disturbed']}.")
+        return shown
+    results.table("memory", m.rows)
+    results.table("deltas", m.deltas)
+    results.metric("context", {"where": m.where, "candidate_phases": p.candidate_phases})
+    results.metric("points_out_of_memory", sum(r["status"] != "ok" for r in m.rows))
+    worst = max(m.deltas, key=lambda d: d["peak_delta_pct"]) if m.deltas else None
+    if worst:
+        results.verdict("memory.peak", "memory", f"candidate peak memory within +{p.margin_pct:g}% of the baseline's (worst point)",
+                        worst["peak_delta_pct"], "<=", p.margin_pct, unit="%",
+                        detail=f"batch {worst['batch']}, length {worst['input_length']}; {m.where}")
+        results.verdict("memory.kv_cache_size", "control", "KV cache size matches 2·layers·batch·kv_heads·tokens·head_dim·bytes",
+                        int(kv_cache_matches(m.rows)), "==", 1)
+    return shown
+
+
+@dataclass
+class MemoryResults:
+    """05's results as ``compare`` reads them: one record per server or point."""
+
+    points: list[dict[str, Any]]
+
+    @classmethod
+    def read(cls, res: Any) -> "MemoryResults | None":
+        if res is None or res.status != "ok":
+            return None
+        if "sglang_memory" in res.tables:
+            return cls([{**r, "point": r.get("role"), "server_GiB": r["server_gpu_bytes"] / GiB if r.get("server_gpu_bytes") else None}
+                        for r in res.tables["sglang_memory"]])
+        if res.tables.get("memory"):
+            return cls([{**r, "point": f"{r.get('implementation')} b{r.get('batch')} n{r.get('input_length')}",
+                         "peak_allocated_GiB": r["peak_allocated"] / GiB if r.get("peak_allocated") else None,
+                         "peak_reserved_GiB": r["peak_reserved"] / GiB if r.get("peak_reserved") else None}
+                        for r in res.tables["memory"]])
+        return None

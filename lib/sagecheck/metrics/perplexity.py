@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -119,3 +119,69 @@ def paired_bootstrap_delta_pct(base: WindowScores, cand: WindowScores, resamples
 def per_window_delta_pct(base: WindowScores, cand: WindowScores) -> np.ndarray:
     """Each window's own perplexity delta in %: ``100 * (exp((nll_cand - nll_base) / scored) - 1)``."""
     return 100.0 * (np.exp((cand.nll - base.nll) / np.maximum(base.count, 1)) - 1.0)
+
+
+# --------------------------------------------------------------------------- 03_perplexity
+
+
+@dataclass
+class Scored:
+    """What 03 scores: the text, its tokens (cut to ``max_tokens``), the windows, each backend's window scores."""
+
+    text: Any
+    description: str
+    ids: list[int]
+    n_words: int
+    n_bytes: int
+    windows: list[Window]
+    scores: dict[str, WindowScores]
+
+
+def score(engine: Any, p: Any) -> Scored:
+    """Both backends on the same sliding windows of ``p.dataset`` (its first ``p.max_tokens`` tokens)."""
+    from sagecheck.data import corpus
+
+    text = corpus.load_text(p.dataset)
+    ids = list(engine.tokenizer(text.text).input_ids)
+    scored_text = text
+    if p.max_tokens:
+        ids = ids[: p.max_tokens]
+        scored_text = corpus.Text(text.name, engine.tokenizer.decode(ids, skip_special_tokens=True), text.description)
+    windows = sliding_windows(len(ids), p.window, p.stride)
+    scores = {}
+    for label in engine.pair:
+        with engine.backend(label) as b:
+            scores[label] = score_windows(ids, windows, b.token_logprobs)
+    return Scored(text, text.description, ids, scored_text.n_words, scored_text.n_bytes, windows, scores)
+
+
+def data_facts(s: Scored, p: Any) -> dict[str, Any]:
+    return {"text": s.description, "tokens scored": f"{len(s.ids):,}", "words": f"{s.n_words:,}", "bytes": f"{s.n_bytes:,}",
+            "windows": len(s.windows), "window / stride": f"{p.window} / {p.stride}"}
+
+
+def table(s: Scored) -> list[dict[str, Any]]:
+    return [{"backend": label, "token perplexity": w.perplexity, "word perplexity": w.word_perplexity(s.n_words),
+             "bits per byte": w.bits_per_byte(s.n_bytes), "scored tokens": w.total_tokens, "NLL (nats)": w.total_nll}
+            for label, w in s.scores.items()]
+
+
+def delta(s: Scored, baseline: str, candidate: str, p: Any) -> dict[str, float]:
+    return paired_bootstrap_delta_pct(s.scores[baseline], s.scores[candidate], resamples=p.bootstrap, seed=p.seed)
+
+
+def record(results: Any, s: Scored, d: dict[str, float], baseline: str, candidate: str, p: Any) -> None:
+    """03's results and its verdict."""
+    results.metric("dataset", s.description)
+    results.metric("tokens", len(s.ids))
+    results.metric("windows", len(s.windows))
+    results.metric("perplexity", {label: w.perplexity for label, w in s.scores.items()})
+    results.metric("word_perplexity", {label: w.word_perplexity(s.n_words) for label, w in s.scores.items()})
+    results.metric("bits_per_byte", {label: w.bits_per_byte(s.n_bytes) for label, w in s.scores.items()})
+    results.metric("delta", d)
+    results.table("perplexity", table(s))
+    base, cand = s.scores[baseline], s.scores[candidate]
+    results.table("windows", [{"begin": w.begin, "end": w.end, "scored": w.n_scored, "nll_base": float(b), "nll_cand": float(c)}
+                              for w, b, c in zip(s.windows, base.nll, cand.nll)])
+    results.verdict("perplexity.delta", "accuracy", "|token perplexity delta|", d["delta_pct"], "abs<=", p.delta_max_pct,
+                    unit="%", detail=f"95% CI [{d['ci_low_pct']:+.3f}, {d['ci_high_pct']:+.3f}] %")

@@ -15,6 +15,7 @@ by chance.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -195,3 +196,92 @@ def _answered(item: Any, row: dict[str, Any], key: str) -> str:
     if isinstance(item, MCItem):
         return _answer_text(item, row["pick_norm" if key == "correct_norm" else "pick"])
     return f"{row['extracted']} ({row['output'][:60]!r})"
+
+
+# --------------------------------------------------------------------------- 09_tasks
+
+
+def load_all(p: Any) -> tuple[dict[str, Any], dict[str, str]]:
+    """Every task of ``p.tasks``, by name, and the ones that could not be loaded with why (the others still run)."""
+    from sagecheck.data.tasks import TaskDataError, load_task
+
+    loaded, errors = {}, {}
+    for spec in p.tasks:
+        try:
+            loaded[spec.name] = load_task(spec, seed=p.seed, cache_dir=p.cache_dir)
+        except (TaskDataError, ValueError) as e:
+            errors[spec.name] = str(e)
+    if not loaded:
+        raise RuntimeError("no task could be loaded: " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
+    return loaded, errors
+
+
+def overview(loaded: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"task": name, "kind": t.kind, "questions": len(t.items), "data": t.description, "reference level": t.reference_level}
+            for name, t in loaded.items()]
+
+
+def score(engine: Any, loaded: dict[str, Any], p: Any) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Per (backend label, task): each question scored, multiple choice by log-likelihood, generation by exact match."""
+    specs = {s.name: s for s in p.tasks}
+    scored = {}
+    for label in engine.pair:
+        with engine.backend(label) as b:
+            for name, t in loaded.items():
+                if t.kind == "multiple_choice":
+                    scored[label, name] = score_multiple_choice(t.items, engine.tokenizer, b.token_logprobs, p.batch_size)
+                else:
+                    s = specs[name]
+                    scored[label, name] = score_generation(t.items, engine.tokenizer, b.generate, s.max_new_tokens, s.extractor,
+                                                           t.stop, p.batch_size)
+    return scored
+
+
+@dataclass
+class Compared:
+    summary: list[dict[str, Any]]  # per task and metric
+    flips: dict[str, list[dict[str, Any]]]  # per task: the questions whose answer changed
+
+    @property
+    def headline(self) -> list[dict[str, Any]]:
+        return [s for s in self.summary if s["headline"]]
+
+
+def compare_all(loaded: dict[str, Any], scored: dict[tuple[str, str], Any], baseline: str, candidate: str, p: Any) -> Compared:
+    summary, flipped = [], {}
+    for name, t in loaded.items():
+        rows, flipped[name] = paired_summary(t, scored[baseline, name], scored[candidate, name], p.bootstrap, p.seed)
+        summary += rows
+    return Compared(summary, flipped)
+
+
+def accuracy_table(c: Compared, baseline: str, candidate: str) -> list[dict[str, Any]]:
+    return [{"task": s["task"], "metric": s["metric"], "questions": s["questions"], f"{baseline} (baseline)": s["baseline_accuracy"],
+             f"{candidate} (candidate)": s["candidate_accuracy"], "reference level": s["reference level"],
+             "delta (pp)": s["delta_pp"], "95% CI (pp)": f"[{s['ci_low_pp']:+.2f}, {s['ci_high_pp']:+.2f}]",
+             "right → wrong": s["right_to_wrong"], "wrong → right": s["wrong_to_right"], "McNemar p": s["mcnemar_p"]}
+            for s in c.summary]
+
+
+def record(results: Any, loaded: dict[str, Any], errors: dict[str, str], scored: dict[tuple[str, str], Any], c: Compared,
+           p: Any) -> None:
+    """09's results and verdicts: per task the accuracy delta, McNemar's p, and that the task can tell right from wrong."""
+    results.metric("tasks", {name: {"kind": t.kind, "data": t.description, "questions": len(t.items),
+                                    "reference_level": t.reference_level} for name, t in loaded.items()})
+    results.metric("not_loaded", errors)
+    results.table("accuracy", c.summary)
+    results.table("flips", [{"task": name, **row} for name, rows in c.flips.items() for row in rows])
+    results.table("answers", [{"task": name, "implementation": label, **{k: v for k, v in row.items() if k != "loglik"}}
+                              for (label, name), rows in scored.items() for row in rows])
+    for s in c.headline:
+        task = s["task"]
+        results.verdict(f"tasks.{task}.delta", "accuracy", f"{task}: |accuracy delta|", s["delta_pp"], "abs<=", p.delta_max_pp,
+                        unit="pp", detail=f"{s['metric']}; 95% CI [{s['ci_low_pp']:+.2f}, {s['ci_high_pp']:+.2f}] pp over "
+                                          f"{s['questions']} questions")
+        results.verdict(f"tasks.{task}.mcnemar", "accuracy", f"{task}: exact McNemar p (flips not one-sided)", s["mcnemar_p"], ">=",
+                        p.mcnemar_alpha, detail=f"{s['right_to_wrong']} right → wrong, {s['wrong_to_right']} wrong → right")
+        results.verdict(f"tasks.{task}.reference", "control", f"{task}: baseline above its reference level (the task can tell "
+                        "right from wrong)", s["baseline_accuracy"], ">", reference_bar(s["reference level"], s["questions"]),
+                        detail=f"reference level {s['reference level']:.3f} + 2 standard errors")
+    for name, why in errors.items():
+        results.verdict(f"tasks.{name}.loaded", "coverage", f"{name}: task data loaded", 0, "==", 1, detail=why[:300])

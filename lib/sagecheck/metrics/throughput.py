@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +27,9 @@ import numpy as np
 import torch
 
 from sagecheck.attention import AttentionUnavailable, UnsupportedCall
-from sagecheck.metrics.timing import Samples, Stopwatch, gc_paused, gpu_busy_ms, paired_ratio
-
-
-def random_prompts(vocab_size: int, batch: int, length: int, seed: int, device: torch.device, low: int = 16) -> torch.Tensor:
-    """Seeded random token ids (never all zeros; special ids below ``low`` avoided)."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + batch * 7919 + length)
-    return torch.randint(low, vocab_size, (batch, length), generator=gen).to(device)
+from sagecheck.engines import SERVERS
+from sagecheck.metrics.timing import (Samples, Stopwatch, gc_paused, gpu_busy_ms, progress_logger, random_prompts,
+                                      speedup_fields, timing_row)
 
 
 def _wall_ms(fn: Any, device: torch.device) -> float:
@@ -75,7 +72,7 @@ def measure_point(engine: Any, implementations: tuple[str, str], batch: int, len
     ``{"status": "out of memory" | "unsupported", "error": ...}``.
     """
     device = engine.device
-    prompts = random_prompts(engine.config.vocab_size, batch, length, seed, device)
+    prompts = random_prompts(engine.model_config().vocab_size, batch, length, seed, device)
     samples: dict[str, dict[str, list[float]]] = {impl: {"prefill": [], "decode": []} for impl in implementations}
     clock = Stopwatch(device).clock
     try:
@@ -107,7 +104,7 @@ def profile_point(engine: Any, implementations: tuple[str, str], batch: int, len
     the busy time is an extra, a point keeps its elapsed times without it.
     """
     device = engine.device
-    prompts = random_prompts(engine.config.vocab_size, batch, length, seed, device)
+    prompts = random_prompts(engine.model_config().vocab_size, batch, length, seed, device)
     out: dict[str, dict[str, Samples]] = {}
     try:
         with gc_paused():
@@ -131,45 +128,6 @@ def _with_busy_time(point: dict[str, Any], profile: dict[str, Any]) -> None:
         return
     for impl, s in profile["samples"].items():
         point["samples"][impl].update(s)
-
-
-def timing_row(batch: int, length: int, implementation: str, prefill: Samples, decode: Samples, decode_steps: int,
-               prefill_gpu: Samples | None = None, decode_gpu: Samples | None = None) -> dict[str, Any]:
-    """One table row: TTFT, prefill tokens/s, decode tokens/s per sequence and in total, with spreads.
-
-    With the GPU's busy times: the decode step's kernel time and the share of the decode's
-    elapsed time that the GPU was busy (low: the host's launches set the pace).
-    """
-    row = {
-        "batch": batch, "input_length": length, "implementation": implementation, "status": "ok",
-        "ttft_ms": prefill.median, "ttft_ms_p10": prefill.p10, "ttft_ms_p90": prefill.p90,
-        "prefill_tok_s": batch * length / (prefill.median / 1e3),
-        "decode_ms_per_token": decode.median / decode_steps,
-        "decode_tok_s_per_seq": decode_steps / (decode.median / 1e3),
-        "decode_tok_s_total": batch * decode_steps / (decode.median / 1e3),
-        "prefill_spread_pct": prefill.spread_pct, "decode_spread_pct": decode.spread_pct,
-        "repeats": int(prefill.values.size), "clock": prefill.clock,
-    }
-    if prefill_gpu is not None:
-        row.update({"prefill_gpu_ms": prefill_gpu.median, "prefill_gpu_busy_pct": 100.0 * prefill_gpu.median / prefill.median})
-    if decode_gpu is not None:
-        row.update({"decode_gpu_ms_per_token": decode_gpu.median / decode_steps,
-                    "decode_gpu_busy_pct": 100.0 * decode_gpu.median / decode.median})
-    return row
-
-
-def speedup_fields(base: dict[str, Samples], cand: dict[str, Samples]) -> dict[str, float]:
-    """Candidate speedup (baseline time / candidate time, per repeat): median and 10th-90th percentiles.
-
-    Also the speedup in GPU busy time (``*_kernel_speedup``) where both have it.
-    """
-    out = {}
-    for kind in ("prefill", "decode"):
-        ratio = paired_ratio(base[kind], cand[kind])
-        out.update({f"{kind}_speedup": ratio.median, f"{kind}_speedup_p10": ratio.p10, f"{kind}_speedup_p90": ratio.p90})
-        if f"{kind}_gpu" in base and f"{kind}_gpu" in cand:
-            out[f"{kind}_kernel_speedup"] = base[f"{kind}_gpu"].median / cand[f"{kind}_gpu"].median
-    return out
 
 
 def point_records(point: dict[str, Any], implementations: tuple[str, str], batch: int, length: int, decode_tokens: int) -> list[dict[str, Any]]:
@@ -284,12 +242,7 @@ def sweep(engine: Any, implementations: tuple[str, str], lengths: list[int], bat
     back at the end. Each finished step appends a line to
     ``progress_log`` so a long sweep can be watched, and what ran is known if it is cut off.
     """
-    def log(line: str) -> None:
-        if progress_log is not None:
-            Path(progress_log).parent.mkdir(parents=True, exist_ok=True)
-            with open(progress_log, "a") as f:
-                f.write(f"{time.strftime('%H:%M:%S')} {line}\n")
-
+    log = progress_logger(progress_log)
     if kernel_time not in ("all", "repeated", "off"):
         raise ValueError(f"kernel_time must be all, repeated or off; got {kernel_time!r}")
 
@@ -333,3 +286,205 @@ def sweep(engine: Any, implementations: tuple[str, str], lengths: list[int], bat
         log(f"batch {repeated[0]} length {repeated[1]}: largest difference of medians {stability['max_diff_pct']:.2f}% "
             f"elapsed, {stability['verdict_diff_pct']:.2f}% by the verdict's basis")
     return rows, stability
+
+
+# --------------------------------------------------------------------------- 04_throughput: either engine
+
+
+@dataclass
+class Sweep:
+    """04's measurement, whichever engine ran it."""
+
+    rows: list[dict[str, Any]]
+    baseline: str
+    candidate: str
+    lengths: list[int]
+    batches: list[int]
+    context: str  # what ran where, for every caption
+    served: dict[str, Any] = field(default_factory=dict)  # servers: the servers measured, their order and clock
+    stability: dict[str, Any] = field(default_factory=dict)  # in process: the repeated point
+    copy: str | None = None  # servers: the baseline's copy (A/A control)
+
+    @property
+    def candidate_rows(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["implementation"] == self.candidate and r["status"] == "ok"]
+
+
+def compared_words(engine: Any, p: Any) -> str:
+    if SERVERS in engine.capabilities:
+        return f"{engine.candidate} vs {engine.baseline} ({engine.name} servers)"
+    return f"candidate {engine.candidate} in phases: {', '.join(p.candidate_phases)}"
+
+
+def run(engine: Any, p: Any, where: str, on_gpu: bool, progress_log: str | Path | None = None) -> Sweep:
+    """Every point of the sweep on ``engine``: interleaved servers with an A/A copy where the engine serves, else the
+    in-process pair with CUDA events (and the repeated point)."""
+    lengths = p.input_lengths if on_gpu else p.cpu_input_lengths
+    batches = p.batch_sizes if on_gpu else p.cpu_batch_sizes
+    context = f"{where}, {compared_words(engine, p)}"
+    if SERVERS in engine.capabilities:
+        from sagecheck.metrics import serving
+
+        rows, served = serving.sweep(engine, lengths, batches, p.decode_tokens, p.repeats, p.warmup, p.seed,
+                                     aa_control=p.aa_control, max_batch_tokens=p.max_batch_tokens, progress_log=progress_log)
+        return Sweep(rows, engine.baseline, engine.candidate, lengths, batches, context, served=served,
+                     copy=engine.copy if p.aa_control else None)
+    rows, stability = sweep(engine, engine.pair, lengths, batches, p.decode_tokens, p.repeats, p.warmup, p.seed,
+                            repeat_point=p.repeat_point, kernel_time=p.kernel_time, tolerance_pct=p.stability_max_pct,
+                            progress_log=progress_log)
+    return Sweep(rows, engine.baseline, engine.candidate, lengths, batches, context, stability=stability)
+
+
+def tables(s: Sweep) -> list[tuple[list[dict[str, Any]], str, list[str]]]:
+    """(rows, caption, columns) of every table 04 shows, in order."""
+    out = []
+    if s.served:
+        out.append(([{"server": k, **v} for k, v in s.served["servers"].items()],
+                    f"The servers measured ({s.served['order']}; {s.served['clock']})", []))
+    cols = ["input_length", "batch", "ttft_ms", "prefill_tok_s", "prefill_speedup", "prefill_speedup_p10", "prefill_speedup_p90"]
+    if s.copy:
+        cols += ["aa_prefill_speedup", "prefill_vs_aa", "decode_ms_per_token", "decode_speedup", "decode_speedup_p10",
+                 "decode_speedup_p90", "aa_decode_speedup", "decode_vs_aa"]
+    else:
+        cols += ["decode_tok_s_per_seq", "decode_tok_s_total", "decode_speedup", "decode_speedup_p10", "decode_speedup_p90"]
+    cand = s.candidate_rows
+    out.append((cand, f"Candidate {s.candidate} vs {s.baseline} — {s.context}", cols))
+    busy = [c for c in ("prefill_gpu_busy_pct", "prefill_kernel_speedup", "decode_gpu_ms_per_token", "decode_gpu_busy_pct",
+                        "decode_kernel_speedup") if any(c in r for r in cand)]
+    if busy:
+        out.append((cand, f"GPU busy time (one profiled repeat per point): {s.candidate} vs {s.baseline} — {s.context}",
+                    ["input_length", "batch", *busy]))
+    others = [r for r in s.rows if r["implementation"] != s.candidate and r["status"] == "ok"]
+    out.append((others, f"Baseline{' and its A/A copy' if s.copy else ''} — {s.context}",
+                ["input_length", "batch", "implementation", *(["attention_backend"] if s.served else []), "ttft_ms",
+                 "prefill_tok_s", "decode_tok_s_per_seq", "decode_tok_s_total", "prefill_spread_pct", "decode_spread_pct",
+                 *[c for c in ("decode_gpu_ms_per_token", "decode_gpu_busy_pct") if any(c in r for r in others)]]))
+    failed = [r for r in s.rows if r["status"] != "ok"]
+    if failed:
+        out.append((failed, "Points that did not run", ["input_length", "batch", "implementation", "status", "error"]))
+    if s.stability:
+        out.append((stability_rows(s.stability), f"The same point measured twice: batch {s.stability['batch']}, length "
+                    f"{s.stability['input_length']} (medians) — {s.context}", ["figure", "first_ms", "again_ms", "diff_pct", "judged"]))
+    return out
+
+
+def speedup_maps(s: Sweep) -> list[tuple[str, str]]:
+    """(field, title) of each speedup heat map 04 draws: the candidate's, and the A/A control's where there is one."""
+    speedup, aa = f"{s.candidate} / {s.baseline}", f"{s.copy} / {s.baseline}"
+    maps = [("prefill_speedup", f"prefill speedup ({speedup})"), ("decode_speedup", f"decode speedup, elapsed ({speedup})"),
+            ("decode_kernel_speedup", f"decode speedup in GPU busy time ({speedup})"),
+            ("aa_prefill_speedup", f"A/A control: prefill ({aa}, must be 1)"), ("aa_decode_speedup", f"A/A control: decode ({aa}, must be 1)")]
+    return [(key, f"{label} — {s.context}") for key, label in maps if any(key in r for r in s.candidate_rows)]
+
+
+def prefill_curves(s: Sweep, max_batches: int = 3) -> tuple[dict[str, list[int]], dict[str, list[float]]]:
+    """Prefill tokens/s against input length, per backend and (the first few) batch sizes."""
+    shown = [b for b in s.batches if any(r["batch"] == b for r in s.candidate_rows)][:max_batches]
+    xs, ys = {}, {}
+    for label in (s.baseline, s.candidate):
+        for b in shown:
+            pts = sorted((r["input_length"], r["prefill_tok_s"]) for r in s.rows
+                         if r["implementation"] == label and r["batch"] == b and r["status"] == "ok")
+            xs[f"{label}, batch {b}"] = [x for x, _ in pts]
+            ys[f"{label}, batch {b}"] = [y for _, y in pts]
+    return xs, ys
+
+
+def record(results: Any, s: Sweep, p: Any, on_gpu: bool) -> dict[str, Any]:
+    """04's results and verdicts; returns its summary figures."""
+    from sagecheck.metrics import serving
+    from sagecheck.results import format_number
+
+    results.metric("context", {"description": s.context, "on_gpu": on_gpu, "candidate_phases": p.candidate_phases, "model": p.model})
+    results.metric("labels", {"baseline": s.baseline, "candidate": s.candidate, "copy": s.copy})
+    m = serving.summary(s.rows, s.candidate) if s.served else summary(s.rows, s.candidate)
+    for key, value in m.items():
+        results.metric(key, value)
+    results.metric("stability", s.stability)
+    results.metric("servers", s.served)
+    results.table("throughput", s.rows)
+    st = s.stability
+    if st and on_gpu:
+        basis = "; ".join(f"{k}: {v}" for k, v in st.get("basis", {}).items())
+        results.verdict("throughput.repeat", "control", "same point measured twice: medians agree", st.get("verdict_diff_pct"),
+                        "<=", p.stability_max_pct, unit="%",
+                        detail=f"batch {st.get('batch')}, length {st.get('input_length')}; largest elapsed-time difference "
+                               f"{st.get('max_diff_pct', float('nan')):.2f}%; judged on {basis}; {s.context}")
+    elif st:
+        results.note(f"CPU timings: the repeated point differed by {st.get('max_diff_pct', float('nan')):.1f}% (no verdict on CPU)")
+    if s.copy:
+        for kind in ("prefill", "decode"):
+            value = m[f"aa_{kind}_abs_diff_pct_median"]
+            detail = (f"median over points of |A/A speedup - 1|; worst point {format_number(m[f'aa_{kind}_abs_diff_pct_max'])}%; "
+                      f"candidate faster at {m[f'{kind}_points_faster']}, slower at {m[f'{kind}_points_slower']}, "
+                      f"no difference at {m[f'{kind}_points_no_difference']} points; {s.context}")
+            if on_gpu:
+                results.verdict(f"throughput.aa.{kind}", "control", f"A/A control ({kind}): the baseline's copy measures as "
+                                "the baseline", value, "<=", p.aa_max_pct, unit="%", detail=detail)
+            else:
+                results.note(f"CPU timings, A/A control ({kind}): {format_number(value)}% (no verdict on CPU); {detail}")
+    results.verdict("throughput.points", "coverage", "points measured (not out of memory, over budget or unsupported)",
+                    (m["points"] - m["points_not_run"]) / max(1, m["points"]), ">=", 0.5,
+                    detail=f"{m['points_not_run']} of {m['points']} points did not run")
+    return m
+
+
+def headline(m: dict[str, Any], context: str) -> str | None:
+    """The sweep in one sentence (None where no point ran)."""
+    if m["prefill_speedup_median_over_points"] is None:
+        return None
+    aa = (f"; the A/A control: prefill {m['aa_prefill_speedup_median_over_points']:.3f}, decode "
+          f"{m['aa_decode_speedup_median_over_points']:.3f}" if m.get("aa_prefill_speedup_median_over_points") is not None else "")
+    kernel = (f", decode in GPU busy time **{m['decode_kernel_speedup_median_over_points']:.3f}** (the GPU was busy "
+              f"{m['decode_gpu_busy_pct_median']:.0f}% of the decode's elapsed time, median over points)"
+              if m.get("decode_kernel_speedup_median_over_points") is not None else "")
+    return (f"Median speedup over the points: prefill **{m['prefill_speedup_median_over_points']:.3f}**, "
+            f"decode **{m['decode_speedup_median_over_points']:.3f}**{kernel}{aa} ({context}).")
+
+
+# --------------------------------------------------------------------------- reading 04's results back
+
+
+@dataclass
+class ThroughputResults:
+    """04's results as the recommendation and ``compare`` read them."""
+
+    status: str
+    labels: dict[str, Any]
+    rows: list[dict[str, Any]]
+    aa_checks: list[Any]  # the A/A control's verdicts
+
+    @classmethod
+    def read(cls, res: Any) -> "ThroughputResults | None":
+        if res is None:
+            return None
+        labels = res.metrics.get("labels") or {}
+        return cls(res.status, labels, res.tables.get("throughput", []) if res.status == "ok" else [],
+                   [v for v in res.verdicts if v.id.startswith("throughput.aa.")])
+
+    def points(self, role: str = "candidate") -> list[dict[str, Any]]:
+        """The rows of the baseline, the candidate or the copy."""
+        label = self.labels.get(role)
+        return [r for r in self.rows if label is not None and r.get("implementation") == label]
+
+    @property
+    def aa_failed(self) -> list[Any]:
+        return [v for v in self.aa_checks if not v.passed]
+
+    def aa_worst(self) -> Any | None:
+        """The larger of the A/A figures (median over points of |A/A speedup - 1|, %), None without an A/A control."""
+        judged = [v for v in self.aa_checks if v.value is not None]
+        return max(judged, key=lambda v: v.value, default=None)
+
+    def matched_points(self) -> list[dict[str, Any]]:
+        """The candidate's points with its speedups, and the baseline's tokens/s beside them (``status`` ok only where
+        both ran)."""
+        base = {(r["batch"], r["input_length"]): r for r in self.points("baseline")}
+        out = []
+        for r in self.points("candidate"):
+            b = base.get((r["batch"], r["input_length"]), {})
+            ok = r.get("status") == "ok" and b.get("status") == "ok"
+            status = "ok" if ok else (r.get("status") if r.get("status") != "ok" else b.get("status", "no baseline"))
+            out.append({**r, "status": status, "baseline_prefill_tok_s": b.get("prefill_tok_s"),
+                        "baseline_decode_tok_s_total": b.get("decode_tok_s_total")})
+        return out

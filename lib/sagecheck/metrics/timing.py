@@ -6,6 +6,7 @@ import contextlib
 import gc
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -40,15 +41,6 @@ class Samples:
     def spread_pct(self) -> float:
         """Interquartile range relative to the median, in percent."""
         return 100.0 * self.iqr / self.median if self.median else float("nan")
-
-    def summary(self, prefix: str = "") -> dict[str, Any]:
-        return {
-            f"{prefix}median": self.median,
-            f"{prefix}p10": self.p10,
-            f"{prefix}p90": self.p90,
-            f"{prefix}iqr": self.iqr,
-            f"{prefix}n": int(self.values.size),
-        }
 
 
 class Stopwatch:
@@ -168,3 +160,63 @@ def gpu_busy_ms(fn: Callable[[], Any], device: torch.device) -> float:
     if not spans:
         raise RuntimeError("the profiler recorded no GPU activity")
     return busy_ms(spans)
+
+
+# --------------------------------------------------------------------------- what both speed sweeps share
+
+
+def random_prompts(vocab_size: int, batch: int, length: int, seed: int, device: torch.device, low: int = 16) -> torch.Tensor:
+    """Seeded random token ids (never all zeros; special ids below ``low`` avoided)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + batch * 7919 + length)
+    return torch.randint(low, vocab_size, (batch, length), generator=gen).to(device)
+
+
+def timing_row(batch: int, length: int, implementation: str, prefill: Samples, decode: Samples, decode_steps: int,
+               prefill_gpu: Samples | None = None, decode_gpu: Samples | None = None) -> dict[str, Any]:
+    """One table row: TTFT, prefill tokens/s, decode tokens/s per sequence and in total, with spreads.
+
+    With the GPU's busy times: the decode step's kernel time and the share of the decode's
+    elapsed time that the GPU was busy (low: the host's launches set the pace).
+    """
+    row = {
+        "batch": batch, "input_length": length, "implementation": implementation, "status": "ok",
+        "ttft_ms": prefill.median, "ttft_ms_p10": prefill.p10, "ttft_ms_p90": prefill.p90,
+        "prefill_tok_s": batch * length / (prefill.median / 1e3),
+        "decode_ms_per_token": decode.median / decode_steps,
+        "decode_tok_s_per_seq": decode_steps / (decode.median / 1e3),
+        "decode_tok_s_total": batch * decode_steps / (decode.median / 1e3),
+        "prefill_spread_pct": prefill.spread_pct, "decode_spread_pct": decode.spread_pct,
+        "repeats": int(prefill.values.size), "clock": prefill.clock,
+    }
+    if prefill_gpu is not None:
+        row.update({"prefill_gpu_ms": prefill_gpu.median, "prefill_gpu_busy_pct": 100.0 * prefill_gpu.median / prefill.median})
+    if decode_gpu is not None:
+        row.update({"decode_gpu_ms_per_token": decode_gpu.median / decode_steps,
+                    "decode_gpu_busy_pct": 100.0 * decode_gpu.median / decode.median})
+    return row
+
+
+def speedup_fields(base: dict[str, Samples], cand: dict[str, Samples]) -> dict[str, float]:
+    """Candidate speedup (baseline time / candidate time, per repeat): median and 10th-90th percentiles.
+
+    Also the speedup in GPU busy time (``*_kernel_speedup``) where both have it.
+    """
+    out = {}
+    for kind in ("prefill", "decode"):
+        ratio = paired_ratio(base[kind], cand[kind])
+        out.update({f"{kind}_speedup": ratio.median, f"{kind}_speedup_p10": ratio.p10, f"{kind}_speedup_p90": ratio.p90})
+        if f"{kind}_gpu" in base and f"{kind}_gpu" in cand:
+            out[f"{kind}_kernel_speedup"] = base[f"{kind}_gpu"].median / cand[f"{kind}_gpu"].median
+    return out
+
+
+def progress_logger(path: str | Path | None) -> Callable[[str], None]:
+    """A function that appends a timestamped line to ``path`` (nothing where None): a long sweep can be watched, and
+    what ran is known if it is cut off."""
+    def log(line: str) -> None:
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                f.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+
+    return log

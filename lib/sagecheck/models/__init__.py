@@ -65,7 +65,7 @@ def resolve(model: str, revision: str | None = None) -> ModelSource:
 
 def hub_token() -> str | None:
     """The hub token from the environment (never a parameter, never printed)."""
-    from sagecheck.params import SECRET_ENV_VARS
+    from sagecheck.redact import SECRET_ENV_VARS
 
     for var in SECRET_ENV_VARS:
         if os.environ.get(var):
@@ -113,7 +113,9 @@ def load_model(
     if source.kind == "random":
         config = AutoConfig.from_pretrained(source.location)
         config._attn_implementation = attn_implementation
-        torch.manual_seed(seed)
+        from sagecheck.runtime import seed_everything
+
+        seed_everything(seed)  # random weights: the same for a seed, whatever ran before
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:

@@ -17,7 +17,7 @@ What the backend computes, and its settings (environment variables of the server
 
 from __future__ import annotations
 
-NAME = "sage_attn"
+from sagecheck.sglang_plugin.settings import NAME
 
 
 def create_backend(model_runner):  # noqa: ANN001 - SGLang's ModelRunner

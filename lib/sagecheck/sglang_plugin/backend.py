@@ -37,7 +37,7 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
 from sagecheck.environment import package_version
-from sagecheck.sglang_plugin import NAME
+from sagecheck.sglang_plugin.settings import NAME
 from sagecheck.sglang_plugin.preflight import check_decode_mode, decode_graphs_enabled
 from sagecheck.sglang_plugin.settings import INSTEAD, SageAttnUnavailable, Settings
 from sagecheck.sglang_plugin.stats import Stats

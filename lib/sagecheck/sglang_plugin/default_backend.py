@@ -18,7 +18,7 @@ def main(argv: list[str]) -> int:
     from sglang.srt import server_args
     from sglang.srt.plugins import load_plugins
 
-    from sagecheck.sglang_plugin import NAME
+    from sagecheck.sglang_plugin.settings import NAME
 
     load_plugins()
     args = server_args.prepare_server_args(argv)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sagecheck.sglang_plugin import NAME
+from sagecheck.sglang_plugin.settings import NAME
 from sagecheck.sglang_plugin.settings import SageAttnUnavailable, Settings
 
 BACKEND_ARGS = ("attention_backend", "prefill_attention_backend", "decode_attention_backend")

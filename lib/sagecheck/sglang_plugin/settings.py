@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+NAME = "sage_attn"  # the --attention-backend name the plugin registers
 DECODE_ENV = "SAGE_ATTN_DECODE"
 STATS_ENV = "SAGE_ATTN_STATS_DIR"
 DECODE_MODES = ("triton", "sage")

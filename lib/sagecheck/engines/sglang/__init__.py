@@ -1,10 +1,9 @@
 """The SGLang engine: real ``sglang.launch_server`` processes, driven over HTTP.
 
-Names: the notebooks ask for ``params.baseline`` and ``params.candidate``; here they are the
-*roles* whose servers run SGLang's ``params.sglang_baseline_backend`` (``triton``) and
-``params.sglang_attention_backend`` (``sage_attn``); :data:`BASELINE_COPY` is a second
-baseline server (the A/A control of 04). Any other name is started as that
-``--attention-backend`` on its own server.
+Labels are SGLang's own names: the baseline is the server of ``params.sglang_baseline_backend``
+(``triton``), the candidate the server of ``params.sglang_attention_backend`` (``sage_attn``), and
+``"<baseline> copy"`` (:attr:`SGLangEngine.copy`) a second baseline server, the A/A control of 04.
+Any other name is started as that ``--attention-backend`` on its own server.
 
 Where the servers come from, first match wins:
 
@@ -15,49 +14,27 @@ Where the servers come from, first match wins:
    side with the same stepped memory fractions, and stops them at :meth:`SGLangEngine.close`.
 
 What SGLang cannot give: full-vocabulary distributions (top-k logprobs only), per-layer
-activations, the torch allocator's peaks. The backend's ``capabilities`` say so.
+activations, the torch allocator's peaks, per-call counts (the engine's ``capabilities``).
+What the candidate ran comes from the sage_attn plugin's statistics (:mod:`sagecheck.sglang_plugin.stats`).
 """
 
 from __future__ import annotations
 
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 
-from sagecheck.engines import Backend, Engine, TopK
+from sagecheck.engines import CUDA_GRAPHS, RADIX_CACHE, SERVER_MEMORY, SERVERS, Backend, Engine, Generated, TopK
 from sagecheck.engines.sglang.client import ClientError, SGLangClient
-from sagecheck.engines.sglang.server import LaunchSpec, Server, ServerError, random_model_folder
+from sagecheck.engines.sglang.server import Server, ServerError, launch_spec
 from sagecheck.engines.sglang.servers import (BASELINE, BASELINE_COPY, CANDIDATE, SIDE_BY_SIDE_FRACTION, ServerHandle, ServerSet,
                                              backend_for, stepped_fraction)
 
-__all__ = ["SGLangEngine", "SGLangBackend", "ServerError", "ClientError", "launch_spec", "BASELINE_COPY", "plugin_stats",
-           "candidate_ran"]
+__all__ = ["SGLangEngine", "SGLangBackend", "ServerError", "ClientError", "launch_spec", "BASELINE", "CANDIDATE", "BASELINE_COPY"]
 
-
-def launch_spec(params: Any, backend: str | None, log_dir: Path, mem_fraction_static: float | None = None) -> LaunchSpec:
-    """The command line for ``params`` and one attention backend (None: SGLang's default)."""
-    from sagecheck import models
-
-    source = models.resolve(params.model, params.revision)
-    s = params.sglang
-    load_format = None
-    model_path = source.location
-    if source.kind == "random":
-        model_path = str(random_model_folder(Path(source.location), Path(source.tokenizer_location), log_dir / "random-model"))
-        load_format = "dummy"  # SGLang initialises the weights at random itself
-    extra = list(s.extra_args)
-    if source.kind == "pretrained" and source.revision:
-        extra += ["--revision", source.revision]
-    return LaunchSpec(
-        model_path=model_path, attention_backend=backend, dtype=params.dtype, tp=s.tp,
-        mem_fraction_static=mem_fraction_static if mem_fraction_static is not None else s.mem_fraction_static,
-        disable_cuda_graph=s.disable_cuda_graph, context_length=s.context_length, seed=params.seed,
-        load_format=load_format, max_total_tokens=s.max_total_tokens, extra_args=extra, python=s.python or sys.executable,
-    )
+PLUGIN = "sage_attn"  # sagecheck's own backend, whose servers write statistics of what they ran
 
 
 def plugin_stats(handle: ServerHandle | None) -> dict[str, Any] | None:
@@ -73,36 +50,17 @@ def plugin_stats(handle: ServerHandle | None) -> dict[str, Any] | None:
     return got
 
 
-def candidate_ran(engine: "SGLangEngine") -> str:
-    """One sentence on what the candidate server ran (the sage_attn plugin's statistics), for every SGLang notebook."""
-    from sagecheck.sglang_plugin.stats import describe
-
-    handle = engine.handles.get(CANDIDATE)
-    if handle is None:
-        return "the candidate server was not used"
-    if handle.error:
-        return f"the candidate server did not start: {handle.error.splitlines()[0]}"
-    backend = engine.params.sglang_attention_backend
-    if backend != "sage_attn":  # e.g. an A/A run, triton on both sides: no plugin statistics to expect
-        return f"--attention-backend {backend}, not sagecheck's sage_attn (no plugin statistics)"
-    return describe(plugin_stats(handle))
-
-
 class SGLangBackend(Backend):
-    capabilities = frozenset()
+    engine_name = "sglang"
 
-    def __init__(self, client: SGLangClient, implementation: str, handle: ServerHandle, info: dict[str, Any]) -> None:
+    def __init__(self, client: SGLangClient, label: str, handle: ServerHandle, info: dict[str, Any]) -> None:
         self.client = client
-        self.implementation = implementation
+        self.label = label
         self.handle = handle
         self.info = info
 
     def plugin_stats(self) -> dict[str, Any] | None:
         return plugin_stats(self.handle)
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.implementation, "attention_backend": self.info.get("attention_backend"),
-                "sglang_version": self.info.get("version"), "role": self.handle.role, "url": self.handle.url}
 
     def token_logprobs(self, batch: list[list[int]]) -> list[np.ndarray]:
         return self.client.input_logprobs(batch)
@@ -114,13 +72,19 @@ class SGLangBackend(Backend):
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         return self.client.greedy(prompts, max_new_tokens)
 
+    def generate_scored(self, prompts: list[list[int]], max_new_tokens: int) -> list[Generated]:
+        return [Generated(tokens, np.asarray(lps, dtype=np.float64))
+                for tokens, lps in self.client.greedy_scored(prompts, max_new_tokens)]
+
 
 class SGLangEngine(Engine):
     name = "sglang"
+    capabilities = frozenset({SERVERS, SERVER_MEMORY, CUDA_GRAPHS, RADIX_CACHE})
 
     def __init__(self, params: Any, log_dir: Path, env: dict[str, str] | None = None,
                  servers: dict[str, dict[str, Any]] | None = None) -> None:
         from sagecheck import models
+        from sagecheck.params import labels
 
         self.params = params
         self.log_dir = Path(log_dir)
@@ -129,23 +93,25 @@ class SGLangEngine(Engine):
         self._own: ServerSet | None = None
         self.tokenizer = models.load_tokenizer(models.resolve(params.model, params.revision))
         self.max_context = None
+        self.baseline, self.candidate = labels(params)
+        self.copy = f"{self.baseline} copy"
 
     @classmethod
     def from_params(cls, params: Any, log_dir: str | Path | None = None, **_: Any) -> "SGLangEngine":
         return cls(params, Path(log_dir) if log_dir else Path.cwd() / "sglang-logs", servers=getattr(params, "servers", None))
 
-    def role(self, implementation: str) -> str | None:
-        if implementation == BASELINE_COPY:
-            return BASELINE_COPY
-        if implementation == self.params.candidate:
-            return CANDIDATE
-        if implementation == self.params.baseline:
-            return BASELINE
-        return None
+    def model_config(self) -> Any:
+        from sagecheck import models
 
-    def backend_name(self, implementation: str) -> str:
-        role = self.role(implementation)
-        return backend_for(self.params, role) if role else implementation
+        return models.load_config(models.resolve(self.params.model, self.params.revision))
+
+    def role(self, label: str) -> str | None:
+        return {self.baseline: BASELINE, self.candidate: CANDIDATE, self.copy: BASELINE_COPY}.get(label)
+
+    def backend_name(self, label: str) -> str:
+        """The ``--attention-backend`` a label's server runs."""
+        role = self.role(label)
+        return backend_for(self.params, role) if role else label
 
     def handle(self, role: str) -> ServerHandle:
         """The server of a role: the run's, one given by URL, or one this engine starts (and keeps until close)."""
@@ -174,18 +140,36 @@ class SGLangEngine(Engine):
                             on_failure=server.check_alive if server else None)
 
     @contextmanager
-    def backend(self, implementation: str) -> Iterator[SGLangBackend]:
-        """The server of ``implementation``'s role (kept running), or a server of its own for another backend name."""
-        role = self.role(implementation)
+    def backend(self, label: str, layers: set[int] | None = None) -> Iterator[SGLangBackend]:
+        """The server of ``label``'s role (kept running), or a server of its own for another backend name."""
+        if layers is not None:
+            from sagecheck.engines import HIDDEN_STATES, NotAvailable
+
+            raise NotAvailable(self.name, HIDDEN_STATES)
+        role = self.role(label)
         if role is None:
-            with self.own_server(implementation) as (server, client, info):
-                yield SGLangBackend(client, implementation, ServerHandle("other", implementation, url=server.url), info)
+            with self.own_server(label) as (server, client, info):
+                yield SGLangBackend(client, label, ServerHandle("other", label, url=server.url), info)
             return
         handle = self.handle(role)
         client = self.client(handle)
         info = client.server_info()
         self.max_context = info.get("context_length") or info.get("max_req_input_len")
-        yield SGLangBackend(client, implementation, handle, info)
+        yield SGLangBackend(client, label, handle, info)
+
+    def candidate_ran(self) -> str:
+        """What the candidate server ran (the sage_attn plugin's statistics)."""
+        from sagecheck.sglang_plugin.stats import describe
+
+        handle = self.handles.get(CANDIDATE)
+        if handle is None:
+            return "the candidate server was not used"
+        if handle.error:
+            return f"the candidate server did not start: {handle.error.splitlines()[0]}"
+        backend = self.params.sglang_attention_backend
+        if backend != PLUGIN:  # e.g. an A/A run, triton on both sides: no plugin statistics to expect
+            return f"--attention-backend {backend}, not sagecheck's {PLUGIN} (no plugin statistics)"
+        return describe(plugin_stats(handle))
 
     def extra_fraction(self) -> float | None:
         """``--mem-fraction-static`` for a server of its own beside the run's: the side-by-side fraction where the KV
@@ -215,34 +199,3 @@ class SGLangEngine(Engine):
         if self._own is not None:
             self._own.stop()
             self._own = None
-
-
-def memory_report(params: Any, log_dir: Path) -> list[dict[str, Any]]:
-    """Per role: the KV-cache capacity and the memory split SGLang reports, and the GPU memory its processes hold (NVML)."""
-    from sagecheck.metrics.memory import process_tree_gpu_bytes
-
-    engine = SGLangEngine(params, log_dir, servers=params.servers)
-    rows = []
-    try:
-        for impl in (params.baseline, params.candidate):
-            try:
-                with engine.backend(impl) as b:
-                    info = b.info
-                    states = info.get("internal_states") or [{}]
-                    usage = (states[0] or {}).get("memory_usage") or {}
-                    rows.append({
-                        "implementation": impl, "role": b.handle.role, "status": "ok",
-                        "attention_backend": info.get("attention_backend"),
-                        "max_total_num_tokens": info.get("max_total_num_tokens"),
-                        "mem_fraction_static": info.get("mem_fraction_static"),
-                        "weights_GB": usage.get("weight"), "kv_cache_GB": usage.get("kvcache"),
-                        "cuda_graphs_GB": usage.get("graph"),
-                        "server_gpu_bytes": process_tree_gpu_bytes(b.handle.pid) if b.handle.pid else None,
-                    })
-            except (ServerError, ClientError) as e:
-                rows.append({"implementation": impl, "status": "server error", "error": getattr(e, "cause", str(e))[:300]})
-    finally:
-        engine.close()
-    if all(r["status"] != "ok" for r in rows):  # nothing measured: fail with the cause rather than an empty table
-        raise ServerError(f"no SGLang server could be reached: {rows[0]['error']}", cause=rows[0]["error"])
-    return rows

@@ -89,14 +89,17 @@ class SGLangClient:
         return values, indices
 
     def greedy(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        return [tokens for tokens, _ in self.greedy_scored(prompts, max_new_tokens)]
+
+    def greedy_scored(self, prompts: list[list[int]], max_new_tokens: int) -> list[tuple[list[int], list[float]]]:
+        """Per prompt (one batched request): the greedy tokens and each one's log-probability from its decode step."""
         out = self.generate(prompts, max_new_tokens=max_new_tokens, return_logprob=True, logprob_start_len=-1)
         out = out if isinstance(out, list) else [out]
         result = []
         for o in out:
-            if "output_ids" in o:
-                result.append(list(o["output_ids"]))
-            else:
-                result.append([e[1] for e in o["meta_info"]["output_token_logprobs"]])
+            entries = o["meta_info"]["output_token_logprobs"]
+            tokens = list(o["output_ids"]) if "output_ids" in o else [e[1] for e in entries]
+            result.append((tokens, [e[0] for e in entries]))
         return result
 
     def streamed_timing(self, batch: list[list[int]], max_new_tokens: int) -> tuple[float, float]:

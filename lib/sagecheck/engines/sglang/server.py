@@ -242,3 +242,25 @@ def random_model_folder(config_path: Path, tokenizer_dir: Path, target: Path) ->
     for f in tokenizer_dir.glob("tokenizer*"):
         shutil.copy(f, target / f.name)
     return target
+
+
+def launch_spec(params: Any, backend: str | None, log_dir: Path, mem_fraction_static: float | None = None) -> LaunchSpec:
+    """The command line for ``params`` and one attention backend (None: SGLang's default)."""
+    from sagecheck import models
+
+    source = models.resolve(params.model, params.revision)
+    s = params.sglang
+    load_format = None
+    model_path = source.location
+    if source.kind == "random":
+        model_path = str(random_model_folder(Path(source.location), Path(source.tokenizer_location), log_dir / "random-model"))
+        load_format = "dummy"  # SGLang initialises the weights at random itself
+    extra = list(s.extra_args)
+    if source.kind == "pretrained" and source.revision:
+        extra += ["--revision", source.revision]
+    return LaunchSpec(
+        model_path=model_path, attention_backend=backend, dtype=params.dtype, tp=s.tp,
+        mem_fraction_static=mem_fraction_static if mem_fraction_static is not None else s.mem_fraction_static,
+        disable_cuda_graph=s.disable_cuda_graph, context_length=s.context_length, seed=params.seed,
+        load_format=load_format, max_total_tokens=s.max_total_tokens, extra_args=extra, python=s.python or sys.executable,
+    )

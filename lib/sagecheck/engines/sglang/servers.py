@@ -32,14 +32,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from sagecheck.engines.sglang.server import Server, ServerError
+from sagecheck.engines.sglang.server import Server, ServerError, launch_spec
 
 BASELINE, CANDIDATE, BASELINE_COPY = "baseline", "candidate", "baseline_copy"
 ROLES = (BASELINE, CANDIDATE, BASELINE_COPY)
 SHARE = 0.85 / len(ROLES)
 SIDE_BY_SIDE_FRACTION = 0.85  # each server of a set started at once (KV cache capped by --max-total-tokens)
-# notebooks that talk to SGLang servers (06 and 08 run in process, 00 and 99 need none)
-SERVER_NOTEBOOKS = ("01", "02", "03", "04", "05", "07", "09")
 
 
 def stepped_fraction(index: int, first: float | None = None) -> float:
@@ -48,14 +46,17 @@ def stepped_fraction(index: int, first: float | None = None) -> float:
 
 
 def needed_roles(params: Any, notebooks: Iterable[str]) -> list[str]:
-    """The roles the selected notebooks need (none unless the engine is SGLang and no server was given by URL)."""
+    """The roles the selected notebooks need (none unless the engine is SGLang and no server was given by URL): the
+    baseline and the candidate for every notebook that measures with the run's engine, the copy for 04's A/A control."""
+    from sagecheck.params import SECTIONS, section_for
+
     if params.engine != "sglang" or params.sglang.url or params.sglang.baseline_url:
         return []
-    prefixes = {str(nb).split("_", 1)[0] for nb in notebooks}
-    if not prefixes & set(SERVER_NOTEBOOKS):
+    sections = {section_for(nb) for nb in notebooks} - {None}
+    if not any(SECTIONS[s].uses_engine == "run" for s in sections):
         return []
     roles = [BASELINE, CANDIDATE]
-    if "04" in prefixes and params.throughput.aa_control:
+    if "throughput" in sections and params.throughput.aa_control:
         roles.append(BASELINE_COPY)
     return roles
 
@@ -157,8 +158,6 @@ class ServerSet:
         return self._ready(*self._launch(role, stepped_fraction(len(self.servers) + 1, self.params.sglang.mem_fraction_static)))
 
     def _launch(self, role: str, fraction: float) -> tuple[Server | None, ServerHandle]:
-        from sagecheck.engines.sglang import launch_spec
-
         backend = backend_for(self.params, role)
         renv = role_env(self.params, role, self.log_dir)
         spec = launch_spec(self.params, backend, self.log_dir, mem_fraction_static=fraction)

@@ -17,80 +17,19 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from sagecheck import results as R
-from sagecheck.params import ParamError
-from sagecheck.recommendation import candidate_rows, failed_aa_checks
-from sagecheck.report import commit_label, compared
-from sagecheck.report import counts as report_counts
+from sagecheck.metrics.kernel import read_timings
+from sagecheck.metrics.memory import MemoryResults
+from sagecheck.metrics.throughput import ThroughputResults
+from sagecheck.params import RUN_LEVEL, ParamError
+from sagecheck.report.loaded import LoadedRun as Run
+from sagecheck.report.loaded import load_run
+from sagecheck.report.summary import commit_label, compared
 
-SUMMARY_PREFIX = "99_"
-# parameters that name a run, not what it measures
-COSMETIC_PARAMS = ("title",)
 # what tells two runs on the same GPU apart in their labels, in this order (else the run folder's name)
 LABEL_PARAMS = ("model", "engine", "sglang_attention_backend", "candidate", "dtype", "seed")
 
 
 # --------------------------------------------------------------------------- runs
-
-
-@dataclass
-class Run:
-    path: Path
-    manifest: dict[str, Any]
-    params: dict[str, Any]
-    results: dict[str, R.Results]
-    label: str = ""
-
-    def result(self, prefix: str) -> R.Results | None:
-        """The results of the notebook named ``prefix`` (``04`` or ``04_throughput``)."""
-        for name, res in self.results.items():
-            if name == prefix or name.split("_", 1)[0] == prefix:
-                return res
-        return None
-
-    @property
-    def environment(self) -> dict[str, Any]:
-        """00_environment's facts; without it, the brief environment every results file carries."""
-        env = self.result("00")
-        if env is not None and env.status == "ok" and env.metrics:
-            return env.metrics
-        for res in self.results.values():
-            if res.environment:
-                brief = dict(res.environment)
-                brief["versions"] = {k: brief.get(k) for k in ("torch", "transformers", "sglang", "sageattention")}
-                brief["git"] = {"sha": brief.get("git_sha")}
-                return brief
-        return {}
-
-    @property
-    def measured(self) -> list[R.Results]:
-        return [r for name, r in sorted(self.results.items()) if not name.startswith(SUMMARY_PREFIX)]
-
-
-def load_run(path: str | Path) -> Run:
-    path = Path(path)
-    if not path.is_dir():
-        raise ParamError(f"run folder not found: {path}")
-    results_dir = path / "results"
-    if not results_dir.is_dir() or not any(results_dir.glob("*.json")):
-        raise ParamError(f"{path} is not a run folder: no results/*.json (a folder written by `python -m sagecheck run`)")
-    manifest: dict[str, Any] = {}
-    if (path / "run.json").is_file():
-        try:
-            manifest = json.loads((path / "run.json").read_text())
-        except json.JSONDecodeError as e:
-            raise ParamError(f"{path / 'run.json'} is not valid JSON: {e}") from None
-    results = {r.notebook: r for r in R.load_all(results_dir)}
-    params = manifest.get("params") or _params_from_results(results.values())
-    return Run(path=path, manifest=manifest, params=params, results=results)
-
-
-def _params_from_results(results: Iterable[R.Results]) -> dict[str, Any]:
-    """Without run.json: the union of the notebooks' parameters (each holds the run-wide keys and its own section's)."""
-    merged: dict[str, Any] = {}
-    for r in results:
-        for k, v in r.params.items():
-            merged.setdefault(k, v)
-    return merged
 
 
 def load_runs(paths: Iterable[str | Path]) -> list[Run]:
@@ -167,7 +106,7 @@ def param_differences(runs: list[Run]) -> list[dict[str, Any]]:
     keys = sorted(set().union(*flats))
     out = []
     for key in keys:
-        if key.split(".")[0] in COSMETIC_PARAMS:
+        if key.split(".")[0] in RUN_LEVEL:
             continue
         values = [f.get(key, "missing") for f in flats]
         if any(json.dumps(v, sort_keys=True, default=str) != json.dumps(values[0], sort_keys=True, default=str) for v in values):
@@ -245,20 +184,23 @@ def environment_rows(runs: list[Run]) -> list[dict[str, Any]]:
 
 
 def check_rows(runs: list[Run]) -> list[dict[str, Any]]:
-    """Every check of every run, in notebook order: per run its verdict, or why there is none."""
+    """Every check of every run, in notebook order, matched by its id: per run its verdict, or why there is none."""
     order: list[tuple[str, str]] = []
+    names: dict[tuple[str, str], str] = {}
     for run in runs:
         for res in run.measured:
             for v in res.verdicts:
-                if (res.notebook, v.name) not in order:
-                    order.append((res.notebook, v.name))
+                if (res.notebook, v.id) not in order:
+                    order.append((res.notebook, v.id))
+                    names[(res.notebook, v.id)] = v.name
     order.sort(key=lambda k: k[0])  # stable: within a notebook, first appearance
     rows = []
-    for notebook, name in order:
+    for notebook, vid in order:
+        name = names[(notebook, vid)]
         cells = []
         for run in runs:
             res = run.results.get(notebook)
-            v = next((x for x in res.verdicts if x.name == name), None) if res else None
+            v = res.find(vid) if res else None
             if v is not None:
                 cells.append({"value": v.value, "passed": v.passed, "comparison": v.comparison, "threshold": v.threshold,
                               "unit": v.unit})
@@ -266,7 +208,7 @@ def check_rows(runs: list[Run]) -> list[dict[str, Any]]:
                 cells.append({"missing": _why_missing(res)})
         verdicts = {c.get("passed") for c in cells if "missing" not in c}
         thresholds = {(c["comparison"], c["threshold"]) for c in cells if "missing" not in c}
-        rows.append({"notebook": notebook, "check": name, "runs": cells, "verdicts_differ": len(verdicts) > 1,
+        rows.append({"notebook": notebook, "id": vid, "check": name, "runs": cells, "verdicts_differ": len(verdicts) > 1,
                      "thresholds_differ": len(thresholds) > 1, "in_every_run": all("missing" not in c for c in cells)})
     return rows
 
@@ -282,7 +224,7 @@ def _why_missing(res: R.Results | None) -> str:
 
 
 def notebook_status_rows(runs: list[Run]) -> list[dict[str, Any]]:
-    names = sorted({n for run in runs for n in run.results if not n.startswith(SUMMARY_PREFIX)})
+    names = sorted({n for run in runs for n in run.results if n != R.SUMMARY_NOTEBOOK})
     rows = []
     for name in names:
         cells = []
@@ -331,65 +273,21 @@ class Comparison:
         return [p["runs"][label].get(value) for p in self.points]
 
 
-def _candidate_impl(run: Run) -> str:
-    return str(run.params.get("candidate", "sage"))
-
-
-def _baseline_impl(run: Run) -> str:
-    return str(run.params.get("baseline", "sdpa"))
-
-
-def _table(run: Run, notebook: str, name: str) -> list[dict[str, Any]] | None:
-    res = run.result(notebook)
-    if res is None or res.status != "ok":
-        return None
-    return res.tables.get(name)
-
-
 def throughput_rows(run: Run) -> list[dict[str, Any]] | None:
     """The candidate's points of 04 with its speedups, and the baseline's tokens/s beside them."""
-    res = run.result("04")
-    if res is None or res.status != "ok" or "throughput" not in res.tables:
-        return None
-    base = {(r["batch"], r["input_length"]): r for r in candidate_rows(res, _baseline_impl(run))}
-    rows = []
-    for r in candidate_rows(res, _candidate_impl(run)):
-        b = base.get((r["batch"], r["input_length"]), {})
-        ok = r.get("status") == "ok" and b.get("status") == "ok"
-        rows.append({**r, "status": "ok" if ok else (r.get("status") if r.get("status") != "ok" else b.get("status", "no baseline")),
-                     "baseline_prefill_tok_s": b.get("prefill_tok_s"), "baseline_decode_tok_s_total": b.get("decode_tok_s_total")})
-    return rows
+    tp = ThroughputResults.read(run.result("04"))
+    return tp.matched_points() if tp and tp.rows else None
 
 
 def kernel_rows(run: Run) -> list[dict[str, Any]] | None:
     """08's timings, with each implementation's TOPS over sdpa's at the same shape."""
-    table = _table(run, "08", "speed")
-    if table is None:
-        return None
-    shape = ("seq_len", "batch", "heads", "head_dim", "causal", "dtype")
-    sdpa = {tuple(r[k] for k in shape): r for r in table if r.get("implementation") == "sdpa" and r.get("status") == "ok"}
-    rows = []
-    for r in table:
-        ref = sdpa.get(tuple(r[k] for k in shape))
-        ratio = r["tops"] / ref["tops"] if ref and r.get("status") == "ok" and r.get("tops") and ref.get("tops") else None
-        rows.append({**r, "over_sdpa": ratio})
-    return rows
+    return read_timings(run.result("08"))
 
 
 def memory_rows(run: Run) -> list[dict[str, Any]] | None:
-    """05's figures: per SGLang server (KV capacity, its processes' GPU memory), or per in-process point (peaks)."""
-    res = run.result("05")
-    if res is None or res.status != "ok":
-        return None
-    if "sglang_memory" in res.tables:
-        return [{**r, "point": r.get("role"), "server_GiB": (r.get("server_gpu_bytes") or 0) / 2**30 or None}
-                for r in res.tables["sglang_memory"]]
-    rows = []
-    for r in res.tables.get("memory", []):
-        rows.append({**r, "point": f"{r.get('implementation')} b{r.get('batch')} n{r.get('input_length')}",
-                     "peak_allocated_GiB": (r.get("peak_allocated") or 0) / 2**30 or None,
-                     "peak_reserved_GiB": (r.get("peak_reserved") or 0) / 2**30 or None})
-    return rows or None
+    """05's figures: per server (KV capacity, its processes' GPU memory), or per in-process point (peaks)."""
+    got = MemoryResults.read(run.result("05"))
+    return got.points if got and got.points else None
 
 
 ENGINE_BACKENDS = ("engine", "baseline", "candidate", "sglang_baseline_backend", "sglang_attention_backend",
@@ -477,7 +375,7 @@ def _median(values: list[float | None]) -> float | None:
 def headline(runs: list[Run], sections: dict[str, Comparison], checks: list[dict[str, Any]]) -> list[str]:
     """Two to five sentences computed from the comparison: the runs' checks, where verdicts differ, speed per machine."""
     out = []
-    counts = [report_counts(r.measured) for r in runs]
+    counts = [r.counts for r in runs]
     out.append("Checks passed: " + ", ".join(f"{r.label} {c['passed']}/{c['verdicts']} in {len(r.measured)} notebooks" + (
         f" ({c['notebooks_failed']} notebook(s) failed)" if c["notebooks_failed"] else "") for r, c in zip(runs, counts)) + ".")
     differ = [row for row in checks if row["verdicts_differ"]]
@@ -554,11 +452,9 @@ def aa_control(runs: list[Run], labels: Iterable[str]) -> dict[str, dict[str, An
     for run in runs:
         if run.label not in labels:
             continue
-        res = run.result("04")
-        checks = [v for v in (res.verdicts if res else []) if v.name.startswith("A/A control") and v.value is not None]
-        worst = max(checks, key=lambda v: v.value, default=None)
-        out[run.label] = None if worst is None else {
-            "pct": worst.value, "limit": worst.threshold, "passed": not failed_aa_checks(res)}
+        tp = ThroughputResults.read(run.result("04"))
+        worst = tp.aa_worst() if tp else None
+        out[run.label] = None if worst is None else {"pct": worst.value, "limit": worst.threshold, "passed": not tp.aa_failed}
     return out
 
 
@@ -567,7 +463,7 @@ def comparison_data(runs: list[Run], sections: dict[str, Comparison] | None = No
     sections = sections if sections is not None else compare_all(runs)
     checks = check_rows(runs)
     return {
-        "runs": [{"label": r.label, "path": str(r.path), "counts": report_counts(r.measured)} for r in runs],
+        "runs": [{"label": r.label, "path": str(r.path), "counts": r.counts} for r in runs],
         "environment": environment_rows(runs),
         "param_differences": param_differences(runs),
         "notebooks": notebook_status_rows(runs),

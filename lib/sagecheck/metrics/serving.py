@@ -1,4 +1,5 @@
-"""Serving speed through SGLang: baseline, candidate and an A/A copy of the baseline, interleaved request by request.
+"""Serving speed through an engine of servers (SGLang): baseline, candidate and an A/A copy of the baseline,
+interleaved request by request.
 
 Per point (input length, batch size) and repeat, each server gets the same random prompts as
 one streamed batch request after its prefix cache is flushed, timed at the client as
@@ -23,11 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from sagecheck.engines.sglang import BASELINE_COPY, SGLangEngine
+from sagecheck.engines.sglang import SGLangEngine
 from sagecheck.engines.sglang.client import ClientError
 from sagecheck.engines.sglang.server import ServerError
-from sagecheck.metrics.throughput import random_prompts, speedup_fields, timing_row
-from sagecheck.metrics.timing import Samples, paired_ratio
+from sagecheck.metrics.timing import Samples, paired_ratio, progress_logger, random_prompts, speedup_fields, timing_row
 
 CLOCK = "client wall clock (streamed /generate)"
 
@@ -59,12 +59,12 @@ def measure_interleaved(clients: dict[str, Any], labels: list[str], prompts: lis
     return {label: {k: Samples(np.asarray(v), CLOCK) for k, v in t.items()} for label, t in times.items()}
 
 
-def point_rows(samples: dict[str, dict[str, Samples]], baseline: str, candidate: str, batch: int, length: int,
+def point_rows(samples: dict[str, dict[str, Samples]], baseline: str, candidate: str, copy: str, batch: int, length: int,
                decode_steps: int, backends: dict[str, str]) -> list[dict[str, Any]]:
     """Table rows of one point: each server's figures; the candidate's speedup, the A/A speedup and the verdict of each phase."""
     rows = []
     base = samples[baseline]
-    control = samples.get(BASELINE_COPY)
+    control = samples.get(copy)
     for label, s in samples.items():
         row = timing_row(batch, length, label, s["prefill"], s["decode"], decode_steps)
         row["attention_backend"] = backends.get(label)
@@ -91,8 +91,8 @@ def sweep(engine: SGLangEngine, lengths: list[int], batches: list[int], decode_t
     ``max_batch_tokens`` or a server answers with an error; a server that could not start
     leaves its points not run.
     """
-    p = engine.params
-    labels = [p.baseline, p.candidate] + ([BASELINE_COPY] if aa_control else [])
+    baseline, candidate, copy = engine.baseline, engine.candidate, engine.copy
+    labels = [baseline, candidate] + ([copy] if aa_control else [])
     clients, backends, servers = {}, {}, {}
     for label in labels:
         try:
@@ -109,18 +109,14 @@ def sweep(engine: SGLangEngine, lengths: list[int], batches: list[int], decode_t
                               "chunked_prefill_size": info.get("chunked_prefill_size")}
         except (ServerError, ClientError) as e:
             servers[label] = {"role": engine.role(label), "error": getattr(e, "cause", str(e))[:300]}
-    if p.baseline not in clients:  # nothing can be compared: the notebook fails with the cause, in one line
-        raise ServerError(f"the baseline server cannot be reached, no point can be measured: {servers[p.baseline]['error']}",
-                          cause=servers[p.baseline]["error"])
+    if baseline not in clients:  # nothing can be compared: the notebook fails with the cause, in one line
+        raise ServerError(f"the baseline server cannot be reached, no point can be measured: {servers[baseline]['error']}",
+                          cause=servers[baseline]["error"])
     running = [label for label in labels if label in clients]
     vocab = len(engine.tokenizer)
     decode_steps = max(1, decode_tokens - 1)
 
-    def log(line: str) -> None:
-        if progress_log is not None:
-            Path(progress_log).parent.mkdir(parents=True, exist_ok=True)
-            with open(progress_log, "a") as f:
-                f.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+    log = progress_logger(progress_log)
 
     rows: list[dict[str, Any]] = []
     for length in lengths:
@@ -128,7 +124,7 @@ def sweep(engine: SGLangEngine, lengths: list[int], batches: list[int], decode_t
             not_run = [{"batch": batch, "input_length": length, "implementation": label, "status": status, "error": error}
                        for label, status, error in ((lb, "server error", servers[lb].get("error", "")) for lb in labels)
                        if label not in clients]
-            if p.baseline not in clients or p.candidate not in clients:
+            if baseline not in clients or candidate not in clients:
                 rows += [{"batch": batch, "input_length": length, "implementation": label, "status": "server error",
                           "error": servers[label].get("error", "")} for label in labels]
                 continue
@@ -147,7 +143,7 @@ def sweep(engine: SGLangEngine, lengths: list[int], batches: list[int], decode_t
                          for label in labels]
                 log(f"batch {batch} length {length}: error {why}")
                 continue
-            new = point_rows(samples, p.baseline, p.candidate, batch, length, decode_steps, backends)
+            new = point_rows(samples, baseline, candidate, copy, batch, length, decode_steps, backends)
             wall = time.perf_counter() - t0
             for r in new:
                 r["point_wall_s"] = wall

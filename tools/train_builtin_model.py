@@ -1,7 +1,7 @@
 """Train the built-in reference model: a small Llama on public-domain text and passkey tasks.
 
-    python -m sagecheck.models.train --data ../shared/data/shakespeare --out /tmp/model            # shipped recipe (GPU)
-    python -m sagecheck.models.train --data ../shared/data/shakespeare --out /tmp/tiny --preset tiny  # minutes on a CPU
+    python tools/train_builtin_model.py --data ../shared/data/shakespeare --out /tmp/model            # shipped recipe (GPU)
+    python tools/train_builtin_model.py --data ../shared/data/shakespeare --out /tmp/tiny --preset tiny  # minutes on a CPU
 
 Steps: a byte-level BPE tokenizer (digits split one by one, so that numbers are copied
 token by token) trained on the training split; a ``LlamaForCausalLM`` with RoPE and
@@ -342,7 +342,7 @@ def evaluate(model_dir: Path, data_dir: Path, recipe: Recipe, device: torch.devi
 CARD = """# {name}
 
 The built-in reference model of sagecheck: a small Llama-architecture causal language model
-(RoPE, grouped-query attention), trained by `python -m sagecheck.models.train` on
+(RoPE, grouped-query attention), trained by `python tools/train_builtin_model.py` on
 public-domain text and on synthetic passkey-retrieval prompts. It lets every notebook give
 meaningful numbers on a laptop CPU, with no download. It is not a general-purpose model.
 
@@ -378,7 +378,7 @@ Passkey retrieval (greedy, exact 5-digit match), {trials} trials per length at d
 ## Retrain
 
 ```
-python -m sagecheck.models.train --data path/to/shakespeare --out lib/sagecheck/models/{name}
+python tools/train_builtin_model.py --data path/to/shakespeare --out lib/sagecheck/models/{name}
 ```
 
 (`--preset tiny` trains a toy version on a CPU in minutes; the shipped model used the
@@ -409,7 +409,7 @@ def write_card(out: Path, summary: dict[str, Any], evaluation: dict[str, Any]) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sagecheck.models.train", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python tools/train_builtin_model.py", description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="folder of training texts (the shakespeare corpus)")
     ap.add_argument("--out", required=True, help="output folder (weights, tokenizer, card)")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="ship")

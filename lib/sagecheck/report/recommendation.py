@@ -1,23 +1,19 @@
 """The report's opening paragraph: from this run's results, where the candidate is faster, what it costs in
-accuracy and what the failing checks mean. Every figure in it is read from the results; the only fixed text
-is what a failing check of each notebook means."""
+accuracy and what the failing checks mean. Every figure in it is read from the results, by the verdicts' kinds and
+ids (never their display names); the only fixed text is what a failing check of each notebook means."""
 
 from __future__ import annotations
 
 from typing import Any, Iterable
 
 from sagecheck import results as R
-from sagecheck.params import backend_names
-
-# the notebooks whose checks measure answers (accuracy), not speed, memory or plumbing
-ACCURACY_NOTEBOOKS = ("02_logits", "03_perplexity", "06_activation_drift", "07_context_length", "09_tasks")
-
-# checks of the measurement itself, not of the candidate: a task the baseline cannot answer above chance
-CONTROL_MARKERS = ("the task can tell right from wrong",)
+from sagecheck.metrics.throughput import ThroughputResults
+from sagecheck.params import labels
 
 
-def _is_control(v: R.Verdict) -> bool:
-    return any(m in v.name for m in CONTROL_MARKERS)
+def _accuracy(results: Iterable[R.Results]) -> list[R.Verdict]:
+    """The checks of the candidate's answers (controls of the measurement itself are kind "control", not these)."""
+    return [v for r in results for v in r.of_kind("accuracy")]
 
 
 # what a failing check of each notebook means for the pull request
@@ -74,25 +70,14 @@ def _point(p: dict[str, Any]) -> str:
     return f"{p['speedup']:.3g}x at input {p['input_length']}, batch {p['batch']}"
 
 
-def candidate_rows(tp: R.Results | None, label: str) -> list[dict[str, Any]]:
-    """04's rows of the candidate (``label``: its implementation label there); none where 04 did not run."""
-    if tp is None or tp.status != "ok":
-        return []
-    return [r for r in tp.tables.get("throughput", []) if r.get("implementation") == label]
-
-
-def failed_aa_checks(tp: R.Results | None) -> list[R.Verdict]:
-    """04's A/A checks that failed: the timing could not tell the baseline from its own copy."""
-    return [v for v in (tp.verdicts if tp else []) if v.name.startswith("A/A control") and not v.passed]
-
-
-def speed_sentence(tp: R.Results | None, label: str, candidate: str, baseline: str, cpu_emulation: bool) -> str:
-    """``label``: the candidate's implementation label in 04's rows; ``candidate``, ``baseline``: the names to print."""
-    if tp is None:
+def speed_sentence(res: R.Results | None, candidate: str, baseline: str, cpu_emulation: bool) -> str:
+    """``candidate``, ``baseline``: the names to print."""
+    if res is None:
         return "Speed was not measured in this run (04_throughput did not run)."
-    if tp.status != "ok":
-        return f"Speed was not measured: 04_throughput {tp.status} ({(tp.reason or '').strip()[:160]})."
-    rows = candidate_rows(tp, label)
+    if res.status != "ok":
+        return f"Speed was not measured: 04_throughput {res.status} ({(res.reason or '').strip()[:160]})."
+    tp = ThroughputResults.read(res)
+    rows = tp.points("candidate")
     parts = []
     for phase in ("prefill", "decode"):
         points = _phase_points(rows, phase)
@@ -121,7 +106,7 @@ def speed_sentence(tp: R.Results | None, label: str, candidate: str, baseline: s
     if not parts:
         return "Speed: no point of 04_throughput ran."
     sentence = f"Speed of {candidate} against {baseline}: " + "; ".join(parts) + "."
-    aa = failed_aa_checks(tp)
+    aa = tp.aa_failed
     if aa:
         worst = max(aa, key=lambda v: v.value or 0)
         unit = f" {worst.unit}" if worst.unit else ""
@@ -138,16 +123,15 @@ def _figure(v: R.Verdict) -> str:
 
 
 def accuracy_sentence(results: list[R.Results]) -> str:
-    checks = [v for r in results if r.notebook in ACCURACY_NOTEBOOKS for v in r.verdicts if not _is_control(v)]
+    checks = _accuracy(results)
     if not checks:
         return "Accuracy was not measured in this run."
     failing = [v for v in checks if not v.passed]
     if failing:
         shown = failing
         head = f"In accuracy, {len(failing)} of {len(checks)} checks fail: "
-    else:  # the first check of each accuracy notebook: its headline figure
-        shown = [next(v for v in r.verdicts if not _is_control(v)) for r in results
-                 if r.notebook in ACCURACY_NOTEBOOKS and any(not _is_control(v) for v in r.verdicts)]
+    else:  # the first accuracy check of each notebook: its headline figure
+        shown = [r.of_kind("accuracy")[0] for r in results if r.of_kind("accuracy")]
         head = f"In accuracy, all {len(checks)} checks pass; headline figures: "
     return head + "; ".join(_figure(v) for v in shown[:5]) + (f"; and {len(shown) - 5} more" if len(shown) > 5 else "") + "."
 
@@ -162,9 +146,9 @@ def failures_sentence(results: list[R.Results]) -> str:
     parts = []
     for nb, vs in failing.items():
         means = FAILURE_MEANS.get(nb, "see the notebook")
-        if nb == "04_throughput" and not any(v.name.startswith("A/A control") for v in vs):
-            means = "too few points of the sweep ran"
-        if all(_is_control(v) for v in vs):
+        if all(v.kind == "coverage" for v in vs):
+            means = "too few points of the sweep ran" if nb == "04_throughput" else "part of what it measures could not run"
+        elif all(v.id.startswith("tasks.") and v.kind == "control" for v in vs):
             means = "a task the baseline cannot answer above its reference level, so its delta says nothing either way"
         parts.append(f"{nb} ({len(vs)}: {means})")
     text = ""
@@ -176,12 +160,13 @@ def failures_sentence(results: list[R.Results]) -> str:
     return text
 
 
-def overall_sentence(results: list[R.Results], tp: R.Results | None, label: str) -> str:
-    acc_fail = [v for r in results if r.notebook in ACCURACY_NOTEBOOKS for v in r.verdicts if not v.passed and not _is_control(v)]
-    acc_ran = any(not _is_control(v) for r in results if r.notebook in ACCURACY_NOTEBOOKS for v in r.verdicts)
-    rows = candidate_rows(tp, label)
+def overall_sentence(results: list[R.Results], res: R.Results | None) -> str:
+    acc_fail = [v for v in _accuracy(results) if not v.passed]
+    acc_ran = bool(_accuracy(results))
+    tp = ThroughputResults.read(res)
+    rows = tp.points("candidate") if tp else []
     faster = [p for phase in ("prefill", "decode") for p in _phase_points(rows, phase) if p["verdict"] == "faster"]
-    aa_failed = bool(failed_aa_checks(tp))
+    aa_failed = bool(tp and tp.aa_failed)
     if acc_fail:
         return f"Reading: not a drop-in replacement here; {len(acc_fail)} accuracy check(s) fail."
     if not acc_ran:
@@ -197,16 +182,16 @@ def overall_sentence(results: list[R.Results], tp: R.Results | None, label: str)
 
 def sentences(results: Iterable[R.Results], params: dict[str, Any]) -> list[str]:
     """Two to five sentences from this run's results (the summary notebook's own results left out)."""
-    res = [r for r in results if not r.notebook.startswith("99_")]
+    res = [r for r in results if r.notebook != R.SUMMARY_NOTEBOOK]
     tp = next((r for r in res if r.notebook == "04_throughput"), None)
-    baseline, candidate_name = backend_names(params)
+    baseline, candidate = labels(params)
     env = next((r.metrics for r in res if r.notebook == "00_environment"), {})
     device = env.get("device") or params.get("device")
     cpu_emulation = params.get("engine") != "sglang" and str(device).startswith("cpu")
     out = [
-        speed_sentence(tp, params.get("candidate", ""), candidate_name, baseline, cpu_emulation),
+        speed_sentence(tp, candidate, baseline, cpu_emulation),
         accuracy_sentence(res),
         failures_sentence(res),
-        overall_sentence(res, tp, params.get("candidate", "")),
+        overall_sentence(res, tp),
     ]
     return [s for s in out if s]

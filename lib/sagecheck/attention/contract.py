@@ -1,0 +1,28 @@
+"""The one signature every attention implementation has, and the two ways it can decline (see the package docstring)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class AttentionFn(Protocol):
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        causal: bool = False,
+        scale: float | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
+
+class AttentionUnavailable(RuntimeError):
+    """The implementation cannot run on this machine (no CUDA, package missing)."""
+
+
+class UnsupportedCall(ValueError):
+    """The implementation cannot compute this call (a mask, a shape); the baseline can."""

@@ -1,0 +1,129 @@
+"""The run in a table and in words: every verdict, the counts, what was compared, and the Markdown block for the PR."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from sagecheck import results as R
+
+
+def verdict_rows(results: Iterable[R.Results]) -> list[dict[str, Any]]:
+    """One row per verdict; a notebook that failed or was skipped without verdicts gets one row saying so."""
+    rows = []
+    for r in results:
+        if not r.verdicts and r.status == "failed":
+            rows.append({"notebook": r.notebook, "verdict": None, "status": "ok", "text": f"notebook failed: {(r.reason or '')[:300]}"})
+        elif not r.verdicts and r.status == "skipped":
+            rows.append({"notebook": r.notebook, "verdict": None, "status": "skipped", "text": f"skipped: {r.reason}"})
+        rows += [{"notebook": r.notebook, "verdict": v} for v in r.verdicts]
+    return rows
+
+
+def verdict_table_html(results: Iterable[R.Results], table_id: str = "sagecheck-summary") -> str:
+    """Every verdict of the run as one HTML table (the summary notebook shows it; each notebook its own)."""
+    from sagecheck.report.templating import render
+
+    return render("verdicts.html.j2", rows=verdict_rows(results), table_id=table_id)
+
+
+def counts(results: Iterable[R.Results]) -> dict[str, int]:
+    res = list(results)
+    verdicts = [v for r in res for v in r.verdicts]
+    return {
+        "verdicts": len(verdicts),
+        "passed": sum(v.passed for v in verdicts),
+        "failed": sum(not v.passed for v in verdicts),
+        "notebooks_ok": sum(r.status == "ok" for r in res),
+        "notebooks_failed": sum(r.status == "failed" for r in res),
+        "notebooks_skipped": sum(r.status == "skipped" for r in res),
+    }
+
+
+def _resolved(env: dict[str, Any], key: str, params: dict[str, Any]) -> str:
+    """`` (cpu)`` when the parameter said auto and the environment notebook recorded what it became."""
+    value = env.get(key)
+    return f" ({value})" if value and params.get(key) == "auto" else ""
+
+
+def _short_sha(sha: Any) -> str:
+    """A commit cut to 12 characters; "unknown (why)" kept whole."""
+    sha = str(sha or "?")
+    return sha if sha.startswith("unknown") else sha[:12]
+
+
+def commit_label(git: dict[str, Any]) -> str:
+    """The recorded commit, and that the code that ran differed from it where the checkout was dirty."""
+    return _short_sha(git.get("sha")) + (" + uncommitted changes" if git.get("dirty") else "")
+
+
+def compared(p: dict[str, Any]) -> str:
+    """What was compared, in the engine's own names: SGLang's --attention-backend names, or the in-process implementations."""
+    if p.get("engine") == "sglang":
+        decode = (p.get("sglang") or {}).get("sage_attn_decode", "?")
+        extra = f"; sage_attn decode on {decode}" if p.get("sglang_attention_backend") == "sage_attn" else ""
+        return (f"SGLang --attention-backend `{p.get('sglang_baseline_backend', '?')}` (baseline) vs "
+                f"`{p.get('sglang_attention_backend', '?')}` (candidate{extra})")
+    phases = ", ".join(p.get("candidate_phases", [])) or "?"
+    return f"baseline `{p.get('baseline', '?')}` vs candidate `{p.get('candidate', '?')}` (phases: {phases})"
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def summary_markdown(run: Any) -> str:
+    """A GitHub Markdown block to paste into the pull request (``run``: a :class:`~sagecheck.report.loaded.LoadedRun`)."""
+    p = run.params
+    results = run.measured
+    env = run.environment if run.result("00") else {}
+    c = run.counts
+    lines = [f"### {p.get('title', 'sagecheck report')}", ""]
+    if p:
+        lines.append(
+            f"Model `{p.get('model')}` on engine `{p.get('engine')}`: {compared(p)}; dtype `{p.get('dtype')}`{_resolved(env, 'dtype', p)}, "
+            f"device `{p.get('device')}`{_resolved(env, 'device', p)}."
+        )
+    if env:
+        versions = env.get("versions", {})
+        lines.append(
+            f"GPU: {env.get('gpu', 'n/a')} · torch {versions.get('torch', '?')} · transformers {versions.get('transformers', '?')}"
+            f" · sageattention {versions.get('sageattention', '?')} · sglang {versions.get('sglang', '?')}"
+            f" · sagecheck {versions.get('sagecheck', '?')} · git `{commit_label(env.get('git', {}))}`"
+        )
+    lines.append("")
+    lines.append(
+        f"**{c['passed']} passed, {c['failed']} failed** ({c['verdicts']} checks); notebooks: "
+        f"{c['notebooks_ok']} ok, {c['notebooks_failed']} failed, {c['notebooks_skipped']} skipped."
+    )
+    for r in results:
+        if r.status != "ok":
+            lines.append(f"- `{r.notebook}` {r.status}: {_md_cell((r.reason or '')[:300])}")
+    lines += ["", "**What this run says:** " + " ".join(run.recommendation)]
+    lines += ["", "| Notebook | Check | Value | Threshold | Result |", "|---|---|---|---|---|"]
+    for r in results:
+        for v in r.verdicts:
+            unit = f" {v.unit}" if v.unit else ""
+            mark = "✅ pass" if v.passed else "❌ FAIL"
+            lines.append(
+                f"| {r.notebook} | {_md_cell(v.name)} | {R.format_number(v.value)}{unit} | "
+                f"{_md_cell(v.comparison)} {R.format_number(v.threshold)}{unit} | {mark} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def problems(run: Any) -> tuple[list[dict[str, Any]], list[str]]:
+    """The notebooks that failed or were skipped (with why), and those of the notebooks folder not part of the run."""
+    bad = [{"notebook": r.notebook, "status": r.status, "reason": r.reason} for r in run.measured if r.status != "ok"]
+    ran = set(run.results)
+    not_run = [s for s in run.manifest.get("available", []) if s not in ran and s != R.SUMMARY_NOTEBOOK]
+    return bad, not_run
+
+
+def record(results: Any, run: Any) -> None:
+    """The summary notebook's own results: the counts and which notebooks did not run as they should."""
+    bad, not_run = problems(run)
+    for key, value in run.counts.items():
+        results.metric(key, value)
+    results.metric("failed_notebooks", [p["notebook"] for p in bad if p["status"] == "failed"])
+    results.metric("skipped_notebooks", [p["notebook"] for p in bad if p["status"] == "skipped"])
+    results.metric("not_run", not_run)

@@ -1,0 +1,143 @@
+"""The shape of the code: layers, no import circle, thin notebooks that name capabilities, the layout as documented.
+
+The layers of ``../shared/DESIGN.md`` (README, Development), from the bottom: parameters, registry, results and
+environment -> attention, data, models -> engines -> metrics -> report -> the runner. A module imports only from
+its own layer or below; every import counts, also one inside a function.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+LIB = ROOT / "lib" / "sagecheck"
+# every top-level module or package of lib/sagecheck, by layer (README's Development section lists the same)
+LAYERS = {
+    "__init__": 0, "params": 0, "registry": 0, "results": 0, "environment": 0, "runtime": 0, "redact": 0, "notebooks": 0,
+    "attention": 1, "data": 1, "models": 1, "sources": 1,
+    "engines": 2, "sglang_plugin": 2,
+    "metrics": 3,
+    "report": 4, "show": 4, "plots": 4, "session": 4,
+    "run": 5, "__main__": 5,
+}
+NEVER = [("engines", "metrics"), ("models", "engines"), ("params", "models"), ("metrics", "report"), ("engines", "report")]
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(LIB.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in LIB.rglob("*.py")}
+
+
+def imports(path: Path, known: set[str]) -> set[str]:
+    """The sagecheck modules ``path`` imports (a name imported from a package that is a module counts as that module)."""
+    out = set()
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rsplit(".", 1)[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
+        for name in names:
+            if name.startswith("sagecheck"):
+                while name and name not in known:
+                    name = name.rsplit(".", 1)[0] if "." in name else ""
+                if name and name != module_name(path):
+                    out.add(name)
+    return out
+
+
+def graph() -> dict[str, set[str]]:
+    mods = modules()
+    return {name: imports(path, set(mods)) for name, path in mods.items()}
+
+
+def top(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def test_every_module_has_a_layer():
+    tops = {p.stem if p.is_file() else p.name for p in LIB.iterdir() if (p.suffix == ".py" or (p / "__init__.py").is_file())}
+    assert tops == set(LAYERS), f"not in LAYERS: {tops - set(LAYERS)}; gone: {set(LAYERS) - tops}"
+
+
+def test_no_import_runs_up_a_layer():
+    bad = []
+    for mod, deps in graph().items():
+        for dep in deps:
+            if top(dep) != top(mod) and LAYERS[top(dep)] > LAYERS[top(mod)]:
+                bad.append(f"{mod} -> {dep}")
+            if (top(mod), top(dep)) in NEVER:
+                bad.append(f"{mod} -> {dep} (never)")
+    assert not bad, bad
+
+
+def test_no_import_circle():
+    g = graph()
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(g.get(node, ())):
+            if state.get(dep) == 1:
+                cycles.append(stack[stack.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep, stack + [dep])
+        state[node] = 2
+
+    for node in sorted(g):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, cycles
+
+
+def code_lines(nb_path: Path) -> list[str]:
+    """The code lines of a notebook outside its parameters cell (no blank lines, no comments)."""
+    nb = json.loads(nb_path.read_text())
+    return [line for c in nb["cells"] if c["cell_type"] == "code" and "parameters" not in c.get("metadata", {}).get("tags", [])
+            for line in "".join(c["source"]).splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebooks_are_thin_and_ask_for_capabilities_not_engines(path):
+    lines = code_lines(path)
+    assert len(lines) <= 40, f"{path.name}: {len(lines)} code lines"
+    code = "\n".join(lines)
+    assert "P.engine" not in code and ".engine ==" not in code
+    assert not re.search(r"""["'](hf|sglang|transformers)["']""", code), "a notebook names an engine"
+
+
+def test_the_layout_of_the_design_is_the_tree():
+    """README's Development section lists the package's top level with each entry's layer; DESIGN.md's layout (where
+    the shared folder is there) names entries that exist."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("<!-- layout -->"):readme.index("<!-- /layout -->")]
+    listed = set(re.findall(r"^\s{2}(\w+)(?:\.py|/)", block, flags=re.M))
+    assert listed == set(LAYERS) - {"__init__", "__main__"}, (listed ^ (set(LAYERS) - {"__init__", "__main__"}))
+    for name in listed:
+        assert (LIB / f"{name}.py").is_file() or (LIB / name / "__init__.py").is_file(), name
+    assert (ROOT / "tools" / "train_builtin_model.py").is_file()
+    design = ROOT.parent / "shared" / "DESIGN.md"
+    if design.is_file():
+        text = design.read_text()
+        tree = text[text.index("lib/sagecheck/"):text.index("tools/")]
+        for name in re.findall(r"^\s{2}(\w+)(?:\.py|/)", tree, flags=re.M):
+            assert (LIB / f"{name}.py").is_file() or (LIB / name).is_dir(), f"DESIGN.md names {name}, the tree lacks it"
