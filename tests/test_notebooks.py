@@ -145,6 +145,28 @@ def test_09_tasks(ci_run):
     assert reference.kind == "control" and not reference.passed
 
 
+def test_10_code_paths(ci_run):
+    res = result(ci_run[1], "10_code_paths")
+    rows = {r["id"]: r for r in res.tables["paths"]}
+    assert set(rows) == {"cold", "prefix", "chunked", "decode_graphs", "decode_eager", "batch", "tp_ranks"}
+    ran = {p for p, r in rows.items() if r["exercised"]}
+    assert ran == {"cold", "prefix", "chunked", "decode_eager", "batch"}  # in process: no CUDA graphs, one device
+    assert rows["decode_graphs"]["why_not"] == "this engine replays no CUDA graphs (in process)"
+    assert res.metrics["not_exercised"].keys() == {"decode_graphs", "tp_ranks"}
+    plan = res.metrics["plan"]
+    assert plan["prefix"] == 160 // 2 + 13 and plan["prefix"] % 64 and plan["chunk"] == 96 and plan["long"] == 240
+    assert f"cached prefix of {plan['prefix']}" in rows["prefix"]["evidence"] and "3 chunks" in rows["chunked"]["evidence"]
+    assert "calls:sage-emulated" in rows["prefix"]["evidence"]  # the candidate itself ran the extend, no fallback
+    assert rows["prefix"]["positions"] == 2 * (160 - plan["prefix"] - 1)
+    for path in ran - {"cold"}:
+        r = rows[path]
+        assert r["passed"] and 0 < r["ratio_vs_baseline"] < 1.5 and r["ratio_vs_baseline_low"] <= r["ratio_vs_baseline"]
+        assert res.find(f"code_path.{path}").kind == "code_path" and res.find(f"code_path.{path}").value == r["excess"]
+    assert rows["cold"]["positions"] == 2 * 159 and 0 < rows["cold"]["vs_baseline_mean"] < 0.1
+    # the control of every path is the baseline against itself on another path: in process the two are the same program
+    assert all(rows[p]["control_mean"] < 1e-4 for p in ran - {"cold"})
+
+
 def test_99_summary(ci_run):
     out = ci_run[1]
     summary = result(out, "99_summary")

@@ -38,7 +38,7 @@ def test_sentences_name_the_crossover_and_the_worst_point(tmp_path):
     logits = R.Results("02_logits", tmp_path)
     logits.verdict("logits.kl_mean", "accuracy", "mean KL(baseline || candidate)", 0.0004, "<=", 0.001, unit="nats")
     out = rec.sentences([tp, logits], SGLANG)
-    assert 2 <= len(out) <= 5
+    assert 3 <= len(out) <= 6 and out[2].startswith("Code paths were not judged one by one")
     speed = out[0]
     assert "sage_attn against triton" in speed and "faster at 2 of 4 points, slower at 2" in speed
     assert "best 1.12x at input 8192, batch 4" in speed and "faster from input 8192 on at batch 1 and 4" in speed
@@ -55,7 +55,7 @@ def test_a_failed_aa_control_and_failing_accuracy_are_said(tmp_path):
     assert "faster at 0 of 1 points" in out[0]  # a point below 1 is never called faster
     assert "A/A control failed" in out[0] and "8 %" in out[0] and "limit 3 %" in out[0]
     assert "1 of 1 checks fail: top-1 agreement 0.96 (limit >= 0.97)" in out[1]
-    assert "02_logits (1: its next-token distributions differ" in out[2] and "04_throughput (1: the speed figures are not conclusive)" in out[2]
+    assert "02_logits (1: its next-token distributions differ" in out[3] and "04_throughput (1: the speed figures are not conclusive)" in out[3]
     assert out[-1] == "Reading: not a drop-in replacement here; 1 accuracy check(s) fail."
 
 
@@ -64,7 +64,7 @@ def test_missing_and_failed_notebooks_are_said_not_guessed(tmp_path):
     out = rec.sentences([failed], {"engine": "hf", "candidate": "sage", "baseline": "sdpa", "device": "cuda"})
     assert out[0] == "Speed was not measured in this run (04_throughput did not run)."
     assert out[1] == "Accuracy was not measured in this run."
-    assert "1 notebook(s) failed (03_perplexity)" in out[2]
+    assert "1 notebook(s) failed (03_perplexity)" in out[3]
     assert "no accuracy check ran" in out[-1]
 
 
@@ -87,7 +87,7 @@ def test_a_task_that_cannot_tell_right_from_wrong_is_not_blamed_on_the_candidate
     tasks.verdict("tasks.sums.reference", "control", "sums: baseline above its reference level", 0.0, ">", 0.5)
     out = rec.sentences([tasks], SGLANG)
     assert "all 1 checks pass" in out[1]
-    assert "09_tasks (1: a task the baseline cannot answer above its reference level" in out[2]
+    assert "09_tasks (1: a task the baseline cannot answer above its reference level" in out[3]
     assert not out[-1].startswith("Reading: not a drop-in")
 
 
@@ -103,3 +103,33 @@ def test_a_renamed_verdict_changes_nothing_in_the_reading(tmp_path):
     after = rec.sentences([tp, logits], SGLANG)
     assert [s.split(":")[0] for s in before] == [s.split(":")[0] for s in after]
     assert before[0] == after[0] and before[-1] == after[-1] and "A/A control failed" in after[0]
+
+
+def _paths(tmp_path, failing: str | None = None) -> R.Results:
+    """10's results: every path exercised and passing but ``failing``; decode in CUDA graphs not exercised."""
+    res = R.Results("10_code_paths", tmp_path)
+    rows = []
+    for path, title in (("cold", "cold prefill"), ("prefix", "extend over a cached prefix"), ("decode_eager", "eager decode")):
+        bad = path == failing
+        rows.append({"id": path, "title": title, "exercised": True, "evidence": "ran", "why_not": "", "passed": not bad,
+                     "excess": 7.5 if bad else 0.9} if path != "cold" else
+                    {"id": path, "title": title, "exercised": True, "evidence": "ran", "why_not": "", "passed": True,
+                     "vs_baseline_mean": 0.02})
+        res.verdict(f"code_path.{path}", "code_path", title, 7.5 if bad else 0.9, "<=", 1.5)
+    rows.append({"id": "decode_graphs", "title": "decode in CUDA graphs", "exercised": False, "evidence": "",
+                 "why_not": "the server runs with CUDA graphs off"})
+    res.table("paths", rows)
+    return res
+
+
+def test_a_failing_code_path_is_never_a_drop_in_whatever_else_passes(tmp_path):
+    tp = _throughput(tmp_path, {(1, 8192): (1.5, "faster")})
+    logits = R.Results("02_logits", tmp_path)
+    logits.verdict("logits.kl_mean", "accuracy", "mean KL(baseline || candidate)", 0.0004, "<=", 0.001, unit="nats")
+    good = rec.sentences([tp, logits, _paths(tmp_path)], SGLANG)
+    assert good[-1].startswith("Reading: accurate by these checks, and worth enabling")
+    assert "Code paths: 3 of 3 exercised pass; not exercised: decode in CUDA graphs (the server runs with CUDA graphs off)" in good[2]
+    bad = rec.sentences([tp, logits, _paths(tmp_path, failing="prefix")], SGLANG)
+    assert bad[-1] == ("Reading: not a drop-in replacement, whatever the other checks say: the extend over a cached prefix "
+                       "path fails (7.50× its control at least).")
+    assert "failing: extend over a cached prefix (7.50× its control at least)" in bad[2]

@@ -420,12 +420,13 @@ def test_the_sglang_sweep_measures_three_servers_interleaved(tmp_path):
 @pytest.mark.slow
 def test_notebooks_on_the_sglang_engine(tmp_path, ci_run):
     out = tmp_path / "sglang"
-    done = run_cli("run", "--params", str(SGLANG_PARAMS), "--only", "01,02,03,04,05,06,07", "--out", str(out), "-q",
+    done = run_cli("run", "--params", str(SGLANG_PARAMS), "--only", "01,02,03,04,05,06,07,09,10", "--out", str(out), "-q",
                    env={"PYTHONPATH": os.environ["PYTHONPATH"]})
     manifest = json.loads((out / "run.json").read_text())
     assert {n["name"]: n["status"] for n in manifest["notebooks"]} == {
         f"0{i}_{n}": "ok" for i, n in enumerate(["", "runtime_flag", "logits", "perplexity", "throughput", "memory",
-                                                 "activation_drift", "context_length"]) if i} | {"99_summary": "ok"}, done.stderr[-3000:]
+                                                 "activation_drift", "context_length"]) if i} | {
+        "09_tasks": "ok", "10_code_paths": "ok", "99_summary": "ok"}, done.stderr[-3000:]
     from sagecheck import results as R
 
     flag = R.load(out / "results" / "01_runtime_flag.json")
@@ -458,7 +459,7 @@ def test_notebooks_on_the_sglang_engine(tmp_path, ci_run):
     assert len(aa) == 4 and t.metrics["aa_prefill_abs_diff_pct_median"] == pytest.approx(float(np.median(aa)))
     assert t.metrics["aa_prefill_abs_diff_pct_median"] >= 0 and any("A/A control (prefill)" in n for n in t.notes)
     assert [s["mem_fraction_static"] for s in t.metrics["servers"]["servers"].values()] == [0.283, 0.567, 0.85]
-    for nb in ("02_logits", "03_perplexity", "04_throughput", "07_context_length"):
+    for nb in ("02_logits", "03_perplexity", "04_throughput", "07_context_length", "09_tasks", "10_code_paths"):
         assert "prefill batches on the kernel" in R.load(out / "results" / f"{nb}.json").metrics["candidate_ran"]
     mem = R.load(out / "results" / "05_memory.json")
     assert [r["attention_backend"] for r in mem.tables["sglang_memory"]] == ["fa3", "sage_attn"]
@@ -468,6 +469,13 @@ def test_notebooks_on_the_sglang_engine(tmp_path, ci_run):
                for n in drift.notes) and drift.metrics["final_hidden"]["rel_l2_max"] > 0
     ctx = R.load(out / "results" / "07_context_length.json")
     assert [r["length"] for r in ctx.tables["passkey_by_length"]] == [128, 256]
+    # 09 asks each choice from its question's last context token on, the choices of a question together: the server
+    # reuses the context from its prefix cache (the baseline too), and says so
+    reuse = R.load(out / "results" / "09_tasks.json").metrics["context_reuse"]
+    assert reuse["sage_attn: line ending"]["requests"] == 24 * 4 and reuse["sage_attn: line ending"]["reused"] >= 24 * 3
+    paths = {r["id"]: r for r in R.load(out / "results" / "10_code_paths.json").tables["paths"]}
+    assert all(r["passed"] for r in paths.values() if r["exercised"]) and not paths["tp_ranks"]["exercised"]
+    assert {p for p, r in paths.items() if r["exercised"]} == {"cold", "prefix", "chunked", "decode_graphs", "decode_eager", "batch"}
     # the run's three servers, started once for every notebook, and 01's three that must not start
     logs = sorted(p.name.rsplit("-", 1)[0] for p in (out / "logs").glob("sglang-*.log"))
     assert logs == ["sglang-baseline-fa3", "sglang-baseline_copy-fa3", "sglang-candidate-sage_attn", "sglang-no_such_backend",

@@ -37,13 +37,13 @@ def test_choice_loglik_sums_the_continuation_tokens_given_the_context():
         return [np.array([table.get(t, -9.0) for t in seq[1:]]) for seq in batch]
 
     item = D.MCItem("q", "q", "Q:", ["ab", "c", "dd"], answer=2)
-    row = T.score_multiple_choice([item], tok, token_logprobs)[0]
+    row = T.score_multiple_choice([item], tok, T.from_token_logprobs(token_logprobs))[0]
     assert row["loglik"] == pytest.approx([-2.1, -0.5, -1.4])  # by hand: a+b, c, d+d
     assert row["pick"] == 1 and not row["correct"]  # acc: the largest sum, "c"
     assert row["pick_norm"] == 1  # per character: -1.05, -0.5, -0.7
     item.choices = ["ab", "cccc", "dd"]
     table[ord("c")] = -0.3  # "cccc": sum -1.2 beats "dd" (-1.4) for acc; per character -0.3 beats -0.7 as well
-    row = T.score_multiple_choice([item], tok, token_logprobs)[0]
+    row = T.score_multiple_choice([item], tok, T.from_token_logprobs(token_logprobs))[0]
     assert row["pick"] == 1 and row["loglik"][1] == pytest.approx(-1.2)
 
 

@@ -261,6 +261,35 @@ class TasksParams(_Section):
         return v
 
 
+class CodePathsParams(_Section):
+    text: str = Field("builtin", description="text the sequences of every path are cut from: builtin, wikitext, ptb or a "
+                                             "local path")
+    sequences: int = Field(4, ge=1, description="sequences of the cold and cached-prefix paths")
+    tokens: int = Field(512, ge=16, description="tokens per sequence of the cold and cached-prefix paths")
+    prefix_tokens: Optional[int] = Field(None, ge=1, description="cached prefix (default: half the sequence plus 13, no "
+                                                                 "multiple of 64)")
+    chunk_tokens: int = Field(256, ge=8, description="chunk of the in-process engine's chunked prefill (a server chunks by "
+                                                     "its own --chunked-prefill-size)")
+    decode_prompts: int = Field(8, ge=1, description="prompts decoded together within the CUDA-graph sizes")
+    eager_extra: int = Field(8, ge=1, description="eager decode: this many prompts more than the largest CUDA-graph batch")
+    prompt_tokens: int = Field(200, ge=2, description="tokens per prompt of the decode paths")
+    decode_tokens: int = Field(32, ge=2, description="tokens generated per prompt on the decode paths")
+    short_lengths: list[int] = Field(default_factory=lambda: [1, 2, 5, 17, 33, 63, 65, 70, 129, 333],
+                                     description="prompt lengths of the short, unaligned decode path")
+    batch: int = Field(32, ge=2, description="batch invariance: sequences in one batch, each also alone")
+    batch_tokens: int = Field(128, ge=4, description="tokens per sequence of the batch-invariance path")
+    ratio_max: float = Field(1.5, gt=1, description="verdict: a path's difference over its control (99% lower bound) at most")
+    cold_max_mean_abs: float = Field(0.1, gt=0, description="verdict: cold prefill, mean |candidate - baseline| log-probability "
+                                                           "(nats) at most")
+
+    @field_validator("short_lengths")
+    @classmethod
+    def _lengths(cls, v: list[int]) -> list[int]:
+        if not v or min(v) < 1:
+            raise ValueError("give at least one prompt length, each at least 1")
+        return v
+
+
 class SummaryParams(_Section):
     uses_engine = "none"
 
@@ -276,6 +305,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "context_length": ContextLengthParams,
     "kernel": KernelParams,
     "tasks": TasksParams,
+    "code_paths": CodePathsParams,
     "summary": SummaryParams,
 }
 
@@ -291,6 +321,7 @@ NOTEBOOK_SECTIONS = {
     "07_context_length": "context_length",
     "08_kernel": "kernel",
     "09_tasks": "tasks",
+    "10_code_paths": "code_paths",
     SUMMARY_NOTEBOOK: "summary",
 }
 
@@ -329,6 +360,7 @@ class Params(_Section):
     context_length: ContextLengthParams = Field(default_factory=ContextLengthParams)
     kernel: KernelParams = Field(default_factory=KernelParams)
     tasks: TasksParams = Field(default_factory=TasksParams)
+    code_paths: CodePathsParams = Field(default_factory=CodePathsParams)
     summary: SummaryParams = Field(default_factory=SummaryParams)
 
     @field_validator("engine")

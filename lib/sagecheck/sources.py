@@ -16,7 +16,8 @@ from sagecheck.params import ParamError, Params, load_params
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 _NAMED_TEXTS = ("builtin", "wikitext", "ptb")  # anything else must be a local file or folder
-TEXT_FIELDS = (("logits", "text"), ("perplexity", "dataset"), ("activation_drift", "text"), ("context_length", "text"))
+TEXT_FIELDS = (("logits", "text"), ("perplexity", "dataset"), ("activation_drift", "text"), ("context_length", "text"),
+               ("code_paths", "text"))
 TASK_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
 

@@ -9,9 +9,9 @@ attention really ran.
 
 * ``sdpa`` delegates to transformers' own SDPA function (the stack's baseline), only
   counted.
-* The candidate runs only in the phases of :func:`configure` (``prefill``: the query
-  is as long as the keys; ``decode``: the query is shorter than the keys, i.e.
-  attention over a KV cache). In the other phase the baseline runs.
+* The candidate runs only in the phases of :func:`configure` (``decode``: one query over
+  a KV cache; ``prefill``: every other call, a prompt, a chunk of one or an extend over a
+  cached prefix, as a serving engine's prefill). In the other phase the baseline runs.
 * A call the candidate cannot compute (a padding mask for the kernel, a chunked
   causal prefill) falls back to the baseline; fallbacks are counted with their reason.
 * The caller's tensors, the KV cache above all, are never changed.
@@ -33,13 +33,8 @@ from sagecheck import attention
 from sagecheck.attention.contract import UnsupportedCall
 from sagecheck.attention.baseline import causal_keep_mask
 
-TRANSFORMERS_NAMES = {
-    "sdpa": "sagecheck-sdpa",
-    "eager": "sagecheck-eager",
-    "sage": "sage",
-    "sage-emulated": "sage-emulated",
-    "sdpa-noisy": "sdpa-noisy",
-}
+# our names that transformers uses for its own implementations get a prefix; every other registered name is its own
+TRANSFORMERS_NAMES = {"sdpa": "sagecheck-sdpa", "eager": "sagecheck-eager"}
 _REVERSE = {v: k for k, v in TRANSFORMERS_NAMES.items()}
 
 
@@ -100,12 +95,15 @@ def configure(
 
 
 def phase_of(n_q: int, n_k: int) -> str:
-    return "decode" if n_q < n_k else "prefill"
+    """``decode``: one query over a longer cache; every other call (a prompt, a chunk or an extend over a cached
+    prefix) is ``prefill``, as a serving engine's prefill/extend mode."""
+    return "decode" if n_q == 1 and n_k > 1 else "prefill"
 
 
 def transformers_name(name: str) -> str:
     """The name transformers knows an implementation by (:class:`~sagecheck.registry.UnknownName` for none)."""
-    return TRANSFORMERS_NAMES[attention.ATTENTION.canonical(name)]
+    canonical = attention.ATTENTION.canonical(name)
+    return TRANSFORMERS_NAMES.get(canonical, canonical)
 
 
 def sagecheck_name(transformers_impl: str) -> str:
@@ -132,7 +130,7 @@ def _baseline_call(name: str, module, query, key, value, attention_mask, dropout
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    return _own_call("eager", module, query, key, value, attention_mask, scaling, **kwargs)
+    return _own_call(name, module, query, key, value, attention_mask, scaling, **kwargs)
 
 
 def _own_call(name: str, module, query, key, value, attention_mask, scaling, **kwargs):
@@ -184,19 +182,20 @@ def _make_forward(name: str):
     return forward
 
 
-_registered = False
+_registered: set[str] = set()
 
 
 def register() -> None:
-    """Register every implementation (and the SDPA mask builder for it) with transformers. Idempotent."""
-    global _registered
-    if _registered:
-        return
+    """Register every implementation of :data:`sagecheck.registry.ATTENTION` (and the SDPA mask builder for it) with
+    transformers; one registered later (a test's variant) on the next call. Idempotent."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
     sdpa_mask = ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
-    for ours, theirs in TRANSFORMERS_NAMES.items():
+    for ours in attention.names():
+        if ours in _registered:
+            continue
+        theirs = transformers_name(ours)
         AttentionInterface.register(theirs, _make_forward(ours))
         AttentionMaskInterface.register(theirs, sdpa_mask)
-    _registered = True
+        _registered.add(ours)

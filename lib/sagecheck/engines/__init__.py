@@ -64,6 +64,26 @@ class TopK:
 
 
 @dataclass
+class PathRun:
+    """Log-probabilities that one code path of an engine produced, and what shows that the path ran (the tokens a
+    server took from its prefix cache, the chunks, the attention calls...)."""
+
+    logprobs: list[np.ndarray]
+    evidence: dict[str, Any]
+
+
+@dataclass
+class Limits:
+    """Where an engine changes code path: the longest prefill it runs in one piece, the largest batch it decodes in a
+    captured CUDA graph, its tensor-parallel size (None: it has no such limit, or it is not known)."""
+
+    chunked_prefill_size: int | None = None
+    cuda_graph_max_bs: int | None = None
+    cuda_graphs: bool = False
+    tp: int = 1
+
+
+@dataclass
 class Generated:
     """A greedy continuation and the log-probability of each generated token as the engine produced it (decode)."""
 
@@ -92,6 +112,50 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def generate_scored(self, prompts: list[list[int]], max_new_tokens: int) -> list[Generated]:
         """Greedy continuation of each prompt, one batch, with each generated token's log-probability from its decode step."""
+
+    # -------------------------------------------------------------- code paths (10_code_paths)
+
+    def reset_cache(self) -> None:
+        """Forget every cached prefix (a server's radix cache); nothing to do where nothing is kept between requests."""
+
+    def limits(self) -> Limits:
+        return Limits()
+
+    def counters(self) -> dict[str, int] | None:
+        """What the backend counted it ran so far (attention calls, batches by path); None where it counts nothing."""
+        return None
+
+    def rank_report(self) -> dict[str, Any] | None:
+        """Per tensor-parallel rank, what it holds and ran (a backend that writes such statistics); None otherwise."""
+        return None
+
+    def cold_logprobs(self, seqs: list[list[int]]) -> PathRun:
+        """Each sequence alone, from an empty cache: log p(x_t | x_<t) for t = 1..n-1."""
+        out = []
+        for seq in seqs:
+            self.reset_cache()
+            out += self.token_logprobs([seq])
+        return PathRun(out, {})
+
+    def batched_logprobs(self, seqs: list[list[int]]) -> PathRun:
+        """The sequences together, as one batch: log p(x_t | x_<t) for t = 1..n-1 of each."""
+        self.reset_cache()
+        return PathRun(self.token_logprobs(seqs), {"batch": len(seqs)})
+
+    def continuation_logprobs(self, seqs: list[list[int]], starts: list[int]) -> PathRun:
+        """The sequences as one batch, each asking for log p(x_t | x_<t) from t = start+1 only, which lets a server
+        reuse up to ``start`` tokens from its prefix cache (evidence: ``cached_tokens`` per sequence)."""
+        return PathRun([lp[s:] for lp, s in zip(self.token_logprobs(seqs), starts)], {"cached_tokens": [0] * len(seqs)})
+
+    def prefix_logprobs(self, seq: list[int], prefix: int) -> PathRun:
+        """After an earlier request left ``seq[:prefix]`` in the cache: log p(x_t | x_<t) for t = prefix+1..n-1,
+        computed as an extend over the cached prefix (evidence: ``cached_tokens``)."""
+        raise NotAvailable(self.engine_name, "prefix extend")
+
+    def chunked_logprobs(self, seq: list[int], chunk: int) -> PathRun:
+        """``seq`` prefilled in chunks of ``chunk`` tokens (a server: of its own chunked-prefill size), each an extend
+        over the cache of the earlier ones: log p(x_t | x_<t) for t = 1..n-1."""
+        raise NotAvailable(self.engine_name, "chunked prefill")
 
     # -------------------------------------------------------------- optional: capabilities say which an engine has
 

@@ -17,7 +17,7 @@ import torch
 from sagecheck import attention
 from sagecheck.attention import hf as attn_hf
 from sagecheck.engines import (ALLOCATOR_MEMORY, CALL_COUNTS, FULL_LOGITS, HIDDEN_STATES, STEPWISE, Backend, Engine, Generated,
-                               TopK)
+                               PathRun, TopK)
 
 
 class HFEngine(Engine):
@@ -86,6 +86,7 @@ class HFEngine(Engine):
         """Run ``label``'s implementation inside the block (only in ``layers`` if given; the baseline elsewhere)."""
         impl = self.implementation(label)
         attention.get(impl)
+        attn_hf.register()  # an implementation registered after the engine was made (a test's variant)
         previous = self.current_implementation()
         self._model.set_attn_implementation(attn_hf.transformers_name(impl))
         attn_hf.configure(baseline=self._baseline_impl, phases=self.phases, layers=layers)
@@ -129,6 +130,37 @@ class HFBackend(Backend):
 
     def calls(self) -> dict[str, Any]:
         return attn_hf.STATS.snapshot()
+
+    def counters(self) -> dict[str, int]:
+        """The attention calls of this block so far: ``calls:<impl>``, ``<impl>:<phase>`` and ``fallbacks:<impl>``."""
+        snap = self.calls()
+        return {**{f"calls:{k}": v for k, v in snap["calls"].items()}, **snap["by_phase"],
+                **{f"fallbacks:{k}": v for k, v in snap["fallbacks"].items()}}
+
+    @staticmethod
+    def _picked(logits: torch.Tensor, targets: list[int]) -> np.ndarray:
+        """log p of each target under the rows of ``logits`` ([n, vocab]), in float64."""
+        logp = torch.log_softmax(logits.double(), dim=-1)
+        return logp.gather(-1, torch.tensor(targets, device=logits.device)[:, None])[:, 0].cpu().numpy()
+
+    @torch.inference_mode()
+    def prefix_logprobs(self, seq: list[int], prefix: int) -> PathRun:
+        """The prefix in one forward that keeps its KV cache, then the rest as an extend over it."""
+        x = self._tensor([seq])
+        cache = self.model(input_ids=x[:, :prefix], use_cache=True).past_key_values
+        logits = self.model(input_ids=x[:, prefix:], past_key_values=cache, use_cache=True).logits[0, :-1]
+        return PathRun([self._picked(logits, seq[prefix + 1:])], {"cached_tokens": prefix})
+
+    @torch.inference_mode()
+    def chunked_logprobs(self, seq: list[int], chunk: int) -> PathRun:
+        """Chunks of ``chunk`` tokens, each an extend over the KV cache of the ones before."""
+        x, cache, parts = self._tensor([seq]), None, []
+        for start in range(0, len(seq), chunk):
+            out = self.model(input_ids=x[:, start:start + chunk], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            parts.append(out.logits[0])
+        logits = torch.cat(parts)[:-1]
+        return PathRun([self._picked(logits, seq[1:])], {"chunks": -(-len(seq) // chunk), "chunk_tokens": chunk})
 
     def _tensor(self, batch: list[list[int]]) -> torch.Tensor:
         return torch.tensor(batch, dtype=torch.long, device=self.device)

@@ -48,28 +48,59 @@ def choice_loglik(logprobs: np.ndarray, n_context: int, n_continuation: int) -> 
     return float(np.sum(logprobs[n_context - 1: n_context - 1 + n_continuation]))
 
 
-def score_multiple_choice(items: Sequence[MCItem], tokenizer: Any, token_logprobs: TokenLogprobs,
-                          batch_size: int = 16) -> list[dict[str, Any]]:
-    """Per question: each choice's log-likelihood, the choice picked by acc and by acc_norm, correctness."""
+Continuation = Callable[[list[list[int]], list[int]], Any]
+
+
+def from_token_logprobs(token_logprobs: TokenLogprobs) -> Continuation:
+    """A continuation scorer from a plain teacher-forced scorer: every context recomputed, none reused."""
+    from sagecheck.engines import PathRun
+
+    def score(seqs: list[list[int]], starts: list[int]) -> Any:
+        return PathRun([lp[s:] for lp, s in zip(token_logprobs(seqs), starts)], {"cached_tokens": [0] * len(seqs)})
+
+    return score
+
+
+def score_multiple_choice(items: Sequence[MCItem], tokenizer: Any, continuation: Continuation, batch_size: int = 16,
+                          by_question: bool = False) -> list[dict[str, Any]]:
+    """Per question: each choice's log-likelihood, the choice picked by acc and by acc_norm, correctness, and the tokens
+    of each choice's request that the engine took from its prefix cache.
+
+    ``continuation(seqs, starts)`` gives, per sequence, log p(x_t | x_<t) for t = start+1..n-1 (a
+    :meth:`~sagecheck.engines.Backend.continuation_logprobs`, or :func:`from_token_logprobs` of a plain scorer). Each
+    choice asks from the last context token on, so that a server may reuse the context from its prefix cache.
+    ``by_question``: the choices of a question sent together, as a serving workload sends them (else the longest
+    requests first, which batches equal lengths in process)."""
     requests = []
     for qi, item in enumerate(items):
         for ci, choice in enumerate(item.choices):
             ctx, cont = split_tokens(tokenizer, item.context, choice)
             requests.append((qi, ci, ctx + cont, len(ctx), len(cont)))
-    order = sorted(range(len(requests)), key=lambda i: -len(requests[i][2]))  # similar lengths batch together
+    order = list(range(len(requests))) if by_question else sorted(range(len(requests)), key=lambda i: -len(requests[i][2]))
     logliks: dict[tuple[int, int], float] = {}
+    cached: dict[tuple[int, int], int] = {}
     for start in range(0, len(order), batch_size):
         chunk = [requests[i] for i in order[start: start + batch_size]]
-        for (qi, ci, _, n_ctx, n_cont), lp in zip(chunk, token_logprobs([r[2] for r in chunk])):
-            logliks[(qi, ci)] = choice_loglik(lp, n_ctx, n_cont)
+        got = continuation([r[2] for r in chunk], [r[3] - 1 for r in chunk])
+        for (qi, ci, _, n_ctx, n_cont), lp, c in zip(chunk, got.logprobs, got.evidence.get("cached_tokens", [0] * len(chunk))):
+            logliks[(qi, ci)] = choice_loglik(np.concatenate([np.zeros(n_ctx - 1), lp]), n_ctx, n_cont)
+            cached[(qi, ci)] = int(c)
     rows = []
     for qi, item in enumerate(items):
         ll = [logliks[(qi, ci)] for ci in range(len(item.choices))]
         norm = [v / max(len(c), 1) for v, c in zip(ll, item.choices)]
         pick, pick_norm = int(np.argmax(ll)), int(np.argmax(norm))
         rows.append({"id": item.id, "loglik": ll, "pick": pick, "pick_norm": pick_norm, "answer": item.answer,
-                     "correct": pick == item.answer, "correct_norm": pick_norm == item.answer})
+                     "correct": pick == item.answer, "correct_norm": pick_norm == item.answer,
+                     "cached_tokens": [cached[(qi, ci)] for ci in range(len(item.choices))]})
     return rows
+
+
+def context_reuse(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """How many choice requests took tokens from the prefix cache, and how many on average."""
+    cached = [c for r in rows for c in r.get("cached_tokens", [])]
+    used = [c for c in cached if c]
+    return {"requests": len(cached), "reused": len(used), "cached_tokens_mean": float(np.mean(used)) if used else 0.0}
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -223,13 +254,18 @@ def overview(loaded: dict[str, Any]) -> list[dict[str, Any]]:
 
 def score(engine: Any, loaded: dict[str, Any], p: Any) -> dict[tuple[str, str], list[dict[str, Any]]]:
     """Per (backend label, task): each question scored, multiple choice by log-likelihood, generation by exact match."""
+    from sagecheck.engines import RADIX_CACHE
+
     specs = {s.name: s for s in p.tasks}
+    serving = RADIX_CACHE in engine.capabilities  # a server: each question's choices together, as a serving workload
     scored = {}
     for label in engine.pair:
         with engine.backend(label) as b:
             for name, t in loaded.items():
                 if t.kind == "multiple_choice":
-                    scored[label, name] = score_multiple_choice(t.items, engine.tokenizer, b.token_logprobs, p.batch_size)
+                    b.reset_cache()
+                    scored[label, name] = score_multiple_choice(t.items, engine.tokenizer, b.continuation_logprobs,
+                                                                p.batch_size, by_question=serving)
                 else:
                     s = specs[name]
                     scored[label, name] = score_generation(t.items, engine.tokenizer, b.generate, s.max_new_tokens, s.extractor,
@@ -273,6 +309,8 @@ def record(results: Any, loaded: dict[str, Any], errors: dict[str, str], scored:
     results.table("flips", [{"task": name, **row} for name, rows in c.flips.items() for row in rows])
     results.table("answers", [{"task": name, "implementation": label, **{k: v for k, v in row.items() if k != "loglik"}}
                               for (label, name), rows in scored.items() for row in rows])
+    results.metric("context_reuse", {f"{label}: {name}": context_reuse(rows) for (label, name), rows in scored.items()
+                                     if loaded[name].kind == "multiple_choice"})
     for s in c.headline:
         task = s["task"]
         results.verdict(f"tasks.{task}.delta", "accuracy", f"{task}: |accuracy delta|", s["delta_pp"], "abs<=", p.delta_max_pp,
@@ -285,3 +323,14 @@ def record(results: Any, loaded: dict[str, Any], errors: dict[str, str], scored:
                         detail=f"reference level {s['reference level']:.3f} + 2 standard errors")
     for name, why in errors.items():
         results.verdict(f"tasks.{name}.loaded", "coverage", f"{name}: task data loaded", 0, "==", 1, detail=why[:300])
+
+
+def reuse_sentence(scored: dict[tuple[str, str], list[dict[str, Any]]], loaded: dict[str, Any], candidate: str) -> str | None:
+    """Whether the candidate's multiple-choice requests reused their question's context from the prefix cache."""
+    parts = []
+    for (label, name), rows in scored.items():
+        if label == candidate and loaded[name].kind == "multiple_choice":
+            r = context_reuse(rows)
+            parts.append(f"{name}: {r['reused']} of {r['requests']} choice requests of {candidate} reused a cached context"
+                         + (f" ({r['cached_tokens_mean']:.0f} tokens on average)" if r["reused"] else ""))
+    return ("Prefix cache (the choices of a question share its context): " + "; ".join(parts) + ".") if parts else None

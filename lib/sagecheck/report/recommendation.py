@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from sagecheck import results as R
+from sagecheck.metrics.code_paths import CodePathResults
 from sagecheck.metrics.throughput import ThroughputResults
 from sagecheck.params import labels
 
@@ -28,6 +29,7 @@ FAILURE_MEANS = {
     "07_context_length": "retrieval or loss degrades on long contexts",
     "08_kernel": "the kernel itself disagrees with what it should compute at some shapes",
     "09_tasks": "it changes downstream answers beyond the threshold",
+    "10_code_paths": "a code path of the backend gives other answers than the cold prefill does",
 }
 
 
@@ -160,7 +162,37 @@ def failures_sentence(results: list[R.Results]) -> str:
     return text
 
 
+def _path_figure(row: dict[str, Any]) -> str:
+    if row.get("excess") is not None:
+        return f"{row['excess']:.2f}× its control at least"
+    if row.get("vs_baseline_mean") is not None:
+        return f"mean |candidate - baseline| {row['vs_baseline_mean']:.3g} nats"
+    return "failed"
+
+
+def code_path_sentence(results: list[R.Results]) -> str:
+    """Which code paths fail (with their figure) and which were not exercised (with why)."""
+    res = next((r for r in results if r.notebook == "10_code_paths"), None)
+    if res is None:
+        return "Code paths were not judged one by one in this run (10_code_paths did not run)."
+    if res.status != "ok":
+        return f"Code paths were not judged: 10_code_paths {res.status} ({(res.reason or '').strip()[:160]})."
+    cp = CodePathResults.read(res)
+    failing, idle = cp.failing(), cp.not_exercised()
+    ran = [r for r in cp.rows if r["exercised"]]
+    text = (f"Code paths: {len(ran) - len(failing)} of {len(ran)} exercised pass"
+            + (f"; failing: " + "; ".join(f"{r['title']} ({_path_figure(r)})" for r in failing) if failing else ""))
+    if idle:
+        text += "; not exercised: " + "; ".join(f"{r['title']} ({r['why_not']})" for r in idle)
+    return text + "."
+
+
 def overall_sentence(results: list[R.Results], res: R.Results | None) -> str:
+    paths = CodePathResults.read(next((r for r in results if r.notebook == "10_code_paths"), None))
+    if paths and paths.failing():
+        worst = paths.failing()[0]
+        return (f"Reading: not a drop-in replacement, whatever the other checks say: the {worst['title']} path fails "
+                f"({_path_figure(worst)}).")
     acc_fail = [v for v in _accuracy(results) if not v.passed]
     acc_ran = bool(_accuracy(results))
     tp = ThroughputResults.read(res)
@@ -181,7 +213,7 @@ def overall_sentence(results: list[R.Results], res: R.Results | None) -> str:
 
 
 def sentences(results: Iterable[R.Results], params: dict[str, Any]) -> list[str]:
-    """Two to five sentences from this run's results (the summary notebook's own results left out)."""
+    """Three to six sentences from this run's results (the summary notebook's own results left out)."""
     res = [r for r in results if r.notebook != R.SUMMARY_NOTEBOOK]
     tp = next((r for r in res if r.notebook == "04_throughput"), None)
     baseline, candidate = labels(params)
@@ -191,6 +223,7 @@ def sentences(results: Iterable[R.Results], params: dict[str, Any]) -> list[str]
     out = [
         speed_sentence(tp, candidate, baseline, cpu_emulation),
         accuracy_sentence(res),
+        code_path_sentence(res),
         failures_sentence(res),
         overall_sentence(res, tp),
     ]

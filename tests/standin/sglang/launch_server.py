@@ -22,8 +22,11 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the project root: tests.standin.faults
 
 BUILTIN = ("fa3", "flashinfer", "triton", "torch_native")  # all computed with SDPA here
 
@@ -45,6 +48,9 @@ class State:
     generate_calls = 0
     die_after = None
     lock = threading.Lock()
+    radix = None
+    chunk = 8192
+    graph_max_bs = 16
 
 
 def entries(values, ids):
@@ -52,46 +58,125 @@ def entries(values, ids):
     return [[None if v is None else float(v), int(i), None] for v, i in zip(values, ids)]
 
 
+class Radix:
+    """The prefix cache as SGLang's radix cache behaves for one request: the longest prefix of the request that an
+    earlier request (its prompt and its output) left, at most ``limit`` tokens; emptied by /flush_cache."""
+
+    def __init__(self):
+        self.seqs = []
+
+    def match(self, ids, limit):
+        best = 0
+        for seq in self.seqs:
+            n = 0
+            for a, b in zip(seq, ids):
+                if a != b:
+                    break
+                n += 1
+            best = max(best, n)
+        return min(best, max(0, limit))
+
+    def insert(self, ids):
+        self.seqs.append(list(ids))
+
+    def flush(self):
+        self.seqs.clear()
+
+
+def prefix_limit(n, want_lp, start):
+    """What SGLang lets a request take from the cache (schedule_batch.py): at most n - 1 tokens, and with logprobs from
+    logprob_start_len >= 0 at most that many."""
+    limit = n - 1
+    if want_lp and start >= 0:
+        limit = min(limit, start)
+    return limit
+
+
+def prefill(b, seq, cached):
+    """Logits of positions cached..n-1 and the KV cache of the whole sequence, by the path a server takes: an extend
+    over the cached prefix, chunked prefill above the chunk size, else a cold prefill. Returns (logits, cache, chunks)."""
+    from tests.standin import faults
+
+    model, x = b.model, torch.tensor([seq])
+    if cached:
+        with faults.path("prefill"):
+            cache = model(input_ids=x[:, :cached], use_cache=True).past_key_values
+        with faults.path("radix_extend"):
+            out = model(input_ids=x[:, cached:], past_key_values=cache, use_cache=True)
+        return out.logits[0].double(), out.past_key_values, 1
+    cache, parts = None, []
+    for start in range(0, len(seq), State.chunk):
+        with faults.path("prefill" if start == 0 else "chunk_extend"):
+            out = model(input_ids=x[:, start:start + State.chunk], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        parts.append(out.logits[0].double())
+    return torch.cat(parts), cache, len(parts)
+
+
 def handle_generate(req: dict):
+    from tests.standin import faults
+
     ids = req["input_ids"]
     batch = ids if ids and isinstance(ids[0], list) else [ids]
     sp = req.get("sampling_params") or {}
     n_new = int(sp.get("max_new_tokens", 16))
     want_lp = bool(req.get("return_logprob"))
-    start = req.get("logprob_start_len")
-    start = -1 if start is None else int(start)
+    starts = req.get("logprob_start_len")
+    starts = starts if isinstance(starts, list) else [starts] * len(batch)
+    starts = [-1 if s is None else int(s) for s in starts]
     top = int(req.get("top_logprobs_num") or 0)
     engine, impl = State.engine, State.backend
+    graph = not State.args.disable_cuda_graph and len(batch) <= State.graph_max_bs
     outs = []
-    if State.stats is not None:  # what the plugin counts: one prefill batch, then decode steps
-        State.stats.count("extend_batches_kernel")
-        State.stats.count("extend_tokens_kernel", sum(len(x) for x in batch))
-        State.stats.count("decode_batches_kernel" if State.decode == "sage" else "decode_graph_replays", max(0, n_new - 1))
-    with State.lock, engine.backend(impl) as b:
-        gens = b.generate(batch, n_new) if n_new > 0 else [[] for _ in batch]
-        for seq, gen in zip(batch, gens):
-            meta = {"prompt_tokens": len(seq), "completion_tokens": len(gen), "finish_reason": {"type": "length", "length": len(gen)}}
+    with State.lock, engine.backend(impl) as b, torch.inference_mode():
+        rounds, with_prefix = 1, False
+        for seq, start in zip(batch, starts):
+            cached = State.radix.match(seq, prefix_limit(len(seq), want_lp, start))
+            logits, cache, chunks = prefill(b, seq, cached)  # logits[i] belongs to position cached + i
+            rounds, with_prefix = max(rounds, chunks), with_prefix or cached > 0 or chunks > 1
+            logp = torch.log_softmax(logits, dim=-1)
+            gen, out_lp, out_rows = [], [], [logp[-1]]
+            tok = int(logp[-1].argmax())
+            faults.start_sequence()
+            for step in range(n_new):
+                gen.append(tok)
+                out_lp.append(float(out_rows[-1][tok]))
+                if step + 1 == n_new:
+                    break
+                with faults.path("graph_decode" if graph else "eager_decode"):
+                    step_logits, cache = b.decode_step(torch.tensor([tok]), cache)
+                out_rows.append(torch.log_softmax(step_logits[0].double(), dim=-1))
+                tok = int(out_rows[-1].argmax())
+            State.radix.insert(seq + gen)
+            meta = {"prompt_tokens": len(seq), "completion_tokens": len(gen), "cached_tokens": cached,
+                    "finish_reason": {"type": "length", "length": len(gen)}}
             if want_lp:
-                # like a real server: input logprobs come from the prefill of the prompt alone,
-                # output logprobs from the sequence as it grows
-                logp_in = torch.log_softmax(b.logits(seq).double(), dim=-1)  # row t predicts token t+1
-                input_lp = [None] + [float(logp_in[t - 1, seq[t]]) for t in range(1, len(seq))]
-                full = seq + gen
-                logp_all = torch.log_softmax(b.logits(full).double(), dim=-1) if gen else logp_in
-                output_lp = [float(logp_all[t - 1, full[t]]) for t in range(len(seq), len(full))]
+                # entry t: log p(x_t | x_<t) where the logits of position t-1 were computed (not inside a cached prefix)
+                input_lp = [float(logp[t - 1 - cached, seq[t]]) if t - 1 >= cached else None for t in range(len(seq))]
+                input_lp[0] = None
                 if start >= 0:
                     meta["input_token_logprobs"] = entries(input_lp[start:], seq[start:])
-                meta["output_token_logprobs"] = entries(output_lp, gen)
+                meta["output_token_logprobs"] = entries(out_lp, gen)
                 if top:
-                    def top_rows(logp, rows):
-                        vals, idx = logp[rows].topk(top, dim=-1)
-                        return [entries(v.tolist(), i.tolist()) for v, i in zip(vals, idx)]
+                    def top_rows(rows):
+                        pairs = [r.topk(top) for r in rows]
+                        return [entries(v.tolist(), i.tolist()) for v, i in pairs]
 
                     if start >= 0:
-                        meta["input_top_logprobs"] = ([None] + top_rows(logp_in, list(range(len(seq) - 1))))[start:]
-                    out_rows = [len(seq) - 1 + j for j in range(max(1, len(gen)))]
-                    meta["output_top_logprobs"] = top_rows(logp_in, out_rows[:1]) + top_rows(logp_all, out_rows[1:])
+                        rows = [logp[t - 1 - cached] if t - 1 >= cached else None for t in range(1, len(seq))]
+                        meta["input_top_logprobs"] = ([None] + [None if r is None else top_rows([r])[0] for r in rows])[start:]
+                    meta["output_top_logprobs"] = top_rows(out_rows)
             outs.append({"text": engine.tokenizer.decode(gen), "output_ids": gen, "meta_info": meta})
+    if State.stats is not None:  # what the plugin counts: the prefill batches (chunks), then the decode steps
+        State.stats.count("extend_batches_kernel", rounds)
+        State.stats.count("extend_tokens_kernel", sum(len(x) for x in batch))
+        if with_prefix:
+            State.stats.count("extend_batches_with_prefix", rounds if rounds > 1 else 1)
+        steps = max(0, n_new - 1)
+        if graph:
+            State.stats.count("decode_graph_replays", steps)
+        else:
+            State.stats.count("decode_batches_kernel" if State.decode == "sage" else "decode_batches_triton", steps)
     return outs if ids and isinstance(ids[0], list) else outs[0]
 
 
@@ -138,8 +223,8 @@ class Handler(BaseHTTPRequestHandler):
                 "model_path": a.model_path, "tokenizer_path": a.model_path, "attention_backend": State.name,
                 "dtype": a.dtype, "tp_size": a.tp_size, "mem_fraction_static": a.mem_fraction_static,
                 "random_seed": a.random_seed, "context_length": a.context_length or cfg.max_position_embeddings,
-                "disable_cuda_graph": a.disable_cuda_graph, "cuda_graph_max_bs": a.cuda_graph_max_bs,
-                "chunked_prefill_size": a.chunked_prefill_size or 8192,
+                "disable_cuda_graph": a.disable_cuda_graph, "cuda_graph_max_bs": State.graph_max_bs,
+                "chunked_prefill_size": State.chunk,
                 "max_total_num_tokens": capacity, "max_req_input_len": cfg.max_position_embeddings - 1,
                 "internal_states": [{"memory_usage": {"weight": round(weights_gb, 2), "kvcache": 0.0, "token_capacity": capacity,
                                                       "graph": 0.0},
@@ -147,6 +232,7 @@ class Handler(BaseHTTPRequestHandler):
                 "version": "0.0.0-standin",
             })
         if self.path == "/flush_cache":
+            State.radix.flush()
             return self._send(200, b"Cache flushed.\n", "text/plain")
         return self._send(404, {"error": {"message": f"no route {self.path}"}})
 
@@ -154,6 +240,7 @@ class Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         if self.path == "/flush_cache":
+            State.radix.flush()
             return self._send(200, b"Cache flushed.\n", "text/plain")
         if self.path != "/generate":
             return self._send(404, {"error": {"message": f"no route {self.path}"}})
@@ -180,8 +267,9 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def candidate_phases(name):
-    """The phases a plugin backend computes with SageAttention (sage_attn: prefill; decode only with SAGE_ATTN_DECODE=sage)."""
-    if name != "sage_attn":
+    """The phases a plugin backend computes with SageAttention (sage_attn and its test-only variants: prefill; decode
+    only with SAGE_ATTN_DECODE=sage)."""
+    if name != "sage_attn" and not name.startswith("sage_attn_"):
         raise SystemExit(f"standin: the plugin backend {name!r} has no stand-in computation")
     if importlib.util.find_spec("sageattention") is not None:
         from sagecheck.sglang_plugin.varlen import load_kernel
@@ -227,15 +315,23 @@ def main(argv=None):
     from sagecheck.engines.hf import HFEngine
 
     torch.set_num_threads(1)
+    State.radix = Radix()
+    State.chunk = args.chunked_prefill_size or 8192
+    State.graph_max_bs = args.cuda_graph_max_bs or 16
     dtype = {"auto": torch.float32, "float32": torch.float32, "float": torch.float32}.get(args.dtype, torch.float32)
     src = models.resolve(args.model_path)
     model = models.load_model(src, torch.device("cpu"), dtype, "sagecheck-sdpa", seed=args.random_seed or 0)
     phases = ("prefill", "decode")
-    State.backend = "sdpa"
+    State.backend = baseline = "sdpa"
     if State.name not in BUILTIN:
         assert State.name in ATTENTION_BACKENDS, f"{State.name} passed the parser but no plugin registered it"
         phases = candidate_phases(State.name)
         State.backend = "sage-emulated"
+        if State.name != "sage_attn":  # a deliberately wrong variant (tests/faults): the emulation with its one defect
+            from sagecheck_faults import FAULTS
+            from tests.standin import faults
+
+            baseline, State.backend = faults.install(FAULTS[State.name], args.tp_size)
         State.decode = "sage" if "decode" in phases else "triton"
         from sagecheck.environment import package_version
         from sagecheck.sglang_plugin.settings import Settings
@@ -248,7 +344,7 @@ def main(argv=None):
             "tp_rank": rank, "tp_size": args.tp_size, "q_heads_per_rank": cfg.num_attention_heads // args.tp_size,
             "kv_heads_per_rank": max(1, cfg.num_key_value_heads // args.tp_size), "head_dim": cfg.head_dim})
             for rank in range(args.tp_size)])
-    State.engine = HFEngine(model, models.load_tokenizer(src), torch.device("cpu"), dtype, phases=phases)
+    State.engine = HFEngine(model, models.load_tokenizer(src), torch.device("cpu"), dtype, baseline=baseline, phases=phases)
     State.ready = True
     print("The server is fired up and ready to roll!", flush=True)
     while True:

@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from sagecheck.engines import CUDA_GRAPHS, RADIX_CACHE, SERVER_MEMORY, SERVERS, Backend, Engine, Generated, TopK
+from sagecheck.engines import CUDA_GRAPHS, RADIX_CACHE, SERVER_MEMORY, SERVERS, Backend, Engine, Generated, Limits, PathRun, TopK
 from sagecheck.engines.sglang.client import ClientError, SGLangClient
 from sagecheck.engines.sglang.server import Server, ServerError, launch_spec
 from sagecheck.engines.sglang.servers import (BASELINE, BASELINE_COPY, CANDIDATE, SIDE_BY_SIDE_FRACTION, ServerHandle, ServerSet,
@@ -53,14 +53,72 @@ def plugin_stats(handle: ServerHandle | None) -> dict[str, Any] | None:
 class SGLangBackend(Backend):
     engine_name = "sglang"
 
-    def __init__(self, client: SGLangClient, label: str, handle: ServerHandle, info: dict[str, Any]) -> None:
+    def __init__(self, client: SGLangClient, label: str, handle: ServerHandle, info: dict[str, Any],
+                 params: Any = None) -> None:
         self.client = client
         self.label = label
         self.handle = handle
         self.info = info
+        self.params = params
 
     def plugin_stats(self) -> dict[str, Any] | None:
         return plugin_stats(self.handle)
+
+    # -------------------------------------------------------------- code paths
+
+    def reset_cache(self) -> None:
+        self.client.flush_cache()
+
+    def limits(self) -> Limits:
+        """From the server's own arguments (``/get_server_info``), else from the command line sagecheck gave it."""
+        extra = [str(a) for a in (self.params.sglang.extra_args if self.params is not None else [])]
+
+        def flag(name: str) -> int | None:
+            return int(extra[extra.index(name) + 1]) if name in extra[:-1] else None
+
+        graphs = not self.info.get("disable_cuda_graph") and not (self.params is not None and self.params.sglang.disable_cuda_graph)
+        return Limits(chunked_prefill_size=self.info.get("chunked_prefill_size") or flag("--chunked-prefill-size"),
+                      cuda_graph_max_bs=self.info.get("cuda_graph_max_bs") or flag("--cuda-graph-max-bs"), cuda_graphs=graphs,
+                      tp=int(self.info.get("tp_size") or (self.params.sglang.tp if self.params is not None else 1)))
+
+    def counters(self) -> dict[str, int] | None:
+        stats = self.plugin_stats()
+        return dict(stats["counts"]) if stats else None
+
+    def rank_report(self) -> dict[str, Any] | None:
+        return self.plugin_stats()
+
+    def cold_logprobs(self, seqs: list[list[int]]) -> PathRun:
+        out, cached = [], []
+        for seq in seqs:
+            self.reset_cache()
+            (lp, c), = self.client.scored([seq], 0)
+            out.append(lp)
+            cached.append(c)
+        return PathRun(out, {"cached_tokens": cached})
+
+    def batched_logprobs(self, seqs: list[list[int]]) -> PathRun:
+        self.reset_cache()
+        got = self.client.scored(seqs, 0)
+        return PathRun([lp for lp, _ in got], {"batch": len(seqs), "cached_tokens": [c for _, c in got]})
+
+    def continuation_logprobs(self, seqs: list[list[int]], starts: list[int]) -> PathRun:
+        got = self.client.scored(seqs, starts)
+        return PathRun([lp for lp, _ in got], {"cached_tokens": [c for _, c in got]})
+
+    def prefix_logprobs(self, seq: list[int], prefix: int) -> PathRun:
+        """An earlier request leaves ``seq[:prefix]`` in the radix cache; the sequence then asks for log-probabilities
+        from ``prefix`` on, which lets SGLang reuse up to that many cached tokens."""
+        self.reset_cache()
+        self.client.generate(seq[:prefix], max_new_tokens=1)
+        (lp, cached), = self.client.scored([seq], prefix)
+        return PathRun([lp], {"cached_tokens": cached, "prefix": prefix})
+
+    def chunked_logprobs(self, seq: list[int], chunk: int) -> PathRun:
+        """The server chunks by its own ``--chunked-prefill-size`` (``chunk`` is what the caller read from it)."""
+        self.reset_cache()
+        (lp, cached), = self.client.scored([seq], 0)
+        return PathRun([lp], {"chunks": -(-len(seq) // chunk), "chunk_tokens": chunk, "cached_tokens": cached})
 
     def token_logprobs(self, batch: list[list[int]]) -> list[np.ndarray]:
         return self.client.input_logprobs(batch)
@@ -149,13 +207,13 @@ class SGLangEngine(Engine):
         role = self.role(label)
         if role is None:
             with self.own_server(label) as (server, client, info):
-                yield SGLangBackend(client, label, ServerHandle("other", label, url=server.url), info)
+                yield SGLangBackend(client, label, ServerHandle("other", label, url=server.url), info, self.params)
             return
         handle = self.handle(role)
         client = self.client(handle)
         info = client.server_info()
         self.max_context = info.get("context_length") or info.get("max_req_input_len")
-        yield SGLangBackend(client, label, handle, info)
+        yield SGLangBackend(client, label, handle, info, self.params)
 
     def candidate_ran(self) -> str:
         """What the candidate server ran (the sage_attn plugin's statistics)."""

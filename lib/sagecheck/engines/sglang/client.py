@@ -66,15 +66,24 @@ class SGLangClient:
 
     def input_logprobs(self, batch: list[list[int]]) -> list[np.ndarray]:
         """log p(x_t | x_<t) for t = 1..n-1 of each sequence (teacher forcing)."""
-        out = self.generate(batch, max_new_tokens=1, return_logprob=True, logprob_start_len=0)
+        return [lp for lp, _ in self.scored(batch, 0)]
+
+    def scored(self, batch: list[list[int]], starts: int | list[int]) -> list[tuple[np.ndarray, int]]:
+        """Per sequence of one batched request: log p(x_t | x_<t) for t = start+1..n-1, and how many of its tokens the
+        server took from its prefix cache (``meta_info.cached_tokens``). ``starts``: ``logprob_start_len``, one for all or
+        one per sequence; SGLang reuses at most that many cached tokens (and at most n-1), so a start of 0 always
+        prefills cold. The entry at the start itself is left out: after a cached prefix it is not computed."""
+        starts = [starts] * len(batch) if isinstance(starts, int) else list(starts)
+        out = self.generate(batch, max_new_tokens=1, return_logprob=True,
+                            logprob_start_len=starts if len(batch) > 1 else starts[0])
         out = out if isinstance(out, list) else [out]
         result = []
-        for seq, o in zip(batch, out):
-            entries = o["meta_info"]["input_token_logprobs"]
-            values = [e[0] for e in entries][1:]  # the first token has no context
-            if len(values) != len(seq) - 1 or any(v is None for v in values):
-                raise ClientError(f"expected {len(seq) - 1} input logprobs, got {len(values)}")
-            result.append(np.asarray(values, dtype=np.float64))
+        for seq, start, o in zip(batch, starts, out):
+            meta = o["meta_info"]
+            values = [e[0] for e in meta["input_token_logprobs"]][1:]
+            if len(values) != len(seq) - 1 - start or any(v is None for v in values):
+                raise ClientError(f"expected {len(seq) - 1 - start} input logprobs from position {start + 1}, got {len(values)}")
+            result.append((np.asarray(values, dtype=np.float64), int(meta.get("cached_tokens") or 0)))
         return result
 
     def top_logprobs(self, ids: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:

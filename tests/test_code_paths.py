@@ -1,0 +1,140 @@
+"""10_code_paths: the statistic tells a path as noisy as its control from one twice as noisy; on the SGLang stand-in,
+the right backend and the baseline against itself pass every path they exercise, and each deliberately wrong variant
+(tests/faults) fails its own path."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+from sagecheck.engines.sglang import SGLangEngine
+from sagecheck.engines.sglang.servers import ServerSet
+from sagecheck.metrics import code_paths as C
+from sagecheck.params import NotebookParams
+from sagecheck.sources import load
+from tests.conftest import ROOT
+
+STANDIN = ROOT / "tests" / "standin"
+FAULT_SITE = ROOT / "tests" / "faults" / "site"
+SGLANG_PARAMS = ROOT / "tests" / "params_sglang.yaml"
+
+
+# ------------------------------------------------------------------ the statistic
+
+
+def noisy(scale: float, n: int = 2000, seed: int = 0) -> C.Aligned:
+    """A path whose candidate deviates ``scale`` times as much as a correct one would, and a correct reference."""
+    rng = np.random.default_rng(seed)
+    truth = -rng.uniform(0.5, 5, n)
+    b_ref = truth + rng.normal(0, 1e-4, n)
+    b_path = truth + rng.normal(0, 1e-4, n)
+    c_ref = truth + rng.normal(0, 0.02, n)
+    c_path = truth + rng.normal(0, 0.02 * scale, n)
+    return C.Aligned(c_path, c_ref, b_path, b_ref)
+
+
+def test_a_path_as_noisy_as_its_reference_passes_and_twice_as_noisy_fails():
+    same = C.judge(noisy(1.0), ratio_max=1.5)
+    assert same["passed"] and same["ratio_vs_baseline"] < 1.2
+    twice = C.judge(noisy(2.0), ratio_max=1.5)
+    assert not twice["passed"] and twice["ratio_vs_baseline_low"] > 1.5
+    few = C.judge(noisy(2.0, n=8), ratio_max=1.5)  # eight positions cannot show it: the lower bound stays below
+    assert few["ratio_vs_baseline_low"] < few["ratio_vs_baseline"]
+
+
+def test_the_baseline_against_itself_is_exactly_one():
+    rng = np.random.default_rng(1)
+    base, path = -rng.uniform(0, 5, 300), -rng.uniform(0, 5, 300)
+    got = C.judge(C.Aligned(path, base, path.copy(), base.copy()), ratio_max=1.5)
+    assert got["ratio_vs_baseline"] == 0 / 1 + 1e-6 / (np.abs(path - base).mean() + 1e-6) and got["passed"]
+    zeros = C.judge(C.Aligned(base, base, base, base), ratio_max=1.5)  # nothing differs anywhere: no difference
+    assert zeros["ratio_vs_baseline"] == 1 and zeros["ratio_vs_self"] == 1 and zeros["passed"]
+
+
+# ------------------------------------------------------------------ the stand-in's paths and the wrong variants
+
+VARIANTS = {  # candidate: (extra parameters, the path it must fail)
+    "sage_attn": ([], None),
+    "fa3": ([], None),  # the baseline against itself
+    "sage_attn_prefix_fault": ([], "prefix"),
+    "sage_attn_stale_graph": ([], "decode_graphs"),
+    "sage_attn_padded_decode": (["sglang.disable_cuda_graph=true", "sglang.sage_attn_decode=sage"], "decode_eager"),
+    "sage_attn_head_split": (["sglang.tp=2"], "tp_ranks"),
+}
+
+
+@pytest.fixture(scope="module")
+def judged(tmp_path_factory):
+    """Every variant against the baseline server on the stand-in, judged: {candidate: (plan, results)}."""
+    old = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(STANDIN), str(FAULT_SITE), str(ROOT / "lib"), old])
+    out = {}
+    try:
+        for name, (overrides, _) in VARIANTS.items():
+            params = load(SGLANG_PARAMS, [f"sglang_attention_backend={name}", *overrides])
+            log_dir = tmp_path_factory.mktemp(name)
+            with ServerSet(params, log_dir, ["baseline", "candidate"]) as servers:
+                engine = SGLangEngine(params, log_dir, servers=servers.as_dicts())
+                out[name] = C.measure(engine, NotebookParams(params, "10_code_paths"))
+    finally:
+        os.environ["PYTHONPATH"] = old
+    return out
+
+
+def verdicts(results: list[C.PathResult]) -> dict[str, bool | None]:
+    return {r.path: r.passed for r in results}
+
+
+@pytest.mark.slow
+def test_the_right_backend_and_the_baseline_against_itself_pass_every_path(judged):
+    for name in ("sage_attn", "fa3"):
+        plan, results = judged[name]
+        got = verdicts(results)
+        assert all(v is not False for v in got.values()), (name, got, [r.figures for r in results])
+        # every path but the tensor-parallel one runs on the stand-in at tp 1
+        assert [p for p, v in got.items() if v is None] == ["tp_ranks"], (name, {r.path: r.why_not for r in results})
+    plan, results = judged["sage_attn"]
+    rows = {r.path: r for r in results}
+    assert f"cached tokens reported: [{plan.prefix}]" in rows["prefix"].evidence
+    assert "extend_batches_with_prefix" in rows["prefix"].evidence and "decode_graph_replays" in rows["decode_graphs"].evidence
+    assert "chunks of 512 (3 chunks)" in rows["chunked"].evidence and "above the largest CUDA-graph batch 4" in rows["decode_eager"].evidence
+    assert rows["batch"].figures["ratio_vs_self"] == pytest.approx(1e-6 / (np.mean([0]) + 1e-6)) or rows["batch"].passed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n, (_, path) in VARIANTS.items() if path])
+def test_each_wrong_variant_fails_its_own_path(judged, name):
+    _, path = VARIANTS[name]
+    plan, results = judged[name]
+    got = verdicts(results)
+    assert got[path] is False, (name, got, {r.path: (r.figures, r.why_not) for r in results})
+    others = {p: v for p, v in got.items() if p != path}
+    if name == "sage_attn_head_split":
+        # a wrong head split corrupts every forward on the ranks, the cold prefill's too: the cold row (judged against the
+        # baseline alone) fails with the rank row; the other rows are judged against the candidate's own cold path, which
+        # the defect corrupts alike, so they show no path of their own
+        assert got["cold"] is False and all(v is not False for p, v in others.items() if p != "cold"), got
+    else:
+        assert all(v is not False for v in others.values()), (name, got)
+    if name == "sage_attn_padded_decode":
+        assert got["decode_graphs"] is None  # kernel decode needs CUDA graphs off: that path is not exercised
+
+
+def test_a_path_the_engine_cannot_run_is_not_exercised_never_passed():
+    results = C.judge_all(C.Ran(), C.Ran(), C.Plan(seqs=[[1, 2, 3]], prefix=1, long=None, chunk=None, tail=0, batch_seqs=[[1]],
+                                                  decode_prompts=[], eager_prompts=[], graphs=False, graph_max_bs=None, tp=1,
+                                                  why_not={p: "not here" for p in C.PATHS}), p=None)
+    assert all(r.passed is None and r.why_not == "not here" for r in results)
+    assert "Not exercised" in C.sentence(results) and "Passing" not in C.sentence(results)
+
+
+def test_counters_that_contradict_the_path_make_it_not_exercised():
+    assert "fell back" in C._counters_say_not("prefix", {"calls:sdpa": 4, "fallbacks:sage": 4}, "sage")
+    assert "phases" in C._counters_say_not("decode_eager", {"calls:sdpa": 4}, "sage-emulated")
+    assert "no batch with a cached prefix" in C._counters_say_not("prefix", {"extend_batches_kernel": 2}, "sage_attn")
+    assert "replayed no CUDA graph" in C._counters_say_not("decode_graphs", {"decode_batches_triton": 7}, "sage_attn")
+    assert C._counters_say_not("decode_graphs", {"decode_graph_replays": 7}, "sage_attn") is None
+    time.sleep(0)
