@@ -142,6 +142,10 @@ class SageAttnBackend(TritonAttnBackend):
             return f"arguments {sorted(kwargs)}"
         return None
 
+    def _prefix_indices(self, layout: ExtendLayout) -> torch.Tensor:
+        """The cache slots of every request's cached prefix, request after request (Triton's ``kv_indices``)."""
+        return self.forward_metadata.kv_indices[: sum(layout.prefix_lens)]
+
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, **kwargs):
         layout = self._layout
         reason = self._batch_fallback or ("no layout" if layout is None else self._layer_fallback(layer, k, sinks, kwargs))
@@ -162,13 +166,17 @@ class SageAttnBackend(TritonAttnBackend):
         k3, v3 = k.view(-1, kv_heads, d), v.view(-1, kv_heads, layer.v_head_dim)
         k_prefix = v_prefix = None
         if layout.has_prefix:
-            idx = self.forward_metadata.kv_indices[: sum(layout.prefix_lens)]
+            idx = self._prefix_indices(layout)
             k_prefix = self.token_to_kv_pool.get_key_buffer(layer.layer_id)[idx]
             v_prefix = self.token_to_kv_pool.get_value_buffer(layer.layer_id)[idx]
         out = extend_attention(self.kernel, q3, k3, v3, k_prefix, v_prefix, layout, layer.scaling)
         return out.reshape(-1, heads * layer.v_head_dim)
 
     # ------------------------------------------------------------------ decode
+
+    def _decode_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cu_k: torch.Tensor,
+                          seq_lens: list[int], scale: float) -> torch.Tensor:
+        return decode_attention(self.kernel, q, keys, values, cu_k, seq_lens, scale)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, **kwargs):
         reason = None if self.settings.decode == "sage" else "decode on triton"
@@ -191,6 +199,6 @@ class SageAttnBackend(TritonAttnBackend):
         idx = self.forward_metadata.kv_indices[: sum(seq_lens)]
         keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)[idx]
         values = self.token_to_kv_pool.get_value_buffer(layer.layer_id)[idx]
-        out = decode_attention(self.kernel, q.reshape(-1, heads, d)[:bs], keys, values, kv_indptr.to(torch.int32),
-                               seq_lens, layer.scaling)
+        out = self._decode_attention(q.reshape(-1, heads, d)[:bs], keys, values, kv_indptr.to(torch.int32), seq_lens,
+                                     layer.scaling)
         return out.reshape(-1, heads * layer.v_head_dim)

@@ -1,0 +1,85 @@
+"""TEST ONLY: the wrong variants of ``SageAttnBackend`` in a real SGLang server (see the package docstring)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from sagecheck.sglang_plugin.backend import SageAttnBackend
+from sagecheck.sglang_plugin.varlen import smooth_keys
+
+BLOCK = 64
+
+
+class PrefixFault(SageAttnBackend):
+    """The cached prefix gathered in whole 64-token blocks: a partial last block's keys read as the block's first."""
+
+    def _prefix_indices(self, layout: Any) -> torch.Tensor:
+        idx = super()._prefix_indices(layout).clone()
+        offset = 0
+        for n in layout.prefix_lens:
+            lost = n % BLOCK
+            if lost:
+                start = n - lost
+                idx[offset + start: offset + n] = idx[offset + start]
+            offset += n
+        return idx
+
+
+class PaddedDecodeFault(SageAttnBackend):
+    """Decode on the kernel without dividing out the zero-padded keys the non-causal kernel counts."""
+
+    def _decode_attention(self, q, keys, values, cu_k, seq_lens, scale):
+        cu_q = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
+        q16, k16, v16 = q.to(torch.float16), keys.to(torch.float16), values.to(torch.float16)
+        out = self.kernel(q16, smooth_keys(k16, seq_lens), v16, cu_q, cu_k, 1, max(int(n) for n in seq_lens),
+                          is_causal=False, sm_scale=scale, smooth_k=False)
+        return out.to(q.dtype)
+
+
+class StaleGraphFault(SageAttnBackend):
+    """A replayed decode graph keeps each request's length of its first replay: the keys generated since are left out."""
+
+    _first: dict[int, int]
+
+    def init_forward_metadata_out_graph(self, forward_batch: Any, in_capture: bool = False) -> None:
+        if in_capture or not forward_batch.forward_mode.is_decode():
+            return super().init_forward_metadata_out_graph(forward_batch, in_capture)
+        first = self.__dict__.setdefault("_first", {})
+        n = len(forward_batch.req_pool_indices)
+        lens = forward_batch.seq_lens[:n].tolist()
+        stale = []
+        for req, length in zip(forward_batch.req_pool_indices.tolist(), lens):
+            if req not in first or first[req] > length:  # a new request in this slot
+                first[req] = length
+            stale.append(first[req])
+        fb = copy.copy(forward_batch)
+        fb.seq_lens = forward_batch.seq_lens.clone()
+        fb.seq_lens[:n] = torch.tensor(stale, dtype=fb.seq_lens.dtype, device=fb.seq_lens.device)
+        if getattr(forward_batch, "seq_lens_cpu", None) is not None:
+            fb.seq_lens_cpu = fb.seq_lens.cpu()
+        if getattr(forward_batch, "seq_lens_sum", None) is not None:
+            fb.seq_lens_sum = int(fb.seq_lens[:n].sum())
+        return super().init_forward_metadata_out_graph(fb, in_capture)
+
+
+class HeadSplitFault(SageAttnBackend):
+    """Ranks after the first put their query heads' outputs in the wrong places (rotated by one): no effect on one rank."""
+
+    def _wrong(self, out: torch.Tensor, layer: Any) -> torch.Tensor:
+        if self.stats.config.get("tp_rank", 0) == 0:
+            return out
+        return out.view(-1, layer.tp_q_head_num, layer.v_head_dim).roll(1, dims=1).reshape(out.shape)
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, **kwargs):
+        return self._wrong(super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, sinks=sinks, **kwargs), layer)
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, **kwargs):
+        return self._wrong(super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, sinks=sinks, **kwargs), layer)
+
+
+def faulty_backend(fault: str) -> type:
+    return {"prefix": PrefixFault, "padded_decode": PaddedDecodeFault, "stale_graph": StaleGraphFault,
+            "head_split": HeadSplitFault}[fault]
