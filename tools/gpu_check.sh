@@ -21,12 +21,14 @@ case $phase in
     echo "report started (pid $!)";;
   paths)
     CUDA_VISIBLE_DEVICES=$((gpus - 1)) PYTHONPATH=$PWD/tests/faults/site:$PYTHONPATH \
-      python3 tests/faults/gpu_code_paths.py --params params/sglang-builtin-gpu.yaml --out "$out" 2>&1 | tee "$out/paths_tp1.md";;
+      python3 tests/faults/gpu_code_paths.py --params params/sglang-builtin-gpu.yaml --out /tmp/cp 2>&1 | tee "$out/paths_tp1.md"
+    cp /tmp/cp/code_paths_tp1.json "$out/"; tar -C /tmp/cp -czf "$out/paths_logs_tp1.tgz" logs-tp1;;
   wait)
     while pgrep -f "sagecheck run --params" > /dev/null; do sleep 5; done
     cp /tmp/run.log "$out/run.log"
     tar -C /tmp -czf "$out/run.tgz" --exclude='random-model' run && ls -la "$out";;
   paths2)
     PYTHONPATH=$PWD/tests/faults/site:$PYTHONPATH python3 tests/faults/gpu_code_paths.py --params params/sglang-builtin-gpu.yaml \
-      --out "$out" --tp 2 --variants sage_attn,triton,sage_attn_head_split 2>&1 | tee "$out/paths_tp2.md";;
+      --out /tmp/cp --tp 2 --variants sage_attn,triton,sage_attn_head_split 2>&1 | tee "$out/paths_tp2.md"
+    cp /tmp/cp/code_paths_tp2.json "$out/"; tar -C /tmp/cp -czf "$out/paths_logs_tp2.tgz" logs-tp2;;
 esac
