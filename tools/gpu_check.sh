@@ -11,7 +11,11 @@ set -u
 kit=${1:?kit}; out=${2:?out}; phase=${3:?phase}
 site=/tmp/sgl-site
 [ -f $site/.unpacked ] || { mkdir -p $site && xz -dc "$kit" | tar -x -C $site && touch $site/.unpacked; }
-export PYTHONPATH=$site:$PWD/lib${PYTHONPATH:+:$PYTHONPATH} JUPYTER_PATH=$site/share/jupyter PATH=$site/bin:$PATH PYTHONUNBUFFERED=1
+# sagecheck's own entry point (sglang.srt.plugins -> sage_attn) for a checkout that is not pip-installed
+meta=/tmp/sagecheck-meta/sagecheck-0.1.0.dist-info
+mkdir -p $meta && printf 'Metadata-Version: 2.1\nName: sagecheck\nVersion: 0.1.0\n' > $meta/METADATA \
+  && printf '[sglang.srt.plugins]\nsage_attn = sagecheck.sglang_plugin:register\n' > $meta/entry_points.txt
+export PYTHONPATH=$site:/tmp/sagecheck-meta:$PWD/lib${PYTHONPATH:+:$PYTHONPATH} JUPYTER_PATH=$site/share/jupyter PATH=$site/bin:$PATH PYTHONUNBUFFERED=1
 mkdir -p "$out"
 gpus=$(nvidia-smi -L | wc -l)
 case $phase in
@@ -21,7 +25,8 @@ case $phase in
     echo "report started (pid $!)";;
   paths)
     CUDA_VISIBLE_DEVICES=$((gpus - 1)) PYTHONPATH=$PWD/tests/faults/site:$PYTHONPATH \
-      python3 tests/faults/gpu_code_paths.py --params params/sglang-builtin-gpu.yaml --out /tmp/cp 2>&1 | tee "$out/paths_tp1.md"
+      python3 tests/faults/gpu_code_paths.py --params params/sglang-builtin-gpu.yaml --out /tmp/cp ${VARIANTS:+--variants $VARIANTS} \
+      2>&1 | tee "$out/paths_tp1.md"
     cp /tmp/cp/code_paths_tp1.json "$out/"; tar -C /tmp/cp -czf "$out/paths_logs_tp1.tgz" logs-tp1;;
   wait)
     while pgrep -f "sagecheck run --params" > /dev/null; do sleep 5; done

@@ -51,8 +51,18 @@ class SGLangClient:
     def server_info(self) -> dict[str, Any]:
         return self._request("GET", "/get_server_info").json()
 
-    def flush_cache(self) -> None:
-        self._request("POST", "/flush_cache")
+    def flush_cache(self, wait_s: float = 5.0) -> None:
+        """Empty the radix cache. SGLang refuses (400) while a request is still being retired; a request that has just
+        returned may be, so the flush is tried again for up to ``wait_s``."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                self._request("POST", "/flush_cache")
+                return
+            except ClientError as e:
+                if "answered 400" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def generate(self, input_ids: list[int] | list[list[int]], max_new_tokens: int = 1, **extra: Any) -> Any:
         payload = {
