@@ -41,7 +41,10 @@ def kernel_argv() -> list[str]:
 # Batch runs write HTML, not a terminal: progress bars inside notebooks (transformers' "Loading weights", hub
 # downloads) and tqdm's "IProgress not found" warning would only show as red stderr boxes in the report.
 # The runner's own progress bar stays in the terminal.
-KERNEL_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore:IProgress not found"}
+# A third-party package compiled at import may warn about its own source (torchao in the SGLang kit: an invalid escape
+# sequence): a SyntaxWarning of someone else's file is no finding of the report.
+KERNEL_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+              "PYTHONWARNINGS": "ignore:IProgress not found,ignore::SyntaxWarning"}
 
 
 def ensure_kernel(name: str = KERNEL_NAME) -> str:
