@@ -114,3 +114,16 @@ def test_noisy_control_is_wrong_by_design():
     q, k, v = inputs()
     err = rel(attention.get("sdpa-noisy")(q, k, v), attention.get("sdpa")(q, k, v))
     assert 0.1 < err < 0.3
+
+
+def test_causal_emulation_skips_only_rows_the_block_cannot_change():
+    """Causal blocks skip the query rows before their first key; the same attention with the causal mask given as an
+    explicit keep-mask (nothing skipped) is identical to the bit."""
+    from sagecheck.attention.baseline import causal_keep_mask
+
+    torch.manual_seed(3)
+    for n_q, n_k in ((300, 300), (128, 1000), (17, 17)):
+        q, k, v = torch.randn(1, 4, n_q, 64), torch.randn(1, 2, n_k, 64) + 1, torch.randn(1, 2, n_k, 64)
+        skipped = attention.get("sage-emulated")(q, k, v, causal=True)
+        full = attention.get("sage-emulated")(q, k, v, mask=causal_keep_mask(n_q, n_k, q.device))
+        assert torch.equal(skipped, full)

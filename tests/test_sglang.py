@@ -471,8 +471,11 @@ def test_notebooks_on_the_sglang_engine(tmp_path, ci_run):
     assert [r["length"] for r in ctx.tables["passkey_by_length"]] == [128, 256]
     # 09 asks each choice from its question's last context token on, the choices of a question together: the server
     # reuses the context from its prefix cache (the baseline too), and says so
-    reuse = R.load(out / "results" / "09_tasks.json").metrics["context_reuse"]
+    tasks = R.load(out / "results" / "09_tasks.json")
+    reuse = tasks.metrics["context_reuse"]
     assert reuse["sage_attn: line ending"]["requests"] == 24 * 4 and reuse["sage_attn: line ending"]["reused"] >= 24 * 3
+    answers = [r for r in tasks.tables["answers"] if r["implementation"] == "sage_attn"]
+    assert len(answers) == 24 and all(min(r["cached_tokens"][1:]) > 10 for r in answers)  # the whole context, from the cache
     paths = {r["id"]: r for r in R.load(out / "results" / "10_code_paths.json").tables["paths"]}
     assert all(r["passed"] for r in paths.values() if r["exercised"]) and not paths["tp_ranks"]["exercised"]
     assert {p for p, r in paths.items() if r["exercised"]} == {"cold", "prefix", "chunked", "decode_graphs", "decode_eager", "batch"}

@@ -363,20 +363,12 @@ class Params(_Section):
     code_paths: CodePathsParams = Field(default_factory=CodePathsParams)
     summary: SummaryParams = Field(default_factory=SummaryParams)
 
-    @field_validator("engine")
+    @field_validator("engine", "baseline", "candidate")
     @classmethod
-    def _engine(cls, v: str) -> str:
-        return _registered(ENGINES, v)
-
-    @field_validator("baseline")
-    @classmethod
-    def _baseline(cls, v: str) -> str:
-        return _registered(ATTENTION, v, role="baseline")
-
-    @field_validator("candidate")
-    @classmethod
-    def _candidate(cls, v: str) -> str:
-        return _registered(ATTENTION, v)
+    def _registered_name(cls, v: str, info: Any) -> str:
+        registry, only = {"engine": (ENGINES, {}), "baseline": (ATTENTION, {"role": "baseline"}),
+                          "candidate": (ATTENTION, {})}[info.field_name]
+        return _registered(registry, v, **only)
 
     @field_validator("device")
     @classmethod

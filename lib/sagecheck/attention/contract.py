@@ -8,16 +8,10 @@ import torch
 
 
 class AttentionFn(Protocol):
-    def __call__(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        causal: bool = False,
-        scale: float | None = None,
-        mask: torch.Tensor | None = None,
-    ) -> torch.Tensor: ...
+    """``fn(q, k, v, *, causal=False, scale=None, mask=None) -> out`` on ``[batch, heads, seq, head_dim]`` tensors."""
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                 scale: float | None = None, mask: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 class AttentionUnavailable(RuntimeError):

@@ -492,9 +492,7 @@ class CodePathResults:
 
     @classmethod
     def read(cls, res: Any) -> "CodePathResults | None":
-        if res is None or res.status != "ok":
-            return None
-        return cls(res.tables.get("paths", []))
+        return cls(res.tables.get("paths", [])) if res is not None and res.status == "ok" else None
 
     def failing(self) -> list[dict[str, Any]]:
         return [r for r in self.rows if r["exercised"] and not r.get("passed")]

@@ -69,8 +69,10 @@ def score_multiple_choice(items: Sequence[MCItem], tokenizer: Any, continuation:
     ``continuation(seqs, starts)`` gives, per sequence, log p(x_t | x_<t) for t = start+1..n-1 (a
     :meth:`~sagecheck.engines.Backend.continuation_logprobs`, or :func:`from_token_logprobs` of a plain scorer). Each
     choice asks from the last context token on, so that a server may reuse the context from its prefix cache.
-    ``by_question``: the choices of a question sent together, as a serving workload sends them (else the longest
-    requests first, which batches equal lengths in process)."""
+    ``by_question``: the questions in order, each batch's first choices before its other choices, so that a server takes
+    each context from its prefix cache as it takes a serving workload's shared prompts (else the longest requests first,
+    which batches equal lengths in process). On the H200 choices sent together with their context reused 2 tokens each
+    (one prefill batch shares nothing)."""
     requests = []
     for qi, item in enumerate(items):
         for ci, choice in enumerate(item.choices):
@@ -81,10 +83,14 @@ def score_multiple_choice(items: Sequence[MCItem], tokenizer: Any, continuation:
     cached: dict[tuple[int, int], int] = {}
     for start in range(0, len(order), batch_size):
         chunk = [requests[i] for i in order[start: start + batch_size]]
-        got = continuation([r[2] for r in chunk], [r[3] - 1 for r in chunk])
-        for (qi, ci, _, n_ctx, n_cont), lp, c in zip(chunk, got.logprobs, got.evidence.get("cached_tokens", [0] * len(chunk))):
-            logliks[(qi, ci)] = choice_loglik(np.concatenate([np.zeros(n_ctx - 1), lp]), n_ctx, n_cont)
-            cached[(qi, ci)] = int(c)
+        # by question: each question's first choice, then the others, which find its context in the prefix cache (a
+        # server prefills one batch at once: choices that arrive together with their context do not share it)
+        waves = [[r for r in chunk if r[1] == 0], [r for r in chunk if r[1] != 0]] if by_question else [chunk]
+        for wave in (w for w in waves if w):
+            got = continuation([r[2] for r in wave], [r[3] - 1 for r in wave])
+            for (qi, ci, _, n_ctx, n_cont), lp, c in zip(wave, got.logprobs, got.evidence.get("cached_tokens", [0] * len(wave))):
+                logliks[(qi, ci)] = choice_loglik(np.concatenate([np.zeros(n_ctx - 1), lp]), n_ctx, n_cont)
+                cached[(qi, ci)] = int(c)
     rows = []
     for qi, item in enumerate(items):
         ll = [logliks[(qi, ci)] for ci in range(len(item.choices))]

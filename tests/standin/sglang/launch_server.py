@@ -126,7 +126,8 @@ def handle_generate(req: dict):
     starts = [-1 if s is None else int(s) for s in starts]
     top = int(req.get("top_logprobs_num") or 0)
     engine, impl = State.engine, State.backend
-    graph = not State.args.disable_cuda_graph and len(batch) <= State.graph_max_bs
+    # decode steps replay a CUDA graph up to the largest captured batch, unless graphs are off (kernel decode needs them off)
+    graph = not State.args.disable_cuda_graph and State.decode != "sage" and len(batch) <= State.graph_max_bs
     outs = []
     with State.lock, engine.backend(impl) as b, torch.inference_mode():
         rounds, with_prefix = 1, False
