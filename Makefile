@@ -9,6 +9,10 @@ CONSTRAINTS ?= constraints.txt
 EXTRAS      ?= test
 ARGS        ?=
 PYTEST_ARGS ?=
+# two pytest-xdist workers (CI has two cores); tests sharing an expensive fixture stay on one (tests/conftest.py)
+PYTEST_WORKERS ?= 2
+# JupyterLab refuses to run as root without --allow-root (containers, fresh cloud machines)
+LAB_ARGS    ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
 WHEEL_PYTHON    ?= 3.12
 WHEEL_PLATFORMS ?= manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
 WHEEL_EXTRAS    ?= gpu,lab
@@ -32,7 +36,7 @@ report: $(STAMP)
 
 ## the test suite (unit tests + every notebook executed by papermill on the built-in model)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 ## on a GPU machine with SGLang and sageattention installed: the sage_attn plugin against real SGLang servers
 ## (uses that machine's python and its CUDA torch, not a venv: make gpu-check PYTHON=python3)
@@ -42,7 +46,7 @@ gpu-check:
 ## JupyterLab on notebooks/ with the project's kernel
 lab: $(STAMP)
 	$(BIN)/pip install -q $(CFLAG) -e ".[lab]"
-	$(BIN)/jupyter lab --notebook-dir=notebooks
+	$(BIN)/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
 
 ## wheels for an offline GPU node: make wheelhouse WHEEL_PYTHON=3.12
 wheelhouse:

@@ -17,6 +17,9 @@ CI_PARAMS = ROOT / "tests" / "params_ci.yaml"
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "shakespeare"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# the sage_attn plugin of the stand-in servers writes its counters every 0.1 s (0.5 s by default), and readers wait
+# accordingly: every server and run the tests start inherits it
+os.environ.setdefault("SAGE_ATTN_STATS_INTERVAL_S", "0.1")
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -77,3 +80,22 @@ def report_page(out: Path, width: int, height: int):
             yield page
         finally:
             b.close()
+
+
+# Tests that share an expensive fixture run on one pytest-xdist worker (``make test`` runs two), so that the fixture is
+# built once; the other tests are spread over both.
+_SHARED_FIXTURE_GROUPS = {"ci_run": "ci_run", "judged": "code_paths_variants"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Group the tests of a shared fixture; run the slow ones (notebooks through papermill, servers) first, so that the
+    two workers finish together instead of one starting a long test when the other is done."""
+    grouped = set()
+    for item in items:
+        for fixture, group in _SHARED_FIXTURE_GROUPS.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(group))
+                grouped.add(item.nodeid)
+                break
+    items.sort(key=lambda item: 0 if item.nodeid in grouped else 1 if item.get_closest_marker("slow") else 2)

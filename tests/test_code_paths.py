@@ -68,17 +68,24 @@ VARIANTS = {  # candidate: (extra parameters, the path it must fail)
 
 @pytest.fixture(scope="module")
 def judged(tmp_path_factory):
-    """Every variant against the baseline server on the stand-in, judged: {candidate: (plan, results)}."""
+    """Every variant against the baseline server on the stand-in, judged: {candidate: (plan, results)}. Variants whose
+    servers take the same arguments share one baseline server (each gets its own candidate server)."""
     old = os.environ.get("PYTHONPATH", "")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(STANDIN), str(FAULT_SITE), str(ROOT / "lib"), old])
     out = {}
     try:
+        by_args: dict[tuple[str, ...], list[str]] = {}
         for name, (overrides, _) in VARIANTS.items():
-            params = load(SGLANG_PARAMS, [f"sglang_attention_backend={name}", *overrides])
-            log_dir = tmp_path_factory.mktemp(name)
-            with ServerSet(params, log_dir, ["baseline", "candidate"]) as servers:
-                engine = SGLangEngine(params, log_dir, servers=servers.as_dicts())
-                out[name] = C.measure(engine, NotebookParams(params, "10_code_paths"))
+            by_args.setdefault(tuple(overrides), []).append(name)
+        for overrides, names in by_args.items():
+            log_dir = tmp_path_factory.mktemp("baseline")
+            with ServerSet(load(SGLANG_PARAMS, list(overrides)), log_dir, ["baseline"]) as baseline:
+                for name in names:
+                    params = load(SGLANG_PARAMS, [f"sglang_attention_backend={name}", *overrides])
+                    cand_dir = tmp_path_factory.mktemp(name)
+                    with ServerSet(params, cand_dir, ["candidate"]) as candidate:
+                        engine = SGLangEngine(params, cand_dir, servers={**baseline.as_dicts(), **candidate.as_dicts()})
+                        out[name] = C.measure(engine, NotebookParams(params, "10_code_paths"))
     finally:
         os.environ["PYTHONPATH"] = old
     return out

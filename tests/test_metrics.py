@@ -425,10 +425,21 @@ def test_heatmap_colour_scale_covers_at_least_the_minimum_span():
 
     near_one = [[1.01, 0.99], [1.0, float("nan")]]
     fig = plots.heatmap(near_one, [1, 2], [128, 512], "t", "x", "y", min_span=0.1)
-    assert fig.axes[0].images[0].get_clim() == pytest.approx((0.9, 1.1))
+    assert fig.axes[0].collections[0].get_clim() == pytest.approx((0.9, 1.1))
     wide = plots.heatmap([[1.5, 0.7]], [1], [128, 512], "t", "x", "y", min_span=0.1)
-    assert wide.axes[0].images[0].get_clim() == pytest.approx((0.5, 1.5))  # the data's own span where larger
+    assert wide.axes[0].collections[0].get_clim() == pytest.approx((0.5, 1.5))  # the data's own span where larger
+    # every cell says its value (the empty one "n/a"), each in a colour readable on its cell
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert sorted(texts) == sorted(["1.01", "0.99", "1.00", "n/a"])
     plt.close("all")
+
+
+def test_a_series_of_one_point_is_a_table_not_a_figure(capsys):
+    from sagecheck import plots
+
+    assert plots.lines({"sdpa": [128]}, {"sdpa": [3.5]}, "sequence length", "TOPS", "one point") is None
+    fig = plots.lines({"a": [1, 2]}, {"a": [0.5, 0.6]}, "x", "accuracy", "t", ylim=(0, 1.05))
+    assert fig.axes[0].get_ylim() == (0, 1.05)
 
 
 def test_sglangs_startup_split_is_flagged_where_servers_starting_together_moved_it():

@@ -32,3 +32,27 @@ def test_no_outputs_and_one_parameters_cell(path):
 
 def test_sync_check_reports_nothing_to_do():
     assert sync_parameter_cells(check=True) == []
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_papermill_reads_every_parameter_with_its_type_and_meaning(path):
+    """`papermill --help-notebook` documents each parameter: papermill's own parser finds all of them, typed, explained."""
+    from papermill.translators import PythonTranslator
+
+    from sagecheck.params import RUN_KEYS, Params, notebook_parameters
+
+    found = PythonTranslator.inspect(parameter_cells(nbformat.read(path, as_version=4))[0])
+    assert [p.name for p in found] == [*notebook_parameters(Params(), path.stem), *RUN_KEYS]
+    for p in found:
+        assert p.inferred_type_name not in ("None", "") and p.help, p
+
+
+def test_papermill_help_lists_no_unknown_type():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    papermill = Path(sys.executable).with_name("papermill")
+    done = subprocess.run([str(papermill), "--help-notebook", str(NOTEBOOKS[2])], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "Parameters inferred" in done.stdout, done.stderr
+    assert "Unknown type" not in done.stdout and "n_short: int (default 8)" in done.stdout

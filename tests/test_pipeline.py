@@ -107,7 +107,8 @@ _SECTION_OVERFLOW_JS = """(stem) => {
 
 
 def test_report_reads_cleanly_in_chromium_at_1400_px(ci_run):
-    """The kernel section fits 1400 px with its folded tables open; no stderr box anywhere; the recommendation on top."""
+    """Every section fits 1400 px with its folded tables open (a screenshot of each is kept); no stderr box anywhere; the
+    recommendation on top."""
     _, out = ci_run
     with report_page(out, 1400, 1000) as page:
         assert page.locator("[data-mime-type='application/vnd.jupyter.stderr']").count() == 0
@@ -116,13 +117,25 @@ def test_report_reads_cleanly_in_chromium_at_1400_px(ci_run):
         assert page.locator("details.sc-folded").count() >= 2  # 08's full accuracy table and its speed table
         page.evaluate("document.querySelectorAll('details').forEach(d => d.open = true)")
         kernel = page.evaluate(_SECTION_OVERFLOW_JS, "08_kernel")
-        assert kernel["cells"] > 3 and kernel["problems"] == []
+        assert kernel["cells"] > 3
+        stems = page.evaluate("Array.from(document.querySelectorAll('.sc-section')).map(e => e.id.replace('nb-', ''))")
+        assert len(stems) == len(list((ROOT / "notebooks").glob("*.ipynb")))
+        problems = {stem: page.evaluate(_SECTION_OVERFLOW_JS, stem)["problems"] for stem in stems}
+        assert not any(problems.values()), {k: v for k, v in problems.items() if v}
         assert page.evaluate("document.documentElement.scrollWidth") <= 1400
+        page.screenshot(path=str(out / "report-1400px.png"), full_page=True)
+
+
+# smaller sizes for the runs of a control or a wrong candidate (the CI run keeps the full ones): what each must show
+# shows at these sizes too
+SMALLER = ["-p", "logits.long_tokens=512", "-p", "perplexity.max_tokens=1500",
+           "-p", "tasks.tasks=[{name: line ending, kind: multiple_choice, source: 'builtin:line_ending', limit: 60}]"]
 
 
 def test_baseline_against_itself(tmp_path):
     out = tmp_path / "self"
-    done = run_cli("run", "--params", str(CI_PARAMS), "-p", "candidate=sdpa", "--only", "02,03,06,09", "--out", str(out), "-q")
+    done = run_cli("run", "--params", str(CI_PARAMS), "-p", "candidate=sdpa", *SMALLER, "--only", "02,03,06,09", "--out",
+                   str(out), "-q")
     assert done.returncode == 0, done.stderr[-2000:]
     o = result(out, "02_logits").metrics["overall"]
     assert o["kl_mean"] == 0 and o["kl_max"] == 0 and o["top1_agreement"] == 1 and o["top5_agreement"] == 1
@@ -135,9 +148,12 @@ def test_baseline_against_itself(tmp_path):
     assert tasks.tables["flips"] == [] and all(r["delta_pp"] == 0 and r["mcnemar_p"] == 1 for r in tasks.tables["accuracy"])
 
 
+# on the worker of the CI run's tests (tests/conftest.py): the two pytest-xdist workers then carry about the same load
+@pytest.mark.xdist_group("ci_run")
 def test_a_perturbed_candidate_is_caught_by_every_accuracy_notebook(tmp_path):
     out = tmp_path / "noisy"
-    done = run_cli("run", "--params", str(CI_PARAMS), "-p", "candidate=sdpa-noisy", "--only", "02,03,06,07,09", "--out", str(out), "-q")
+    done = run_cli("run", "--params", str(CI_PARAMS), "-p", "candidate=sdpa-noisy", *SMALLER, "--only", "02,03,06,07,09",
+                   "--out", str(out), "-q")
     assert done.returncode == 0, done.stderr[-2000:]
     # 60 questions cannot resolve a 2-point delta, but the changed answers are there to see
     assert result(out, "09_tasks").tables["flips"]
@@ -191,13 +207,13 @@ def test_a_failing_notebook_is_recorded_and_the_run_goes_on(tmp_path):
 def test_changing_only_the_title_reruns_no_notebook_under_resume(tmp_path):
     """The title names the run, it measures nothing: a resumed run with another title reuses every notebook."""
     out = tmp_path / "titled"
-    first = run_cli("run", "--params", str(CI_PARAMS), "--only", "00,06", "--out", str(out), "-q")
+    first = run_cli("run", "--params", str(CI_PARAMS), "--only", "00", "--out", str(out), "-q")
     assert first.returncode == 0, first.stderr[-2000:]
-    again = run_cli("run", "--params", str(CI_PARAMS), "-p", "title=Another title", "--only", "00,06", "--out", str(out),
+    again = run_cli("run", "--params", str(CI_PARAMS), "-p", "title=Another title", "--only", "00", "--out", str(out),
                     "--resume", "-q")
     assert again.returncode == 0, again.stderr[-2000:]
     statuses = {n["name"]: n["status"] for n in json.loads((out / "run.json").read_text())["notebooks"]}
-    assert statuses == {"00_environment": "reused", "06_activation_drift": "reused", "99_summary": "ok"}
+    assert statuses == {"00_environment": "reused", "99_summary": "ok"}
     assert "Another title" in (out / "report.html").read_text()
     from sagecheck import run as runner, sources
 

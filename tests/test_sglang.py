@@ -418,7 +418,7 @@ def test_the_sglang_sweep_measures_three_servers_interleaved(tmp_path):
 
 
 @pytest.mark.slow
-def test_notebooks_on_the_sglang_engine(tmp_path, ci_run):
+def test_notebooks_on_the_sglang_engine(tmp_path, builtin):
     out = tmp_path / "sglang"
     done = run_cli("run", "--params", str(SGLANG_PARAMS), "--only", "01,02,03,04,05,06,07,09,10", "--out", str(out), "-q",
                    env={"PYTHONPATH": os.environ["PYTHONPATH"]})
@@ -446,11 +446,16 @@ def test_notebooks_on_the_sglang_engine(tmp_path, ci_run):
     assert "invalid choice: 'no_such_backend'" in checks["--attention-backend no_such_backend"]["error"]
     logits = R.load(out / "results" / "02_logits.json").metrics["overall"]
     assert logits["positions"] == 2 * 100 + 600 and 0 < logits["kl_mean"] < 1e-2
-    # the same perplexity as the in-process engine on the same model and text
-    hf = R.load(ci_run[1] / "results" / "03_perplexity.json").metrics["perplexity"]
+    # the same perplexity as the in-process engine on the same model, text and windows
+    from sagecheck.data import corpus
+    from sagecheck.metrics import perplexity as ppl
+
+    ids = builtin.tokenizer(corpus.load_text("builtin").text).input_ids[:1500]
+    windows = ppl.sliding_windows(len(ids), 256, 128)
     sg = R.load(out / "results" / "03_perplexity.json").metrics["perplexity"]
     for sglang_name, hf_name in (("fa3", "sdpa"), ("sage_attn", "sage-emulated")):  # each keyed by its engine's own name
-        assert sg[sglang_name] == pytest.approx(hf[hf_name], rel=1e-4)
+        with builtin.backend(hf_name) as b:
+            assert sg[sglang_name] == pytest.approx(ppl.score_windows(ids, windows, b.token_logprobs).perplexity, rel=1e-4)
     t = R.load(out / "results" / "04_throughput.json")
     assert all(r["status"] == "ok" and r["prefill_tok_s"] > 0 for r in t.tables["throughput"])
     assert {r["implementation"] for r in t.tables["throughput"]} == {"fa3", "sage_attn", "fa3 copy"}
@@ -513,3 +518,44 @@ def test_unreachable_servers_fail_each_notebook_with_the_cause_in_one_line(tmp_p
     failed = {ln.split(":", 1)[0][len("FAILED "):]: ln for ln in done.stderr.splitlines() if ln.startswith("FAILED ")}
     assert set(failed) == {"02_logits", "04_throughput", "05_memory"}, done.stderr[-2000:]
     assert all("127.0.0.1:2" in ln and "KeyError" not in ln for ln in failed.values())
+
+
+def test_a_server_that_stalls_answers_500_or_malformed_json_is_one_line(tmp_path):
+    """After it was ready: a request that never gets its answer (the request timeout), HTTP 5xx, a reply that is not JSON.
+    Each is a ClientError of one line (a notebook ends with it and the run goes on, as for a server that died)."""
+    faults = {"stall-after:0": r"failed: .*(timed out|Read timed out)", "http500-after:0": "answered 500",
+              "badjson-after:0": "answered malformed JSON"}
+    servers = {mode: Server(spec("fa3"), tmp_path / mode.split("-")[0], 120, env={"SAGECHECK_STANDIN_MODE": mode})
+               for mode in faults}
+    try:
+        for server in servers.values():
+            server.launch()
+        for mode, expected in faults.items():
+            servers[mode].wait_ready()
+            with pytest.raises(ClientError, match=expected) as err:
+                SGLangClient(servers[mode].url, timeout_s=2).generate([1, 300, 301], 1)
+            assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+def test_a_port_taken_before_the_server_binds_it_is_chosen_again(tmp_path, monkeypatch):
+    import socket
+
+    from sagecheck.engines.sglang import server as server_module
+
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    taken = blocker.getsockname()[1]
+    first = iter([taken])  # the port chosen first is taken by another process before the server binds it
+    real = server_module.free_port
+    monkeypatch.setattr(server_module, "free_port", lambda host="127.0.0.1", **kw: next(first, None) or real(host, **kw))
+    try:
+        with Server(spec("fa3"), tmp_path, 120) as server:
+            assert server.spec.port != taken and server.url.endswith(f":{server.spec.port}")
+            assert SGLangClient(server.url).server_info()["attention_backend"] == "fa3"
+        assert "already in use" in (tmp_path / f"sglang-fa3-{taken}.log").read_text()
+    finally:
+        blocker.close()

@@ -1,13 +1,17 @@
 """Command line: ``python -m sagecheck run|report|compare|params|sync-notebooks``.
 
-Exit codes: 0 all notebooks ran, 1 a notebook failed, 2 bad input (nothing ran).
+Exit codes: 0 all notebooks ran, 1 a notebook failed, 2 bad input (nothing ran), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from sagecheck.params import ParamError
@@ -131,14 +135,67 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _QuietInterrupt:
+    """Ctrl-C ends the command with one line. On the first SIGINT, stderr (file descriptor 2) goes to /dev/null before
+    KeyboardInterrupt is raised, so that what the unwinding prints (the kernel client's threads, papermill's cleanup) stays
+    out of the terminal; :meth:`say` writes the one line to the real stderr."""
+
+    def __init__(self) -> None:
+        self.saved_fd: int | None = None
+
+    def __enter__(self) -> "_QuietInterrupt":
+        self.previous = signal.getsignal(signal.SIGINT)
+        if self.previous is signal.default_int_handler and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """The handler put back; after an interruption stderr stays quiet: what is still printed while the process ends
+        (an asyncio task's "exception was never retrieved" when it is collected) is noise after the one line."""
+        if signal.getsignal(signal.SIGINT) == self._handler:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def _handler(self, signum: int, frame: object) -> None:
+        if self.saved_fd is None:
+            sys.stderr.flush()
+            self.saved_fd = os.dup(2)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            os.close(devnull)
+        raise KeyboardInterrupt
+
+    def say(self, line: str) -> None:
+        """The one line, on the real stderr (file descriptor 2 itself stays on /dev/null after an interruption)."""
+        if self.saved_fd is None:
+            print(line, file=sys.stderr, flush=True)
+        else:
+            os.write(self.saved_fd, (line + "\n").encode())
+
+
+def _resume_command(argv: list[str]) -> str:
+    args = [a for a in argv if a != "--resume"]
+    return shlex.join(["python", "-m", "sagecheck", *args, "--resume"])
+
+
 def main(argv: list[str] | None = None) -> int:
+    from sagecheck.run import RunInterrupted
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except ParamError as e:
-        print(f"sagecheck: error: {e}", file=sys.stderr)
-        return 2
+    with _QuietInterrupt() as quiet:
+        try:
+            return args.func(args)
+        except ParamError as e:
+            print(f"sagecheck: error: {e}", file=sys.stderr)
+            return 2
+        except RunInterrupted as e:
+            kept = f"{len(e.kept)} finished notebook(s) kept ({', '.join(e.kept)})" if e.kept else "no notebook had finished"
+            quiet.say(f"sagecheck: interrupted (Ctrl-C); {kept} in {e.run_dir}; `{_resume_command(argv)}` goes on from there")
+            return 130
+        except KeyboardInterrupt:
+            quiet.say("sagecheck: interrupted (Ctrl-C) before any notebook ran")
+            return 130
 
 
 if __name__ == "__main__":

@@ -24,6 +24,43 @@ def package_version(name: str) -> str:
         return "not installed"
 
 
+def sageattention_package() -> dict[str, Any]:
+    """Which sageattention ``import sageattention`` finds, without importing it (that would load Triton or CUDA
+    libraries): its version (the package metadata where the found files are that package's, else a source build on the
+    path, e.g. SageAttention 2 compiled from source, which has no metadata and may shadow an installed 1.0.6), its
+    generation (2 has the FP8 P·V CUDA kernels) and its entry points."""
+    import importlib.util
+    import re
+
+    try:
+        spec = importlib.util.find_spec("sageattention")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.origin:
+        return {"installed": False, "version": "not installed", "generation": None, "path": None, "entry_points": []}
+    folder = Path(spec.origin).resolve().parent
+    core = folder / "core.py"
+    text = core.read_text(errors="replace") if core.is_file() else ""
+    generation = 2 if "sageattn_qk_int8_pv_fp8_cuda" in text else 1
+    entry_points = sorted(set(re.findall(r"^def (sageattn\w*)\(", text, flags=re.M)))
+    owned = False
+    try:
+        dist = metadata.distribution("sageattention")
+        owned = Path(dist.locate_file("sageattention/__init__.py")).resolve() == Path(spec.origin).resolve()
+    except metadata.PackageNotFoundError:
+        dist = None
+    version = dist.version if (dist is not None and owned) else f"{generation}.x built from source (no package metadata)"
+    return {"installed": True, "version": version, "generation": generation, "path": str(folder), "entry_points": entry_points}
+
+
+def sageattention_label(pkg: dict[str, Any] | None = None) -> str:
+    """One line for tables and headers: "1.0.6", or "2.x built from source (no package metadata) at /tmp/sa2"."""
+    pkg = pkg or sageattention_package()
+    if not pkg["installed"]:
+        return "not installed"
+    return pkg["version"] + (f" at {pkg['path']}" if "source" in pkg["version"] else "")
+
+
 def project_root() -> Path | None:
     here = Path(__file__).resolve()
     for folder in here.parents:
@@ -123,7 +160,8 @@ def collect() -> dict[str, Any]:
         "driver": gpus[0]["driver"] if gpus else "n/a",
         "cuda": cuda,
         "cudnn": cudnn,
-        "versions": {name: package_version(name) for name in PACKAGES},
+        "versions": {name: sageattention_label() if name == "sageattention" else package_version(name) for name in PACKAGES},
+        "sageattention": sageattention_package(),
         "python": platform.python_version(),
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
@@ -193,7 +231,7 @@ def brief() -> dict[str, Any]:
         "gpu": gpu_name(),
         "torch": package_version("torch"),
         "transformers": package_version("transformers"),
-        "sageattention": package_version("sageattention"),
+        "sageattention": sageattention_label(),
         "sglang": package_version("sglang"),
         "git_sha": git_info()["sha"],
     }

@@ -24,7 +24,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Optional
+from typing import Annotated, Any, ClassVar, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -33,6 +33,12 @@ from sagecheck.registry import ATTENTION, ENGINES, TASKS, UnknownName
 from sagecheck.results import SUMMARY_NOTEBOOK
 
 Phase = Literal["prefill", "decode"]
+
+# Upper bounds: a value past them is a typo (1e23 prompts), refused at once instead of running until killed.
+MAX_TOKENS = 1 << 20  # tokens of one sequence
+MAX_COUNT = 100_000  # prompts, trials, repeats, batch sizes
+Tokens = Annotated[int, Field(ge=1, le=MAX_TOKENS)]
+Count = Annotated[int, Field(ge=1, le=MAX_COUNT)]
 
 
 def _registered(registry: Any, value: str, **info: Any) -> str:
@@ -53,6 +59,15 @@ class ParamError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*")
+    @classmethod
+    def _no_absurd_integer(cls, v: Any) -> Any:
+        """No integer parameter means more than 2**40 (a typo such as 1e23 would otherwise run until killed)."""
+        for x in (v if isinstance(v, list) else [v]):
+            if isinstance(x, int) and not isinstance(x, bool) and abs(x) > 1 << 40:
+                raise ValueError(f"{x} is far too large")
+        return v
     # which engine the section's notebook measures with: the run's ("run"), the in-process one whatever the run's
     # ("in_process": what only it can give), or none; the runner starts a run's servers only for "run" notebooks
     uses_engine: ClassVar[Literal["run", "in_process", "none"]] = "run"
@@ -81,7 +96,7 @@ class SGLangServer(_Section):
     context_length: Optional[int] = Field(None, ge=16, description="--context-length")
     extra_args: list[str] = Field(default_factory=list, description="more server arguments, passed as given")
     startup_timeout_s: float = Field(600.0, gt=0, description="seconds to wait for the server to become ready")
-    request_timeout_s: float = Field(600.0, gt=0)
+    request_timeout_s: float = Field(600.0, gt=0, description="seconds to wait for one answer of a server")
 
 
 class EnvironmentParams(_Section):
@@ -97,17 +112,18 @@ class RuntimeFlagParams(_Section):
                                                                        "must start and generate")
     sglang_refused: list[str] = Field(default_factory=lambda: ["no_such_backend"],
                                       description="SGLang engine: names SGLang must refuse with its own error")
-    prompt: str = "To be, or not to be, that is the question:"
-    max_new_tokens: int = Field(16, ge=1)
+    prompt: str = Field("To be, or not to be, that is the question:", description="the prompt each implementation "
+                                                                                    "generates from")
+    max_new_tokens: int = Field(16, ge=1, le=MAX_TOKENS, description="tokens generated per implementation")
 
 
 class LogitsParams(_Section):
     text: str = Field("builtin", description="text the prompts are cut from: builtin, wikitext, ptb or a local path")
-    n_short: int = Field(8, ge=1, description="number of short prompts")
-    short_tokens: int = Field(100, ge=8)
-    n_long: int = Field(2, ge=0, description="number of long prompts")
-    long_tokens: int = Field(2048, ge=16)
-    greedy_tokens: int = Field(32, ge=1, description="greedy continuation length per prompt")
+    n_short: int = Field(8, ge=1, le=MAX_COUNT, description="number of short prompts")
+    short_tokens: int = Field(100, ge=8, le=MAX_TOKENS, description="tokens per short prompt")
+    n_long: int = Field(2, ge=0, le=MAX_COUNT, description="number of long prompts")
+    long_tokens: int = Field(2048, ge=16, le=MAX_TOKENS, description="tokens per long prompt")
+    greedy_tokens: int = Field(32, ge=1, le=MAX_TOKENS, description="greedy continuation length per prompt")
     top_k: int = Field(20, ge=1, description="top-k logprobs (the SGLang engine gives no full distribution)")
     kl_mean_max: float = Field(1e-3, gt=0, description="verdict: mean KL(baseline || candidate) in nats at most")
     top1_min: float = Field(0.97, gt=0, le=1, description="verdict: top-1 agreement at least")
@@ -115,10 +131,10 @@ class LogitsParams(_Section):
 
 class PerplexityParams(_Section):
     dataset: str = Field("builtin", description="builtin (shipped held-out text), wikitext, ptb, or a local file/folder")
-    window: int = Field(512, ge=8, description="tokens per window (model context used)")
+    window: int = Field(512, ge=8, le=MAX_TOKENS, description="tokens per window (model context used)")
     stride: int = Field(256, ge=1, description="new tokens scored per window")
-    max_tokens: Optional[int] = Field(None, ge=16, description="score only the first N tokens of the text")
-    bootstrap: int = Field(1000, ge=10, description="paired bootstrap resamples over windows")
+    max_tokens: Optional[int] = Field(None, ge=16, le=1 << 30, description="score only the first N tokens of the text")
+    bootstrap: int = Field(1000, ge=10, le=10**6, description="paired bootstrap resamples over windows")
     delta_max_pct: float = Field(1.0, gt=0, description="verdict: |perplexity delta| in percent at most")
 
     @field_validator("stride")
@@ -131,13 +147,16 @@ class PerplexityParams(_Section):
 
 
 class ThroughputParams(_Section):
-    input_lengths: list[int] = Field(default_factory=lambda: [128, 256, 512, 1024, 2048])
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
-    decode_tokens: int = Field(32, ge=1, description="tokens generated per sequence when timing decode")
-    repeats: int = Field(5, ge=5, description="timed repeats per point (at least 5)")
-    warmup: int = Field(2, ge=1)
-    cpu_input_lengths: list[int] = Field(default_factory=lambda: [64, 128], description="sweep used on CPU")
-    cpu_batch_sizes: list[int] = Field(default_factory=lambda: [1, 2], description="sweep used on CPU")
+    input_lengths: list[Tokens] = Field(default_factory=lambda: [128, 256, 512, 1024, 2048], min_length=1,
+                                        description="prompt lengths of the sweep (on a GPU)")
+    batch_sizes: list[Count] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32], min_length=1,
+                                     description="batch sizes of the sweep (on a GPU)")
+    decode_tokens: int = Field(32, ge=1, le=MAX_TOKENS, description="tokens generated per sequence when timing decode")
+    repeats: int = Field(5, ge=5, le=MAX_COUNT, description="timed repeats per point (at least 5)")
+    warmup: int = Field(2, ge=1, le=MAX_COUNT, description="untimed runs before each point's timed repeats")
+    cpu_input_lengths: list[Tokens] = Field(default_factory=lambda: [64, 128], min_length=1,
+                                            description="prompt lengths of the sweep on CPU")
+    cpu_batch_sizes: list[Count] = Field(default_factory=lambda: [1, 2], min_length=1, description="batch sizes of the sweep on CPU")
     repeat_point: bool = Field(True, description="measure the largest point again at the end (stability check)")
     kernel_time: Literal["all", "repeated", "off"] = Field(
         "repeated", description="GPU busy time of prefill and decode, from one profiled repeat (seconds of host time each): "
@@ -151,28 +170,33 @@ class ThroughputParams(_Section):
 
 
 class MemoryParams(_Section):
-    input_lengths: list[int] = Field(default_factory=lambda: [512, 1024, 2048, 4096])
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 4, 16])
-    decode_tokens: int = Field(16, ge=1)
+    input_lengths: list[Tokens] = Field(default_factory=lambda: [512, 1024, 2048, 4096], min_length=1,
+                                        description="prompt lengths measured")
+    batch_sizes: list[Count] = Field(default_factory=lambda: [1, 4, 16], min_length=1, description="batch sizes measured")
+    decode_tokens: int = Field(16, ge=1, le=MAX_TOKENS, description="tokens generated after each prompt (the KV cache grows)")
     margin_pct: float = Field(5.0, ge=0, description="verdict: candidate peak at most baseline peak plus this margin")
 
 
 class ActivationDriftParams(_Section):
     uses_engine = "in_process"  # per-layer activations: only the in-process engine has them
-    text: str = Field("builtin")
-    n_prompts: int = Field(2, ge=1)
-    tokens: int = Field(512, ge=8)
-    position_buckets: int = Field(4, ge=1)
-    modes: list[Literal["compounded", "isolated"]] = Field(default_factory=lambda: ["compounded", "isolated"])
+    text: str = Field("builtin", description="text the prompts are cut from: builtin, wikitext, ptb or a local path")
+    n_prompts: int = Field(2, ge=1, le=MAX_COUNT, description="prompts whose activations are compared")
+    tokens: int = Field(512, ge=8, le=MAX_TOKENS, description="tokens per prompt")
+    position_buckets: int = Field(4, ge=1, le=1000, description="drift is also shown per range of positions: this many")
+    modes: list[Literal["compounded", "isolated"]] = Field(
+        default_factory=lambda: ["compounded", "isolated"], min_length=1,
+        description="compounded: the candidate in every layer; isolated: in one layer at a time")
     final_cosine_min: float = Field(0.999, gt=0, le=1, description="verdict: cosine of the final hidden state at least")
     final_rel_l2_max: float = Field(0.05, gt=0, description="verdict: relative L2 of the final hidden state at most")
 
 
 class ContextLengthParams(_Section):
-    lengths: list[int] = Field(default_factory=lambda: [128, 256, 512, 1024, 2048])
+    lengths: list[Tokens] = Field(default_factory=lambda: [128, 256, 512, 1024, 2048], min_length=1,
+                                  description="context lengths of the passkey test")
     max_length: Optional[int] = Field(None, ge=16, description="drop lengths above this")
-    trials: int = Field(6, ge=1, description="passkey trials per length and depth")
-    depths: list[float] = Field(default_factory=lambda: [0.1, 0.5, 0.9])
+    trials: int = Field(6, ge=1, le=MAX_COUNT, description="passkey trials per length and depth")
+    depths: list[Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=lambda: [0.1, 0.5, 0.9], min_length=1,
+                                                               description="where the passkey sits (0: start, 1: end)")
     text: str = Field("builtin", description="natural text for the per-position KL and loss")
     short_range: list[int] = Field(default_factory=lambda: [128, 512], description="positions counted as short context")
     long_range: list[int] = Field(default_factory=lambda: [2048, 8192], description="positions counted as long context")
@@ -182,17 +206,21 @@ class ContextLengthParams(_Section):
 
 class KernelParams(_Section):
     uses_engine = "none"  # the attention op alone
-    seq_lens: list[int] = Field(default_factory=lambda: [1, 17, 128, 333, 1024, 1000, 4096, 8192, 16384, 32768])
-    head_dims: list[int] = Field(default_factory=lambda: [64, 128])
-    dtypes: list[Literal["float16", "bfloat16"]] = Field(default_factory=lambda: ["float16", "bfloat16"])
-    batch: int = Field(1, ge=1)
-    heads: int = Field(32, ge=1)
-    kv_heads: int = Field(8, ge=1)
-    decode_kv_lens: list[int] = Field(default_factory=lambda: [1000, 4096], description="decode shapes: 1 query, this many keys")
-    speed_seq_lens: list[int] = Field(default_factory=lambda: [1024, 2048, 4096, 8192, 16384, 32768])
-    speed_batch: int = Field(4, ge=1)
-    speed_heads: int = Field(32, ge=1)
-    repeats: int = Field(20, ge=3)
+    seq_lens: list[Tokens] = Field(default_factory=lambda: [1, 17, 128, 333, 1024, 1000, 4096, 8192, 16384, 32768],
+                                   min_length=1, description="accuracy shapes: this many queries and as many keys")
+    head_dims: list[Annotated[int, Field(ge=8, le=512)]] = Field(default_factory=lambda: [64, 128], min_length=1,
+                                                                 description="head dimensions")
+    dtypes: list[Literal["float16", "bfloat16"]] = Field(default_factory=lambda: ["float16", "bfloat16"], min_length=1,
+                                                         description="input dtypes")
+    batch: int = Field(1, ge=1, le=MAX_COUNT, description="batch of the accuracy shapes")
+    heads: int = Field(32, ge=1, le=1024, description="query heads of the accuracy shapes")
+    kv_heads: int = Field(8, ge=1, le=1024, description="key/value heads of the accuracy shapes (grouped-query attention)")
+    decode_kv_lens: list[Tokens] = Field(default_factory=lambda: [1000, 4096], description="decode shapes: 1 query, this many keys")
+    speed_seq_lens: list[Tokens] = Field(default_factory=lambda: [1024, 2048, 4096, 8192, 16384, 32768], min_length=1,
+                                         description="speed shapes: sequence lengths")
+    speed_batch: int = Field(4, ge=1, le=MAX_COUNT, description="batch of the speed shapes")
+    speed_heads: int = Field(32, ge=1, le=1024, description="heads of the speed shapes")
+    repeats: int = Field(20, ge=3, le=MAX_COUNT, description="timed repeats per speed shape")
     cpu_max_seq_len: int = Field(1024, ge=1, description="accuracy shapes longer than this are skipped on CPU")
     reference_max_elements: int = Field(2**31, description="above this many score elements the reference runs per head")
     kernel_vs_emulation_max: float = Field(5e-3, gt=0, description="flag shapes whose kernel-vs-emulation rel. L2 exceeds this")
@@ -244,9 +272,9 @@ def _default_tasks() -> list[TaskSpec]:
 
 
 class TasksParams(_Section):
-    tasks: list[TaskSpec] = Field(default_factory=_default_tasks, description="the tasks, each scored on both backends")
-    batch_size: int = Field(16, ge=1, description="sequences per request")
-    bootstrap: int = Field(2000, ge=100, description="paired bootstrap resamples over questions")
+    tasks: list[TaskSpec] = Field(default_factory=_default_tasks, min_length=1, description="the tasks, each scored on both backends")
+    batch_size: int = Field(16, ge=1, le=MAX_COUNT, description="sequences per request")
+    bootstrap: int = Field(2000, ge=100, le=10**6, description="paired bootstrap resamples over questions")
     cache_dir: Optional[str] = Field(None, description="datasets cache (default: the Hugging Face cache)")
     delta_max_pp: float = Field(2.0, gt=0, description="verdict: |accuracy delta| in percentage points at most")
     mcnemar_alpha: float = Field(0.05, gt=0, lt=1, description="verdict: exact McNemar p-value at least this "
@@ -338,6 +366,9 @@ class Params(_Section):
     candidate: str = Field("sage-emulated", description="in-process candidate attention: " + ", ".join(ATTENTION.names()))
     candidate_phases: list[Phase] = Field(default_factory=lambda: ["prefill", "decode"],
                                           description="where the in-process candidate runs: prefill, decode or both")
+    sage_kernel: str = Field("auto", description="what the in-process 'sage' implementation calls: auto (sageattention's "
+                                                 "sageattn, which picks the kernel for the GPU) or one of its entry points, "
+                                                 "e.g. sageattn_qk_int8_pv_fp16_triton (SageAttention 2)")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="model dtype (auto: bfloat16 on a "
                                                                                          "GPU, float32 on the CPU)")
@@ -370,6 +401,13 @@ class Params(_Section):
                           "candidate": (ATTENTION, {})}[info.field_name]
         return _registered(registry, v, **only)
 
+    @field_validator("sage_kernel")
+    @classmethod
+    def _sage_kernel(cls, v: str) -> str:
+        if v != "auto" and not re.fullmatch(r"sageattn\w*", v):
+            raise ValueError("must be auto or the name of a sageattention entry point (sageattn...)")
+        return v
+
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
@@ -395,14 +433,14 @@ RUN_KEYS = ("run_dir", "sglang_servers")
 # --------------------------------------------------------------------------- loading
 
 
-def _did_you_mean(key: str, allowed: list[str]) -> str:
+def did_you_mean(key: str, allowed: list[str]) -> str:
     close = difflib.get_close_matches(key, allowed, n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _format_error(err: dict, data: dict, origin: str) -> str:
     loc = [str(p) for p in err["loc"]]
-    key = ".".join(loc)
+    key = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else p) for i, p in enumerate(err["loc"]))
     where = f" in {origin}" if origin else ""
     if err["type"] == "extra_forbidden":
         model: type[BaseModel] = Params
@@ -418,11 +456,13 @@ def _format_error(err: dict, data: dict, origin: str) -> str:
         allowed = sorted(model.model_fields)
         scope = ".".join(loc[:-1]) or "the top level"
         return (
-            f"unknown parameter '{key}'{where}{_did_you_mean(loc[-1], allowed)}; "
+            f"unknown parameter '{key}'{where}{did_you_mean(loc[-1], allowed)}; "
             f"allowed at {scope}: {', '.join(allowed)}"
         )
     value = err.get("input")
     msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "too_short":
+        msg = "must list at least one value"
     return f"parameter '{key}'{where} = {value!r}: {msg}"
 
 
@@ -529,17 +569,55 @@ def params_hash(flat: Params | dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def type_name(annotation: Any) -> str:
+    """A schema annotation as the parameters cell writes it for papermill (``--help-notebook`` shows it): int, float,
+    str, bool, list[int], Optional[int], dict (a section such as ``sglang``), list[dict] (the tasks)."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return type_name(args[0])
+    if origin is Literal:
+        return type(args[0]).__name__
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return f"Optional[{type_name(inner[0])}]" if len(inner) == 1 else "object"
+    if origin is list:
+        return f"list[{type_name(args[0])}]" if args else "list"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "dict"
+    return getattr(annotation, "__name__", "object")
+
+
+def _meaning(field: Any) -> str:
+    import typing
+
+    words = field.description or ""
+    choices = [typing.get_args(a) for a in [field.annotation, *typing.get_args(field.annotation)] if typing.get_origin(a) is Literal]
+    if choices and not all(str(c) in words for c in choices[0]):
+        words = f"one of {', '.join(map(str, choices[0]))}" + (f": {words}" if words else "")
+    return " ".join(words.split())
+
+
 def parameters_cell_source(notebook: str) -> str:
-    """The committed ``parameters`` cell of a notebook: the schema's defaults."""
+    """The committed ``parameters`` cell of a notebook: the schema's defaults, each with its type and meaning (papermill
+    reads them: ``papermill --help-notebook`` lists them)."""
     flat = notebook_parameters(Params(), notebook)
+    section = section_for(notebook)
+    fields = {**{k: Params.model_fields[k] for k in COMMON_KEYS}, **(SECTIONS[section].model_fields if section else {})}
     lines = [
-        "# Parameters: defaults from sagecheck.params (the embedded default).",
-        "# `python -m sagecheck run` injects the values of the run below this cell.",
+        "# Parameters: defaults from sagecheck.params (the embedded default), each with its type and meaning.",
+        "# `python -m sagecheck run` injects the values of the run below this cell; so does `papermill -p NAME VALUE`.",
     ]
     for key, value in flat.items():
-        lines.append(f"{key} = {value!r}")
-    lines.append('run_dir = ""  # empty: outputs/interactive in the project root')
-    lines.append("sglang_servers = {}  # the run's SGLang servers (the runner fills it); empty: the notebook starts its own")
+        kind = type_name(fields[key].annotation)
+        kind = f'"{kind}"' if "[" in kind else kind
+        meaning = _meaning(fields[key])
+        lines.append(f"{key}: {kind} = {value!r}" + (f"  # {meaning}" if meaning else ""))
+    lines.append('run_dir: str = ""  # folder of the run\'s results (empty: outputs/interactive in the project root)')
+    lines.append("sglang_servers: dict = {}  # the run's SGLang servers by role (the runner fills it; empty: the notebook "
+                 "starts its own)")
     return "\n".join(lines)
 
 

@@ -1,45 +1,35 @@
 """The figures of the report. Each function draws one figure and returns it.
 
-Plain matplotlib with one theme (:data:`THEME`, applied when this module is imported), not seaborn:
-the report's figures are line plots, CDFs, heat maps and interval bars whose statistics (paired
-bootstrap intervals, A/A bands, percentiles) the library computes and tests itself. seaborn's
-statistical plots would compute their own intervals from raw samples (its own bootstrap), which
-would put a second, untested set of numbers beside ours; for the theme alone it would be one more
-package on every offline GPU node. The colours are seaborn's "deep" palette, so figures look
-familiar to readers who know it.
+seaborn's theme for every figure (:func:`seaborn.set_theme`, applied when this module is imported: white grid,
+the "deep" palette, baseline blue and candidate orange), ``seaborn.heatmap`` for the annotated maps (it picks a
+readable text colour for each cell). The intervals drawn (paired bootstrap, Wilson, A/A bands, percentiles) are
+computed and tested in the library and drawn from those numbers; no figure computes statistics of its own.
+A figure whose data is one point is shown as a table instead (:func:`lines`).
 """
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
-from cycler import cycler
+import seaborn as sns
 
-# seaborn's "deep" palette: baseline blue, candidate orange, then the rest
-PALETTE = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C", "#CCB974", "#64B5CD"]
+sns.set_theme(context="notebook", style="whitegrid", palette="deep", rc={
+    "axes.spines.top": False, "axes.spines.right": False, "grid.alpha": 0.5, "axes.titlesize": 10, "axes.labelsize": 9,
+    "xtick.labelsize": 8, "ytick.labelsize": 8, "legend.fontsize": 8, "legend.frameon": False, "figure.dpi": 100,
+    "savefig.dpi": 100})
+PALETTE = sns.color_palette("deep").as_hex()
 BASE_COLOR, CAND_COLOR = PALETTE[0], PALETTE[1]
-THEME = {
-    "axes.prop_cycle": cycler(color=PALETTE),
-    "axes.spines.top": False,
-    "axes.spines.right": False,
-    "axes.grid": True,
-    "grid.alpha": 0.3,
-    "axes.titlesize": 10,
-    "axes.labelsize": 9,
-    "xtick.labelsize": 8,
-    "ytick.labelsize": 8,
-    "legend.fontsize": 8,
-    "legend.frameon": False,
-    "figure.dpi": 100,
-    "savefig.dpi": 100,
-}
-plt.rcParams.update(THEME)
+# overlapping series stay visible: each its own line style and marker
+STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]
 
 
 def _finish(fig: Any, title: str) -> Any:
-    fig.suptitle(title, fontsize=11)
+    """The title, wrapped to the figure's width (a long title must not set the figure's width or be cut)."""
+    chars = max(30, int(fig.get_figwidth() * 11))
+    fig.suptitle("\n".join(textwrap.wrap(title, chars)), fontsize=11)
     fig.tight_layout()
     return fig
 
@@ -82,18 +72,21 @@ def cdf(series: dict[str, np.ndarray], xlabel: str, title: str, threshold: float
 
 
 def bars_with_ci(labels: list[str], values: list[float], lows: list[float], highs: list[float], ylabel: str, title: str, bound: float | None = None) -> Any:
-    fig, ax = plt.subplots(figsize=(6.5, 3.4))
-    x = np.arange(len(labels))
-    err = np.array([np.subtract(values, lows), np.subtract(highs, values)])
-    ax.bar(x, values, color=CAND_COLOR, alpha=0.8)
-    ax.errorbar(x, values, yerr=np.abs(err), fmt="none", ecolor="k", capsize=4)
+    """Each label's value as a dot with its interval (an exact 0 with the interval [0, 0] stays visible, which a bar of
+    height 0 would not), the allowed band ±``bound`` shaded, the line at 0."""
+    fig, ax = plt.subplots(figsize=(6.5, 1.4 + 0.5 * len(labels)))
+    y = np.arange(len(labels))
+    err = np.abs(np.array([np.subtract(values, lows), np.subtract(highs, values)]))
     if bound is not None:
-        for b in (bound, -bound):
-            ax.axhline(b, color="k", ls="--", lw=1)
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xticks(x, labels)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3, axis="y")
+        ax.axvspan(-bound, bound, color=PALETTE[2], alpha=0.12, lw=0, label=f"allowed: ±{bound:g}")
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.errorbar(values, y, xerr=err, fmt="o", color=CAND_COLOR, ecolor="k", capsize=4, ms=7, label="value, 95% interval")
+    span = max([abs(v) for v in (*lows, *highs, *values) if np.isfinite(v)] + [bound or 0, 1e-9]) * 1.15
+    ax.set_xlim(-span, span)
+    ax.set_yticks(y, labels)
+    ax.set_ylim(-0.6, len(labels) - 0.4)
+    ax.set_xlabel(ylabel)
+    ax.legend(loc="upper right", fontsize=7)
     return _finish(fig, title)
 
 
@@ -136,41 +129,62 @@ def grid(records: list[dict[str, Any]], key: str, rows: list[Any], cols: list[An
 
 def heatmap(matrix: np.ndarray, rows: list[Any], cols: list[Any], title: str, xlabel: str, ylabel: str, fmt: str = "{:.2f}",
             center: float | None = 1.0, min_span: float = 0.0) -> Any:
-    """Cells coloured around ``center``; ``min_span``: the colour scale covers at least center ± min_span, so that a
-    map whose cells all lie within 1% of the centre does not paint that 1% as deep red and green."""
-    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(cols), 0.8 + 0.5 * len(rows)))
-    data = np.ma.masked_invalid(np.asarray(matrix, dtype=float))
-    if center is not None and data.count():
-        span = max(abs(data.max() - center), abs(center - data.min()), min_span, 1e-9)
-        im = ax.imshow(data, cmap="RdYlGn", vmin=center - span, vmax=center + span, aspect="auto")
-    else:
-        im = ax.imshow(data, cmap="viridis", aspect="auto")
-    for i in range(len(rows)):
-        for j in range(len(cols)):
-            v = matrix[i][j]
-            ax.text(j, i, "n/a" if v is None or not np.isfinite(v) else fmt.format(v), ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(cols)), cols)
-    ax.set_yticks(range(len(rows)), rows)
+    """``seaborn.heatmap`` with each cell's value written in it (dark cells get light text). Cells coloured around
+    ``center`` (red below, green above); ``min_span``: the colour scale covers at least center ± min_span, so that a map
+    whose cells all lie within 1% of the centre does not paint that 1% as deep red and green. Without a centre, one
+    sequential scale. Empty cells read "n/a"."""
+    data = np.asarray(matrix, dtype=float)
+    text = np.array([["n/a" if not np.isfinite(v) else fmt.format(v) for v in row] for row in data]).reshape(data.shape)
+    width = min(11.0, max(6.0, 1.6 + 0.75 * len(cols) + 0.08 * max(len(t) for t in text.flat) * len(cols)))
+    fig, ax = plt.subplots(figsize=(width, 1.3 + 0.42 * len(rows)))
+    finite = data[np.isfinite(data)]
+    kw: dict[str, Any] = {"cmap": "rocket_r"}
+    if center is not None and finite.size:
+        span = max(abs(finite.max() - center), abs(center - finite.min()), min_span, 1e-9)
+        kw = {"cmap": "RdYlGn", "center": center, "vmin": center - span, "vmax": center + span}
+    sns.heatmap(np.ma.masked_invalid(data), annot=text, fmt="", ax=ax, linewidths=0.5, linecolor="white",
+                cbar_kws={"shrink": 0.8}, annot_kws={"fontsize": 8}, xticklabels=[str(c) for c in cols],
+                yticklabels=[str(r) for r in rows], **kw)
+    for (i, j), v in np.ndenumerate(data):  # masked cells get no annotation from seaborn: write n/a
+        if not np.isfinite(v):
+            ax.text(j + 0.5, i + 0.5, "n/a", ha="center", va="center", fontsize=8, color="#555555")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    fig.colorbar(im, ax=ax, shrink=0.8)
+    ax.tick_params(axis="y", rotation=0)
     return _finish(fig, title)
 
 
-def lines(xs: dict[str, list[float]], ys: dict[str, list[float]], xlabel: str, ylabel: str, title: str, logx: bool = True, logy: bool = False, yerr: dict[str, tuple[list[float], list[float]]] | None = None) -> Any:
+def lines(xs: dict[str, list[float]], ys: dict[str, list[float]], xlabel: str, ylabel: str, title: str, logx: bool = True,
+          logy: bool = False, yerr: dict[str, tuple[list[float], list[float]]] | None = None,
+          ylim: tuple[float, float] | None = None) -> Any:
+    """One line per series, each its own style and marker (equal series stay visible one over the other); ``ylim``
+    fixes the y axis (an accuracy from 0 to 1, not zoomed onto a one-point dip). Where no series has two points there
+    is no line to draw: the values are shown as a table instead (and None returned)."""
+    if all(len(v) < 2 for v in ys.values()):
+        from IPython.display import display
+
+        from sagecheck import show
+
+        rows = [{"series": label, xlabel: x, ylabel: y} for label in ys for x, y in zip(xs[label], ys[label])]
+        display(show.table(rows, caption=f"{title} (one point each: a table, not a figure)"))
+        return None
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    for label in ys:
+    for k, label in enumerate(ys):
+        style, marker = STYLES[k % len(STYLES)]
+        color = PALETTE[k % len(PALETTE)]
         if yerr and label in yerr:
             lo, hi = yerr[label]
-            ax.fill_between(xs[label], lo, hi, alpha=0.2)
-        ax.plot(xs[label], ys[label], "-o", ms=3, label=label)
+            ax.fill_between(xs[label], lo, hi, alpha=0.2, color=color)
+        ax.plot(xs[label], ys[label], style, marker=marker, ms=5 if k == 0 else 4, lw=2.2 if k == 0 else 1.4,
+                color=color, label=label, alpha=0.9)
     if logx:
         ax.set_xscale("log", base=2)
     if logy:
         ax.set_yscale("log", nonpositive="mask")  # an exact 0 is left out, not drawn as a cliff to the axis' floor
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _finish(fig, title)
 

@@ -34,8 +34,9 @@ log = logging.getLogger("sagecheck.run")
 
 
 def kernel_argv() -> list[str]:
-    # the kernel's own log (e.g. ipykernel's notice that its local TCP sockets are unencrypted) stays out of the run's output
-    return [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}", "--IPKernelApp.log_level=ERROR"]
+    # the kernel's own log stays out of the run's output: ipykernel's notice that its local TCP sockets are unencrypted, and
+    # on Ctrl-C (the terminal interrupts the kernel too) its error that the client closed the sockets before the reply
+    return [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}", "--IPKernelApp.log_level=CRITICAL"]
 
 
 # Batch runs write HTML, not a terminal: progress bars inside notebooks (transformers' "Loading weights", hub
@@ -45,6 +46,19 @@ def kernel_argv() -> list[str]:
 # sequence): a SyntaxWarning of someone else's file is no finding of the report.
 KERNEL_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
               "PYTHONWARNINGS": "ignore:IProgress not found,ignore::SyntaxWarning"}
+
+
+def check_kernel(name: str) -> str:
+    """``--kernel NAME``: a Jupyter kernel this machine has, or :class:`ParamError` naming the ones it has."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    manager = KernelSpecManager()
+    try:
+        manager.get_kernel_spec(name)
+    except NoSuchKernel:
+        have = ", ".join(sorted(manager.find_kernel_specs())) or "none"
+        raise P.ParamError(f"--kernel {name!r}: no such Jupyter kernel on this machine (installed: {have})") from None
+    return name
 
 
 def ensure_kernel(name: str = KERNEL_NAME) -> str:
@@ -80,6 +94,15 @@ class NotebookRun:
     duration_s: float = 0.0
     error: str | None = None
     output: str | None = None
+
+
+class RunInterrupted(Exception):
+    """Ctrl-C during a run: the notebooks that finished are kept (``--resume`` reuses them); the one that was running
+    left no results."""
+
+    def __init__(self, run_dir: Path, kept: list[str]) -> None:
+        super().__init__(f"interrupted in {run_dir}")
+        self.run_dir, self.kept = run_dir, kept
 
 
 @dataclass
@@ -156,6 +179,7 @@ def run(
 ) -> RunOutcome:
     """Validate everything, then execute the notebooks one after the other."""
     params = sources.load(params_path, overrides)  # raises ParamError before any notebook runs
+    sources.check_machine(params)
     _check_no_secret_in_params(params)
     nb_dir = Path(notebooks_dir) if notebooks_dir else default_dir()
     if not nb_dir.is_dir():
@@ -163,6 +187,7 @@ def run(
     notebooks = select(discover(nb_dir), only if only is not None else params.notebooks)
     if not notebooks:
         raise P.ParamError(f"no notebooks (NN_name.ipynb) in {nb_dir}")
+    kernel_name = check_kernel(kernel) if kernel else ensure_kernel()
     if params.engine == "sglang" and not params.sglang.url:  # sagecheck starts the servers: can this machine hold them?
         from sagecheck.engines.sglang.servers import check_tensor_parallel, visible_gpus
 
@@ -174,7 +199,6 @@ def run(
     results_dir = run_dir / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
 
-    kernel_name = kernel or ensure_kernel()
     manifest: dict[str, Any] = {
         "run": run_dir.name,
         "params_file": str(params_path) if params_path else None,
@@ -191,12 +215,17 @@ def run(
     outcome = RunOutcome(run_dir=run_dir)
     _write_manifest(run_dir, manifest)
 
-    servers = _start_servers(params, notebooks, run_dir, progress)
-    manifest["sglang_servers"] = servers.as_dicts() if servers else {}
-    _write_manifest(run_dir, manifest)
+    servers = None
     try:
+        servers = _start_servers(params, notebooks, run_dir, progress)
+        manifest["sglang_servers"] = servers.as_dicts() if servers else {}
+        _write_manifest(run_dir, manifest)
         _run_notebooks(notebooks, params, run_dir, results_dir, kernel_name, nb_dir, resume, progress, outcome, manifest,
                        servers.as_dicts() if servers else {})
+    except KeyboardInterrupt:
+        manifest["interrupted_at"] = R._now()
+        _write_manifest(run_dir, manifest)
+        raise RunInterrupted(run_dir, [n.name for n in outcome.notebooks if n.status in ("ok", "reused")]) from None
     finally:
         if servers:
             servers.stop()

@@ -15,6 +15,7 @@ same model stands in if it has it, and the notebook says so in the words every n
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 from typing import Any
 
@@ -92,10 +93,54 @@ class Notebook:
         return show.verdicts(self.R)
 
 
+class NotebookParameterError(Exception):
+    """A bad parameter of a notebook (given by papermill, the runner or by hand). IPython shows what
+    ``_render_traceback_`` returns instead of a traceback: one line naming the parameter."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"sagecheck: {self}"]
+
+
+def injected_names(namespace: dict[str, Any]) -> list[str]:
+    """The names papermill injected into this kernel: the assignments of its last ``# Parameters`` cell (papermill's
+    injected cell starts with that line), read from IPython's input history ``In``."""
+    for source in reversed(namespace.get("In") or []):
+        if isinstance(source, str) and source.splitlines()[:1] == ["# Parameters"]:
+            try:
+                tree = ast.parse(source)
+            except SyntaxError:
+                return []
+            return [t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets
+                    if isinstance(t, ast.Name)]
+    return []
+
+
+def check_injected(notebook: str, namespace: dict[str, Any]) -> None:
+    """A parameter papermill injected that this notebook does not have (``-p windw 100``) stops the notebook: papermill
+    only warns and the notebook would run on the default."""
+    known = set(sp.notebook_parameters(sp.Params(), notebook)) | set(sp.RUN_KEYS)
+    unknown = [name for name in injected_names(namespace) if name not in known]
+    if unknown:
+        section = sp.section_for(notebook)
+        allowed = sorted(known - set(sp.RUN_KEYS))
+        hint = sp.did_you_mean(unknown[0], allowed)
+        raise NotebookParameterError(f"{notebook} has no parameter {unknown[0]!r}{hint} (its parameters: the common ones and "
+                                     f"the section {section!r}; `python -m sagecheck params` lists them)")
+
+
 def start(notebook: str, namespace: dict[str, Any]) -> Notebook:
-    """``nb = sagecheck.session.start("02_logits", globals())`` after the parameters cell."""
-    params = sp.from_notebook(notebook, namespace)
-    sources.resolve(params, base=Path.cwd())
+    """``nb = sagecheck.session.start("02_logits", globals())`` after the parameters cell. A bad parameter stops the
+    notebook here with one line (:class:`NotebookParameterError`)."""
+    check_injected(notebook, namespace)
+    try:
+        params = sp.from_notebook(notebook, namespace)
+        sources.resolve(params, base=Path.cwd())
+        sources.check_machine(params)
+    except sp.ParamError as e:
+        raise NotebookParameterError(str(e)) from None
+    from sagecheck.attention import sage_kernel
+
+    sage_kernel.select(params.sage_kernel)
     runtime.seed_everything(params.seed)
     flat = sp.notebook_parameters(params, notebook)
     R = results.Results(notebook=notebook, results_dir=sp.resolve_run_dir(str(namespace.get("run_dir", ""))) / "results",

@@ -39,7 +39,16 @@ def table_html(records: Any, caption: str = "", columns: Iterable[str] | None = 
     records = list(records)
     cols = list(columns) if columns else list(dict.fromkeys(k for r in records for k in r))
     rows = [[_cell(r.get(c)) for c in cols] for r in records[:max_rows]]
-    return render("show.html.j2", caption=caption, columns=cols, rows=rows, more=max(0, len(records) - max_rows))
+    return render("show.html.j2", caption=caption, columns=[_header(c) for c in cols], rows=rows,
+                  more=max(0, len(records) - max_rows))
+
+
+def _header(name: Any) -> Any:
+    """A column name that may wrap after its underscores (``prefill_speedup_p10``): a wide table of such names then
+    fits its column instead of running past the page; the text itself is unchanged."""
+    from markupsafe import Markup, escape
+
+    return Markup(str(escape(str(name))).replace("_", "_<wbr>"))
 
 
 def folded(label: str, inner_html: str) -> Any:

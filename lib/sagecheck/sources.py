@@ -62,6 +62,43 @@ def resolve(params: Params, base: Path) -> Params:
     return params
 
 
+def check_machine(params: Params) -> None:
+    """What the parameters ask of this machine, checked before any work (a preset for a GPU machine still validates
+    elsewhere: ``sagecheck params``): the CUDA device, the sageattention entry point."""
+    check_device(params.device)
+    check_sage_kernel(params.sage_kernel)
+
+
+def check_sage_kernel(name: str) -> None:
+    """A named sageattention entry point must be in the sageattention this machine imports (read from its source, not
+    imported); ``auto`` always is."""
+    if name == "auto":
+        return
+    from sagecheck.environment import sageattention_label, sageattention_package
+
+    pkg = sageattention_package()
+    if not pkg["installed"]:
+        raise ParamError(f"parameter 'sage_kernel' = {name!r}: sageattention is not installed on this machine")
+    if name not in pkg["entry_points"]:
+        raise ParamError(f"parameter 'sage_kernel' = {name!r}: the installed sageattention ({sageattention_label(pkg)}) "
+                         f"has no such entry point; it offers: auto, {', '.join(pkg['entry_points'])}")
+
+
+def check_device(device: str) -> None:
+    """A CUDA device this machine does not have is refused before anything runs (not after a notebook fails on it)."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.split(":", 1)[1]) if ":" in device else 0
+    if count == 0:
+        raise ParamError(f"parameter 'device' = {device!r}: this machine has no CUDA GPU (torch {torch.__version__}); "
+                         "use device: auto or cpu")
+    if index >= count:
+        raise ParamError(f"parameter 'device' = {device!r}: this machine shows {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+
+
 def load(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Params:
     """A params file with ``key=value`` overrides: validated, and every local input found (paths made absolute)."""
     params = load_params(path, overrides)

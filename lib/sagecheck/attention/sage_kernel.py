@@ -9,10 +9,17 @@ Wrapped so that it keeps the registry's contract:
   can fall back to the baseline (and count it). A single query (decode) attends to
   every key, so it runs as non-causal;
 * head dims other than 64, 96 and 128 are :class:`UnsupportedCall` too.
+
+Which function runs: ``sageattn`` ("auto": it dispatches by GPU; SageAttention 2 on an H200 calls
+``sageattn_qk_int8_pv_fp8_cuda_sm90``) or one named by the ``sage_kernel`` parameter (:func:`select`).
+:func:`dispatch_probe` runs the chosen entry point once on small inputs and records the functions of
+``sageattention.core`` it called, so that the report names the kernel that ran instead of assuming it.
 """
 
 from __future__ import annotations
 
+import functools
+import types
 from importlib import metadata
 from typing import Any
 
@@ -32,17 +39,92 @@ def _version() -> str | None:
         return None
 
 
-def kernel_info() -> dict[str, Any]:
-    version = _version()
-    if version is None:
-        return {"name": "sage", "variant": "not installed", "version": None}
-    major = version.split(".")[0]
-    variant = (
-        "v1 Triton kernels (per-block INT8 QK^T, FP16 PV)"
-        if major == "1"
-        else f"v{major} (sageattn dispatches to the CUDA kernel for this GPU)"
-    )
-    return {"name": "sage", "package": "sageattention", "version": version, "variant": variant}
+AUTO = "auto"
+_selected = AUTO
+
+
+def select(name: str) -> None:
+    """The entry point the 'sage' implementation calls from now on: ``auto`` (``sageattn``) or a named one."""
+    global _selected
+    _selected = name or AUTO
+
+
+def selected() -> str:
+    return _selected
+
+
+def entry_point(name: str | None = None) -> Any:
+    """The function ``name`` (default: the selected one) of the importable sageattention; :class:`AttentionUnavailable`
+    naming what is installed and what it offers where it has none of that name."""
+    from sagecheck.environment import sageattention_label, sageattention_package
+
+    name = name or _selected
+    try:
+        import sageattention
+    except ImportError as e:
+        raise AttentionUnavailable(f"attention 'sage' needs the sageattention package ({e}); install it with "
+                                   f"`pip install sageattention==1.0.6`, or {CPU_ALTERNATIVE}") from None
+    fn = getattr(sageattention, "sageattn" if name == AUTO else name, None)
+    if not callable(fn) or not (name == AUTO or name.startswith("sageattn")):
+        pkg = sageattention_package()
+        raise AttentionUnavailable(f"sage_kernel {name!r} is not in the installed sageattention ({sageattention_label(pkg)}); "
+                                   f"it offers: auto, {', '.join(pkg['entry_points'])}")
+    return fn
+
+
+def dispatch_probe(device: Any = None) -> dict[str, Any]:
+    """Run the selected entry point once (fp16, 1 x 2 heads x 128 tokens x 64) and record which functions of
+    ``sageattention.core`` it called, in order, with their keyword arguments (e.g. ``pv_accum_dtype``): the kernel
+    that ran, measured. Needs CUDA and sageattention."""
+    import sageattention.core as core
+
+    fn = entry_point()
+    calls: list[dict[str, Any]] = []
+    originals = {}
+    for attr, value in vars(core).items():
+        if isinstance(value, types.FunctionType) and value.__module__.startswith("sageattention") and value is not fn:
+            originals[attr] = value
+
+            def recorder(*args: Any, __name: str = attr, __fn: Any = value, **kwargs: Any) -> Any:
+                calls.append({"function": __name, "defined_in": f"{__fn.__module__}.{__fn.__qualname__}",
+                              "kwargs": {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool))}})
+                return __fn(*args, **kwargs)
+
+            setattr(core, attr, functools.wraps(value)(recorder))
+    try:
+        q, k, v = (torch.randn(1, 2, 128, 64, dtype=torch.float16, device=device or "cuda") for _ in range(3))
+        fn(q, k, v, tensor_layout="HND", is_causal=False)
+        if q.is_cuda:
+            torch.cuda.synchronize()
+    finally:
+        for attr, value in originals.items():
+            setattr(core, attr, value)
+    kernels = [c for c in calls if c["function"].startswith("sageattn_")] or calls[-1:]
+    return {"entry_point": "sageattn" if _selected == AUTO else _selected, "kernel": kernels[0]["function"] if kernels else "?",
+            "kernel_kwargs": kernels[0]["kwargs"] if kernels else {}, "calls": [c["function"] for c in calls]}
+
+
+def kernel_info(probe: bool = False) -> dict[str, Any]:
+    """What 'sage' runs: the importable sageattention (version, generation, where), the entry point selected and, with
+    ``probe`` on a CUDA machine, the kernel it dispatched to (:func:`dispatch_probe`)."""
+    from sagecheck.environment import sageattention_label, sageattention_package
+
+    pkg = sageattention_package()
+    if not pkg["installed"]:
+        return {"name": "sage", "variant": "not installed", "version": None, "selected": _selected}
+    variant = ("v1 Triton kernels (per-block INT8 QK^T, FP16 PV)" if pkg["generation"] == 1
+               else "v2 (INT8 QK^T; FP8 PV on Ada and Hopper; sageattn dispatches by GPU)")
+    out = {"name": "sage", "package": "sageattention", "version": sageattention_label(pkg), "generation": pkg["generation"],
+           "variant": variant, "selected": _selected, "entry_points": pkg["entry_points"]}
+    if probe:
+        if not torch.cuda.is_available():
+            out["dispatched"] = "not probed: no CUDA GPU"
+        else:
+            try:
+                out["dispatched"] = dispatch_probe()
+            except Exception as e:  # noqa: BLE001 - the report says why, in one line
+                out["dispatched"] = f"probe failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return out
 
 
 def load_kernel():
@@ -51,13 +133,7 @@ def load_kernel():
         raise AttentionUnavailable(
             f"attention 'sage' needs a CUDA GPU, and this machine has none (torch {torch.__version__}); {CPU_ALTERNATIVE}"
         )
-    try:
-        from sageattention import sageattn
-    except ImportError as e:
-        raise AttentionUnavailable(
-            f"attention 'sage' needs the sageattention package ({e}); install it with "
-            f"`pip install sageattention==1.0.6`, or {CPU_ALTERNATIVE}"
-        ) from None
+    sageattn = entry_point()
 
     def sage(q, k, v, *, causal: bool = False, scale: float | None = None, mask: torch.Tensor | None = None, smooth_k: bool = True):
         b, h, h_kv, n_q, n_k, d = check_shapes(q, k, v, causal)
@@ -79,8 +155,40 @@ def load_kernel():
 
 
 def raw_sageattn():
-    """The unwrapped ``sageattention.sageattn`` (the kernel notebook checks what it does to its inputs)."""
+    """The unwrapped selected entry point (the kernel notebook checks what it does to its inputs)."""
     load_kernel()
-    from sageattention import sageattn
+    return entry_point()
 
-    return sageattn
+
+def facts(info: dict[str, Any]) -> dict[str, Any]:
+    """:func:`kernel_info` as the rows of 00's table."""
+    if info.get("version") is None:
+        return {"sageattention": "not installed", "entry point": info.get("selected", AUTO)}
+    d = info.get("dispatched", "not probed (the run's device is no GPU)")
+    if isinstance(d, dict):
+        kw = ", ".join(f"{k}={v}" for k, v in d["kernel_kwargs"].items())
+        d = f"{d['entry_point']} -> {d['kernel']}" + (f" ({kw})" if kw else "")
+    return {"sageattention": info["version"], "generation": f"{info['generation']}: {info['variant']}",
+            "entry point": info["selected"] + (" (sageattn)" if info["selected"] == AUTO else ""),
+            "kernel that ran (probe)": d, "entry points it offers": ", ".join(info.get("entry_points", []))}
+
+
+EMULATED_SCHEME = "SageAttention 1.0.6's scheme: INT8 Q·K^T quantized per block, FP16 P·V"
+
+
+def emulation_covers(info: dict[str, Any]) -> tuple[bool, str]:
+    """Whether 'sage-emulated' reproduces the arithmetic of the kernel that ran (from :func:`dispatch_probe`'s calls):
+    yes for a per-block INT8 Q·K kernel with FP16 P·V (1.0.6's Triton kernel, SageAttention 2's
+    ``sageattn_qk_int8_pv_fp16_triton``); no for per-thread or per-warp INT8 Q·K or FP8 P·V (SageAttention 2's CUDA
+    kernels), whose error can then be judged only against float64. Without a probe, by the package's generation."""
+    d = info.get("dispatched")
+    if isinstance(d, dict):
+        calls = " ".join(d["calls"]).lower()
+        other = [w for w in ("fp8", "per_thread", "per_warp") if w in calls or w in d["kernel"].lower()]
+        if "per_block_int8" in calls and not other:
+            return True, f"{d['kernel']} ({', '.join(d['calls'])}) follows {EMULATED_SCHEME}"
+        return False, (f"the emulation reproduces {EMULATED_SCHEME}; the kernel that ran, {d['kernel']} (calls: "
+                       f"{', '.join(d['calls'])}), quantizes otherwise ({', '.join(other) or 'not per block'})")
+    if info.get("generation") == 1:
+        return True, f"sageattention 1.x: {EMULATED_SCHEME}"
+    return False, f"the kernel that ran was not probed ({d}); the emulation reproduces {EMULATED_SCHEME}"

@@ -37,6 +37,7 @@ from typing import Any, Callable
 import numpy as np
 
 from sagecheck.engines import SERVERS, Generated
+from sagecheck.sglang_plugin import stats
 
 EPS = 1e-6  # nats: a difference below this is no difference (an A/A run of a deterministic backend gives exact zeros)
 BOOTSTRAP = 2000
@@ -202,20 +203,31 @@ class Ran:
     ranks: Any = None
 
 
-def _counted(backend: Any, fn: Callable[[], Any], settle_s: float) -> tuple[Any, dict[str, int]]:
-    """``fn()`` and the change of the backend's counters it caused (a server's statistics are written twice a second)."""
-    before = backend.counters()
-    if before is not None and settle_s:
-        time.sleep(settle_s)
-        before = backend.counters()
-    out = fn()
-    after = backend.counters()
-    if after is not None and settle_s:
-        time.sleep(settle_s)
-        after = backend.counters()
-    if before is None or after is None:
-        return out, {}
-    return out, {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+class _Counted:
+    """The change of a backend's counters caused by each path. A server writes its statistics at intervals, so a
+    reading waits ``settle_s`` for the last path's counts to land; the settled reading after one path is the reading
+    before the next (one wait per path, not two)."""
+
+    def __init__(self, backend: Any, settle_s: float) -> None:
+        self.backend, self.settle_s = backend, settle_s
+        self.last: dict[str, int] | None = None
+        self.settled = False
+
+    def _read(self) -> dict[str, int] | None:
+        now = self.backend.counters()
+        if now is not None and self.settle_s:
+            time.sleep(self.settle_s)
+            now = self.backend.counters()
+        return now
+
+    def __call__(self, fn: Callable[[], Any]) -> tuple[Any, dict[str, int]]:
+        before = self.last if self.settled else self._read()
+        out = fn()
+        after = self.last = self._read()
+        self.settled = True
+        if before is None or after is None:
+            return out, {}
+        return out, {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
 
 
 def _decode(backend: Any, prompts: list[list[int]], n: int) -> tuple[list[Generated], list[np.ndarray]]:
@@ -230,11 +242,12 @@ def _decode(backend: Any, prompts: list[list[int]], n: int) -> tuple[list[Genera
 def run_backend(backend: Any, pl: Plan, p: Any, settle_s: float) -> Ran:
     """Every path that can run on this engine, on one backend."""
     out = Ran(implementation=getattr(backend, "implementation", backend.label))
+    counted = _Counted(backend, settle_s)
 
     def path(name: str, fn: Callable[[], Any]) -> None:
         if name in pl.why_not:
             return
-        got, out.counted[name] = _counted(backend, fn, settle_s)
+        got, out.counted[name] = counted(fn)
         out.logprobs[name], out.evidence[name] = got
 
     def prefill(fn: Callable[[], Any]) -> Callable[[], Any]:
@@ -416,7 +429,7 @@ def _tp_ranks(title: str, pl: Plan, cand: Ran, done: list[PathResult], ranks_che
 def measure(engine: Any, p: Any) -> tuple[Plan, list[PathResult]]:
     """Every path on both backends of ``engine``, judged."""
     serving = SERVERS in engine.capabilities
-    settle = 0.6 if serving else 0.0
+    settle = stats.settle_s() if serving else 0.0
     with engine.backend(engine.candidate) as cb:
         pl = plan(engine, cb, p)
         cand = run_backend(cb, pl, p, settle)

@@ -175,11 +175,28 @@ def shape_kind(row: dict[str, Any]) -> str:
     return "decode" if row["n_q"] == 1 else "chunk"
 
 
-def agreement(rows: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
+def emulation_covers_kernel() -> tuple[bool, str, dict[str, Any]]:
+    """(covered, why, the kernel's description): whether 'sage-emulated' reproduces what the selected sageattention
+    entry point dispatched to, probed once (:func:`sagecheck.attention.sage_kernel.emulation_covers`)."""
+    from sagecheck.attention import sage_kernel
+
+    info = sage_kernel.kernel_info(probe=True)
+    covered, why = sage_kernel.emulation_covers(info)
+    return covered, why, info
+
+
+def agreement(rows: list[dict[str, Any]], threshold: float, covered: tuple[bool, str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Where the kernel ran: the shapes where it disagrees with its emulation by more than ``threshold``
     (relative L2), and over the others the smallest ratio kernel-vs-reference / kernel-vs-emulation
-    (a right kernel sits much closer to its emulation than to the reference)."""
+    (a right kernel sits much closer to its emulation than to the reference). Where the emulation does not reproduce
+    the kernel's scheme (``covered``: see :func:`emulation_covers_kernel`), nothing is flagged and the kernel is judged
+    against float64 only (``not_emulated`` says why)."""
     ran = [r for r in rows if r.get("sage_status") == "ok"]
+    if covered is not None and not covered[0]:
+        return {"ran": ran, "flagged": [], "agree_ratio_min": float("nan"), "not_emulated": covered[1], "kernel": covered[2],
+                "unsupported": [r for r in rows if str(r.get("sage_status", "")).startswith("unsupported")],
+                "inputs_unchanged": all(r.get("sage_inputs_unchanged") for r in ran),
+                "kernel_vs_ref_max": max((r["sage_vs_ref_rel_l2"] for r in ran), default=float("nan"))}
     flagged = [r for r in ran if r["sage_vs_emulated_rel_l2"] > threshold]
     agree = [r for r in ran if r["sage_vs_emulated_rel_l2"] <= threshold]
     ratios = [r["sage_vs_ref_rel_l2"] / r["sage_vs_emulated_rel_l2"] for r in agree if r["sage_vs_emulated_rel_l2"] > 0]
@@ -187,6 +204,8 @@ def agreement(rows: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
     return {
         "ran": ran,
         "flagged": flagged,
+        "not_emulated": None,
+        "kernel": covered[2] if covered else None,
         "agree_ratio_min": min(ratios) if ratios else (float("inf") if exact else float("nan")),
         "unsupported": [r for r in rows if str(r.get("sage_status", "")).startswith("unsupported")],
         "inputs_unchanged": all(r.get("sage_inputs_unchanged") for r in ran),
@@ -284,7 +303,8 @@ def record(results: Any, rows: list[dict[str, Any]], speed_rows: list[dict[str, 
     """08's results and verdicts (the kernel's only where it ran)."""
     results.table("accuracy", rows)
     results.table("speed", speed_rows)
-    results.metric("kernel", attention.info("sage") if agreed is not None else {"available": False, "reason": kernel_why})
+    results.metric("kernel", (agreed.get("kernel") or attention.info("sage")) if agreed is not None
+                   else {"available": False, "reason": kernel_why})
     results.metric("device", where)
     emu = max(r["sage-emulated_vs_ref_rel_l2"] for r in rows if r.get("sage-emulated_status") == "ok")
     results.verdict("kernel.emulation_vs_reference", "kernel", "emulation vs float64 reference (worst shape)", emu, "<=",
@@ -294,13 +314,14 @@ def record(results: Any, rows: list[dict[str, Any]], speed_rows: list[dict[str, 
     if agreed is None:
         results.note(f"kernel checks not run: {kernel_why}")
         return
-    flagged = agreed["flagged"]
-    causes = sorted(flagged_view(flagged)[1])
-    results.verdict("kernel.vs_emulation", "kernel", "shapes where the kernel disagrees with its emulation", len(flagged), "<=", 0,
-                    detail=(f"likely cause: {'; '.join(causes)}; " if causes else "")
-                    + "; ".join(f"{r['shape']}: {r['sage_vs_emulated_rel_l2']:.2e}" for r in flagged)[:500])
-    results.verdict("kernel.agreement_ratio", "kernel", "where they agree: kernel-vs-reference / kernel-vs-emulation (smallest)",
-                    agreed["agree_ratio_min"], ">=", 5.0)
+    if agreed.get("not_emulated"):
+        results.note(f"kernel against its emulation not judged: {agreed['not_emulated']}; the kernel is judged against "
+                     "the float64 reference instead")
+        results.verdict("kernel.vs_reference", "kernel", "kernel vs float64 reference (worst shape; its scheme is not emulated)",
+                        agreed["kernel_vs_ref_max"], "<=", p.emulation_vs_reference_max,
+                        detail="the limit of the emulated scheme's own error")
+    else:
+        _emulation_verdicts(results, agreed)
     results.verdict("kernel.inputs_unchanged", "kernel", "the sage call leaves q, k, v unchanged (all shapes)",
                     int(agreed["inputs_unchanged"]), "==", 1)
     raw = [r["raw_sageattn_k_unchanged"] for r in rows if r.get("raw_sageattn_k_unchanged") is not None]
@@ -308,6 +329,16 @@ def record(results: Any, rows: list[dict[str, Any]], speed_rows: list[dict[str, 
         results.metric("raw_sageattn_changes_k", not all(raw))
     results.metric("sage_over_sdpa_tops", [{k: r[k] for k in ("head_dim", "causal", "seq_len", "over_sdpa")}
                                            for r in over_sdpa(speed_rows) if r["implementation"] == "sage" and r["over_sdpa"]])
+
+
+def _emulation_verdicts(results: Any, agreed: dict[str, Any]) -> None:
+    flagged = agreed["flagged"]
+    causes = sorted(flagged_view(flagged)[1])
+    results.verdict("kernel.vs_emulation", "kernel", "shapes where the kernel disagrees with its emulation", len(flagged), "<=", 0,
+                    detail=(f"likely cause: {'; '.join(causes)}; " if causes else "")
+                    + "; ".join(f"{r['shape']}: {r['sage_vs_emulated_rel_l2']:.2e}" for r in flagged)[:500])
+    results.verdict("kernel.agreement_ratio", "kernel", "where they agree: kernel-vs-reference / kernel-vs-emulation (smallest)",
+                    agreed["agree_ratio_min"], ">=", 5.0)
 
 
 def read_timings(res: Any) -> list[dict[str, Any]] | None:
@@ -321,6 +352,9 @@ def accuracy_sentence(rows: list[dict[str, Any]], agreed: dict[str, Any] | None,
     if agreed is None:
         return (f"**{len(rows)} shapes.** The kernel did not run ({kernel_why}): the figure shows the emulation against the "
                 "float64 reference, the quantization scheme's own error.")
+    if agreed.get("not_emulated"):
+        return (f"**{len(rows)} shapes; the kernel ran at {len(agreed['ran'])}; its worst relative L2 against float64 is "
+                f"{agreed['kernel_vs_ref_max']:.3g}.** Kernel against emulation is not judged: {agreed['not_emulated']}.")
     return (f"**{len(rows)} shapes; the kernel ran at {len(agreed['ran'])}, disagrees with its emulation at "
             f"{len(agreed['flagged'])} (relative L2 above {p.kernel_vs_emulation_max:g}), does not support "
             f"{len(agreed['unsupported'])}.**")
@@ -347,6 +381,10 @@ def causes_text(agreed: dict[str, Any] | None) -> str | None:
 def error_figure(agreed: dict[str, Any] | None, p: Any) -> dict[str, Any]:
     """What 08's error-by-shape figure draws: the kernel against its emulation where it ran, else the emulation against
     the reference."""
+    if agreed is not None and agreed.get("not_emulated"):
+        return {"field": "sage_vs_ref_rel_l2", "ylabel": "kernel vs reference (relative L2)",
+                "title": "Kernel vs float64 reference, every shape (its scheme is not emulated)",
+                "threshold": p.emulation_vs_reference_max, "flagged": set()}
     if agreed is None:
         return {"field": "sage-emulated_vs_ref_rel_l2", "ylabel": "emulation vs reference (relative L2)",
                 "title": "Emulation vs float64 reference, every shape", "threshold": p.emulation_vs_reference_max, "flagged": set()}

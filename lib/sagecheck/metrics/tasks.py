@@ -132,14 +132,14 @@ def score_generation(items: Sequence[GenItem], tokenizer: Any, generate: Generat
 # --------------------------------------------------------------------------- the paired comparison
 
 
-def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval of an accuracy of ``correct`` out of ``n``."""
+def wilson_interval(correct: int, n: int) -> tuple[float, float]:
+    """95% Wilson score interval of an accuracy of ``correct`` out of ``n`` (scipy.stats)."""
+    from scipy import stats
+
     if n == 0:
         return (float("nan"), float("nan"))
-    p = correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    ci = stats.binomtest(int(correct), int(n)).proportion_ci(confidence_level=0.95, method="wilson")
+    return (max(0.0, float(ci.low)), min(1.0, float(ci.high)))
 
 
 def reference_bar(reference: float, n: int) -> float:
@@ -149,13 +149,13 @@ def reference_bar(reference: float, n: int) -> float:
 
 
 def mcnemar_exact(base_only: int, cand_only: int) -> float:
-    """Two-sided exact McNemar p-value: the discordant pairs as a binomial(b + c, 1/2) count."""
+    """Two-sided exact McNemar p-value: the discordant pairs as a binomial(b + c, 1/2) count (scipy.stats)."""
+    from scipy import stats
+
     n = base_only + cand_only
     if n == 0:
         return 1.0
-    k = min(base_only, cand_only)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
+    return min(1.0, float(stats.binomtest(min(base_only, cand_only), n, 0.5).pvalue))
 
 
 def paired_bootstrap_delta(base: Sequence[bool], cand: Sequence[bool], resamples: int = 2000, seed: int = 0,

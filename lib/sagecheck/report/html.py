@@ -71,6 +71,7 @@ def header_context(run: LoadedRun, stems: list[str], executed: dict[str, Path]) 
     tp = (p.get("sglang") or {}).get("tp", 1) if p.get("engine") == "sglang" else 1
     return {"title": p.get("title", "sagecheck report"), "run": run.manifest.get("run", run.path.name),
             "started": run.manifest.get("started_at", "?"), "params": p, "compared": compared(p), "gpu": run.gpu,
+            "sageattention": run.sageattention,
             "tp": tp, "counts": run.counts, "sentences": run.recommendation, "rows": rows, "summary": R.SUMMARY_NOTEBOOK,
             "summary_status": summary_status, "stems": stems,
             "not_run": [s for s in run.manifest.get("available", []) if s not in stems]}

@@ -55,6 +55,17 @@ class LoadedRun:
     def gpu(self) -> str:
         return next((r.environment["gpu"] for r in self.results.values() if r.environment.get("gpu")), "not recorded")
 
+    @property
+    def sageattention(self) -> str | None:
+        """Which sageattention ran, for the header: the package (version, or a source build and where) and, where 00
+        probed it, the kernel its entry point dispatched to; None where none is installed."""
+        label = next((r.environment["sageattention"] for r in self.results.values() if r.environment.get("sageattention")), None)
+        if not label or label == "not installed":
+            return None
+        env = self.result("00")
+        probe = ((env.metrics.get("sage_kernel") or {}).get("dispatched") if env is not None else None)
+        return label + (f" -> {probe['kernel']}" if isinstance(probe, dict) else "")
+
     @functools.cached_property
     def counts(self) -> dict[str, int]:
         from sagecheck.report.summary import counts
@@ -62,11 +73,16 @@ class LoadedRun:
         return counts(self.measured)
 
     @functools.cached_property
-    def recommendation(self) -> list[str]:
-        """The opening sentences, computed once (:mod:`sagecheck.report.recommendation`)."""
-        from sagecheck.report.recommendation import sentences
+    def reading(self) -> dict[str, str]:
+        """The opening's sentences by what they say, computed once (:mod:`sagecheck.report.recommendation`)."""
+        from sagecheck.report.recommendation import parts
 
-        return sentences(self.measured, self.params)
+        return parts(self.measured, self.params)
+
+    @property
+    def recommendation(self) -> list[str]:
+        """The opening sentences in order."""
+        return [s for s in self.reading.values() if s]
 
 
 def load_run(path: str | Path, require_results: bool = True) -> LoadedRun:

@@ -212,19 +212,24 @@ def overall_sentence(results: list[R.Results], res: R.Results | None) -> str:
     return "Reading: accurate by these checks, and worth enabling where it is faster (above)."
 
 
-def sentences(results: Iterable[R.Results], params: dict[str, Any]) -> list[str]:
-    """Three to six sentences from this run's results (the summary notebook's own results left out)."""
+def parts(results: Iterable[R.Results], params: dict[str, Any]) -> dict[str, str]:
+    """The opening's sentences by what they say (speed, accuracy, paths, failures, overall), from this run's results
+    (the summary notebook's own results left out)."""
     res = [r for r in results if r.notebook != R.SUMMARY_NOTEBOOK]
     tp = next((r for r in res if r.notebook == "04_throughput"), None)
     baseline, candidate = labels(params)
     env = next((r.metrics for r in res if r.notebook == "00_environment"), {})
     device = env.get("device") or params.get("device")
     cpu_emulation = params.get("engine") != "sglang" and str(device).startswith("cpu")
-    out = [
-        speed_sentence(tp, candidate, baseline, cpu_emulation),
-        accuracy_sentence(res),
-        code_path_sentence(res),
-        failures_sentence(res),
-        overall_sentence(res, tp),
-    ]
-    return [s for s in out if s]
+    return {
+        "speed": speed_sentence(tp, candidate, baseline, cpu_emulation),
+        "accuracy": accuracy_sentence(res),
+        "paths": code_path_sentence(res),
+        "failures": failures_sentence(res),
+        "overall": overall_sentence(res, tp),
+    }
+
+
+def sentences(results: Iterable[R.Results], params: dict[str, Any]) -> list[str]:
+    """Three to six sentences (:func:`parts` in order)."""
+    return [s for s in parts(results, params).values() if s]

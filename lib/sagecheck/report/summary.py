@@ -71,13 +71,31 @@ def _md_cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def verdict_lines(run: Any) -> list[str]:
+    """The three lines a reviewer reads first: the reading, the checks (with what fails), the speed."""
+    c = run.counts
+    reading, checks, speed = run.reading["overall"], run.reading["failures"], run.reading["speed"]
+    notebooks = (f"notebooks: {c['notebooks_ok']} ok, {c['notebooks_failed']} failed, {c['notebooks_skipped']} skipped")
+    if c["failed"] or c["notebooks_failed"]:
+        status = "❌"
+    else:  # nothing failed: a pass only where the reading says the candidate is accurate, else a caution
+        status = "✅" if reading.startswith("Reading: accurate by these checks") else "⚠️"
+    return [f"{status} **{reading.removeprefix('Reading: ')}**",
+            f"**{c['passed']} of {c['verdicts']} checks pass, {c['failed']} fail**; {notebooks}. {checks}".replace(
+                f"All {c['verdicts']} checks pass.", "").rstrip(),
+            f"**Speed:** {speed.removeprefix('Speed: ')}"]
+
+
 def summary_markdown(run: Any) -> str:
-    """A GitHub Markdown block to paste into the pull request (``run``: a :class:`~sagecheck.report.loaded.LoadedRun`)."""
+    """A GitHub Markdown block to paste into the pull request (``run``: a :class:`~sagecheck.report.loaded.LoadedRun`):
+    three lines of verdict, then what ran, the full reading and every check folded in ``<details>``."""
     p = run.params
     results = run.measured
     env = run.environment if run.result("00") else {}
     c = run.counts
     lines = [f"### {p.get('title', 'sagecheck report')}", ""]
+    lines += [line + "<br>" for line in verdict_lines(run)[:-1]] + [verdict_lines(run)[-1], ""]
+    lines += [f"<details><summary>What ran, the full reading and all {c['verdicts']} checks</summary>", ""]
     if p:
         lines.append(
             f"Model `{p.get('model')}` on engine `{p.get('engine')}`: {compared(p)}; dtype `{p.get('dtype')}`{_resolved(env, 'dtype', p)}, "
@@ -108,6 +126,7 @@ def summary_markdown(run: Any) -> str:
                 f"| {r.notebook} | {_md_cell(v.name)} | {R.format_number(v.value)}{unit} | "
                 f"{_md_cell(v.comparison)} {R.format_number(v.threshold)}{unit} | {mark} |"
             )
+    lines += ["", "</details>"]
     return "\n".join(lines) + "\n"
 
 

@@ -19,7 +19,22 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-WRITE_INTERVAL_S = 0.5
+
+
+def write_interval_s() -> float:
+    """Seconds between two writes of changed counters (``SAGE_ATTN_STATS_INTERVAL_S``, 0.5 by default; the tests
+    shorten it). Readers wait a little longer than this for the counters of what they just ran."""
+    raw = os.environ.get("SAGE_ATTN_STATS_INTERVAL_S", "")
+    try:
+        value = float(raw) if raw else 0.5
+    except ValueError:
+        value = 0.5
+    return min(max(value, 0.01), 5.0)
+
+
+def settle_s() -> float:
+    """How long a reader waits for the counters of what just ran to be written."""
+    return write_interval_s() + 0.1
 
 
 class Stats:
@@ -30,6 +45,7 @@ class Stats:
         self.counts: Counter[str] = Counter()
         self.path = None if folder is None else Path(folder) / f"rank{config.get('tp_rank', 0)}-{os.getpid()}.json"
         self._dirty = threading.Event()
+        self.interval_s = write_interval_s()
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.write()
@@ -52,7 +68,7 @@ class Stats:
     def _writer(self) -> None:
         while True:
             self._dirty.wait()
-            time.sleep(WRITE_INTERVAL_S)
+            time.sleep(self.interval_s)
             self._dirty.clear()
             try:
                 self.write()

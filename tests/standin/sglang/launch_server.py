@@ -10,7 +10,9 @@ and loaded. Built-in backends ``fa3``, ``flashinfer`` (the default), ``triton``,
 statistics to ``SAGE_ATTN_STATS_DIR``. Any other name is refused by the argument parser with
 exit code 2, as SGLang does. Failure modes for the tests, chosen by ``SAGECHECK_STANDIN_MODE``:
 ``crash`` (dies while starting), ``hang`` (never becomes ready), ``die-after:N`` (exits after
-answering N /generate requests).
+answering N /generate requests), and after N answered /generate requests, on every later one:
+``stall-after:N`` (never answers), ``http500-after:N`` (HTTP 500), ``badjson-after:N`` (a reply that is
+not JSON).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class State:
     ready = False
     generate_calls = 0
     die_after = None
+    fault = None  # (kind, after): stall, http500 or badjson after N answered /generate requests
     lock = threading.Lock()
     radix = None
     chunk = 8192
@@ -252,6 +255,13 @@ class Handler(BaseHTTPRequestHandler):
             sys.stderr.write("standin: simulated crash in the scheduler (die-after)\n")
             sys.stderr.flush()
             os._exit(1)
+        if State.fault is not None and State.generate_calls > State.fault[1]:
+            kind = State.fault[0]
+            if kind == "stall":  # ready, then a request that never gets its answer
+                time.sleep(3600)
+            if kind == "http500":
+                return self._send(500, {"error": {"message": "standin: simulated internal error"}})
+            return self._send(200, b'{"meta_info": {"input_token_logprobs": [[-1.0, 5, nul', "application/json")
         try:
             req = json.loads(body)
             outs = handle_generate(req)
@@ -307,6 +317,9 @@ def main(argv=None):
         sys.exit(1)
     if mode.startswith("die-after:"):
         State.die_after = int(mode.split(":", 1)[1])
+    for kind in ("stall", "http500", "badjson"):
+        if mode.startswith(f"{kind}-after:"):
+            State.fault = (kind, int(mode.split(":", 1)[1]))
     server = ThreadingHTTPServer((args.host, args.port), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     if mode == "hang":

@@ -48,8 +48,16 @@ class SGLangClient:
             raise ClientError(f"{method} {path} answered {r.status_code}: {r.text[:500]}")
         return r
 
+    @staticmethod
+    def _json(r: requests.Response, what: str) -> Any:
+        """The reply's JSON; :class:`ClientError` in one line where the server sent something else."""
+        try:
+            return r.json()
+        except ValueError as e:
+            raise ClientError(f"{what} answered malformed JSON ({e}): {r.text[:120]!r}") from None
+
     def server_info(self) -> dict[str, Any]:
-        return self._request("GET", "/get_server_info").json()
+        return self._json(self._request("GET", "/get_server_info"), "GET /get_server_info")
 
     def flush_cache(self, wait_s: float = 5.0) -> None:
         """Empty the radix cache. SGLang refuses (400) while a request is still being retired; a request that has just
@@ -70,7 +78,7 @@ class SGLangClient:
             "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True},
             **extra,
         }
-        return self._request("POST", "/generate", json=payload).json()
+        return self._json(self._request("POST", "/generate", json=payload), "POST /generate")
 
     # ------------------------------------------------------------------ derived queries
 

@@ -146,17 +146,22 @@ class Server:
 
     def __init__(self, spec: LaunchSpec, log_dir: Path, startup_timeout_s: float = 600, poll_s: float = 1.0,
                  env: dict[str, str] | None = None, name: str | None = None) -> None:
+        self.port_chosen = spec.port == 0  # ours to choose again where another process took it first
         if spec.port == 0:
             spec.port = free_port(spec.host)
         self.spec = spec
         self.url = spec.url
         log_dir.mkdir(parents=True, exist_ok=True)
-        label = f"{name}-" if name else ""
-        self.log_path = log_dir / f"sglang-{label}{spec.attention_backend or 'default'}-{spec.port}.log"
+        self.log_dir, self.name = log_dir, name
+        self.log_path = self._log_path()
         self.startup_timeout_s = startup_timeout_s
         self.poll_s = poll_s
         self.env = env
         self.process: subprocess.Popen | None = None
+
+    def _log_path(self) -> Path:
+        label = f"{self.name}-" if self.name else ""
+        return self.log_dir / f"sglang-{label}{self.spec.attention_backend or 'default'}-{self.spec.port}.log"
 
     def start(self) -> "Server":
         self.launch()
@@ -184,10 +189,22 @@ class Server:
         first = f"the SGLang server (--attention-backend {self.spec.attention_backend}) {what}" + (f": {cause}" if cause else "")
         return ServerError(f"{first}. Last lines of {self.log_path}:\n{log_tail(self.log_path)}", cause=first)
 
-    def wait_ready(self) -> None:
+    def _port_taken(self) -> bool:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return bool(re.search(r"already in use", text, re.IGNORECASE))
+
+    def wait_ready(self, port_retries: int = 3) -> None:
+        """Wait for ``/health_generate``; where the port chosen for it was taken by another process before the server
+        bound it (it exits saying the address is in use), launch it again on another port, up to ``port_retries`` times."""
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             code = self.process.poll()
+            if code is not None and self.port_chosen and port_retries > 0 and self._port_taken():
+                port_retries -= 1
+                self.spec.port = free_port(self.spec.host)
+                self.url, self.log_path = self.spec.url, self._log_path()
+                self.launch()
+                continue
             if code is not None:
                 raise self._error(f"exited with code {code} before it was ready")
             try:

@@ -113,14 +113,14 @@ def role_env(params: Any, role: str, log_dir: Path) -> dict[str, str]:
             "SAGE_ATTN_STATS_DIR": str(Path(log_dir) / f"sage_attn-stats-{role}")}
 
 
-def counters_when_ready(stats_dir: str | None, settle_s: float = 1.0) -> dict[str, int]:
+def counters_when_ready(stats_dir: str | None) -> dict[str, int]:
     """The sage_attn plugin's counters once its server is ready: SGLang's own warm-up and CUDA-graph capture ran
-    batches through the backend, which the notebooks subtract (the plugin writes twice a second: wait for it)."""
+    batches through the backend, which the notebooks subtract (the plugin writes at intervals: wait for it)."""
     from sagecheck.sglang_plugin import stats
 
     if not stats_dir:
         return {}
-    time.sleep(settle_s)
+    time.sleep(2 * stats.settle_s())
     return dict((stats.read(stats_dir) or {}).get("counts", {}))
 
 
@@ -186,7 +186,7 @@ class ServerSet:
             server.stop()
             self._say(f"the {handle.role} server did not start: {e.cause}")
         else:
-            handle.url, handle.pid = server.url, server.process.pid
+            handle.url, handle.pid, handle.log = server.url, server.process.pid, str(server.log_path)
             handle.stats_at_start = counters_when_ready(handle.stats_dir)
         return handle
 
