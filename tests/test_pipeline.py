@@ -132,6 +132,7 @@ SMALLER = ["-p", "logits.long_tokens=512", "-p", "perplexity.max_tokens=1500",
            "-p", "tasks.tasks=[{name: line ending, kind: multiple_choice, source: 'builtin:line_ending', limit: 60}]"]
 
 
+@pytest.mark.xdist_group("ci_run")  # the same balance as the perturbed run below
 def test_baseline_against_itself(tmp_path):
     out = tmp_path / "self"
     done = run_cli("run", "--params", str(CI_PARAMS), "-p", "candidate=sdpa", *SMALLER, "--only", "02,03,06,09", "--out",
