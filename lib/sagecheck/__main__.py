@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             quiet.say(f"sagecheck: interrupted (Ctrl-C); {kept} in {e.run_dir}; `{_resume_command(argv)}` goes on from there")
             return 130
         except KeyboardInterrupt:
-            quiet.say("sagecheck: interrupted (Ctrl-C) before any notebook ran")
+            quiet.say("sagecheck: interrupted (Ctrl-C)")
             return 130
 
 
