@@ -200,9 +200,7 @@ def test_a_failing_notebook_is_recorded_and_the_run_goes_on(tmp_path):
     assert again.returncode == 1
     statuses = {n["name"]: n["status"] for n in json.loads((out / "run.json").read_text())["notebooks"]}
     assert statuses == {"00_environment": "reused", "50_broken": "failed", "99_summary": "ok"}
-    changed = run_cli("run", "--params", str(CI_PARAMS), "-p", "seed=3", "--notebooks", str(nb_dir), "--out", str(out), "--resume", "-q")
-    statuses = {n["name"]: n["status"] for n in json.loads((out / "run.json").read_text())["notebooks"]}
-    assert changed.returncode == 1 and statuses["00_environment"] == "ok"  # other parameters: not reused
+    # other measurement parameters change the hash, so nothing is reused: tests/test_params.py
 
 
 def test_changing_only_the_title_reruns_no_notebook_under_resume(tmp_path):
