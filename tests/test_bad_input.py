@@ -79,10 +79,6 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capfd, argv, yaml_text, expe
     assert not (tmp_path / "run").exists()  # nothing ran, no run folder
 
 
-def test_the_table_holds_every_bad_input_of_the_issue():
-    assert len(CASES) >= 34
-
-
 SMALL = ["--params", str(CI_PARAMS), "--only", "00,03", "-p", "perplexity.max_tokens=400", "-p", "perplexity.window=64",
          "-p", "perplexity.stride=32"]
 

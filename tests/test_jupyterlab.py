@@ -4,7 +4,6 @@ embedded default's parameters cell with a small override, writing its results.""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -82,7 +81,7 @@ def test_a_notebook_runs_through_the_lab_servers_sagecheck_kernel(tmp_path):
         client.stop_channels()
         res = R.load(tmp_path / "run" / "results" / "00_environment.json")
         assert res.status == "ok" and res.metrics["device"] == "cpu"
-        assert json.loads(json.dumps(res.metrics["versions"]))["torch"]
+        assert res.metrics["versions"]["torch"].split("+")[0] == __import__("torch").__version__.split("+")[0]
         assert requests.delete(f"{base}/api/kernels/{kernel['id']}", headers=auth, timeout=30).status_code == 204
     finally:
         os.killpg(server.pid, signal.SIGTERM)

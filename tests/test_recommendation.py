@@ -133,3 +133,14 @@ def test_a_failing_code_path_is_never_a_drop_in_whatever_else_passes(tmp_path):
     assert bad[-1] == ("Reading: not a drop-in replacement, whatever the other checks say: the extend over a cached prefix "
                        "path fails (7.50× its control at least).")
     assert "failing: extend over a cached prefix (7.50× its control at least)" in bad[2]
+
+
+def test_only_a_run_that_shows_the_candidate_accurate_is_marked_accurate(tmp_path):
+    """The PR summary's mark reads this, never the reading's words: accuracy checks ran and pass, no code path fails."""
+    logits = R.Results("02_logits", tmp_path)
+    logits.verdict("logits.kl_mean", "accuracy", "mean KL(baseline || candidate)", 0.0004, "<=", 0.001, unit="nats")
+    assert rec.accurate([logits])
+    assert not rec.accurate([])  # nothing measured accuracy: no pass
+    bad = R.Results("02_logits", tmp_path)
+    bad.verdict("logits.top1", "accuracy", "top-1 agreement", 0.96, ">=", 0.97)
+    assert not rec.accurate([logits, bad])

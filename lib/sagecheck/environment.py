@@ -37,7 +37,8 @@ def sageattention_package() -> dict[str, Any]:
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.origin:
-        return {"installed": False, "version": "not installed", "generation": None, "path": None, "entry_points": []}
+        return {"installed": False, "version": "not installed", "generation": None, "path": None, "entry_points": [],
+                "source_build": False}
     folder = Path(spec.origin).resolve().parent
     core = folder / "core.py"
     text = core.read_text(errors="replace") if core.is_file() else ""
@@ -49,8 +50,10 @@ def sageattention_package() -> dict[str, Any]:
         owned = Path(dist.locate_file("sageattention/__init__.py")).resolve() == Path(spec.origin).resolve()
     except metadata.PackageNotFoundError:
         dist = None
-    version = dist.version if (dist is not None and owned) else f"{generation}.x built from source (no package metadata)"
-    return {"installed": True, "version": version, "generation": generation, "path": str(folder), "entry_points": entry_points}
+    source_build = not (dist is not None and owned)
+    version = f"{generation}.x built from source (no package metadata)" if source_build else dist.version
+    return {"installed": True, "version": version, "generation": generation, "path": str(folder), "entry_points": entry_points,
+            "source_build": source_build}
 
 
 def sageattention_label(pkg: dict[str, Any] | None = None) -> str:
@@ -58,7 +61,7 @@ def sageattention_label(pkg: dict[str, Any] | None = None) -> str:
     pkg = pkg or sageattention_package()
     if not pkg["installed"]:
         return "not installed"
-    return pkg["version"] + (f" at {pkg['path']}" if "source" in pkg["version"] else "")
+    return pkg["version"] + (f" at {pkg['path']}" if pkg["source_build"] else "")
 
 
 def project_root() -> Path | None:

@@ -79,6 +79,13 @@ class LoadedRun:
 
         return parts(self.measured, self.params)
 
+    @functools.cached_property
+    def accurate(self) -> bool:
+        """Accuracy checks ran, all pass, and no code path fails (:func:`sagecheck.report.recommendation.accurate`)."""
+        from sagecheck.report.recommendation import accurate
+
+        return accurate([r for r in self.measured if r.notebook != R.SUMMARY_NOTEBOOK])
+
     @property
     def recommendation(self) -> list[str]:
         """The opening sentences in order."""

@@ -187,6 +187,14 @@ def code_path_sentence(results: list[R.Results]) -> str:
     return text + "."
 
 
+def accurate(results: list[R.Results]) -> bool:
+    """Whether the run shows the candidate accurate: accuracy checks ran and all pass, and no code path fails (what
+    the reading calls "accurate by these checks"; the PR summary marks only such a run with a pass)."""
+    paths = CodePathResults.read(next((r for r in results if r.notebook == "10_code_paths"), None))
+    acc = _accuracy(results)
+    return bool(acc) and all(v.passed for v in acc) and not (paths and paths.failing())
+
+
 def overall_sentence(results: list[R.Results], res: R.Results | None) -> str:
     paths = CodePathResults.read(next((r for r in results if r.notebook == "10_code_paths"), None))
     if paths and paths.failing():

@@ -76,13 +76,10 @@ def verdict_lines(run: Any) -> list[str]:
     c = run.counts
     reading, checks, speed = run.reading["overall"], run.reading["failures"], run.reading["speed"]
     notebooks = (f"notebooks: {c['notebooks_ok']} ok, {c['notebooks_failed']} failed, {c['notebooks_skipped']} skipped")
-    if c["failed"] or c["notebooks_failed"]:
-        status = "❌"
-    else:  # nothing failed: a pass only where the reading says the candidate is accurate, else a caution
-        status = "✅" if reading.startswith("Reading: accurate by these checks") else "⚠️"
-    return [f"{status} **{reading.removeprefix('Reading: ')}**",
-            f"**{c['passed']} of {c['verdicts']} checks pass, {c['failed']} fail**; {notebooks}. {checks}".replace(
-                f"All {c['verdicts']} checks pass.", "").rstrip(),
+    failed = c["failed"] or c["notebooks_failed"]
+    status = "❌" if failed else "✅" if run.accurate else "⚠️"  # nothing failed, but nothing shows it accurate: a caution
+    counted = f"**{c['passed']} of {c['verdicts']} checks pass, {c['failed']} fail**; {notebooks}."
+    return [f"{status} **{reading.removeprefix('Reading: ')}**", counted + (f" {checks}" if failed else ""),
             f"**Speed:** {speed.removeprefix('Speed: ')}"]
 
 
