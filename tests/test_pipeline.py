@@ -132,6 +132,13 @@ SMALLER = ["-p", "logits.long_tokens=512", "-p", "perplexity.max_tokens=1500",
            "-p", "tasks.tasks=[{name: line ending, kind: multiple_choice, source: 'builtin:line_ending', limit: 60}]"]
 
 
+# Float32 on a CPU is not always bitwise reproducible from one call to the next (CI once saw a mean KL of 7.6e-9
+# nats between two sdpa passes over the same tokens; MKL's GEMM without its reproducibility mode may change its
+# summation order). An A/A run must show no difference beyond that rounding: every figure at least three orders of
+# magnitude inside its threshold, every verdict passing, no answer changed.
+ROUNDING = {"kl_nats": 1e-6, "ppl_pct": 1e-4, "rel_l2": 1e-5}
+
+
 @pytest.mark.xdist_group("ci_run")  # the same balance as the perturbed run below
 def test_baseline_against_itself(tmp_path):
     out = tmp_path / "self"
@@ -139,14 +146,17 @@ def test_baseline_against_itself(tmp_path):
                    str(out), "-q")
     assert done.returncode == 0, done.stderr[-2000:]
     o = result(out, "02_logits").metrics["overall"]
-    assert o["kl_mean"] == 0 and o["kl_max"] == 0 and o["top1_agreement"] == 1 and o["top5_agreement"] == 1
+    assert o["kl_max"] <= ROUNDING["kl_nats"] and o["top1_agreement"] == 1 and o["top5_agreement"] == 1
     assert result(out, "03_perplexity").metrics["perplexity"].keys() == {"sdpa", "sdpa (candidate)"}  # one name, two roles
     d = result(out, "03_perplexity").metrics["delta"]
-    assert d["delta_pct"] == 0 and d["ci_low_pct"] == 0 == d["ci_high_pct"]
+    assert max(abs(d["delta_pct"]), abs(d["ci_low_pct"]), abs(d["ci_high_pct"])) <= ROUNDING["ppl_pct"]
     for r in result(out, "06_activation_drift").tables["drift"]:
-        assert r["rel_l2"] == 0 and r["max_abs"] == 0 and r["cosine"] == pytest.approx(1, abs=1e-12)
+        assert r["rel_l2"] <= ROUNDING["rel_l2"] and r["cosine"] == pytest.approx(1, abs=1e-9)
     tasks = result(out, "09_tasks")
     assert tasks.tables["flips"] == [] and all(r["delta_pp"] == 0 and r["mcnemar_p"] == 1 for r in tasks.tables["accuracy"])
+    for name in ("02_logits", "03_perplexity", "06_activation_drift", "09_tasks"):
+        verdicts = result(out, name).verdicts
+        assert verdicts and all(v.passed for v in verdicts), (name, [v.name for v in verdicts if not v.passed])
 
 
 # on the worker of the CI run's tests (tests/conftest.py): the two pytest-xdist workers then carry about the same load
