@@ -9,14 +9,29 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-import torch
+
+def _threads_per_worker() -> int:
+    """The cores of this machine shared out between the pytest-xdist workers (``make test`` runs two)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
+
+# Every process a test starts (runs, notebook kernels, stand-in servers) inherits this, and torch reads it when it is
+# first imported, so it is set before that. OpenMP threads that outnumber the cores spin at each barrier while the
+# thread they wait for is not running: two CI runs side by side on 2 cores took 423 s with 2 threads each, 174 s
+# with 1 (and one run alone 165 s with 2).
+# The pytest-xdist controller sets it too, and its workers, which inherit the controller's environment, set it again
+# for their share; SAGECHECK_TEST_THREADS chooses another number.
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = os.environ.get("SAGECHECK_TEST_THREADS") or str(_threads_per_worker())
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CI_PARAMS = ROOT / "tests" / "params_ci.yaml"
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "shakespeare"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 # the sage_attn plugin of the stand-in servers writes its counters every 0.1 s (0.5 s by default), and readers wait
 # accordingly: every server and run the tests start inherits it
 os.environ.setdefault("SAGE_ATTN_STATS_INTERVAL_S", "0.1")
