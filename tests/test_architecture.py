@@ -10,6 +10,8 @@ from __future__ import annotations
 import ast
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -141,3 +143,12 @@ def test_the_layout_of_the_design_is_the_tree():
         tree = text[text.index("lib/sagecheck/"):text.index("tools/")]
         for name in re.findall(r"^\s{2}(\w+)(?:\.py|/)", tree, flags=re.M):
             assert (LIB / f"{name}.py").is_file() or (LIB / name).is_dir(), f"DESIGN.md names {name}, the tree lacks it"
+
+
+def test_the_command_line_and_the_report_start_without_torch():
+    """`sagecheck run` (its own process: the notebooks run in kernels), `report` and `params` import no torch, which
+    costs about 2 s of every start on CI's CPU; the notebooks' kernels import it (and `compare`, for 08's readings)."""
+    code = ("import sys; import sagecheck.__main__, sagecheck.run, sagecheck.report; "
+            "from sagecheck.report import recommendation, summary; print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr[-2000:]

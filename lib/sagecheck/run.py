@@ -248,6 +248,8 @@ def run(
 
 def _start_servers(params: P.Params, notebooks: list[Path], run_dir: Path, progress: bool) -> Any:
     """The run's SGLang servers (engine: sglang, no server given by URL), started once for every notebook that needs them."""
+    if params.engine != "sglang":
+        return None  # without importing the SGLang engine, which imports torch (1.8 s of every run's start)
     from sagecheck.engines.sglang.servers import ServerSet, needed_roles
 
     roles = needed_roles(params, [nb.stem for nb in notebooks])

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from sagecheck.attention.contract import AttentionFn, AttentionUnavailable, UnsupportedCall
 from sagecheck.registry import ATTENTION, UnknownName
 
@@ -52,6 +50,8 @@ def info(name: str) -> dict[str, Any]:
 
         return {"name": name, "variant": f"plain-torch emulation of sageattention {EMULATED_VERSION} (v1 Triton kernels)"}
     if name == "sdpa":
+        import torch
+
         return {"name": name, "variant": f"torch.nn.functional.scaled_dot_product_attention (torch {torch.__version__})"}
     if name == "sdpa-noisy":
         from sagecheck.attention.baseline import NOISE_RELATIVE

@@ -18,10 +18,12 @@ from __future__ import annotations
 import abc
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # annotations only: the run's and the report's process read these names without paying torch's import
+    import torch
 
 # capabilities: what an engine can give beyond the common methods (teacher-forced logprobs, top-k, greedy generation)
 FULL_LOGITS = "full_logits"

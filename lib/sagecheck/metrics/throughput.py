@@ -21,15 +21,18 @@ import gc
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from sagecheck.attention import AttentionUnavailable, UnsupportedCall
 from sagecheck.engines import SERVERS
 from sagecheck.metrics.timing import (Samples, Stopwatch, gc_paused, gpu_busy_ms, progress_logger, random_prompts,
                                       speedup_fields, timing_row)
+
+
+if TYPE_CHECKING:  # torch is imported where it is used: the report reads ThroughputResults without it
+    import torch
 
 
 def _wall_ms(fn: Any, device: torch.device) -> float:
@@ -61,6 +64,8 @@ def _one_repeat(backend: Any, prompts: torch.Tensor, decode_tokens: int, device:
 def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
+        import torch
+
         torch.cuda.empty_cache()
 
 
@@ -71,6 +76,8 @@ def measure_point(engine: Any, implementations: tuple[str, str], batch: int, len
     ``{"status": "ok", "samples": {impl: {"prefill": Samples, "decode": Samples}}}``, else
     ``{"status": "out of memory" | "unsupported", "error": ...}``.
     """
+    import torch
+
     device = engine.device
     prompts = random_prompts(engine.model_config().vocab_size, batch, length, seed, device)
     samples: dict[str, dict[str, list[float]]] = {impl: {"prefill": [], "decode": []} for impl in implementations}

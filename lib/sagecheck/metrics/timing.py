@@ -7,10 +7,12 @@ import gc
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where it is used: the report reads these modules' results without it
+    import torch
 
 
 @dataclass
@@ -51,11 +53,15 @@ class Stopwatch:
     """
 
     def __init__(self, device: torch.device) -> None:
+        import torch
+
         self.cuda = torch.device(device).type == "cuda"
         self.clock = "cuda-events" if self.cuda else "cpu-monotonic"
 
     def __enter__(self) -> "Stopwatch":
         if self.cuda:
+            import torch
+
             self._start = torch.cuda.Event(enable_timing=True)
             self._end = torch.cuda.Event(enable_timing=True)
             self._start.record()
@@ -92,6 +98,8 @@ def gc_paused():
 
 def time_callable(fn: Callable[[], Any], device: torch.device, repeats: int = 5, warmup: int = 2) -> Samples:
     """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times timed; one sample per run (ms)."""
+    import torch
+
     for _ in range(warmup):
         fn()
     if torch.device(device).type == "cuda":
@@ -145,6 +153,8 @@ def gpu_busy_ms(fn: Callable[[], Any], device: torch.device) -> float:
     token) the wall-clock time measures the host; this figure is the device's share of it,
     a lower bound of what the work costs once launches are hidden (CUDA graphs).
     """
+    import torch
+
     if torch.device(device).type != "cuda":
         raise ValueError("GPU busy time needs a CUDA device")
     from torch.autograd import DeviceType
@@ -167,6 +177,8 @@ def gpu_busy_ms(fn: Callable[[], Any], device: torch.device) -> float:
 
 def random_prompts(vocab_size: int, batch: int, length: int, seed: int, device: torch.device, low: int = 16) -> torch.Tensor:
     """Seeded random token ids (never all zeros; special ids below ``low`` avoided)."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed * 1_000_003 + batch * 7919 + length)
     return torch.randint(low, vocab_size, (batch, length), generator=gen).to(device)
 
