@@ -28,7 +28,7 @@ def small(kind: str):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
-@pytest.mark.parametrize("impl", ["sdpa", "eager", "sage-emulated"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager", "sage-emulated", "sage2-fp8-emulated"])
 def test_each_implementation_runs_and_is_counted(kind, impl):
     engine = small(kind)
     ids = torch.randint(3, 300, (2, 40)).tolist()
@@ -44,7 +44,7 @@ def test_each_implementation_runs_and_is_counted(kind, impl):
     assert calls["by_phase"] == {f"{impl}:prefill": layers * 2, f"{impl}:decode": layers * 3}
     assert len(gen[0]) == 4
     err = float((out - ref).norm() / ref.norm())
-    assert err < (1e-5 if impl != "sage-emulated" else 2e-2)
+    assert err < {"sage-emulated": 2e-2, "sage2-fp8-emulated": 6e-2}.get(impl, 1e-5)
 
 
 def test_builtin_model_counts_calls(builtin):

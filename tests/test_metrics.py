@@ -455,7 +455,7 @@ def test_sglangs_startup_split_is_flagged_where_servers_starting_together_moved_
 
 
 def test_kernel_accuracy_view_gives_words_where_no_figure_exists():
-    from sagecheck.metrics.kernel import accuracy_view, likely_cause
+    from sagecheck.metrics.kernel import accuracy_view, flagged_view, likely_cause
 
     ran = {"shape": "a", "sdpa_status": "ok", "sdpa_vs_ref_rel_l2": 1e-4, "sage-emulated_status": "ok",
            "sage-emulated_vs_ref_rel_l2": 1e-2, "sage_status": "ok", "sage_vs_ref_rel_l2": 1.1e-2,
@@ -465,14 +465,20 @@ def test_kernel_accuracy_view_gives_words_where_no_figure_exists():
     oom = {"shape": "c", "sdpa_status": "out of memory", "sage-emulated_status": "ok", "sage-emulated_vs_ref_rel_l2": 1e-2,
            "sage_status": "ok", "sage_vs_ref_rel_l2": 1e-2, "sage_inputs_unchanged": False}
     a, b, c = accuracy_view([ran, refused, oom], kernel_ran=True)
-    assert a["kernel vs emulation"] == 1e-3 and a["kernel leaves inputs alone"] == "yes"
-    assert b["kernel vs reference"] == b["kernel vs emulation"] == b["kernel leaves inputs alone"] == "unsupported"
-    assert c["sdpa vs reference"] == "out of memory" and c["kernel vs emulation"] == "n/a" and c["kernel leaves inputs alone"] == "NO"
+    assert a["kernel vs its emulation"] == 1e-3 and a["kernel leaves inputs alone"] == "yes"
+    assert b["kernel vs reference"] == b["kernel vs its emulation"] == b["kernel leaves inputs alone"] == "unsupported"
+    assert c["sdpa vs reference"] == "out of memory" and c["kernel vs its emulation"] == "n/a" and c["kernel leaves inputs alone"] == "NO"
     assert accuracy_view([{**ran, "sage_status": None}], kernel_ran=True)[0]["kernel vs reference"] == "not run"
     assert "kernel vs reference" not in accuracy_view([refused], kernel_ran=False)[0]  # no kernel: no kernel columns
+    assert a["1.0.6 emulation vs reference"] == 1e-2 and a["SA2 FP8 emulation vs reference"] == "not run"
+    # a kernel compared with SageAttention 2's emulation: its column, and no 1.0.6 padding story for its flags
+    sa2 = {**ran, "emulation": "sage2-fp8-emulated", "sage2-fp8-emulated_status": "ok", "sage2-fp8-emulated_vs_ref_rel_l2": 0.036,
+           "sage-emulated_status": "out of memory"}
+    assert accuracy_view([sa2], kernel_ran=True)[0]["kernel vs its emulation"] == 1e-3
+    shown, _ = flagged_view([{**sa2, "causal": False, "n_k": 17}])
+    assert shown[0]["emulation vs reference"] == 0.036 and shown[0]["likely cause"] == "not explained"
     for view in (a, b, c):
         assert not any(isinstance(v, float) and v != v for v in view.values())  # never a nan
-    from sagecheck.metrics.kernel import flagged_view
 
     shown, causes = flagged_view([{**ran, "causal": False, "n_k": 17, "sage-emulated_vs_ref_rel_l2": 1e-2}] * 2)
     assert [r["likely cause"] for r in shown] == [next(iter(causes))] * 2 and len(causes) == 1  # each cause explained once

@@ -81,12 +81,22 @@ PROBED = {
 }
 
 
-@pytest.mark.parametrize("name, covered", [("1.0.6", True), ("2 auto", False), ("2 triton", True)])
-def test_the_emulation_covers_per_block_int8_with_fp16_pv_only(name, covered):
-    got, why = sage_kernel.emulation_covers({"dispatched": PROBED[name], "generation": 1 if name == "1.0.6" else 2})
-    assert got is covered, why
-    if not covered:
-        assert "sageattn_qk_int8_pv_fp8_cuda_sm90" in why and "fp8" in why and "per_thread" in why
+# not measured: what SageAttention 2's sageattn calls on an Ada GPU (core.py: the sm89 kernel, per-warp Q·K, FP8 P·V)
+PROBED["2 ada"] = {"entry_point": "sageattn", "kernel": "sageattn_qk_int8_pv_fp8_cuda", "kernel_kwargs": {"pv_accum_dtype": "fp32+fp16"},
+                   "calls": ["sageattn_qk_int8_pv_fp8_cuda", "per_warp_int8_cuda", "per_channel_fp8"]}
+
+
+@pytest.mark.parametrize("name, emulation", [("1.0.6", "sage-emulated"), ("2 auto", "sage2-fp8-emulated"),
+                                             ("2 triton", "sage-emulated"), ("2 ada", None)])
+def test_each_probed_kernel_is_matched_with_the_emulation_of_its_scheme(name, emulation):
+    got, why = sage_kernel.emulation_for({"dispatched": PROBED[name], "generation": 1 if name == "1.0.6" else 2})
+    assert got == emulation, why
+    if emulation is None:
+        assert "sageattn_qk_int8_pv_fp8_cuda" in why and "per_warp" in why and "fp32+fp16" in why
+    # the Hopper kernel with other settings than sageattn's is no longer the emulated scheme
+    other = {**PROBED["2 auto"], "kernel_kwargs": {"pv_accum_dtype": "fp32"}}
+    assert sage_kernel.emulation_for({"dispatched": other})[0] is None
+    assert sage_kernel.emulation_for({"generation": 2})[0] is None and sage_kernel.emulation_for({"generation": 1})[0]
 
 
 def test_a_kernel_whose_scheme_is_not_emulated_is_judged_against_float64_not_flagged(tmp_path):
@@ -97,8 +107,8 @@ def test_a_kernel_whose_scheme_is_not_emulated_is_judged_against_float64_not_fla
     rows = [{"shape": f"s{i}", "sage_status": "ok", "sage_vs_emulated_rel_l2": 0.03, "sage_vs_ref_rel_l2": e,
              "sage_inputs_unchanged": True, "sdpa_status": "ok", "sdpa_vs_ref_rel_l2": 1e-3, "sage-emulated_status": "ok",
              "sage-emulated_vs_ref_rel_l2": 0.012} for i, e in enumerate((0.036, 0.039))]
-    why = sage_kernel.emulation_covers({"dispatched": PROBED["2 auto"]})[1]
-    agreed = K.agreement(rows, 5e-3, (False, why, {"name": "sage"}))
+    why = sage_kernel.emulation_for({"dispatched": PROBED["2 ada"]})[1]
+    agreed = K.agreement(rows, 5e-3, (None, why, {"name": "sage"}))
     assert agreed["flagged"] == [] and agreed["kernel_vs_ref_max"] == 0.039
     res = R.Results(notebook="08_kernel", results_dir=tmp_path)
     K.record(res, rows, [], agreed, "", "H200", NotebookParams(Params(), "08_kernel"))
@@ -107,7 +117,7 @@ def test_a_kernel_whose_scheme_is_not_emulated_is_judged_against_float64_not_fla
     assert any("not judged" in n and "fp8" in n for n in res.notes)
     bad = [{**r, "sage_vs_ref_rel_l2": 0.2} for r in rows]  # a kernel far off float64: fails
     res = R.Results(notebook="08_kernel", results_dir=tmp_path)
-    K.record(res, bad, [], K.agreement(bad, 5e-3, (False, why, {})), "", "H200", NotebookParams(Params(), "08_kernel"))
+    K.record(res, bad, [], K.agreement(bad, 5e-3, (None, why, {})), "", "H200", NotebookParams(Params(), "08_kernel"))
     assert not res.find("kernel.vs_reference").passed
     covered = K.agreement(rows, 5e-3, (True, "", {}))  # the same numbers for an emulated scheme: all flagged
     assert len(covered["flagged"]) == 2

@@ -95,6 +95,9 @@ ATTENTION.register("sage", "sagecheck.attention.sage_kernel:load_kernel", factor
                    description="the real SageAttention kernel (sageattention.sageattn), CUDA only")
 ATTENTION.register("sage-emulated", "sagecheck.attention.sage_emulated:sage_emulated", aliases=("sage_emulated",),
                    role="candidate", description="SageAttention 1.0.6's arithmetic in plain torch, any device")
+ATTENTION.register("sage2-fp8-emulated", "sagecheck.attention.sage2_fp8_emulated:sage2_fp8_emulated",
+                   aliases=("sage2_fp8_emulated",), role="candidate",
+                   description="SageAttention 2's Hopper kernel (INT8 Q·K per thread, FP8 P·V) in plain torch, any device")
 ATTENTION.register("sdpa-noisy", "sagecheck.attention.baseline:sdpa_noisy", aliases=("sdpa_noisy",), role="control",
                    description="sdpa plus 20% noise: a deliberately wrong candidate every accuracy verdict must catch")
 

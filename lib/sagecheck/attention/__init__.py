@@ -12,7 +12,8 @@ on tensors shaped ``[batch, heads, seq, head_dim]``:
   for shapes they do not support; callers may then fall back to the baseline.
 
 Names: ``sdpa`` and ``eager`` (the baseline), ``sage`` (the real SageAttention kernel,
-CUDA only), ``sage-emulated`` (its arithmetic in plain torch, any device) and
+CUDA only), ``sage-emulated`` (1.0.6's arithmetic in plain torch, any device), ``sage2-fp8-emulated``
+(SageAttention 2's Hopper kernel, INT8 Q·K and FP8 P·V, in plain torch) and
 ``sdpa-noisy`` (a deliberately wrong candidate, the report's negative control).
 """
 
@@ -49,6 +50,10 @@ def info(name: str) -> dict[str, Any]:
         from sagecheck.attention.sage_emulated import EMULATED_VERSION
 
         return {"name": name, "variant": f"plain-torch emulation of sageattention {EMULATED_VERSION} (v1 Triton kernels)"}
+    if name == "sage2-fp8-emulated":
+        from sagecheck.attention.sage2_fp8_emulated import EMULATED_KERNEL, EMULATED_SOURCE
+
+        return {"name": name, "variant": f"plain-torch emulation of {EMULATED_KERNEL} ({EMULATED_SOURCE})"}
     if name == "sdpa":
         import torch
 

@@ -173,22 +173,35 @@ def facts(info: dict[str, Any]) -> dict[str, Any]:
             "kernel that ran (probe)": d, "entry points it offers": ", ".join(info.get("entry_points", []))}
 
 
-EMULATED_SCHEME = "SageAttention 1.0.6's scheme: INT8 Q·K^T quantized per block, FP16 P·V"
+# the emulations of sagecheck.attention and the scheme each reproduces
+EMULATED_SCHEMES = {
+    "sage-emulated": "SageAttention 1.0.6's scheme: INT8 Q·K^T quantized per block, FP16 P·V",
+    "sage2-fp8-emulated": "SageAttention 2's sm90 scheme: INT8 Q·K^T quantized per thread, FP8 P·V (fp32+fp32 accumulation)",
+}
+SM90_FP8_KERNEL = "sageattn_qk_int8_pv_fp8_cuda_sm90"
 
 
-def emulation_covers(info: dict[str, Any]) -> tuple[bool, str]:
-    """Whether 'sage-emulated' reproduces the arithmetic of the kernel that ran (from :func:`dispatch_probe`'s calls):
-    yes for a per-block INT8 Q·K kernel with FP16 P·V (1.0.6's Triton kernel, SageAttention 2's
-    ``sageattn_qk_int8_pv_fp16_triton``); no for per-thread or per-warp INT8 Q·K or FP8 P·V (SageAttention 2's CUDA
-    kernels), whose error can then be judged only against float64. Without a probe, by the package's generation."""
+def emulation_for(info: dict[str, Any]) -> tuple[str | None, str]:
+    """(the emulation that reproduces the arithmetic of the kernel that ran, why), read from :func:`dispatch_probe`'s
+    calls: ``sage-emulated`` for a per-block INT8 Q·K kernel with FP16 P·V (1.0.6's Triton kernel, SageAttention 2's
+    ``sageattn_qk_int8_pv_fp16_triton``); ``sage2-fp8-emulated`` for SageAttention 2's Hopper kernel with its defaults
+    (per-thread INT8 Q·K, per-channel FP8 V, fp32+fp32); None for any other (per-warp Q·K, the Ada FP8 kernels, the
+    Ampere CUDA kernel), whose error can then be judged only against float64. Without a probe, by the package's
+    generation."""
     d = info.get("dispatched")
     if isinstance(d, dict):
         calls = " ".join(d["calls"]).lower()
-        other = [w for w in ("fp8", "per_thread", "per_warp") if w in calls or w in d["kernel"].lower()]
+        kernel = d["kernel"]
+        other = [w for w in ("fp8", "per_thread", "per_warp") if w in calls or w in kernel.lower()]
         if "per_block_int8" in calls and not other:
-            return True, f"{d['kernel']} ({', '.join(d['calls'])}) follows {EMULATED_SCHEME}"
-        return False, (f"the emulation reproduces {EMULATED_SCHEME}; the kernel that ran, {d['kernel']} (calls: "
-                       f"{', '.join(d['calls'])}), quantizes otherwise ({', '.join(other) or 'not per block'})")
+            return "sage-emulated", f"{kernel} ({', '.join(d['calls'])}) follows {EMULATED_SCHEMES['sage-emulated']}"
+        kwargs = d.get("kernel_kwargs", {})
+        if (kernel == SM90_FP8_KERNEL and "per_thread_int8" in calls and "per_channel_fp8" in calls
+                and kwargs.get("pv_accum_dtype", "fp32+fp32") == "fp32+fp32" and kwargs.get("qk_quant_gran", "per_thread") == "per_thread"):
+            return "sage2-fp8-emulated", f"{kernel} ({', '.join(d['calls'])}) follows {EMULATED_SCHEMES['sage2-fp8-emulated']}"
+        return None, (f"no emulation reproduces the kernel that ran, {kernel} (calls: {', '.join(d['calls'])}; "
+                      f"{', '.join(f'{k}={v}' for k, v in kwargs.items()) or 'no keyword arguments'}); the emulations "
+                      f"reproduce {'; '.join(EMULATED_SCHEMES.values())}")
     if info.get("generation") == 1:
-        return True, f"sageattention 1.x: {EMULATED_SCHEME}"
-    return False, f"the kernel that ran was not probed ({d}); the emulation reproduces {EMULATED_SCHEME}"
+        return "sage-emulated", f"sageattention 1.x: {EMULATED_SCHEMES['sage-emulated']}"
+    return None, f"the kernel that ran was not probed ({d}); the emulations reproduce {'; '.join(EMULATED_SCHEMES.values())}"

@@ -2,10 +2,11 @@
 
 Inputs are random normal Q, K, V, with a per-channel offset added to K (real keys have
 channel-wise outliers: that is what SageAttention's K smoothing is for). The error
-of ``sdpa``, ``sage-emulated`` and ``sage`` is measured against attention computed in
-float64 from the same inputs; ``sage`` is also compared with ``sage-emulated``: if
-the kernel is right, it agrees with its emulation far more closely than either agrees
-with the reference.
+of ``sdpa``, both emulations (``sage-emulated``: 1.0.6; ``sage2-fp8-emulated``: SageAttention 2's
+Hopper kernel) and ``sage`` is measured against attention computed in float64 from the same
+inputs; ``sage`` is also compared with the emulation of the kernel that ran (the dispatch probe
+says which): if the kernel is right, it agrees with its emulation far more closely than either
+agrees with the reference.
 """
 
 from __future__ import annotations
@@ -71,14 +72,20 @@ def make_inputs(shape: Shape, device: torch.device, seed: int) -> tuple[torch.Te
     return q.to(dt), k.to(dt), v.to(dt)
 
 
-def run_shape(shape: Shape, device: torch.device, seed: int, kernel_available: bool) -> dict[str, Any]:
-    """Errors of every implementation at one shape, and whether each call left its inputs unchanged."""
+# both emulations run at every shape: each scheme's own error is shown, also where no kernel runs (a CPU run)
+EMULATIONS = ("sage-emulated", "sage2-fp8-emulated")
+
+
+def run_shape(shape: Shape, device: torch.device, seed: int, kernel_available: bool,
+              emulation: str = "sage-emulated") -> dict[str, Any]:
+    """Errors of every implementation at one shape, whether each call left its inputs unchanged, and the kernel against
+    ``emulation`` (the one that reproduces its scheme)."""
     q, k, v = make_inputs(shape, device, seed)
     ref = reference(q, k, v, causal=shape.causal)
-    row: dict[str, Any] = {"shape": shape.label, **asdict(shape)}
+    row: dict[str, Any] = {"shape": shape.label, **asdict(shape), "emulation": emulation}
     row["kind"] = shape_kind(row)
     outs = {}
-    impls = ["sdpa", "sage-emulated"] + (["sage"] if kernel_available else [])
+    impls = ["sdpa", *EMULATIONS] + (["sage"] if kernel_available else [])
     for name in impls:
         q0, k0, v0 = q.clone(), k.clone(), v.clone()
         try:
@@ -97,8 +104,8 @@ def run_shape(shape: Shape, device: torch.device, seed: int, kernel_available: b
         outs[name] = out
         for key, val in error_stats(ref, out).items():
             row[f"{name}_vs_ref_{key}"] = val
-    if "sage" in outs and "sage-emulated" in outs:
-        for key, val in error_stats(outs["sage-emulated"].to(outs["sage"].dtype), outs["sage"]).items():
+    if "sage" in outs and emulation in outs:
+        for key, val in error_stats(outs[emulation].to(outs["sage"].dtype), outs["sage"]).items():
             row[f"sage_vs_emulated_{key}"] = val
     if kernel_available and shape.n_q == shape.n_k:
         from sagecheck.attention.sage_kernel import raw_sageattn
@@ -112,7 +119,7 @@ def run_shape(shape: Shape, device: torch.device, seed: int, kernel_available: b
 def likely_cause(row: dict[str, Any]) -> tuple[str, str]:
     """Our reading of why the kernel and its emulation disagree at this shape: a short tag for the table
     and the explanation, which the notebook states once per tag."""
-    if not row["causal"] and row["n_k"] % 64:
+    if row.get("emulation", "sage-emulated") == "sage-emulated" and not row["causal"] and row["n_k"] % 64:
         return ("key padding: n_k not a multiple of 64",
                 "the non-causal 1.0.6 kernel loads the keys missing from its last 64-key block as zeros and lets them into "
                 "the softmax denominator with score 0 (attn_qk_int8_per_block.py masks their loads, not their scores); "
@@ -134,16 +141,30 @@ def flagged_view(flagged: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], d
         tag, why = likely_cause(r)
         causes[tag] = why
         rows.append({"shape": r["shape"], "kernel vs emulation": r["sage_vs_emulated_rel_l2"], "kernel vs reference": r["sage_vs_ref_rel_l2"],
-                     "emulation vs reference": r["sage-emulated_vs_ref_rel_l2"], "likely cause": tag})
+                     "emulation vs reference": r[f"{emulation_of(r)}_vs_ref_rel_l2"], "likely cause": tag})
     return rows, causes
 
 
-# the full accuracy table: (column heading, implementations that must have run, field)
+def emulation_of(row: dict[str, Any]) -> str:
+    """The emulation a row's kernel was compared with (rows written before SageAttention 2 was emulated: 1.0.6's)."""
+    return row.get("emulation", "sage-emulated")
+
+
+def emulation_under_test(covered: tuple[str | None, str, dict[str, Any]] | None, candidate: str) -> str:
+    """The emulation 08 compares the kernel with and judges: the one that reproduces the kernel that ran
+    (:func:`emulation_covers_kernel`); where no kernel ran, the run's candidate if it is an emulation, else 1.0.6's."""
+    if covered is not None and covered[0]:
+        return covered[0]
+    return candidate if candidate in EMULATIONS else "sage-emulated"
+
+
+# the full accuracy table: (column heading, implementations that must have run, field); "emulation" stands for the row's
 ACCURACY_COLUMNS = [
     ("sdpa vs reference", ("sdpa",), "sdpa_vs_ref_rel_l2"),
-    ("emulation vs reference", ("sage-emulated",), "sage-emulated_vs_ref_rel_l2"),
+    ("1.0.6 emulation vs reference", ("sage-emulated",), "sage-emulated_vs_ref_rel_l2"),
+    ("SA2 FP8 emulation vs reference", ("sage2-fp8-emulated",), "sage2-fp8-emulated_vs_ref_rel_l2"),
     ("kernel vs reference", ("sage",), "sage_vs_ref_rel_l2"),
-    ("kernel vs emulation", ("sage", "sage-emulated"), "sage_vs_emulated_rel_l2"),
+    ("kernel vs its emulation", ("sage", "emulation"), "sage_vs_emulated_rel_l2"),
     ("kernel cosine", ("sage",), "sage_vs_ref_cosine"),
     ("kernel max |error|", ("sage",), "sage_vs_ref_max_abs"),
 ]
@@ -158,6 +179,7 @@ def accuracy_view(rows: list[dict[str, Any]], kernel_ran: bool) -> list[dict[str
         for heading, impls, field in ACCURACY_COLUMNS:
             if "sage" in impls and not kernel_ran:
                 continue
+            impls = tuple(emulation_of(r) if i == "emulation" else i for i in impls)
             bad = [i for i in impls if r.get(f"{i}_status") != "ok"]
             value = r.get(field)
             view[heading] = status_word(r.get(f"{bad[0]}_status")) if bad else ("n/a" if value is None else value)
@@ -175,17 +197,17 @@ def shape_kind(row: dict[str, Any]) -> str:
     return "decode" if row["n_q"] == 1 else "chunk"
 
 
-def emulation_covers_kernel() -> tuple[bool, str, dict[str, Any]]:
-    """(covered, why, the kernel's description): whether 'sage-emulated' reproduces what the selected sageattention
-    entry point dispatched to, probed once (:func:`sagecheck.attention.sage_kernel.emulation_covers`)."""
+def emulation_covers_kernel() -> tuple[str | None, str, dict[str, Any]]:
+    """(the emulation that reproduces what the selected sageattention entry point dispatched to or None, why, the
+    kernel's description), probed once (:func:`sagecheck.attention.sage_kernel.emulation_for`)."""
     from sagecheck.attention import sage_kernel
 
     info = sage_kernel.kernel_info(probe=True)
-    covered, why = sage_kernel.emulation_covers(info)
-    return covered, why, info
+    emulation, why = sage_kernel.emulation_for(info)
+    return emulation, why, info
 
 
-def agreement(rows: list[dict[str, Any]], threshold: float, covered: tuple[bool, str, dict[str, Any]] | None = None) -> dict[str, Any]:
+def agreement(rows: list[dict[str, Any]], threshold: float, covered: tuple[str | None, str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Where the kernel ran: the shapes where it disagrees with its emulation by more than ``threshold``
     (relative L2), and over the others the smallest ratio kernel-vs-reference / kernel-vs-emulation
     (a right kernel sits much closer to its emulation than to the reference). Where the emulation does not reproduce
@@ -236,9 +258,9 @@ def speed(impl: str, batch: int, heads: int, n: int, head_dim: int, causal: bool
 # --------------------------------------------------------------------------- 08_kernel
 
 
-def run_shapes(p: Any, device: torch.device, kernel_available: bool) -> list[dict[str, Any]]:
+def run_shapes(p: Any, device: torch.device, kernel_available: bool, emulation: str = "sage-emulated") -> list[dict[str, Any]]:
     """Every accuracy shape of the sweep, each with its own seed."""
-    return [run_shape(s, device, p.seed + i, kernel_available) for i, s in enumerate(accuracy_shapes(p, device))]
+    return [run_shape(s, device, p.seed + i, kernel_available, emulation) for i, s in enumerate(accuracy_shapes(p, device))]
 
 
 def error_curves(rows: list[dict[str, Any]], p: Any, causal: bool) -> tuple[dict[str, list[int]], dict[str, list[float]]]:
@@ -246,7 +268,7 @@ def error_curves(rows: list[dict[str, Any]], p: Any, causal: bool) -> tuple[dict
     and the largest head dim, prefill shapes of one mask."""
     sub = [r for r in rows if r["causal"] == causal and r["n_q"] == r["n_k"] and r["dtype"] == p.dtypes[0]
            and r["head_dim"] == p.head_dims[-1]]
-    fields = {name: f"{name}_vs_ref_rel_l2" for name in ("sdpa", "sage-emulated", "sage")}
+    fields = {name: f"{name}_vs_ref_rel_l2" for name in ("sdpa", *EMULATIONS, "sage")}
     fields["sage vs emulation"] = "sage_vs_emulated_rel_l2"
     xs, ys = {}, {}
     for name, f in fields.items():
@@ -306,9 +328,11 @@ def record(results: Any, rows: list[dict[str, Any]], speed_rows: list[dict[str, 
     results.metric("kernel", (agreed.get("kernel") or attention.info("sage")) if agreed is not None
                    else {"available": False, "reason": kernel_why})
     results.metric("device", where)
-    emu = max(r["sage-emulated_vs_ref_rel_l2"] for r in rows if r.get("sage-emulated_status") == "ok")
-    results.verdict("kernel.emulation_vs_reference", "kernel", "emulation vs float64 reference (worst shape)", emu, "<=",
-                    p.emulation_vs_reference_max, detail="the quantization scheme's own error")
+    name = emulation_of(rows[0]) if rows else "sage-emulated"
+    emu = max(r[f"{name}_vs_ref_rel_l2"] for r in rows if r.get(f"{name}_status") == "ok")
+    results.metric("emulation", attention.info(name))
+    results.verdict("kernel.emulation_vs_reference", "kernel", f"emulation ({name}) vs float64 reference (worst shape)", emu,
+                    "<=", p.emulation_vs_reference_max, detail="the quantization scheme's own error")
     results.verdict("kernel.sdpa_vs_reference", "control", "sdpa vs float64 reference (worst shape)",
                     max(r["sdpa_vs_ref_rel_l2"] for r in rows if r.get("sdpa_status") == "ok"), "<=", 1e-2)
     if agreed is None:
@@ -378,7 +402,7 @@ def causes_text(agreed: dict[str, Any] | None) -> str | None:
     return "\n".join(f"- **{tag}**: {why}." for tag, why in flagged_view(agreed["flagged"])[1].items())
 
 
-def error_figure(agreed: dict[str, Any] | None, p: Any) -> dict[str, Any]:
+def error_figure(agreed: dict[str, Any] | None, p: Any, emulation: str = "sage-emulated") -> dict[str, Any]:
     """What 08's error-by-shape figure draws: the kernel against its emulation where it ran, else the emulation against
     the reference."""
     if agreed is not None and agreed.get("not_emulated"):
@@ -386,8 +410,8 @@ def error_figure(agreed: dict[str, Any] | None, p: Any) -> dict[str, Any]:
                 "title": "Kernel vs float64 reference, every shape (its scheme is not emulated)",
                 "threshold": p.emulation_vs_reference_max, "flagged": set()}
     if agreed is None:
-        return {"field": "sage-emulated_vs_ref_rel_l2", "ylabel": "emulation vs reference (relative L2)",
-                "title": "Emulation vs float64 reference, every shape", "threshold": p.emulation_vs_reference_max, "flagged": set()}
+        return {"field": f"{emulation}_vs_ref_rel_l2", "ylabel": f"{emulation} vs reference (relative L2)",
+                "title": f"Emulation ({emulation}) vs float64 reference, every shape", "threshold": p.emulation_vs_reference_max, "flagged": set()}
     return {"field": "sage_vs_emulated_rel_l2", "ylabel": "kernel vs emulation (relative L2)",
             "title": "Kernel vs its emulation, every shape", "threshold": p.kernel_vs_emulation_max,
             "flagged": {r["shape"] for r in agreed["flagged"]}}
