@@ -277,3 +277,34 @@ def test_the_aa_control_is_read_as_04_judged_it(tmp_path):
     page = C.compare_section(runs, C.SECTIONS[0])
     from sagecheck.report.compare_html import throughput_view
     assert "H100: 22.1 % — failed, limit 3 %; H200: 1.2 %" in throughput_view(page, runs)["aa"]
+
+
+def test_the_comparison_figures_are_seaborn_facets_drawing_each_runs_values():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from sagecheck import plots
+
+    runs = ["H100", "H200"]
+    kernel = [{"head_dim": d, "causal": c, "seq_len": n, "implementation": impl,
+               "runs": {r: {"tops": 100.0 * (i + 1) + n / 1024 + (50 if impl == "sdpa" else 0) + d} for i, r in enumerate(runs)}}
+              for d, c in ((64, False), (128, True)) for n in (1024, 4096) for impl in ("sage", "sdpa")]
+    fig = plots.kernel_by_run(kernel, runs, "tops", "TOPS", "kernel")
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["head dim 64, full", "head dim 128, causal"]
+    for ax, d in zip(panels, (64, 128)):
+        drawn = sorted(tuple(line.get_ydata()) for line in ax.get_lines() if len(line.get_xdata()) == 2)
+        want = sorted(tuple(p["runs"][r]["tops"] for p in kernel if p["head_dim"] == d and p["implementation"] == impl)
+                      for r in runs for impl in ("sage", "sdpa"))
+        assert drawn == want
+    serving = [{"batch": b, "input_length": n, "runs": {r: {"prefill_speedup": 0.8 + i / 10, "prefill_speedup_p10": 0.7 + i / 10,
+                                                            "prefill_speedup_p90": None, "decode_speedup": 1.0} for i, r in enumerate(runs)}}
+               for b in (1, 8) for n in (128, 512, 2048)]
+    fig = plots.speedup_by_run(serving, runs, ("prefill", "decode"), "serving")
+    grid = [ax for ax in fig.axes if ax.get_title() or ax.get_xlabel() or ax.get_ylabel()]
+    assert len(grid) == 4 and [ax.get_title() for ax in grid[:2]] == ["batch 1", "batch 8"]
+    prefill = grid[0]
+    bars = [c for c in prefill.containers]
+    assert [list(c.lines[0].get_ydata()) for c in bars] == [[0.8] * 3, [0.9] * 3]
+    low, high = bars[0].lines[2][0].get_segments()[0][:, 1]  # p10 below, no p90: the bar ends at the value
+    assert (low, high) == pytest.approx((0.7, 0.8))

@@ -258,69 +258,66 @@ def accuracy_by_task(tasks: list[str], accuracy: dict[str, list[float]], interva
     return _finish(fig, title)
 
 
-RUN_LINESTYLES = {"sdpa": "--"}  # in the comparison: the baseline kernel dashed, every other implementation solid
+RUN_DASHES = {"sdpa": (4, 2)}  # in the comparison: the baseline kernel dashed, every other implementation solid
+
+
+def _panel_label(head_dim: int, causal: bool) -> str:
+    return f"head dim {head_dim}, {'causal' if causal else 'full'}"
 
 
 def kernel_by_run(points: list[dict[str, Any]], runs: list[str], value: str, ylabel: str, title: str,
                   reference: float | None = None) -> Any:
-    """The comparison's kernel timings: one panel per head dim and mask, x the sequence length, a colour per run
-    (GPU), a line style per implementation. ``points`` are matched points (every run measured each)."""
-    panels = sorted({(p["head_dim"], p["causal"]) for p in points})
-    fig, axes = plt.subplots(1, len(panels), figsize=(min(11, 2.9 * len(panels) + 0.8), 3.2), squeeze=False, sharey=True)
-    for ax, (head_dim, causal) in zip(axes[0], panels):
-        here = [p for p in points if p["head_dim"] == head_dim and p["causal"] == causal]
-        for i, run in enumerate(runs):
-            for impl in sorted({p["implementation"] for p in here}):
-                pts = sorted((p["seq_len"], p["runs"][run].get(value)) for p in here if p["implementation"] == impl)
-                pts = [(x, y) for x, y in pts if y is not None]
-                if pts:
-                    ax.plot(*zip(*pts), RUN_LINESTYLES.get(impl, "-"), marker="o", ms=3, color=PALETTE[i % len(PALETTE)],
-                            label=f"{run}: {impl}")
-        if reference is not None:
-            ax.axhline(reference, color="black", lw=0.8)
+    """The comparison's kernel timings as seaborn facets: a panel per head dim and mask, x the sequence length, a colour
+    per run (GPU), a line style per implementation. ``points`` are matched points (every run measured each)."""
+    import pandas as pd
+
+    frame = pd.DataFrame([{"panel": _panel_label(p["head_dim"], p["causal"]), "sequence length": p["seq_len"], "run": run,
+                           "implementation": p["implementation"], ylabel: p["runs"][run][value]}
+                          for p in points for run in runs if p["runs"][run].get(value) is not None])
+    panels = [_panel_label(*key) for key in sorted({(p["head_dim"], p["causal"]) for p in points})]
+    impls = sorted(set(frame["implementation"]))
+    g = sns.relplot(data=frame, x="sequence length", y=ylabel, hue="run", hue_order=runs, style="implementation",
+                    style_order=impls, dashes={i: RUN_DASHES.get(i, "") for i in impls}, markers=True, col="panel",
+                    col_order=panels, kind="line", errorbar=None, palette=PALETTE[:len(runs)], height=3.0,
+                    aspect=min(1.3, 10.0 / (3.0 * len(panels))), facet_kws={"sharey": True})
+    g.set_titles(col_template="{col_name}")
+    for ax in g.axes.flat:
         ax.set_xscale("log", base=2)
-        ax.set_title(f"head dim {head_dim}, {'causal' if causal else 'full'}")
-        ax.set_xlabel("sequence length")
-    axes[0][0].set_ylabel(ylabel)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), bbox_to_anchor=(0.5, -0.02))
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout(rect=(0, 0.1 + 0.05 * ((len(labels) - 1) // 4), 1, 1))
-    return fig
+    if reference is not None:
+        g.refline(y=reference, color="black", lw=0.8, linestyle="-")
+    sns.move_legend(g, "upper left", bbox_to_anchor=(1.0, 0.9), frameon=False)
+    return _finish(g.figure, title)
+
+
+def _interval_line(data: Any, color: Any = None, label: str | None = None, **_: Any) -> None:
+    """One run's speedups in a facet, with its p10-p90 interval (points without an interval get none)."""
+    data = data.sort_values("input length")
+    y = data["speedup"].to_numpy()
+    lo = data["p10"].fillna(data["speedup"]).to_numpy()
+    hi = data["p90"].fillna(data["speedup"]).to_numpy()
+    plt.gca().errorbar(data["input length"], y, yerr=[np.maximum(0.0, y - lo), np.maximum(0.0, hi - y)], fmt="-o", ms=3,
+                       capsize=2, color=color, label=label)
 
 
 def speedup_by_run(points: list[dict[str, Any]], runs: list[str], phases: tuple[str, ...], title: str) -> Any:
-    """The comparison's serving speedups: a row per phase, a panel per batch size, x the input length, a colour per
-    run with its p10-p90 interval, the line at 1 (as fast as the baseline)."""
+    """The comparison's serving speedups as seaborn facets: a row per phase, a panel per batch size, x the input length,
+    a colour per run with its p10-p90 interval, the line at 1 (as fast as the baseline)."""
+    import pandas as pd
+
+    frame = pd.DataFrame([{"phase": phase, "batch": p["batch"], "input length": p["input_length"], "run": run,
+                           "speedup": p["runs"][run][f"{phase}_speedup"], "p10": p["runs"][run].get(f"{phase}_speedup_p10"),
+                           "p90": p["runs"][run].get(f"{phase}_speedup_p90")}
+                          for phase in phases for p in points for run in runs if p["runs"][run].get(f"{phase}_speedup") is not None])
     batches = sorted({p["batch"] for p in points})
-    fig, axes = plt.subplots(len(phases), len(batches), figsize=(min(11, 2.6 * len(batches) + 0.8), 2.6 * len(phases) + 0.5),
-                             squeeze=False, sharex=True)
-    for r, phase in enumerate(phases):
-        for c, batch in enumerate(batches):
-            ax = axes[r][c]
-            here = sorted((p for p in points if p["batch"] == batch), key=lambda p: p["input_length"])
-            for i, run in enumerate(runs):
-                xs = [p["input_length"] for p in here]
-                ys = [p["runs"][run].get(f"{phase}_speedup") for p in here]
-                lo = [p["runs"][run].get(f"{phase}_speedup_p10") for p in here]
-                hi = [p["runs"][run].get(f"{phase}_speedup_p90") for p in here]
-                keep = [k for k, y in enumerate(ys) if y is not None]
-                if not keep:
-                    continue
-                x, y = [xs[k] for k in keep], [ys[k] for k in keep]
-                err = [[max(0.0, y[j] - (lo[k] if lo[k] is not None else y[j])) for j, k in enumerate(keep)],
-                       [max(0.0, (hi[k] if hi[k] is not None else y[j]) - y[j]) for j, k in enumerate(keep)]]
-                ax.errorbar(x, y, yerr=err, fmt="-o", ms=3, capsize=2, color=PALETTE[i % len(PALETTE)], label=run)
-            ax.axhline(1.0, color="black", lw=0.8)
-            ax.set_xscale("log", base=2)
-            if r == 0:
-                ax.set_title(f"batch {batch}")
-            if r == len(phases) - 1:
-                ax.set_xlabel("input length")
-            if c == 0:
-                ax.set_ylabel(f"{phase} speedup")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), bbox_to_anchor=(0.5, -0.01))
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    return fig
+    g = sns.FacetGrid(frame, row="phase", row_order=list(phases), col="batch", col_order=batches, hue="run", hue_order=runs,
+                      palette=PALETTE[:len(runs)], height=2.6, aspect=min(1.3, 10.0 / (2.6 * len(batches))), sharex=True,
+                      margin_titles=True)
+    g.map_dataframe(_interval_line)
+    g.refline(y=1.0, color="black", lw=0.8, linestyle="-")
+    for ax in g.axes.flat:
+        ax.set_xscale("log", base=2)
+    g.set_titles(row_template="{row_name}", col_template="batch {col_name}")
+    g.set_axis_labels("input length", "speedup")
+    g.add_legend(title="run")
+    sns.move_legend(g, "upper left", bbox_to_anchor=(1.0, 0.9), frameon=False, title_fontsize=9)  # beside the row titles, not over them
+    return _finish(g.figure, title)
