@@ -114,7 +114,8 @@ def test_drift_measure_on_the_builtin_model(builtin):
     layers = builtin.model.config.num_hidden_layers
     assert {r["kind"] for r in recs} == {"attention", "hidden", "final"}
     assert len([r for r in recs if r["mode"] == "compounded" and r["bucket"] == "all"]) == 2 * layers + 1
-    assert all(r["rel_l2"] == 0 and r["cosine"] == pytest.approx(1, abs=1e-12) for r in recs)
+    # two float32 passes on a CPU may differ in rounding (tests/test_pipeline.py's A/A note): nothing beyond that
+    assert all(r["rel_l2"] <= 1e-5 and r["cosine"] == pytest.approx(1, abs=1e-9) for r in recs)
     emu = drift.measure(builtin, "sdpa", "sage-emulated", ids, ["compounded"], buckets=2)
     assert all(0 < r["rel_l2"] < 0.1 for r in emu)
 
