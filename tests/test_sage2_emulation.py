@@ -76,7 +76,7 @@ def test_one_key_block_equals_the_scheme_written_out():
     q, k, v = make_inputs(Shape(2, 4, 2, 100, 100, 64, False, "float16"), torch.device("cpu"), 3)
     got = E.sage2_fp8_emulated(q, k, v).float()
     want = _dense_scheme(q, k, v).float()
-    assert error_stats(want, got)["rel_l2"] < 1e-3  # one fp16 rounding of the output apart
+    assert error_stats(want, got)["rel_l2"] < 1e-3  # measured 2.1e-4: the fp16 rounding of the output and the order of sums
     assert error_stats(reference(q, k, v), got)["rel_l2"] > 10 * error_stats(want, got)["rel_l2"]
 
 
@@ -122,11 +122,13 @@ def test_masks_grouped_heads_and_the_callers_tensors():
     keep = torch.ones(200, 200, dtype=torch.bool).tril()
     assert torch.equal(causal, E.sage2_fp8_emulated(q, k, v, mask=keep))
     assert causal.dtype == torch.bfloat16 and torch.equal(q, q0) and torch.equal(k, k0) and torch.equal(v, v0)
-    # a query shorter than the keys sits bottom-right: its rows equal the full sequence's last rows up to the
-    # quantization of Q, whose per-thread groups then hold other tokens
+    # a query shorter than the keys sits bottom-right (measured: 0.037 from float64 aligned so, 0.99 from top-left)
     tail = E.sage2_fp8_emulated(q[:, :, -16:], k, v, causal=True)
-    assert error_stats(causal[:, :, -16:].float(), tail.float())["rel_l2"] < 0.02
-    # keys past a 128-key block boundary take part; keys past the end do not (no padding in the softmax)
+    assert error_stats(reference(q[:, :, -16:], k, v, causal=True), tail)["rel_l2"] < 0.05
+    top_left = reference(q[:, :, -16:], k, v, mask=torch.ones(16, 200, dtype=torch.bool).tril())
+    assert error_stats(top_left, tail)["rel_l2"] > 0.5
+    # 130 keys: the two past the first 128-key block take part, and no padding enters the softmax (measured: 0.038
+    # from float64; with 126 zero keys in the softmax, as 1.0.6's non-causal kernel pads, 0.52)
     n = 130
     full = E.sage2_fp8_emulated(q[:, :, :n], k[:, :, :n], v[:, :, :n])
     assert error_stats(reference(q[:, :, :n], k[:, :, :n], v[:, :, :n]), full)["rel_l2"] < 0.05

@@ -43,6 +43,7 @@ from __future__ import annotations
 import torch
 
 from sagecheck.attention.baseline import check_shapes, expand_kv
+from sagecheck.attention.blockwise import online_softmax
 
 EMULATED_KERNEL = "sageattn_qk_int8_pv_fp8_cuda_sm90"
 EMULATED_SOURCE = "thu-ml/SageAttention d1a57a5 (SageAttention 2.x)"
@@ -126,32 +127,15 @@ def sage2_fp8_emulated(
     v8, v_scale = quantize_v_per_channel(v)
     k_int, k_scale, v8, v_scale = (expand_kv(x, h) for x in (k_int, k_scale, v8, v_scale))
     score_scale = torch.tensor(sm_scale * LOG2E, dtype=torch.float32)
-    rows = torch.arange(n_q, device=q.device)[:, None] + (n_k - n_q)  # bottom-right causal alignment
 
-    m = torch.full((b, h, n_q, 1), float("-inf"), dtype=torch.float32, device=q.device)
-    denom = torch.zeros((b, h, n_q, 1), dtype=torch.float32, device=q.device)
-    acc = torch.zeros((b, h, n_q, d), dtype=torch.float32, device=q.device)
-    for start in range(0, n_k, K_BLOCK):
-        stop = min(n_k, start + K_BLOCK)
-        r0 = max(0, start - (n_k - n_q)) if causal else 0  # rows that see none of this block stay as they are
-        if r0 >= n_q:
-            break
-        rq = slice(r0, n_q)
-        s = torch.matmul(q_int[:, :, rq], k_int[:, :, start:stop].transpose(-1, -2))  # exact: |sum| < 2**24
-        s = s * (score_scale * (q_scale[:, :, rq, None] * k_scale[:, :, None, start:stop]))
-        if causal or mask is not None:
-            keep = torch.arange(start, stop, device=q.device)[None, :] <= rows[rq] if causal else None
-            if mask is not None:
-                block_mask = mask[..., rq, start:stop] if mask.shape[-2] == n_q else mask[..., start:stop]
-                keep = block_mask if keep is None else (block_mask & keep)
-            s = s.masked_fill(~keep, float("-inf"))
-        m_old = m[:, :, rq]
-        m_new = torch.maximum(m_old, s.amax(dim=-1, keepdim=True) - S_FP8_OFFSET)
-        m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
-        p = torch.exp2(s - m_safe)  # in (0, 448]
-        alpha = torch.exp2(torch.where(torch.isfinite(m_old), m_old - m_safe, torch.full_like(m_old, float("-inf"))))
-        denom[:, :, rq] = denom[:, :, rq] * alpha + p.sum(dim=-1, keepdim=True)
-        acc[:, :, rq] = acc[:, :, rq] * alpha + torch.matmul(to_e4m3(p), v8[:, :, start:stop])
-        m[:, :, rq] = m_new
+    def scores(rows: slice, start: int, stop: int) -> torch.Tensor:
+        s = torch.matmul(q_int[:, :, rows], k_int[:, :, start:stop].transpose(-1, -2))  # exact: |sum| < 2**24
+        return s * (score_scale * (q_scale[:, :, rows, None] * k_scale[:, :, None, start:stop]))
+
+    def block_pv(p: torch.Tensor, start: int, stop: int) -> torch.Tensor:  # P in (0, 448], in e4m3; summed in fp32
+        return torch.matmul(to_e4m3(p), v8[:, :, start:stop])
+
+    acc, denom = online_softmax(scores, block_pv, (b, h, n_q, d), n_k, K_BLOCK, causal=causal, mask=mask, device=q.device,
+                                max_offset=S_FP8_OFFSET)
     out = acc / torch.where(denom > 0, denom, torch.ones_like(denom)) * v_scale
     return out.to(out_dtype)

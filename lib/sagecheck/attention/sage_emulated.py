@@ -45,6 +45,7 @@ from __future__ import annotations
 import torch
 
 from sagecheck.attention.baseline import check_shapes, expand_kv
+from sagecheck.attention.blockwise import online_softmax
 
 EMULATED_VERSION = "1.0.6"
 BLOCK_Q = 128  # quant_per_block.py: BLKQ
@@ -99,35 +100,14 @@ def sage_emulated(
     q_scale_rows = q_scale.repeat_interleave(BLOCK_Q, dim=2)[:, :, :n_q, None]
     k_int, v16 = expand_kv(k_int, h), expand_kv(v16, h)
     k_scale = expand_kv(k_scale, h)
-    rows = torch.arange(n_q, device=q.device)[:, None] + (n_k - n_q)  # bottom-right causal alignment
 
-    m = torch.full((b, h, n_q, 1), float("-inf"), dtype=torch.float32, device=q.device)
-    l = torch.zeros((b, h, n_q, 1), dtype=torch.float32, device=q.device)
-    acc = torch.zeros((b, h, n_q, d), dtype=torch.float32, device=q.device)
-    for j, start in enumerate(range(0, n_k, BLOCK_K)):
-        stop = min(n_k, start + BLOCK_K)
-        # causal: the query rows before the block's first key see none of it; for them the block changes nothing
-        # (score -inf: m, l and acc stay as they are, exactly), so only the rows from r0 on are computed
-        r0 = max(0, start - (n_k - n_q)) if causal else 0
-        if r0 >= n_q:
-            break
-        rows_q = slice(r0, n_q)
-        s = torch.matmul(q_int[:, :, rows_q], k_int[:, :, start:stop].transpose(-1, -2))  # exact: |sum| < 2**24
-        s = s * q_scale_rows[:, :, rows_q] * k_scale[:, :, j, None, None]
-        if causal or mask is not None:  # masks built per key block: a full n_q x n_k mask would not fit at 32k
-            block_keep = torch.arange(start, stop, device=q.device)[None, :] <= rows[rows_q] if causal else None
-            if mask is not None:
-                block_mask = mask[..., rows_q, start:stop] if mask.shape[-2] == n_q else mask[..., start:stop]
-                block_keep = block_mask if block_keep is None else (block_mask & block_keep)
-            s = s.masked_fill(~block_keep, float("-inf"))
-        m_old = m[:, :, rows_q]
-        m_new = torch.maximum(m_old, s.amax(dim=-1, keepdim=True))
-        m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
-        p = torch.exp2(s - m_safe)
-        alpha = torch.exp2(torch.where(torch.isfinite(m_old), m_old - m_safe, torch.full_like(m_old, float("-inf"))))
-        l[:, :, rows_q] = l[:, :, rows_q] * alpha + p.sum(dim=-1, keepdim=True)
-        pv = torch.matmul(p.to(torch.float16).float(), v16[:, :, start:stop].float())
-        acc[:, :, rows_q] = acc[:, :, rows_q] * alpha + pv.to(torch.float16).float()
-        m[:, :, rows_q] = m_new
+    def scores(rows: slice, start: int, stop: int) -> torch.Tensor:
+        s = torch.matmul(q_int[:, :, rows], k_int[:, :, start:stop].transpose(-1, -2))  # exact: |sum| < 2**24
+        return s * q_scale_rows[:, :, rows] * k_scale[:, :, start // BLOCK_K, None, None]
+
+    def block_pv(p: torch.Tensor, start: int, stop: int) -> torch.Tensor:  # P in fp16; the block's product in fp16
+        return torch.matmul(p.to(torch.float16).float(), v16[:, :, start:stop].float()).to(torch.float16).float()
+
+    acc, l = online_softmax(scores, block_pv, (b, h, n_q, d), n_k, BLOCK_K, causal=causal, mask=mask, device=q.device)
     out = acc / torch.where(l > 0, l, torch.ones_like(l))
     return out.to(out_dtype)

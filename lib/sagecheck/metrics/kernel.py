@@ -119,7 +119,7 @@ def run_shape(shape: Shape, device: torch.device, seed: int, kernel_available: b
 def likely_cause(row: dict[str, Any]) -> tuple[str, str]:
     """Our reading of why the kernel and its emulation disagree at this shape: a short tag for the table
     and the explanation, which the notebook states once per tag."""
-    if row.get("emulation", "sage-emulated") == "sage-emulated" and not row["causal"] and row["n_k"] % 64:
+    if emulation_of(row) == "sage-emulated" and not row["causal"] and row["n_k"] % 64:
         return ("key padding: n_k not a multiple of 64",
                 "the non-causal 1.0.6 kernel loads the keys missing from its last 64-key block as zeros and lets them into "
                 "the softmax denominator with score 0 (attn_qk_int8_per_block.py masks their loads, not their scores); "
@@ -152,7 +152,7 @@ def emulation_of(row: dict[str, Any]) -> str:
 
 def emulation_under_test(covered: tuple[str | None, str, dict[str, Any]] | None, candidate: str) -> str:
     """The emulation 08 compares the kernel with and judges: the one that reproduces the kernel that ran
-    (:func:`emulation_covers_kernel`); where no kernel ran, the run's candidate if it is an emulation, else 1.0.6's."""
+    (:func:`probe_kernel_emulation`); where no kernel ran, the run's candidate if it is an emulation, else 1.0.6's."""
     if covered is not None and covered[0]:
         return covered[0]
     return candidate if candidate in EMULATIONS else "sage-emulated"
@@ -197,7 +197,7 @@ def shape_kind(row: dict[str, Any]) -> str:
     return "decode" if row["n_q"] == 1 else "chunk"
 
 
-def emulation_covers_kernel() -> tuple[str | None, str, dict[str, Any]]:
+def probe_kernel_emulation() -> tuple[str | None, str, dict[str, Any]]:
     """(the emulation that reproduces what the selected sageattention entry point dispatched to or None, why, the
     kernel's description), probed once (:func:`sagecheck.attention.sage_kernel.emulation_for`)."""
     from sagecheck.attention import sage_kernel
@@ -211,7 +211,7 @@ def agreement(rows: list[dict[str, Any]], threshold: float, covered: tuple[str |
     """Where the kernel ran: the shapes where it disagrees with its emulation by more than ``threshold``
     (relative L2), and over the others the smallest ratio kernel-vs-reference / kernel-vs-emulation
     (a right kernel sits much closer to its emulation than to the reference). Where the emulation does not reproduce
-    the kernel's scheme (``covered``: see :func:`emulation_covers_kernel`), nothing is flagged and the kernel is judged
+    the kernel's scheme (``covered``: see :func:`probe_kernel_emulation`), nothing is flagged and the kernel is judged
     against float64 only (``not_emulated`` says why)."""
     ran = [r for r in rows if r.get("sage_status") == "ok"]
     if covered is not None and not covered[0]:
