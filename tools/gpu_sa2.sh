@@ -1,30 +1,66 @@
 #!/usr/bin/env bash
-# SageAttention 2 next to 1.0.6 on a Hopper GPU machine with the offline SGLang kit (../shared/sglang-kit): build SA2 from
-# a source tree of thu-ml/SageAttention (../shared/sageattention2/build.sh, ~2 min, kept in /tmp/sa2 while the machine
-# lives), record which kernel each package's sageattn dispatches to (sagecheck.attention.sage_kernel's probe), and run 00
-# and 08 (the kernel notebook) on the built-in GPU preset with each.
+# SageAttention 2 next to 1.0.6 on a Hopper GPU machine with the offline SGLang kit (../shared/sglang-kit). SA2 is built
+# from a source tree of thu-ml/SageAttention (../shared/sageattention2/build.sh, ~2 min) into /tmp/sa2, or unpacked from
+# the libraries an earlier call brought back (OUT/sa2.tgz, carried as .sa2build/sa2.tgz). `sa2 CMD` runs CMD with SA2
+# shadowing the kit's 1.0.6; SGLang servers started from it inherit that path, so sage_attn serves with SA2 (its
+# prefill on sageattn, padded per group: SAGE_ATTN_PREFILL=auto).
 #
-#   tools/gpu_sa2.sh KIT.tar.xz SA2_SRC BUILD_SH OUT build   # build SA2, probe both, 00+08 with 1.0.6
-#   tools/gpu_sa2.sh KIT.tar.xz SA2_SRC BUILD_SH OUT v2      # 00+08 with SA2 (auto, then its Triton FP16 P.V kernel), compare
+#   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT check    # SA2's kernel tests, 00+08 with SA2, 08 vs do_bench, code paths with SA2
+#   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT serve8b  # start (in the background) the 8B-shape SGLang run with SA2, then with 1.0.6
+#   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT wait8b   # wait for them (at most ~9 min per call), pack what is there
+#   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT v2       # 00+08 with 1.0.6, SA2 auto and SA2's Triton kernel, compare
 set -u
 kit=${1:?kit}; src=${2:?sa2 source}; build=${3:?build.sh}; out=${4:?out}; phase=${5:?phase}
 site=/tmp/sgl-site
 [ -f $site/.unpacked ] || { mkdir -p $site && xz -dc "$kit" | tar -x -C $site && touch $site/.unpacked; }
-export PYTHONPATH=$site:$PWD/lib JUPYTER_PATH=$site/share/jupyter PATH=$site/bin:$PATH PYTHONUNBUFFERED=1
+meta=/tmp/sagecheck-meta/sagecheck-0.1.0.dist-info  # sagecheck's plugin entry point for a checkout that is not installed
+mkdir -p $meta && printf 'Metadata-Version: 2.1\nName: sagecheck\nVersion: 0.1.0\n' > $meta/METADATA \
+  && printf '[sglang.srt.plugins]\nsage_attn = sagecheck.sglang_plugin:register\n' > $meta/entry_points.txt
+export PYTHONPATH=$site:/tmp/sagecheck-meta:$PWD/lib JUPYTER_PATH=$site/share/jupyter PATH=$site/bin:$PATH PYTHONUNBUFFERED=1
 mkdir -p "$out"
-probe() { python3 -c "import json; from sagecheck.attention import sage_kernel as s; print(json.dumps(s.kernel_info(probe=True), indent=1))"; }
 sa2() { PYTHONPATH=/tmp/sa2:$PYTHONPATH "$@"; }
+ensure_sa2() {
+  [ -f /tmp/sa2/.built ] && return
+  if [ -f .sa2build/sa2.tgz ]; then mkdir -p /tmp/sa2 && tar -xzf .sa2build/sa2.tgz -C /tmp/sa2 && touch /tmp/sa2/.built; return; fi
+  t0=$(date +%s); bash "$build" "$src" /tmp/sa2 > "$out/build.txt" 2>&1 && touch /tmp/sa2/.built
+  echo "build: $(( $(date +%s) - t0 )) s" | tee -a "$out/build.txt"
+  tar -C /tmp/sa2 -czf "$out/sa2.tgz" --exclude='*.o' --exclude=build sageattention
+}
+step() { echo "== $(date +%T) $*"; }
 case $phase in
-  build)
-    if [ ! -f /tmp/sa2/.built ]; then
-      t0=$(date +%s); bash "$build" "$src" /tmp/sa2 > "$out/build.txt" 2>&1 && touch /tmp/sa2/.built
-      echo "build: $(( $(date +%s) - t0 )) s" | tee -a "$out/build.txt"
-    fi
-    probe > "$out/probe_v1.json" 2>&1; sa2 probe > "$out/probe_v2.json" 2>&1
-    python3 -m sagecheck run --params params/builtin-gpu.yaml --only 00,08 --out /tmp/run_v1 -q > "$out/run_v1.log" 2>&1
-    tar -C /tmp -czf "$out/run_v1.tgz" run_v1;;
+  check)
+    ensure_sa2
+    step "kernel tests with SA2"; sa2 python3 -m pytest -q -m gpu -s tests/test_sglang_plugin.py -p no:cacheprovider 2>&1 | tail -25
+    step "00+08 with SA2"; sa2 python3 -m sagecheck run --params params/builtin-gpu.yaml --only 00,08 --out /tmp/run_v2 -q > /tmp/run_v2.log 2>&1
+    tail -3 /tmp/run_v2.log; python3 -c "import json; d=json.load(open('/tmp/run_v2/results/08_kernel.json')); [print(v['id'], v['passed'], v['value'], v['detail'][:300]) for v in d['verdicts']]"
+    step "08 vs do_bench"; sa2 python3 benchmarks/kernel_do_bench.py /tmp/run_v2 --out /tmp/run_v2/do_bench.json
+    step "code paths with SA2"
+    PYTHONPATH=$PWD/tests/faults/site:/tmp/sa2:$PYTHONPATH python3 tests/faults/gpu_code_paths.py \
+      --params params/sglang-builtin-gpu.yaml --out /tmp/cp --variants sage_attn,sage_attn_prefix_fault 2>&1 | tail -40
+    grep -h '"kernel"\|"prefill"' /tmp/cp/logs-tp1/*/sage_attn-stats-*/rank*.json 2>/dev/null | sort | uniq
+    step "done"
+    cp -r /tmp/cp /tmp/run_v2/code_paths 2>/dev/null
+    tar -C /tmp -czf "$out/check.tgz" --exclude='*.safetensors' run_v2 run_v2.log;;
+  serve8b)
+    ensure_sa2
+    cat > /tmp/serve8b.sh <<EOF
+cd $PWD
+sa2() { PYTHONPATH=/tmp/sa2:\$PYTHONPATH "\$@"; }
+echo "v2 start \$(date +%T)"; sa2 python3 -m sagecheck run --params params/sglang-llama8b-random.yaml --out /tmp/r8b_v2 -q > /tmp/r8b_v2.log 2>&1
+echo "v1 start \$(date +%T)"; python3 -m sagecheck run --params params/sglang-llama8b-random.yaml --out /tmp/r8b_v1 -q > /tmp/r8b_v1.log 2>&1
+echo "compare \$(date +%T)"; python3 -m sagecheck compare /tmp/r8b_v1 /tmp/r8b_v2 --out /tmp/r8b_compare > /tmp/r8b_compare.log 2>&1
+echo "done \$(date +%T)"; touch /tmp/serve8b.done
+EOF
+    setsid bash /tmp/serve8b.sh > /tmp/serve8b.log 2>&1 < /dev/null &
+    echo "started (pid $!)";;
+  wait8b)
+    t0=$(date +%s)
+    while [ ! -f /tmp/serve8b.done ] && [ $(( $(date +%s) - t0 )) -lt ${WAIT_S:-540} ]; do sleep 5; done
+    cat /tmp/serve8b.log; tail -2 /tmp/r8b_v2.log /tmp/r8b_v1.log 2>/dev/null
+    tar -C /tmp -czf "$out/r8b.tgz" --exclude='random-model' --exclude='*.safetensors' r8b_v2 r8b_v1 r8b_compare \
+      r8b_v2.log r8b_v1.log r8b_compare.log serve8b.log 2>/dev/null;;
   v2)
-    [ -f /tmp/sa2/.built ] || { bash "$build" "$src" /tmp/sa2 > "$out/build.txt" 2>&1 && touch /tmp/sa2/.built; }
+    ensure_sa2
     python3 -m sagecheck run --params params/builtin-gpu.yaml --only 00,08 --out /tmp/run_v1 -q > "$out/run_v1.log" 2>&1
     sa2 python3 -m sagecheck run --params params/builtin-gpu.yaml --only 00,08 --out /tmp/run_v2 -q > "$out/run_v2.log" 2>&1
     sa2 python3 -m sagecheck run --params params/builtin-gpu.yaml -p sage_kernel=sageattn_qk_int8_pv_fp16_triton --only 00,08 \

@@ -92,6 +92,10 @@ class SGLangServer(_Section):
     sage_attn_decode: Literal["triton", "sage"] = Field(
         "triton", description="decode of sagecheck's sage_attn backend (SAGE_ATTN_DECODE): the baseline's Triton kernel "
                               "(CUDA graphs) or sageattention's (needs disable_cuda_graph)")
+    sage_attn_prefill: Literal["auto", "varlen", "batched"] = Field(
+        "auto", description="prefill of sagecheck's sage_attn backend (SAGE_ATTN_PREFILL): sageattn_varlen on the packed batch, "
+                            "sageattn on the batch padded per group of similar lengths (reaches SageAttention 2's Hopper FP8 "
+                            "kernel), or auto: batched with SageAttention 2, varlen with 1.0.6")
     disable_cuda_graph: bool = Field(False, description="--disable-cuda-graph")
     context_length: Optional[int] = Field(None, ge=16, description="--context-length")
     extra_args: list[str] = Field(default_factory=list, description="more server arguments, passed as given")

@@ -3,7 +3,9 @@
 Wrapped so that it keeps the registry's contract:
 
 * the caller's tensors are never changed: ``sageattn`` 1.0.6 smooths K *in place*
-  (``core.py``: ``k -= km``), which would corrupt a KV cache; we pass a copy of K;
+  (``core.py``: ``k -= km``), which would corrupt a KV cache; we pass it a copy of K. SageAttention 2
+  hands the mean to its quantization kernels and leaves K alone (08 checks the raw kernel's inputs),
+  so it gets K itself: a copy would add a memory pass to every timed call;
 * causal attention with a query shorter than the keys (chunked prefill) and boolean
   masks are not supported by the kernel: :class:`UnsupportedCall`, so that the caller
   can fall back to the baseline (and count it). A single query (decode) attends to
@@ -134,6 +136,9 @@ def load_kernel():
             f"attention 'sage' needs a CUDA GPU, and this machine has none (torch {torch.__version__}); {CPU_ALTERNATIVE}"
         )
     sageattn = entry_point()
+    from sagecheck.environment import sageattention_package
+
+    smooths_in_place = sageattention_package()["generation"] == 1
 
     def sage(q, k, v, *, causal: bool = False, scale: float | None = None, mask: torch.Tensor | None = None, smooth_k: bool = True):
         b, h, h_kv, n_q, n_k, d = check_shapes(q, k, v, causal)
@@ -147,8 +152,8 @@ def load_kernel():
             if n_q != 1:
                 raise UnsupportedCall("the sage kernel has no causal mask for a query shorter than the keys")
             causal = False  # one query at the end of the sequence sees every key
-        if smooth_k:
-            k = k.clone()  # sageattn subtracts the mean from k in place
+        if smooth_k and smooths_in_place:
+            k = k.clone()  # sageattn 1.0.6 subtracts the mean from k in place
         return sageattn(q, k, v, tensor_layout="HND", is_causal=causal, sm_scale=scale, smooth_k=smooth_k)
 
     return sage

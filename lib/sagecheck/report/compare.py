@@ -291,7 +291,7 @@ def memory_rows(run: Run) -> list[dict[str, Any]] | None:
 
 
 ENGINE_BACKENDS = ("engine", "baseline", "candidate", "sglang_baseline_backend", "sglang_attention_backend",
-                   "sglang.sage_attn_decode", "candidate_phases")
+                   "sglang.sage_attn_decode", "sglang.sage_attn_prefill", "candidate_phases")
 SECTIONS = (
     Section("throughput", "04_throughput", key=("batch", "input_length"),
             values=("prefill_speedup", "prefill_speedup_p10", "prefill_speedup_p90", "decode_speedup", "decode_speedup_p10",

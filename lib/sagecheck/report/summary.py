@@ -59,8 +59,9 @@ def commit_label(git: dict[str, Any]) -> str:
 def compared(p: dict[str, Any]) -> str:
     """What was compared, in the engine's own names: SGLang's --attention-backend names, or the in-process implementations."""
     if p.get("engine") == "sglang":
-        decode = (p.get("sglang") or {}).get("sage_attn_decode", "?")
-        extra = f"; sage_attn decode on {decode}" if p.get("sglang_attention_backend") == "sage_attn" else ""
+        sglang = p.get("sglang") or {}
+        extra = (f"; sage_attn prefill {sglang.get('sage_attn_prefill', 'varlen')}, decode on {sglang.get('sage_attn_decode', '?')}"
+                 if p.get("sglang_attention_backend") == "sage_attn" else "")
         return (f"SGLang --attention-backend `{p.get('sglang_baseline_backend', '?')}` (baseline) vs "
                 f"`{p.get('sglang_attention_backend', '?')}` (candidate{extra})")
     phases = ", ".join(p.get("candidate_phases", [])) or "?"

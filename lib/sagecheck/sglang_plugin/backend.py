@@ -2,11 +2,14 @@
 
 What runs where:
 
-* **Prefill / extend** (``ForwardMode.EXTEND``): sageattention's varlen kernel, causal, for
-  every request of the batch, with or without a cached prefix (radix cache hit, chunked
-  prefill): :func:`sagecheck.sglang_plugin.varlen.extend_attention`. The new K/V are written
-  to SGLang's cache first, exactly as the Triton backend writes them; the cache is then only
-  read (prefix keys are gathered into a new tensor, smoothing is out of place).
+* **Prefill / extend** (``ForwardMode.EXTEND``): sageattention, causal, for every request of
+  the batch, with or without a cached prefix (radix cache hit, chunked prefill), each request
+  packed as its whole sequence (:func:`sagecheck.sglang_plugin.varlen.extend_with`). Which
+  function (``SAGE_ATTN_PREFILL``, :mod:`.settings`): ``sageattn_varlen`` on the packed batch
+  (:mod:`.varlen`; 1.0.6's default), or ``sageattn`` on the batch padded per group of similar
+  lengths (:mod:`.batched`; SageAttention 2's default, which reaches its Hopper FP8 kernel). The
+  new K/V are written to SGLang's cache first, exactly as the Triton backend writes them; the
+  cache is then only read (prefix keys are gathered into a new tensor, smoothing is out of place).
 * **Decode**: ``SAGE_ATTN_DECODE=triton`` (default) runs the Triton backend's decode, CUDA
   graphs included: nothing of this class runs inside a captured graph, so a replay cannot
   read stale metadata of ours. ``SAGE_ATTN_DECODE=sage`` runs
@@ -36,15 +39,30 @@ from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
-from sagecheck.environment import package_version
+from sagecheck.environment import package_version, sageattention_package
+import sagecheck.sglang_plugin.batched as batched
 from sagecheck.sglang_plugin.settings import NAME
 from sagecheck.sglang_plugin.preflight import check_decode_mode, decode_graphs_enabled
 from sagecheck.sglang_plugin.settings import INSTEAD, SageAttnUnavailable, Settings
 from sagecheck.sglang_plugin.stats import Stats
-from sagecheck.sglang_plugin.varlen import ExtendLayout, decode_attention, extend_attention, extend_lengths, load_kernel
+from sagecheck.sglang_plugin.varlen import (ExtendLayout, decode_attention, extend_attention, extend_lengths, extend_with,
+                                            load_kernel)
 
-KERNEL = "sageattn_varlen: per-block INT8 Q·K, FP16 P·V (Triton)"
-HEAD_DIMS = (64, 128)  # sageattn_varlen asserts these
+VARLEN_KERNEL = "sageattn_varlen: per-block INT8 Q·K, FP16 P·V (Triton)"
+HEAD_DIMS = (64, 128)  # sageattn_varlen asserts these; sageattn pads others, which we do not serve
+
+
+def batched_kernel_name(device: torch.device) -> str:
+    """What ``sageattn`` runs on this GPU, measured once (sagecheck.attention.sage_kernel's probe: the functions of
+    ``sageattention.core`` one small call went through)."""
+    from sagecheck.attention import sage_kernel
+
+    try:
+        probe = sage_kernel.dispatch_probe(device)
+    except Exception as e:  # noqa: BLE001 - a failed probe is reported, the kernel's own errors surface in serving
+        return f"sageattn (probe failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    kw = ", ".join(f"{k}={v}" for k, v in probe["kernel_kwargs"].items())
+    return f"sageattn -> {probe['kernel']}" + (f" ({kw})" if kw else "") + ", padded per group of similar lengths"
 
 
 def check_serveable(device: torch.device, head_dim: int, v_head_dim: int, use_mla: bool, model_dtype: torch.dtype,
@@ -74,7 +92,9 @@ def check_serveable(device: torch.device, head_dim: int, v_head_dim: int, use_ml
 class SageAttnBackend(TritonAttnBackend):
     def __init__(self, model_runner: Any) -> None:
         self.settings = Settings.from_env()
-        self.kernel = load_kernel()
+        self.kernel = load_kernel()  # sageattn_varlen: varlen prefill and kernel decode
+        self.prefill = self.settings.prefill_path(sageattention_package()["generation"])
+        self.batched_kernel = batched.load_kernel() if self.prefill == "batched" else None
         super().__init__(model_runner)
         if getattr(self, "dcp_size", 1) > 1:
             raise SageAttnUnavailable(f"{NAME}: decode context parallelism (dcp size {self.dcp_size}) is not supported; {INSTEAD}")
@@ -85,7 +105,9 @@ class SageAttnBackend(TritonAttnBackend):
                         decode_graphs_enabled(model_runner.server_args))
         tp_rank = getattr(model_runner, "tp_rank", 0)
         self.stats = Stats(self.settings.stats_dir, {
-            "backend": NAME, "kernel": KERNEL, "sageattention_version": package_version("sageattention"),
+            "backend": NAME, "prefill": self.prefill,
+            "kernel": VARLEN_KERNEL if self.prefill == "varlen" else batched_kernel_name(device),
+            "sageattention_version": package_version("sageattention") or sageattention_package()["version"],
             "sagecheck_version": package_version("sagecheck"), "decode": self.settings.decode,
             "decode_cuda_graphs": decode_graphs_enabled(model_runner.server_args),
             "tp_rank": tp_rank, "tp_size": getattr(model_runner, "tp_size", 1),
@@ -96,6 +118,7 @@ class SageAttnBackend(TritonAttnBackend):
         # decode on the kernel reads each request's length on the host (the Triton backend opts out of that copy)
         self.needs_cpu_seq_lens = self.settings.decode == "sage"
         self._layout: ExtendLayout | None = None
+        self._groups: list[batched.PaddedGroup] = []
         self._batch_fallback: str | None = None
 
     # ------------------------------------------------------------------ metadata
@@ -107,6 +130,11 @@ class SageAttnBackend(TritonAttnBackend):
         if mode == ForwardMode.EXTEND:
             prefix, extend = extend_lengths(forward_batch)
             self._layout = ExtendLayout.build(prefix, extend, self.device)
+            if self.prefill == "batched":
+                self._groups = batched.plan(self._layout.seq_lens, self.device)
+                calls = batched.describe_plan(self._groups)
+                self.stats.count("extend_kernel_calls", calls["calls"])
+                self.stats.count("extend_padded_tokens", calls["padded_tokens"])
             self.stats.count("extend_batches_kernel")
             self.stats.count("extend_tokens_kernel", sum(extend))
             if self._layout.has_prefix:
@@ -169,7 +197,14 @@ class SageAttnBackend(TritonAttnBackend):
             idx = self._prefix_indices(layout)
             k_prefix = self.token_to_kv_pool.get_key_buffer(layer.layer_id)[idx]
             v_prefix = self.token_to_kv_pool.get_value_buffer(layer.layer_id)[idx]
-        out = extend_attention(self.kernel, q3, k3, v3, k_prefix, v_prefix, layout, layer.scaling)
+        if self.prefill == "batched":
+            def attend(q_all: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor) -> torch.Tensor:
+                return batched.causal_attention(self.batched_kernel, q_all, k_all, v_all, layout.seq_lens, self._groups,
+                                                layer.scaling)
+
+            out = extend_with(attend, q3, k3, v3, k_prefix, v_prefix, layout)
+        else:
+            out = extend_attention(self.kernel, q3, k3, v3, k_prefix, v_prefix, layout, layer.scaling)
         return out.reshape(-1, heads * layer.v_head_dim)
 
     # ------------------------------------------------------------------ decode

@@ -9,6 +9,14 @@ environment (the scheduler processes inherit it from ``launch_server``):
     request's cached keys; its wrapper sizes buffers on the host, so it cannot be captured in a
     CUDA graph and needs ``--disable-cuda-graph`` (the server refuses to start otherwise).
     The default is what the measurements favour (benchmarks/sglang_serving.py, README "Against SGLang").
+``SAGE_ATTN_PREFILL``
+    Which sageattention function serves prefill and extend. ``varlen``: ``sageattn_varlen`` on the packed
+    batch (a Triton kernel in both 1.0.6 and SageAttention 2). ``batched``: ``sageattn`` on the batch padded
+    per group of similar lengths (:mod:`.batched`); ``sageattn`` dispatches by GPU, which in SageAttention 2
+    is its INT8 Q·K + FP8 P·V CUDA kernel on Hopper (``sageattn_qk_int8_pv_fp8_cuda_sm90``). ``auto``
+    (default): ``batched`` where the installed sageattention is version 2 (it has kernels by GPU behind
+    ``sageattn``, and none behind ``sageattn_varlen``), else ``varlen`` (1.0.6: the same Triton arithmetic
+    either way, and ``varlen`` pads nothing).
 ``SAGE_ATTN_STATS_DIR``
     A folder where each scheduler process writes what it ran (:mod:`.stats`); unset: nothing is written.
 """
@@ -23,7 +31,9 @@ from typing import Mapping
 NAME = "sage_attn"  # the --attention-backend name the plugin registers
 DECODE_ENV = "SAGE_ATTN_DECODE"
 STATS_ENV = "SAGE_ATTN_STATS_DIR"
+PREFILL_ENV = "SAGE_ATTN_PREFILL"
 DECODE_MODES = ("triton", "sage")
+PREFILL_MODES = ("auto", "varlen", "batched")
 DEFAULT_DECODE = "triton"
 INSTEAD = "serve with --attention-backend triton instead"
 
@@ -36,6 +46,7 @@ class SageAttnUnavailable(RuntimeError):
 class Settings:
     decode: str = DEFAULT_DECODE
     stats_dir: Path | None = None
+    prefill: str = "auto"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -43,5 +54,14 @@ class Settings:
         decode = env.get(DECODE_ENV, "").strip() or DEFAULT_DECODE
         if decode not in DECODE_MODES:
             raise SageAttnUnavailable(f"sage_attn: {DECODE_ENV}={decode!r} is not a decode mode; use one of {', '.join(DECODE_MODES)}")
+        prefill = env.get(PREFILL_ENV, "").strip() or "auto"
+        if prefill not in PREFILL_MODES:
+            raise SageAttnUnavailable(f"sage_attn: {PREFILL_ENV}={prefill!r} is not a prefill mode; use one of {', '.join(PREFILL_MODES)}")
         stats = env.get(STATS_ENV, "").strip()
-        return cls(decode=decode, stats_dir=Path(stats) if stats else None)
+        return cls(decode=decode, stats_dir=Path(stats) if stats else None, prefill=prefill)
+
+    def prefill_path(self, sageattention_generation: int | None) -> str:
+        """``varlen`` or ``batched``: the setting, with ``auto`` resolved by the installed sageattention's generation."""
+        if self.prefill != "auto":
+            return self.prefill
+        return "batched" if (sageattention_generation or 1) >= 2 else "varlen"

@@ -108,8 +108,10 @@ def describe(stats: dict[str, Any] | None) -> str:
     fallbacks = {k.split(":", 1)[1]: v for k, v in c.items() if k.startswith("fallback:")}
     fb = ", ".join(f"{v} {k}" for k, v in sorted(fallbacks.items())) or "none"
     decode = {"triton": "the baseline's Triton decode kernel", "sage": "the sageattention kernel"}.get(cfg.get("decode"), cfg.get("decode"))
+    padded = (f" in {c.get('extend_kernel_calls', 0)} sageattn calls with {c.get('extend_padded_tokens', 0)} padded tokens"
+              if cfg.get("prefill") == "batched" else "")
     return (f"sage_attn ({cfg.get('kernel')}, sageattention {cfg.get('sageattention_version', '?')}): "
-            f"{c.get('extend_batches_kernel', 0)} prefill batches on the kernel, {c.get('extend_batches_with_prefix', 0)} of "
+            f"{c.get('extend_batches_kernel', 0)} prefill batches on the kernel{padded}, {c.get('extend_batches_with_prefix', 0)} of "
             f"them with a cached prefix; fallbacks to the baseline (batches or layer calls): {fb}; decode on {decode} "
             f"({c.get('decode_batches_kernel', 0)} eager steps on the kernel, {c.get('decode_batches_triton', 0)} eager and "
             f"{c.get('decode_graph_replays', 0)} CUDA-graph steps on Triton); "

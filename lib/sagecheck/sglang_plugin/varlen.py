@@ -123,30 +123,43 @@ def varlen(kernel: VarlenKernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return kernel(q, k_smooth, v, cu_q, cu_k, max_q, max_k, is_causal=causal, sm_scale=scale, smooth_k=False)
 
 
-def extend_attention(kernel: VarlenKernel, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
-                     k_prefix: torch.Tensor | None, v_prefix: torch.Tensor | None, layout: ExtendLayout,
-                     scale: float) -> torch.Tensor:
+PackedCausal = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""Causal attention of packed whole sequences over themselves (as many queries as keys): (q, k, v) -> out."""
+
+
+def extend_with(attend: PackedCausal, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                k_prefix: torch.Tensor | None, v_prefix: torch.Tensor | None, layout: ExtendLayout) -> torch.Tensor:
     """Causal attention of the new tokens over their request's prefix and themselves: ``[new tokens, heads, head_dim]``.
 
     ``q``: ``[new tokens, heads, d]``; ``k_new``/``v_new``: ``[new tokens, kv_heads, d]``;
     ``k_prefix``/``v_prefix``: the prefix keys and values read from the cache, ``[prefix tokens, kv_heads, d]``
-    in request order (None when no request has a prefix).
+    in request order (None when no request has a prefix). ``attend`` runs on the whole sequences, packed by
+    ``layout`` (prefix rows get zero queries, computed and dropped), so that every sequence has as many queries
+    as keys, whatever the kernel's causal alignment.
     """
     if not layout.has_prefix:
-        return varlen(kernel, q, k_new, v_new, layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen, layout.max_seqlen,
-                      layout.seq_lens, True, scale)
+        return attend(q, k_new, v_new)
     if k_prefix is None or v_prefix is None or k_prefix.shape[0] != sum(layout.prefix_lens):
         raise ValueError(f"{sum(layout.prefix_lens)} prefix keys expected, got {None if k_prefix is None else k_prefix.shape[0]}")
     total = layout.total
-    q_all = q.new_zeros((total, *q.shape[1:]))  # prefix rows: zero queries, computed and dropped
+    q_all = q.new_zeros((total, *q.shape[1:]))
     q_all[layout.new_pos] = q
     k_all = k_new.new_empty((total, *k_new.shape[1:]))
     v_all = v_new.new_empty((total, *v_new.shape[1:]))
     k_all[layout.new_pos], k_all[layout.prefix_pos] = k_new, k_prefix
     v_all[layout.new_pos], v_all[layout.prefix_pos] = v_new, v_prefix
-    out = varlen(kernel, q_all, k_all, v_all, layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen, layout.max_seqlen,
-                 layout.seq_lens, True, scale)
-    return out[layout.new_pos]
+    return attend(q_all, k_all, v_all)[layout.new_pos]
+
+
+def extend_attention(kernel: VarlenKernel, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                     k_prefix: torch.Tensor | None, v_prefix: torch.Tensor | None, layout: ExtendLayout,
+                     scale: float) -> torch.Tensor:
+    """:func:`extend_with` on ``sageattn_varlen``: one causal call over the packed batch."""
+    def attend(q_all: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor) -> torch.Tensor:
+        return varlen(kernel, q_all, k_all, v_all, layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen,
+                      layout.max_seqlen, layout.seq_lens, True, scale)
+
+    return extend_with(attend, q, k_new, v_new, k_prefix, v_prefix, layout)
 
 
 def decode_attention(kernel: VarlenKernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_k: torch.Tensor,

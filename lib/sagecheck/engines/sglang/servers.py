@@ -109,7 +109,7 @@ def role_env(params: Any, role: str, log_dir: Path) -> dict[str, str]:
     """The sage_attn plugin's settings for the candidate (decode mode, statistics folder); nothing for the others."""
     if role != CANDIDATE:
         return {}
-    return {"SAGE_ATTN_DECODE": params.sglang.sage_attn_decode,
+    return {"SAGE_ATTN_DECODE": params.sglang.sage_attn_decode, "SAGE_ATTN_PREFILL": params.sglang.sage_attn_prefill,
             "SAGE_ATTN_STATS_DIR": str(Path(log_dir) / f"sage_attn-stats-{role}")}
 
 

@@ -1,0 +1,142 @@
+"""A batch of SGLang requests through ``sageattention.sageattn``, which takes batched, not packed, tensors.
+
+SageAttention 2's fast kernels (on Hopper ``sageattn_qk_int8_pv_fp8_cuda_sm90``: INT8 Q·K, FP8 P·V) are
+reached only through ``sageattn(q, k, v, tensor_layout, is_causal, sm_scale, smooth_k)``, whose tensors are
+``[batch, tokens, heads, head_dim]`` ("NHD"): every sequence of a call has the same length. SGLang packs the
+requests of a batch one after the other, each with its own length. This module pads them:
+
+* **Right padding keeps causal attention exact.** With as many queries as keys, the kernel's causal mask lets
+  row ``i`` see keys ``0..i``; a request's real rows come first, so no real row sees a padded key. The padded
+  rows' outputs are dropped. Queries, keys and values of padded rows are zeros, so they raise no quantization
+  scale (each INT8 group's and FP8 channel's scale is a maximum of absolute values). A request that extends a
+  cached prefix is packed as its whole sequence first (:func:`sagecheck.sglang_plugin.varlen.extend_attention`),
+  so it too has as many queries as keys: the same alignment that the varlen path relies on.
+* **Grouping bounds the padding's cost.** One call over the whole batch padded to its longest request would
+  spend the causal work of the longest on every short one. Requests are sorted by length and cut into groups,
+  one ``sageattn`` call each, such that a group's padded causal work (``g·L²``) exceeds its requests' own
+  (``Σ l²``) by at most :data:`MAX_PADDED_WORK` (25%). A batch of equal lengths (the usual benchmark, and
+  SGLang's chunked prefill of one long request) is one call with no padding and no copy.
+* **K is smoothed per request, out of place** (:func:`~sagecheck.sglang_plugin.varlen.smooth_keys`) before
+  padding, and the kernel gets ``smooth_k=False``: its own smoothing would take the mean over the padding too,
+  and the caller's K (SGLang's KV cache) is never written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from sagecheck.sglang_plugin.settings import INSTEAD, SageAttnUnavailable
+from sagecheck.sglang_plugin.varlen import smooth_keys
+
+BatchedKernel = Callable[..., torch.Tensor]  # sageattn's signature
+MAX_PADDED_WORK = 0.25  # a group's padded causal work may exceed its requests' own by this fraction
+
+
+@dataclass
+class PaddedGroup:
+    """Requests that run in one ``sageattn`` call: ``count`` sequences padded to ``length`` tokens.
+
+    ``rows``: the packed rows of the group's tokens, request after request; ``slots``: where each of those rows
+    sits in the flattened ``[count * length]`` padded tensor. ``packed_range``: (first row, end) when the group is
+    a contiguous run of the packed batch with no padding, so that a view replaces the copies.
+    """
+
+    count: int
+    length: int
+    rows: torch.Tensor
+    slots: torch.Tensor
+    packed_range: tuple[int, int] | None
+
+    @property
+    def padded_tokens(self) -> int:
+        return self.count * self.length - int(self.rows.numel())
+
+
+def group_by_length(seq_lens: Sequence[int], max_padded_work: float = MAX_PADDED_WORK) -> list[list[int]]:
+    """Request indices in groups: longest first, a request joins the current group while the group's padded causal
+    work stays within ``1 + max_padded_work`` times its requests' own; else it starts the next group. Within a group,
+    requests keep the packed batch's order."""
+    lens = [int(n) for n in seq_lens]
+    order = sorted(range(len(lens)), key=lambda r: (-lens[r], r))
+    groups: list[list[int]] = []
+    longest = own = 0
+    for r in order:
+        if groups and (len(groups[-1]) + 1) * longest ** 2 <= (1 + max_padded_work) * (own + lens[r] ** 2):
+            groups[-1].append(r)
+            own += lens[r] ** 2
+        else:
+            groups.append([r])
+            longest, own = lens[r], lens[r] ** 2
+    return [sorted(g) for g in groups]
+
+
+def plan(seq_lens: Sequence[int], device: torch.device | str = "cpu",
+         max_padded_work: float = MAX_PADDED_WORK) -> list[PaddedGroup]:
+    """The padded calls for a packed batch of sequences of ``seq_lens`` tokens (built once per batch, used by every
+    layer)."""
+    lens = [int(n) for n in seq_lens]
+    if not lens or any(n < 1 for n in lens):
+        raise ValueError(f"sequence lengths {lens}: at least one request, each at least one token")
+    starts = [0]
+    for n in lens[:-1]:
+        starts.append(starts[-1] + n)
+    groups = []
+    for members in group_by_length(lens, max_padded_work):
+        length = max(lens[r] for r in members)
+        rows = torch.cat([torch.arange(starts[r], starts[r] + lens[r]) for r in members])
+        slots = torch.cat([torch.arange(i * length, i * length + lens[r]) for i, r in enumerate(members)])
+        contiguous = all(lens[r] == length for r in members) and members == list(range(members[0], members[-1] + 1))
+        packed_range = (starts[members[0]], starts[members[0]] + len(members) * length) if contiguous else None
+        groups.append(PaddedGroup(len(members), length, rows.to(device), slots.to(device), packed_range))
+    return groups
+
+
+def _padded(x: torch.Tensor, group: PaddedGroup) -> torch.Tensor:
+    """Rows of packed ``x`` ``[tokens, heads, d]`` as ``[count, length, heads, d]``, zeros in the padding."""
+    if group.packed_range is not None:
+        first, end = group.packed_range
+        return x[first:end].view(group.count, group.length, *x.shape[1:])
+    out = x.new_zeros((group.count * group.length, *x.shape[1:]))
+    out[group.slots] = x[group.rows]
+    return out.view(group.count, group.length, *x.shape[1:])
+
+
+def causal_attention(kernel: BatchedKernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: Sequence[int],
+                     groups: list[PaddedGroup], scale: float) -> torch.Tensor:
+    """Causal attention of each packed sequence over itself (as many queries as keys): ``[tokens, heads, d_v]``.
+
+    ``q``: ``[tokens, heads, d]``, ``k``/``v``: ``[tokens, kv_heads, d]``, packed by ``seq_lens``; ``groups``: from
+    :func:`plan` for the same lengths.
+    """
+    k_smooth = smooth_keys(k, seq_lens)
+    out = q.new_empty((q.shape[0], q.shape[1], v.shape[-1]))
+    for group in groups:
+        o = kernel(_padded(q, group).contiguous(), _padded(k_smooth, group).contiguous(), _padded(v, group).contiguous(),
+                   tensor_layout="NHD", is_causal=True, sm_scale=scale, smooth_k=False)
+        o = o.reshape(group.count * group.length, *o.shape[2:])
+        if group.packed_range is not None:
+            first, end = group.packed_range
+            out[first:end] = o
+        else:
+            out[group.rows] = o[group.slots]
+    return out
+
+
+def load_kernel() -> BatchedKernel:
+    """``sageattention.sageattn`` (it dispatches by GPU), or :class:`SageAttnUnavailable` saying how to get it."""
+    try:
+        from sageattention import sageattn
+    except ImportError as e:
+        raise SageAttnUnavailable(
+            f"sage_attn: the sageattention package cannot be imported ({e}); install sageattention (1.0.6 from PyPI, or "
+            f"SageAttention 2 built from source for its Hopper kernels), or {INSTEAD}"
+        ) from None
+    return sageattn
+
+
+def describe_plan(groups: list[PaddedGroup]) -> dict[str, Any]:
+    """Counts for the statistics: kernel calls and padded tokens of one batch."""
+    return {"calls": len(groups), "padded_tokens": sum(g.padded_tokens for g in groups)}
