@@ -39,7 +39,7 @@ from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
-from sagecheck.environment import package_version, sageattention_package
+from sagecheck.environment import package_version, sageattention_label, sageattention_package
 import sagecheck.sglang_plugin.batched as batched
 from sagecheck.sglang_plugin.settings import NAME
 from sagecheck.sglang_plugin.preflight import check_decode_mode, decode_graphs_enabled
@@ -107,7 +107,7 @@ class SageAttnBackend(TritonAttnBackend):
         self.stats = Stats(self.settings.stats_dir, {
             "backend": NAME, "prefill": self.prefill,
             "kernel": VARLEN_KERNEL if self.prefill == "varlen" else batched_kernel_name(device),
-            "sageattention_version": package_version("sageattention") or sageattention_package()["version"],
+            "sageattention_version": sageattention_label(),  # the importable one (a source build of 2 shadows 1.0.6)
             "sagecheck_version": package_version("sagecheck"), "decode": self.settings.decode,
             "decode_cuda_graphs": decode_graphs_enabled(model_runner.server_args),
             "tp_rank": tp_rank, "tp_size": getattr(model_runner, "tp_size", 1),
