@@ -8,7 +8,8 @@ not the story. It also times the raw ``sageattn`` call next to sagecheck's wrapp
 
     PYTHONPATH=lib python benchmarks/kernel_do_bench.py RUN_DIR [--lengths 4096,16384] [--out probe.json]
 
-Exit status 1 where a shape of 08 and the probe disagree by more than the tolerance.
+Exit status 1 where the kernel's ('sage') TOPS of 08 and the probe's disagree by more than the tolerance at a shape; sdpa's
+are printed beside them.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def main() -> int:
             raw_ms = triton.testing.do_bench(lambda: raw(q, k, v, tensor_layout="HND", is_causal=r["causal"]), warmup=100, rep=500, return_mode="median")
             row["tops_raw_sageattn"] = round(f / raw_ms / 1e9, 1)
         row["ratio_08_over_do_bench"] = round(row["tops_08"] / row["tops_do_bench"], 3)
-        worst = max(worst, abs(row["ratio_08_over_do_bench"] - 1))
+        if r["implementation"] == "sage":  # the bar is the kernel's figure; sdpa's is shown beside it
+            worst = max(worst, abs(row["ratio_08_over_do_bench"] - 1))
         rows.append(row)
         q = k = v = None  # noqa: F841 - free the shape's inputs before the next
         torch.cuda.empty_cache()
@@ -71,7 +73,7 @@ def main() -> int:
     for row in rows:
         print("| " + " | ".join(str(row.get(c, "")) for c in cols) + " |")
     verdict = worst <= args.tolerance
-    print(f"largest difference {worst:.1%}: {'within' if verdict else 'OUTSIDE'} {args.tolerance:.0%}")
+    print(f"sage: largest difference {worst:.1%}: {'within' if verdict else 'OUTSIDE'} {args.tolerance:.0%}")
     if args.out:
         args.out.write_text(json.dumps({"rows": rows, "largest_difference": worst, "tolerance": args.tolerance}, indent=1))
     return 0 if verdict else 1

@@ -412,7 +412,12 @@ def test_gpu_the_real_kernel_counts_padded_keys_and_the_backend_corrects_it():
     raw_errors = [rel_l2(raw[i:i + 1].cpu(), out[i:i + 1].cpu()) for i in range(len(seq_lens))]
     print(f"decode rel. L2 vs exact per request {errors}; uncorrected kernel vs corrected {raw_errors}")
     assert max(errors) < 0.04  # 8-bit Q·K on random data: 0.013-0.024 measured on the H100
-    assert raw_errors[0] > 0.05 and raw_errors[1] < 0.01  # 65 keys: 63 padded; 64 keys: none
+    from sagecheck.environment import sageattention_package
+
+    if sageattention_package()["generation"] == 1:
+        assert raw_errors[0] > 0.05 and raw_errors[1] < 0.01  # 65 keys: 63 padded; 64 keys: none
+    else:  # SageAttention 2's varlen kernel masks the padding (H200: 0.0018 at 65 keys); the correction must then cost nothing
+        assert max(raw_errors) < 0.01
 
 
 @pytest.mark.gpu
@@ -451,8 +456,13 @@ def test_gpu_batched_extend_with_prefixes_on_sageattn():
     kp0 = kp.clone()
     layout = V.ExtendLayout.build(prefix, extend, "cuda")
     groups = B.plan(layout.seq_lens, "cuda")
-    out = V.extend_with(lambda qa, ka, va: B.causal_attention(sageattn, qa, ka, va, layout.seq_lens, groups, 128 ** -0.5),
-                        q, k, v, kp, vp, layout)
+    kernel = B.on_default_stream(sageattn)
+    side = torch.cuda.Stream()  # as SGLang runs its forward: not on the default stream
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = V.extend_with(lambda qa, ka, va: B.causal_attention(kernel, qa, ka, va, layout.seq_lens, groups, 128 ** -0.5),
+                            q, k, v, kp, vp, layout)
+    torch.cuda.current_stream().wait_stream(side)
     assert torch.equal(kp, kp0)
     qi = ki = 0
     errors = []

@@ -6,6 +6,7 @@
 # prefill on sageattn, padded per group: SAGE_ATTN_PREFILL=auto).
 #
 #   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT check    # SA2's kernel tests, 00+08 with SA2, 08 vs do_bench, code paths with SA2
+#   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT paths    # SA2's kernel tests and the code paths with SA2 only
 #   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT serve8b  # start (in the background) the 8B-shape SGLang run with SA2, then with 1.0.6
 #   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT wait8b   # wait for them (at most ~9 min per call), pack what is there
 #   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT v2       # 00+08 with 1.0.6, SA2 auto and SA2's Triton kernel, compare
@@ -28,19 +29,21 @@ ensure_sa2() {
 }
 step() { echo "== $(date +%T) $*"; }
 case $phase in
-  check)
+  check|paths)
     ensure_sa2
     step "kernel tests with SA2"; sa2 python3 -m pytest -q -m gpu -s tests/test_sglang_plugin.py -p no:cacheprovider 2>&1 | tail -25
-    step "00+08 with SA2"; sa2 python3 -m sagecheck run --params params/builtin-gpu.yaml --only 00,08 --out /tmp/run_v2 -q > /tmp/run_v2.log 2>&1
-    tail -3 /tmp/run_v2.log; python3 -c "import json; d=json.load(open('/tmp/run_v2/results/08_kernel.json')); [print(v['id'], v['passed'], v['value'], v['detail'][:300]) for v in d['verdicts']]"
-    step "08 vs do_bench"; sa2 python3 benchmarks/kernel_do_bench.py /tmp/run_v2 --out /tmp/run_v2/do_bench.json
+    if [ "$phase" = check ]; then
+      step "00+08 with SA2"; sa2 python3 -m sagecheck run --params params/builtin-gpu.yaml --only 00,08 --out /tmp/run_v2 -q > /tmp/run_v2.log 2>&1
+      tail -3 /tmp/run_v2.log; python3 -c "import json; d=json.load(open('/tmp/run_v2/results/08_kernel.json')); [print(v['id'], v['passed'], v['value'], v['detail'][:300]) for v in d['verdicts']]"
+      step "08 vs do_bench"; sa2 python3 benchmarks/kernel_do_bench.py /tmp/run_v2 --out /tmp/run_v2/do_bench.json
+    fi
     step "code paths with SA2"
     PYTHONPATH=$PWD/tests/faults/site:/tmp/sa2:$PYTHONPATH python3 tests/faults/gpu_code_paths.py \
       --params params/sglang-builtin-gpu.yaml --out /tmp/cp --variants sage_attn,sage_attn_prefix_fault 2>&1 | tail -40
     grep -h '"kernel"\|"prefill"' /tmp/cp/logs-tp1/*/sage_attn-stats-*/rank*.json 2>/dev/null | sort | uniq
     step "done"
-    cp -r /tmp/cp /tmp/run_v2/code_paths 2>/dev/null
-    tar -C /tmp -czf "$out/check.tgz" --exclude='*.safetensors' run_v2 run_v2.log;;
+    mkdir -p /tmp/run_v2 && cp -r /tmp/cp /tmp/run_v2/code_paths 2>/dev/null
+    tar -C /tmp -czf "$out/$phase.tgz" --exclude='*.safetensors' run_v2 $( [ -f /tmp/run_v2.log ] && echo run_v2.log);;
   serve8b)
     ensure_sa2
     cat > /tmp/serve8b.sh <<EOF

@@ -16,6 +16,12 @@ requests of a batch one after the other, each with its own length. This module p
   one ``sageattn`` call each, such that a group's padded causal work (``g·L²``) exceeds its requests' own
   (``Σ l²``) by at most :data:`MAX_PADDED_WORK` (25%). A batch of equal lengths (the usual benchmark, and
   SGLang's chunked prefill of one long request) is one call with no padding and no copy.
+* **SageAttention 2's CUDA kernels run on the default stream.** They are launched as ``kernel<<<grid, block,
+  smem>>>`` with no stream (``csrc/qattn/qk_int_sv_f8_cuda_sm90.cu``, ``csrc/fused/fused.cu`` at d1a57a5), so on
+  the legacy default stream, while SGLang runs its forward (and the eager breaks of its prefill CUDA graphs) on
+  streams of its own, which do not wait for it: unordered, the attention read inputs not yet written and the
+  allocator handed out memory it still used (measured: a device-side index assert while SGLang captured its
+  prefill graphs). :func:`on_default_stream` runs each call on the default stream between two waits.
 * **K is smoothed per request, out of place** (:func:`~sagecheck.sglang_plugin.varlen.smooth_keys`) before
   padding, and the kernel gets ``smooth_k=False``: its own smoothing would take the mean over the padding too,
   and the caller's K (SGLang's KV cache) is never written.
@@ -125,6 +131,29 @@ def causal_attention(kernel: BatchedKernel, q: torch.Tensor, k: torch.Tensor, v:
     return out
 
 
+def on_default_stream(kernel: BatchedKernel) -> BatchedKernel:
+    """``kernel`` run on the device's default stream, ordered after the caller's stream and before what follows on it
+    (module docstring). The inputs and the output are marked as used by both streams, so that the caching allocator
+    reuses none of their memory while either stream may still read it. A no-op off CUDA or on the default stream."""
+
+    def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if not q.is_cuda:
+            return kernel(q, k, v, **kwargs)
+        current, default = torch.cuda.current_stream(q.device), torch.cuda.default_stream(q.device)
+        if current == default:
+            return kernel(q, k, v, **kwargs)
+        default.wait_stream(current)
+        with torch.cuda.stream(default):
+            out = kernel(q, k, v, **kwargs)
+        current.wait_stream(default)
+        for t in (q, k, v):
+            t.record_stream(default)
+        out.record_stream(current)
+        return out
+
+    return call
+
+
 def load_kernel() -> BatchedKernel:
     """``sageattention.sageattn`` (it dispatches by GPU), or :class:`SageAttnUnavailable` saying how to get it."""
     try:
@@ -134,7 +163,7 @@ def load_kernel() -> BatchedKernel:
             f"sage_attn: the sageattention package cannot be imported ({e}); install sageattention (1.0.6 from PyPI, or "
             f"SageAttention 2 built from source for its Hopper kernels), or {INSTEAD}"
         ) from None
-    return sageattn
+    return on_default_stream(sageattn)
 
 
 def describe_plan(groups: list[PaddedGroup]) -> dict[str, Any]:
