@@ -9,6 +9,7 @@
 #   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT paths    # SA2's kernel tests and the code paths with SA2 only
 #   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT serve8b  # start (in the background) the 8B-shape SGLang run with SA2, then with 1.0.6
 #   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT wait8b   # wait for them (at most ~9 min per call), pack what is there
+#   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT accuracy # 02+03 in SGLang on the built-in model, SA2 and 1.0.6 side by side
 #   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT v2       # 00+08 with 1.0.6, SA2 auto and SA2's Triton kernel, compare
 set -u
 kit=${1:?kit}; src=${2:?sa2 source}; build=${3:?build.sh}; out=${4:?out}; phase=${5:?phase}
@@ -62,6 +63,16 @@ EOF
     cat /tmp/serve8b.log; tail -2 /tmp/r8b_v2.log /tmp/r8b_v1.log 2>/dev/null
     tar -C /tmp -czf "$out/r8b.tgz" --exclude='random-model' --exclude='*.safetensors' r8b_v2 r8b_v1 r8b_compare \
       r8b_v2.log r8b_v1.log r8b_compare.log serve8b.log 2>/dev/null;;
+  accuracy)  # 02 (logits) and 03 (perplexity) in SGLang on the built-in model, SA2 and 1.0.6 side by side (accuracy only)
+    ensure_sa2
+    sa2 setsid python3 -m sagecheck run --params params/sglang-builtin-gpu.yaml --only 00,02,03 --out /tmp/acc_v2 -q > /tmp/acc_v2.log 2>&1 < /dev/null &
+    sleep 30
+    setsid python3 -m sagecheck run --params params/sglang-builtin-gpu.yaml --only 00,02,03 --out /tmp/acc_v1 -q > /tmp/acc_v1.log 2>&1 < /dev/null &
+    t0=$(date +%s)
+    while pgrep -f "sagecheck run --params params/sglang-builtin-gpu.yaml" > /dev/null && [ $(( $(date +%s) - t0 )) -lt ${WAIT_S:-420} ]; do sleep 5; done
+    python3 -m sagecheck compare /tmp/acc_v1 /tmp/acc_v2 --out /tmp/acc_compare > /tmp/acc_compare.log 2>&1
+    tail -3 /tmp/acc_v1.log /tmp/acc_v2.log; head -30 /tmp/acc_compare/compare.md
+    tar -C /tmp -czf "$out/acc.tgz" --exclude='*.safetensors' acc_v1 acc_v2 acc_compare acc_v1.log acc_v2.log acc_compare.log;;
   v2)
     ensure_sa2
     python3 -m sagecheck run --params params/builtin-gpu.yaml --only 00,08 --out /tmp/run_v1 -q > "$out/run_v1.log" 2>&1
