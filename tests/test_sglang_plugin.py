@@ -67,6 +67,16 @@ def request_attention(q, k, v, scale):
     return out[0].transpose(0, 1)
 
 
+def request_references(q, k, v, kp, vp, prefix, extend, scale):
+    """(rows of the request's new tokens, its exact attention over its prefix and new tokens), request after request."""
+    qi = ki = 0
+    for p, e in zip(prefix, extend):
+        want = request_attention(q[qi:qi + e].cpu(), torch.cat([kp[ki:ki + p], k[qi:qi + e]]).cpu(),
+                                 torch.cat([vp[ki:ki + p], v[qi:qi + e]]).cpu(), scale)
+        yield slice(qi, qi + e), want
+        qi, ki = qi + e, ki + p
+
+
 def rel_l2(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
@@ -125,11 +135,8 @@ def test_extend_equals_each_requests_causal_attention_over_prefix_and_new_tokens
     out = V.extend_attention(reference_kernel(), q, k, v, kp if any(prefix) else None, vp if any(prefix) else None, layout, 0.125)
     for t, t0 in zip((q, k, v, kp, vp), inputs):
         assert torch.equal(t, t0), "the backend changed its inputs (the prefix keys come from SGLang's KV cache)"
-    qi = ki = 0
-    for p, e in zip(prefix, extend):
-        want = request_attention(q[qi:qi + e], torch.cat([kp[ki:ki + p], k[qi:qi + e]]), torch.cat([vp[ki:ki + p], v[qi:qi + e]]), 0.125)
-        assert torch.allclose(out[qi:qi + e].double(), want, atol=1e-5), (p, e)
-        qi, ki = qi + e, ki + p
+    for rows, want in request_references(q, k, v, kp, vp, prefix, extend, 0.125):
+        assert torch.allclose(out[rows].double(), want, atol=1e-5), rows
 
 
 def test_extend_with_a_prefix_is_not_the_attention_without_it():
@@ -188,7 +195,7 @@ def sage2_emulated_batched(q, k, v, tensor_layout="HND", is_causal=False, sm_sca
 
 
 def batched_extend(kernel, q, k, v, kp, vp, layout, scale, max_padded_work=B.MAX_PADDED_WORK):
-    groups = B.plan(layout.seq_lens, max_padded_work=max_padded_work)
+    groups = B.plan(layout.seq_lens, q.device, max_padded_work=max_padded_work)
     return V.extend_with(lambda qa, ka, va: B.causal_attention(kernel, qa, ka, va, layout.seq_lens, groups, scale),
                          q, k, v, kp if layout.has_prefix else None, vp if layout.has_prefix else None, layout)
 
@@ -203,11 +210,8 @@ def test_batched_extend_equals_each_requests_causal_attention(prefix, extend, ma
     out = batched_extend(reference_batched_kernel(), q, k, v, kp, vp, layout, 0.125, max_padded_work)
     for t, t0 in zip((q, k, v, kp, vp), inputs):
         assert torch.equal(t, t0), "the backend changed its inputs (the prefix keys come from SGLang's KV cache)"
-    qi = ki = 0
-    for p, e in zip(prefix, extend):
-        want = request_attention(q[qi:qi + e], torch.cat([kp[ki:ki + p], k[qi:qi + e]]), torch.cat([vp[ki:ki + p], v[qi:qi + e]]), 0.125)
-        assert torch.allclose(out[qi:qi + e].double(), want, atol=1e-5), (p, e)
-        qi, ki = qi + e, ki + p
+    for rows, want in request_references(q, k, v, kp, vp, prefix, extend, 0.125):
+        assert torch.allclose(out[rows].double(), want, atol=1e-5), rows
 
 
 def test_batched_padding_would_show_where_a_row_could_see_it():
@@ -430,13 +434,7 @@ def test_gpu_extend_with_prefixes_on_the_real_kernel():
     out = V.extend_attention(kernel, q, k, v, kp, vp, layout, 128 ** -0.5)
     emu = V.extend_attention(emulated_kernel, q.cpu(), k.cpu(), v.cpu(), kp.cpu(), vp.cpu(), V.ExtendLayout.build(prefix, extend), 128 ** -0.5)
     assert torch.equal(kp, kp0)
-    qi = ki = 0
-    errors = []
-    for p, e in zip(prefix, extend):
-        want = request_attention(q[qi:qi + e].cpu(), torch.cat([kp[ki:ki + p], k[qi:qi + e]]).cpu(),
-                                 torch.cat([vp[ki:ki + p], v[qi:qi + e]]).cpu(), 128 ** -0.5)
-        errors.append(rel_l2(out[qi:qi + e].cpu(), want))
-        qi, ki = qi + e, ki + p
+    errors = [rel_l2(out[rows].cpu(), want) for rows, want in request_references(q, k, v, kp, vp, prefix, extend, 128 ** -0.5)]
     kernel_vs_emulation = rel_l2(out.cpu(), emu)
     print(f"extend rel. L2 vs exact per request {errors}; kernel vs emulation {kernel_vs_emulation:.2e}")
     assert max(errors) < 0.03 and kernel_vs_emulation < min(errors) and not math.isnan(kernel_vs_emulation)
@@ -455,21 +453,13 @@ def test_gpu_batched_extend_with_prefixes_on_sageattn():
     q, k, v, kp, vp = (t.cuda() for t in make_batch(prefix, extend, heads=8, kv_heads=2, d=128, dtype=torch.bfloat16))
     kp0 = kp.clone()
     layout = V.ExtendLayout.build(prefix, extend, "cuda")
-    groups = B.plan(layout.seq_lens, "cuda")
-    kernel = B.on_default_stream(sageattn)
     side = torch.cuda.Stream()  # as SGLang runs its forward: not on the default stream
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        out = V.extend_with(lambda qa, ka, va: B.causal_attention(kernel, qa, ka, va, layout.seq_lens, groups, 128 ** -0.5),
-                            q, k, v, kp, vp, layout)
+        out = batched_extend(B.on_default_stream(sageattn), q, k, v, kp, vp, layout, 128 ** -0.5)
     torch.cuda.current_stream().wait_stream(side)
     assert torch.equal(kp, kp0)
-    qi = ki = 0
-    errors = []
-    for p, e in zip(prefix, extend):
-        want = request_attention(q[qi:qi + e].cpu(), torch.cat([kp[ki:ki + p], k[qi:qi + e]]).cpu(),
-                                 torch.cat([vp[ki:ki + p], v[qi:qi + e]]).cpu(), 128 ** -0.5)
-        errors.append(rel_l2(out[qi:qi + e].cpu(), want))
-        qi, ki = qi + e, ki + p
-    print(f"batched extend rel. L2 vs exact per request {errors} in {len(groups)} calls")
+    errors = [rel_l2(out[rows].cpu(), want) for rows, want in request_references(q, k, v, kp, vp, prefix, extend, 128 ** -0.5)]
+    print(f"batched extend rel. L2 vs exact per request {errors} in {len(B.plan(layout.seq_lens))} calls")
+    # the FP8 kernel's error against float64 in 08 on the H200: 0.036 median, 0.039 worst; 1.0.6's about 0.012
     assert max(errors) < 0.06 and not any(math.isnan(x) for x in errors)

@@ -165,14 +165,20 @@ def raw_sageattn():
     return entry_point()
 
 
+def dispatched_label(probe: dict[str, Any], leave_out: tuple[str, ...] = ()) -> str:
+    """:func:`dispatch_probe`'s record in one line: ``entry point -> kernel (its keyword arguments)``, less the
+    arguments named in ``leave_out`` (e.g. those of the probe's own call, where the label describes other calls)."""
+    kw = ", ".join(f"{k}={v}" for k, v in probe["kernel_kwargs"].items() if k not in leave_out)
+    return f"{probe['entry_point']} -> {probe['kernel']}" + (f" ({kw})" if kw else "")
+
+
 def facts(info: dict[str, Any]) -> dict[str, Any]:
     """:func:`kernel_info` as the rows of 00's table."""
     if info.get("version") is None:
         return {"sageattention": "not installed", "entry point": info.get("selected", AUTO)}
     d = info.get("dispatched", "not probed (the run's device is no GPU)")
     if isinstance(d, dict):
-        kw = ", ".join(f"{k}={v}" for k, v in d["kernel_kwargs"].items())
-        d = f"{d['entry_point']} -> {d['kernel']}" + (f" ({kw})" if kw else "")
+        d = dispatched_label(d)
     return {"sageattention": info["version"], "generation": f"{info['generation']}: {info['variant']}",
             "entry point": info["selected"] + (" (sageattn)" if info["selected"] == AUTO else ""),
             "kernel that ran (probe)": d, "entry points it offers": ", ".join(info.get("entry_points", []))}

@@ -61,9 +61,9 @@ def batched_kernel_name(device: torch.device) -> str:
         probe = sage_kernel.dispatch_probe(device)
     except Exception as e:  # noqa: BLE001 - a failed probe is reported, the kernel's own errors surface in serving
         return f"sageattn (probe failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-    # the probe's own call is HND and not causal; what the kernel was told besides is worth naming (pv_accum_dtype ...)
-    kw = ", ".join(f"{k}={v}" for k, v in probe["kernel_kwargs"].items() if k not in ("tensor_layout", "is_causal", "return_lse"))
-    return f"sageattn -> {probe['kernel']}" + (f" ({kw})" if kw else "") + ", padded per group of similar lengths"
+    # the probe's own call is HND and not causal, unlike serving's; what else the kernel was told is worth naming
+    return sage_kernel.dispatched_label(probe, leave_out=("tensor_layout", "is_causal", "return_lse")) + \
+        ", padded per group of similar lengths"
 
 
 def check_serveable(device: torch.device, head_dim: int, v_head_dim: int, use_mla: bool, model_dtype: torch.dtype,
