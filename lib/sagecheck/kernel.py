@@ -16,6 +16,7 @@ import os
 import sys
 
 _status = 0
+_installed = False
 
 
 def _end_without_teardown() -> None:
@@ -27,9 +28,18 @@ def _end_without_teardown() -> None:
     os._exit(_status)
 
 
+def end_without_teardown_at_exit() -> None:
+    """Register the exit hook, once per process. A process that imports more before the kernel starts (the fork server
+    of :mod:`sagecheck.forkserver`) registers it first, so that it still runs after every other hook."""
+    global _installed
+    if not _installed:
+        atexit.register(_end_without_teardown)
+        _installed = True
+
+
 def main() -> None:
     global _status
-    atexit.register(_end_without_teardown)
+    end_without_teardown_at_exit()
     if sys.path and sys.path[0] == "":  # as ipykernel_launcher does
         del sys.path[0]
     from ipykernel import kernelapp

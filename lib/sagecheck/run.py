@@ -26,6 +26,7 @@ from sagecheck import params as P
 from sagecheck import results as R
 from sagecheck import sources
 from sagecheck.environment import project_root
+from sagecheck.forkserver import ForkServer
 from sagecheck.notebooks import default_dir, discover, select
 from sagecheck.redact import redact_tree, secret_values
 
@@ -33,11 +34,14 @@ KERNEL_NAME = "sagecheck"
 log = logging.getLogger("sagecheck.run")
 
 
+# the kernel's own log stays out of the run's output: ipykernel's notice that its local TCP sockets are unencrypted, and
+# on Ctrl-C (the terminal interrupts the kernel too) its error that the client closed the sockets before the reply
+KERNEL_ARGS = ["-f", "{connection_file}", "--IPKernelApp.log_level=CRITICAL"]
+
+
 def kernel_argv() -> list[str]:
-    # the kernel's own log stays out of the run's output: ipykernel's notice that its local TCP sockets are unencrypted, and
-    # on Ctrl-C (the terminal interrupts the kernel too) its error that the client closed the sockets before the reply
     # sagecheck.kernel: ipykernel without the interpreter's teardown at exit (about a second per notebook; its docstring)
-    return [sys.executable, "-m", "sagecheck.kernel", "-f", "{connection_file}", "--IPKernelApp.log_level=CRITICAL"]
+    return [sys.executable, "-m", "sagecheck.kernel", *KERNEL_ARGS]
 
 
 # Batch runs write HTML, not a terminal: progress bars inside notebooks (transformers' "Loading weights", hub
@@ -217,17 +221,22 @@ def run(
     _write_manifest(run_dir, manifest)
 
     servers = None
+    # the default kernel's processes are forked from one that imported torch and transformers once (sagecheck.forkserver);
+    # --kernel NAME starts that kernel spec's own processes, the project's included (--kernel sagecheck)
+    forks = None if kernel else ForkServer(KERNEL_ARGS, KERNEL_ENV, display_name=f"Python ({kernel_name})")
     try:
         servers = _start_servers(params, notebooks, run_dir, progress)
         manifest["sglang_servers"] = servers.as_dicts() if servers else {}
         _write_manifest(run_dir, manifest)
         _run_notebooks(notebooks, params, run_dir, results_dir, kernel_name, nb_dir, resume, progress, outcome, manifest,
-                       servers.as_dicts() if servers else {})
+                       servers.as_dicts() if servers else {}, forks)
     except KeyboardInterrupt:
         manifest["interrupted_at"] = R._now()
         _write_manifest(run_dir, manifest)
         raise RunInterrupted(run_dir, [n.name for n in outcome.notebooks if n.status in ("ok", "reused")]) from None
     finally:
+        if forks:
+            forks.close()
         if servers:
             servers.stop()
 
@@ -261,7 +270,7 @@ def _start_servers(params: P.Params, notebooks: list[Path], run_dir: Path, progr
 
 def _run_notebooks(notebooks: list[Path], params: P.Params, run_dir: Path, results_dir: Path, kernel_name: str, nb_dir: Path,
                    resume: bool, progress: bool, outcome: RunOutcome, manifest: dict[str, Any],
-                   servers: dict[str, Any]) -> None:
+                   servers: dict[str, Any], forks: ForkServer | None) -> None:
     import papermill as pm
     from tqdm.auto import tqdm
 
@@ -299,6 +308,7 @@ def _run_notebooks(notebooks: list[Path], params: P.Params, run_dir: Path, resul
                 cwd=str(nb_dir),
                 log_output=False,
                 request_save_on_cell_execute=True,
+                **({"kernel_manager_class": forks.kernel_manager_class()} if forks else {}),
             )
             if not res_path.exists():
                 error = "the notebook finished without writing its results JSON"

@@ -1,0 +1,343 @@
+"""Notebook kernels forked from one process that has already imported torch, transformers and sagecheck.
+
+Every notebook of a run gets a fresh kernel process, as before: nothing a notebook loads, seeds or allocates reaches
+the next one. What the kernels no longer repeat is the import: torch, transformers' Llama, pandas, seaborn and
+sagecheck take about 6 s of CPU in each new process on a 2-core machine (of 7 s for the skipped 05_memory), the
+largest part of a run on the built-in model. So a run starts one *fork server*, which imports them once and then
+forks a child per kernel; the child takes the environment, working directory, standard streams and arguments of the
+process Jupyter started, and becomes ``python -m sagecheck.kernel``.
+
+Jupyter starts a small *launcher* in place of the kernel (``python -m sagecheck.forkserver launch SOCKET ...``). The
+launcher hands its request and its streams to the server over a Unix socket, relays the signals Jupyter sends it
+(interrupt, terminate) to the kernel it got, and exits with that kernel's exit status: to Jupyter it is the kernel
+process. Killed outright, it takes the kernel with it (the kernel watches the launcher's end of the socket). Where no
+server answers, the launcher runs the kernel itself, as a plain ``python -m sagecheck.kernel`` would.
+
+The server imports nothing that touches the GPU: CUDA cannot be used in a process forked after CUDA was initialized,
+so it checks that torch has not initialized it, and stops otherwise (the launchers then start plain kernels). Forking
+a process that has imported torch is safe while no OpenMP or MKL thread pool has been started in it, which the
+imports do not do; the server is single-threaded.
+
+This module is imported by every launcher, so it imports nothing heavy at its top.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+# the modules every notebook imports, and their slow dependencies (measured: 6.4 s in all on a 2-core machine)
+PRELOAD = (
+    "torch",
+    "transformers.models.llama.modeling_llama",
+    "ipykernel.kernelapp",
+    "sagecheck.session",
+    "sagecheck.show",
+    "sagecheck.plots",
+)
+# what ipykernel sets before the notebook's first import of matplotlib, which reads it then: the server imports
+# matplotlib, so it sets it first (where the environment names no backend of its own)
+INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
+_MESSAGE_BYTES = 1 << 20
+_STREAMS = (0, 1, 2)
+_RELAYED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+_server_cwd: str | None = None  # the fork server's directory, which ``python -m`` put first on its sys.path
+
+
+# ------------------------------------------------------------------ the runner's side
+
+
+class ForkServer:
+    """The fork server of one run, started at the first kernel asked of it: ``with ForkServer(args, env) as server:
+    ... server.kernel_manager_class() ...``.
+
+    ``kernel_args`` are the arguments of ``python -m sagecheck.kernel``, ``kernel_env`` the variables its kernel spec
+    adds to the environment. The server imports in the environment the kernels get (this process's, with those), so
+    that what a library reads from the environment at import is what a kernel would have read.
+    """
+
+    def __init__(self, kernel_args: list[str], kernel_env: dict[str, str], display_name: str = "sagecheck",
+                 preload: tuple[str, ...] = PRELOAD, trial_timeout_s: float = 20.0):
+        self.kernel_args = kernel_args
+        self.preload = preload
+        self.trial_timeout_s = trial_timeout_s
+        self.kernel_env = kernel_env
+        self.display_name = display_name
+        self._dir: tempfile.TemporaryDirectory | None = None
+        self._process: subprocess.Popen | None = None
+        self._manager: type | None = None
+        self.path: str | None = None
+
+    def start(self) -> ForkServer:
+        if self._process is not None:
+            return self
+        self._dir = tempfile.TemporaryDirectory(prefix="sagecheck-kernels-")
+        self.path = os.path.join(self._dir.name, "socket")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            listener.bind(self.path)
+            listener.listen(8)  # a launcher may connect at once: the server accepts it once its imports are done
+            # its own session: a Ctrl-C in the terminal is the runner's to handle (it stops the server), and the kernels,
+            # as Jupyter's own, are not in the terminal's process group
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "sagecheck.forkserver", "serve", str(listener.fileno()),
+                 str(self.trial_timeout_s), *self.preload],
+                env={"MPLBACKEND": INLINE_BACKEND, **os.environ, **self.kernel_env}, pass_fds=[listener.fileno()], start_new_session=True, stdin=subprocess.DEVNULL)
+        finally:
+            listener.close()
+        return self
+
+    def launcher_argv(self) -> list[str]:
+        """The command Jupyter starts in place of ``python -m sagecheck.kernel KERNEL_ARGS``."""
+        self.start()
+        return [sys.executable, "-m", "sagecheck.forkserver", "launch", str(self.path), *self.kernel_args]
+
+    def kernel_spec(self) -> Any:
+        """The Jupyter kernel spec whose kernels this server forks."""
+        from jupyter_client.kernelspec import KernelSpec
+
+        return KernelSpec(argv=self.launcher_argv(), env=self.kernel_env, language="python",
+                          display_name=self.display_name, interrupt_mode="signal")
+
+    def kernel_manager_class(self) -> type:
+        """A Jupyter kernel manager (nbclient's, through papermill) that starts the kernels of :meth:`kernel_spec`."""
+        if self._manager is None:
+            from jupyter_client.manager import AsyncKernelManager
+
+            spec = self.kernel_spec()
+
+            class ForkedKernelManager(AsyncKernelManager):
+                @property
+                def kernel_spec(self) -> Any:
+                    return spec
+
+            self._manager = ForkedKernelManager
+        return self._manager
+
+    def close(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        if self._dir is not None:
+            self._dir.cleanup()
+
+    def __enter__(self) -> ForkServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------ the server
+
+
+def serve(listener_fd: int, trial_timeout_s: float, preload: list[str]) -> None:
+    """Import ``preload``, then fork a kernel for every launcher that connects, until terminated."""
+    from sagecheck import kernel
+
+    kernel.end_without_teardown_at_exit()  # before the imports register theirs: it must run after them, as in a kernel
+    global _server_cwd
+    _server_cwd = os.getcwd()
+    listener = socket.socket(fileno=listener_fd)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the runner stops the server; a Ctrl-C is the runner's
+    for name in preload:
+        try:
+            __import__(name)
+        except ImportError:
+            pass  # a kernel that needs it fails the same way, in its notebook, where the error is seen
+    unsafe = _why_forking_is_unsafe(trial_timeout_s)
+    if unsafe:
+        sys.stderr.write(f"sagecheck: each notebook's kernel starts on its own ({unsafe})\n")
+        return
+    children: dict[int, socket.socket] = {}
+    while True:
+        ready, _, _ = select.select([listener], [], [], 0.05)
+        if ready:
+            conn, _ = listener.accept()
+            pid = _fork_kernel(conn, listener, children)
+            if pid:
+                children[pid] = conn
+        _reap(children)
+
+
+def _why_forking_is_unsafe(timeout_s: float) -> str | None:
+    """Why a kernel forked from this process could not compute, or None.
+
+    CUDA cannot be used in a child forked after it was initialized. GNU OpenMP (torch's) cannot run a parallel region in
+    a child forked after the parent ran one: the child waits for ever for threads it does not have (measured: torch's
+    CPU build, two threads, one matrix product before the fork). Imports run none, but that is the imports' behaviour,
+    not a promise: a trial child runs torch's parallel code, and must finish.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    if torch.cuda.is_initialized():
+        return "an import initialized CUDA"
+    pid = os.fork()
+    if pid == 0:
+        ok = False
+        try:
+            a = torch.ones(512, 512)
+            ok = float((a @ a).sum()) == 512.0**3 and float(torch.ones(1 << 20).sum()) == float(1 << 20)
+        finally:
+            os._exit(0 if ok else 1)
+    waited = 0.0
+    while waited < timeout_s:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            code = os.waitstatus_to_exitcode(status)
+            return None if code == 0 else f"a forked trial of torch's parallel code ended with status {code}"
+        time.sleep(0.01)
+        waited += 0.01
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return f"a forked trial of torch's parallel code did not finish in {timeout_s:.0f} s"
+
+
+def _fork_kernel(conn: socket.socket, listener: socket.socket, children: dict[int, socket.socket]) -> int | None:
+    try:
+        data, fds, _, _ = socket.recv_fds(conn, _MESSAGE_BYTES, len(_STREAMS))
+        request = json.loads(data)
+    except (OSError, ValueError):
+        conn.close()
+        return None
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            listener.close()
+            for other in children.values():
+                other.close()
+            _become_kernel(conn, request, fds)
+        except SystemExit:  # the kernel's end: up and out of the interpreter, whose exit hooks end it as a kernel's do
+            raise
+        except BaseException:  # noqa: BLE001 - a child never returns into the server's loop
+            import traceback
+
+            traceback.print_exc()
+            os._exit(1)
+    for fd in fds:
+        os.close(fd)
+    try:
+        conn.sendall(json.dumps({"pid": pid}).encode())
+    except OSError:
+        pass  # the launcher is gone: the kernel sees that and ends
+    return pid
+
+
+def _reap(children: dict[int, socket.socket]) -> None:
+    """Tell each launcher whose kernel ended how it ended."""
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        conn = children.pop(pid, None)
+        if conn is not None:
+            try:
+                conn.sendall(json.dumps({"status": os.waitstatus_to_exitcode(status)}).encode())
+            except OSError:
+                pass
+            conn.close()
+
+
+def _become_kernel(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> None:
+    """In the forked child: take the launcher's streams, environment, directory and arguments, and run the kernel."""
+    import threading
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for number, fd in zip(_STREAMS, fds):
+        os.dup2(fd, number)
+        os.close(fd)
+    os.environ.clear()
+    os.environ.update(request["env"])
+    os.chdir(request["cwd"])
+    if sys.path and sys.path[0] == _server_cwd:  # what ``python -m`` put first: the kernel's own directory
+        sys.path[0] = request["cwd"]
+
+    def end_with_the_launcher() -> None:
+        try:
+            conn.recv(1)  # the launcher sends nothing more: this returns when it has ended
+        finally:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=end_with_the_launcher, name="sagecheck-launcher-watch", daemon=True).start()
+    sys.argv = [request["argv0"], *request["args"]]
+    from sagecheck import kernel
+
+    kernel.main()
+    sys.exit(0)
+
+
+# ------------------------------------------------------------------ the launcher
+
+
+def launch(path: str, kernel_args: list[str]) -> int:
+    """Have the server at ``path`` fork the kernel; relay signals to it; return its exit status."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        conn.connect(path)
+    except OSError:
+        conn.close()
+        return _run_plain_kernel(kernel_args)
+    request = {"argv0": "sagecheck.kernel", "args": kernel_args, "env": dict(os.environ), "cwd": os.getcwd()}
+    try:
+        socket.send_fds(conn, [json.dumps(request).encode()], list(_STREAMS))
+        reply = conn.recv(_MESSAGE_BYTES)
+    except OSError:
+        reply = b""
+    if not reply:  # the server stopped before forking (it found forking unsafe, or was stopped)
+        conn.close()
+        return _run_plain_kernel(kernel_args)
+    pid = json.loads(reply)["pid"]
+    for name in _RELAYED_SIGNALS:
+        signal.signal(getattr(signal, name), lambda number, _frame: _relay(pid, number))
+    ended = conn.recv(_MESSAGE_BYTES)
+    status = json.loads(ended)["status"] if ended else 1
+    if status < 0:  # ended by a signal: end the same way
+        signal.signal(-status, signal.SIG_DFL)
+        os.kill(os.getpid(), -status)
+    return status
+
+
+def _relay(pid: int, number: int) -> None:
+    try:
+        os.kill(pid, number)
+    except ProcessLookupError:
+        pass
+
+
+def _run_plain_kernel(kernel_args: list[str]) -> int:
+    """Become ``python -m sagecheck.kernel`` (the same process: Jupyter's signals reach the kernel itself)."""
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "sagecheck.kernel", *kernel_args])
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["serve"] and len(argv) >= 3:
+        serve(int(argv[1]), float(argv[2]), argv[3:])
+        return 0
+    if argv[:1] == ["launch"] and len(argv) >= 2:
+        return launch(argv[1], argv[2:])
+    sys.stderr.write("usage: python -m sagecheck.forkserver serve FD TRIAL-TIMEOUT-S [MODULE...] | launch SOCKET KERNEL-ARGS...\n")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
