@@ -107,6 +107,42 @@ def test_a_killed_launcher_takes_its_kernel_along(server, tmp_path):
         k.close()
 
 
+RUNNER = """
+import sys, time
+from tests.test_forkserver import Kernel
+from sagecheck.forkserver import ForkServer
+from sagecheck.run import KERNEL_ARGS, KERNEL_ENV
+
+server = ForkServer(KERNEL_ARGS, KERNEL_ENV)
+k = Kernel(server, sys.argv[1])
+k.kc.execute("import os, time; print(os.getpid(), flush=True); time.sleep(600)")
+while True:
+    msg = k.kc.get_iopub_msg(timeout=60)
+    if msg["msg_type"] == "stream":
+        print(server._process.pid, k.launcher.pid, msg["content"]["text"].strip(), flush=True)
+        break
+time.sleep(600)
+"""
+
+
+def test_a_killed_runner_leaves_no_server_and_no_kernel_behind(tmp_path):
+    """The runner killed outright (no clean-up of its own): its server, launcher and the kernel in the middle of a cell
+    all end, as a plain kernel ends with its parent."""
+    import subprocess
+
+    runner = subprocess.Popen([sys.executable, "-c", RUNNER, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in runner.stdout.readline().split()]
+        assert len(pids) == 3 and all(alive(p) for p in pids), pids
+    finally:
+        runner.kill()
+        runner.wait()
+    deadline = time.monotonic() + 20
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in pids if alive(p)], "left running: server, launcher, kernel"
+
+
 def test_where_forking_is_unsafe_the_kernels_start_on_their_own(tmp_path, capfd):
     """A module run at the server's start uses torch's OpenMP threads: the server's trial fork hangs, the server says
     why and stops, and the launcher starts a plain kernel."""

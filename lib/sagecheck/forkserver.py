@@ -152,6 +152,7 @@ def serve(listener_fd: int, trial_timeout_s: float, preload: list[str]) -> None:
     global _server_cwd
     _server_cwd = os.getcwd()
     listener = socket.socket(fileno=listener_fd)
+    runner = os.getppid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the runner stops the server; a Ctrl-C is the runner's
     for name in preload:
         try:
@@ -171,6 +172,10 @@ def serve(listener_fd: int, trial_timeout_s: float, preload: list[str]) -> None:
             if pid:
                 children[pid] = conn
         _reap(children)
+        if os.getppid() != runner:  # the runner ended without stopping the server (killed): its kernels are no one's
+            for pid in children:
+                _relay(pid, signal.SIGKILL)
+            return
 
 
 def _why_forking_is_unsafe(timeout_s: float) -> str | None:
@@ -290,6 +295,7 @@ def _become_kernel(conn: socket.socket, request: dict[str, Any], fds: list[int])
 
 def launch(path: str, kernel_args: list[str]) -> int:
     """Have the server at ``path`` fork the kernel; relay signals to it; return its exit status."""
+    parent = os.getppid()
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         conn.connect(path)
@@ -308,12 +314,26 @@ def launch(path: str, kernel_args: list[str]) -> int:
     pid = json.loads(reply)["pid"]
     for name in _RELAYED_SIGNALS:
         signal.signal(getattr(signal, name), lambda number, _frame: _relay(pid, number))
-    ended = conn.recv(_MESSAGE_BYTES)
+    ended = _wait_for_the_end(conn, pid, parent)
     status = json.loads(ended)["status"] if ended else 1
     if status < 0:  # ended by a signal: end the same way
         signal.signal(-status, signal.SIG_DFL)
         os.kill(os.getpid(), -status)
     return status
+
+
+def _wait_for_the_end(conn: socket.socket, pid: int, parent: int) -> bytes:
+    """The server's message that the kernel ended; or, where the process that started the launcher (Jupyter's, the
+    runner) ends first, nothing, after killing the kernel: a plain kernel ends with its parent in the same way
+    (ipykernel's parent poller), a forked one is not the runner's child and would not notice."""
+    conn.settimeout(0.5)
+    while True:
+        try:
+            return conn.recv(_MESSAGE_BYTES)
+        except TimeoutError:
+            if os.getppid() != parent:
+                _relay(pid, signal.SIGKILL)
+                return b""
 
 
 def _relay(pid: int, number: int) -> None:
