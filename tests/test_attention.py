@@ -127,3 +127,62 @@ def test_causal_emulation_skips_only_rows_the_block_cannot_change():
         skipped = attention.get("sage-emulated")(q, k, v, causal=True)
         full = attention.get("sage-emulated")(q, k, v, mask=causal_keep_mask(n_q, n_k, q.device))
         assert torch.equal(skipped, full)
+
+
+def block_by_block(scores, block_pv, shape, n_k, block, *, causal, mask, device, max_offset=0.0):
+    """The kernel's loop as written: one key block after the other; causal blocks skip the query rows before their first
+    key (which they cannot change)."""
+    b, h, n_q, d = shape
+    positions = torch.arange(n_q)[:, None] + (n_k - n_q)
+    m = torch.full((b, h, n_q, 1), float("-inf"))
+    denom, acc = torch.zeros(b, h, n_q, 1), torch.zeros(b, h, n_q, d)
+    for start in range(0, n_k, block):
+        stop = min(n_k, start + block)
+        rq = slice(max(0, start - (n_k - n_q)) if causal else 0, n_q)
+        s = scores(rq, start, stop)
+        keep = torch.arange(start, stop)[None, :] <= positions[rq] if causal else torch.ones(1, stop - start, dtype=torch.bool)
+        if mask is not None:
+            keep = keep & (mask[..., rq, start:stop] if mask.shape[-2] == n_q else mask[..., start:stop])
+        s = s.masked_fill(~keep, float("-inf"))
+        m_new = torch.maximum(m[:, :, rq], s.amax(dim=-1, keepdim=True) - max_offset)
+        m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
+        p = torch.exp2(s - m_safe)
+        m_old = m[:, :, rq]
+        alpha = torch.exp2(torch.where(torch.isfinite(m_old), m_old - m_safe, torch.full_like(m_old, float("-inf"))))
+        denom[:, :, rq] = denom[:, :, rq] * alpha + p.sum(dim=-1, keepdim=True)
+        acc[:, :, rq] = acc[:, :, rq] * alpha + block_pv(p[:, :, None], start, stop)[:, :, 0]
+        m[:, :, rq] = m_new
+    return acc, denom
+
+
+@pytest.mark.parametrize("segment_elements", [0, None])  # one block at a time; the default (decode steps: several)
+@pytest.mark.parametrize("name", ["sage-emulated", "sage2-fp8-emulated"])
+def test_online_softmax_is_the_block_loop_to_the_bit(monkeypatch, name, segment_elements):
+    """The emulations' online softmax (several blocks per segment, causal rows skipped) gives what the plain block loop
+    gives, bit for bit: decode steps, prefills, a chunk over a longer cache, partial last blocks, a boolean mask, GQA."""
+    import importlib
+
+    from sagecheck.attention import blockwise
+
+    module = importlib.import_module(attention.ATTENTION.entry(name).target.partition(":")[0])
+    if segment_elements is not None:
+        monkeypatch.setattr(blockwise, "SEGMENT_ELEMENTS", segment_elements)
+    compared = []
+
+    def both(*args, **kwargs):
+        fast = blockwise.online_softmax(*args, **kwargs)
+        plain = block_by_block(*args, **kwargs)
+        compared.append(all(torch.equal(x, y) for x, y in zip(fast, plain)))
+        return fast
+
+    monkeypatch.setattr(module, "online_softmax", both)
+    g = torch.Generator().manual_seed(5)
+    fn = attention.get(name)
+    for b, nq, nk, causal in ((1, 1, 2000, False), (3, 1, 128, False), (4, 1, 128, False), (4, 1, 1000, False), (1, 300, 300, True), (2, 128, 1000, True), (1, 200, 200, False)):
+        q, k, v = (torch.randn(b, hh, n, 64, generator=g).half() for hh, n in ((8, nq), (2, nk), (2, nk)))
+        fn(q, k, v, causal=causal)
+    mask = torch.rand(40, 130, generator=g) > 0.3
+    mask[3] = False
+    q, k, v = (torch.randn(2, 8, n, 64, generator=g).half() for n in (40, 130, 130))
+    fn(q, k, v, mask=mask)
+    assert compared and all(compared), compared

@@ -133,7 +133,8 @@ def sage2_fp8_emulated(
         return s * (score_scale * (q_scale[:, :, rows, None] * k_scale[:, :, None, start:stop]))
 
     def block_pv(p: torch.Tensor, start: int, stop: int) -> torch.Tensor:  # P in (0, 448], in e4m3; summed in fp32
-        return torch.matmul(to_e4m3(p), v8[:, :, start:stop])
+        blocks, length = p.shape[2], p.shape[-1]
+        return torch.matmul(to_e4m3(p), v8[:, :, start:stop].reshape(b, h, blocks, length, d))
 
     acc, denom = online_softmax(scores, block_pv, (b, h, n_q, d), n_k, K_BLOCK, causal=causal, mask=mask, device=q.device,
                                 max_offset=S_FP8_OFFSET)

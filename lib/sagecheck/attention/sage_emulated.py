@@ -61,16 +61,16 @@ def quantize_per_block(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch
     """
     b, h, n, d = x.shape
     n_blocks = -(-n // block)
+    token_max = x.abs().amax(dim=-1)  # the block maxima from the tokens' (exact): no padded copy of x
     pad = n_blocks * block - n
-    xp = torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
-    xb = xp.reshape(b, h, n_blocks, block, d)
-    scale = xb.abs().amax(dim=(-1, -2)) / 127.0
+    token_max = torch.nn.functional.pad(token_max, (0, pad)) if pad else token_max
+    scale = token_max.reshape(b, h, n_blocks, block).amax(dim=-1) / 127.0
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = xb / safe[..., None, None]
-    q = q + 0.5 * torch.where(q >= 0, 1.0, -1.0)
-    q = torch.trunc(q).clamp_(-127, 127)
-    q = torch.where(scale[..., None, None] > 0, q, torch.zeros_like(q))
-    return q.reshape(b, h, n_blocks * block, d)[:, :, :n], scale
+    q = x / safe.repeat_interleave(block, dim=2)[:, :, :n, None]
+    q = torch.trunc(q + torch.where(q >= 0, 0.5, -0.5)).clamp_(-127, 127)
+    if bool((scale == 0).any()):  # an all-zero block: zeros (the kernel would divide 0 by 0)
+        q = torch.where(scale.repeat_interleave(block, dim=2)[:, :, :n, None] > 0, q, torch.zeros_like(q))
+    return q, scale
 
 
 def sage_emulated(
@@ -99,14 +99,16 @@ def sage_emulated(
     # one scale per query row (its 128-token block) and per key block; kv heads shared by their query group
     q_scale_rows = q_scale.repeat_interleave(BLOCK_Q, dim=2)[:, :, :n_q, None]
     k_int, v16 = expand_kv(k_int, h), expand_kv(v16, h)
-    k_scale = expand_kv(k_scale, h)
+    k_scale_keys = expand_kv(k_scale, h).repeat_interleave(BLOCK_K, dim=2)[:, :, None, :n_k]  # each key's block scale
 
     def scores(rows: slice, start: int, stop: int) -> torch.Tensor:
         s = torch.matmul(q_int[:, :, rows], k_int[:, :, start:stop].transpose(-1, -2))  # exact: |sum| < 2**24
-        return s * q_scale_rows[:, :, rows] * k_scale[:, :, start // BLOCK_K, None, None]
+        return s * q_scale_rows[:, :, rows] * k_scale_keys[..., start:stop]
 
-    def block_pv(p: torch.Tensor, start: int, stop: int) -> torch.Tensor:  # P in fp16; the block's product in fp16
-        return torch.matmul(p.to(torch.float16).float(), v16[:, :, start:stop].float()).to(torch.float16).float()
+    def block_pv(p: torch.Tensor, start: int, stop: int) -> torch.Tensor:  # P in fp16; each block's product in fp16
+        blocks, length = p.shape[2], p.shape[-1]
+        v_blocks = v16[:, :, start:stop].float().reshape(b, h, blocks, length, d)
+        return torch.matmul(p.to(torch.float16).float(), v_blocks).to(torch.float16).float()
 
     acc, l = online_softmax(scores, block_pv, (b, h, n_q, d), n_k, BLOCK_K, causal=causal, mask=mask, device=q.device)
     out = acc / torch.where(l > 0, l, torch.ones_like(l))
