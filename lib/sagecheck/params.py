@@ -225,7 +225,8 @@ class KernelParams(_Section):
     speed_batch: int = Field(4, ge=1, le=MAX_COUNT, description="batch of the speed shapes")
     speed_heads: int = Field(32, ge=1, le=1024, description="heads of the speed shapes")
     repeats: int = Field(20, ge=3, le=MAX_COUNT, description="timed repeats per speed shape")
-    cpu_max_seq_len: int = Field(1024, ge=1, description="accuracy shapes longer than this are skipped on CPU")
+    cpu_max_seq_len: int = Field(1024, ge=1, description="on CPU: accuracy shapes of more queries x keys than this squared "
+                                 "are skipped (decode steps stay), and speed shapes longer than this")
     reference_max_elements: int = Field(2**31, description="above this many score elements the reference runs per head")
     kernel_vs_emulation_max: float = Field(5e-3, gt=0, description="flag shapes whose kernel-vs-emulation rel. L2 exceeds this")
     emulation_vs_reference_max: float = Field(5e-2, gt=0, description="verdict: emulation rel. L2 vs fp64 reference")

@@ -42,22 +42,25 @@ class Shape:
 
 
 def accuracy_shapes(p: Any, device: torch.device) -> list[Shape]:
-    """The sweep of the kernel notebook's parameters (long shapes dropped on CPU)."""
+    """The sweep of the kernel notebook's parameters. On CPU, a shape is skipped where its score matrix is larger than
+    ``cpu_max_seq_len`` squared (the cost of the float64 reference and the emulations): long prefills go, decode steps
+    (one query) and a chunk of queries over a longer cache stay."""
     shapes = []
-    limit = None if device.type == "cuda" else p.cpu_max_seq_len
+    limit = None if device.type == "cuda" else p.cpu_max_seq_len**2
+
+    def fits(n_q: int, n_k: int) -> bool:
+        return limit is None or n_q * n_k <= limit
+
     for dtype in p.dtypes:
         for d in p.head_dims:
             for n in p.seq_lens:
-                if limit and n > limit:
-                    continue
-                for causal in (False, True):
-                    shapes.append(Shape(p.batch, p.heads, p.kv_heads, n, n, d, causal, dtype))
+                if fits(n, n):
+                    shapes.extend(Shape(p.batch, p.heads, p.kv_heads, n, n, d, causal, dtype) for causal in (False, True))
             for nk in p.decode_kv_lens:
-                if limit and nk > limit:
-                    continue
-                shapes.append(Shape(max(p.batch, 2), p.heads, p.kv_heads, 1, nk, d, False, dtype))
+                if fits(1, nk):
+                    shapes.append(Shape(max(p.batch, 2), p.heads, p.kv_heads, 1, nk, d, False, dtype))
             # a chunk of queries over a longer cache (chunked prefill): causal, bottom-right aligned
-            nk = min(1000, limit or 1000)
+            nk = 1000 if fits(128, 1000) else p.cpu_max_seq_len
             shapes.append(Shape(p.batch, p.heads, p.kv_heads, min(128, nk), nk, d, True, dtype))
     return shapes
 
