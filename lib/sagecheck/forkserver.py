@@ -13,10 +13,11 @@ launcher hands its request and its streams to the server over a Unix socket, rel
 process. Killed outright, it takes the kernel with it (the kernel watches the launcher's end of the socket). Where no
 server answers, the launcher runs the kernel itself, as a plain ``python -m sagecheck.kernel`` would.
 
-The server imports nothing that touches the GPU: CUDA cannot be used in a process forked after CUDA was initialized,
-so it checks that torch has not initialized it, and stops otherwise (the launchers then start plain kernels). Forking
-a process that has imported torch is safe while no OpenMP or MKL thread pool has been started in it, which the
-imports do not do; the server is single-threaded.
+CUDA cannot be used in a process forked after CUDA was initialized, and GNU OpenMP not after a parallel region ran:
+after its imports the server checks both (:func:`_why_forking_is_unsafe`) and, where either happened, says why and
+stops; the launchers then start plain kernels. On a CPU machine the imports do neither. On the H200 with the SGLang
+kit's transformers 5.12.1, importing the Llama module initializes CUDA (torch._dynamo's device interface asks for the
+current device; measured 2026-12-02), so there every kernel starts on its own, as before the server existed.
 
 This module is imported by every launcher, so it imports nothing heavy at its top.
 """
@@ -91,7 +92,8 @@ class ForkServer:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "sagecheck.forkserver", "serve", str(listener.fileno()),
                  str(self.trial_timeout_s), *self.preload],
-                env={"MPLBACKEND": INLINE_BACKEND, **os.environ, **self.kernel_env}, pass_fds=[listener.fileno()], start_new_session=True, stdin=subprocess.DEVNULL)
+                env={"MPLBACKEND": INLINE_BACKEND, **os.environ, **self.kernel_env}, pass_fds=[listener.fileno()],
+                start_new_session=True, stdin=subprocess.DEVNULL)
         finally:
             listener.close()
         return self
@@ -199,14 +201,13 @@ def _why_forking_is_unsafe(timeout_s: float) -> str | None:
             ok = float((a @ a).sum()) == 512.0**3 and float(torch.ones(1 << 20).sum()) == float(1 << 20)
         finally:
             os._exit(0 if ok else 1)
-    waited = 0.0
-    while waited < timeout_s:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             code = os.waitstatus_to_exitcode(status)
             return None if code == 0 else f"a forked trial of torch's parallel code ended with status {code}"
         time.sleep(0.01)
-        waited += 0.01
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     return f"a forked trial of torch's parallel code did not finish in {timeout_s:.0f} s"

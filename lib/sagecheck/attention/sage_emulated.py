@@ -65,12 +65,17 @@ def quantize_per_block(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch
     pad = n_blocks * block - n
     token_max = torch.nn.functional.pad(token_max, (0, pad)) if pad else token_max
     scale = token_max.reshape(b, h, n_blocks, block).amax(dim=-1) / 127.0
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = x / safe.repeat_interleave(block, dim=2)[:, :, :n, None]
+    token_scale = per_token(scale, block, n)[..., None]
+    q = x / torch.where(token_scale > 0, token_scale, torch.ones_like(token_scale))
     q = torch.trunc(q + torch.where(q >= 0, 0.5, -0.5)).clamp_(-127, 127)
     if bool((scale == 0).any()):  # an all-zero block: zeros (the kernel would divide 0 by 0)
-        q = torch.where(scale.repeat_interleave(block, dim=2)[:, :, :n, None] > 0, q, torch.zeros_like(q))
+        q = torch.where(token_scale > 0, q, torch.zeros_like(q))
     return q, scale
+
+
+def per_token(block_values: torch.Tensor, block: int, n: int) -> torch.Tensor:
+    """``[b, h, blocks]`` -> ``[b, h, n]``: each token's value of its block."""
+    return block_values.repeat_interleave(block, dim=2)[:, :, :n]
 
 
 def sage_emulated(
@@ -97,9 +102,9 @@ def sage_emulated(
     k_int, k_scale = quantize_per_block(k.float(), BLOCK_K)
 
     # one scale per query row (its 128-token block) and per key block; kv heads shared by their query group
-    q_scale_rows = q_scale.repeat_interleave(BLOCK_Q, dim=2)[:, :, :n_q, None]
+    q_scale_rows = per_token(q_scale, BLOCK_Q, n_q)[..., None]
     k_int, v16 = expand_kv(k_int, h), expand_kv(v16, h)
-    k_scale_keys = expand_kv(k_scale, h).repeat_interleave(BLOCK_K, dim=2)[:, :, None, :n_k]  # each key's block scale
+    k_scale_keys = per_token(expand_kv(k_scale, h), BLOCK_K, n_k)[:, :, None]  # each key's block scale
 
     def scores(rows: slice, start: int, stop: int) -> torch.Tensor:
         s = torch.matmul(q_int[:, :, rows], k_int[:, :, start:stop].transpose(-1, -2))  # exact: |sum| < 2**24
