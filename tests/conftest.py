@@ -56,6 +56,34 @@ def builtin():
     return HFEngine(model, tok, torch.device("cpu"), torch.float32)
 
 
+@contextmanager
+def _fork_server_in_environment(server, variable: str):
+    """``server`` started, its socket named in ``variable`` of the environment every process the tests start inherits."""
+    with server:
+        server.start()
+        os.environ[variable] = server.path
+        try:
+            yield server
+        finally:
+            os.environ.pop(variable, None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fork_servers():
+    """Two fork servers per test worker, which import while the first tests run: one for the notebook kernels of the
+    runs the tests start (each run would otherwise start its own and wait for its imports: ~6 s of a core per run;
+    ``test_changing_only_the_title_reruns_no_notebook_under_resume`` starts its own, as a user's run does), one for
+    the stand-in SGLang servers
+    (tests/standin/forked.py)."""
+    from sagecheck.forkserver import RUNNING_SERVER_ENV, ForkServer
+    from sagecheck.run import KERNEL_ARGS, KERNEL_ENV
+    from tests.standin import forked
+
+    with _fork_server_in_environment(ForkServer(KERNEL_ARGS, KERNEL_ENV), RUNNING_SERVER_ENV) as kernels, \
+            _fork_server_in_environment(forked.fork_server(), forked.SOCKET_ENV) as standins:
+        yield {"kernels": kernels, "standins": standins}
+
+
 SECRET = "hf_PLANTEDsecret0123456789abcdef"
 
 

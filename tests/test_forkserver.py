@@ -54,9 +54,9 @@ def alive(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def server():
-    with ForkServer(KERNEL_ARGS, KERNEL_ENV) as s:
-        yield s
+def server(fork_servers):
+    """The kernels' fork server of this test worker (conftest.py), started as a run starts its own."""
+    return fork_servers["kernels"]
 
 
 def test_each_kernel_is_a_fresh_child_of_the_server_with_the_launchers_environment_and_directory(server, tmp_path):
@@ -167,3 +167,30 @@ def test_the_launcher_alone_says_how_it_is_used():
 
     done = subprocess.run([sys.executable, "-m", "sagecheck.forkserver"], capture_output=True, text=True)
     assert done.returncode == 2 and "usage" in done.stderr
+
+
+def test_another_target_is_forked_with_the_launchers_python_path_and_exit_status(tmp_path):
+    """What the tests' stand-in SGLang servers use: a target module's ``main()`` forked in place of ``python -m TARGET``,
+    finding modules that only the launcher's PYTHONPATH names; without a server the launcher runs the target itself."""
+    import subprocess
+
+    extra = tmp_path / "site"
+    extra.mkdir()
+    (extra / "only_on_the_launchers_path.py").write_text("")
+    env = {**os.environ, "SAGECHECK_PROBE": "three",
+           "PYTHONPATH": os.pathsep.join([str(extra), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+    def launch(socket_path: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+        cmd = [sys.executable, "-m", "sagecheck.forkserver", "launch", socket_path, "tests.forkserver_target",
+               "only_on_the_launchers_path", "7"]
+        done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        return done, done.stdout.split()
+
+    with ForkServer([], {}, preload=("torch",), target="tests.forkserver_target", what="probe") as server:
+        server.start()
+        done, (pid, ppid, cwd, preloaded, found, probe) = launch(server.path)
+        assert done.returncode == 7, done.stderr
+        assert int(ppid) == server._process.pid and preloaded == "True"  # forked by the server that imported torch
+        assert found == "True" and probe == "three" and cwd == str(tmp_path)
+    done, (pid, ppid, cwd, preloaded, found, probe) = launch(str(tmp_path / "no-server"))
+    assert done.returncode == 7 and preloaded == "False" and found == "True" and probe == "three"

@@ -25,6 +25,7 @@ from sagecheck.engines.sglang.client import ClientError, SGLangClient
 from sagecheck.engines.sglang.server import LaunchSpec, Server, ServerError, free_port
 from sagecheck.params import load_params
 from tests.conftest import ROOT, run_cli
+from tests.standin.forked import unforked
 
 STANDIN = ROOT / "tests" / "standin"
 SGLANG_PARAMS = ROOT / "tests" / "params_sglang.yaml"
@@ -115,7 +116,8 @@ def spec(backend="sage_attn", **kw):
     return LaunchSpec(model_path=str(models.builtin_path()), attention_backend=backend, dtype="float32", **kw)
 
 
-def test_start_serve_and_stop_leaves_nothing(tmp_path):
+def test_start_serve_and_stop_leaves_nothing(tmp_path, monkeypatch):
+    unforked(monkeypatch)  # the server's own process is what this test is about
     server = Server(spec(), tmp_path, startup_timeout_s=120)
     with server:
         pid = server.process.pid
@@ -149,7 +151,8 @@ def test_a_server_that_never_becomes_ready(tmp_path):
     assert server.process is None
 
 
-def test_a_server_that_dies_mid_run(tmp_path):
+def test_a_server_that_dies_mid_run(tmp_path, monkeypatch):
+    unforked(monkeypatch)  # the server's own process is what this test is about
     engine = SGLangEngine(params(), tmp_path, env={"SAGECHECK_STANDIN_MODE": "die-after:1"})
     with pytest.raises(ServerError, match=r"died with code 1(.|\n)*simulated crash in the scheduler"):
         try:
@@ -167,7 +170,8 @@ def test_an_unknown_backend_gives_sglangs_own_error(tmp_path):
         Server(spec("no_such_backend"), tmp_path, startup_timeout_s=60).start()
 
 
-def test_the_engine_keeps_its_servers_until_close_even_after_an_exception(tmp_path):
+def test_the_engine_keeps_its_servers_until_close_even_after_an_exception(tmp_path, monkeypatch):
+    unforked(monkeypatch)  # the server's own process is what this test is about
     engine = SGLangEngine(params(), tmp_path)
     with pytest.raises(KeyboardInterrupt):
         try:
@@ -180,7 +184,8 @@ def test_the_engine_keeps_its_servers_until_close_even_after_an_exception(tmp_pa
     assert no_server_left(pid)
 
 
-def test_the_server_dies_with_the_process_that_started_it(tmp_path):
+def test_the_server_dies_with_the_process_that_started_it(tmp_path, monkeypatch):
+    unforked(monkeypatch)  # the server's own process is what this test is about
     script = (
         "import sys, time; from pathlib import Path; sys.path.insert(0, %r)\n"
         "from sagecheck.engines.sglang.server import LaunchSpec, Server\n"

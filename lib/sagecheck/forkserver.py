@@ -19,11 +19,18 @@ stops; the launchers then start plain kernels. On a CPU machine the imports do n
 kit's transformers 5.12.1, importing the Llama module initializes CUDA (torch._dynamo's device interface asks for the
 current device; measured 2026-12-02), so there every kernel starts on its own, as before the server existed.
 
+A program that runs many runs one after the other (the tests do) can keep one server for all of them: a run whose
+environment names a server's socket in ``SAGECHECK_FORKSERVER`` forks its kernels there instead of starting its own.
+
+The same server forks other programs that import torch at their start, by naming another *target* (a module with a
+``main()``, run as ``python -m TARGET`` would run it): the tests fork their stand-in SGLang servers this way.
+
 This module is imported by every launcher, so it imports nothing heavy at its top.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import select
@@ -34,8 +41,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+KERNEL = "sagecheck.kernel"
+RUNNING_SERVER_ENV = "SAGECHECK_FORKSERVER"  # the socket of a fork server that is already running (module docstring)
 # the modules every notebook imports, and their slow dependencies (measured: 6.4 s in all on a 2-core machine)
 PRELOAD = (
     "torch",
@@ -61,25 +70,31 @@ class ForkServer:
     """The fork server of one run, started at the first kernel asked of it: ``with ForkServer(args, env) as server:
     ... server.kernel_manager_class() ...``.
 
-    ``kernel_args`` are the arguments of ``python -m sagecheck.kernel``, ``kernel_env`` the variables its kernel spec
-    adds to the environment. The server imports in the environment the kernels get (this process's, with those), so
-    that what a library reads from the environment at import is what a kernel would have read.
+    ``kernel_args`` are the arguments of ``python -m TARGET`` (the notebooks' kernel unless ``target`` names another
+    module), ``kernel_env`` the variables its kernel spec adds to the environment. The server imports in the
+    environment the kernels get (this process's, with those), so that what a library reads from the environment at
+    import is what a kernel would have read. ``what`` names a forked process in the line that says forking is unsafe.
+    ``path``: the socket of a server that is already running, which this object uses and neither starts nor stops.
     """
 
     def __init__(self, kernel_args: list[str], kernel_env: dict[str, str], display_name: str = "sagecheck",
-                 preload: tuple[str, ...] = PRELOAD, trial_timeout_s: float = 20.0):
+                 preload: tuple[str, ...] = PRELOAD, trial_timeout_s: float = 20.0, target: str = KERNEL,
+                 what: str = "notebook's kernel", path: str | None = None):
         self.kernel_args = kernel_args
         self.preload = preload
         self.trial_timeout_s = trial_timeout_s
         self.kernel_env = kernel_env
         self.display_name = display_name
+        self.target = target
+        self.what = what
         self._dir: tempfile.TemporaryDirectory | None = None
         self._process: subprocess.Popen | None = None
         self._manager: type | None = None
-        self.path: str | None = None
+        self.path = path
+        self._running_elsewhere = path is not None
 
     def start(self) -> ForkServer:
-        if self._process is not None:
+        if self._process is not None or self._running_elsewhere:
             return self
         self._dir = tempfile.TemporaryDirectory(prefix="sagecheck-kernels-")
         self.path = os.path.join(self._dir.name, "socket")
@@ -89,9 +104,10 @@ class ForkServer:
             listener.listen(8)  # a launcher may connect at once: the server accepts it once its imports are done
             # its own session: a Ctrl-C in the terminal is the runner's to handle (it stops the server), and the kernels,
             # as Jupyter's own, are not in the terminal's process group
+            config = {"target": self.target, "what": self.what, "preload": list(self.preload),
+                      "trial_timeout_s": self.trial_timeout_s}
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "sagecheck.forkserver", "serve", str(listener.fileno()),
-                 str(self.trial_timeout_s), *self.preload],
+                [sys.executable, "-m", "sagecheck.forkserver", "serve", str(listener.fileno()), json.dumps(config)],
                 env={"MPLBACKEND": INLINE_BACKEND, **os.environ, **self.kernel_env}, pass_fds=[listener.fileno()],
                 start_new_session=True, stdin=subprocess.DEVNULL)
         finally:
@@ -99,9 +115,9 @@ class ForkServer:
         return self
 
     def launcher_argv(self) -> list[str]:
-        """The command Jupyter starts in place of ``python -m sagecheck.kernel KERNEL_ARGS``."""
+        """The command Jupyter starts in place of ``python -m TARGET KERNEL_ARGS``."""
         self.start()
-        return [sys.executable, "-m", "sagecheck.forkserver", "launch", str(self.path), *self.kernel_args]
+        return [sys.executable, "-m", "sagecheck.forkserver", "launch", str(self.path), self.target, *self.kernel_args]
 
     def kernel_spec(self) -> Any:
         """The Jupyter kernel spec whose kernels this server forks."""
@@ -146,31 +162,33 @@ class ForkServer:
 # ------------------------------------------------------------------ the server
 
 
-def serve(listener_fd: int, trial_timeout_s: float, preload: list[str]) -> None:
-    """Import ``preload``, then fork a kernel for every launcher that connects, until terminated."""
-    from sagecheck import kernel
-
-    kernel.end_without_teardown_at_exit()  # before the imports register theirs: it must run after them, as in a kernel
+def serve(listener_fd: int, config: dict[str, Any]) -> None:
+    """Import the target, then the modules of ``config["preload"]``, then fork a process running the target's ``main()``
+    for every launcher that connects, until terminated. A target may define ``prepare_fork_server()``, called before the
+    preloads (the kernel registers its exit hook there, which must run after theirs, as in a kernel)."""
+    target = importlib.import_module(config["target"])
+    if hasattr(target, "prepare_fork_server"):
+        target.prepare_fork_server()
     global _server_cwd
     _server_cwd = os.getcwd()
     listener = socket.socket(fileno=listener_fd)
     runner = os.getppid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the runner stops the server; a Ctrl-C is the runner's
-    for name in preload:
+    for name in config["preload"]:
         try:
             __import__(name)
         except ImportError:
             pass  # a kernel that needs it fails the same way, in its notebook, where the error is seen
-    unsafe = _why_forking_is_unsafe(trial_timeout_s)
+    unsafe = _why_forking_is_unsafe(float(config["trial_timeout_s"]))
     if unsafe:
-        sys.stderr.write(f"sagecheck: each notebook's kernel starts on its own ({unsafe})\n")
+        sys.stderr.write(f"sagecheck: each {config['what']} starts on its own ({unsafe})\n")
         return
     children: dict[int, socket.socket] = {}
     while True:
         ready, _, _ = select.select([listener], [], [], 0.05)
         if ready:
             conn, _ = listener.accept()
-            pid = _fork_kernel(conn, listener, children)
+            pid = _fork(conn, listener, children, target)
             if pid:
                 children[pid] = conn
         _reap(children)
@@ -213,7 +231,7 @@ def _why_forking_is_unsafe(timeout_s: float) -> str | None:
     return f"a forked trial of torch's parallel code did not finish in {timeout_s:.0f} s"
 
 
-def _fork_kernel(conn: socket.socket, listener: socket.socket, children: dict[int, socket.socket]) -> int | None:
+def _fork(conn: socket.socket, listener: socket.socket, children: dict[int, socket.socket], target: Any) -> int | None:
     try:
         data, fds, _, _ = socket.recv_fds(conn, _MESSAGE_BYTES, len(_STREAMS))
         request = json.loads(data)
@@ -228,7 +246,7 @@ def _fork_kernel(conn: socket.socket, listener: socket.socket, children: dict[in
             listener.close()
             for other in children.values():
                 other.close()
-            _become_kernel(conn, request, fds)
+            _become(conn, request, fds, target)
         except SystemExit:  # the kernel's end: up and out of the interpreter, whose exit hooks end it as a kernel's do
             raise
         except BaseException:  # noqa: BLE001 - a child never returns into the server's loop
@@ -263,19 +281,21 @@ def _reap(children: dict[int, socket.socket]) -> None:
             conn.close()
 
 
-def _become_kernel(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> None:
-    """In the forked child: take the launcher's streams, environment, directory and arguments, and run the kernel."""
+def _become(conn: socket.socket, request: dict[str, Any], fds: list[int], target: Any) -> None:
+    """In the forked child: take the launcher's streams, environment, directory and arguments, and run the target."""
     import threading
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for number, fd in zip(_STREAMS, fds):
         os.dup2(fd, number)
         os.close(fd)
+    server_pythonpath = os.environ.get("PYTHONPATH", "")
     os.environ.clear()
     os.environ.update(request["env"])
     os.chdir(request["cwd"])
     if sys.path and sys.path[0] == _server_cwd:  # what ``python -m`` put first: the kernel's own directory
         sys.path[0] = request["cwd"]
+    _take_python_path(server_pythonpath, request["env"].get("PYTHONPATH", ""))
 
     def end_with_the_launcher() -> None:
         try:
@@ -284,26 +304,36 @@ def _become_kernel(conn: socket.socket, request: dict[str, Any], fds: list[int])
             os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=end_with_the_launcher, name="sagecheck-launcher-watch", daemon=True).start()
-    sys.argv = [request["argv0"], *request["args"]]
-    from sagecheck import kernel
-
-    kernel.main()
+    sys.argv = [target.__name__, *request["args"]]
+    target.main()
     sys.exit(0)
+
+
+def _take_python_path(server: str, launcher: str) -> None:
+    """Where the launcher's PYTHONPATH names folders the server's did not, put them where Python would have: after the
+    script's directory, before the rest (modules the server imported stay the server's)."""
+    if launcher == server:
+        return
+    known = {os.path.abspath(p) for p in server.split(os.pathsep) if p}
+    new = [os.path.abspath(p) for p in launcher.split(os.pathsep) if p and os.path.abspath(p) not in known]
+    sys.path[1:1] = [p for p in dict.fromkeys(new) if p not in sys.path]
+    importlib.invalidate_caches()
 
 
 # ------------------------------------------------------------------ the launcher
 
 
-def launch(path: str, kernel_args: list[str]) -> int:
-    """Have the server at ``path`` fork the kernel; relay signals to it; return its exit status."""
+def launch(path: str, kernel_args: list[str], plain: Callable[[list[str]], int]) -> int:
+    """Have the server at ``path`` fork its target; relay signals to it; return its exit status. Where no server forks
+    it, ``plain(kernel_args)`` runs the target in this process instead."""
     parent = os.getppid()
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         conn.connect(path)
     except OSError:
         conn.close()
-        return _run_plain_kernel(kernel_args)
-    request = {"argv0": "sagecheck.kernel", "args": kernel_args, "env": dict(os.environ), "cwd": os.getcwd()}
+        return plain(kernel_args)
+    request = {"args": kernel_args, "env": dict(os.environ), "cwd": os.getcwd()}
     try:
         socket.send_fds(conn, [json.dumps(request).encode()], list(_STREAMS))
         reply = conn.recv(_MESSAGE_BYTES)
@@ -311,7 +341,7 @@ def launch(path: str, kernel_args: list[str]) -> int:
         reply = b""
     if not reply:  # the server stopped before forking (it found forking unsafe, or was stopped)
         conn.close()
-        return _run_plain_kernel(kernel_args)
+        return plain(kernel_args)
     pid = json.loads(reply)["pid"]
     for name in _RELAYED_SIGNALS:
         signal.signal(getattr(signal, name), lambda number, _frame: _relay(pid, number))
@@ -344,19 +374,23 @@ def _relay(pid: int, number: int) -> None:
         pass
 
 
-def _run_plain_kernel(kernel_args: list[str]) -> int:
-    """Become ``python -m sagecheck.kernel`` (the same process: Jupyter's signals reach the kernel itself)."""
-    sys.stdout.flush()
-    os.execv(sys.executable, [sys.executable, "-m", "sagecheck.kernel", *kernel_args])
+def exec_module(target: str) -> Callable[[list[str]], int]:
+    """A ``plain`` for :func:`launch`: become ``python -m TARGET ARGS`` (the same process: signals reach it itself)."""
+
+    def run(args: list[str]) -> int:
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, "-m", target, *args])
+
+    return run
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["serve"] and len(argv) >= 3:
-        serve(int(argv[1]), float(argv[2]), argv[3:])
+    if argv[:1] == ["serve"] and len(argv) == 3:
+        serve(int(argv[1]), json.loads(argv[2]))
         return 0
-    if argv[:1] == ["launch"] and len(argv) >= 2:
-        return launch(argv[1], argv[2:])
-    sys.stderr.write("usage: python -m sagecheck.forkserver serve FD TRIAL-TIMEOUT-S [MODULE...] | launch SOCKET KERNEL-ARGS...\n")
+    if argv[:1] == ["launch"] and len(argv) >= 3:
+        return launch(argv[1], argv[3:], exec_module(argv[2]))
+    sys.stderr.write("usage: python -m sagecheck.forkserver serve FD CONFIG-JSON | launch SOCKET TARGET-MODULE ARGS...\n")
     return 2
 
 

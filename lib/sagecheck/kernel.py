@@ -37,6 +37,10 @@ def end_without_teardown_at_exit() -> None:
         _installed = True
 
 
+# the fork server (sagecheck.forkserver) calls this before its imports, whose exit hooks the kernels it forks inherit
+prepare_fork_server = end_without_teardown_at_exit
+
+
 def main() -> None:
     global _status
     end_without_teardown_at_exit()

@@ -26,7 +26,7 @@ from sagecheck import params as P
 from sagecheck import results as R
 from sagecheck import sources
 from sagecheck.environment import project_root
-from sagecheck.forkserver import ForkServer
+from sagecheck.forkserver import RUNNING_SERVER_ENV, ForkServer
 from sagecheck.notebooks import default_dir, discover, select
 from sagecheck.redact import redact_tree, secret_values
 
@@ -229,7 +229,9 @@ def run(
     servers = None
     # the default kernel's processes are forked from one that imported torch and transformers once (sagecheck.forkserver);
     # --kernel NAME starts that kernel spec's own processes, the project's included (--kernel sagecheck)
-    forks = None if kernel else ForkServer(KERNEL_ARGS, KERNEL_ENV, display_name=f"Python ({kernel_name})")
+    # (one named in SAGECHECK_FORKSERVER, where one is running already: the tests keep one for their many runs)
+    forks = None if kernel else ForkServer(KERNEL_ARGS, KERNEL_ENV, display_name=f"Python ({kernel_name})",
+                                           path=os.environ.get(RUNNING_SERVER_ENV) or None)
     try:
         servers = _start_servers(params, notebooks, run_dir, progress)
         manifest["sglang_servers"] = servers.as_dicts() if servers else {}
