@@ -39,10 +39,21 @@ class Kernel:
                                             output_hook=lambda m: out.append(m["content"].get("text", "")))
         return "".join(out), reply["content"]
 
+    def reply_to(self, msg_id: str, timeout: float) -> dict:
+        """The content of the shell reply to ``msg_id`` (replies to the readiness probes' kernel-info requests, sent
+        while the kernel started, may come first)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self.kc.get_shell_msg(timeout=max(0.1, deadline - time.monotonic()))
+            if msg["parent_header"].get("msg_id") == msg_id:
+                return msg["content"]
+
     def close(self) -> None:
         self.kc.stop_channels()
         if self.km.is_alive():
             self.km.shutdown_kernel(now=False)  # a shutdown request, as nbclient sends
+        else:  # it ended on its own: its control socket is still open (and would block zmq's context at exit)
+            self.km.cleanup_resources()
 
 
 def alive(pid: int) -> bool:
@@ -81,11 +92,11 @@ def test_each_kernel_is_a_fresh_child_of_the_server_with_the_launchers_environme
 def test_an_interrupt_reaches_the_kernel_and_its_exit_status_comes_back(server, tmp_path):
     k = Kernel(server, str(tmp_path))
     try:
-        k.kc.execute("import time; time.sleep(60)")
+        sent = k.kc.execute("import time; time.sleep(60)")
         time.sleep(1)
         started = time.monotonic()
         k.km.interrupt_kernel()  # SIGINT to the launcher's process group: relayed to the kernel
-        interrupted = k.kc.get_shell_msg(timeout=20)["content"]
+        interrupted = k.reply_to(sent, timeout=20)
         assert time.monotonic() - started < 20 and interrupted["ename"] == "KeyboardInterrupt", interrupted
         assert k.run("print('still here')")[0] == "still here\n"
         k.kc.execute("import os; os._exit(3)")
