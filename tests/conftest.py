@@ -73,12 +73,16 @@ def fork_servers():
     """Two fork servers per test worker, which import while the first tests run: one for the notebook kernels of the
     runs the tests start (each run would otherwise start its own and wait for its imports: ~6 s of a core per run;
     ``test_changing_only_the_title_reruns_no_notebook_under_resume`` starts its own, as a user's run does), one for
-    the stand-in SGLang servers
-    (tests/standin/forked.py)."""
+    the stand-in SGLang servers (tests/standin/forked.py). None on a machine with CUDA: the GPU tests need neither, and
+    a CUDA context in either (the SGLang kit's transformers initializes CUDA at import) would take GPU memory that the
+    GPU tests' servers count on."""
     from sagecheck.forkserver import RUNNING_SERVER_ENV, ForkServer
     from sagecheck.run import KERNEL_ARGS, KERNEL_ENV
     from tests.standin import forked
 
+    if torch.cuda.is_available():
+        yield {}
+        return
     with _fork_server_in_environment(ForkServer(KERNEL_ARGS, KERNEL_ENV), RUNNING_SERVER_ENV) as kernels, \
             _fork_server_in_environment(forked.fork_server(), forked.SOCKET_ENV) as standins:
         yield {"kernels": kernels, "standins": standins}

@@ -66,8 +66,13 @@ def alive(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def server(fork_servers):
-    """The kernels' fork server of this test worker (conftest.py), started as a run starts its own."""
-    return fork_servers["kernels"]
+    """The kernels' fork server of this test worker (conftest.py), started as a run starts its own; one of this module's
+    own where the worker has none."""
+    if "kernels" in fork_servers:
+        yield fork_servers["kernels"]
+        return
+    with ForkServer(KERNEL_ARGS, KERNEL_ENV) as own:
+        yield own
 
 
 def test_each_kernel_is_a_fresh_child_of_the_server_with_the_launchers_environment_and_directory(server, tmp_path):
