@@ -109,7 +109,8 @@ def test_training_is_deterministic_for_a_seed(tmp_path):
     import subprocess
     import sys
 
-    # five of the 44 texts (the two held-out ones included): the same code path, the tokenizer trained in 1 s, not 11
+    # five of the 44 texts (the two held-out ones included): the same code path; tokenizer and training stream in
+    # 2.5 s instead of 10.9 s (measured on a 2-core machine)
     corpus_part = tmp_path / "corpus"
     corpus_part.mkdir()
     for name in ("hamlet_gut.txt", "sonnets_gut.txt", "comedy_of_errors_gut.txt", "rape_of_lucrece_gut.txt",

@@ -323,17 +323,17 @@ def _take_python_path(server: str, launcher: str) -> None:
 # ------------------------------------------------------------------ the launcher
 
 
-def launch(path: str, kernel_args: list[str], plain: Callable[[list[str]], int]) -> int:
-    """Have the server at ``path`` fork its target; relay signals to it; return its exit status. Where no server forks
-    it, ``plain(kernel_args)`` runs the target in this process instead."""
+def launch(path: str, args: list[str], plain: Callable[[list[str]], int]) -> int:
+    """Have the server at ``path`` fork its target with ``args``; relay signals to it; return its exit status. Where no
+    server forks it, ``plain(args)`` runs the target in this process instead."""
     parent = os.getppid()
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         conn.connect(path)
     except OSError:
         conn.close()
-        return plain(kernel_args)
-    request = {"args": kernel_args, "env": dict(os.environ), "cwd": os.getcwd()}
+        return plain(args)
+    request = {"args": args, "env": dict(os.environ), "cwd": os.getcwd()}
     try:
         socket.send_fds(conn, [json.dumps(request).encode()], list(_STREAMS))
         reply = conn.recv(_MESSAGE_BYTES)
@@ -341,7 +341,7 @@ def launch(path: str, kernel_args: list[str], plain: Callable[[list[str]], int])
         reply = b""
     if not reply:  # the server stopped before forking (it found forking unsafe, or was stopped)
         conn.close()
-        return plain(kernel_args)
+        return plain(args)
     pid = json.loads(reply)["pid"]
     for name in _RELAYED_SIGNALS:
         signal.signal(getattr(signal, name), lambda number, _frame: _relay(pid, number))

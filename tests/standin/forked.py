@@ -1,7 +1,7 @@
 """Stand-in SGLang servers forked from one process per test worker (:mod:`sagecheck.forkserver`).
 
-The tests start about forty stand-in servers; each imported torch, transformers and sagecheck on its own, 8-12 s of a
-CI core apiece. A test worker starts one fork server for them (``conftest.py``) and names its socket in
+A full test run starts 48 stand-in servers (counted by their logs); each imported torch, transformers and sagecheck on
+its own: 9.2-10.4 s a start on an idle 2-core machine, 0.9 s forked. A test worker starts one fork server for them (``conftest.py``) and names its socket in
 ``SAGECHECK_STANDIN_FORKSERVER``, which every process the tests start inherits: ``python -m sglang.launch_server``
 (:mod:`tests.standin.sglang.launch_server`) then has a server forked from it. Each is still a fresh process with the
 launcher's environment, arguments, directory and log; modules the launcher's PYTHONPATH adds (the wrong variants'

@@ -196,8 +196,8 @@ class Server:
     def wait_ready(self, port_retries: int = 3) -> None:
         """Wait for ``/health_generate``; where the port chosen for it was taken by another process before the server
         bound it (it exits saying the address is in use), launch it again on another port, up to ``port_retries`` times.
-        It asks every 0.1 s at first, then less often, up to every ``poll_s``: a server that is ready in a second (one
-        attached, the tests' stand-in) is not kept waiting, one that loads for minutes is not asked ten times a second."""
+        It asks every 0.1 s at first, then less often, up to every ``poll_s``: a server that is ready in a second (the
+        tests' forked stand-in: 0.9 s) is not kept waiting, one that loads for minutes is not asked ten times a second."""
         deadline = time.monotonic() + self.startup_timeout_s
         pause = min(0.1, self.poll_s)
         while time.monotonic() < deadline:
