@@ -486,3 +486,31 @@ def test_kernel_accuracy_view_gives_words_where_no_figure_exists():
     tag, why = likely_cause({"causal": False, "n_k": 17})
     assert tag.startswith("key padding") and "64-key block" in why
     assert likely_cause({"causal": True, "n_k": 17})[0] == "not explained"
+
+
+def test_a_verdicts_detail_is_cut_at_a_word_with_a_mark():
+    from sagecheck.results import one_line
+
+    error = ("the SGLang server (--attention-backend sage_attn) exited with code 2 before it was ready: error: argument "
+             "--attention-backend: invalid choice: 'sage_attn' (choose from 'triton', 'torch_native', 'flex_attention', 'fa3')")
+    cut = one_line(error, 160)
+    assert len(cut) <= 160 and cut.endswith(" …") and error.startswith(cut[:-2]) and cut[:-2].split()[-1] in error.split()
+    assert one_line("short\nerror") == "short error" and one_line("") == ""
+
+
+def test_08s_flagged_detail_lists_whole_shapes_and_says_how_many_more():
+    from sagecheck.metrics import kernel as K
+
+    flagged = [{"shape": f"b1 h32/8 q{n} k{n} d64 full float16", "sage_vs_emulated_rel_l2": 0.5, "sage_vs_ref_rel_l2": 0.5,
+                "sage-emulated_vs_ref_rel_l2": 0.01, "causal": False, "n_k": n} for n in range(1, 31)]
+    seen = {}
+
+    class Results:
+        def verdict(self, id, kind, name, value, comparison, threshold, detail="", **kw):
+            seen[id] = detail
+
+    K._emulation_verdicts(Results(), {"flagged": flagged, "agree_ratio_min": 6.0})
+    detail = seen["kernel.vs_emulation"]
+    listed = detail.split("; … ")[0].split("likely cause: key padding: n_k not a multiple of 64; ")[1].split("; ")
+    assert listed == [f"{r['shape']}: 5.00e-01" for r in flagged[: len(listed)]] and 0 < len(listed) < 30
+    assert detail.endswith(f"; … {30 - len(listed)} more in the flagged table")

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import tempfile
+import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,12 @@ def to_jsonable(value: Any) -> Any:
         return str(value)
     return str(value)
 
+
+
+def one_line(text: str, width: int = 200) -> str:
+    """A verdict's detail: ``text`` on one line, cut at a word with " …" where longer than ``width`` (the notebook's own
+    table keeps the whole text)."""
+    return textwrap.shorten(text, width, placeholder=" …") if text else ""
 
 @dataclass
 class Verdict:

@@ -361,9 +361,13 @@ def record(results: Any, rows: list[dict[str, Any]], speed_rows: list[dict[str, 
 def _emulation_verdicts(results: Any, agreed: dict[str, Any]) -> None:
     flagged = agreed["flagged"]
     causes = sorted(flagged_view(flagged)[1])
+    shapes = [f"{r['shape']}: {r['sage_vs_emulated_rel_l2']:.2e}" for r in flagged]
+    listed = 0  # whole shapes, up to about 500 characters; 08's flagged table lists them all
+    while listed < len(shapes) and len("; ".join(shapes[: listed + 1])) <= 500:
+        listed += 1
+    more = f"; … {len(shapes) - listed} more in the flagged table" if listed < len(shapes) else ""
     results.verdict("kernel.vs_emulation", "kernel", "shapes where the kernel disagrees with its emulation", len(flagged), "<=", 0,
-                    detail=(f"likely cause: {'; '.join(causes)}; " if causes else "")
-                    + "; ".join(f"{r['shape']}: {r['sage_vs_emulated_rel_l2']:.2e}" for r in flagged)[:500])
+                    detail=(f"likely cause: {'; '.join(causes)}; " if causes else "") + "; ".join(shapes[:listed]) + more)
     results.verdict("kernel.agreement_ratio", "kernel", "where they agree: kernel-vs-reference / kernel-vs-emulation (smallest)",
                     agreed["agree_ratio_min"], ">=", 5.0)
 

@@ -40,6 +40,7 @@ from sagecheck.engines.sglang import PLUGIN as NAME
 from sagecheck.engines.sglang import SGLangEngine, launch_spec
 from sagecheck.engines.sglang.client import ClientError, SGLangClient
 from sagecheck.engines.sglang.server import ServerError
+from sagecheck.results import one_line
 
 NO_PLUGINS = "__sagecheck_none__"  # an SGLANG_PLUGINS allow-list that admits no plugin
 
@@ -246,7 +247,7 @@ def record(results: Any, flag: Flag, params: Any) -> None:
     if not flag.default:
         for row in flag.rows:
             results.verdict(f"runtime_flag.{row['id']}", "runtime_flag", row["check"], int(row["passed"]), "==", 1,
-                            detail=(row.get("error") or row.get("reported") or "")[:200])
+                            detail=one_line(row.get("error") or row.get("reported") or ""))
         results.table("sglang_checks", flag.rows)
         return
     for row in flag.rows:
@@ -258,7 +259,7 @@ def record(results: Any, flag: Flag, params: Any) -> None:
         else:
             clear = bool(row["error"]) and (name != "sage" or "sage-emulated" in row["error"])
             results.verdict(f"runtime_flag.{name}.refused", "runtime_flag", f"{name}: unavailable here, and the error says why "
-                            "and what to use instead", int(clear), "==", 1, detail=row["error"][:200])
+                            "and what to use instead", int(clear), "==", 1, detail=one_line(row["error"]))
     impl, calls = flag.default["implementation at load"], flag.default["attention calls"]
     others = sum(n for k, n in calls.items() if k != params.baseline)
     results.verdict("runtime_flag.default", "runtime_flag", "default (no implementation named) runs only the baseline",
