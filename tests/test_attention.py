@@ -186,3 +186,16 @@ def test_online_softmax_is_the_block_loop_to_the_bit(monkeypatch, name, segment_
     q, k, v = (torch.randn(2, 8, n, 64, generator=g).half() for n in (40, 130, 130))
     fn(q, k, v, mask=mask)
     assert compared and all(compared), compared
+
+
+def test_the_fp8_kv_control_rounds_keys_and_values_as_an_e4m3_cache_holds_them():
+    """e4m3 keeps 3 mantissa bits and saturates at 448 (a unit scale, as SGLang stores a cache without checkpoint
+    scales): written out by hand, not by the cast under test."""
+    from sagecheck.attention.baseline import kv_rounded, sdpa_fp8_kv
+
+    x = torch.tensor([1.0, 1.0625, 1.07, 3.3, -0.0209, 300.0, 500.0, -1e4])
+    assert kv_rounded(x).tolist() == [1.0, 1.0, 1.125, 3.25, -11 * 2**-9, 288.0, 448.0, -448.0]  # 0.0209: steps of 2**-9
+    q, k, v = (torch.randn(1, 4, 9, 16) for _ in range(3))
+    out = sdpa_fp8_kv(q, k[:, :2], v[:, :2], causal=True)
+    assert torch.equal(out, attention.get("sdpa")(q, kv_rounded(k[:, :2]), kv_rounded(v[:, :2]), causal=True))
+    assert not torch.equal(out, attention.get("sdpa")(q, k[:, :2], v[:, :2], causal=True))

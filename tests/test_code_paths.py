@@ -67,12 +67,13 @@ VARIANTS = {  # candidate: (extra parameters, the path it must fail)
 
 
 @pytest.fixture(scope="module")
-def judged(tmp_path_factory):
+def judged(tmp_path_factory, builtin):
     """Every variant against the baseline server on the stand-in, judged: {candidate: (plan, results)}. Variants whose
     servers take the same arguments share one baseline server (each gets its own candidate server)."""
     old = os.environ.get("PYTHONPATH", "")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(STANDIN), str(FAULT_SITE), str(ROOT / "lib"), old])
     out = {}
+    control = builtin  # the accepted-precision control, in process on the same model (as the notebook measures it)
     try:
         by_args: dict[tuple[str, ...], list[str]] = {}
         for name, (overrides, _) in VARIANTS.items():
@@ -85,7 +86,7 @@ def judged(tmp_path_factory):
                     cand_dir = tmp_path_factory.mktemp(name)
                     with ServerSet(params, cand_dir, ["candidate"]) as candidate:
                         engine = SGLangEngine(params, cand_dir, servers={**baseline.as_dicts(), **candidate.as_dicts()})
-                        out[name] = C.measure(engine, NotebookParams(params, "10_code_paths"))
+                        out[name] = C.measure(engine, NotebookParams(params, "10_code_paths"), control)
     finally:
         os.environ["PYTHONPATH"] = old
     return out

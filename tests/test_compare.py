@@ -68,7 +68,7 @@ def make_run(folder: Path, params: dict, env: dict | None = None, verdicts: dict
         for check, (value, cmp, threshold) in (verdicts or {}).get(name, {}).items():
             kind = "control" if check.startswith("A/A") else "accuracy"
             vid = f"throughput.aa.{check.split('(')[1].split(')')[0]}" if check.startswith("A/A") else check
-            r.verdict(vid, kind, check, value, cmp, threshold)
+            r.verdict(vid, kind, check, value, cmp, threshold, source="control of this run" if kind == "accuracy" else "")
         if name == "04_throughput":
             r.metric("labels", {"baseline": params.get("baseline"), "candidate": params.get("candidate"), "copy": None})
         for tname, rows in (tables or {}).get(name, {}).items():

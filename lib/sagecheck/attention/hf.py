@@ -147,7 +147,8 @@ def _own_call(name: str, module, query, key, value, attention_mask, scaling, **k
 
 
 def _make_forward(name: str):
-    is_candidate = not attention.is_baseline(name)
+    # the baseline, and the accepted-precision control (an FP8 KV cache is read in every phase), run in every call
+    is_candidate = attention.ATTENTION.info(name).get("role") not in ("baseline", "accepted")
 
     def forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
         n_q, n_k = query.shape[2], key.shape[2]

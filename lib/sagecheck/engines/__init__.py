@@ -35,6 +35,7 @@ SERVERS = "servers"
 SERVER_MEMORY = "server_memory"
 CUDA_GRAPHS = "cuda_graphs"
 RADIX_CACHE = "radix_cache"
+ACCEPTED_PRECISION = "accepted_precision"
 
 CAPABILITIES = {
     FULL_LOGITS: "next-token distributions over the whole vocabulary",
@@ -46,6 +47,8 @@ CAPABILITIES = {
     SERVER_MEMORY: "the memory a server reports (KV capacity, weights, CUDA graphs) and its processes' GPU memory",
     CUDA_GRAPHS: "decode replayed from captured CUDA graphs",
     RADIX_CACHE: "a prefix cache shared between requests (an extend over cached tokens)",
+    ACCEPTED_PRECISION: "the accepted-precision control (the baseline reading keys and values as an FP8 KV cache holds "
+                        "them, in every attention call) as a backend of its own",
 }
 
 
@@ -182,6 +185,7 @@ class Engine(abc.ABC):
     tokenizer: Any
     baseline: str  # the baseline's label
     candidate: str  # the candidate's label
+    control: str | None = None  # :data:`ACCEPTED_PRECISION`: the accepted-precision control's label
     max_context: int | None = None  # longest sequence the model takes, where known
 
     @property

@@ -16,16 +16,17 @@ import torch
 
 from sagecheck import attention
 from sagecheck.attention import hf as attn_hf
-from sagecheck.engines import (ALLOCATOR_MEMORY, CALL_COUNTS, FULL_LOGITS, HIDDEN_STATES, STEPWISE, Backend, Engine, Generated,
-                               PathRun, TopK)
+from sagecheck.engines import (ACCEPTED_PRECISION, ALLOCATOR_MEMORY, CALL_COUNTS, FULL_LOGITS, HIDDEN_STATES, STEPWISE, Backend,
+                               Engine, Generated, PathRun, TopK)
 
 
 class HFEngine(Engine):
     name = "hf"
-    capabilities = frozenset({FULL_LOGITS, HIDDEN_STATES, ALLOCATOR_MEMORY, CALL_COUNTS, STEPWISE})
+    capabilities = frozenset({FULL_LOGITS, HIDDEN_STATES, ALLOCATOR_MEMORY, CALL_COUNTS, STEPWISE, ACCEPTED_PRECISION})
 
     def __init__(self, model: Any, tokenizer: Any, device: torch.device, dtype: torch.dtype, baseline: str = "sdpa",
-                 candidate: str = "sage-emulated", phases: tuple[str, ...] = ("prefill", "decode")) -> None:
+                 candidate: str = "sage-emulated", phases: tuple[str, ...] = ("prefill", "decode"),
+                 control: str = "sdpa-fp8kv") -> None:
         from sagecheck.params import labels
 
         attn_hf.register()
@@ -35,7 +36,8 @@ class HFEngine(Engine):
         self._dtype = dtype
         self.phases = tuple(phases)
         self.baseline, self.candidate = labels({"engine": "hf", "baseline": baseline, "candidate": candidate})
-        self._implementation = {self.baseline: baseline, self.candidate: candidate}
+        self.control = f"{control} (control)"  # its own label, whatever the candidate is (an A/A run, the control itself)
+        self._implementation = {self.baseline: baseline, self.candidate: candidate, self.control: control}
         self._baseline_impl = baseline
         self._calls: dict[str, Any] = {}
         attn_hf.configure(baseline=baseline, phases=phases)
@@ -53,7 +55,8 @@ class HFEngine(Engine):
         source = models.resolve(params.model, params.revision)
         model = models.load_model(source, device, dtype, attn_hf.transformers_name(impl), seed=params.seed)
         tokenizer = models.load_tokenizer(source)
-        return cls(model, tokenizer, device, dtype, params.baseline, params.candidate, tuple(params.candidate_phases))
+        return cls(model, tokenizer, device, dtype, params.baseline, params.candidate, tuple(params.candidate_phases),
+                   params.accuracy_control)
 
     @property
     def model(self) -> Any:

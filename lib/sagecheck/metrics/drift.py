@@ -109,8 +109,10 @@ def compare(model: Any, reference: dict[tuple[str, int], torch.Tensor], buckets:
 
 
 @torch.inference_mode()
-def measure(engine: Any, baseline: str, candidate: str, ids: list[int], modes: list[str], buckets: int = 4) -> list[dict[str, Any]]:
-    """Drift records for one prompt: per mode, kind (attention, hidden, final), layer and position bucket."""
+def measure(engine: Any, baseline: str, candidate: str, ids: list[int], modes: list[str], buckets: int = 4,
+            control: str | None = None) -> list[dict[str, Any]]:
+    """Drift records for one prompt: per mode, kind (attention, hidden, final), layer and position bucket; with
+    ``control``, the accepted-precision control in every layer too (mode ``control``)."""
     model = engine.model
     x = torch.tensor([ids], dtype=torch.long, device=engine.device)
     with engine.backend(baseline):
@@ -123,6 +125,11 @@ def measure(engine: Any, baseline: str, candidate: str, ids: list[int], modes: l
             with compare(model, reference, buckets) as recs:
                 model(input_ids=x, use_cache=False)
         records += [{"mode": "compounded", **r} for r in recs]
+    if control is not None:
+        with engine.backend(control):
+            with compare(model, reference, buckets) as recs:
+                model(input_ids=x, use_cache=False)
+        records += [{"mode": "control", **r} for r in recs]
     if "isolated" in modes:
         for i in range(n_layers):
             keep = {("attention", i), ("hidden", i), ("final", n_layers)}
@@ -145,7 +152,8 @@ def measure_prompts(engine: Any, p: Any) -> list[dict[str, Any]]:
     ps = prompts.prompt_sets(engine.tokenizer, text.text, p.n_prompts, p.tokens, 0, 0)["short"]
     records: list[dict[str, Any]] = []
     for i, ids in enumerate(ps):
-        records += [{"prompt": i, **r} for r in measure(engine, engine.baseline, engine.candidate, ids, p.modes, p.position_buckets)]
+        records += [{"prompt": i, **r} for r in measure(engine, engine.baseline, engine.candidate, ids, p.modes, p.position_buckets,
+                                                        control=engine.control)]
     return records
 
 
@@ -162,7 +170,7 @@ def per_layer(df: Any, modes: list[str]) -> Any:
     iso = df[(df["mode"] == "isolated") & (df.bucket == "all") & (df.candidate_layer == df.layer)]
     iso = iso.groupby(["kind", "layer"], as_index=False)[STATS].mean()
     iso.insert(0, "mode", "isolated (own layer)")
-    return pd.concat([main[main["mode"] == "compounded"], iso], ignore_index=True)
+    return pd.concat([main[main["mode"] != "isolated"], iso], ignore_index=True)
 
 
 def by_position(df: Any) -> Any:
@@ -173,13 +181,28 @@ def by_position(df: Any) -> Any:
     return table[sorted(table.columns, key=lambda b: int(b.split("-")[0]))]
 
 
-def record(results: Any, df: Any, records: list[dict[str, Any]], n_layers: int, p: Any) -> None:
-    """06's results and verdicts: the final hidden state of the compounded mode (else the isolated one), worst prompt."""
-    mode = "compounded" if "compounded" in p.modes else "isolated"
+def final_hidden(df: Any, mode: str) -> dict[str, float]:
+    """The final hidden state's drift in ``mode``, worst prompt (nan where the mode was not measured)."""
     final = df[(df.kind == "final") & (df.bucket == "all") & (df["mode"] == mode)]
-    rel, cos = float(final.rel_l2.max()), float(final.cosine.min())
-    results.metric("final_hidden", {"rel_l2_max": rel, "cosine_min": cos, "sqnr_db_min": float(final.sqnr_db.min())})
+    if final.empty:
+        return {"rel_l2_max": float("nan"), "cosine_min": float("nan"), "sqnr_db_min": float("nan")}
+    return {"rel_l2_max": float(final.rel_l2.max()), "cosine_min": float(final.cosine.min()),
+            "sqnr_db_min": float(final.sqnr_db.min())}
+
+
+def record(results: Any, df: Any, records: list[dict[str, Any]], n_layers: int, p: Any, control: str | None = None) -> None:
+    """06's results and verdicts: the final hidden state of the compounded mode (else the isolated one), worst prompt,
+    against the accepted-precision control's in every layer (worst prompt) on the same prompts."""
+    from sagecheck.thresholds import from_control
+
+    mode = "compounded" if "compounded" in p.modes else "isolated"
+    cand, ctrl = final_hidden(df, mode), final_hidden(df, "control")
+    results.metric("final_hidden", cand)
+    results.metric("control", {"implementation": control, **ctrl})
     results.metric("layers", n_layers)
     results.table("drift", records)
-    results.verdict("drift.final_cosine", "accuracy", "final hidden state: cosine (worst prompt)", cos, ">=", p.final_cosine_min)
-    results.verdict("drift.final_rel_l2", "accuracy", "final hidden state: relative L2 (worst prompt)", rel, "<=", p.final_rel_l2_max)
+    on = f"the same {p.n_prompts} prompts (worst prompt)"
+    results.verdict("drift.final_cosine", "accuracy", f"final hidden state: cosine (worst prompt, {mode})", cand["cosine_min"],
+                    ">=", ctrl["cosine_min"], source=from_control(control, on, f"{ctrl['cosine_min']:.6g}"))
+    results.verdict("drift.final_rel_l2", "accuracy", f"final hidden state: relative L2 (worst prompt, {mode})",
+                    cand["rel_l2_max"], "<=", ctrl["rel_l2_max"], source=from_control(control, on, f"{ctrl['rel_l2_max']:.4g}"))

@@ -166,32 +166,48 @@ def prompt_sets(engine: Any, p: Any) -> tuple[dict[str, list[list[int]]], Any]:
 
 @dataclass
 class Measured:
-    """Per backend label and prompt set: the next-token distributions and the greedy continuations."""
+    """Per backend label and prompt set: the next-token distributions and the greedy continuations; and the
+    accepted-precision control's distributions with its own baseline's (``control``: its label)."""
 
     distributions: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
     greedy: dict[str, dict[str, list[list[int]]]] = field(default_factory=dict)
     top_k: int | None = None
+    control: str | None = None
+    control_distributions: dict[str, dict[str, list[Any]]] = field(default_factory=dict)  # "baseline", "control"
 
 
-def measure(engine: Any, sets: dict[str, list[list[int]]], greedy_tokens: int, top_k: int) -> Measured:
-    """Both backends on the same prompts: distributions (full or top-k) and greedy continuations."""
+def measure(engine: Any, sets: dict[str, list[list[int]]], greedy_tokens: int, top_k: int, control_engine: Any = None) -> Measured:
+    """Both backends on the same prompts: distributions (full or top-k) and greedy continuations; then the control
+    against its engine's baseline on the same prompts, seen as the candidate is (the top-k where the run's engine gives
+    only that)."""
     out = Measured(top_k=top_k_for(engine, top_k))
     for label in engine.pair:
         with engine.backend(label) as b:
             out.distributions[label] = {name: collect(b, ps, out.top_k) for name, ps in sets.items()}
             out.greedy[label] = {name: b.generate(ps, greedy_tokens) for name, ps in sets.items()}
+    if control_engine is not None:
+        ce = control_engine
+        out.control = ce.control
+        for role, label in (("baseline", ce.baseline), ("control", ce.control)):
+            if ce is engine and label == engine.baseline:
+                out.control_distributions[role] = out.distributions[label]
+                continue
+            with ce.backend(label) as b:
+                out.control_distributions[role] = {name: collect(b, ps, out.top_k) for name, ps in sets.items()}
     return out
 
 
 @dataclass
 class Comparison:
-    aggregate: list[dict[str, Any]]  # per set, then "all"
+    aggregate: list[dict[str, Any]]  # per set, then "all"; then the control's "all"
     per_prompt: list[dict[str, Any]]
     overall: dict[str, Any]
     kl_series: dict[str, np.ndarray]  # the prompts drawn by position (the long ones where there are)
-    kl_by_set: dict[str, np.ndarray]  # every position's KL, per prompt set
+    kl_by_set: dict[str, np.ndarray]  # every position's KL, per prompt set; and the control's over all positions
     greedy_identical: int
     greedy_prompts: int
+    control: str | None = None
+    control_overall: dict[str, Any] | None = None
 
 
 def compare(measured: Measured, sets: dict[str, list[list[int]]], baseline: str, candidate: str) -> Comparison:
@@ -205,11 +221,19 @@ def compare(measured: Measured, sets: dict[str, list[list[int]]], baseline: str,
                          "greedy_first_divergence": div if div is not None else "none"})
             if name == "long" or (name == "short" and "long" not in sets):
                 kl_series[f"{name} #{i}"] = pp["kl"]
-    aggregate = [{"set": name, **summarize(v)} for name, v in per_set.items()]
+    aggregate = [{"set": name, "compared": candidate, **summarize(v)} for name, v in per_set.items()]
     overall = summarize(concat(list(per_set.values())))
-    aggregate.append({"set": "all", **overall})
+    aggregate.append({"set": "all", "compared": candidate, **overall})
+    kl_by_set = {name: v["kl"] for name, v in per_set.items()}
+    control_overall = None
+    if measured.control:
+        cd = measured.control_distributions
+        control_all = concat([p for name in sets for p in compare_collected(cd["baseline"][name], cd["control"][name])])
+        control_overall = summarize(control_all)
+        aggregate.append({"set": "all", "compared": f"{measured.control} (accepted precision)", **control_overall})
+        kl_by_set[f"all: {measured.control}"] = control_all["kl"]
     same = sum(r["greedy_first_divergence"] == "none" for r in rows)
-    return Comparison(aggregate, rows, overall, kl_series, {name: v["kl"] for name, v in per_set.items()}, same, len(rows))
+    return Comparison(aggregate, rows, overall, kl_series, kl_by_set, same, len(rows), measured.control, control_overall)
 
 
 PER_PROMPT_COLUMNS = ["set", "prompt", "tokens", "kl_mean", "kl_p99", "kl_max", "top1_agreement", "top5_agreement",
@@ -217,14 +241,20 @@ PER_PROMPT_COLUMNS = ["set", "prompt", "tokens", "kl_mean", "kl_p99", "kl_max", 
 
 
 def record(results: Any, c: Comparison, p: Any, text: Any) -> None:
-    """02's results and verdicts."""
+    """02's results and verdicts: the candidate's KL and top-1 agreement against the control's on the same positions."""
+    from sagecheck.thresholds import from_control
+
     results.metric("overall", c.overall)
-    results.metric("per_set", {a["set"]: a for a in c.aggregate})
+    results.metric("per_set", {a["set"]: a for a in c.aggregate if not a["compared"].endswith("(accepted precision)")})
+    results.metric("control", {"implementation": c.control, **(c.control_overall or {})})
     results.metric("greedy_identical", c.greedy_identical)
     results.metric("greedy_prompts", c.greedy_prompts)
     results.metric("text", text.description)
     results.table("per_prompt", c.per_prompt)
-    o = c.overall
-    results.verdict("logits.kl_mean", "accuracy", "mean KL(baseline || candidate)", o["kl_mean"], "<=", p.kl_mean_max,
-                    unit="nats", detail=f"{o['positions']} positions; p99 {o['kl_p99']:.3g}, max {o['kl_max']:.3g}")
-    results.verdict("logits.top1", "accuracy", "top-1 agreement", o["top1_agreement"], ">=", p.top1_min)
+    o, k = c.overall, c.control_overall or {}
+    on = f"the same {o['positions']} positions"
+    results.verdict("logits.kl_mean", "accuracy", "mean KL(baseline || candidate)", o["kl_mean"], "<=", k.get("kl_mean", float("nan")),
+                    unit="nats", detail=f"{o['positions']} positions; p99 {o['kl_p99']:.3g}, max {o['kl_max']:.3g}",
+                    source=from_control(c.control, on, f"{k.get('kl_mean', float('nan')):.3g} nats"))
+    results.verdict("logits.top1", "accuracy", "top-1 agreement", o["top1_agreement"], ">=", k.get("top1_agreement", float("nan")),
+                    source=from_control(c.control, on, f"{k.get('top1_agreement', float('nan')):.4g}"))

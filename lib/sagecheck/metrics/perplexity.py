@@ -135,10 +135,13 @@ class Scored:
     n_bytes: int
     windows: list[Window]
     scores: dict[str, WindowScores]
+    control: str | None = None  # the accepted-precision control's label
+    control_scores: dict[str, WindowScores] | None = None  # "baseline" and "control", on the control's engine
 
 
-def score(engine: Any, p: Any) -> Scored:
-    """Both backends on the same sliding windows of ``p.dataset`` (its first ``p.max_tokens`` tokens)."""
+def score(engine: Any, p: Any, control_engine: Any = None) -> Scored:
+    """Both backends on the same sliding windows of ``p.dataset`` (its first ``p.max_tokens`` tokens); then the
+    accepted-precision control and its engine's baseline on the same windows."""
     from sagecheck.data import corpus
 
     text = corpus.load_text(p.dataset)
@@ -152,7 +155,16 @@ def score(engine: Any, p: Any) -> Scored:
     for label in engine.pair:
         with engine.backend(label) as b:
             scores[label] = score_windows(ids, windows, b.token_logprobs)
-    return Scored(text, text.description, ids, scored_text.n_words, scored_text.n_bytes, windows, scores)
+    out = Scored(text, text.description, ids, scored_text.n_words, scored_text.n_bytes, windows, scores)
+    if control_engine is not None:
+        ce, out.control, out.control_scores = control_engine, control_engine.control, {}
+        for role, label in (("baseline", ce.baseline), ("control", ce.control)):
+            if ce is engine and label == engine.baseline:
+                out.control_scores[role] = scores[label]
+                continue
+            with ce.backend(label) as b:
+                out.control_scores[role] = score_windows(ids, windows, b.token_logprobs)
+    return out
 
 
 def data_facts(s: Scored, p: Any) -> dict[str, Any]:
@@ -161,21 +173,35 @@ def data_facts(s: Scored, p: Any) -> dict[str, Any]:
 
 
 def table(s: Scored) -> list[dict[str, Any]]:
+    rows = dict(s.scores)
+    if s.control_scores and s.control:
+        rows[s.control] = s.control_scores["control"]
     return [{"backend": label, "token perplexity": w.perplexity, "word perplexity": w.word_perplexity(s.n_words),
              "bits per byte": w.bits_per_byte(s.n_bytes), "scored tokens": w.total_tokens, "NLL (nats)": w.total_nll}
-            for label, w in s.scores.items()]
+            for label, w in rows.items()]
 
 
 def delta(s: Scored, baseline: str, candidate: str, p: Any) -> dict[str, float]:
     return paired_bootstrap_delta_pct(s.scores[baseline], s.scores[candidate], resamples=p.bootstrap, seed=p.seed)
 
 
+def control_delta(s: Scored, p: Any) -> dict[str, float]:
+    """The control's perplexity delta against its own engine's baseline, on the same windows and resamples."""
+    if not s.control_scores:
+        return {"delta_pct": float("nan"), "ci_low_pct": float("nan"), "ci_high_pct": float("nan"), "resamples": 0}
+    return paired_bootstrap_delta_pct(s.control_scores["baseline"], s.control_scores["control"], resamples=p.bootstrap,
+                                      seed=p.seed)
+
+
 def record(results: Any, s: Scored, d: dict[str, float], baseline: str, candidate: str, p: Any) -> None:
-    """03's results and its verdict."""
+    """03's results and its verdict: the candidate's |perplexity delta| against the control's on the same windows."""
+    from sagecheck.thresholds import from_control
+
     results.metric("dataset", s.description)
     results.metric("tokens", len(s.ids))
     results.metric("windows", len(s.windows))
-    results.metric("perplexity", {label: w.perplexity for label, w in s.scores.items()})
+    results.metric("perplexity", {label: w.perplexity for label, w in s.scores.items()}
+                   | ({s.control: s.control_scores["control"].perplexity} if s.control_scores else {}))
     results.metric("word_perplexity", {label: w.word_perplexity(s.n_words) for label, w in s.scores.items()})
     results.metric("bits_per_byte", {label: w.bits_per_byte(s.n_bytes) for label, w in s.scores.items()})
     results.metric("delta", d)
@@ -183,5 +209,9 @@ def record(results: Any, s: Scored, d: dict[str, float], baseline: str, candidat
     base, cand = s.scores[baseline], s.scores[candidate]
     results.table("windows", [{"begin": w.begin, "end": w.end, "scored": w.n_scored, "nll_base": float(b), "nll_cand": float(c)}
                               for w, b, c in zip(s.windows, base.nll, cand.nll)])
-    results.verdict("perplexity.delta", "accuracy", "|token perplexity delta|", d["delta_pct"], "abs<=", p.delta_max_pct,
-                    unit="%", detail=f"95% CI [{d['ci_low_pct']:+.3f}, {d['ci_high_pct']:+.3f}] %")
+    k = control_delta(s, p)
+    results.metric("control", {"implementation": s.control, **k})
+    results.verdict("perplexity.delta", "accuracy", "token perplexity delta (judged by its size)", d["delta_pct"], "abs<=",
+                    abs(k["delta_pct"]), unit="%", detail=f"95% CI [{d['ci_low_pct']:+.3f}, {d['ci_high_pct']:+.3f}] %",
+                    source=from_control(s.control, f"the same {len(s.windows)} windows",
+                                        f"{k['delta_pct']:+.3f} % [{k['ci_low_pct']:+.3f}, {k['ci_high_pct']:+.3f}]"))

@@ -258,14 +258,24 @@ def overview(loaded: dict[str, Any]) -> list[dict[str, Any]]:
             for name, t in loaded.items()]
 
 
-def score(engine: Any, loaded: dict[str, Any], p: Any) -> dict[tuple[str, str], list[dict[str, Any]]]:
-    """Per (backend label, task): each question scored, multiple choice by log-likelihood, generation by exact match."""
+def score(engine: Any, loaded: dict[str, Any], p: Any, control_engine: Any = None) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Per (backend label, task): each question scored, multiple choice by log-likelihood, generation by exact match;
+    then the accepted-precision control and its engine's baseline (where that is not the run's baseline already)."""
+    scored = _score(engine, engine.pair, loaded, p)
+    if control_engine is not None:
+        ce = control_engine
+        labels = [label for label in (ce.baseline, ce.control) if not (ce is engine and label == engine.baseline)]
+        scored.update(_score(ce, labels, loaded, p))
+    return scored
+
+
+def _score(engine: Any, labels: Sequence[str], loaded: dict[str, Any], p: Any) -> dict[tuple[str, str], list[dict[str, Any]]]:
     from sagecheck.engines import RADIX_CACHE
 
     specs = {s.name: s for s in p.tasks}
     serving = RADIX_CACHE in engine.capabilities  # a server: each question's choices together, as a serving workload
     scored = {}
-    for label in engine.pair:
+    for label in labels:
         with engine.backend(label) as b:
             for name, t in loaded.items():
                 if t.kind == "multiple_choice":
@@ -279,35 +289,69 @@ def score(engine: Any, loaded: dict[str, Any], p: Any) -> dict[tuple[str, str], 
     return scored
 
 
+def choice_kl(base_rows: list[dict[str, Any]], cand_rows: list[dict[str, Any]]) -> np.ndarray:
+    """Per multiple-choice question: KL(baseline || candidate) between the two distributions over its choices (a softmax
+    of the choices' log-likelihoods). A continuous view of the answers: it moves where the choices' scores move, long
+    before an answer flips."""
+    out = []
+    for b, c in zip(base_rows, cand_rows):
+        lb, lc = np.asarray(b["loglik"], dtype=np.float64), np.asarray(c["loglik"], dtype=np.float64)
+        lb, lc = lb - np.logaddexp.reduce(lb), lc - np.logaddexp.reduce(lc)
+        out.append(max(0.0, float(np.sum(np.exp(lb) * (lb - lc)))))
+    return np.asarray(out)
+
+
 @dataclass
 class Compared:
     summary: list[dict[str, Any]]  # per task and metric
     flips: dict[str, list[dict[str, Any]]]  # per task: the questions whose answer changed
+    control: str | None = None
+    control_summary: list[dict[str, Any]] | None = None  # the control against its engine's baseline, per task and metric
+    choice_kl: dict[str, dict[str, float]] | None = None  # multiple choice: per task, mean KL of the candidate, the control
 
     @property
     def headline(self) -> list[dict[str, Any]]:
         return [s for s in self.summary if s["headline"]]
 
+    def control_headline(self, task: str) -> dict[str, Any] | None:
+        return next((s for s in self.control_summary or [] if s["task"] == task and s["headline"]), None)
 
-def compare_all(loaded: dict[str, Any], scored: dict[tuple[str, str], Any], baseline: str, candidate: str, p: Any) -> Compared:
-    summary, flipped = [], {}
+
+def compare_all(loaded: dict[str, Any], scored: dict[tuple[str, str], Any], baseline: str, candidate: str, p: Any,
+                control_pair: tuple[str, str] | None = None) -> Compared:
+    summary, flipped, control_summary, kl = [], {}, [], {}
     for name, t in loaded.items():
         rows, flipped[name] = paired_summary(t, scored[baseline, name], scored[candidate, name], p.bootstrap, p.seed)
         summary += rows
-    return Compared(summary, flipped)
+        if control_pair:
+            control_summary += paired_summary(t, scored[control_pair[0], name], scored[control_pair[1], name], p.bootstrap,
+                                              p.seed)[0]
+            if t.kind == "multiple_choice":
+                kl[name] = {"candidate": float(choice_kl(scored[baseline, name], scored[candidate, name]).mean()),
+                            "control": float(choice_kl(scored[control_pair[0], name], scored[control_pair[1], name]).mean())}
+    return Compared(summary, flipped, control_pair[1] if control_pair else None, control_summary if control_pair else None, kl)
 
 
 def accuracy_table(c: Compared, baseline: str, candidate: str) -> list[dict[str, Any]]:
-    return [{"task": s["task"], "metric": s["metric"], "questions": s["questions"], f"{baseline} (baseline)": s["baseline_accuracy"],
-             f"{candidate} (candidate)": s["candidate_accuracy"], "reference level": s["reference level"],
-             "delta (pp)": s["delta_pp"], "95% CI (pp)": f"[{s['ci_low_pp']:+.2f}, {s['ci_high_pp']:+.2f}]",
-             "right → wrong": s["right_to_wrong"], "wrong → right": s["wrong_to_right"], "McNemar p": s["mcnemar_p"]}
-            for s in c.summary]
+    """Per task and metric: the candidate against the baseline, then the control against its baseline (its rows say
+    so): accuracy of each, the delta with its interval, the flips and McNemar's p."""
+    rows = []
+    for compared, summary in ((candidate, c.summary), (c.control, c.control_summary or [])):
+        rows += [{"task": s["task"], "metric": s["metric"], "compared": compared, "questions": s["questions"],
+                  "baseline": s["baseline_accuracy"], "compared's": s["candidate_accuracy"], "reference level": s["reference level"],
+                  "delta (pp)": s["delta_pp"], "95% CI (pp)": f"[{s['ci_low_pp']:+.2f}, {s['ci_high_pp']:+.2f}]",
+                  "right → wrong": s["right_to_wrong"], "wrong → right": s["wrong_to_right"], "McNemar p": s["mcnemar_p"]}
+                 for s in summary]
+    return rows
 
 
 def record(results: Any, loaded: dict[str, Any], errors: dict[str, str], scored: dict[tuple[str, str], Any], c: Compared,
            p: Any) -> None:
-    """09's results and verdicts: per task the accuracy delta, McNemar's p, and that the task can tell right from wrong."""
+    """09's results and verdicts: per task the accuracy lost and (multiple choice) how far the choices' scores moved, each
+    against the accepted-precision control's on the same questions; McNemar's p; that the task can tell right from
+    wrong."""
+    from sagecheck.thresholds import accuracy_loss, from_control, parameter
+
     results.metric("tasks", {name: {"kind": t.kind, "data": t.description, "questions": len(t.items),
                                     "reference_level": t.reference_level} for name, t in loaded.items()})
     results.metric("not_loaded", errors)
@@ -317,16 +361,30 @@ def record(results: Any, loaded: dict[str, Any], errors: dict[str, str], scored:
                               for (label, name), rows in scored.items() for row in rows])
     results.metric("context_reuse", {f"{label}: {name}": context_reuse(rows) for (label, name), rows in scored.items()
                                      if loaded[name].kind == "multiple_choice"})
+    results.table("control_accuracy", c.control_summary or [])
+    results.metric("choice_kl", c.choice_kl or {})
     for s in c.headline:
         task = s["task"]
-        results.verdict(f"tasks.{task}.delta", "accuracy", f"{task}: |accuracy delta|", s["delta_pp"], "abs<=", p.delta_max_pp,
-                        unit="pp", detail=f"{s['metric']}; 95% CI [{s['ci_low_pp']:+.2f}, {s['ci_high_pp']:+.2f}] pp over "
-                                          f"{s['questions']} questions")
+        k = c.control_headline(task) or {}
+        on = f"the same {s['questions']} questions"
+        t = accuracy_loss(-k.get("delta_pp", float("nan")), k.get("baseline_accuracy", float("nan")), c.control, on)
+        results.verdict(f"tasks.{task}.loss", "accuracy", f"{task}: accuracy lost ({s['metric']})", -s["delta_pp"], "<=",
+                        t.value, unit="pp", source=t.source,
+                        detail=f"delta {s['delta_pp']:+.2f} pp, 95% CI [{s['ci_low_pp']:+.2f}, {s['ci_high_pp']:+.2f}] over "
+                               f"{s['questions']} questions")
+        if task in (c.choice_kl or {}):
+            kl = c.choice_kl[task]
+            results.verdict(f"tasks.{task}.choice_kl", "accuracy", f"{task}: mean KL between the choices' distributions",
+                            kl["candidate"], "<=", kl["control"], unit="nats",
+                            detail="each question's choices scored by both backends, softmax over the choices",
+                            source=from_control(c.control, on, f"{kl['control']:.3g} nats"))
         results.verdict(f"tasks.{task}.mcnemar", "accuracy", f"{task}: exact McNemar p (flips not one-sided)", s["mcnemar_p"], ">=",
-                        p.mcnemar_alpha, detail=f"{s['right_to_wrong']} right → wrong, {s['wrong_to_right']} wrong → right")
+                        p.mcnemar_alpha, detail=f"{s['right_to_wrong']} right → wrong, {s['wrong_to_right']} wrong → right",
+                        source=parameter("tasks.mcnemar_alpha", p.mcnemar_alpha, "the significance level of the test"))
         results.verdict(f"tasks.{task}.reference", "control", f"{task}: baseline above its reference level (the task can tell "
                         "right from wrong)", s["baseline_accuracy"], ">", reference_bar(s["reference level"], s["questions"]),
-                        detail=f"reference level {s['reference level']:.3f} + 2 standard errors")
+                        detail=f"reference level {s['reference level']:.3f} + 2 standard errors",
+                        source="the task's chance level plus two binomial standard errors")
     for name, why in errors.items():
         results.verdict(f"tasks.{name}.loaded", "coverage", f"{name}: task data loaded", 0, "==", 1, detail=why[:300])
 

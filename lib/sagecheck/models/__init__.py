@@ -3,6 +3,8 @@
 ``model`` parameter values:
 
 * ``builtin``: the reference model shipped in this package (``models/sagecheck-tiny-llama``);
+* a packaged model by its name (``smollm2-135m``: :mod:`sagecheck.models.packaged`), a pretrained model that a package
+  of the package registry ships, converted once into a local folder;
 * a Hugging Face model id (``meta-llama/Llama-3.1-8B-Instruct``) or a local folder: both go
   through ``from_pretrained``, the same code path; a hub token is read from ``$HF_TOKEN``;
 * ``random:<config>``: a model built from a config with random weights, no download
@@ -43,18 +45,31 @@ def random_config_path(name: str) -> Path:
 
 @dataclass(frozen=True)
 class ModelSource:
-    kind: str  # builtin | pretrained | random
-    location: str  # folder, hub id, or config path
+    kind: str  # builtin | packaged | pretrained | random
+    location: str  # folder, hub id, or config path (packaged: the converted folder, made by local())
     revision: str | None = None
+    name: str | None = None  # packaged: its registered name
 
     @property
     def tokenizer_location(self) -> str:
         return str(builtin_path()) if self.kind == "random" else self.location
 
 
+def packaged_model(source: ModelSource) -> Any:
+    """The :class:`~sagecheck.models.packaged.PackagedModel` behind a packaged source."""
+    from sagecheck.registry import MODELS
+
+    return MODELS.load(source.name)
+
+
 def resolve(model: str, revision: str | None = None) -> ModelSource:
+    from sagecheck.registry import MODELS
+
     if model == "builtin":
         return ModelSource("builtin", str(builtin_path()))
+    if model in MODELS and MODELS.info(model)["kind"] == "packaged":
+        name = MODELS.canonical(model)
+        return ModelSource("packaged", str(MODELS.load(name).folder()), name=name)
     if model.startswith("random:"):
         return ModelSource("random", str(random_config_path(model.split(":", 1)[1])))
     p = Path(model).expanduser()
@@ -73,10 +88,56 @@ def hub_token() -> str | None:
     return None
 
 
+def local(source: ModelSource) -> ModelSource:
+    """``source`` ready to load: a packaged model converted into its folder where that has not happened yet."""
+    if source.kind == "packaged":
+        packaged_model(source).ensure_folder()
+    return source
+
+
+def describe(source: ModelSource) -> dict[str, Any]:
+    """What ran, as 00, the results and the report's header name it: the model's name, where it came from, the
+    checksum of its weights where the project knows it (the built-in model's, a packaged model's pinned file)."""
+    if source.kind == "packaged":
+        return packaged_model(source).describe()
+    if source.kind == "builtin":
+        import hashlib
+
+        weights = builtin_path() / "model.safetensors"
+        return {"name": f"{BUILTIN_NAME} (built-in)", "source": f"sagecheck package: models/{BUILTIN_NAME}",
+                "format": "safetensors, float16", "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    if source.kind == "random":
+        return {"name": f"random weights ({Path(source.location).stem} config)", "source": source.location,
+                "format": "random initialization, seeded", "sha256": None}
+    where = "local folder" if Path(source.location).exists() else "Hugging Face hub" + (
+        f" (revision {source.revision})" if source.revision else "")
+    return {"name": Path(source.location).name if Path(source.location).exists() else source.location,
+            "source": f"{where}: {source.location}", "format": "transformers", "sha256": None}
+
+
+def describe_model(model: str, revision: str | None = None) -> dict[str, Any]:
+    """:func:`describe` of the ``model`` parameter."""
+    return describe(resolve(model, revision))
+
+
+def label(model: str) -> str:
+    """The model parameter in words for titles: 'the built-in model', 'SmolLM2-135M-Instruct', a folder's name, a hub id."""
+    from sagecheck.registry import MODELS
+
+    if model == "builtin":
+        return "the built-in model"
+    if model in MODELS and MODELS.info(model)["kind"] == "packaged":
+        return MODELS.load(model).display
+    if model.startswith("random:"):
+        return f"random weights ({model.split(':', 1)[1]})"
+    return Path(model).name if Path(model).exists() else model
+
+
 def load_config(source: ModelSource) -> Any:
     """The model's transformers config (no weights): head counts and the like, for checks against what a server ran."""
     from transformers import AutoConfig
 
+    source = local(source)
     kwargs = {"revision": source.revision} if source.kind == "pretrained" and source.revision else {}
     return AutoConfig.from_pretrained(source.location, token=hub_token(), **kwargs)
 
@@ -90,6 +151,7 @@ def load_tokenizer(source: ModelSource) -> Any:
         return PreTrainedTokenizerFast.from_pretrained(source.tokenizer_location)
     from transformers import AutoTokenizer
 
+    source = local(source)
     kwargs = {"revision": source.revision} if source.kind == "pretrained" and source.revision else {}
     tok = AutoTokenizer.from_pretrained(source.tokenizer_location, token=hub_token(), **kwargs)
     if tok.pad_token_id is None and tok.eos_token_id is not None:
@@ -110,6 +172,7 @@ def load_model(
     from sagecheck.attention.hf import register
 
     register()  # our implementation names must be known before a model is built with one
+    source = local(source)
     if source.kind == "random":
         config = AutoConfig.from_pretrained(source.location)
         config._attn_implementation = attn_implementation

@@ -165,7 +165,7 @@ def page_html(runs: list[C.Run], data: dict[str, Any], sections: dict[str, C.Com
         check_cls.append("sc-differs" if row["verdicts_differ"] else "")
     return render(
         "compare.html.j2", labels=labels, headline=data["headline"],
-        runs=[[cell(r.label), cell(r.path, code=True), cell(r.params.get("title", "")), cell(f"{c['passed']}/{c['verdicts']}")]
+        runs=[[cell(r.label), cell(r.path, code=True), cell(r.title), cell(f"{c['passed']}/{c['verdicts']}")]
               for r, c in zip(runs, (x["counts"] for x in data["runs"]))],
         environment=[[cell(row["fact"])] + [cell(v) for v in row["values"]] for row in data["environment"]],
         environment_cls=["sc-differs" if row["differs"] else "" for row in data["environment"]],

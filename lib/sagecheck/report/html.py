@@ -69,7 +69,7 @@ def header_context(run: LoadedRun, stems: list[str], executed: dict[str, Path]) 
         status, _ = notebook_status(R.SUMMARY_NOTEBOOK, run.results.get(R.SUMMARY_NOTEBOOK), entries.get(R.SUMMARY_NOTEBOOK, {}))
         summary_status = None if status in ("ok", "reused") else status
     tp = (p.get("sglang") or {}).get("tp", 1) if p.get("engine") == "sglang" else 1
-    return {"title": p.get("title", "sagecheck report"), "run": run.manifest.get("run", run.path.name),
+    return {"title": run.title, "model": run.model, "run": run.manifest.get("run", run.path.name),
             "started": run.manifest.get("started_at", "?"), "params": p, "compared": compared(p), "gpu": run.gpu,
             "sageattention": run.sageattention,
             "tp": tp, "counts": run.counts, "sentences": run.recommendation, "rows": rows, "summary": R.SUMMARY_NOTEBOOK,

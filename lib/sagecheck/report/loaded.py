@@ -52,6 +52,18 @@ class LoadedRun:
         return {}
 
     @property
+    def model(self) -> dict[str, Any]:
+        """The model that ran as the notebooks recorded it (name, source, checksum); the parameter where none did."""
+        found = next((r.environment["model"] for r in self.results.values() if isinstance(r.environment.get("model"), dict)),
+                     None)
+        return found or {"name": str(self.params.get("model", "?")), "source": None, "sha256": None}
+
+    @property
+    def title(self) -> str:
+        """The run's title, ``{model}`` replaced by the name of the model that ran."""
+        return str(self.params.get("title") or "sagecheck report").replace("{model}", self.model["name"])
+
+    @property
     def gpu(self) -> str:
         return next((r.environment["gpu"] for r in self.results.values() if r.environment.get("gpu")), "not recorded")
 

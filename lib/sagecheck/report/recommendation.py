@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from sagecheck import results as R
+from sagecheck.thresholds import ACCEPTED_PRECISION_WORDS
 from sagecheck.metrics.code_paths import CodePathResults
 from sagecheck.metrics.throughput import ThroughputResults
 from sagecheck.params import labels
@@ -121,7 +122,9 @@ def speed_sentence(res: R.Results | None, candidate: str, baseline: str, cpu_emu
 
 def _figure(v: R.Verdict) -> str:
     unit = f" {v.unit}" if v.unit else ""
-    return f"{v.name} {R.format_number(v.value)}{unit} (limit {v.comparison} {R.format_number(v.threshold)}{unit})"
+    origin = (", the accepted-precision control's" if ACCEPTED_PRECISION_WORDS in v.source
+              else ", a published target" if v.source.startswith("published target") else "")
+    return f"{v.name} {R.format_number(v.value)}{unit} (limit {v.comparison} {R.format_number(v.threshold)}{unit}{origin})"
 
 
 def accuracy_sentence(results: list[R.Results]) -> str:

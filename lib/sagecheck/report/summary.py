@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from sagecheck import results as R
+from sagecheck.thresholds import short
 
 
 def verdict_rows(results: Iterable[R.Results]) -> list[dict[str, Any]]:
@@ -84,6 +85,14 @@ def verdict_lines(run: Any) -> list[str]:
             f"**Speed:** {speed.removeprefix('Speed: ')}"]
 
 
+def _model_line(model: dict[str, Any], p: dict[str, Any]) -> str:
+    """The model that ran: its name, where it came from and its checksum (the parameter where nothing was recorded)."""
+    text = f"**{model.get('name') or p.get('model')}**"
+    if model.get("source"):
+        text += f" ({model['source']}" + (f", sha256 `{model['sha256'][:16]}…`" if model.get("sha256") else "") + ")"
+    return text
+
+
 def summary_markdown(run: Any) -> str:
     """A GitHub Markdown block to paste into the pull request (``run``: a :class:`~sagecheck.report.loaded.LoadedRun`):
     three lines of verdict, then what ran, the full reading and every check folded in ``<details>``."""
@@ -91,12 +100,12 @@ def summary_markdown(run: Any) -> str:
     results = run.measured
     env = run.environment if run.result("00") else {}
     c = run.counts
-    lines = [f"### {p.get('title', 'sagecheck report')}", ""]
+    lines = [f"### {run.title}", ""]
     lines += [line + "<br>" for line in verdict_lines(run)[:-1]] + [verdict_lines(run)[-1], ""]
     lines += [f"<details><summary>What ran, the full reading and all {c['verdicts']} checks</summary>", ""]
     if p:
         lines.append(
-            f"Model `{p.get('model')}` on engine `{p.get('engine')}`: {compared(p)}; dtype `{p.get('dtype')}`{_resolved(env, 'dtype', p)}, "
+            f"Model {_model_line(run.model, p)} on engine `{p.get('engine')}`: {compared(p)}; dtype `{p.get('dtype')}`{_resolved(env, 'dtype', p)}, "
             f"device `{p.get('device')}`{_resolved(env, 'device', p)}."
         )
     if env:
@@ -120,9 +129,10 @@ def summary_markdown(run: Any) -> str:
         for v in r.verdicts:
             unit = f" {v.unit}" if v.unit else ""
             mark = "✅ pass" if v.passed else "❌ FAIL"
+            origin = short(v.source)
             lines.append(
                 f"| {r.notebook} | {_md_cell(v.name)} | {R.format_number(v.value)}{unit} | "
-                f"{_md_cell(v.comparison)} {R.format_number(v.threshold)}{unit} | {mark} |"
+                f"{_md_cell(v.comparison)} {R.format_number(v.threshold)}{unit}{f' ({origin})' if origin else ''} | {mark} |"
             )
     lines += ["", "</details>"]
     return "\n".join(lines) + "\n"

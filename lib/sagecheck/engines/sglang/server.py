@@ -269,7 +269,7 @@ def launch_spec(params: Any, backend: str | None, log_dir: Path, mem_fraction_st
     """The command line for ``params`` and one attention backend (None: SGLang's default)."""
     from sagecheck import models
 
-    source = models.resolve(params.model, params.revision)
+    source = models.local(models.resolve(params.model, params.revision))
     s = params.sglang
     load_format = None
     model_path = source.location
