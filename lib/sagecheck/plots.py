@@ -85,7 +85,7 @@ def bars_with_ci(labels: list[str], values: list[float], lows: list[float], high
     """Each label's value as a dot with its interval (an exact 0 with the interval [0, 0] stays visible, which a bar of
     height 0 would not), the allowed band ±``bound`` shaded, the line at 0; the labels in ``controls`` (the
     accepted-precision control) grey squares, the others the candidate's orange dots."""
-    fig, ax = plt.subplots(figsize=(6.5, 1.4 + 0.5 * len(labels)))
+    fig, ax = plt.subplots(figsize=(9, 1.4 + 0.5 * len(labels)))  # wide enough for the legend beside the axes
     y = np.arange(len(labels))
     err = np.abs(np.array([np.subtract(values, lows), np.subtract(highs, values)]))
     if bound is not None and np.isfinite(bound):
@@ -102,7 +102,8 @@ def bars_with_ci(labels: list[str], values: list[float], lows: list[float], high
     ax.set_yticks(y, labels)
     ax.set_ylim(-0.6, len(labels) - 0.4)
     ax.set_xlabel(ylabel)
-    ax.legend(loc="upper right", fontsize=7)
+    # beside the axes: inside, it would cover a dot at the edge of the band (the control's, often)
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=7)
     return _finish(fig, title)
 
 
