@@ -88,6 +88,38 @@ def fork_servers():
         yield {"kernels": kernels, "standins": standins}
 
 
+@pytest.fixture
+def run_notebook(tmp_path):
+    """One notebook run alone, papermill's way, with its own small parameters (the defaults of its ``parameters`` cell
+    for the rest): ``run_notebook("02_logits", n_short=2)`` -> its results. Its kernel is forked from the tests' fork
+    server where there is one, as a run's are; ``kernel="sagecheck"`` starts a plain one (a kernel that must see an
+    environment of its own, e.g. PYTHONPATH)."""
+    import papermill as pm
+
+    from sagecheck import results as R
+    from sagecheck.forkserver import RUNNING_SERVER_ENV, ForkServer
+    from sagecheck.run import KERNEL_ARGS, KERNEL_ENV, KERNEL_NAME, ensure_kernel
+
+    def run(stem: str, kernel: str | None = None, **parameters):
+        out = tmp_path / stem
+        out.mkdir(parents=True, exist_ok=True)
+        ensure_kernel()
+        forks = None
+        if kernel is None and os.environ.get(RUNNING_SERVER_ENV):
+            forks = ForkServer(KERNEL_ARGS, KERNEL_ENV, path=os.environ[RUNNING_SERVER_ENV])
+        try:
+            pm.execute_notebook(str(ROOT / "notebooks" / f"{stem}.ipynb"), str(out / f"{stem}.ipynb"),
+                                parameters={**parameters, "run_dir": str(out)}, kernel_name=kernel or KERNEL_NAME,
+                                cwd=str(ROOT / "notebooks"), progress_bar=False, log_output=False,
+                                **({"kernel_manager_class": forks.kernel_manager_class()} if forks else {}))
+        finally:
+            if forks:
+                forks.close()
+        return R.load(out / "results" / f"{stem}.json")
+
+    return run
+
+
 SECRET = "hf_PLANTEDsecret0123456789abcdef"
 
 

@@ -22,11 +22,11 @@ LIB = ROOT / "lib" / "sagecheck"
 # every top-level module or package of lib/sagecheck, by layer (README's Development section lists the same)
 LAYERS = {
     "__init__": 0, "params": 0, "registry": 0, "results": 0, "environment": 0, "runtime": 0, "redact": 0, "notebooks": 0,
-    "thresholds": 0,
+    "thresholds": 0, "backend_stats": 0,
     "attention": 1, "data": 1, "models": 1, "sources": 1,
     "engines": 2, "sglang_plugin": 2,
     "metrics": 3,
-    "report": 4, "show": 4, "plots": 4, "session": 4,
+    "report": 4, "show": 4, "plots": 4, "session": 4, "templating": 4,
     "run": 5, "__main__": 5, "kernel": 5, "forkserver": 5,
 }
 NEVER = [("engines", "metrics"), ("models", "engines"), ("params", "models"), ("metrics", "report"), ("engines", "report")]
@@ -107,6 +107,68 @@ def test_no_import_circle():
         if node not in state:
             visit(node, [node])
     assert not cycles, cycles
+
+
+def test_no_loop_between_packages():
+    """Nor round about through the package level (report -> plots -> show -> report was one, by lazy imports)."""
+    g: dict[str, set[str]] = {}
+    for mod, deps in graph().items():
+        g.setdefault(top(mod), set()).update(top(d) for d in deps if top(d) != top(mod))
+    state: dict[str, int] = {}
+    loops = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(g.get(node, ())):
+            if state.get(dep) == 1:
+                loops.append(stack[stack.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep, stack + [dep])
+        state[node] = 2
+
+    for node in sorted(g):
+        if node not in state:
+            visit(node, [node])
+    assert not loops, loops
+
+
+def test_measurements_and_the_report_talk_to_engines_through_the_protocol_only():
+    """Metrics, the report and the notebooks' helpers import the protocol (``sagecheck.engines``), never an engine of
+    it; nothing but the plugin itself imports the plugin (SGLang's processes load it through its entry point)."""
+    bad = []
+    for mod, deps in graph().items():
+        for dep in deps:
+            concrete = dep.startswith(("sagecheck.engines.sglang", "sagecheck.engines.hf"))
+            if concrete and top(mod) in ("metrics", "report", "show", "plots", "session", "run", "__main__"):
+                bad.append(f"{mod} -> {dep}")
+            if dep.startswith("sagecheck.sglang_plugin") and top(mod) != "sglang_plugin":
+                bad.append(f"{mod} -> {dep} (the plugin)")
+    assert not bad, bad
+
+
+def test_only_the_plugins_own_tests_import_it():
+    """Its own tests, the stand-in SGLang and the deliberately wrong plugins built on it; no other test."""
+    allowed = {"test_sglang_plugin.py", "standin", "faults"}
+    users = []
+    for path in (ROOT / "tests").rglob("*.py"):
+        rel = path.relative_to(ROOT / "tests")
+        imports_it = re.search(r"^\s*(from|import)\s+sagecheck\.sglang_plugin", path.read_text(), flags=re.M)
+        if imports_it and rel.parts[0] not in allowed:
+            users.append(str(rel))
+    assert not users, users
+
+
+def test_no_engine_is_named_outside_the_engines():
+    """``engine == "sglang"`` and its kind live in ``engines/``: elsewhere an engine is what its registry entry and its
+    recorded facts say."""
+    found = []
+    for path in LIB.rglob("*.py"):
+        if path.relative_to(LIB).parts[0] in ("engines", "sglang_plugin", "registry.py"):
+            continue
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"""engine\s*[!=]=\s*["'](sglang|hf)["']|["'](sglang|hf)["']\s*[!=]=\s*\w*engine""", line):
+                found.append(f"{path.relative_to(LIB)}:{i}: {line.strip()}")
+    assert not found, found
 
 
 def code_lines(nb_path: Path) -> list[str]:

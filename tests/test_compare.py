@@ -54,6 +54,14 @@ def speed_table(lengths, sage_tops=100.0, sdpa_tops=200.0):
     return rows
 
 
+def engine_facts(params: dict) -> dict:
+    """What a notebook records of its engine (sagecheck.engines.Engine.facts), for these parameters."""
+    from sagecheck import engines
+    from sagecheck.params import validate
+
+    return engines.facts(validate({k: v for k, v in params.items() if k != "title"}))
+
+
 def make_run(folder: Path, params: dict, env: dict | None = None, verdicts: dict | None = None,
              tables: dict | None = None, statuses: dict | None = None) -> Path:
     """A run folder as `sagecheck run` writes it: run.json and results/*.json (what compare reads)."""
@@ -61,8 +69,10 @@ def make_run(folder: Path, params: dict, env: dict | None = None, verdicts: dict
     folder.mkdir(parents=True)
     (folder / "run.json").write_text(json.dumps({"run": folder.name, "params": params, "started_at": "2026-11-24T10:00:00+00:00"}))
     names = set(verdicts or {}) | set(tables or {}) | set(statuses or {}) | {"00_environment"}
+    facts = engine_facts(params)
     for name in names:
-        r = R.Results(notebook=name, results_dir=folder / "results", params=params, environment={"gpu": env["gpu"]})
+        r = R.Results(notebook=name, results_dir=folder / "results", params=params,
+                      environment={"gpu": env["gpu"], "engine": facts})
         if name == "00_environment":
             r.metrics = dict(env)
         for check, (value, cmp, threshold) in (verdicts or {}).get(name, {}).items():
@@ -130,15 +140,20 @@ def test_labels_name_the_gpu_the_tensor_parallel_size_then_what_differs(tmp_path
     runs = [C.Run(tmp_path / n, {}, p, {}) for n, p in (("x", {"engine": "sglang", "sglang": {"tp": 1}, "seed": 0}),
                                                          ("y", {"engine": "sglang", "sglang": {"tp": 2}, "seed": 0}))]
     for run in runs:
-        run.results = {"00_environment": R.Results("00_environment", tmp_path, metrics={"gpu": "NVIDIA H200"})}
+        run.results = {"00_environment": R.Results("00_environment", tmp_path, metrics={"gpu": "NVIDIA H200"},
+                                                   environment={"engine": engine_facts(run.params)})}
     C.assign_labels(runs)
     assert [r.label for r in runs] == ["H200", "H200 tp2"]
     for run, seed in zip(runs, (0, 1)):
         run.params = {"engine": "hf", "seed": seed}
+        run.results["00_environment"].environment = {"engine": engine_facts(run.params)}
+        run.__dict__.pop("facts", None)  # read again from the results
     C.assign_labels(runs)
     assert [r.label for r in runs] == ["H200 · seed 0", "H200 · seed 1"]
     for run in runs:
         run.params = {"engine": "hf"}
+        run.results["00_environment"].environment = {"engine": engine_facts(run.params)}
+        run.__dict__.pop("facts", None)
     C.assign_labels(runs)
     assert [r.label for r in runs] == ["H200 (x)", "H200 (y)"]
     assert C.gpu_short("none (CPU only)") == "CPU" and C.gpu_short("NVIDIA GeForce RTX 4090") == "RTX 4090"

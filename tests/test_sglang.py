@@ -295,7 +295,7 @@ def test_sage_attn_is_a_choice_only_where_the_plugin_is_loaded(tmp_path):
 
 
 def test_sage_attn_refuses_to_start_where_sageattention_cannot_be_imported(tmp_path):
-    from sagecheck.metrics.runtime_flag import hidden_sageattention
+    from sagecheck.engines.sglang.flag import hidden_sageattention
 
     shadow = hidden_sageattention(tmp_path / "shadow")
     env = {"PYTHONPATH": os.pathsep.join([str(shadow), os.environ["PYTHONPATH"]])}
@@ -308,7 +308,7 @@ def test_sage_attn_refuses_to_start_where_sageattention_cannot_be_imported(tmp_p
 
 
 def test_the_default_backend_is_resolved_the_same_with_and_without_the_plugin(tmp_path):
-    from sagecheck.metrics.runtime_flag import NO_PLUGINS, resolve_default
+    from sagecheck.engines.sglang.flag import NO_PLUGINS, resolve_default
 
     with_plugin = resolve_default(params(), tmp_path, {})
     without = resolve_default(params(), tmp_path, {"SGLANG_PLUGINS": NO_PLUGINS})
@@ -335,7 +335,7 @@ def test_the_candidate_writes_the_plugins_statistics(tmp_path):
 
 def test_heads_per_rank_of_a_tensor_parallel_candidate(tmp_path):
     """--tp 2 on the stand-in: one statistics file per rank, each with half the heads; the check of 01 reads them."""
-    from sagecheck.metrics.runtime_flag import heads_per_rank
+    from sagecheck.engines.sglang.flag import heads_per_rank
 
     p = params("sglang.tp=2")
     engine = SGLangEngine(p, tmp_path)

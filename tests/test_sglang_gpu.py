@@ -26,7 +26,7 @@ from sagecheck.engines.sglang import launch_spec
 from sagecheck.engines.sglang.client import SGLangClient
 from sagecheck.engines.sglang.server import Server, ServerError
 from sagecheck.sources import load as load_params
-from sagecheck.sglang_plugin.stats import read
+from sagecheck.backend_stats import read
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.gpu

@@ -17,8 +17,8 @@ from pathlib import Path
 from sagecheck.params import ParamError
 
 # nbformat validates notebooks with jsonschema, which imports rfc3987_syntax where it is installed (JupyterLab's
-# jupyter-events brings it) to check the "iri" string format; building that grammar takes 1.4 s of every command's
-# start, and the notebook schema has no such format. Marking the module absent makes jsonschema skip that one check.
+# jupyter-events brings it) to check the "iri" string format; building that grammar takes over a second of every
+# command's start, and the notebook schema has no such format. Marking the module absent makes jsonschema skip that one check.
 sys.modules.setdefault("rfc3987_syntax", None)  # type: ignore[assignment]
 
 

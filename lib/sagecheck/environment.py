@@ -204,25 +204,6 @@ def facts(env: dict[str, Any], params: Any) -> dict[str, Any]:
     }
 
 
-def compared(params: Any) -> dict[str, Any]:
-    """What the run compares, in the engine's own names (and, on SGLang, the in-process pair of 06 and 08)."""
-    from sagecheck.params import labels
-
-    base, cand = labels(params)
-    if params.engine != "sglang":
-        return {"model": params.model, "engine": params.engine, "baseline": base, "candidate": cand,
-                "candidate phases": ", ".join(params.candidate_phases),
-                "accuracy thresholds from": f"the control {params.accuracy_control} against {params.baseline}",
-                "seed": params.seed}
-    decode = (f" (SAGE_ATTN_PREFILL={params.sglang.sage_attn_prefill}, SAGE_ATTN_DECODE={params.sglang.sage_attn_decode})"
-              if params.sglang_attention_backend == "sage_attn" else "")
-    return {"model": params.model, "engine": params.engine, "baseline server": f"--attention-backend {base}",
-            "candidate server": f"--attention-backend {params.sglang_attention_backend}{decode}",
-            "tensor parallel": params.sglang.tp, "in-process pair (06, 08)": f"{params.baseline} vs {params.candidate}",
-            "accuracy thresholds from": f"the control {params.accuracy_control} against {params.baseline}, in process",
-            "seed": params.seed}
-
-
 def record(results: Any, env: dict[str, Any], shown: dict[str, Any]) -> None:
     """00's results: everything collected, the parameters' hash, the device and dtype used."""
     for key, value in env.items():

@@ -17,7 +17,7 @@ CUDA cannot be used in a process forked after CUDA was initialized, and GNU Open
 after its imports the server checks both (:func:`_why_forking_is_unsafe`) and, where either happened, says why and
 stops; the launchers then start plain kernels. On a CPU machine the imports do neither. On the H200 with the SGLang
 kit's transformers 5.12.1, importing the Llama module initializes CUDA (torch._dynamo's device interface asks for the
-current device; measured 2026-12-02), so there every kernel starts on its own, as before the server existed.
+current device), so there every kernel starts on its own, as before the server existed.
 
 A program that runs many runs one after the other (the tests do) can keep one server for all of them: a run whose
 environment names a server's socket in ``SAGECHECK_FORKSERVER`` forks its kernels there instead of starting its own.
@@ -45,7 +45,7 @@ from typing import Any, Callable
 
 KERNEL = "sagecheck.kernel"
 RUNNING_SERVER_ENV = "SAGECHECK_FORKSERVER"  # the socket of a fork server that is already running (module docstring)
-# the modules every notebook imports, and their slow dependencies (measured: 6.4 s in all on a 2-core machine)
+# the modules every notebook imports, and their slow dependencies (seconds of CPU that every kernel would repeat)
 PRELOAD = (
     "torch",
     "transformers.models.llama.modeling_llama",

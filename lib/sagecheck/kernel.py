@@ -1,8 +1,8 @@
 """``python -m sagecheck.kernel``: the notebooks' Jupyter kernel, ipykernel ending without Python's interpreter teardown.
 
-A kernel that imported torch and transformers takes about a second to exit once it has answered the shutdown
-request: the interpreter's finalization collects and tears down thousands of modules (measured on a 2-core machine:
-1.1 s, against 0.2 s for a kernel that imported nothing). Each notebook of a run pays that, for nothing: by then
+A kernel that imported torch and transformers takes long to exit once it has answered the shutdown request: the
+interpreter's finalization collects and tears down thousands of modules (several times a kernel's that imported
+nothing). Each notebook of a run pays that, for nothing: by then
 ipykernel has replied, its threads are joined and its streams flushed. So an ``atexit`` hook, registered before any
 other (they run last-in-first-out: this one runs after all the others, ipykernel's and IPython's included), flushes
 stdout and stderr and ends the process with its exit status, skipping only the module teardown that would follow.

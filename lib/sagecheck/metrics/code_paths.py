@@ -36,8 +36,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from sagecheck import backend_stats
 from sagecheck.engines import SERVERS, Generated
-from sagecheck.sglang_plugin import stats
 
 EPS = 1e-6  # nats: a difference below this is no difference (an A/A run of a deterministic backend gives exact zeros)
 BOOTSTRAP = 2000
@@ -446,7 +446,7 @@ def measure(engine: Any, p: Any, control_engine: Any = None) -> tuple[Plan, list
     """Every path on both backends of ``engine``, judged; the cold prefill against the accepted-precision control's
     (measured on ``control_engine``)."""
     serving = SERVERS in engine.capabilities
-    settle = stats.settle_s() if serving else 0.0
+    settle = backend_stats.settle_s() if serving else 0.0
     with engine.backend(engine.candidate) as cb:
         pl = plan(engine, cb, p)
         cand = run_backend(cb, pl, p, settle)
@@ -461,10 +461,12 @@ def measure(engine: Any, p: Any, control_engine: Any = None) -> tuple[Plan, list
     control = cold_control(engine, control_engine, pl, base) if control_engine is not None else float("nan")
     check = None
     if cand.ranks is not None:
-        from sagecheck.metrics.runtime_flag import heads_per_rank
+        config = engine.model_config()
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
 
         def check(stats: Any) -> dict[str, Any]:
-            return heads_per_rank(engine, stats)
+            return backend_stats.head_split(stats, heads, kv_heads, pl.tp)
     return pl, judge_all(base, cand, pl, p, check, control)
 
 
@@ -519,7 +521,7 @@ def record(results: Any, paths: list[PathResult], pl: Plan, p: Any, control: str
                                     f"|cand-base| {f['vs_baseline_mean']:.3g}, control {f['control_mean']:.3g} nats over "
                                     f"{f['positions']} positions; {r.evidence}")[:500],
                             source="control of this run: the baseline's own difference between this path and its reference "
-                                   f"(k), and the candidate's error on the reference (e); " +
+                                   "(k), and the candidate's error on the reference (e); " +
                                    parameter("code_paths.ratio_max", p.ratio_max, "the most a 99% lower bound may exceed"))
 
 

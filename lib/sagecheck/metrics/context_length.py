@@ -148,4 +148,4 @@ def record(results: Any, c: Compared, lengths: list[int], p: Any, baseline: str,
     results.verdict("context.long_kl", "accuracy", f"long-context mean KL (positions {long_row['positions']})",
                     long_row["kl_mean"], "<=", control_long.get("kl_mean", float("nan")), unit="nats",
                     detail=f"loss delta there {long_row['loss_delta_mean']:+.3g} nats/token",
-                    source=from_control(c.control, f"the same positions", f"{control_long.get('kl_mean', float('nan')):.3g} nats"))
+                    source=from_control(c.control, "the same positions", f"{control_long.get('kl_mean', float('nan')):.3g} nats"))

@@ -50,35 +50,6 @@ def nvml_used(device: torch.device) -> int | None:
         return None
 
 
-def process_tree_gpu_bytes(pid: int) -> int | None:
-    """GPU memory held by a process and its descendants on every GPU, as NVML reports it per process.
-
-    An SGLang server's memory sits in its scheduler processes (one per tensor-parallel rank),
-    children of the process that was started. None where NVML or the process is not available,
-    or NVML lists none of them (in a container NVML may see other process ids).
-    """
-    try:
-        import psutil
-        import pynvml
-
-        root = psutil.Process(pid)
-        pids = {root.pid, *(c.pid for c in root.children(recursive=True))}
-        pynvml.nvmlInit()
-    except Exception:
-        return None
-    try:
-        total, seen = 0, False
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(pynvml.nvmlDeviceGetHandleByIndex(i)):
-                if proc.pid in pids and proc.usedGpuMemory is not None:
-                    total, seen = total + int(proc.usedGpuMemory), True
-        return total if seen else None
-    except Exception:
-        return None
-    finally:
-        pynvml.nvmlShutdown()
-
-
 def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -181,29 +152,21 @@ def kv_cache_matches(rows: list[dict[str, Any]], rel_tol: float = 0.02) -> bool:
 
 def server_report(engine: Any) -> list[dict[str, Any]]:
     """Per server of the pair: the KV-cache capacity and the memory split it reports, and the GPU memory its processes
-    hold (NVML)."""
-    from sagecheck.engines.sglang import ClientError, ServerError
+    hold (:meth:`~sagecheck.engines.Backend.memory_report`)."""
+    from sagecheck.engines import EngineError
 
     rows = []
     for label in engine.pair:
         try:
             with engine.backend(label) as b:
-                info = b.info
-                usage = ((info.get("internal_states") or [{}])[0] or {}).get("memory_usage") or {}
-                gpu = process_tree_gpu_bytes(b.handle.pid) if b.handle.pid else None
-                rows.append({
-                    "implementation": label, "role": b.handle.role, "status": "ok",
-                    "attention_backend": info.get("attention_backend"),
-                    "max_total_num_tokens": info.get("max_total_num_tokens"),
-                    "mem_fraction_static": info.get("mem_fraction_static"),
-                    "weights_GB": usage.get("weight"), "kv_cache_GB": usage.get("kvcache"),
-                    "cuda_graphs_GB": usage.get("graph"), "server_gpu_bytes": gpu,
-                    "server_GiB (NVML)": gpu / GiB if gpu else None,
-                })
-        except (ServerError, ClientError) as e:
-            rows.append({"implementation": label, "status": "server error", "error": getattr(e, "cause", str(e))[:300]})
+                m = b.memory_report()
+                gpu = m.get("server_gpu_bytes")
+                rows.append({"implementation": label, "role": engine.role(label), "status": "ok", **m,
+                             "server_GiB (NVML)": gpu / GiB if gpu else None})
+        except EngineError as e:
+            rows.append({"implementation": label, "status": "server error", "error": e.cause[:300]})
     if all(r["status"] != "ok" for r in rows):  # nothing measured: fail with the cause rather than an empty table
-        raise ServerError(f"no SGLang server could be reached: {rows[0]['error']}", cause=rows[0]["error"])
+        raise EngineError(f"no server could be reached: {rows[0]['error']}", cause=rows[0]["error"])
     return rows
 
 
@@ -234,9 +197,9 @@ def startup_split_disturbed(server_rows: list[dict[str, Any]], weights_rel_tol: 
 
     SGLang measures a server's weights and CUDA-graph memory as differences of the whole GPU's free
     memory before and after each step; servers starting at the same time on the GPU move those
-    differences. Seen on the H100 with three 8B servers started side by side: weights 15.67 vs 15.02 GB
-    for the same model and CUDA graphs -0.72 GB. The signs of that: a negative figure, or weights that
-    differ between servers of the same model.
+    differences (three 8B servers started side by side on one GPU reported different weights for the same model
+    and negative CUDA-graph memory). The signs of that: a negative figure, or weights that differ between servers
+    of the same model.
     """
     ok = [r for r in server_rows if r.get("status", "ok") == "ok"]
     graphs = [r.get("cuda_graphs_GB") for r in ok if r.get("cuda_graphs_GB") is not None]

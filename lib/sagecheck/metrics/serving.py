@@ -1,9 +1,9 @@
-"""Serving speed through an engine of servers (SGLang): baseline, candidate and an A/A copy of the baseline,
-interleaved request by request.
+"""Serving speed through an engine of servers (:data:`~sagecheck.engines.SERVERS`): baseline, candidate and an A/A copy
+of the baseline, interleaved request by request.
 
 Per point (input length, batch size) and repeat, each server gets the same random prompts as
 one streamed batch request after its prefix cache is flushed, timed at the client as
-``sglang.bench_one_batch_server`` times it (:meth:`SGLangClient.streamed_timing`): TTFT is
+``sglang.bench_one_batch_server`` times it (:meth:`~sagecheck.engines.Backend.streamed_timing`): TTFT is
 the time to the last request's first token, decode the rest, per token ``(end - TTFT) /
 (decode_tokens - 1)``. The order of the servers rotates from repeat to repeat, so that a drift
 of the machine hits all alike.
@@ -18,15 +18,14 @@ where its 10-90% interval lies outside the A/A interval of the same point
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from sagecheck.engines.sglang import SGLangEngine
-from sagecheck.engines.sglang.client import ClientError
-from sagecheck.engines.sglang.server import ServerError
+from sagecheck.engines import Engine, EngineError
 from sagecheck.metrics.timing import Samples, paired_ratio, progress_logger, random_prompts, speedup_fields, timing_row
 
 CLOCK = "client wall clock (streamed /generate)"
@@ -43,7 +42,7 @@ def classify(speedup: Samples, control: Samples | None) -> str:
     return "no difference"
 
 
-def measure_interleaved(clients: dict[str, Any], labels: list[str], prompts: list[list[int]], decode_tokens: int,
+def measure_interleaved(backends: dict[str, Any], labels: list[str], prompts: list[list[int]], decode_tokens: int,
                         repeats: int, warmup: int) -> dict[str, dict[str, Samples]]:
     """One point on every server: per repeat, each server in rotated order gets the prompts as one streamed request
     after its prefix cache is flushed. Prefill = TTFT (ms), decode = the rest of the request (ms)."""
@@ -51,8 +50,8 @@ def measure_interleaved(clients: dict[str, Any], labels: list[str], prompts: lis
     for r in range(warmup + repeats):
         shift = r % len(labels)
         for label in labels[shift:] + labels[:shift]:
-            clients[label].flush_cache()
-            ttft, total = clients[label].streamed_timing(prompts, decode_tokens)
+            backends[label].reset_cache()
+            ttft, total = backends[label].streamed_timing(prompts, decode_tokens)
             if r >= warmup:
                 times[label]["prefill"].append(ttft)
                 times[label]["decode"].append(max(total - ttft, 1e-6))
@@ -82,7 +81,7 @@ def point_rows(samples: dict[str, dict[str, Samples]], baseline: str, candidate:
     return rows
 
 
-def sweep(engine: SGLangEngine, lengths: list[int], batches: list[int], decode_tokens: int, repeats: int, warmup: int,
+def sweep(engine: Engine, lengths: list[int], batches: list[int], decode_tokens: int, repeats: int, warmup: int,
           seed: int, aa_control: bool = True, max_batch_tokens: int | None = None,
           progress_log: str | Path | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every point on every server; rows as :func:`point_rows`, and what ran on which server.
@@ -91,26 +90,28 @@ def sweep(engine: SGLangEngine, lengths: list[int], batches: list[int], decode_t
     ``max_batch_tokens`` or a server answers with an error; a server that could not start
     leaves its points not run.
     """
+    with ExitStack() as stack:
+        return _sweep(engine, stack, lengths, batches, decode_tokens, repeats, warmup, seed, aa_control, max_batch_tokens,
+                      progress_log)
+
+
+def _sweep(engine: Engine, stack: ExitStack, lengths: list[int], batches: list[int], decode_tokens: int, repeats: int,
+           warmup: int, seed: int, aa_control: bool, max_batch_tokens: int | None,
+           progress_log: str | Path | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     baseline, candidate, copy = engine.baseline, engine.candidate, engine.copy
-    labels = [baseline, candidate] + ([copy] if aa_control else [])
-    clients, backends, servers = {}, {}, {}
+    labels = [baseline, candidate] + ([copy] if aa_control and copy else [])
+    clients, backends, servers = {}, {}, {}  # clients: the backends of the servers that answered
     for label in labels:
         try:
-            handle = engine.handle(engine.role(label))
-            client = engine.client(handle)
-            info = client.server_info()
-            clients[label] = client  # only a server that answered
-            backends[label] = info.get("attention_backend")
-            servers[label] = {"role": handle.role, "attention_backend": info.get("attention_backend"), "url": handle.url,
-                              "mem_fraction_static": info.get("mem_fraction_static"),
-                              "max_total_num_tokens": info.get("max_total_num_tokens"),
-                              "cuda_graph_max_bs": info.get("cuda_graph_max_bs"),
-                              "disable_cuda_graph": info.get("disable_cuda_graph"),
-                              "chunked_prefill_size": info.get("chunked_prefill_size")}
-        except (ServerError, ClientError) as e:
-            servers[label] = {"role": engine.role(label), "error": getattr(e, "cause", str(e))[:300]}
+            b = stack.enter_context(engine.backend(label))
+            facts = b.describe()
+            clients[label] = b
+            backends[label] = facts.get("attention_backend")
+            servers[label] = {k: v for k, v in facts.items() if k != "version"}
+        except EngineError as e:
+            servers[label] = {"role": engine.role(label), "error": e.cause[:300]}
     if baseline not in clients:  # nothing can be compared: the notebook fails with the cause, in one line
-        raise ServerError(f"the baseline server cannot be reached, no point can be measured: {servers[baseline]['error']}",
+        raise EngineError(f"the baseline server cannot be reached, no point can be measured: {servers[baseline]['error']}",
                           cause=servers[baseline]["error"])
     running = [label for label in labels if label in clients]
     vocab = len(engine.tokenizer)
@@ -137,8 +138,8 @@ def sweep(engine: SGLangEngine, lengths: list[int], batches: list[int], decode_t
             t0 = time.perf_counter()
             try:
                 samples = measure_interleaved(clients, running, prompts, decode_tokens, repeats, warmup)
-            except (ClientError, ServerError) as e:
-                why = getattr(e, "cause", str(e)).splitlines()[0][:300]
+            except EngineError as e:
+                why = e.cause.splitlines()[0][:300]
                 rows += [{"batch": batch, "input_length": length, "implementation": label, "status": "error", "error": why}
                          for label in labels]
                 log(f"batch {batch} length {length}: error {why}")

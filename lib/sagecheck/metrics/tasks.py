@@ -71,8 +71,8 @@ def score_multiple_choice(items: Sequence[MCItem], tokenizer: Any, continuation:
     choice asks from the last context token on, so that a server may reuse the context from its prefix cache.
     ``by_question``: the questions in order, each batch's first choices before its other choices, so that a server takes
     each context from its prefix cache as it takes a serving workload's shared prompts (else the longest requests first,
-    which batches equal lengths in process). On the H200 choices sent together with their context reused 2 tokens each
-    (one prefill batch shares nothing)."""
+    which batches equal lengths in process). Choices sent together with their context reuse almost nothing: one
+    prefill batch shares nothing between its requests (README, 09)."""
     requests = []
     for qi, item in enumerate(items):
         for ci, choice in enumerate(item.choices):

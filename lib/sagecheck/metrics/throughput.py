@@ -183,9 +183,9 @@ def repeat_agreement(first: dict[str, Any], again: dict[str, Any], implementatio
     difference of the figures that measure the GPU's work. An elapsed time does where the
     GPU was idle for less than ``tolerance_pct`` % of it: the host's gaps cannot then move it
     by the tolerance. Where the GPU idled longer, the host set the pace (or came close), and
-    the host's own speed would be judged: it changed by up to 22% between two consecutive
-    measurements with nothing between them on the H100 machine (``benchmarks/profiler_aftereffect.py``,
-    its control); the GPU's busy time is taken instead. ``basis`` says which for each, ``judged`` names the
+    the host's own speed would be judged: it can change by more than the tolerance between two consecutive
+    measurements with nothing between them (``benchmarks/profiler_aftereffect.py``, its control; README, GPU runs);
+    the GPU's busy time is taken instead. ``basis`` says which for each, ``judged`` names the
     figures taken, ``medians_ms`` gives the two medians (first, again) of every figure, in ms.
     """
     if first["status"] != "ok" or again["status"] != "ok":
@@ -242,9 +242,8 @@ def sweep(engine: Any, implementations: tuple[str, str], lengths: list[int], bat
 
     ``kernel_time`` ("all", "repeated", "off"): where the GPU busy time of prefill and
     decode is profiled on a GPU: every point, the repeated point (both times), or none.
-    Profiling comes last, after every timed repeat: after one profiled repeat, the built-in
-    model's host-paced decode ran 27-51% slower for the rest of the process on an H100
-    (``benchmarks/profiler_aftereffect.py``; pytorch/pytorch#144455 reports CUPTI staying
+    Profiling comes last, after every timed repeat: after one profiled repeat, a host-paced decode runs slower for
+    the rest of the process (README, GPU runs; ``benchmarks/profiler_aftereffect.py``; pytorch/pytorch#144455 reports CUPTI staying
     attached as the cause). The repeated point's two profiled repeats therefore run back to
     back at the end. Each finished step appends a line to
     ``progress_log`` so a long sweep can be watched, and what ran is known if it is cut off.

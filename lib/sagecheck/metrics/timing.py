@@ -82,8 +82,7 @@ class Stopwatch:
 def gc_paused():
     """Collect garbage now, then keep the cyclic collector off for the timed region.
 
-    A full collection of the heap that torch and transformers build takes about 0.1 s
-    (measured on the CPU with the built-in model loaded) and would land on whichever
+    A full collection of the heap that torch and transformers build is not free, and would land on whichever
     repeat happens to trigger it. ``timeit`` pauses the collector for the same reason.
     """
     was_enabled = gc.isenabled()

@@ -145,7 +145,7 @@ def load_config(source: ModelSource) -> Any:
 def load_tokenizer(source: ModelSource) -> Any:
     if source.kind in ("builtin", "random"):
         # the built-in tokenizer is a plain `tokenizers` file: load it directly, without
-        # AutoTokenizer's class resolution (about 2 s of imports on a laptop CPU)
+        # AutoTokenizer's class resolution (seconds of imports)
         from transformers import PreTrainedTokenizerFast
 
         return PreTrainedTokenizerFast.from_pretrained(source.tokenizer_location)

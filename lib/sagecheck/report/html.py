@@ -15,8 +15,7 @@ import nbformat
 
 from sagecheck import results as R
 from sagecheck.report.loaded import LoadedRun, load_run
-from sagecheck.report.summary import compared
-from sagecheck.report.templating import TEMPLATES, render
+from sagecheck.templating import TEMPLATES, render
 
 SHOW_CODE_TAG = "show-code"
 TEMPLATE = TEMPLATES / "report.html.j2"
@@ -68,9 +67,9 @@ def header_context(run: LoadedRun, stems: list[str], executed: dict[str, Path]) 
     if R.SUMMARY_NOTEBOOK in stems:
         status, _ = notebook_status(R.SUMMARY_NOTEBOOK, run.results.get(R.SUMMARY_NOTEBOOK), entries.get(R.SUMMARY_NOTEBOOK, {}))
         summary_status = None if status in ("ok", "reused") else status
-    tp = (p.get("sglang") or {}).get("tp", 1) if p.get("engine") == "sglang" else 1
+    tp = int(run.facts.get("tp") or 1)
     return {"title": run.title, "model": run.model, "run": run.manifest.get("run", run.path.name),
-            "started": run.manifest.get("started_at", "?"), "params": p, "compared": compared(p), "gpu": run.gpu,
+            "started": run.manifest.get("started_at", "?"), "params": p, "compared": run.facts["description"], "gpu": run.gpu,
             "sageattention": run.sageattention,
             "tp": tp, "counts": run.counts, "sentences": run.recommendation, "rows": rows, "summary": R.SUMMARY_NOTEBOOK,
             "summary_status": summary_status, "stems": stems,

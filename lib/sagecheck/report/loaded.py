@@ -51,6 +51,13 @@ class LoadedRun:
                 return brief
         return {}
 
+    @functools.cached_property
+    def facts(self) -> dict[str, Any]:
+        """The engine's facts as the notebooks recorded them (:mod:`sagecheck.report.facts`)."""
+        from sagecheck.report.facts import engine_facts
+
+        return engine_facts(self.results.values(), self.params)
+
     @property
     def model(self) -> dict[str, Any]:
         """The model that ran as the notebooks recorded it (name, source, checksum); the parameter where none did."""

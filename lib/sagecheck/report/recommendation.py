@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from sagecheck import results as R
+from sagecheck.report.facts import engine_facts
 from sagecheck.thresholds import ACCEPTED_PRECISION_WORDS
 from sagecheck.metrics.code_paths import CodePathResults
 from sagecheck.metrics.throughput import ThroughputResults
@@ -231,7 +232,8 @@ def parts(results: Iterable[R.Results], params: dict[str, Any]) -> dict[str, str
     baseline, candidate = labels(params)
     env = next((r.metrics for r in res if r.notebook == "00_environment"), {})
     device = env.get("device") or params.get("device")
-    cpu_emulation = params.get("engine") != "sglang" and str(device).startswith("cpu")
+    # in process on a CPU the candidate is an emulation; a server engine's timings are the servers', whatever ran here
+    cpu_emulation = not engine_facts(res, params)["serves"] and str(device).startswith("cpu")
     return {
         "speed": speed_sentence(tp, candidate, baseline, cpu_emulation),
         "accuracy": accuracy_sentence(res),

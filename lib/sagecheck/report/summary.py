@@ -8,25 +8,6 @@ from sagecheck import results as R
 from sagecheck.thresholds import short
 
 
-def verdict_rows(results: Iterable[R.Results]) -> list[dict[str, Any]]:
-    """One row per verdict; a notebook that failed or was skipped without verdicts gets one row saying so."""
-    rows = []
-    for r in results:
-        if not r.verdicts and r.status == "failed":
-            rows.append({"notebook": r.notebook, "verdict": None, "status": "ok", "text": f"notebook failed: {(r.reason or '')[:300]}"})
-        elif not r.verdicts and r.status == "skipped":
-            rows.append({"notebook": r.notebook, "verdict": None, "status": "skipped", "text": f"skipped: {r.reason}"})
-        rows += [{"notebook": r.notebook, "verdict": v} for v in r.verdicts]
-    return rows
-
-
-def verdict_table_html(results: Iterable[R.Results], table_id: str = "sagecheck-summary") -> str:
-    """Every verdict of the run as one HTML table (the summary notebook shows it; each notebook its own)."""
-    from sagecheck.report.templating import render
-
-    return render("verdicts.html.j2", rows=verdict_rows(results), table_id=table_id)
-
-
 def counts(results: Iterable[R.Results]) -> dict[str, int]:
     res = list(results)
     verdicts = [v for r in res for v in r.verdicts]
@@ -55,18 +36,6 @@ def _short_sha(sha: Any) -> str:
 def commit_label(git: dict[str, Any]) -> str:
     """The recorded commit, and that the code that ran differed from it where the checkout was dirty."""
     return _short_sha(git.get("sha")) + (" + uncommitted changes" if git.get("dirty") else "")
-
-
-def compared(p: dict[str, Any]) -> str:
-    """What was compared, in the engine's own names: SGLang's --attention-backend names, or the in-process implementations."""
-    if p.get("engine") == "sglang":
-        sglang = p.get("sglang") or {}
-        extra = (f"; sage_attn prefill {sglang.get('sage_attn_prefill', 'varlen')}, decode on {sglang.get('sage_attn_decode', '?')}"
-                 if p.get("sglang_attention_backend") == "sage_attn" else "")
-        return (f"SGLang --attention-backend `{p.get('sglang_baseline_backend', '?')}` (baseline) vs "
-                f"`{p.get('sglang_attention_backend', '?')}` (candidate{extra})")
-    phases = ", ".join(p.get("candidate_phases", [])) or "?"
-    return f"baseline `{p.get('baseline', '?')}` vs candidate `{p.get('candidate', '?')}` (phases: {phases})"
 
 
 def _md_cell(text: str) -> str:
@@ -105,7 +74,7 @@ def summary_markdown(run: Any) -> str:
     lines += [f"<details><summary>What ran, the full reading and all {c['verdicts']} checks</summary>", ""]
     if p:
         lines.append(
-            f"Model {_model_line(run.model, p)} on engine `{p.get('engine')}`: {compared(p)}; dtype `{p.get('dtype')}`{_resolved(env, 'dtype', p)}, "
+            f"Model {_model_line(run.model, p)} on engine `{p.get('engine')}`: {run.facts['description']}; dtype `{p.get('dtype')}`{_resolved(env, 'dtype', p)}, "
             f"device `{p.get('device')}`{_resolved(env, 'device', p)}."
         )
     if env:

@@ -20,7 +20,7 @@ requests of a batch one after the other, each with its own length. This module p
   smem>>>`` with no stream (``csrc/qattn/qk_int_sv_f8_cuda_sm90.cu``, ``csrc/fused/fused.cu`` at d1a57a5), so on
   the legacy default stream, while SGLang runs its forward (and the eager breaks of its prefill CUDA graphs) on
   streams of its own, which do not wait for it: unordered, the attention read inputs not yet written and the
-  allocator handed out memory it still used (measured: a device-side index assert while SGLang captured its
+  allocator handed out memory it still used (seen: a device-side index assert while SGLang captured its
   prefill graphs). :func:`on_default_stream` runs each call on the default stream between two waits.
 * **K is smoothed per request, out of place** (:func:`~sagecheck.sglang_plugin.varlen.smooth_keys`) before
   padding, and the kernel gets ``smooth_k=False``: its own smoothing would take the mean over the padding too,

@@ -1,12 +1,5 @@
-"""What the backend ran, written by each scheduler process for the report to read.
-
-The backend lives in SGLang's scheduler processes (one per tensor-parallel rank), out of
-reach of the HTTP API. With ``SAGE_ATTN_STATS_DIR`` set, each process writes
-``<dir>/rank<R>-<pid>.json``: its configuration (decode mode, kernel, heads per rank) at
-start, then its counters (batches on the kernel, batches with a cached prefix, fallbacks to
-the baseline by reason, decode steps by path), at most twice a second while they change.
-:func:`read` merges the files of one server.
-"""
+"""What the backend ran, written by each scheduler process (:class:`Stats`); the format and its reader are
+:mod:`sagecheck.backend_stats`, where the engines and the metrics read it."""
 
 from __future__ import annotations
 
@@ -19,22 +12,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-
-
-def write_interval_s() -> float:
-    """Seconds between two writes of changed counters (``SAGE_ATTN_STATS_INTERVAL_S``, 0.5 by default; the tests
-    shorten it). Readers wait a little longer than this for the counters of what they just ran."""
-    raw = os.environ.get("SAGE_ATTN_STATS_INTERVAL_S", "")
-    try:
-        value = float(raw) if raw else 0.5
-    except ValueError:
-        value = 0.5
-    return min(max(value, 0.01), 5.0)
-
-
-def settle_s() -> float:
-    """How long a reader waits for the counters of what just ran to be written."""
-    return write_interval_s() + 0.1
+# the file format's reader and the write interval live outside the plugin, for the engines and metrics to read
+from sagecheck.backend_stats import (describe, expected_heads_per_rank, head_split, read, settle_s,  # noqa: F401
+                                     write_interval_s)
 
 
 class Stats:
@@ -76,68 +56,3 @@ class Stats:
                 print(f"sage_attn: could not write statistics to {self.path}: {e}", file=sys.stderr, flush=True)
 
 
-def read(folder: str | Path | None) -> dict[str, Any] | None:
-    """One server's files merged: the configuration of each rank and the counters summed; None when there are none."""
-    if folder is None or not Path(folder).is_dir():
-        return None
-    ranks = []
-    for path in sorted(Path(folder).glob("rank*.json")):
-        try:
-            ranks.append(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError):
-            continue
-    if not ranks:
-        return None
-    # every tensor-parallel rank runs every batch (on its share of the heads): a server's count is the largest of its
-    # ranks', not their sum, which would count each batch tp times
-    counts: dict[str, int] = {}
-    for r in ranks:
-        for key, n in r.get("counts", {}).items():
-            counts[key] = max(counts.get(key, 0), n)
-    configs = [r.get("config", {}) for r in ranks]
-    return {"config": configs[0], "ranks": configs, "counts": counts,
-            "counts_by_rank": {str(c.get("tp_rank", i)): r.get("counts", {}) for i, (c, r) in enumerate(zip(configs, ranks))}}
-
-
-def describe(stats: dict[str, Any] | None) -> str:
-    """One sentence on what ran, for a notebook; says so where nothing was written."""
-    if not stats:
-        return ("what sage_attn ran is not known: the server wrote no statistics (started outside sagecheck "
-                "without SAGE_ATTN_STATS_DIR, or not the sagecheck plugin)")
-    c, cfg = stats["counts"], stats["config"]
-    fallbacks = {k.split(":", 1)[1]: v for k, v in c.items() if k.startswith("fallback:")}
-    fb = ", ".join(f"{v} {k}" for k, v in sorted(fallbacks.items())) or "none"
-    decode = {"triton": "the baseline's Triton decode kernel", "sage": "the sageattention kernel"}.get(cfg.get("decode"), cfg.get("decode"))
-    padded = (f" in {c.get('extend_kernel_calls', 0)} sageattn calls with {c.get('extend_padded_tokens', 0)} padded tokens"
-              if cfg.get("prefill") == "batched" else "")
-    return (f"sage_attn ({cfg.get('kernel')}, sageattention {cfg.get('sageattention_version', '?')}): "
-            f"{c.get('extend_batches_kernel', 0)} prefill batches on the kernel{padded}, {c.get('extend_batches_with_prefix', 0)} of "
-            f"them with a cached prefix; fallbacks to the baseline (batches or layer calls): {fb}; decode on {decode} "
-            f"({c.get('decode_batches_kernel', 0)} eager steps on the kernel, {c.get('decode_batches_triton', 0)} eager and "
-            f"{c.get('decode_graph_replays', 0)} CUDA-graph steps on Triton); "
-            f"{len(stats['ranks'])} rank(s), {cfg.get('q_heads_per_rank')} query / {cfg.get('kv_heads_per_rank')} KV heads per rank")
-
-
-def expected_heads_per_rank(heads: int, kv_heads: int, tp: int) -> tuple[int, int]:
-    """Query and KV heads one tensor-parallel rank should hold: SGLang splits the query heads evenly and the KV heads
-    too, replicating them where there are fewer KV heads than ranks (each rank then holds one)."""
-    return heads // tp, max(1, kv_heads // tp)
-
-
-def head_split(stats: dict[str, Any] | None, heads: int, kv_heads: int, tp: int) -> dict[str, Any]:
-    """Did every rank of the server report the heads it should hold? ``passed`` with what was expected and reported.
-
-    With tensor parallelism each scheduler process writes its own file: there must be one per rank (ranks 0..tp-1,
-    each once) and each must hold heads/tp query heads and max(1, kv_heads/tp) KV heads.
-    """
-    q, kv = expected_heads_per_rank(heads, kv_heads, tp)
-    expected = f"{tp} rank(s), {q} query / {kv} KV heads each (model: {heads} / {kv_heads}, tp {tp})"
-    if not stats:
-        return {"passed": False, "expected": expected, "reported": "no statistics written"}
-    ranks = stats.get("ranks", [])
-    seen = sorted(int(r.get("tp_rank", -1)) for r in ranks)
-    per_rank = [f"rank {r.get('tp_rank')}: {r.get('q_heads_per_rank')}/{r.get('kv_heads_per_rank')} of tp {r.get('tp_size')}"
-                for r in sorted(ranks, key=lambda r: int(r.get("tp_rank", -1)))]
-    passed = seen == list(range(tp)) and all(
-        r.get("q_heads_per_rank") == q and r.get("kv_heads_per_rank") == kv and r.get("tp_size") == tp for r in ranks)
-    return {"passed": passed, "expected": expected, "reported": "; ".join(per_rank) or "no ranks"}

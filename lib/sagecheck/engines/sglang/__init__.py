@@ -15,7 +15,7 @@ Where the servers come from, first match wins:
 
 What SGLang cannot give: full-vocabulary distributions (top-k logprobs only), per-layer
 activations, the torch allocator's peaks, per-call counts (the engine's ``capabilities``).
-What the candidate ran comes from the sage_attn plugin's statistics (:mod:`sagecheck.sglang_plugin.stats`).
+What the candidate ran comes from the sage_attn plugin's statistics (read by :mod:`sagecheck.backend_stats`).
 """
 
 from __future__ import annotations
@@ -42,12 +42,41 @@ def plugin_stats(handle: ServerHandle | None) -> dict[str, Any] | None:
 
     The counters SGLang's own start-up put there (warm-up requests, CUDA-graph capture) are subtracted.
     """
-    from sagecheck.sglang_plugin import stats
+    from sagecheck import backend_stats
 
-    got = stats.read(handle.stats_dir) if handle is not None and handle.stats_dir else None
+    got = backend_stats.read(handle.stats_dir) if handle is not None and handle.stats_dir else None
     if got:
         got["counts"] = {k: v - handle.stats_at_start.get(k, 0) for k, v in got["counts"].items()}
     return got
+
+
+def process_tree_gpu_bytes(pid: int) -> int | None:
+    """GPU memory held by a process and its descendants on every GPU, as NVML reports it per process.
+
+    An SGLang server's memory sits in its scheduler processes (one per tensor-parallel rank),
+    children of the process that was started. None where NVML or the process is not available,
+    or NVML lists none of them (in a container NVML may see other process ids).
+    """
+    try:
+        import psutil
+        import pynvml
+
+        root = psutil.Process(pid)
+        pids = {root.pid, *(c.pid for c in root.children(recursive=True))}
+        pynvml.nvmlInit()
+    except Exception:
+        return None
+    try:
+        total, seen = 0, False
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(pynvml.nvmlDeviceGetHandleByIndex(i)):
+                if proc.pid in pids and proc.usedGpuMemory is not None:
+                    total, seen = total + int(proc.usedGpuMemory), True
+        return total if seen else None
+    except Exception:
+        return None
+    finally:
+        pynvml.nvmlShutdown()
 
 
 class SGLangBackend(Backend):
@@ -63,6 +92,23 @@ class SGLangBackend(Backend):
 
     def plugin_stats(self) -> dict[str, Any] | None:
         return plugin_stats(self.handle)
+
+    def describe(self) -> dict[str, Any]:
+        """The server's own report (``/get_server_info``): its backend and the settings that decide its speed."""
+        keys = ("attention_backend", "mem_fraction_static", "max_total_num_tokens", "cuda_graph_max_bs", "disable_cuda_graph",
+                "chunked_prefill_size", "version")
+        return {"role": self.handle.role, "url": self.handle.url, **{k: self.info.get(k) for k in keys}}
+
+    def streamed_timing(self, prompts: list[list[int]], decode_tokens: int) -> tuple[float, float]:
+        return self.client.streamed_timing(prompts, decode_tokens)
+
+    def memory_report(self) -> dict[str, Any]:
+        usage = ((self.info.get("internal_states") or [{}])[0] or {}).get("memory_usage") or {}
+        return {"attention_backend": self.info.get("attention_backend"),
+                "max_total_num_tokens": self.info.get("max_total_num_tokens"),
+                "mem_fraction_static": self.info.get("mem_fraction_static"),
+                "weights_GB": usage.get("weight"), "kv_cache_GB": usage.get("kvcache"), "cuda_graphs_GB": usage.get("graph"),
+                "server_gpu_bytes": process_tree_gpu_bytes(self.handle.pid) if self.handle.pid else None}
 
     # -------------------------------------------------------------- code paths
 
@@ -138,6 +184,46 @@ class SGLangBackend(Backend):
 class SGLangEngine(Engine):
     name = "sglang"
     capabilities = frozenset({SERVERS, SERVER_MEMORY, CUDA_GRAPHS, RADIX_CACHE})
+    _SERVED = ("model", "revision", "dtype", "engine", "sglang_baseline_backend", "sglang_attention_backend",
+               "sglang.sage_attn_decode", "sglang.sage_attn_prefill")
+    speed_depends_on = (*_SERVED, "throughput.decode_tokens")
+    memory_depends_on = (*_SERVED, "sglang.max_total_tokens", "memory.decode_tokens")
+
+    @classmethod
+    def facts(cls, params: Any) -> dict[str, Any]:
+        out = super().facts(params)
+        base = out["labels"]["baseline"]
+        s = params.sglang
+        plugin = params.sglang_attention_backend == PLUGIN
+        extra = f"; sage_attn prefill {s.sage_attn_prefill}, decode on {s.sage_attn_decode}" if plugin else ""
+        out["description"] = (f"SGLang --attention-backend `{params.sglang_baseline_backend}` (baseline) vs "
+                              f"`{params.sglang_attention_backend}` (candidate{extra})")
+        env = f" (SAGE_ATTN_PREFILL={s.sage_attn_prefill}, SAGE_ATTN_DECODE={s.sage_attn_decode})" if plugin else ""
+        out["table"] = {"model": params.model, "engine": params.engine, "baseline server": f"--attention-backend {base}",
+                        "candidate server": f"--attention-backend {params.sglang_attention_backend}{env}",
+                        "tensor parallel": s.tp, "in-process pair (06, 08)": f"{params.baseline} vs {params.candidate}",
+                        "accuracy thresholds from": f"the control {params.accuracy_control} against {params.baseline}, in process",
+                        "seed": params.seed}
+        out["tp"] = s.tp
+        return out
+
+    @classmethod
+    def check_machine(cls, params: Any) -> None:
+        """Where sagecheck starts the servers: no more tensor-parallel ranks than the GPUs this machine shows."""
+        from sagecheck.engines.sglang.servers import check_tensor_parallel, visible_gpus
+
+        if not params.sglang.url:
+            check_tensor_parallel(params.sglang.tp, visible_gpus())
+
+    @classmethod
+    def run_servers(cls, params: Any, notebooks: list[str], log_dir: Any, env: dict[str, str] | None = None,
+                    progress: bool = False) -> ServerSet | None:
+        """Baseline, candidate and (for 04's A/A control) a copy of the baseline, started once for the notebooks that
+        measure with the run's engine (:mod:`.servers`); None where none needs a server or the servers were given."""
+        from sagecheck.engines.sglang.servers import needed_roles
+
+        roles = needed_roles(params, notebooks)
+        return ServerSet(params, Path(log_dir), roles, env=env, progress=progress).start() if roles else None
 
     def __init__(self, params: Any, log_dir: Path, env: dict[str, str] | None = None,
                  servers: dict[str, dict[str, Any]] | None = None) -> None:
@@ -217,7 +303,7 @@ class SGLangEngine(Engine):
 
     def candidate_ran(self) -> str:
         """What the candidate server ran (the sage_attn plugin's statistics)."""
-        from sagecheck.sglang_plugin.stats import describe
+        from sagecheck.backend_stats import describe
 
         handle = self.handles.get(CANDIDATE)
         if handle is None:
@@ -252,6 +338,13 @@ class SGLangEngine(Engine):
             yield server, client, client.server_info()
         finally:
             server.stop()
+
+    def flag_checks(self, prompt_ids: list[int], max_new_tokens: int, serving: list[str] = (),
+                    refused: list[str] = ()) -> list[dict[str, Any]]:
+        """01's checks on servers (:mod:`.flag`)."""
+        from sagecheck.engines.sglang.flag import server_checks
+
+        return server_checks(self, prompt_ids, max_new_tokens, serving, refused)
 
     def close(self) -> None:
         if self._own is not None:

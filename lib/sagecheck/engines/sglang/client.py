@@ -25,9 +25,11 @@ from typing import Any, Callable
 import numpy as np
 import requests
 
+from sagecheck.engines import EngineError
 
-class ClientError(RuntimeError):
-    pass
+
+class ClientError(EngineError):
+    """A request the server did not answer as it should (HTTP error, no JSON, timeout)."""
 
 
 class SGLangClient:

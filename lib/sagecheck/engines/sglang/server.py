@@ -27,19 +27,17 @@ from typing import Any
 
 import requests
 
+from sagecheck.engines import EngineError
+
 DTYPE_ARG = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
 
 
-class ServerError(RuntimeError):
+class ServerError(EngineError):
     """The server could not start, did not become ready, or died; the message quotes its log.
 
     ``cause``: one line, the log's own words where it has them (the exception or the argument
     parser's error), for tables and one-line failures; ``str()`` adds the log's last lines.
     """
-
-    def __init__(self, message: str, cause: str | None = None) -> None:
-        super().__init__(message)
-        self.cause = cause or message.splitlines()[0]
 
 
 _CAUSE_PATTERNS = (
@@ -197,7 +195,7 @@ class Server:
         """Wait for ``/health_generate``; where the port chosen for it was taken by another process before the server
         bound it (it exits saying the address is in use), launch it again on another port, up to ``port_retries`` times.
         It asks every 0.1 s at first, then less often, up to every ``poll_s``: a server that is ready in a second (the
-        tests' forked stand-in: 0.9 s) is not kept waiting, one that loads for minutes is not asked ten times a second."""
+        tests' forked stand-in) is not kept waiting, one that loads for minutes is not asked ten times a second."""
         deadline = time.monotonic() + self.startup_timeout_s
         pause = min(0.1, self.poll_s)
         while time.monotonic() < deadline:

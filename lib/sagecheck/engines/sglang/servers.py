@@ -3,9 +3,8 @@
 Why side by side, once per run: a server takes one to two minutes to start (CUDA graphs are
 captured), so starting two per notebook would cost more than the measurements; and speed can
 only be compared fairly between servers that run at the same time, measured interleaved
-request by request, under the same settings. Two servers of the *same* backend started 90 s
-apart, with different ``--mem-fraction-static``, were 20-30% apart in speed on the H100
-(issue 13), so the set is started with identical command lines except for the memory
+request by request, under the same settings. Two servers of the *same* backend started
+apart, with different ``--mem-fraction-static``, were far apart in speed (README), so the set is started with identical command lines except for the memory
 fraction, and the throughput notebook measures an A/A pair (baseline against its copy) beside
 the A/B pair. The copy is started only where it is measured (04_throughput, ``aa_control``).
 
@@ -17,7 +16,7 @@ first's), which leaves each about the same room. With ``sglang.max_total_tokens`
 (``--max-total-tokens``: the same KV capacity for all, so that no server's batching differs) a
 server takes only that, and the set starts side by side, every server with the same fraction
 (``sglang.mem_fraction_static`` or 0.85): identical command lines, and the one to two minutes of
-start-up paid once instead of per server (measured on the H100: 70-115 s per server, mostly imports).
+start-up paid once instead of per server (mostly imports).
 
 A server that fails to start is recorded with its error; the notebooks that need it fail with
 that error, the others run.
@@ -116,7 +115,7 @@ def role_env(params: Any, role: str, log_dir: Path) -> dict[str, str]:
 def counters_when_ready(stats_dir: str | None) -> dict[str, int]:
     """The sage_attn plugin's counters once its server is ready: SGLang's own warm-up and CUDA-graph capture ran
     batches through the backend, which the notebooks subtract (the plugin writes at intervals: wait for it)."""
-    from sagecheck.sglang_plugin import stats
+    from sagecheck import backend_stats as stats
 
     if not stats_dir:
         return {}

@@ -1,33 +1,19 @@
-"""One schema for every parameter of a run.
+"""The schema of every parameter of a run: one section per notebook, the common keys, their checks.
 
-A run is described by a YAML file (``params/*.yaml``) plus ``-p key=value``
-overrides. Everything is validated here, before any notebook starts: an unknown
-key or a wrong type is reported as one line naming the key, the value and what
-is allowed (:class:`ParamError`, exit code 2 in the CLI). Names of attention
-implementations, engines and task sources are those of :mod:`sagecheck.registry`.
-Whether the files and models the parameters name exist is checked by
-:mod:`sagecheck.sources`, which also makes local paths absolute.
-
-Each notebook receives the measurement parameters (the common ones plus its own
-section), flattened into plain variables (papermill injects them after the
-notebook's ``parameters`` cell). The run-level keys (:data:`RUN_LEVEL`: the title,
-the notebook selection) reach no notebook and no hash, so changing them reruns
-nothing under ``--resume``. The same schema writes the defaults of the
-``parameters`` cell (:func:`parameters_cell_source`), so a notebook opened in
-JupyterLab runs top to bottom on the embedded default.
+Each field's description is its meaning as users read it: the notebooks' ``parameters`` cells and ``sagecheck params``
+are written from it. Names of attention implementations, engines, models and task sources are those of
+:mod:`sagecheck.registry`.
 """
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Optional
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sagecheck.registry import ATTENTION, ENGINES, MODELS, TASKS, UnknownName
 from sagecheck.results import SUMMARY_NOTEBOOK
@@ -427,149 +413,14 @@ class Params(_Section):
 RUN_LEVEL = ("title", "notebooks")
 COMMON_KEYS = tuple(k for k in Params.model_fields if k not in SECTIONS and k not in RUN_LEVEL)
 # keys every notebook gets from the runner on top of its parameters (where to write, the run's servers)
-RUN_KEYS = ("run_dir", "sglang_servers")
+RUN_KEYS = ("run_dir", "servers")
 
 
-# --------------------------------------------------------------------------- loading
-
-
-def did_you_mean(key: str, allowed: list[str]) -> str:
-    close = difflib.get_close_matches(key, allowed, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _format_error(err: dict, data: dict, origin: str) -> str:
-    loc = [str(p) for p in err["loc"]]
-    key = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else p) for i, p in enumerate(err["loc"]))
-    where = f" in {origin}" if origin else ""
-    if err["type"] == "extra_forbidden":
-        model: type[BaseModel] = Params
-        for part in loc[:-1]:
-            if part not in model.model_fields:  # a list index: the model of the list's items is already chosen
-                continue
-            ann = model.model_fields[part].annotation
-            item = (getattr(ann, "__args__", None) or [None])[0]  # list[Model] -> Model
-            for cand in (ann, item):
-                if isinstance(cand, type) and issubclass(cand, BaseModel):
-                    model = cand
-                    break
-        allowed = sorted(model.model_fields)
-        scope = ".".join(loc[:-1]) or "the top level"
-        return (
-            f"unknown parameter '{key}'{where}{did_you_mean(loc[-1], allowed)}; "
-            f"allowed at {scope}: {', '.join(allowed)}"
-        )
-    value = err.get("input")
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "too_short":
-        msg = "must list at least one value"
-    return f"parameter '{key}'{where} = {value!r}: {msg}"
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``key.sub=value`` -> (["key", "sub"], value parsed as YAML)."""
-    if "=" not in text:
-        raise ParamError(f"override '{text}' must look like key=value (e.g. -p logits.n_short=4)")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
-        raise ParamError(f"override '{text}': '{key}' is not a parameter name")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
-
-
-def _apply_override(data: dict, path: list[str], value: Any) -> None:
-    node = data
-    for part in path[:-1]:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    node[path[-1]] = value
-
-
-def read_file(path: str | Path) -> dict[str, Any]:
-    """The mapping of a params file; :class:`ParamError` in one line for a missing or malformed file."""
-    p = Path(path)
-    if p.is_dir():
-        raise ParamError(f"params file {p} is a folder, not a YAML file")
-    if not p.is_file():
-        raise ParamError(f"params file not found: {p}")
-    try:
-        loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError as e:
-        raise ParamError(f"params file {p} is not UTF-8 text (byte {e.start}: {e.reason})") from None
-    except yaml.YAMLError as e:
-        raise ParamError(f"params file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(loaded, dict):
-        raise ParamError(f"params file {p} must hold a mapping of parameters, not {type(loaded).__name__}")
-    return loaded
-
-
-def load_params(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Params:
-    """Read a params file, apply ``key=value`` overrides, validate the schema (not yet the files it names:
-    :func:`sagecheck.sources.load` does both)."""
-    data: dict[str, Any] = read_file(path) if path is not None else {}
-    for text in overrides:
-        keys, value = parse_override(text)
-        _apply_override(data, keys, value)
-    return validate(data, str(path) if path is not None else "")
-
-
-# thresholds that were constants: each accuracy threshold is now what the accepted-precision control loses in the run
-REMOVED = {f"{section}.{key}": "accuracy thresholds come from the accepted-precision control measured in the same run "
-                               "(accuracy_control), not from a constant"
-           for section, keys in {"logits": ("kl_mean_max", "top1_min"), "perplexity": ("delta_max_pct",),
-                                 "activation_drift": ("final_cosine_min", "final_rel_l2_max"),
-                                 "context_length": ("accuracy_delta_max", "loss_delta_max"), "tasks": ("delta_max_pp",),
-                                 "code_paths": ("cold_max_mean_abs",)}.items() for key in keys}
-
-
-def _removed(data: dict[str, Any], origin: str) -> None:
-    """A parameter this version no longer has is named with why, not as an unknown key."""
-    for dotted, why in REMOVED.items():
-        section, key = dotted.split(".")
-        if isinstance(data.get(section), dict) and key in data[section]:
-            where = f" in {origin}" if origin else ""
-            raise ParamError(f"parameter '{dotted}'{where} was removed: {why}; delete it")
-
-
-def validate(data: dict[str, Any], origin: str = "") -> Params:
-    _removed(data, origin)
-    try:
-        return Params.model_validate(data)
-    except ValidationError as e:
-        raise ParamError(_format_error(e.errors()[0], data, origin)) from None
-
-
-# --------------------------------------------------------------------------- notebooks
+# --------------------------------------------------------------------------- facts of a parameter set
 
 
 def section_for(notebook: str) -> str | None:
     return NOTEBOOK_SECTIONS.get(Path(notebook).stem)
-
-
-def notebook_parameters(params: Params, notebook: str) -> dict[str, Any]:
-    """The flat variables a notebook receives: the common measurement keys plus its own section."""
-    dumped = params.model_dump(mode="json")
-    flat = {k: dumped[k] for k in COMMON_KEYS}
-    section = section_for(notebook)
-    if section:
-        flat.update(dumped[section])
-    return flat
-
-
-def from_notebook(notebook: str, namespace: dict[str, Any]) -> Params:
-    """Rebuild validated :class:`Params` from a notebook's variables (the files they name are checked by
-    :mod:`sagecheck.sources`). Invalid values raise :class:`ParamError`."""
-    data: dict[str, Any] = {k: namespace[k] for k in COMMON_KEYS if k in namespace}
-    section = section_for(notebook)
-    if section:
-        fields = SECTIONS[section].model_fields
-        data[section] = {k: namespace[k] for k in fields if k in namespace}
-    return validate(data, notebook)
 
 
 def measurement(params: Params | dict[str, Any]) -> dict[str, Any]:
@@ -588,100 +439,14 @@ def params_hash(flat: Params | dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def type_name(annotation: Any) -> str:
-    """A schema annotation as the parameters cell writes it for papermill (``--help-notebook`` shows it): int, float,
-    str, bool, list[int], Optional[int], dict (a section such as ``sglang``), list[dict] (the tasks)."""
-    import types
-    import typing
-
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is Annotated:
-        return type_name(args[0])
-    if origin is Literal:
-        return type(args[0]).__name__
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        return f"Optional[{type_name(inner[0])}]" if len(inner) == 1 else "object"
-    if origin is list:
-        return f"list[{type_name(args[0])}]" if args else "list"
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return "dict"
-    return getattr(annotation, "__name__", "object")
-
-
-def _meaning(field: Any) -> str:
-    import typing
-
-    words = field.description or ""
-    choices = [typing.get_args(a) for a in [field.annotation, *typing.get_args(field.annotation)] if typing.get_origin(a) is Literal]
-    if choices and not all(str(c) in words for c in choices[0]):
-        words = f"one of {', '.join(map(str, choices[0]))}" + (f": {words}" if words else "")
-    return " ".join(words.split())
-
-
-def parameters_cell_source(notebook: str) -> str:
-    """The committed ``parameters`` cell of a notebook: the schema's defaults, each with its type and meaning (papermill
-    reads them: ``papermill --help-notebook`` lists them)."""
-    flat = notebook_parameters(Params(), notebook)
-    section = section_for(notebook)
-    fields = {**{k: Params.model_fields[k] for k in COMMON_KEYS}, **(SECTIONS[section].model_fields if section else {})}
-    lines = [
-        "# Parameters: defaults from sagecheck.params (the embedded default), each with its type and meaning.",
-        "# `python -m sagecheck run` injects the values of the run below this cell; so does `papermill -p NAME VALUE`.",
-    ]
-    for key, value in flat.items():
-        kind = type_name(fields[key].annotation)
-        kind = f'"{kind}"' if "[" in kind else kind
-        meaning = _meaning(fields[key])
-        lines.append(f"{key}: {kind} = {value!r}" + (f"  # {meaning}" if meaning else ""))
-    lines.append('run_dir: str = ""  # folder of the run\'s results (empty: outputs/interactive in the project root)')
-    lines.append("sglang_servers: dict = {}  # the run's SGLang servers by role (the runner fills it; empty: the notebook "
-                 "starts its own)")
-    return "\n".join(lines)
-
-
 def labels(p: Any) -> tuple[str, str]:
-    """(baseline, candidate) as results and the report name them: SGLang's --attention-backend names on the SGLang
-    engine, the in-process implementations otherwise; the candidate's marked where both are the same (an A/A run).
+    """(baseline, candidate) as results and the report name them: the values of the parameters the engine's registry
+    entry names (SGLang: its --attention-backend names; in process: the implementations); the candidate's marked where
+    both are the same (an A/A run).
     ``p``: :class:`Params`, a notebook's view of them, or a run's parameters as a dict."""
     get = p.get if isinstance(p, dict) else (lambda key, default=None: getattr(p, key, default))
-    if get("engine") == "sglang":
-        base, cand = get("sglang_baseline_backend", "baseline"), get("sglang_attention_backend", "candidate")
-    else:
-        base, cand = get("baseline", "baseline"), get("candidate", "candidate")
+    engine = get("engine") or "hf"
+    base_key, cand_key = ENGINES.info(engine).get("labels", ("baseline", "candidate")) if engine in ENGINES else \
+        ("baseline", "candidate")
+    base, cand = get(base_key, "baseline"), get(cand_key, "candidate")
     return base, (f"{cand} (candidate)" if cand == base else cand)
-
-
-def resolve_run_dir(run_dir: str) -> Path:
-    """Where a notebook writes results when run by hand (``run_dir`` empty)."""
-    if run_dir:
-        return Path(run_dir)
-    here = Path.cwd().resolve()
-    for folder in (here, *here.parents):
-        if (folder / "pyproject.toml").is_file() and (folder / "notebooks").is_dir():
-            return folder / "outputs" / "interactive"
-    return here / "outputs" / "interactive"
-
-
-class NotebookParams:
-    """A notebook's view of the parameters: its own section's keys and the common keys as attributes.
-
-    ``P.kl_mean_max`` reads the section, ``P.model`` the common part; ``P.all`` is the full :class:`Params`.
-    """
-
-    def __init__(self, params: Params, notebook: str, servers: dict[str, Any] | None = None) -> None:
-        self.all = params
-        self.notebook = notebook
-        section = section_for(notebook)
-        self.section = getattr(params, section) if section else None
-        self.servers = dict(servers or {})  # the run's SGLang servers by role (run key sglang_servers)
-
-    def __getattr__(self, name: str) -> Any:
-        section = self.__dict__.get("section")
-        if section is not None and name in type(section).model_fields:
-            return getattr(section, name)
-        return getattr(self.__dict__["all"], name)
-
-    def with_common(self, **changes: Any) -> "NotebookParams":
-        """The same view with common keys changed (e.g. another engine for what this one cannot give)."""
-        return NotebookParams(self.all.model_copy(update=changes), self.notebook, self.servers)

@@ -1,5 +1,7 @@
-"""The report's HTML pieces come from Jinja templates (``templates/``) rendered with escaping on: every value from a
-run (a model name, an error message, a parameter) reaches the page as text, never as markup."""
+"""The report's and the notebooks' HTML pieces come from Jinja templates (``report/templates/``) rendered with escaping
+on: every value from a run (a model name, an error message, a parameter) reaches the page as text, never as markup.
+Its own module, below both the report and the notebooks' tables (:mod:`sagecheck.show`), so that neither imports the
+other to render."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import functools
 from pathlib import Path
 from typing import Any
 
-TEMPLATES = Path(__file__).with_name("templates")
+TEMPLATES = Path(__file__).parent / "report" / "templates"
 
 
 @functools.lru_cache(maxsize=1)
