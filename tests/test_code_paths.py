@@ -64,6 +64,14 @@ VARIANTS = {  # candidate: (extra parameters, the path it must fail)
     "sage_attn_padded_decode": (["sglang.disable_cuda_graph=true", "sglang.sage_attn_decode=sage"], "decode_eager"),
     "sage_attn_head_split": (["sglang.tp=2"], "tp_ranks"),
 }
+# defects of the kernel call itself: the paths whose kernel check (the census held to the contract, its configurations
+# replayed) each must fail, and no other path may fail
+CENSUS_VARIANTS = {
+    "sage_attn_causal_prefix": ([], {"prefix"}),
+    "sage_attn_prefix_fallback": ([], {"prefix"}),
+    "sage_attn_wrong_scale": ([], {"cold", "prefix", "chunked", "batch"}),  # decode runs on Triton (the default)
+    "sage_attn_padded_kernel": (["sglang.disable_cuda_graph=true", "sglang.sage_attn_decode=sage"], {"decode_eager"}),
+}
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +84,7 @@ def judged(tmp_path_factory, builtin):
     control = builtin  # the accepted-precision control, in process on the same model (as the notebook measures it)
     try:
         by_args: dict[tuple[str, ...], list[str]] = {}
-        for name, (overrides, _) in VARIANTS.items():
+        for name, (overrides, _) in {**VARIANTS, **CENSUS_VARIANTS}.items():
             by_args.setdefault(tuple(overrides), []).append(name)
         for overrides, names in by_args.items():
             log_dir = tmp_path_factory.mktemp("baseline")
@@ -122,13 +130,48 @@ def test_each_wrong_variant_fails_its_own_path(judged, name):
     others = {p: v for p, v in got.items() if p != path}
     if name == "sage_attn_head_split":
         # a wrong head split corrupts every forward on the ranks, the cold prefill's too: the cold row (judged against the
-        # baseline alone) fails with the rank row; the other rows are judged against the candidate's own cold path, which
-        # the defect corrupts alike, so they show no path of their own
-        assert got["cold"] is False and all(v is not False for p, v in others.items() if p != "cold"), got
+        # baseline alone) fails with the rank row, and so does every other path against a correct integration's error
+        # (the emulation through the same path): compared only with the candidate's own cold path, corrupted alike,
+        # they would show nothing
+        assert got["cold"] is False and all(v is False for v in others.values() if v is not None), got
+        rows = {r.path: r for r in results}
+        assert all(rows[p].figures["integration"]["passed"] is False for p, v in others.items() if v is False and p != "cold"
+                   and "integration" in rows[p].figures)
     else:
         assert all(v is not False for v in others.values()), (name, got)
     if name == "sage_attn_padded_decode":
         assert got["decode_graphs"] is None  # kernel decode needs CUDA graphs off: that path is not exercised
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(CENSUS_VARIANTS))
+def test_each_wrong_kernel_call_fails_the_kernel_check_of_its_own_paths_and_no_other(judged, name):
+    """The census of the server's kernel calls: a causal call over fewer queries than keys, a fallback with no kernel
+    call, a wrong softmax scale, a kernel that counts padding (its configuration replayed): each fails the kernel check
+    of its own paths, nothing else fails."""
+    _, paths = CENSUS_VARIANTS[name]
+    plan, results = judged[name]
+    kernel = {r.path: r.figures.get("kernel") for r in results}
+    failing = {r.path for r in results if r.figures.get("kernel") is not None and (
+        r.figures["kernel"]["violating_calls"] or not r.figures["kernel"]["step_calls"]
+        or (r.figures.get("replay") or {}).get("flagged"))}
+    assert failing == paths, (name, failing, kernel)
+    # by their output, the defects reach where they reach: a decode path's prompts are prefilled as an extend over the
+    # cached BOS token (so a causal-prefix call or a wrong scale shows there too, though decode itself runs on Triton)
+    got = verdicts(results)
+    reach = paths | ({"decode_graphs", "decode_eager"} if name in ("sage_attn_causal_prefix", "sage_attn_wrong_scale") else set())
+    assert {p for p, v in got.items() if v is False} <= reach, (name, got)
+
+
+def test_the_right_backend_and_the_baseline_have_no_kernel_violation(judged):
+    plan, results = judged["sage_attn"]
+    looked = [r for r in results if r.figures.get("kernel") is not None]
+    assert {r.path for r in looked} == {"cold", "prefix", "chunked", "batch"}  # decode runs on Triton by default
+    assert all(r.figures["kernel"]["calls"] and not r.figures["kernel"]["violating_calls"] for r in looked)
+    assert "inside the kernel's contract" in C.census_sentence(results)
+    _, results = judged["fa3"]  # the baseline against itself: no kernel at all
+    assert not any(r.figures.get("kernel") for r in results)
+    assert "no kernel calls: the candidate called neither sageattention" in C.census_sentence(results)
 
 
 def test_a_path_the_engine_cannot_run_is_not_exercised_never_passed():

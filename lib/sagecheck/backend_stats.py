@@ -97,3 +97,23 @@ def head_split(stats: dict[str, Any] | None, heads: int, kv_heads: int, tp: int)
     passed = seen == list(range(tp)) and all(
         r.get("q_heads_per_rank") == q and r.get("kv_heads_per_rank") == kv and r.get("tp_size") == tp for r in ranks)
     return {"passed": passed, "expected": expected, "reported": "; ".join(per_rank) or "no ranks"}
+
+
+def census_path(folder: str | Path, pid: int | None = None) -> Path:
+    """Where a server process writes its census of kernel calls (:mod:`sagecheck.census`)."""
+    return Path(folder) / f"census-{pid if pid is not None else os.getpid()}.json"
+
+
+def read_census(folder: str | Path | None) -> dict[str, Any] | None:
+    """A server's census: every process's file merged (:func:`sagecheck.census.merge`); None where none was written."""
+    from sagecheck.census import merge
+
+    if folder is None or not Path(folder).is_dir():
+        return None
+    found = []
+    for path in sorted(Path(folder).glob("census-*.json")):
+        try:
+            found.append(json.loads(path.read_text()).get("census") or {})
+        except (OSError, json.JSONDecodeError):
+            continue
+    return merge(found) if found else None

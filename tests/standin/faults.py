@@ -58,6 +58,9 @@ def faulty_baseline(q, k, v, *, causal=False, scale=None, mask=None):
 def faulty(q, k, v, *, causal=False, scale=None, mask=None):
     """sage_emulated with the configured variant's defect (FAULT) on the path where that variant has it."""
     fault, where = FAULT["fault"], current()
+    census_fault = _census_fault(fault, where, q, k, v, causal, scale, mask)
+    if census_fault is not None:
+        return census_fault
     n_q, n_k = q.shape[2], k.shape[2]
     if fault == "prefix" and where == "radix_extend" and 1 < n_q < n_k:
         prefix = n_k - n_q
@@ -83,6 +86,24 @@ def faulty(q, k, v, *, causal=False, scale=None, mask=None):
             sl = slice(r * per_rank, (r + 1) * per_rank)
             out[:, sl] = out[:, sl].roll(1, dims=1)
     return out
+
+
+def _census_fault(fault, where, q, k, v, causal, scale, mask):
+    """The variants whose defect is in the kernel call itself (tests/faults/in_process.py computes them): on an extend
+    over a radix-cached prefix, a causal call over fewer queries than keys, or no kernel call at all; a wrong scale on
+    every call; kernel decode on a kernel that counts padding. None where this call is not the variant's to change."""
+    from tests.faults import in_process as bad
+
+    extend = where == "radix_extend" and 1 < q.shape[2] < k.shape[2]
+    if fault == "causal_prefix" and extend:
+        return bad.causal_prefix(q, k, v, causal=causal, scale=scale, mask=mask)
+    if fault == "prefix_fallback" and extend:
+        return bad.prefix_fallback(q, k, v, causal=causal, scale=scale, mask=mask)
+    if fault == "wrong_scale":
+        return bad.wrong_scale(q, k, v, causal=causal, scale=scale, mask=mask)
+    if fault == "padded_kernel" and where in ("graph_decode", "eager_decode") and q.shape[2] == 1:
+        return bad.padded_kernel(q, k, v, causal=causal, scale=scale)
+    return None
 
 
 def install(fault: str, tp: int) -> tuple[str, str]:

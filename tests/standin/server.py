@@ -97,9 +97,12 @@ def prefill(b, seq, cached):
     over the cached prefix, chunked prefill above the chunk size, else a cold prefill. Returns (logits, cache, chunks)."""
     from tests.standin import faults
 
+    from sagecheck.census import CENSUS
+
     model, x = b.model, torch.tensor([seq])
     if cached:
-        with faults.path("prefill"):
+        # a real server reads the cached prefix's keys from its cache: recomputing them here is no kernel call of its
+        with faults.path("prefill"), CENSUS.paused():
             cache = model(input_ids=x[:, :cached], use_cache=True).past_key_values
         with faults.path("radix_extend"):
             out = model(input_ids=x[:, cached:], past_key_values=cache, use_cache=True)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import torch
 
+from sagecheck import census
 from sagecheck.attention.baseline import check_shapes, expand_kv
 from sagecheck.attention.blockwise import online_softmax
 
@@ -115,6 +116,8 @@ def sage2_fp8_emulated(
 ) -> torch.Tensor:
     """SageAttention 2's sm90 kernel (per-thread INT8 Q·K^T, FP8 P·V) in plain torch; see the module docstring."""
     b, h, h_kv, n_q, n_k, d = check_shapes(q, k, v, causal)
+    census.record_attention("sageattn", f"{EMULATED_KERNEL} (emulated)", "sagecheck.attention.sage2_fp8_emulated:sage2_fp8_emulated",
+                            q, k, causal=causal, scale=scale)
     out_dtype = q.dtype
     kernel_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float16
     q, k, v = q.to(kernel_dtype), k.to(kernel_dtype), v.to(kernel_dtype)

@@ -44,10 +44,12 @@ from __future__ import annotations
 
 import torch
 
+from sagecheck import census
 from sagecheck.attention.baseline import check_shapes, expand_kv
 from sagecheck.attention.blockwise import online_softmax
 
 EMULATED_VERSION = "1.0.6"
+CENSUS_KERNEL = "sageattn_varlen / _attn_fwd (1.0.6 Triton, emulated)"
 BLOCK_Q = 128  # quant_per_block.py: BLKQ
 BLOCK_K = 64  # quant_per_block.py: BLKK; attn kernels: BLOCK_N
 LOG2E = 1.44269504  # quant_per_block.py: sm_scale * 1.44269504
@@ -90,6 +92,8 @@ def sage_emulated(
 ) -> torch.Tensor:
     """SageAttention v1 (per-block INT8 Q·K^T, fp16 P·V) in plain torch; see the module docstring."""
     b, h, h_kv, n_q, n_k, d = check_shapes(q, k, v, causal)
+    census.record_attention("sageattn", CENSUS_KERNEL, "sagecheck.attention.sage_emulated:sage_emulated", q, k,
+                            causal=causal, scale=scale)
     out_dtype = q.dtype
     sm_scale = d**-0.5 if scale is None else scale
 

@@ -143,6 +143,16 @@ class Backend(abc.ABC):
         """Per tensor-parallel rank, what it holds and ran (a backend that writes such statistics); None otherwise."""
         return None
 
+    def kernel_phases(self) -> frozenset[str]:
+        """Where this backend means to call the attention kernel (``prefill``, ``decode``): a path of another phase is
+        served by the baseline's kernel by design, and its kernel calls are not looked for."""
+        return frozenset({"prefill", "decode"})
+
+    def census(self) -> dict[str, Any] | None:
+        """The kernel calls recorded so far where this backend runs (a :func:`sagecheck.census.snapshot`; a reader diffs
+        two around what it ran); None where nothing records them."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         """What serves this label, in the engine's own words (a server: the backend it reports and its settings; in
         process: the implementation)."""

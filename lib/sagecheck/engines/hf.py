@@ -146,6 +146,20 @@ class HFBackend(Backend):
     def calls(self) -> dict[str, Any]:
         return attn_hf.STATS.snapshot()
 
+    def kernel_phases(self) -> frozenset[str]:
+        """The phases of ``candidate_phases`` for a candidate; none for the baseline or the control."""
+        from sagecheck import attention
+
+        if attention.ATTENTION.info(self.implementation).get("role") in ("baseline", "accepted"):
+            return frozenset()
+        return frozenset(self.engine.phases)
+
+    def census(self) -> dict[str, Any]:
+        """This process's census: the emulations and the kernel record their calls as they are made."""
+        from sagecheck import census
+
+        return census.snapshot()
+
     def counters(self) -> dict[str, int]:
         """The attention calls of this block so far: ``calls:<impl>``, ``<impl>:<phase>`` and ``fallbacks:<impl>``."""
         snap = self.calls()
@@ -160,22 +174,32 @@ class HFBackend(Backend):
 
     @torch.inference_mode()
     def prefix_logprobs(self, seq: list[int], prefix: int) -> PathRun:
-        """The prefix in one forward that keeps its KV cache, then the rest as an extend over it."""
+        """The prefix in one forward that keeps its KV cache, then the rest as an extend over it (evidence: the kernel
+        calls of the extend alone, ``kernel_calls``)."""
+        from sagecheck import census
+
         x = self._tensor([seq])
         cache = self.model(input_ids=x[:, :prefix], use_cache=True).past_key_values
+        before = census.snapshot()
         logits = self.model(input_ids=x[:, prefix:], past_key_values=cache, use_cache=True).logits[0, :-1]
-        return PathRun([self._picked(logits, seq[prefix + 1:])], {"cached_tokens": prefix})
+        return PathRun([self._picked(logits, seq[prefix + 1:])],
+                       {"cached_tokens": prefix, "kernel_calls": census.difference(census.snapshot(), before)})
 
     @torch.inference_mode()
     def chunked_logprobs(self, seq: list[int], chunk: int) -> PathRun:
-        """Chunks of ``chunk`` tokens, each an extend over the KV cache of the ones before."""
-        x, cache, parts = self._tensor([seq]), None, []
+        """Chunks of ``chunk`` tokens, each an extend over the KV cache of the ones before (evidence: the kernel calls
+        of the chunks after the first, ``kernel_calls``)."""
+        from sagecheck import census
+
+        x, cache, parts, before = self._tensor([seq]), None, [], None
         for start in range(0, len(seq), chunk):
             out = self.model(input_ids=x[:, start:start + chunk], past_key_values=cache, use_cache=True)
             cache = out.past_key_values
             parts.append(out.logits[0])
+            before = before if before is not None else census.snapshot()
         logits = torch.cat(parts)[:-1]
-        return PathRun([self._picked(logits, seq[1:])], {"chunks": -(-len(seq) // chunk), "chunk_tokens": chunk})
+        return PathRun([self._picked(logits, seq[1:])], {"chunks": -(-len(seq) // chunk), "chunk_tokens": chunk,
+                                                        "kernel_calls": census.difference(census.snapshot(), before)})
 
     def _tensor(self, batch: list[list[int]]) -> torch.Tensor:
         return torch.tensor(batch, dtype=torch.long, device=self.device)

@@ -36,7 +36,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from sagecheck import backend_stats
+from sagecheck import backend_stats, census
+from sagecheck.results import one_line
 from sagecheck.engines import SERVERS, Generated
 
 EPS = 1e-6  # nats: a difference below this is no difference (an A/A run of a deterministic backend gives exact zeros)
@@ -96,20 +97,29 @@ def ratio_bound(x: np.ndarray, budget: np.ndarray, seed: int = 0, level: float =
     return float(ratio), float(np.quantile(boot, 1 - level))
 
 
-def judge(a: Aligned, ratio_max: float, seed: int = 0) -> dict[str, Any]:
-    """The two comparisons of one path (module docstring): ratios, their lower bounds, the means they come from."""
+def judge(a: Aligned, ratio_max: float, seed: int = 0, anchor: float | None = None,
+          reference_fails: bool = False) -> dict[str, Any]:
+    """The two comparisons of one path (module docstring): ratios, their lower bounds, the means they come from.
+
+    ``anchor``: the candidate's mean error on the cold prefill, which is judged absolutely; given, the comparison against
+    the baseline allows the path that, not its reference path's error, which a defect the path shares with its
+    reference (an extend over a cached prefix, for chunked prefill) would inflate. ``reference_fails``: the reference path failed, so the comparison with the
+    candidate's own reference says nothing: the path is judged against the baseline alone."""
     k = np.abs(a.b_path - a.b_ref)
     e = np.abs(a.c_ref - a.b_answer)
     # on the same tokens the candidate's path against the baseline's same path; on decode (own tokens each) against
     # the baseline's prefill of the candidate's tokens
     vs_base = np.abs(a.c_path - (a.b_path if a.b_on_c is None else a.b_on_c))
     vs_self = np.abs(a.c_path - a.c_ref)
-    r_base, lo_base = ratio_bound(vs_base, e + k, seed)
+    allowed = e if anchor is None else np.full_like(e, anchor)
+    r_base, lo_base = ratio_bound(vs_base, allowed + k, seed)
     r_self, lo_self = ratio_bound(vs_self, 2 * e + k, seed + 1)
+    excess = lo_base if reference_fails else max(lo_base, lo_self)
     return {"positions": len(a), "vs_baseline_mean": float(vs_base.mean()), "vs_self_mean": float(vs_self.mean()),
             "control_mean": float(k.mean()), "reference_error_mean": float(e.mean()),
+            "anchor_error_mean": None if anchor is None else float(anchor), "reference_fails": bool(reference_fails),
             "ratio_vs_baseline": r_base, "ratio_vs_baseline_low": lo_base, "ratio_vs_self": r_self, "ratio_vs_self_low": lo_self,
-            "excess": max(lo_base, lo_self), "passed": max(lo_base, lo_self) <= ratio_max}
+            "excess": excess, "passed": excess <= ratio_max}
 
 
 # --------------------------------------------------------------------------- what each backend computes
@@ -132,6 +142,7 @@ class Plan:
     tp: int
     serving: bool = False
     why_not: dict[str, str] = field(default_factory=dict)  # path -> why it cannot run on this engine
+    replay: list[dict[str, Any]] = field(default_factory=list)  # the census's configurations replayed (kernel_replay)
 
 
 def plan(engine: Any, backend: Any, p: Any) -> Plan:
@@ -200,34 +211,37 @@ class Ran:
     cross: dict[str, list[np.ndarray]] = field(default_factory=dict)  # the baseline: prefill of the candidate's decodes
     evidence: dict[str, dict[str, Any]] = field(default_factory=dict)
     counted: dict[str, dict[str, int]] = field(default_factory=dict)
+    census: dict[str, dict[str, Any]] = field(default_factory=dict)  # per path: the kernel calls it made (sagecheck.census)
+    kernel_phases: frozenset = frozenset({"prefill", "decode"})  # where the backend means to call the kernel
     ranks: Any = None
 
 
 class _Counted:
-    """The change of a backend's counters caused by each path. A server writes its statistics at intervals, so a
-    reading waits ``settle_s`` for the last path's counts to land; the settled reading after one path is the reading
-    before the next (one wait per path, not two)."""
+    """The change of a backend's counters and of its census of kernel calls caused by each path. A server writes both at
+    intervals, so a reading waits ``settle_s`` for the last path's to land; the settled reading after one path is the
+    reading before the next (one wait per path, not two)."""
 
     def __init__(self, backend: Any, settle_s: float) -> None:
         self.backend, self.settle_s = backend, settle_s
-        self.last: dict[str, int] | None = None
+        self.last: tuple[dict[str, int] | None, dict[str, Any] | None] = (None, None)
         self.settled = False
 
-    def _read(self) -> dict[str, int] | None:
-        now = self.backend.counters()
-        if now is not None and self.settle_s:
+    def _read(self) -> tuple[dict[str, int] | None, dict[str, Any] | None]:
+        now, kernels = self.backend.counters(), self.backend.census()
+        if (now is not None or kernels is not None) and self.settle_s:
             time.sleep(self.settle_s)
-            now = self.backend.counters()
-        return now
+            now, kernels = self.backend.counters(), self.backend.census()
+        return now, kernels
 
-    def __call__(self, fn: Callable[[], Any]) -> tuple[Any, dict[str, int]]:
-        before = self.last if self.settled else self._read()
+    def __call__(self, fn: Callable[[], Any]) -> tuple[Any, dict[str, int], dict[str, Any]]:
+        (before, census_before) = self.last if self.settled else self._read()
         out = fn()
-        after = self.last = self._read()
+        (after, census_after) = self.last = self._read()
         self.settled = True
+        kernel_calls = census.difference(census_after, census_before) if census_after is not None else {}
         if before is None or after is None:
-            return out, {}
-        return out, {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+            return out, {}, kernel_calls
+        return out, {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}, kernel_calls
 
 
 def _decode(backend: Any, prompts: list[list[int]], n: int) -> tuple[list[Generated], list[np.ndarray]]:
@@ -241,13 +255,13 @@ def _decode(backend: Any, prompts: list[list[int]], n: int) -> tuple[list[Genera
 
 def run_backend(backend: Any, pl: Plan, p: Any, settle_s: float) -> Ran:
     """Every path that can run on this engine, on one backend."""
-    out = Ran(implementation=getattr(backend, "implementation", backend.label))
+    out = Ran(implementation=getattr(backend, "implementation", backend.label), kernel_phases=backend.kernel_phases())
     counted = _Counted(backend, settle_s)
 
     def path(name: str, fn: Callable[[], Any]) -> None:
         if name in pl.why_not:
             return
-        got, out.counted[name] = counted(fn)
+        got, out.counted[name], out.census[name] = counted(fn)
         out.logprobs[name], out.evidence[name] = got
 
     def prefill(fn: Callable[[], Any]) -> Callable[[], Any]:
@@ -386,11 +400,52 @@ class PathResult:
         return self.figures.get("passed") if self.exercised else None
 
 
+# each path's reference path (module docstring): where that fails, the path is judged against the baseline alone
+REFERENCE = {"prefix": "cold", "chunked": "prefix", "decode_graphs": "cold", "decode_eager": "cold", "batch": "cold"}
+CONTRACT_SOURCE = ("published target: the kernel's contract (SageAttention's docs): is_causal only where every sequence has "
+                   "as many queries as keys, the model's sm_scale, head dims " + ", ".join(map(str, census.SUPPORTED_HEAD_DIMS))
+                   + ", float16 or bfloat16")
+
+
+def kernel_calls(name: str, cand: Ran, model_config: Any = None) -> dict[str, Any] | None:
+    """The candidate's kernel calls on one path, held to the kernel's contract (:func:`sagecheck.census.violations`):
+    None where nothing is looked for (the candidate made no kernel call on any path, or this path's phase is not
+    one it means to run on the kernel)."""
+    phase = "decode" if name.startswith("decode") else "prefill"
+    if not any(census.calls(d) for d in cand.census.values()) or phase not in cand.kernel_phases:
+        return None
+    made = cand.census.get(name, {})
+    # the step that makes the path (an extend over a cached prefix, the chunks after the first), where the engine
+    # measured it apart from what prepares it (the prefix's own prefill): a fallback hides behind that otherwise
+    steps = (cand.evidence.get(name) or {}).get("kernel_calls")
+    if isinstance(steps, dict):
+        steps = [steps]
+    if steps and name == "chunked":
+        steps = steps[:1]  # the chunked run's; the second is its reference extend's
+    if steps:  # judged on the step that makes the path alone; the rest of the path is its reference's or a preparation
+        made = census.total(steps)
+    own = census.calls(made)
+    rows = []
+    for entry in made.values():
+        broken = census.violations(entry, model_config)
+        rows.append({"configuration": census.label(entry["config"]), "calls": entry["calls"], "sequences": entry.get("sequences"),
+                     "captured": entry.get("captured", 0), "key counts": ", ".join(f"{c}: {n}" for c, n in sorted(entry.get("k_classes", {}).items())),
+                     "violations": "; ".join(broken), "entry": entry["config"]["entry"]})
+    bad = [r for r in rows if r["violations"]]
+    return {"calls": census.calls(made), "step_calls": own, "configurations": rows,
+            "violating_calls": sum(r["calls"] for r in bad),
+            "violations": [f"{r['entry']}: {r['calls']} call(s) {r['violations']}" for r in bad]}
+
+
 def judge_all(base: Ran, cand: Ran, pl: Plan, p: Any,
-              ranks_check: Callable[[Any], dict[str, Any]] | None = None, cold_control: float = float("nan")) -> list[PathResult]:
+              ranks_check: Callable[[Any], dict[str, Any]] | None = None, cold_control: float = float("nan"),
+              model_config: Any = None) -> list[PathResult]:
     """Every path judged; the cold prefill against the baseline, within ``cold_control`` (the accepted-precision
-    control's mean |difference| on the same sequences), the others against their controls (:func:`judge`)."""
-    out = []
+    control's mean |difference| on the same sequences), the others against their controls (:func:`judge`), their
+    allowance anchored to the cold prefill's error; every path's kernel calls against the kernel's contract
+    (:func:`kernel_calls`)."""
+    out: list[PathResult] = []
+    results: dict[str, PathResult] = {}
     for name, (title, _) in PATHS.items():
         if name == "tp_ranks":
             out.append(_tp_ranks(title, pl, cand, out, ranks_check))
@@ -402,16 +457,36 @@ def judge_all(base: Ran, cand: Ran, pl: Plan, p: Any,
         words, why = evidence(name, cand, pl)
         if facts:
             words += "; compared: " + "; ".join(f"{k.replace('_', ' ')} {v}" for k, v in facts.items())
+        calls = kernel_calls(name, cand, model_config)
+        if calls is not None and not calls["step_calls"]:
+            why = why or "the candidate made no kernel call on this path (another kernel served it: a fallback)"
         if why or not len(aligned):
-            out.append(PathResult(name, title, False, words, why or "no position was computed alike by both backends"))
+            out.append(PathResult(name, title, False, words, why or "no position was computed alike by both backends",
+                                  {"kernel": calls} if calls is not None else {}))
+            results[name] = out[-1]
             continue
         if name == "cold":
             diff = np.abs(aligned.c_path - aligned.b_path)
             figures = {"positions": len(aligned), "vs_baseline_mean": float(diff.mean()), "accepted_control_mean": cold_control,
                        "passed": float(diff.mean()) <= cold_control}
         else:
-            figures = judge(aligned, p.ratio_max, p.seed)
+            # a path whose reference is the cold prefill is allowed the cold prefill's error at its own positions already;
+            # another (chunked: an extend over a cached prefix) is allowed the cold prefill's mean error, not its reference's
+            cold = results.get("cold")
+            anchor = (cold.figures.get("vs_baseline_mean") if cold is not None and cold.exercised
+                      and REFERENCE.get(name) != "cold" else None)
+            ref = results.get(REFERENCE.get(name, ""))
+            # a reference that fails, or that did not run as itself (its kernel calls fell back), says nothing of the
+            # candidate's own: the path is judged against the baseline alone
+            figures = judge(aligned, p.ratio_max, p.seed, anchor=anchor,
+                            reference_fails=bool(ref is not None and (ref.passed is False or (
+                                not ref.exercised and (ref.figures.get("kernel") or {}).get("step_calls") == 0))))
+        figures["output_passed"] = figures["passed"]  # the difference against the controls alone
+        if calls is not None:
+            figures["kernel"] = calls
+            figures["passed"] = bool(figures["passed"]) and not calls["violating_calls"]
         out.append(PathResult(name, title, True, words, "", figures))
+        results[name] = out[-1]
     return out
 
 
@@ -467,7 +542,94 @@ def measure(engine: Any, p: Any, control_engine: Any = None) -> tuple[Plan, list
 
         def check(stats: Any) -> dict[str, Any]:
             return backend_stats.head_split(stats, heads, kv_heads, pl.tp)
-    return pl, judge_all(base, cand, pl, p, check, control)
+    results = judge_all(base, cand, pl, p, check, control, engine.model_config())
+    pl.replay = replay_census(results, cand, p)
+    judge_integration(results, engine, control_engine, pl, p, cand, base)
+    return pl, results
+
+
+EMULATIONS = ("sage-emulated", "sage2-fp8-emulated")
+
+
+def _with_cross(bb: Any, ran: Ran, pl: Plan, into: Ran) -> None:
+    """The baseline's prefill of ``ran``'s own decoded tokens (the reference answer for them), into ``into.cross``."""
+    for name in ("decode_graphs", "decode_eager"):
+        if name in ran.logprobs:
+            gen, _ = ran.logprobs[name]
+            batch = pl.decode_prompts if name == "decode_graphs" else pl.eager_prompts
+            full = bb.cold_logprobs([pr + g.tokens for pr, g in zip(batch, gen)]).logprobs
+            into.cross[name] = [lp[len(pr) - 1:] for pr, lp in zip(batch, full)]
+
+
+def judge_integration(results: list[PathResult], engine: Any, control_engine: Any, pl: Plan, p: Any, cand: Ran,
+                      base: Ran) -> None:
+    """Beside each path's error, the error a correct integration of the same kernel has on it: the kernel's emulation
+    run through the same path in process, on the same tokens, against the in-process baseline; the candidate's
+    difference from its baseline may exceed that (plus the path's control) by no more than ``ratio_max`` (99% lower
+    bound). Not done where the candidate is an emulation itself, or called no kernel (in place: ``figures["integration"]``)."""
+    from sagecheck.metrics import kernel_replay
+
+    made = census.merge(cand.census.values())
+    in_process = control_engine if control_engine is not None else (engine if "hidden_states" in engine.capabilities else None)
+    if not made or cand.implementation in EMULATIONS or in_process is None:
+        return
+    emulations = []
+    for entry in made.values():
+        try:
+            kernel = kernel_replay.resolve(entry["config"]["ref"])
+        except (ImportError, AttributeError):
+            kernel = None
+        emulations.append(kernel_replay.emulation_of(entry["config"], kernel))
+    emulation = max(set(emulations), key=emulations.count)
+    with in_process.backend(emulation) as eb:
+        emu = run_backend(eb, pl, p, 0.0)
+    if in_process is engine:
+        ref_base = base
+    else:
+        with in_process.backend(in_process.baseline) as bb:
+            ref_base = run_backend(bb, pl, p, 0.0)
+    with in_process.backend(in_process.baseline) as bb:
+        _with_cross(bb, emu, pl, ref_base)
+    for r in results:
+        if not r.exercised or r.path in ("cold", "tp_ranks") or r.path not in emu.logprobs:
+            continue
+        a_c, _ = align(r.path, base, cand, pl)
+        a_e, _ = align(r.path, ref_base, emu, pl)
+        if not len(a_c) or not len(a_e):
+            continue
+        vs_base = np.abs(a_c.c_path - (a_c.b_path if a_c.b_on_c is None else a_c.b_on_c))
+        emu_err = float(np.abs(a_e.c_path - (a_e.b_path if a_e.b_on_c is None else a_e.b_on_c)).mean())
+        k = np.abs(a_c.b_path - a_c.b_ref)
+        ratio, low = ratio_bound(vs_base, np.full_like(vs_base, emu_err) + k, p.seed + 2)
+        r.figures["integration"] = {"emulation": emulation, "emulation_vs_baseline_mean": emu_err, "ratio": ratio,
+                                    "ratio_low": low, "passed": low <= p.ratio_max}
+        if low > p.ratio_max:
+            r.figures["passed"] = False
+
+
+def replay_census(results: list[PathResult], cand: Ran, p: Any) -> list[dict[str, Any]]:
+    """The configurations the candidate called the kernel with, replayed (:mod:`sagecheck.metrics.kernel_replay`); a
+    configuration the replay flags fails every path that called it (in place: ``figures["replay"]``, ``passed``)."""
+    from sagecheck import runtime
+    from sagecheck.metrics import kernel_replay
+
+    made = census.merge(cand.census.values())
+    if not made:
+        return []
+    device = runtime.resolve_device(p.device)
+    rows = kernel_replay.replay(made, p.kernel_vs_emulation_max, device, p.seed, p.replay_max_keys)
+    flagged = kernel_replay.flagged_by_path(rows, cand.census)
+    for r in results:
+        if r.figures.get("kernel") is None:
+            continue
+        mine = [row for row in rows if row["key"] in cand.census.get(r.path, {})]
+        r.figures["replay"] = {"replayed": sum(row["status"] == "ok" for row in mine),
+                               "not_replayed": sorted({row["why"] for row in mine if row["status"] != "ok"}),
+                               "flagged": [f"{row['configuration']} at {row['shape']}: {row['kernel_vs_emulation']:.3g} from "
+                                           f"{row['emulation']}" for row in flagged.get(r.path, [])]}
+        if r.figures["replay"]["flagged"]:
+            r.figures["passed"] = False
+    return [{k: v for k, v in row.items() if k != "key"} for row in rows]
 
 
 # --------------------------------------------------------------------------- the notebook's table, verdicts and reader
@@ -481,8 +643,32 @@ def table(results: list[PathResult]) -> list[dict[str, Any]]:
                      "positions": f.get("positions"), "|cand - base| (nats)": f.get("vs_baseline_mean"),
                      "control |base path - base ref|": f.get("control_mean"),
                      "ratio vs baseline (99% low)": _ratio(f, "ratio_vs_baseline"), "ratio vs own reference (99% low)":
-                     _ratio(f, "ratio_vs_self"), "evidence": r.evidence or r.why_not, "not exercised because": r.why_not})
+                     _ratio(f, "ratio_vs_self"), "kernel calls (outside the contract)": _calls(f),
+                     "evidence": r.evidence or r.why_not, "not exercised because": r.why_not})
     return rows
+
+
+def _calls(f: dict[str, Any]) -> str:
+    k = f.get("kernel")
+    return "" if not k else f"{k['calls']} ({k['violating_calls']})"
+
+
+def census_rows(results: list[PathResult]) -> list[dict[str, Any]]:
+    """The kernel's census per path: every configuration the candidate called the kernel with, and what breaks its
+    contract (empty where the candidate made no kernel call)."""
+    return [{"path": r.title, **row} for r in results for row in (r.figures.get("kernel") or {}).get("configurations", [])]
+
+
+def census_sentence(results: list[PathResult]) -> str:
+    """The census in one sentence: how many calls, on which paths, and every violation; or that nothing called it."""
+    looked = [r for r in results if r.figures.get("kernel") is not None]
+    if not looked:
+        return ("**Kernel census:** no kernel calls: the candidate called neither sageattention nor an emulation of it, "
+                "so there is nothing to hold to a contract.")
+    bad = [f"{r.title}: " + "; ".join(r.figures["kernel"]["violations"]) for r in looked if r.figures["kernel"]["violating_calls"]]
+    calls = sum(r.figures["kernel"]["calls"] for r in looked)
+    text = f"**Kernel census:** {calls} kernel calls on {len(looked)} paths"
+    return text + (", outside the kernel's contract: " + " | ".join(bad) + "." if bad else ", every one inside the kernel's contract.")
 
 
 def _ratio(f: dict[str, Any], key: str) -> str:
@@ -514,15 +700,52 @@ def record(results: Any, paths: list[PathResult], pl: Plan, p: Any, control: str
                             int(bool(f["passed"])), "==", 1, detail=r.evidence,
                             source="the model's head counts split as the server's tensor-parallel size says")
         else:
+            how = (f"its reference ({PATHS[REFERENCE[r.path]][0]}) fails: judged against the baseline alone; "
+                   if f.get("reference_fails") else "")
+            anchored = (f"allowed the cold prefill's error {f['anchor_error_mean']:.3g} nats; "
+                        if f.get("anchor_error_mean") is not None else "")
             results.verdict(f"code_path.{r.path}", "code_path", f"{r.title}: excess over its control (99% lower bound)",
                             f["excess"], "<=", p.ratio_max,
-                            detail=(f"vs baseline {f['ratio_vs_baseline']:.2f} (low {f['ratio_vs_baseline_low']:.2f}), vs its "
+                            detail=(how + anchored + f"vs baseline {f['ratio_vs_baseline']:.2f} (low {f['ratio_vs_baseline_low']:.2f}), vs its "
                                     f"own reference {f['ratio_vs_self']:.2f} (low {f['ratio_vs_self_low']:.2f}); "
                                     f"|cand-base| {f['vs_baseline_mean']:.3g}, control {f['control_mean']:.3g} nats over "
                                     f"{f['positions']} positions; {r.evidence}")[:500],
                             source="control of this run: the baseline's own difference between this path and its reference "
                                    "(k), and the candidate's error on the reference (e); " +
                                    parameter("code_paths.ratio_max", p.ratio_max, "the most a 99% lower bound may exceed"))
+    for r in paths:  # beside each path's error, a correct integration's (the kernel's emulation through the same path)
+        g = r.figures.get("integration")
+        if g is None:
+            continue
+        results.verdict(f"code_path.{r.path}.integration", "code_path", f"{r.title}: excess over a correct integration "
+                        f"({g['emulation']} through the same path; 99% lower bound)", g["ratio_low"], "<=", p.ratio_max,
+                        detail=one_line(f"{r.title}: |cand-base| {r.figures['vs_baseline_mean']:.3g} nats against "
+                                        f"{g['emulation_vs_baseline_mean']:.3g} for {g['emulation']} through the same path "
+                                        f"in process; ratio {g['ratio']:.2f} (low {g['ratio_low']:.2f})", 400),
+                        source="control of this run: the kernel's emulation through the same path, on the same tokens, and "
+                               "the baseline's path-to-path difference; " +
+                               parameter("code_paths.ratio_max", p.ratio_max, "the most a 99% lower bound may exceed"))
+    for r in paths:  # every path whose kernel calls were looked for, exercised or not (a fallback is a failure too)
+        k = r.figures.get("kernel")
+        if k is None:
+            continue
+        replayed = r.figures.get("replay") or {}
+        flagged = replayed.get("flagged", [])
+        problems = list(k["violations"]) + [f"the kernel disagrees with its emulation at {x}" for x in flagged]
+        if not k["step_calls"]:
+            problems.append("no kernel call on this path: another kernel served it (a fallback)")
+        words = "; ".join(problems) or (f"{k['calls']} kernel calls in {len(k['configurations'])} configuration(s), none outside "
+                                        f"the contract" + (f"; {replayed['replayed']} replayed, none flagged" if replayed.get("replayed")
+                                                           else ""))
+        results.verdict(f"code_path.{r.path}.kernel", "code_path", f"{r.title}: kernel calls outside the contract or at a "
+                        "configuration the kernel gets wrong", k["violating_calls"] + len(flagged) + (0 if k["step_calls"] else 1),
+                        "<=", 0, detail=one_line(f"{r.title}: {words}", 400),
+                        source=CONTRACT_SOURCE + "; " + parameter("code_paths.kernel_vs_emulation_max",
+                                                                  p.kernel_vs_emulation_max, "08's bound on kernel vs emulation"))
+    results.table("kernel_census", census_rows(paths))
+    results.table("kernel_replay", pl.replay)
+    results.metric("kernel_census", {"sentence": census_sentence(paths),
+                                     "calls": {r.path: (r.figures.get("kernel") or {}).get("calls") for r in paths}})
 
 
 @dataclass
@@ -536,10 +759,13 @@ class CodePathResults:
         return cls(res.tables.get("paths", [])) if res is not None and res.status == "ok" else None
 
     def failing(self) -> list[dict[str, Any]]:
-        return [r for r in self.rows if r["exercised"] and not r.get("passed")]
+        """Paths that fail; a path whose kernel calls fell back to another kernel too (it is not exercised, and that
+        is a failure of the candidate, not of the engine)."""
+        return [r for r in self.rows if (r["exercised"] and not r.get("passed"))
+                or ((r.get("kernel") or {}) and not r["kernel"].get("step_calls"))]
 
     def not_exercised(self) -> list[dict[str, Any]]:
-        return [r for r in self.rows if not r["exercised"]]
+        return [r for r in self.rows if not r["exercised"] and r not in self.failing()]
 
 
 
@@ -560,6 +786,11 @@ def sentence(paths: list[PathResult]) -> str:
 
 def _figure_words(r: PathResult) -> str:
     f = r.figures
+    k = f.get("kernel") or {}
+    if k.get("violating_calls"):
+        return "; ".join(k["violations"])
+    if (f.get("replay") or {}).get("flagged"):
+        return "the kernel disagrees with its emulation at " + "; ".join(f["replay"]["flagged"])
     if "excess" in f:
         return f"{f['excess']:.2f}× its control at least, vs baseline {f['ratio_vs_baseline']:.2f}, vs its own reference {f['ratio_vs_self']:.2f}"
     if "vs_baseline_mean" in f:

@@ -290,6 +290,11 @@ class CodePathsParams(_Section):
     batch: int = Field(32, ge=2, description="batch invariance: sequences in one batch, each also alone")
     batch_tokens: int = Field(128, ge=4, description="tokens per sequence of the batch-invariance path")
     ratio_max: float = Field(1.5, gt=1, description="verdict: a path's difference over its control (99% lower bound) at most")
+    kernel_vs_emulation_max: float = Field(5e-3, gt=0, description="the configurations of the kernel census, replayed: a "
+                                           "kernel further than this (relative L2) from its emulation fails the paths that "
+                                           "called it (08's bound)")
+    replay_max_keys: int = Field(512, ge=1, description="on a CPU, replay configurations up to this many keys (the float64 "
+                                                        "reference's cost); a GPU replays every class")
 
     @field_validator("short_lengths")
     @classmethod

@@ -167,6 +167,17 @@ def failures_sentence(results: list[R.Results]) -> str:
 
 
 def _path_figure(row: dict[str, Any]) -> str:
+    kernel = row.get("kernel") or {}
+    if kernel.get("violations"):
+        return "kernel calls outside the kernel's contract: " + "; ".join(kernel["violations"])
+    if kernel and not kernel.get("step_calls"):
+        return "no kernel call: another kernel served it"
+    flagged = (row.get("replay") or {}).get("flagged")
+    if flagged:
+        return "the kernel disagrees with its emulation at " + "; ".join(flagged)
+    integration = row.get("integration") or {}
+    if integration and integration.get("passed") is False and row.get("output_passed") is not False:
+        return f"{integration['ratio_low']:.2f}× a correct integration's error ({integration['emulation']}) at least"
     if row.get("excess") is not None:
         return f"{row['excess']:.2f}× its control at least"
     if row.get("vs_baseline_mean") is not None:

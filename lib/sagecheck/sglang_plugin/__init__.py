@@ -27,10 +27,29 @@ def create_backend(model_runner):  # noqa: ANN001 - SGLang's ModelRunner
     return SageAttnBackend(model_runner)
 
 
+def start_census() -> None:
+    """Record every call into sageattention in this process, whatever backend serves (sagecheck's, a fork's, any
+    plugin's): its functions wrapped where they are bound (:func:`sagecheck.census.install`), and, where the server was
+    given a statistics folder, the census written there for the notebooks (once per process)."""
+    import os
+
+    from sagecheck import census
+    from sagecheck.backend_stats import census_path, write_interval_s
+
+    census.install()
+    folder = os.environ.get("SAGE_ATTN_STATS_DIR")
+    if folder and not getattr(start_census, "started", False):
+        start_census.started = True  # type: ignore[attr-defined]
+        census.start_writer(census_path(folder), write_interval_s())
+
+
 def register() -> None:
-    """The entry point: add ``sage_attn`` to SGLang's attention backends (idempotent)."""
+    """The entry point: add ``sage_attn`` to SGLang's attention backends (idempotent), and start the census of kernel
+    calls (:func:`start_census`)."""
     from sglang.srt import server_args
     from sglang.srt.layers.attention import attention_registry
+
+    start_census()
 
     if NAME not in server_args.ATTENTION_BACKEND_CHOICES:
         server_args.add_attention_backend_choices([NAME])

@@ -134,6 +134,20 @@ class SGLangBackend(Backend):
     def rank_report(self) -> dict[str, Any] | None:
         return self.plugin_stats()
 
+    def kernel_phases(self) -> frozenset[str]:
+        """sagecheck's sage_attn: prefill, and decode where its statistics say it decodes on the kernel; another backend
+        (a fork's): every phase."""
+        stats = self.plugin_stats()
+        if stats and stats.get("config", {}).get("decode") == "triton":
+            return frozenset({"prefill"})
+        return frozenset({"prefill", "decode"})
+
+    def census(self) -> dict[str, Any] | None:
+        """The server's census of kernel calls (every scheduler process records it, whatever backend serves)."""
+        from sagecheck.backend_stats import read_census
+
+        return read_census(self.handle.stats_dir) if self.handle.stats_dir else None
+
     def cold_logprobs(self, seqs: list[list[int]]) -> PathRun:
         out, cached = [], []
         for seq in seqs:
@@ -155,16 +169,39 @@ class SGLangBackend(Backend):
     def prefix_logprobs(self, seq: list[int], prefix: int) -> PathRun:
         """An earlier request leaves ``seq[:prefix]`` in the radix cache; the sequence then asks for log-probabilities
         from ``prefix`` on, which lets SGLang reuse up to that many cached tokens."""
+        from sagecheck import census
+
         self.reset_cache()
         self.client.generate(seq[:prefix], max_new_tokens=1)
+        before = self._settled_census()
         (lp, cached), = self.client.scored([seq], prefix)
-        return PathRun([lp], {"cached_tokens": cached, "prefix": prefix})
+        after = self._settled_census() if before is not None else None
+        calls = census.difference(after, before) if after is not None else None
+        return PathRun([lp], {"cached_tokens": cached, "prefix": prefix, **({"kernel_calls": calls} if calls is not None else {})})
+
+    def _settled_census(self) -> dict[str, Any] | None:
+        """The server's census once what just ran was written (its processes write at intervals)."""
+        import time
+
+        from sagecheck.backend_stats import settle_s
+
+        if self.census() is None:
+            return None
+        time.sleep(settle_s())
+        return self.census()
 
     def chunked_logprobs(self, seq: list[int], chunk: int) -> PathRun:
-        """The server chunks by its own ``--chunked-prefill-size`` (``chunk`` is what the caller read from it)."""
+        """The server chunks by its own ``--chunked-prefill-size`` (``chunk`` is what the caller read from it); evidence:
+        the request's own kernel calls (``kernel_calls``), apart from the reference extend 10 runs after it."""
+        from sagecheck import census
+
         self.reset_cache()
+        before = self._settled_census()
         (lp, cached), = self.client.scored([seq], 0)
-        return PathRun([lp], {"chunks": -(-len(seq) // chunk), "chunk_tokens": chunk, "cached_tokens": cached})
+        after = self._settled_census() if before is not None else None
+        calls = census.difference(after, before) if after is not None else None
+        return PathRun([lp], {"chunks": -(-len(seq) // chunk), "chunk_tokens": chunk, "cached_tokens": cached,
+                              **({"kernel_calls": calls} if calls is not None else {})})
 
     def token_logprobs(self, batch: list[list[int]]) -> list[np.ndarray]:
         return self.client.input_logprobs(batch)

@@ -14,12 +14,24 @@ are never part of sagecheck:
   is left out), as when replay metadata is not refreshed; eager decode is right;
 * ``sage_attn_head_split``: each tensor-parallel rank reads the KV heads of rank 0 (its own share of the query heads,
   the wrong KV heads): no effect on one rank.
+
+Defects of the kernel call itself, which the census of kernel calls (``sagecheck.census``) holds to the kernel's
+contract whatever the output shows:
+
+* ``sage_attn_causal_prefix``: an extend over a cached prefix calls the kernel causal with the new tokens only (fewer
+  queries than keys), without the prefix's rows;
+* ``sage_attn_prefix_fallback``: every batch with a cached prefix silently runs on Triton (no kernel call);
+* ``sage_attn_wrong_scale``: every kernel call gets 1.25 times the layer's softmax scale;
+* ``sage_attn_padded_kernel``: kernel decode (``SAGE_ATTN_DECODE=sage``) on a kernel that counts a partial block's
+  masked-out key slots, not corrected (the stand-in's kernel does; on a GPU, 1.0.6's non-causal kernel does).
 """
 
 from __future__ import annotations
 
 FAULTS = {"sage_attn_prefix_fault": "prefix", "sage_attn_padded_decode": "padded_decode",
-          "sage_attn_stale_graph": "stale_graph", "sage_attn_head_split": "head_split"}
+          "sage_attn_stale_graph": "stale_graph", "sage_attn_head_split": "head_split",
+          "sage_attn_causal_prefix": "causal_prefix", "sage_attn_prefix_fallback": "prefix_fallback",
+          "sage_attn_wrong_scale": "wrong_scale", "sage_attn_padded_kernel": "padded_kernel"}
 
 
 def register() -> None:

@@ -81,5 +81,57 @@ class HeadSplitFault(SageAttnBackend):
 
 
 def faulty_backend(fault: str) -> type:
+    # on a GPU, 1.0.6's non-causal kernel counts a partial block's masked-out slots itself: padded_kernel is the
+    # uncorrected decode (the stand-in emulates that kernel)
     return {"prefix": PrefixFault, "padded_decode": PaddedDecodeFault, "stale_graph": StaleGraphFault,
-            "head_split": HeadSplitFault}[fault]
+            "head_split": HeadSplitFault, "causal_prefix": CausalPrefixFault, "prefix_fallback": PrefixFallbackFault,
+            "wrong_scale": WrongScaleFault, "padded_kernel": PaddedDecodeFault}[fault]
+
+
+class CausalPrefixFault(SageAttnBackend):
+    """An extend over a cached prefix calls the kernel causal with the new tokens only: fewer queries than keys."""
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, **kwargs):
+        layout = self._layout
+        if layout is None or not layout.has_prefix or self.prefill != "varlen" or self._batch_fallback:
+            return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, sinks=sinks, **kwargs)
+        if save_kv_cache:
+            self.token_to_kv_pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k, v, layer.k_scale, layer.v_scale)
+        heads, kv_heads, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
+        idx = self._prefix_indices(layout)
+        k_all = torch.empty((layout.total, kv_heads, d), dtype=k.dtype, device=k.device)
+        v_all = torch.empty_like(k_all)
+        k_all[layout.new_pos], k_all[layout.prefix_pos] = k.view(-1, kv_heads, d), self.token_to_kv_pool.get_key_buffer(layer.layer_id)[idx]
+        v_all[layout.new_pos], v_all[layout.prefix_pos] = v.view(-1, kv_heads, d), self.token_to_kv_pool.get_value_buffer(layer.layer_id)[idx]
+        cu_q = torch.tensor([0] + list(torch.tensor(layout.extend_lens).cumsum(0).tolist()), dtype=torch.int32, device=q.device)
+        k16, v16 = k_all.to(torch.float16), v_all.to(torch.float16)
+        out = self.kernel(q.view(-1, heads, d).to(torch.float16), smooth_keys(k16, layout.seq_lens), v16, cu_q,
+                          layout.cu_seqlens, max(layout.extend_lens), layout.max_seqlen, is_causal=True,
+                          sm_scale=layer.scaling, smooth_k=False)
+        return out.to(q.dtype).reshape(-1, heads * layer.v_head_dim)
+
+
+class PrefixFallbackFault(SageAttnBackend):
+    """Every batch with a cached prefix silently runs on Triton: no kernel call, nothing counted."""
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, **kwargs):
+        if self._layout is not None and self._layout.has_prefix:
+            return super(SageAttnBackend, self).forward_extend(q, k, v, layer, forward_batch, save_kv_cache, sinks=sinks, **kwargs)
+        return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, sinks=sinks, **kwargs)
+
+
+class WrongScaleFault(SageAttnBackend):
+    """Every kernel call gets 1.25 times the layer's softmax scale."""
+
+    def __init__(self, model_runner: Any) -> None:
+        super().__init__(model_runner)
+        for name in ("kernel", "batched_kernel"):
+            kernel = getattr(self, name, None)
+            if kernel is not None:
+                setattr(self, name, self._scaled(kernel))
+
+    @staticmethod
+    def _scaled(kernel: Any) -> Any:
+        def call(*args: Any, sm_scale: float | None = None, **kwargs: Any) -> Any:
+            return kernel(*args, sm_scale=None if sm_scale is None else 1.25 * sm_scale, **kwargs)
+        return call
