@@ -27,7 +27,7 @@ LAYERS = {
     "engines": 2, "sglang_plugin": 2,
     "metrics": 3,
     "report": 4, "show": 4, "plots": 4, "session": 4, "templating": 4,
-    "run": 5, "__main__": 5, "kernel": 5, "forkserver": 5,
+    "run": 5, "__main__": 5, "kernel": 5, "forkserver": 5, "papermill_cli": 5,
 }
 NEVER = [("engines", "metrics"), ("models", "engines"), ("params", "models"), ("metrics", "report"), ("engines", "report")]
 

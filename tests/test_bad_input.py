@@ -61,6 +61,11 @@ CASES = [
     (["run", "--notebooks", "{dir}"], None, "no notebooks (NN_name.ipynb)"),
     (["report", "{dir}/nothing"], None, "run folder not found"),
     (["params", "-p", "memory.batch_sizes=[0]"], None, "'memory.batch_sizes[0]' = 0"),
+    (["run", "--params", "{params}"], "seed: 1\nseed: 2\n", "'seed' is given twice (lines 1 and 2)"),
+    (["run", "--params", "{params}"], "logits:\n  n_short: 2\nlogits:\n  n_long: 1\n", "'logits' is given twice"),
+    (["run", "--params", "{params}", "-p", "seed=abc"], "seed: 1\n", "unable to parse string as an integer (given as -p seed=abc)"),
+    (["run", "--params", "{params}", "-p", "logits.n_shrt=2"], "seed: 1\n", "short_tokens, text, top_k (given as -p logits.n_shrt=2)"),
+    (["run", "-p", "model=nosuch-org/no-such-model"], None, "parameter 'model' = 'nosuch-org/no-such-model': not a local folder"),
 ]
 
 
@@ -76,7 +81,47 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capfd, argv, yaml_text, expe
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1, err
     assert lines[0].startswith("sagecheck: error: ") and expected in lines[0], lines[0]
+    assert "p.yaml" not in lines[0] or "-p " not in expected  # a -p value is not blamed on the params file
     assert not (tmp_path / "run").exists()  # nothing ran, no run folder
+
+
+def _one_line_refusal(capfd, args: list[str]) -> str:
+    code = main(args)
+    out, err = capfd.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, err
+    return lines[0]
+
+
+def test_out_is_a_new_folder_or_an_earlier_run_never_a_folder_of_other_files(tmp_path, capfd):
+    """`--out .` from the project's root once overwrote two notebooks with executed copies and wrote results/ there."""
+    before = sorted(p.name for p in ROOT.iterdir())
+    line = _one_line_refusal(capfd, ["run", "--out", str(ROOT), "-q"])
+    assert "holds files that are not a sagecheck run" in line and sorted(p.name for p in ROOT.iterdir()) == before
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert "holds files that are not a sagecheck run (notes.txt)" in _one_line_refusal(capfd, ["run", "--out", str(mine), "-q"])
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    a_file = tmp_path / "a.txt"
+    a_file.write_text("x")
+    assert "a file, not a folder" in _one_line_refusal(capfd, ["run", "--out", str(a_file), "-q"])
+    assert "is a file, so the run folder cannot be made" in _one_line_refusal(capfd, ["run", "--out", str(a_file / "run"), "-q"])
+    assert a_file.read_text() == "x"
+
+
+def test_an_unreachable_hub_model_is_refused_within_seconds(tmp_path, capfd):
+    t0 = time.monotonic()
+    line = _one_line_refusal(capfd, ["run", "-p", "model=nosuch-org/no-such-model", "--out", str(tmp_path / "r"), "-q"])
+    assert time.monotonic() - t0 < 30 and ("cannot be reached" in line or "no such model on the Hugging Face hub" in line)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_run_without_params_is_the_embedded_default(capfd):
+    assert main(["params"]) == 0
+    bare = capfd.readouterr().out
+    assert main(["params", "--params", str(ROOT / "params" / "default.yaml")]) == 0
+    assert capfd.readouterr().out == bare and "{model}" in bare  # the title names the model that ran
 
 
 SMALL = ["--params", str(CI_PARAMS), "--only", "00,03", "-p", "perplexity.max_tokens=400", "-p", "perplexity.window=64",
@@ -111,6 +156,7 @@ def test_ctrl_c_is_one_line_exit_130_and_resume_completes_the_run(tmp_path):
     assert done.returncode == 130 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     assert lines[0].startswith("sagecheck: interrupted (Ctrl-C); 1 finished notebook(s) kept (00_environment)")
     assert "--resume` goes on from there" in lines[0]
+    assert f"`{sys.executable} -m sagecheck run" in lines[0]  # the hint runs as printed: this interpreter, not a python on PATH
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["interrupted_at"] and [n["name"] for n in manifest["notebooks"]] == ["00_environment"]
     assert not (out / "results" / "03_perplexity.json").exists()

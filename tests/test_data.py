@@ -52,3 +52,17 @@ def test_prompt_sets_have_the_asked_lengths():
     assert len({tuple(p) for p in sets["short"]}) == 3
     with pytest.raises(ValueError, match="does not fit"):
         prompts.cut_prompts(list(range(50)), 1, 100)
+
+
+def test_the_seed_chooses_the_prompts():
+    """`seed` seeds the prompts, as its help says: another seed, other prompts of the same lengths inside the text;
+    seed 0 the text's own start (the embedded default's prompts)."""
+    tok = models.load_tokenizer(models.resolve("builtin"))
+    text = corpus.builtin_heldout().text
+    zero, again, one = (prompts.prompt_sets(tok, text, 4, 100, 2, 2048, seed) for seed in (0, 0, 1))
+    ids = prompts.encode(tok, text)
+    assert zero == again and zero["short"][0][1:] == ids[:99]
+    assert zero["short"] != one["short"] and zero["long"] != one["long"]
+    assert [len(p) for p in one["short"]] == [100] * 4 and [len(p) for p in one["long"]] == [2048] * 2
+    body = [p[1:] for p in one["short"] + one["long"]]
+    assert all(any(ids[i:i + len(b)] == b for i in range(len(ids) - len(b) + 1)) for b in body[:2])

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import nbformat
 import pytest
 
@@ -56,3 +60,12 @@ def test_papermill_help_lists_no_unknown_type():
     done = subprocess.run([str(papermill), "--help-notebook", str(NOTEBOOKS[2])], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "Parameters inferred" in done.stdout, done.stderr
     assert "Unknown type" not in done.stdout and "n_short: int (default 8)" in done.stdout
+
+
+def test_papermill_on_a_bad_parameter_says_one_line_and_exits_2(tmp_path):
+    """papermill's own CLI: sagecheck's one line, not thirty lines of papermill's traceback above it."""
+    papermill = Path(sys.executable).with_name("papermill")
+    done = subprocess.run([str(papermill), str(NOTEBOOKS[2]), str(tmp_path / "out.ipynb"), "-k", "sagecheck", "-p", "windw", "100"],
+                          capture_output=True, text=True, timeout=300, cwd=NOTEBOOKS[2].parent)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("sagecheck: 02_logits has no parameter 'windw'")

@@ -30,10 +30,11 @@ def _split_only(values: list[str] | None) -> list[str] | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from sagecheck.params import EMBEDDED_DEFAULT
     from sagecheck.run import run
 
     outcome = run(
-        args.params,
+        args.params or str(EMBEDDED_DEFAULT),
         overrides=args.p or (),
         only=_split_only(args.only),
         out=args.out,
@@ -87,8 +88,9 @@ def cmd_params(args: argparse.Namespace) -> int:
     import yaml
 
     from sagecheck import sources
+    from sagecheck.params import EMBEDDED_DEFAULT
 
-    params = sources.load(args.params, args.p or ())
+    params = sources.load(args.params or str(EMBEDDED_DEFAULT), args.p or ())
     print(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False), end="")
     return 0
 
@@ -107,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="execute the notebooks with a parameter file, then build the report")
-    r.add_argument("--params", help="YAML parameter file (default: the schema's defaults)")
+    r.add_argument("--params", help="YAML parameter file (default: the embedded default, params/default.yaml: the built-in "
+                                    "model, no GPU, no download)")
     r.add_argument("-p", action="append", metavar="KEY=VALUE", help="override a parameter, e.g. -p logits.n_short=4")
     r.add_argument("--only", action="append", metavar="NAMES", help="notebooks to run (comma separated; 02, logits or 02_logits)")
     r.add_argument("--out", help="run folder (default: outputs/<params-name>-<hash>)")
@@ -129,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.set_defaults(func=cmd_compare)
 
     pa = sub.add_parser("params", help="validate parameters and print them with all defaults")
-    pa.add_argument("--params")
+    pa.add_argument("--params", help="YAML parameter file (default: the embedded default)")
     pa.add_argument("-p", action="append", metavar="KEY=VALUE")
     pa.set_defaults(func=cmd_params)
 
@@ -178,8 +181,10 @@ class _QuietInterrupt:
 
 
 def _resume_command(argv: list[str]) -> str:
+    """The command that goes on from an interrupted run, as it can be pasted: this interpreter (a ``python`` on the PATH
+    may not be the one sagecheck is installed in, e.g. after ``make report``), the same arguments, ``--resume``."""
     args = [a for a in argv if a != "--resume"]
-    return shlex.join(["python", "-m", "sagecheck", *args, "--resume"])
+    return shlex.join([sys.executable, "-m", "sagecheck", *args, "--resume"])
 
 
 def main(argv: list[str] | None = None) -> int:

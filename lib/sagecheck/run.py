@@ -137,6 +137,26 @@ def default_run_name(params_path: str | Path | None, params: P.Params) -> str:
     return f"{stem}-{P.params_hash(params)[:8]}"
 
 
+def check_run_folder(run_dir: Path) -> None:
+    """``--out`` must be a new folder or an earlier run's (it holds its ``run.json``): a run never writes into a folder
+    that holds anything else (the project's root, a home folder), nor tries a file or a place it cannot write."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise P.ParamError(f"--out {run_dir}: a file, not a folder; give a new folder or an earlier run's")
+    if run_dir.is_dir() and not (run_dir / "run.json").is_file():
+        held = sorted(p.name for p in run_dir.iterdir())
+        if held:
+            shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+            raise P.ParamError(f"--out {run_dir} holds files that are not a sagecheck run ({shown}); give a new folder, or "
+                               "an earlier run's folder (with its run.json) to write again")
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing != run_dir and not existing.is_dir():
+        raise P.ParamError(f"--out {run_dir}: {existing} is a file, so the run folder cannot be made under it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise P.ParamError(f"--out {run_dir}: {existing} is not writable")
+
+
 def _check_no_secret_in_params(params: P.Params) -> None:
     blob = json.dumps(params.model_dump(mode="json"))
     for var, value in secret_values().items():
@@ -240,10 +260,14 @@ def prepare(params_path: str | Path | None, overrides: Sequence[str] = (), only:
 
     run_dir = Path(out) if out else (project_root() or Path.cwd()) / "outputs" / default_run_name(params_path, params)
     run_dir = run_dir.resolve()
+    check_run_folder(run_dir)
     ctx = RunContext(params, params_path, list(overrides), notebooks, nb_dir, kernel_name, run_dir, resume, progress,
                      fork_kernels=not kernel)
-    (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
-    ctx.results_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
+        ctx.results_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise P.ParamError(f"--out {run_dir}: the run folder cannot be written ({e.strerror or e})") from None
     ctx.manifest = {
         "run": run_dir.name,
         "params_file": str(params_path) if params_path else None,

@@ -74,9 +74,41 @@ def resolve(params: Params, base: Path) -> Params:
 
 def check_machine(params: Params) -> None:
     """What the parameters ask of this machine, checked before any work (a preset for a GPU machine still validates
-    elsewhere: ``sagecheck params``): the CUDA device, the sageattention entry point."""
+    elsewhere: ``sagecheck params``): the CUDA device, the sageattention entry point, a hub model it can reach."""
     check_device(params.device)
     check_sage_kernel(params.sage_kernel)
+    check_hub_model(params.model, params.revision)
+
+
+def check_hub_model(model: str, revision: str | None = None, timeout_s: float = 10.0) -> None:
+    """A model named by a hub id must be in the local Hugging Face cache or on a hub this machine reaches: asked once,
+    with a short timeout, before any work (else every notebook would fail on it, each after the hub client's retries)."""
+    import os
+
+    if model in MODELS or model.startswith("random:") or looks_like_path(model):
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(model, "config.json", revision=revision), str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise ParamError(f"parameter 'model' = {model!r}: not a local folder and not in the Hugging Face cache, and "
+                         "HF_HUB_OFFLINE is set; give a local folder")
+    import requests
+
+    from sagecheck.models import hub_token
+
+    token = hub_token()
+    url = f"{constants.ENDPOINT}/api/models/{model}" + (f"/revision/{revision}" if revision else "")
+    try:
+        answer = requests.get(url, timeout=timeout_s, headers={"Authorization": f"Bearer {token}"} if token else {})
+    except requests.RequestException as e:
+        raise ParamError(f"parameter 'model' = {model!r}: not a local folder, not in the Hugging Face cache, and the hub "
+                         f"cannot be reached from here ({type(e).__name__}); give a local folder") from None
+    if answer.status_code in (401, 403, 404):
+        private = "" if token else " (or a private or gated one: export HF_TOKEN)"
+        raise ParamError(f"parameter 'model' = {model!r}: no such model on the Hugging Face hub{private}"
+                         + (f" at revision {revision!r}" if revision else ""))
 
 
 def check_sage_kernel(name: str) -> None:

@@ -32,11 +32,23 @@ def cut_prompts(token_ids: list[int], n: int, length: int, bos: list[int] = (), 
     return [list(bos) + token_ids[s : s + body] for s in starts]
 
 
-def prompt_sets(tokenizer: Any, text: str, n_short: int, short_tokens: int, n_long: int, long_tokens: int) -> dict[str, list[list[int]]]:
-    """{"short": [...], "long": [...]} cut from ``text``, each set spread evenly over it."""
+def seeded_offset(n_tokens: int, n: int, length: int, seed: int) -> int:
+    """Where a set of ``n`` prompts of ``length`` tokens starts for ``seed``: 0 for seed 0 (the text's start), else a
+    seeded place within the first gap between the windows, so that every window stays inside the text."""
+    if not seed:
+        return 0
+    import random
+
+    room = max(0, n_tokens - length) // max(1, n)
+    return random.Random(seed).randrange(room) if room > 0 else 0
+
+
+def prompt_sets(tokenizer: Any, text: str, n_short: int, short_tokens: int, n_long: int, long_tokens: int,
+                seed: int = 0) -> dict[str, list[list[int]]]:
+    """{"short": [...], "long": [...]} cut from ``text``, each set spread evenly over it from a place ``seed`` chooses."""
     ids = encode(tokenizer, text)
     bos = bos_ids(tokenizer)
-    sets = {"short": cut_prompts(ids, n_short, short_tokens, bos)}
+    sets = {"short": cut_prompts(ids, n_short, short_tokens, bos, seeded_offset(len(ids), n_short, short_tokens, seed))}
     if n_long:
-        sets["long"] = cut_prompts(ids, n_long, long_tokens, bos)
+        sets["long"] = cut_prompts(ids, n_long, long_tokens, bos, seeded_offset(len(ids), n_long, long_tokens, seed))
     return sets

@@ -149,7 +149,7 @@ def measure_prompts(engine: Any, p: Any) -> list[dict[str, Any]]:
     from sagecheck.data import corpus, prompts
 
     text = corpus.load_text(p.text)
-    ps = prompts.prompt_sets(engine.tokenizer, text.text, p.n_prompts, p.tokens, 0, 0)["short"]
+    ps = prompts.prompt_sets(engine.tokenizer, text.text, p.n_prompts, p.tokens, 0, 0, p.seed)["short"]
     records: list[dict[str, Any]] = []
     for i, ids in enumerate(ps):
         records += [{"prompt": i, **r} for r in measure(engine, engine.baseline, engine.candidate, ids, p.modes, p.position_buckets,

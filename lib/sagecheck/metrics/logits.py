@@ -161,7 +161,7 @@ def prompt_sets(engine: Any, p: Any) -> tuple[dict[str, list[list[int]]], Any]:
     from sagecheck.data import corpus, prompts
 
     text = corpus.load_text(p.text)
-    return prompts.prompt_sets(engine.tokenizer, text.text, p.n_short, p.short_tokens, p.n_long, p.long_tokens), text
+    return prompts.prompt_sets(engine.tokenizer, text.text, p.n_short, p.short_tokens, p.n_long, p.long_tokens, p.seed), text
 
 
 @dataclass

@@ -22,13 +22,19 @@ JupyterLab runs top to bottom on the embedded default.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sagecheck.params.loading import REMOVED, did_you_mean, load_params, parse_override, read_file, validate
 from sagecheck.params.schema import (COMMON_KEYS, MAX_COUNT, MAX_TOKENS, NOTEBOOK_SECTIONS, RUN_KEYS, RUN_LEVEL, SECTIONS,
                                      ParamError, Params, TaskSpec, labels, measurement, params_hash, section_for)
 from sagecheck.params.wiring import (NotebookParams, from_notebook, notebook_parameters, parameters_cell_source,
                                      resolve_run_dir, type_name)
 
-__all__ = ["COMMON_KEYS", "MAX_COUNT", "MAX_TOKENS", "NOTEBOOK_SECTIONS", "RUN_KEYS", "RUN_LEVEL", "REMOVED", "SECTIONS",
+# the embedded default (the built-in model, no GPU, no download): what `make report` and a run without --params run;
+# params/default.yaml in the project is a link to it
+EMBEDDED_DEFAULT = Path(__file__).with_name("default.yaml")
+
+__all__ = ["EMBEDDED_DEFAULT", "COMMON_KEYS", "MAX_COUNT", "MAX_TOKENS", "NOTEBOOK_SECTIONS", "RUN_KEYS", "RUN_LEVEL", "REMOVED", "SECTIONS",
            "NotebookParams", "ParamError", "Params", "TaskSpec", "did_you_mean", "from_notebook", "labels", "load_params",
            "measurement", "notebook_parameters", "parameters_cell_source", "params_hash", "parse_override", "read_file",
            "resolve_run_dir", "section_for", "type_name", "validate"]
