@@ -129,7 +129,7 @@ def test_causal_emulation_skips_only_rows_the_block_cannot_change():
         assert torch.equal(skipped, full)
 
 
-def block_by_block(scores, block_pv, shape, n_k, block, *, causal, mask, device, max_offset=0.0):
+def block_by_block(scores, block_pv, shape, n_k, block, *, causal, mask, device, max_offset=0.0, with_max=False):
     """The kernel's loop as written: one key block after the other; causal blocks skip the query rows before their first
     key (which they cannot change)."""
     b, h, n_q, d = shape
@@ -152,7 +152,7 @@ def block_by_block(scores, block_pv, shape, n_k, block, *, causal, mask, device,
         denom[:, :, rq] = denom[:, :, rq] * alpha + p.sum(dim=-1, keepdim=True)
         acc[:, :, rq] = acc[:, :, rq] * alpha + block_pv(p[:, :, None], start, stop)[:, :, 0]
         m[:, :, rq] = m_new
-    return acc, denom
+    return (acc, denom, m) if with_max else (acc, denom)
 
 
 @pytest.mark.parametrize("segment_elements", [0, None])  # one block at a time; the default (decode steps: several)

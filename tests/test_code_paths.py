@@ -188,4 +188,9 @@ def test_counters_that_contradict_the_path_make_it_not_exercised():
     assert "no batch with a cached prefix" in C._counters_say_not("prefix", {"extend_batches_kernel": 2}, "sage_attn")
     assert "replayed no CUDA graph" in C._counters_say_not("decode_graphs", {"decode_batches_triton": 7}, "sage_attn")
     assert C._counters_say_not("decode_graphs", {"decode_graph_replays": 7}, "sage_attn") is None
+    # sage_attn's dispatch rule sent the path's batches to Triton: the kernel is not judged there, whatever the output
+    routed = C._counters_say_not("chunked", {"extend_batches_triton": 3, "extend_batches_with_prefix_triton": 2}, "sage_attn")
+    assert "sent every prefill batch of this path to Triton" in routed and "sage_attn_dispatch=kernel" in routed
+    assert C._counters_say_not("chunked", {"extend_batches_triton": 1, "extend_batches_kernel": 2,
+                                           "extend_batches_with_prefix": 2}, "sage_attn") is None
     time.sleep(0)

@@ -248,6 +248,7 @@ def test_a_server_set_starts_matched_servers_side_by_side_and_stops_them(tmp_pat
         infos = [SGLangClient(h["url"]).server_info() for h in handles.values()]
         assert [i["max_total_num_tokens"] for i in infos] == [5000] * 3
         assert handles["candidate"]["env"] == {"SAGE_ATTN_DECODE": "sage", "SAGE_ATTN_PREFILL": "auto",
+                                               "SAGE_ATTN_DISPATCH": "measured",
                                                "SAGE_ATTN_STATS_DIR": str(tmp_path / "sage_attn-stats-candidate")}
         commands = [Path(h["log"]).read_text().splitlines()[0].split() for h in handles.values()]
 

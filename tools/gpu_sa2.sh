@@ -11,6 +11,10 @@
 #   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT wait8b   # wait for them (at most ~9 min per call), pack what is there
 #   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT accuracy # 02+03 in SGLang on the built-in model, SA2 and 1.0.6 side by side
 #   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT v2       # 00+08 with 1.0.6, SA2 auto and SA2's Triton kernel, compare
+#   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT census   # 10's paths and kernel census on real servers, 1.0.6 and SA2 side by
+#                                                      # side (SA2 compiled meanwhile), then the GPU tests with SA2
+#   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT speed8b  # sage_attn's per-layer overhead (benchmarks/backend_overhead.py) and
+#                                                      # 00+04 on the 8B shape with SA2, the dispatch rule measured
 set -u
 kit=${1:?kit}; src=${2:?sa2 source}; build=${3:?build.sh}; out=${4:?out}; phase=${5:?phase}
 site=/tmp/sgl-site
@@ -81,5 +85,31 @@ EOF
       --out /tmp/run_v2_triton -q > "$out/run_v2_triton.log" 2>&1
     python3 -m sagecheck compare /tmp/run_v1 /tmp/run_v2 /tmp/run_v2_triton --out "$out/compare" > "$out/compare.log" 2>&1
     tar -C /tmp -czf "$out/run_v2.tgz" run_v1 run_v2 run_v2_triton;;
+  census)
+    ( ensure_sa2 ) > /tmp/sa2build.log 2>&1 &
+    bpid=$!
+    export PYTHONPATH=$PWD/tests/faults/site:$PYTHONPATH
+    step "code paths and census with 1.0.6"
+    python3 tests/faults/gpu_code_paths.py --params params/sglang-builtin-gpu.yaml --out /tmp/cp_v1 --variants sage_attn \
+      > "$out/paths_v1.md" 2>&1 &
+    ppid=$!
+    wait $bpid; cat /tmp/sa2build.log; step "SA2 built"
+    step "code paths and census with SA2"
+    sa2 python3 tests/faults/gpu_code_paths.py --params params/sglang-builtin-gpu.yaml --out /tmp/cp_v2 --variants sage_attn \
+      > "$out/paths_v2.md" 2>&1
+    wait $ppid; step "paths done"
+    sa2 python3 -m pytest -q -m gpu -s tests/test_sglang_plugin_split.py tests/test_sglang_plugin.py -p no:cacheprovider \
+      > "$out/gpu_tests_sa2.txt" 2>&1; tail -3 "$out/gpu_tests_sa2.txt"
+    step "done"
+    tar -C /tmp -czf "$out/census.tgz" --exclude='*.safetensors' cp_v1 cp_v2 2>/dev/null;;
+  speed8b)
+    ensure_sa2
+    step "overhead per layer, SA2, 8B shape"
+    sa2 python3 benchmarks/backend_overhead.py --out "$out/overhead_sa2.json" > "$out/overhead_sa2.txt" 2>&1; tail -8 "$out/overhead_sa2.txt"
+    step "00+04 on the 8B shape, SA2, dispatch measured"
+    sa2 timeout ${RUN_S:-420} python3 -m sagecheck run --params params/sglang-llama8b-random.yaml --only 00,04 \
+      -p throughput.repeats=${REPEATS:-3} --out /tmp/r8b_v2 -q > /tmp/r8b_v2.log 2>&1
+    tail -5 /tmp/r8b_v2.log; step "done"
+    tar -C /tmp -czf "$out/r8b.tgz" --exclude='random-model' --exclude='*.safetensors' r8b_v2 r8b_v2.log 2>/dev/null;;
 esac
 ls -la "$out"

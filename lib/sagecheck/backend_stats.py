@@ -66,9 +66,12 @@ def describe(stats: dict[str, Any] | None) -> str:
     decode = {"triton": "the baseline's Triton decode kernel", "sage": "the sageattention kernel"}.get(cfg.get("decode"), cfg.get("decode"))
     padded = (f" in {c.get('extend_kernel_calls', 0)} sageattn calls with {c.get('extend_padded_tokens', 0)} padded tokens"
               if cfg.get("prefill") == "batched" else "")
+    rule = cfg.get("dispatch_rule")
+    routed = (f", {c.get('extend_batches_triton', 0)} on Triton by the dispatch rule ({rule})" if rule else "")
+    split = f" ({c['extend_batches_split']} split by log-sum-exp)" if c.get("extend_batches_split") else ""
     return (f"sage_attn ({cfg.get('kernel')}, sageattention {cfg.get('sageattention_version', '?')}): "
             f"{c.get('extend_batches_kernel', 0)} prefill batches on the kernel{padded}, {c.get('extend_batches_with_prefix', 0)} of "
-            f"them with a cached prefix; fallbacks to the baseline (batches or layer calls): {fb}; decode on {decode} "
+            f"them with a cached prefix{split}{routed}; fallbacks to the baseline (batches or layer calls): {fb}; decode on {decode} "
             f"({c.get('decode_batches_kernel', 0)} eager steps on the kernel, {c.get('decode_batches_triton', 0)} eager and "
             f"{c.get('decode_graph_replays', 0)} CUDA-graph steps on Triton); "
             f"{len(stats['ranks'])} rank(s), {cfg.get('q_heads_per_rank')} query / {cfg.get('kv_heads_per_rank')} KV heads per rank")

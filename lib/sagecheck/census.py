@@ -87,9 +87,10 @@ class _Counts:
         import torch
 
         n = len(CLASS_EDGES)
-        if self.device is None:
+        if self.device is None:  # made once: no copy from the host in later calls
             self.device = torch.zeros(2 + n + 2 * n, dtype=torch.int64, device=q_lens.device)
-        edges = torch.tensor(CLASS_EDGES, device=q_lens.device)
+            self.edges = torch.tensor(CLASS_EDGES, device=q_lens.device)
+        edges = self.edges
         q_idx = torch.bucketize(q_lens.to(torch.int64), edges, right=True) - 1
         k_idx = torch.bucketize(k_lens.to(torch.int64), edges, right=True) - 1
         partial = (k_lens.to(torch.int64) % KEY_BLOCK != 0).to(torch.int64)

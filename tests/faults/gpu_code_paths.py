@@ -106,6 +106,13 @@ def main() -> int:
             for r in rows:
                 if r["evidence"]:
                     print(f"- {r['path']}: {r['evidence'][:400]}")
+            # the kernel as the candidate called it, per path, and its configurations replayed on the kernel that ran
+            report["variants"][key].update(census=C.census_rows(results), replay=plan.replay)
+            print("\n" + C.census_sentence(results))
+            for row in C.census_rows(results):
+                print("- census: " + json.dumps(row, default=str)[:700])
+            for row in plan.replay:
+                print("- replay: " + json.dumps(row, default=str)[:500])
             sys.stdout.flush()
     finally:
         for _, server, _ in launched.values():

@@ -352,7 +352,12 @@ def main(argv=None):
         from sagecheck.sglang_plugin.stats import Stats
 
         cfg = model.config
-        State.stats = RankStats([Stats(Settings.from_env().stats_dir, {
+        settings = Settings.from_env()
+        # no GPU to measure a crossover on and no Triton kernel: every prefill batch runs on the (emulated) kernel
+        assert settings.dispatch in ("measured", "kernel"), "the stand-in has no Triton route for SAGE_ATTN_DISPATCH=N"
+        dispatch = {"mode": "kernel", "keys": 0, "source": "stand-in: no GPU to measure on, every batch on the emulated kernel"}
+        State.stats = RankStats([Stats(settings.stats_dir, {
+            "dispatch": dispatch, "dispatch_rule": "every extend batch on the kernel (stand-in: no GPU to measure on)",
             "backend": State.name, "kernel": "sage-emulated (stand-in: sagecheck's emulation of SageAttention 1.0.6)",
             "sageattention_version": package_version("sageattention"), "decode": State.decode, "decode_cuda_graphs": not args.disable_cuda_graph,
             "tp_rank": rank, "tp_size": args.tp_size, "q_heads_per_rank": cfg.num_attention_heads // args.tp_size,

@@ -53,9 +53,11 @@ def key_segments(n_k: int, block: int, blocks_at_once: int, rows_change_after: i
 
 def online_softmax(scores: ScoresFn, block_pv: BlockPVFn, shape: tuple[int, int, int, int], n_k: int, block: int, *,
                    causal: bool, mask: torch.Tensor | None, device: torch.device,
-                   max_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                   max_offset: float = 0.0, with_max: bool = False) -> tuple[torch.Tensor, ...]:
     """(accumulator [b, h, n_q, d], denominator [b, h, n_q, 1]) in float32 after every key block; the output is
-    their quotient (and whatever scale the kernel applies after it). ``shape`` is (b, h, n_q, d); causal masking
+    their quotient (and whatever scale the kernel applies after it). ``with_max``: the running maximum ``m``
+    [b, h, n_q, 1] too (the scores' units, ``max_offset`` included), so that ``m + log(denominator)`` (in those units)
+    is the rows' log-sum-exp. ``shape`` is (b, h, n_q, d); causal masking
     is bottom-right aligned (query i sits at position n_k - n_q + i); ``mask`` is a boolean keep-mask over
     [n_q, n_k] or over the keys only."""
     b, h, n_q, d = shape
@@ -98,4 +100,6 @@ def online_softmax(scores: ScoresFn, block_pv: BlockPVFn, shape: tuple[int, int,
             # (measured: 242 of 4,096 values)
             total = total * torch.exp2(log2_alpha[j])[..., None] + added[:, :, j]
         acc_denom[:, :, rq], m[:, :, rq] = total, m_after[..., -1:]
+    if with_max:
+        return acc_denom[..., :d], acc_denom[..., d:], m
     return acc_denom[..., :d], acc_denom[..., d:]

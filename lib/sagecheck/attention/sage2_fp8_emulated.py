@@ -113,8 +113,12 @@ def sage2_fp8_emulated(
     scale: float | None = None,
     mask: torch.Tensor | None = None,
     smooth_k: bool = True,
-) -> torch.Tensor:
-    """SageAttention 2's sm90 kernel (per-thread INT8 Q·K^T, FP8 P·V) in plain torch; see the module docstring."""
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """SageAttention 2's sm90 kernel (per-thread INT8 Q·K^T, FP8 P·V) in plain torch; see the module docstring.
+
+    ``return_lse``: also each row's log-sum-exp of its (smoothed, dequantized) scores in natural log units,
+    ``[b, h, n_q]`` float32, as the kernel writes it (``log2(d) + m``, divided by log2(e) in ``core.py``)."""
     b, h, h_kv, n_q, n_k, d = check_shapes(q, k, v, causal)
     census.record_attention("sageattn", f"{EMULATED_KERNEL} (emulated)", "sagecheck.attention.sage2_fp8_emulated:sage2_fp8_emulated",
                             q, k, causal=causal, scale=scale)
@@ -139,7 +143,9 @@ def sage2_fp8_emulated(
         blocks, length = p.shape[2], p.shape[-1]
         return torch.matmul(to_e4m3(p), v8[:, :, start:stop].reshape(b, h, blocks, length, d))
 
-    acc, denom = online_softmax(scores, block_pv, (b, h, n_q, d), n_k, K_BLOCK, causal=causal, mask=mask, device=q.device,
-                                max_offset=S_FP8_OFFSET)
-    out = acc / torch.where(denom > 0, denom, torch.ones_like(denom)) * v_scale
-    return out.to(out_dtype)
+    acc, denom, m = online_softmax(scores, block_pv, (b, h, n_q, d), n_k, K_BLOCK, causal=causal, mask=mask,
+                                   device=q.device, max_offset=S_FP8_OFFSET, with_max=True)
+    out = (acc / torch.where(denom > 0, denom, torch.ones_like(denom)) * v_scale).to(out_dtype)
+    if return_lse:
+        return out, ((m + torch.log2(denom)) / LOG2E)[..., 0]
+    return out

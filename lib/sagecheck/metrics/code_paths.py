@@ -372,6 +372,11 @@ def _counters_say_not(name: str, counted: dict[str, int], implementation: str) -
         if counted.get(f"fallbacks:{implementation}"):
             return "the candidate fell back to the baseline on every attention call of this path"
         return "the candidate ran no attention call on this path (its phases leave this path to the baseline)"
+    if counted.get("extend_batches_triton") and name in ("prefix", "chunked", "cold", "batch") and \
+            not counted.get("extend_batches_kernel"):
+        return ("the dispatch rule of the candidate's server sent every prefill batch of this path to Triton (the kernel "
+                "only where it pays on this GPU): the kernel did not run here; sglang.sage_attn_dispatch=kernel judges it on "
+                "every path")
     if any(k.startswith("fallback:") for k in counted) and name in ("prefix", "chunked", "cold", "batch") and \
             not counted.get("extend_batches_kernel"):
         return "the candidate's server ran no prefill batch on its kernel (every batch fell back)"

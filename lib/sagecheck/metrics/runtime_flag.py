@@ -73,7 +73,8 @@ def run(params: Any, log_dir: Path) -> Flag:
         rows = engine.flag_checks(engine.tokenizer(params.prompt).input_ids, params.max_new_tokens, params.sglang_backends,
                                   params.sglang_refused)
         return Flag(rows, "The flag on servers, check by check",
-                    ["check", "expected", "passed", "reported", "kernel_prefill_batches", "decode", "generated", "error"])
+                    ["check", "expected", "passed", "reported", "kernel_prefill_batches", "triton_prefill_batches",
+                     "decode", "generated", "error"])
     rows, default = in_process_checks(params, params.implementations)
     return Flag(rows, "Each implementation, selected by the parameter alone",
                 ["implementation", "variant", "loaded", "calls", "fallbacks", "generated", "error"], default)

@@ -82,11 +82,24 @@ class SGLangServer(_Section):
         "auto", description="prefill of sagecheck's sage_attn backend (SAGE_ATTN_PREFILL): sageattn_varlen on the packed batch, "
                             "sageattn on the batch padded per group of similar lengths (reaches SageAttention 2's Hopper FP8 "
                             "kernel), or auto: batched with SageAttention 2, varlen with 1.0.6")
+    sage_attn_dispatch: str = Field(
+        "measured",
+        description="which prefill batches sagecheck's sage_attn sends to the kernel (SAGE_ATTN_DISPATCH): measured: where "
+                    "the kernel beat triton in a measurement at the server's start, on its GPU and model shape; kernel: every "
+                    "batch (judges the kernel on every path of 10); a number N: the kernel from N keys per request")
     disable_cuda_graph: bool = Field(False, description="--disable-cuda-graph")
     context_length: Optional[int] = Field(None, ge=16, description="--context-length")
     extra_args: list[str] = Field(default_factory=list, description="more server arguments, passed as given")
     startup_timeout_s: float = Field(600.0, gt=0, description="seconds to wait for the server to become ready")
     request_timeout_s: float = Field(600.0, gt=0, description="seconds to wait for one answer of a server")
+
+    @field_validator("sage_attn_dispatch", mode="before")
+    @classmethod
+    def _dispatch_rule(cls, v: Any) -> Any:
+        v = str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+        if not (v in ("measured", "kernel") or (isinstance(v, str) and v.isdigit() and int(v) > 0)):
+            raise ValueError("not a dispatch rule: use measured, kernel or a number of keys per request (e.g. 4096)")
+        return v
 
 
 class EnvironmentParams(_Section):

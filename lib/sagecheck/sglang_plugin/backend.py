@@ -2,14 +2,19 @@
 
 What runs where:
 
-* **Prefill / extend** (``ForwardMode.EXTEND``): sageattention, causal, for every request of
-  the batch, with or without a cached prefix (radix cache hit, chunked prefill), each request
-  packed as its whole sequence (:func:`sagecheck.sglang_plugin.varlen.extend_with`). Which
-  function (``SAGE_ATTN_PREFILL``, :mod:`.settings`): ``sageattn_varlen`` on the packed batch
-  (:mod:`.varlen`; 1.0.6's default), or ``sageattn`` on the batch padded per group of similar
-  lengths (:mod:`.batched`; SageAttention 2's default, which reaches its Hopper FP8 kernel). The
-  new K/V are written to SGLang's cache first, exactly as the Triton backend writes them; the
-  cache is then only read (prefix keys are gathered into a new tensor, smoothing is out of place).
+* **Prefill / extend** (``ForwardMode.EXTEND``): each batch goes to sageattention or to the Triton backend's
+  extend kernel by the dispatch rule (:mod:`.dispatch`, ``SAGE_ATTN_DISPATCH``): the kernel only where it beat
+  Triton in a measurement at start on this GPU and model shape (or always, with ``kernel``). On the kernel, causal,
+  for every request of the batch, with or without a cached prefix (radix cache hit, chunked prefill). Which function
+  (``SAGE_ATTN_PREFILL``, :mod:`.settings`): ``sageattn_varlen`` on the packed batch (:mod:`.varlen`; 1.0.6's
+  default), or ``sageattn`` on the batch padded per group of similar lengths (:mod:`.batched`; SageAttention 2's
+  default, which reaches its Hopper FP8 kernel). A request with a cached prefix: where the kernel returns the
+  log-sum-exp (SageAttention 2), its new tokens against the prefix and against themselves in two calls merged
+  exactly (:mod:`.split`); else packed as its whole sequence, the prefix's rows computed too
+  (:func:`sagecheck.sglang_plugin.varlen.extend_with`). The new K/V are written to SGLang's cache first, exactly as
+  the Triton backend writes them; the cache is then only read (prefix keys are gathered into a new tensor,
+  smoothing is out of place). What a batch needs in every layer (layouts, padded-call plans, smoothing indices) is
+  built once per batch, so a layer copies nothing from the host.
 * **Decode**: ``SAGE_ATTN_DECODE=triton`` (default) runs the Triton backend's decode, CUDA
   graphs included: nothing of this class runs inside a captured graph, so a replay cannot
   read stale metadata of ours. ``SAGE_ATTN_DECODE=sage`` runs
@@ -17,7 +22,7 @@ What runs where:
 * **Everything else falls back to the Triton backend and is counted** (``fallback:<reason>``
   in the statistics): mixed, speculative and other forward modes; layers with a sliding
   window, a logit cap, attention sinks, cross/encoder attention, KV scales or shared KV.
-* Metadata (Triton's ``kv_indptr``/``kv_indices`` and our packing layout) is rebuilt in every
+* Metadata (Triton's ``kv_indptr``/``kv_indices``, the batch's route and our packing layout) is rebuilt in every
   :meth:`init_forward_metadata`, the eager entry SGLang calls before each eager batch and each
   prefill-graph replay (whose attention runs eagerly between graph segments).
 
@@ -39,8 +44,11 @@ from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
+from sagecheck import census
 from sagecheck.environment import package_version, sageattention_label, sageattention_package
 import sagecheck.sglang_plugin.batched as batched
+import sagecheck.sglang_plugin.dispatch as dispatch
+import sagecheck.sglang_plugin.split as split
 from sagecheck.sglang_plugin.settings import NAME
 from sagecheck.sglang_plugin.preflight import check_decode_mode, decode_graphs_enabled
 from sagecheck.sglang_plugin.settings import INSTEAD, SageAttnUnavailable, Settings
@@ -118,29 +126,134 @@ class SageAttnBackend(TritonAttnBackend):
         })
         # decode on the kernel reads each request's length on the host (the Triton backend opts out of that copy)
         self.needs_cpu_seq_lens = self.settings.decode == "sage"
+        self.lse_split = self.prefill == "batched" and split.takes_lse(self.batched_kernel)
+        self.stats.config["prefix_extend"] = ("split: the new tokens against the prefix and against themselves, merged by "
+                                              "log-sum-exp" if self.lse_split else
+                                              "whole sequence: the prefix's rows computed too (the kernel returns no log-sum-exp)")
         self._layout: ExtendLayout | None = None
         self._groups: list[batched.PaddedGroup] = []
+        self._split: split.SplitPlan | None = None
         self._batch_fallback: str | None = None
+        self._batch_route: str | None = None
+        self.crossover = self._crossover(model_runner, device)
+        self.stats.config["dispatch"] = self.crossover.as_dict()
+        self.stats.config["dispatch_rule"] = self.crossover.describe()
+        self.stats.write()
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _crossover(self, model_runner: Any, device: torch.device) -> dispatch.Crossover:
+        """The rule of :mod:`.dispatch`: fixed by ``SAGE_ATTN_DISPATCH``, or measured here, on this GPU and model shape."""
+        fixed = dispatch.from_setting(self.settings.dispatch)
+        if fixed is not None:
+            return fixed
+        d, dtype = model_runner.model_config.head_dim, model_runner.dtype
+        where = (f"{torch.cuda.get_device_name(device)}, {self.num_head} query / {self.num_kv_head} KV heads of {d}, "
+                 f"{str(dtype).replace('torch.', '')}, one request of L tokens")
+        try:
+            with census.CENSUS.paused():  # the measurement's calls stand for no request's
+                return dispatch.measure(self._timers(d, dtype), int(model_runner.model_config.context_len), where)
+        except Exception as e:  # noqa: BLE001 - a failed measurement must not stop the server: said in the statistics
+            return dispatch.Crossover("kernel", 0, "the measurement at start failed: every extend batch on the kernel",
+                                      error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        finally:
+            torch.cuda.empty_cache()
+
+    def _timers(self, d: int, dtype: torch.dtype) -> dispatch.Timers:
+        """One layer's attention of one request of ``n`` tokens: this backend's kernel path, Triton's extend kernel (as
+        the Triton backend calls it) and the bare kernel on K smoothed beforehand."""
+        import inspect
+
+        heads, kv_heads, dev, scale = self.num_head, self.num_kv_head, self.device, d ** -0.5
+
+        def inputs(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            g = torch.Generator(device=dev).manual_seed(n)
+            return (torch.randn(n, heads, d, device=dev, dtype=dtype, generator=g),
+                    torch.randn(n, kv_heads, d, device=dev, dtype=dtype, generator=g) + 1,
+                    torch.randn(n, kv_heads, d, device=dev, dtype=dtype, generator=g))
+
+        def kernel_path(n: int):
+            q, k, v = inputs(n)
+            layout = ExtendLayout.build([0], [n], dev)
+            groups, plan = self._plans(layout)
+            return lambda: self._kernel_extend(q, k, v, None, None, layout, groups, plan, scale)
+
+        def triton(n: int):
+            q, k, v = inputs(n)
+            o = torch.empty_like(q)
+            qo = torch.tensor([0, n], dtype=torch.int32, device=dev)
+            kv_indptr = torch.zeros(2, dtype=torch.int32, device=dev)
+            kv_indices = torch.zeros(0, dtype=torch.int64, device=dev)
+            return lambda: self.extend_attention_fwd(q, k, v, o, k, v, qo, kv_indptr, kv_indices, None, True, None, n, 1.0,
+                                                     1.0, scale, logit_cap=0.0, sliding_window_size=-1, sinks=None,
+                                                     window_kv_offsets=None, xai_temperature_len=-1, page_size=self.page_size)
+
+        def alone(n: int):
+            q, k, v = inputs(n)
+            k = k - k.float().mean(0, keepdim=True).to(k.dtype)
+            if self.prefill == "batched":
+                bare = inspect.unwrap(self.batched_kernel)
+                qn, kn, vn = q[None], k[None], v[None]
+                return lambda: bare(qn, kn, vn, tensor_layout="NHD", is_causal=True, sm_scale=scale, smooth_k=False)
+            bare, cu = inspect.unwrap(self.kernel), torch.tensor([0, n], dtype=torch.int32, device=dev)
+            return lambda: bare(q, k, v, cu, cu, n, n, is_causal=True, sm_scale=scale, smooth_k=False)
+
+        return dispatch.Timers(kernel_path, triton, alone)
+
+    def _plans(self, layout: ExtendLayout) -> tuple[list[batched.PaddedGroup], split.SplitPlan | None]:
+        """Per batch: the padded calls of a whole-sequence extend, or the split's plan (prefix extends merged by
+        log-sum-exp; batches without a prefix run the same code, its causal part alone)."""
+        if self.prefill != "batched":
+            return [], None
+        if self.lse_split or not layout.has_prefix:
+            return [], split.plan_split(layout, self.device)
+        return batched.plan(layout.seq_lens, self.device), None
+
+    def _kernel_extend(self, q3: torch.Tensor, k3: torch.Tensor, v3: torch.Tensor, k_prefix: torch.Tensor | None,
+                       v_prefix: torch.Tensor | None, layout: ExtendLayout, groups: list[batched.PaddedGroup],
+                       plan: split.SplitPlan | None, scale: float) -> torch.Tensor:
+        """The extend on the kernel: ``[new tokens, heads, d_v]``."""
+        if plan is not None:
+            return split.extend_split(self.batched_kernel, q3, k3, v3, k_prefix, v_prefix, layout, plan, scale)
+        if self.prefill == "batched":
+            def attend(q_all: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor) -> torch.Tensor:
+                return batched.causal_attention(self.batched_kernel, q_all, k_all, v_all, layout.seq_lens, groups, scale,
+                                                layout.seq_index)
+
+            return extend_with(attend, q3, k3, v3, k_prefix, v_prefix, layout)
+        return extend_attention(self.kernel, q3, k3, v3, k_prefix, v_prefix, layout, scale)
 
     # ------------------------------------------------------------------ metadata
 
     def init_forward_metadata(self, forward_batch: Any) -> None:
         super().init_forward_metadata(forward_batch)
-        self._layout, self._batch_fallback = None, None
+        self._layout, self._split, self._batch_fallback, self._batch_route = None, None, None, None
         mode = forward_batch.forward_mode
         if mode == ForwardMode.EXTEND:
             prefix, extend = extend_lengths(forward_batch)
+            if not dispatch.to_kernel(prefix, extend, self.crossover):
+                self._batch_route = "triton"
+                self.stats.count("extend_batches_triton")
+                self.stats.count("extend_tokens_triton", sum(extend))
+                if any(prefix):
+                    self.stats.count("extend_batches_with_prefix_triton")
+                return
+            self._batch_route = "kernel"
             self._layout = ExtendLayout.build(prefix, extend, self.device)
+            self._groups, self._split = self._plans(self._layout)
             if self.prefill == "batched":
-                self._groups = batched.plan(self._layout.seq_lens, self.device)
-                calls = batched.describe_plan(self._groups)
-                self.stats.count("extend_kernel_calls", calls["calls"])
-                self.stats.count("extend_padded_tokens", calls["padded_tokens"])
+                new_groups = self._split.new_groups if self._split is not None else self._groups
+                calls = self._split.calls if self._split is not None else len(self._groups)
+                self.stats.count("extend_kernel_calls", calls)
+                self.stats.count("extend_padded_tokens", batched.describe_plan(new_groups)["padded_tokens"])
             self.stats.count("extend_batches_kernel")
             self.stats.count("extend_tokens_kernel", sum(extend))
+            self.stats.count("extend_kernel_pairs", split.pairs(prefix, extend, whole_sequence=self._split is None))
             if self._layout.has_prefix:
                 self.stats.count("extend_batches_with_prefix")
                 self.stats.count("extend_prefix_tokens", sum(prefix))
+                if self._split is not None:
+                    self.stats.count("extend_batches_split")
         elif mode.is_decode():
             self.stats.count("decode_batches_kernel" if self.settings.decode == "sage" else "decode_batches_triton")
         elif not mode.is_idle():
@@ -176,6 +289,8 @@ class SageAttnBackend(TritonAttnBackend):
         return self.forward_metadata.kv_indices[: sum(layout.prefix_lens)]
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, **kwargs):
+        if self._batch_route == "triton":  # the dispatch rule's choice for the batch, counted once per batch
+            return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, sinks=sinks, **kwargs)
         layout = self._layout
         reason = self._batch_fallback or ("no layout" if layout is None else self._layer_fallback(layer, k, sinks, kwargs))
         if reason is None and q.shape[0] != sum(layout.extend_lens):
@@ -198,14 +313,7 @@ class SageAttnBackend(TritonAttnBackend):
             idx = self._prefix_indices(layout)
             k_prefix = self.token_to_kv_pool.get_key_buffer(layer.layer_id)[idx]
             v_prefix = self.token_to_kv_pool.get_value_buffer(layer.layer_id)[idx]
-        if self.prefill == "batched":
-            def attend(q_all: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor) -> torch.Tensor:
-                return batched.causal_attention(self.batched_kernel, q_all, k_all, v_all, layout.seq_lens, self._groups,
-                                                layer.scaling)
-
-            out = extend_with(attend, q3, k3, v3, k_prefix, v_prefix, layout)
-        else:
-            out = extend_attention(self.kernel, q3, k3, v3, k_prefix, v_prefix, layout, layer.scaling)
+        out = self._kernel_extend(q3, k3, v3, k_prefix, v_prefix, layout, self._groups, self._split, layer.scaling)
         return out.reshape(-1, heads * layer.v_head_dim)
 
     # ------------------------------------------------------------------ decode

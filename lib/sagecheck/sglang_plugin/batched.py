@@ -29,13 +29,14 @@ requests of a batch one after the other, each with its own length. This module p
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
 from sagecheck.sglang_plugin.settings import INSTEAD, SageAttnUnavailable
-from sagecheck.sglang_plugin.varlen import smooth_keys
+from sagecheck.sglang_plugin.varlen import SeqIndex, smooth_keys
 
 BatchedKernel = Callable[..., torch.Tensor]  # sageattn's signature
 MAX_PADDED_WORK = 0.25  # a group's padded causal work may exceed its requests' own by this fraction
@@ -110,25 +111,40 @@ def _padded(x: torch.Tensor, group: PaddedGroup) -> torch.Tensor:
     return out.view(group.count, group.length, *x.shape[1:])
 
 
-def causal_attention(kernel: BatchedKernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: Sequence[int],
-                     groups: list[PaddedGroup], scale: float) -> torch.Tensor:
-    """Causal attention of each packed sequence over itself (as many queries as keys): ``[tokens, heads, d_v]``.
-
-    ``q``: ``[tokens, heads, d]``, ``k``/``v``: ``[tokens, kv_heads, d]``, packed by ``seq_lens``; ``groups``: from
-    :func:`plan` for the same lengths.
-    """
-    k_smooth = smooth_keys(k, seq_lens)
+def attend_groups(kernel: BatchedKernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: list[PaddedGroup],
+                  scale: float, return_lse: bool = False) -> Any:
+    """Causal attention of each packed sequence over itself, K already smoothed: ``[tokens, heads, d_v]``, and with
+    ``return_lse`` each row's log-sum-exp ``[tokens, heads]`` (float32) too, from the kernel's own."""
     out = q.new_empty((q.shape[0], q.shape[1], v.shape[-1]))
+    lse = torch.empty((q.shape[0], q.shape[1]), dtype=torch.float32, device=q.device) if return_lse else None
+    extra = {"return_lse": True} if return_lse else {}
     for group in groups:
-        o = kernel(_padded(q, group).contiguous(), _padded(k_smooth, group).contiguous(), _padded(v, group).contiguous(),
-                   tensor_layout="NHD", is_causal=True, sm_scale=scale, smooth_k=False)
+        o = kernel(_padded(q, group).contiguous(), _padded(k, group).contiguous(), _padded(v, group).contiguous(),
+                   tensor_layout="NHD", is_causal=True, sm_scale=scale, smooth_k=False, **extra)
+        if return_lse:
+            o, l = o
+            l = l.transpose(1, 2).reshape(group.count * group.length, -1)  # [b, heads, n] -> rows
         o = o.reshape(group.count * group.length, *o.shape[2:])
         if group.packed_range is not None:
             first, end = group.packed_range
             out[first:end] = o
+            if return_lse:
+                lse[first:end] = l
         else:
             out[group.rows] = o[group.slots]
-    return out
+            if return_lse:
+                lse[group.rows] = l[group.slots]
+    return (out, lse) if return_lse else out
+
+
+def causal_attention(kernel: BatchedKernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: Sequence[int],
+                     groups: list[PaddedGroup], scale: float, index: SeqIndex | None = None) -> torch.Tensor:
+    """Causal attention of each packed sequence over itself (as many queries as keys): ``[tokens, heads, d_v]``.
+
+    ``q``: ``[tokens, heads, d]``, ``k``/``v``: ``[tokens, kv_heads, d]``, packed by ``seq_lens``; ``groups``: from
+    :func:`plan` for the same lengths; ``index``: their :class:`~sagecheck.sglang_plugin.varlen.SeqIndex`, if built.
+    """
+    return attend_groups(kernel, q, smooth_keys(k, seq_lens, index), v, groups, scale)
 
 
 def on_default_stream(kernel: BatchedKernel) -> BatchedKernel:
@@ -148,7 +164,8 @@ def on_default_stream(kernel: BatchedKernel) -> BatchedKernel:
         current.wait_stream(default)
         for t in (q, k, v):
             t.record_stream(default)
-        out.record_stream(current)
+        for t in (out if isinstance(out, tuple) else (out,)):  # with return_lse: (output, log-sum-exp)
+            t.record_stream(current)
         return out
 
     return call
@@ -163,7 +180,7 @@ def load_kernel() -> BatchedKernel:
             f"sage_attn: the sageattention package cannot be imported ({e}); install sageattention (1.0.6 from PyPI, or "
             f"SageAttention 2 built from source for its Hopper kernels), or {INSTEAD}"
         ) from None
-    return on_default_stream(sageattn)
+    return functools.wraps(sageattn)(on_default_stream(sageattn))
 
 
 def describe_plan(groups: list[PaddedGroup]) -> dict[str, Any]:

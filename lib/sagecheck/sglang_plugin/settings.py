@@ -17,6 +17,11 @@ environment (the scheduler processes inherit it from ``launch_server``):
     (default): ``batched`` where the installed sageattention is version 2 (it has kernels by GPU behind
     ``sageattn``, and none behind ``sageattn_varlen``), else ``varlen`` (1.0.6: the same Triton arithmetic
     either way, and ``varlen`` pads nothing).
+``SAGE_ATTN_DISPATCH``
+    Which extend batches run on the kernel (:mod:`.dispatch`). ``measured`` (default): where the kernel path beat
+    Triton's extend kernel in a measurement made when the server starts, on its GPU and model shapes; the rest on
+    Triton. ``kernel``: every extend batch (10's verification of every path). A number ``N``: the kernel for batches
+    whose pairs lie mostly in requests of at least ``N`` keys.
 ``SAGE_ATTN_STATS_DIR``
     A folder where each scheduler process writes what it ran (:mod:`.stats`); unset: nothing is written.
 """
@@ -32,6 +37,7 @@ NAME = "sage_attn"  # the --attention-backend name the plugin registers
 DECODE_ENV = "SAGE_ATTN_DECODE"
 STATS_ENV = "SAGE_ATTN_STATS_DIR"
 PREFILL_ENV = "SAGE_ATTN_PREFILL"
+DISPATCH_ENV = "SAGE_ATTN_DISPATCH"
 DECODE_MODES = ("triton", "sage")
 PREFILL_MODES = ("auto", "varlen", "batched")
 DEFAULT_DECODE = "triton"
@@ -47,6 +53,7 @@ class Settings:
     decode: str = DEFAULT_DECODE
     stats_dir: Path | None = None
     prefill: str = "auto"
+    dispatch: str = "measured"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -57,11 +64,21 @@ class Settings:
         prefill = env.get(PREFILL_ENV, "").strip() or "auto"
         if prefill not in PREFILL_MODES:
             raise SageAttnUnavailable(f"sage_attn: {PREFILL_ENV}={prefill!r} is not a prefill mode; use one of {', '.join(PREFILL_MODES)}")
+        dispatch = env.get(DISPATCH_ENV, "").strip() or "measured"
+        check_dispatch(dispatch)
         stats = env.get(STATS_ENV, "").strip()
-        return cls(decode=decode, stats_dir=Path(stats) if stats else None, prefill=prefill)
+        return cls(decode=decode, stats_dir=Path(stats) if stats else None, prefill=prefill, dispatch=dispatch)
 
     def prefill_path(self, sageattention_generation: int | None) -> str:
         """``varlen`` or ``batched``: the setting, with ``auto`` resolved by the installed sageattention's generation."""
         if self.prefill != "auto":
             return self.prefill
         return "batched" if (sageattention_generation or 1) >= 2 else "varlen"
+
+
+def check_dispatch(value: str) -> None:
+    """``measured``, ``kernel`` or a whole number of keys; else :class:`SageAttnUnavailable` saying so."""
+    if value in ("measured", "kernel") or (value.isdigit() and int(value) > 0):
+        return
+    raise SageAttnUnavailable(f"sage_attn: {DISPATCH_ENV}={value!r} is not a dispatch rule; use measured, kernel or a "
+                              f"number of keys per request (e.g. 4096)")

@@ -50,6 +50,7 @@ class ExtendLayout:
     cu_seqlens: torch.Tensor
     new_pos: torch.Tensor
     prefix_pos: torch.Tensor
+    seq_index: "SeqIndex | None" = None
 
     @property
     def seq_lens(self) -> list[int]:
@@ -79,7 +80,23 @@ class ExtendLayout:
         cu = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(p + e, 0)]).to(torch.int32)
         new_pos = _ranges(starts + p, e)
         prefix_pos = _ranges(starts, p)
-        return cls(prefix, extend, cu.to(device), new_pos.to(device), prefix_pos.to(device))
+        return cls(prefix, extend, cu.to(device), new_pos.to(device), prefix_pos.to(device),
+                   SeqIndex.build([a + b for a, b in zip(prefix, extend)], device))
+
+
+@dataclass
+class SeqIndex:
+    """The sequence of each packed row and each sequence's length, on the device: built once per batch, so that
+    smoothing K in every layer copies nothing from the host."""
+
+    seq_id: torch.Tensor
+    lengths: torch.Tensor  # float32
+
+    @classmethod
+    def build(cls, seq_lens: Sequence[int], device: torch.device | str = "cpu") -> "SeqIndex":
+        lens = torch.tensor([int(n) for n in seq_lens], dtype=torch.int64)
+        return cls(torch.repeat_interleave(torch.arange(len(lens)), lens).to(device),
+                   lens.clamp(min=1).to(torch.float32).to(device))
 
 
 def load_kernel():
@@ -103,23 +120,26 @@ def _ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return torch.arange(total, dtype=torch.int64) - torch.repeat_interleave(offsets - starts, lengths)
 
 
-def smooth_keys(k: torch.Tensor, seq_lens: Sequence[int]) -> torch.Tensor:
+def smooth_keys(k: torch.Tensor, seq_lens: Sequence[int], index: SeqIndex | None = None) -> torch.Tensor:
     """K minus its mean over each sequence, per head (``sageattn``'s smoothing for one request), out of place.
 
     ``k``: ``[tokens, kv_heads, head_dim]`` packed by ``seq_lens``. The mean is taken in float32
     and rounded to K's dtype before the subtraction, as ``k.mean(dim=seq)`` then ``k -= km`` does.
+    ``index``: :class:`SeqIndex` of ``seq_lens`` on K's device (else built here, a copy from the host).
     """
-    lens = torch.tensor([int(n) for n in seq_lens], dtype=torch.int64)
-    seq_id = torch.repeat_interleave(torch.arange(len(lens)), lens).to(k.device)
-    sums = torch.zeros((len(lens), *k.shape[1:]), dtype=torch.float32, device=k.device).index_add_(0, seq_id, k.float())
-    mean = (sums / lens.clamp(min=1).to(k.device, torch.float32)[:, None, None]).to(k.dtype)
-    return k - mean[seq_id]
+    if index is None:
+        index = SeqIndex.build(seq_lens, k.device)
+    sums = torch.zeros((index.lengths.shape[0], *k.shape[1:]), dtype=torch.float32,
+                       device=k.device).index_add_(0, index.seq_id, k.float())
+    mean = (sums / index.lengths[:, None, None]).to(k.dtype)
+    return k - mean[index.seq_id]
 
 
 def varlen(kernel: VarlenKernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-           max_q: int, max_k: int, k_lens: Sequence[int], causal: bool, scale: float) -> torch.Tensor:
+           max_q: int, max_k: int, k_lens: Sequence[int], causal: bool, scale: float,
+           index: SeqIndex | None = None) -> torch.Tensor:
     """One kernel call with K smoothed per sequence out of place (see the module docstring)."""
-    k_smooth = smooth_keys(k, k_lens)
+    k_smooth = smooth_keys(k, k_lens, index)
     return kernel(q, k_smooth, v, cu_q, cu_k, max_q, max_k, is_causal=causal, sm_scale=scale, smooth_k=False)
 
 
@@ -157,7 +177,7 @@ def extend_attention(kernel: VarlenKernel, q: torch.Tensor, k_new: torch.Tensor,
     """:func:`extend_with` on ``sageattn_varlen``: one causal call over the packed batch."""
     def attend(q_all: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor) -> torch.Tensor:
         return varlen(kernel, q_all, k_all, v_all, layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen,
-                      layout.max_seqlen, layout.seq_lens, True, scale)
+                      layout.max_seqlen, layout.seq_lens, True, scale, layout.seq_index)
 
     return extend_with(attend, q, k_new, v_new, k_prefix, v_prefix, layout)
 

@@ -222,7 +222,8 @@ class SGLangEngine(Engine):
     name = "sglang"
     capabilities = frozenset({SERVERS, SERVER_MEMORY, CUDA_GRAPHS, RADIX_CACHE})
     _SERVED = ("model", "revision", "dtype", "engine", "sglang_baseline_backend", "sglang_attention_backend",
-               "sglang.sage_attn_decode", "sglang.sage_attn_prefill")
+               "sglang.sage_attn_decode", "sglang.sage_attn_prefill",
+               "sglang.sage_attn_dispatch")
     speed_depends_on = (*_SERVED, "throughput.decode_tokens")
     memory_depends_on = (*_SERVED, "sglang.max_total_tokens", "memory.decode_tokens")
 
@@ -232,10 +233,12 @@ class SGLangEngine(Engine):
         base = out["labels"]["baseline"]
         s = params.sglang
         plugin = params.sglang_attention_backend == PLUGIN
-        extra = f"; sage_attn prefill {s.sage_attn_prefill}, decode on {s.sage_attn_decode}" if plugin else ""
+        extra = (f"; sage_attn prefill {s.sage_attn_prefill}, dispatch {s.sage_attn_dispatch}, decode on {s.sage_attn_decode}"
+                 if plugin else "")
         out["description"] = (f"SGLang --attention-backend `{params.sglang_baseline_backend}` (baseline) vs "
                               f"`{params.sglang_attention_backend}` (candidate{extra})")
-        env = f" (SAGE_ATTN_PREFILL={s.sage_attn_prefill}, SAGE_ATTN_DECODE={s.sage_attn_decode})" if plugin else ""
+        env = (f" (SAGE_ATTN_PREFILL={s.sage_attn_prefill}, SAGE_ATTN_DISPATCH={s.sage_attn_dispatch}, "
+               f"SAGE_ATTN_DECODE={s.sage_attn_decode})" if plugin else "")
         out["table"] = {"model": params.model, "engine": params.engine, "baseline server": f"--attention-backend {base}",
                         "candidate server": f"--attention-backend {params.sglang_attention_backend}{env}",
                         "tensor parallel": s.tp, "in-process pair (06, 08)": f"{params.baseline} vs {params.candidate}",

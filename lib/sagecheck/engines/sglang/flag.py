@@ -79,17 +79,22 @@ def _serving(engine: Any, label: str, prompt_ids: list[int], max_new_tokens: int
                 deadline = time.monotonic() + 5  # the plugin writes its counters twice a second
                 while time.monotonic() < deadline:
                     stats = b.plugin_stats()
-                    if stats and stats["counts"].get("extend_batches_kernel"):
+                    counts = (stats or {}).get("counts", {})
+                    if counts.get("extend_batches_kernel") or counts.get("extend_batches_triton"):
                         break
                     time.sleep(0.25)
             reported = b.info.get("attention_backend")
-            kernel = (stats or {}).get("counts", {}).get("extend_batches_kernel")
-            ran = reported == asked and len(out) > 0 and (asked != NAME or not b.handle.stats_dir or bool(kernel))
+            counts = (stats or {}).get("counts", {})
+            kernel, routed = counts.get("extend_batches_kernel"), counts.get("extend_batches_triton")
+            # the prefill ran through the plugin: on the kernel, or on Triton where its dispatch rule sends a batch
+            ran = reported == asked and len(out) > 0 and (asked != NAME or not b.handle.stats_dir or bool(kernel or routed))
             rows = [_row(f"serves.{_role_word(engine, label)}.{asked}", f"--attention-backend {asked} ({_role_word(engine, label)})",
                          "reports the backend and generates"
-                         + ("; the plugin ran the kernel" if asked == NAME else ""), ran,
+                         + ("; the plugin ran the prefill (on the kernel, or on Triton by its dispatch rule)"
+                            if asked == NAME else ""), ran,
                          reported=reported, generated=engine.tokenizer.decode(out), generated_tokens=len(out),
-                         kernel_prefill_batches=kernel, decode=(stats or {}).get("config", {}).get("decode"),
+                         kernel_prefill_batches=kernel, triton_prefill_batches=routed,
+                         dispatch_rule=(stats or {}).get("config", {}).get("dispatch_rule"), decode=(stats or {}).get("config", {}).get("decode"),
                          sglang_version=b.info.get("version"), error="")]
             if asked == NAME and b.handle.stats_dir:
                 rows.append(heads_per_rank(engine, stats))

@@ -109,6 +109,7 @@ def role_env(params: Any, role: str, log_dir: Path) -> dict[str, str]:
     if role != CANDIDATE:
         return {}
     return {"SAGE_ATTN_DECODE": params.sglang.sage_attn_decode, "SAGE_ATTN_PREFILL": params.sglang.sage_attn_prefill,
+            "SAGE_ATTN_DISPATCH": params.sglang.sage_attn_dispatch,
             "SAGE_ATTN_STATS_DIR": str(Path(log_dir) / f"sage_attn-stats-{role}")}
 
 

@@ -1,0 +1,168 @@
+"""sage_attn's attention per layer against the kernel's own time, and its host work, before and after (issue 35).
+
+On a GPU with sageattention (SageAttention 2 for the split; SGLang for Triton's extend kernel), for one layer of a model
+shape (query / KV heads, head dim, bf16) and a few batches, times with CUDA events (median of 20 after 3 warm-ups):
+
+* ``before``: the extend as sage_attn ran it until now: the whole sequence (the prefix's rows computed), K's smoothing
+  index copied from the host in every layer;
+* ``after``: the extend as it runs now (:mod:`sagecheck.sglang_plugin.split` where the kernel returns the log-sum-exp,
+  everything per batch built once);
+* ``kernel``: the bare ``sageattn`` call(s) the path makes on inputs prepared beforehand (K smoothed, padded), the
+  kernel's own time at the same shapes;
+* ``triton``: SGLang's Triton extend kernel on the same batch (the baseline's attention).
+
+and counts, with torch's profiler, the CUDA runtime calls of one layer of each path (copies, synchronizations,
+allocations by cudaMalloc, kernel launches). Writes a JSON file and prints a table.
+
+    PYTHONPATH=lib python3 benchmarks/backend_overhead.py --out overhead.json [--shape llama8b|builtin]
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+SHAPES = {"llama8b": (32, 8, 128), "builtin": (8, 2, 64)}
+# (cached prefix, new tokens) per request
+BATCHES = {
+    "128 x 1": ([0], [128]), "512 x 1": ([0], [512]), "2048 x 1": ([0], [2048]), "8192 x 1": ([0], [8192]),
+    "512 x 16": ([0] * 16, [512] * 16), "chunk 4096 after 4096": ([4096], [4096]),
+    "64 after 2000 (radix hit) x 8": ([2000] * 8, [64] * 8),
+}
+
+
+def cuda_ms(fn, warmup: int = 3, repeats: int = 20) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        out.append(a.elapsed_time(b))
+    return out
+
+
+def runtime_calls(fn) -> dict[str, int]:
+    """CUDA runtime calls of one call of ``fn`` (after a warm-up), by name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    counts: dict[str, int] = {}
+    for ev in prof.key_averages():
+        name = ev.key
+        if name.startswith("cuda") and name != "cudaDeviceSynchronize":
+            counts[name] = counts.get(name, 0) + ev.count
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama8b")
+    a = ap.parse_args(argv)
+    from sageattention import sageattn
+
+    from sagecheck.sglang_plugin import batched as B
+    from sagecheck.sglang_plugin import split as S
+    from sagecheck.sglang_plugin import varlen as V
+
+    heads, kv_heads, d = SHAPES[a.shape]
+    scale, dev, dtype = d ** -0.5, torch.device("cuda"), torch.bfloat16
+    kernel = B.on_default_stream(sageattn)
+    bare = inspect.unwrap(sageattn)
+    lse = S.takes_lse(sageattn)
+    try:
+        from sglang.srt.layers.attention.triton_ops.extend_attention import extend_attention_fwd
+    except ImportError:
+        extend_attention_fwd = None
+    rows = []
+    for name, (prefix, extend) in BATCHES.items():
+        g = torch.Generator(device=dev).manual_seed(0)
+        rnd = lambda *s: torch.randn(*s, device=dev, dtype=dtype, generator=g)  # noqa: E731
+        n_new, n_pre = sum(extend), sum(prefix)
+        q, k, v = rnd(n_new, heads, d), rnd(n_new, kv_heads, d) + 1, rnd(n_new, kv_heads, d)
+        kp, vp = (rnd(n_pre, kv_heads, d) + 1, rnd(n_pre, kv_heads, d)) if n_pre else (None, None)
+        seq_lens = [p + e for p, e in zip(prefix, extend)]
+        layout = V.ExtendLayout.build(prefix, extend, dev)
+
+        # before: the whole sequence, its smoothing index copied from the host in every layer
+        old_layout = V.ExtendLayout(layout.prefix_lens, layout.extend_lens, layout.cu_seqlens, layout.new_pos,
+                                    layout.prefix_pos, None)
+        groups = B.plan(seq_lens, dev)
+
+        def before():
+            return V.extend_with(lambda qa, ka, va: B.causal_attention(kernel, qa, ka, va, seq_lens, groups, scale), q, k, v,
+                                 kp, vp, old_layout)
+
+        plan = S.plan_split(layout, dev) if (lse or not layout.has_prefix) else None
+
+        def after():
+            if plan is None:
+                return V.extend_with(lambda qa, ka, va: B.causal_attention(kernel, qa, ka, va, seq_lens, groups, scale,
+                                                                           layout.seq_index), q, k, v, kp, vp, layout)
+            return S.extend_split(kernel, q, k, v, kp, vp, layout, plan, scale)
+
+        # the kernel alone: the same calls on inputs made beforehand
+        calls = []
+        if plan is not None:
+            k_s, kp_s = S.smooth_request_keys(k, kp, plan.smoothing)
+            for grp in plan.new_groups:
+                calls.append((B._padded(q, grp).contiguous(), B._padded(k_s, grp).contiguous(), B._padded(v, grp).contiguous(),
+                              True))
+            for grp in plan.prefix_groups:
+                qg = q.new_zeros((grp.count * grp.length, heads, d))
+                qg[grp.slots] = q[grp.rows]
+                calls.append((qg.view(grp.count, grp.length, heads, d), kp_s[grp.key_rows].view(grp.count, grp.prefix, kv_heads, d),
+                              vp[grp.key_rows].view(grp.count, grp.prefix, kv_heads, d), False))
+        extra = {"return_lse": True} if (plan is not None and layout.has_prefix) else {}
+
+        def alone():
+            for qq, kk, vv, causal in calls:
+                bare(qq, kk, vv, tensor_layout="NHD", is_causal=causal, sm_scale=scale, smooth_k=False, **extra)
+
+        row = {"batch": name, "pairs_before": S.pairs(prefix, extend, True), "pairs_after": S.pairs(prefix, extend, plan is None)}
+        for label, fn in (("before", before), ("after", after), ("kernel", alone if calls else None)):
+            if fn is None:
+                continue
+            t = cuda_ms(fn)
+            row[f"{label}_ms"] = statistics.median(t)
+            row[f"{label}_p10_p90"] = [sorted(t)[2], sorted(t)[-3]]
+            row[f"{label}_runtime_calls"] = runtime_calls(fn)
+        if extend_attention_fwd is not None:
+            kbuf = torch.cat([kp, k]) if kp is not None else k
+            vbuf = torch.cat([vp, v]) if vp is not None else v
+            qo = torch.tensor([0] + list(torch.tensor(extend).cumsum(0)), dtype=torch.int32, device=dev)
+            kv_indptr = torch.tensor([0] + list(torch.tensor(prefix).cumsum(0)), dtype=torch.int32, device=dev)
+            kv_indices = torch.arange(n_pre, dtype=torch.int64, device=dev)
+            o = torch.empty_like(q)
+
+            def triton():
+                extend_attention_fwd(q, k, v, o, kbuf, vbuf, qo, kv_indptr, kv_indices, None, True, None, max(extend), 1.0,
+                                     1.0, scale, logit_cap=0.0, sliding_window_size=-1, sinks=None, window_kv_offsets=None,
+                                     xai_temperature_len=-1, page_size=1)
+            row["triton_ms"] = statistics.median(cuda_ms(triton))
+        rows.append(row)
+        print(f"{name:>30}: before {row['before_ms']:.3f} ms, after {row['after_ms']:.3f} ms, kernel "
+              f"{row.get('kernel_ms', float('nan')):.3f} ms, triton {row.get('triton_ms', float('nan')):.3f} ms; "
+              f"runtime calls before {row['before_runtime_calls']}, after {row['after_runtime_calls']}", flush=True)
+    out = {"gpu": torch.cuda.get_device_name(), "shape": {"name": a.shape, "q_heads": heads, "kv_heads": kv_heads, "head_dim": d},
+           "sageattn_returns_lse": lse, "rows": rows}
+    a.out.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Which extend batches go to the kernel: only where it pays on this GPU, from a measurement made at start.
+
+sageattention's kernels win on long sequences and lose on short ones: on an H200, SageAttention 2's FP8 kernel is
+1.25x SDPA at 16k keys and 0.35x at 1k (README, 08), and a short prefill pays the integration's fixed cost
+(smoothing, quantization launches) in every layer. So ``sage_attn`` sends each extend batch either to the kernel or
+to the Triton backend's extend kernel (the baseline's own), by a crossover measured when the server starts, on its
+GPU, at its model's shapes (:func:`measure`): one request of ``L`` tokens, causal, this rank's heads, head dim and
+dtype; the backend's whole kernel path (smoothing, padding, the calls) against Triton's extend, for ``L`` in
+:data:`LENGTHS` up to the context length. The crossover is the shortest length from which the kernel path is at
+least as fast at every longer measured length (:func:`crossover_from`); none if it never is.
+
+**The rule, per batch** (:func:`to_kernel`): a request's cost grows with its query-key pairs (``p·e + e(e+1)/2``
+for ``p`` cached and ``e`` new tokens), and whether the kernel beats Triton on it with its key count ``p + e``. The
+batch goes to the kernel when at least half of its pairs are in requests of at least the crossover's key count.
+One batch is one route: every layer of it runs the same kernel (a request is never half on each).
+
+``SAGE_ATTN_DISPATCH`` (:mod:`.settings`): ``measured`` (default) as above; ``kernel``: every extend batch on the
+kernel (what 10's verification of every path needs, and the backend before this rule); a number ``N``: the kernel
+from ``N`` keys per request (a crossover measured elsewhere). The crossover, the timings it came from and, per path,
+how many batches went where are in the statistics (:mod:`.stats`).
+
+Cost: a batch's route depends on its composition, so a request may run on the kernel in one batch and on Triton in
+another (different rounding; 10's batch-invariance path is judged with ``kernel``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+LENGTHS = (256, 512, 1024, 2048, 4096, 8192, 16384)
+WARMUP, REPEATS = 2, 7
+KERNEL_SHARE = 0.5  # the share of a batch's query-key pairs that must be in long requests
+
+
+@dataclass(frozen=True)
+class Crossover:
+    """The dispatch rule's one number and where it came from. ``keys``: the kernel from this many keys per request;
+    None with ``mode`` ``measured``: the kernel was slower at every measured length (every batch on Triton)."""
+
+    mode: str  # measured, kernel, set
+    keys: int | None
+    source: str
+    lengths: tuple[int, ...] = ()
+    kernel_ms: tuple[float, ...] = ()
+    triton_ms: tuple[float, ...] = ()
+    kernel_alone_ms: tuple[float, ...] = ()
+    error: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def describe(self) -> str:
+        if self.mode == "kernel":
+            return f"every extend batch on the kernel ({self.source})"
+        if self.keys is None:
+            return f"every extend batch on Triton: the kernel was slower at every measured length ({self.source})"
+        return f"the kernel from {self.keys} keys per request ({self.source})"
+
+
+def crossover_from(lengths: Sequence[int], kernel_ms: Sequence[float], triton_ms: Sequence[float]) -> int | None:
+    """The shortest measured length from which the kernel is at least as fast as Triton at every longer one."""
+    best = None
+    for length, k, t in sorted(zip(lengths, kernel_ms, triton_ms), reverse=True):
+        if k > t:
+            break
+        best = length
+    return best
+
+
+def to_kernel(prefix_lens: Sequence[int], extend_lens: Sequence[int], crossover: Crossover) -> bool:
+    """Whether an extend batch runs on the kernel (module docstring)."""
+    if crossover.mode == "kernel":
+        return True
+    if crossover.keys is None:
+        return False
+    total = long = 0
+    for p, e in zip(prefix_lens, extend_lens):
+        pairs = p * e + e * (e + 1) // 2
+        total += pairs
+        if p + e >= crossover.keys:
+            long += pairs
+    return total > 0 and long >= KERNEL_SHARE * total
+
+
+def cuda_ms(fn: Callable[[], Any], warmup: int = WARMUP, repeats: int = REPEATS) -> tuple[float, ...]:
+    """Each of ``repeats`` calls of ``fn`` timed by CUDA events on the current stream, in ms, after ``warmup``."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return tuple(times)
+
+
+def median(xs: Sequence[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+@dataclass
+class Timers:
+    """What :func:`measure` times at one length ``L`` (each a call that runs one layer's attention of one request of
+    ``L`` tokens): the backend's kernel path, Triton's extend, and the kernel alone on inputs prepared beforehand."""
+
+    kernel_path: Callable[[int], Callable[[], Any]]
+    triton: Callable[[int], Callable[[], Any]]
+    kernel_alone: Callable[[int], Callable[[], Any]] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def measure(timers: Timers, max_length: int, where: str, lengths: Sequence[int] = LENGTHS,
+            time: Callable[[Callable[[], Any]], Sequence[float]] = cuda_ms) -> Crossover:
+    """The crossover at the lengths up to ``max_length``, timed by ``time`` (median of its repeats)."""
+    used = [n for n in lengths if n <= max_length] or [min(lengths)]
+    kernel, triton, alone = [], [], []
+    for n in used:
+        kernel.append(median(time(timers.kernel_path(n))))
+        triton.append(median(time(timers.triton(n))))
+        if timers.kernel_alone is not None:
+            alone.append(median(time(timers.kernel_alone(n))))
+    return Crossover("measured", crossover_from(used, kernel, triton), f"measured at start: {where}", tuple(used),
+                     tuple(round(x, 4) for x in kernel), tuple(round(x, 4) for x in triton), tuple(round(x, 4) for x in alone))
+
+
+def from_setting(setting: str) -> Crossover | None:
+    """The crossover a setting fixes (``kernel`` or a number), or None for ``measured``."""
+    if setting == "kernel":
+        return Crossover("kernel", 0, "SAGE_ATTN_DISPATCH=kernel")
+    if setting == "measured":
+        return None
+    return Crossover("set", int(setting), f"SAGE_ATTN_DISPATCH={setting}")

@@ -1,0 +1,190 @@
+"""Extends over a cached prefix without the prefix's rows: two kernel calls merged by their log-sum-exp.
+
+A request with ``p`` cached keys and ``e`` new tokens needs, for each new token, attention over the whole prefix
+and over the new tokens up to itself. sageattention's causal mask is top-left (it assumes as many queries as keys),
+so :func:`sagecheck.sglang_plugin.varlen.extend_with` hands the kernel the whole sequence: ``p + e`` rows, ``p`` of
+them zero queries computed and dropped, ``(p + e)²/2`` query-key pairs. Here, where the kernel returns the
+log-sum-exp of each row's scores (SageAttention 2's ``sageattn(..., return_lse=True)``; 1.0.6 has no such output),
+each request is two calls of the kernel's own cases, ``p·e + e²/2`` pairs:
+
+* **prefix part**: the ``e`` new queries against the ``p`` prefix keys, not causal (every new token sees the whole
+  prefix);
+* **new part**: the ``e`` new queries against their own keys, causal and square.
+
+Each returns its output ``o`` and log-sum-exp ``l``; attention over the union of the two key sets is exactly
+``(e^lA·oA + e^lB·oB) / (e^lA + e^lB)`` (:func:`merge_by_lse`, in float32 with the larger ``l`` subtracted).
+
+**One smoothing for both calls.** K is smoothed (its mean subtracted) before quantization. Smoothing by a mean ``μ``
+shifts every score of a row by the same ``-q·μ·scale``, which softmax ignores but a log-sum-exp does not: two calls
+smoothed by different means would be merged with wrongly weighted halves. So K is smoothed by each request's mean
+over all its ``p + e`` keys (what the whole-sequence method uses, :class:`SmoothingIndex`, built once per batch),
+the same in both calls, and the shift cancels in the merge. The kernel gets ``smooth_k=False``.
+
+**Padding.** A non-causal call lets every row see every key, so the prefix part pads no keys: its calls take the
+requests of one prefix length together (one call per distinct prefix length; a chunked prefill is one request, a
+shared system prompt one length), their queries padded to the longest (a padded query row is dropped; zeros raise
+no quantization scale). The new part is :mod:`.batched`'s causal calls, grouped by length as for a cold prefill.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from sagecheck.sglang_plugin.batched import PaddedGroup, attend_groups, plan
+from sagecheck.sglang_plugin.varlen import ExtendLayout
+
+LseKernel = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+"""``sageattn(q, k, v, tensor_layout="NHD", is_causal=..., sm_scale=..., smooth_k=False, return_lse=True)``: the
+output ``[batch, tokens, heads, d]`` and each row's log-sum-exp ``[batch, heads, tokens]`` (natural log)."""
+
+
+def merge_by_lse(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor,
+                 lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over two disjoint key sets from each one's output ``[tokens, heads, d]`` and log-sum-exp
+    ``[tokens, heads]``: (the output in ``o_b``'s dtype, the log-sum-exp of the union). A row that saw no key of one
+    set has ``-inf`` there and takes the other's output unchanged."""
+    m = torch.maximum(lse_a, lse_b)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w_a, w_b = torch.exp(lse_a - m), torch.exp(lse_b - m)
+    total = w_a + w_b
+    work = torch.promote_types(o_b.dtype, torch.float32)  # float32 at least
+    out = (o_a.to(work) * w_a[..., None] + o_b.to(work) * w_b[..., None]) / total[..., None]
+    return out.to(o_b.dtype), m + torch.log(total)
+
+
+@dataclass
+class SmoothingIndex:
+    """Which request each new token and each prefix key belongs to, and each request's key count, on the device: built
+    once per batch, so that smoothing in each layer copies nothing from the host."""
+
+    new_request: torch.Tensor
+    prefix_request: torch.Tensor
+    keys_per_request: torch.Tensor  # float32
+
+    @classmethod
+    def build(cls, layout: ExtendLayout, device: torch.device | str = "cpu") -> "SmoothingIndex":
+        requests = torch.arange(len(layout.extend_lens))
+        new = torch.repeat_interleave(requests, torch.tensor(layout.extend_lens, dtype=torch.int64))
+        prefix = torch.repeat_interleave(requests, torch.tensor(layout.prefix_lens, dtype=torch.int64))
+        counts = torch.tensor(layout.seq_lens, dtype=torch.float32)
+        return cls(new.to(device), prefix.to(device), counts.to(device))
+
+
+def smooth_request_keys(k_new: torch.Tensor, k_prefix: torch.Tensor | None,
+                        index: SmoothingIndex) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The new and prefix keys minus their request's mean over all its keys (per head; the mean taken in float32 and
+    rounded to K's dtype, as :func:`sagecheck.sglang_plugin.varlen.smooth_keys`), out of place."""
+    sums = torch.zeros((index.keys_per_request.shape[0], *k_new.shape[1:]), dtype=torch.float32, device=k_new.device)
+    sums.index_add_(0, index.new_request, k_new.float())
+    if k_prefix is not None and k_prefix.shape[0]:
+        sums.index_add_(0, index.prefix_request, k_prefix.float())
+    mean = (sums / index.keys_per_request[:, None, None]).to(k_new.dtype)
+    smoothed_prefix = None if k_prefix is None else k_prefix - mean[index.prefix_request]
+    return k_new - mean[index.new_request], smoothed_prefix
+
+
+@dataclass
+class PrefixGroup:
+    """The requests of one prefix length, in one non-causal call: ``count`` requests, ``prefix`` keys each, queries
+    padded to ``length``. ``rows``/``slots``: the packed new-token rows and their places in the padded queries;
+    ``key_rows``: the packed prefix rows of the group's requests, request after request."""
+
+    count: int
+    prefix: int
+    length: int
+    rows: torch.Tensor
+    slots: torch.Tensor
+    key_rows: torch.Tensor
+
+
+@dataclass
+class SplitPlan:
+    """Everything the two parts need, built once per batch (:func:`plan_split`) and used by every layer."""
+
+    smoothing: SmoothingIndex
+    new_groups: list[PaddedGroup]
+    prefix_groups: list[PrefixGroup]
+    rows_with_prefix: torch.Tensor  # packed new-token rows of the requests that have a prefix
+
+    @property
+    def calls(self) -> int:
+        return len(self.new_groups) + len(self.prefix_groups)
+
+
+def plan_split(layout: ExtendLayout, device: torch.device | str = "cpu") -> SplitPlan:
+    prefix, extend = layout.prefix_lens, layout.extend_lens
+    new_start = [0]
+    prefix_start = [0]
+    for p, e in zip(prefix, extend):
+        new_start.append(new_start[-1] + e)
+        prefix_start.append(prefix_start[-1] + p)
+    groups = []
+    for length in sorted({p for p in prefix if p > 0}, reverse=True):
+        members = [r for r, p in enumerate(prefix) if p == length]
+        longest = max(extend[r] for r in members)
+        rows = torch.cat([torch.arange(new_start[r], new_start[r] + extend[r]) for r in members])
+        slots = torch.cat([torch.arange(i * longest, i * longest + extend[r]) for i, r in enumerate(members)])
+        key_rows = torch.cat([torch.arange(prefix_start[r], prefix_start[r] + length) for r in members])
+        groups.append(PrefixGroup(len(members), length, longest, rows.to(device), slots.to(device), key_rows.to(device)))
+    with_prefix = [torch.arange(new_start[r], new_start[r] + extend[r]) for r, p in enumerate(prefix) if p > 0]
+    rows_with_prefix = torch.cat(with_prefix) if with_prefix else torch.zeros(0, dtype=torch.int64)
+    return SplitPlan(SmoothingIndex.build(layout, device), plan(extend, device), groups, rows_with_prefix.to(device))
+
+
+def _prefix_part(kernel: LseKernel, q: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Tensor,
+                 groups: Sequence[PrefixGroup], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The new queries against their request's prefix keys (not causal): output ``[new tokens, heads, d_v]`` and
+    log-sum-exp ``[new tokens, heads]``; ``-inf`` on the rows of requests without a prefix."""
+    out = q.new_zeros((q.shape[0], q.shape[1], v_prefix.shape[-1]))
+    lse = torch.full((q.shape[0], q.shape[1]), float("-inf"), dtype=torch.float32, device=q.device)
+    for g in groups:
+        qg = q.new_zeros((g.count * g.length, *q.shape[1:]))
+        qg[g.slots] = q[g.rows]
+        kg = k_prefix[g.key_rows].view(g.count, g.prefix, *k_prefix.shape[1:])
+        vg = v_prefix[g.key_rows].view(g.count, g.prefix, *v_prefix.shape[1:])
+        o, l = kernel(qg.view(g.count, g.length, *q.shape[1:]), kg.contiguous(), vg.contiguous(), tensor_layout="NHD",
+                      is_causal=False, sm_scale=scale, smooth_k=False, return_lse=True)
+        out[g.rows] = o.reshape(g.count * g.length, *o.shape[2:])[g.slots]
+        lse[g.rows] = l.transpose(1, 2).reshape(g.count * g.length, -1)[g.slots].float()
+    return out, lse
+
+
+def extend_split(kernel: LseKernel, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                 k_prefix: torch.Tensor | None, v_prefix: torch.Tensor | None, layout: ExtendLayout, split: SplitPlan,
+                 scale: float) -> torch.Tensor:
+    """Causal attention of the new tokens over their request's prefix and themselves, ``[new tokens, heads, d_v]``,
+    without computing the prefix's rows (module docstring). Shapes as
+    :func:`sagecheck.sglang_plugin.varlen.extend_with`; ``split``: :func:`plan_split` of ``layout``."""
+    if layout.has_prefix and (k_prefix is None or v_prefix is None or k_prefix.shape[0] != sum(layout.prefix_lens)):
+        raise ValueError(f"{sum(layout.prefix_lens)} prefix keys expected, got {None if k_prefix is None else k_prefix.shape[0]}")
+    k_new_s, k_prefix_s = smooth_request_keys(k_new, k_prefix if layout.has_prefix else None, split.smoothing)
+    out_new, lse_new = attend_groups(kernel, q, k_new_s, v_new, split.new_groups, scale, return_lse=True)
+    if not layout.has_prefix:
+        return out_new
+    out_prefix, lse_prefix = _prefix_part(kernel, q, k_prefix_s, v_prefix, split.prefix_groups, scale)
+    rows = split.rows_with_prefix
+    merged, _ = merge_by_lse(out_prefix[rows], lse_prefix[rows], out_new[rows], lse_new[rows])
+    out_new[rows] = merged
+    return out_new
+
+
+def takes_lse(kernel: Callable[..., object]) -> bool:
+    """Whether a ``sageattn`` returns the log-sum-exp (SageAttention 2's ``return_lse``; 1.0.6's has none)."""
+    import inspect
+
+    target = getattr(kernel, "__wrapped__", kernel)
+    try:
+        return "return_lse" in inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def pairs(prefix_lens: Sequence[int], extend_lens: Sequence[int], whole_sequence: bool) -> int:
+    """Query-key pairs the kernel computes for a batch: the whole-sequence method's ``(p + e)(p + e + 1)/2`` per request,
+    or the split's ``p·e + e(e + 1)/2``."""
+    if whole_sequence:
+        return sum((p + e) * (p + e + 1) // 2 for p, e in zip(prefix_lens, extend_lens))
+    return sum(p * e + e * (e + 1) // 2 for p, e in zip(prefix_lens, extend_lens))
