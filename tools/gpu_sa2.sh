@@ -90,18 +90,18 @@ EOF
     bpid=$!
     export PYTHONPATH=$PWD/tests/faults/site:$PYTHONPATH
     step "code paths and census with 1.0.6"
-    python3 tests/faults/gpu_code_paths.py --params params/sglang-builtin-gpu.yaml --out /tmp/cp_v1 --variants sage_attn \
-      > "$out/paths_v1.md" 2>&1 &
+    timeout ${PATHS_S:-400} python3 tests/faults/gpu_code_paths.py --params params/sglang-builtin-gpu.yaml --out /tmp/cp_v1 \
+      --variants sage_attn > "$out/paths_v1.md" 2>&1 &
     ppid=$!
     wait $bpid; cat /tmp/sa2build.log; step "SA2 built"
     step "code paths and census with SA2"
-    sa2 python3 tests/faults/gpu_code_paths.py --params params/sglang-builtin-gpu.yaml --out /tmp/cp_v2 --variants sage_attn \
-      > "$out/paths_v2.md" 2>&1
+    sa2 timeout ${PATHS_S:-400} python3 tests/faults/gpu_code_paths.py --params params/sglang-builtin-gpu.yaml \
+      --out /tmp/cp_v2 --variants sage_attn > "$out/paths_v2.md" 2>&1
     wait $ppid; step "paths done"
-    sa2 python3 -m pytest -q -m gpu -s tests/test_sglang_plugin_split.py tests/test_sglang_plugin.py -p no:cacheprovider \
-      > "$out/gpu_tests_sa2.txt" 2>&1; tail -3 "$out/gpu_tests_sa2.txt"
-    step "done"
-    tar -C /tmp -czf "$out/census.tgz" --exclude='*.safetensors' cp_v1 cp_v2 2>/dev/null;;
+    tar -C /tmp -czf "$out/census.tgz" --exclude='*.safetensors' cp_v1 cp_v2 2>/dev/null
+    sa2 timeout ${TESTS_S:-100} python3 -m pytest -q -m gpu -s tests/test_sglang_plugin_split.py tests/test_sglang_plugin.py \
+      -p no:cacheprovider > "$out/gpu_tests_sa2.txt" 2>&1; tail -3 "$out/gpu_tests_sa2.txt"
+    step "done";;
   speed8b)
     ensure_sa2
     step "overhead per layer, SA2, 8B shape"
