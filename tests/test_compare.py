@@ -149,7 +149,7 @@ def test_labels_name_the_gpu_the_tensor_parallel_size_then_what_differs(tmp_path
         run.results["00_environment"].environment = {"engine": engine_facts(run.params)}
         run.__dict__.pop("facts", None)  # read again from the results
     C.assign_labels(runs)
-    assert [r.label for r in runs] == ["H200 · seed 0", "H200 · seed 1"]
+    assert [r.label for r in runs] == ["H200, seed 0", "H200, seed 1"]
     for run in runs:
         run.params = {"engine": "hf"}
         run.results["00_environment"].environment = {"engine": engine_facts(run.params)}
@@ -197,7 +197,7 @@ def test_compare_two_cpu_runs_of_the_built_in_model_with_different_seeds(ci_run,
     assert done.returncode == 0 and done.stderr == "", done.stderr[-2000:]
     assert done.stdout.split() == [str(out / "compare.html"), str(out / "compare.md")]
     data = json.loads((out / "compare.json").read_text())
-    assert [r["label"] for r in data["runs"]] == ["CPU · seed 0", "CPU · seed 1"]
+    assert [r["label"] for r in data["runs"]] == ["CPU, seed 0", "CPU, seed 1"]
     assert {d["parameter"]: d["values"] for d in data["param_differences"]}["seed"] == [0, 1]
 
     # every check of both runs, from the results files themselves
@@ -224,11 +224,11 @@ def test_compare_two_cpu_runs_of_the_built_in_model_with_different_seeds(ci_run,
     assert {(p["batch"], p["input_length"]) for p in tp["points"]} == set(sa) & set(sb) and tp["points"]
     for p in tp["points"]:
         key = (p["batch"], p["input_length"])
-        assert p["runs"]["CPU · seed 0"]["prefill_speedup"] == sa[key] and p["runs"]["CPU · seed 1"]["prefill_speedup"] == sb[key]
+        assert p["runs"]["CPU, seed 0"]["prefill_speedup"] == sa[key] and p["runs"]["CPU, seed 1"]["prefill_speedup"] == sb[key]
     median = np.median([sa[(p["batch"], p["input_length"])] for p in tp["points"]])
-    assert f"prefill CPU · seed 0 {median:.2f}x" in " ".join(data["headline"])
+    assert f"prefill CPU, seed 0 {median:.2f}x" in " ".join(data["headline"])
     # the kernel's CPU timings of sdpa, matched shape by shape; memory is a GPU measurement: both runs left out with why
-    assert data["sections"]["kernel"]["points"] and data["sections"]["kernel"]["runs"] == ["CPU · seed 0", "CPU · seed 1"]
+    assert data["sections"]["kernel"]["points"] and data["sections"]["kernel"]["runs"] == ["CPU, seed 0", "CPU, seed 1"]
     assert [x["why"] for x in data["sections"]["memory"]["left_out_runs"]] == [
         "05_memory skipped: no CUDA device: peak GPU memory cannot be measured here; weights and KV-cache sizes are computed "
         "from the shapes", "05_memory was not run"]

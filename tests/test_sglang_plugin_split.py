@@ -48,7 +48,7 @@ def split_extend(kernel, q, k, v, kp, vp, layout, scale=0.125):
 
 
 CASES = [([0, 0, 0], [5, 17, 64]), ([9, 0, 70], [4, 12, 1]), ([200], [33]), ([130, 130], [7, 40]),
-         ([64, 3, 64, 0], [1, 2, 65, 9]), ([4096 // 16], [1])]
+         ([64, 3, 64, 0], [1, 2, 65, 9]), ([4096 // 16], [1]), ([50, 50, 50], [8, 8, 8]), ([0, 40, 40], [5, 6, 6])]
 
 
 @pytest.mark.parametrize("prefix, extend", CASES)
@@ -116,7 +116,17 @@ def test_the_prefix_rows_are_not_computed_and_every_causal_call_is_square():
 def test_prefix_lengths_that_differ_run_in_calls_of_their_own():
     plan = S.plan_split(V.ExtendLayout.build([10, 0, 10, 3], [2, 4, 5, 1]))
     assert [(g.count, g.prefix, g.length) for g in plan.prefix_groups] == [(2, 10, 5), (1, 3, 1)]
-    assert plan.rows_with_prefix.tolist() == [0, 1, 6, 7, 8, 9, 10, 11]
+    assert plan.rows_with_prefix.tolist() == [0, 1, 6, 7, 8, 9, 10, 11] and not plan.every_row_has_prefix
+    # not consecutive (a request between them): gathered and padded; alone: a view of its rows and keys
+    assert [(g.new_range, g.key_range) for g in plan.prefix_groups] == [(None, None), ((11, 12), (20, 23))]
+
+
+def test_consecutive_requests_of_one_shape_take_views_and_the_merge_takes_whole_tensors():
+    chunk = S.plan_split(V.ExtendLayout.build([4096], [4096]))  # the second chunk of a chunked prefill
+    assert chunk.every_row_has_prefix and [(g.new_range, g.key_range) for g in chunk.prefix_groups] == [((0, 4096), (0, 4096))]
+    shared = S.plan_split(V.ExtendLayout.build([0, 40, 40], [5, 6, 6]))  # a shared prompt's requests after a cold one
+    assert not shared.every_row_has_prefix
+    assert [(g.new_range, g.key_range) for g in shared.prefix_groups] == [((5, 17), (0, 80))]
 
 
 def test_split_through_the_sage2_emulation_is_as_close_as_the_whole_sequence():

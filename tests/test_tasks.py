@@ -117,6 +117,8 @@ def test_builtin_line_ending_task_is_deterministic_with_the_answer_among_the_cho
     assert answers == {0, 1, 2, 3}  # the right ending is not always in the same place
     for item in t.items:
         assert len(set(item.choices)) == 4 and item.context.split("\n")[-1] + item.choices[item.answer] in D.builtin_heldout().text
+        # the flips table shows the question whole: the lines before and the half line, not the half line alone
+        assert item.question == item.context.replace("\n", " / ") + " …"
 
 
 def test_local_files_in_both_schemas(tmp_path):

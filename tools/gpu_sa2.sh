@@ -106,6 +106,8 @@ EOF
     ensure_sa2
     step "overhead per layer, SA2, 8B shape"
     sa2 python3 benchmarks/backend_overhead.py --out "$out/overhead_sa2.json" > "$out/overhead_sa2.txt" 2>&1; tail -8 "$out/overhead_sa2.txt"
+    sa2 python3 benchmarks/backend_overhead.py --shape builtin --out "$out/overhead_sa2_builtin.json" \
+      > "$out/overhead_sa2_builtin.txt" 2>&1
     step "00+04 on the 8B shape, SA2, dispatch measured"
     sa2 timeout ${RUN_S:-420} python3 -m sagecheck run --params params/sglang-llama8b-random.yaml --only 00,04 \
       -p throughput.repeats=${REPEATS:-3} --out /tmp/r8b_v2 -q > /tmp/r8b_v2.log 2>&1

@@ -14,6 +14,7 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib import patheffects
 import seaborn as sns
 
 sns.set_theme(context="notebook", style="whitegrid", palette="deep", rc={
@@ -25,12 +26,22 @@ BASE_COLOR, CAND_COLOR = PALETTE[0], PALETTE[1]
 CONTROL_COLOR = PALETTE[7]  # the accepted-precision control (grey): the yardstick, neither baseline nor candidate
 # overlapping series stay visible: each its own line style and marker
 STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]
+HEATMAP_TEXT = "#1a1a1a"
+
+
+ROLE_COLORS = {"baseline": BASE_COLOR, "candidate": CAND_COLOR, "control": CONTROL_COLOR}
+
+
+def role_colors(roles: dict[str, str]) -> dict[str, str]:
+    """Series label -> colour, from each series' role (baseline blue, candidate orange, control grey)."""
+    return {label: ROLE_COLORS[role] for label, role in roles.items()}
 
 
 def _finish(fig: Any, title: str) -> Any:
-    """The title, wrapped to the figure's width (a long title must not set the figure's width or be cut)."""
+    """The title, wrapped to the figure's width (a long title must not set the figure's width or be cut); a second
+    part after a newline (where it ran) starts its own line."""
     chars = max(30, int(fig.get_figwidth() * 11))
-    fig.suptitle("\n".join(textwrap.wrap(title, chars)), fontsize=11)
+    fig.suptitle("\n".join(line for part in title.split("\n") for line in textwrap.wrap(part, chars)), fontsize=11)
     fig.tight_layout()
     return fig
 
@@ -159,14 +170,19 @@ def heatmap(matrix: np.ndarray, rows: list[Any], cols: list[Any], title: str, xl
     data = np.asarray(matrix, dtype=float)
     text = np.array([["n/a" if not np.isfinite(v) else fmt.format(v) for v in row] for row in data]).reshape(data.shape)
     width = min(11.0, max(6.0, 1.6 + 0.75 * len(cols) + 0.08 * max(len(t) for t in text.flat) * len(cols)))
-    fig, ax = plt.subplots(figsize=(width, 1.3 + 0.42 * len(rows)))
+    # at least 2.6 in high: with one or two rows the colour bar would be a stub of ~40 px
+    fig, ax = plt.subplots(figsize=(width, max(2.6, 1.3 + 0.42 * len(rows))))
     finite = data[np.isfinite(data)]
     kw: dict[str, Any] = {"cmap": "rocket_r"}
     if center is not None and finite.size:
         span = max(abs(finite.max() - center), abs(center - finite.min()), min_span, 1e-9)
         kw = {"cmap": "RdYlGn", "center": center, "vmin": center - span, "vmax": center + span}
+    # one text colour for every cell, dark with a light halo: readable on light and dark cells alike, where seaborn's
+    # per-cell choice (by the cell's luminance) flips between near-equal neighbours
+    halo = [patheffects.withStroke(linewidth=2.2, foreground="white", alpha=0.8)]
     sns.heatmap(np.ma.masked_invalid(data), annot=text, fmt="", ax=ax, linewidths=0.5, linecolor="white",
-                cbar_kws={"shrink": 0.8}, annot_kws={"fontsize": 8}, xticklabels=[str(c) for c in cols],
+                cbar_kws={"shrink": 1.0 if len(rows) < 4 else 0.8},
+                annot_kws={"fontsize": 8, "color": HEATMAP_TEXT, "path_effects": halo}, xticklabels=[str(c) for c in cols],
                 yticklabels=[str(r) for r in rows], **kw)
     for (i, j), v in np.ndenumerate(data):  # masked cells get no annotation from seaborn: write n/a
         if not np.isfinite(v):
@@ -179,10 +195,13 @@ def heatmap(matrix: np.ndarray, rows: list[Any], cols: list[Any], title: str, xl
 
 def lines(xs: dict[str, list[float]], ys: dict[str, list[float]], xlabel: str, ylabel: str, title: str, logx: bool = True,
           logy: bool = False, yerr: dict[str, tuple[list[float], list[float]]] | None = None,
-          ylim: tuple[float, float] | None = None, colors: dict[str, str] | None = None) -> Any:
+          ylim: tuple[float, float] | None = None, colors: dict[str, str] | None = None, dodge: float = 0.0) -> Any:
     """One line per series, each its own style and marker (equal series stay visible one over the other); ``ylim``
-    fixes the y axis (an accuracy from 0 to 1, not zoomed onto a one-point dip). Where no series has two points there
-    is no line to draw: the values are shown as a table instead (and None returned)."""
+    fixes the y axis (an accuracy from 0 to 1, not zoomed onto a one-point dip). ``dodge``: series set apart sideways
+    by this fraction of an octave each (log x) or of the x spacing, so that series with equal values (an accuracy of
+    1 everywhere) do not hide one another; the x label says so. A series of one point is drawn as its marker alone.
+    Where no series has two points there is no line to draw: the values are shown as a table instead (and None
+    returned)."""
     if all(len(v) < 2 for v in ys.values()):
         from IPython.display import display
 
@@ -192,14 +211,20 @@ def lines(xs: dict[str, list[float]], ys: dict[str, list[float]], xlabel: str, y
         display(show.table(rows, caption=f"{title} (one point each: a table, not a figure)"))
         return None
     fig, ax = plt.subplots(figsize=(7, 3.6))
+    spacing = min((float(np.diff(sorted(set(v))).min()) for v in xs.values() if len(set(v)) > 1), default=1.0)
     for k, label in enumerate(ys):
         style, marker = STYLES[k % len(STYLES)]
         color = colors[label] if colors and label in colors else PALETTE[k % len(PALETTE)]
+        offset = dodge * (k - (len(ys) - 1) / 2)
+        x = [v * 2 ** offset if logx else v + offset * spacing for v in xs[label]]
         if yerr and label in yerr:
             lo, hi = yerr[label]
-            ax.fill_between(xs[label], lo, hi, alpha=0.2, color=color)
-        ax.plot(xs[label], ys[label], style, marker=marker, ms=5 if k == 0 else 4, lw=2.2 if k == 0 else 1.4,
-                color=color, label=label, alpha=0.9)
+            ax.fill_between(x, lo, hi, alpha=0.2, color=color)
+        one = len(x) == 1
+        ax.plot(x, ys[label], linestyle="none" if one else style, marker=marker, ms=5 if k == 0 else 4, lw=2.2 if k == 0 else 1.4,
+                color=color, label=f"{label} (one point)" if one else label, alpha=0.9)
+    if dodge:
+        xlabel += " (series set slightly apart to stay visible)"
     if logx:
         ax.set_xscale("log", base=2)
     if logy:
@@ -217,42 +242,60 @@ KIND_MARKERS = {"prefill": "o", "decode": "^", "chunk": "D"}
 
 def error_by_shape(rows: list[dict[str, Any]], field: str, ylabel: str, title: str, threshold: float | None = None,
                    flagged: set[str] | None = None) -> Any:
-    """``row[field]`` of every shape against its key length: one panel per mask (full, causal), colour per
-    dtype and head dim, marker per ``row["kind"]`` (prefill, decode, chunk); flagged shapes ringed in red. Exact zeros
-    are drawn at the bottom of the axis and counted in the legend."""
+    """``row[field]`` of every shape against its key length: one panel per mask (full, causal); colour per head dim,
+    marker per ``row["kind"]`` (prefill, decode, chunk), filled for float16 and hollow for bfloat16, so that the legend
+    names each of the three once instead of every combination; flagged shapes ringed in red. Exact zeros are drawn
+    at the bottom of the axis and counted under the figure."""
+    from matplotlib.lines import Line2D
+
     flagged = flagged or set()
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
-    groups = sorted({(r["dtype"], r["head_dim"]) for r in rows})
+    dims = sorted({r["head_dim"] for r in rows})
+    dim_color = {d: PALETTE[i % len(PALETTE)] for i, d in enumerate(dims)}
+    dtypes = sorted({r["dtype"] for r in rows}, key=lambda t: (t != "float16", t))
+    hollow = {t: i > 0 for i, t in enumerate(dtypes)}  # the first (float16 where run) filled, the others hollow
+    kinds = [k for k in KIND_MARKERS if any(r["kind"] == k for r in rows)]
     values = [r[field] for r in rows if r.get(field) is not None and np.isfinite(r[field]) and r[field] > 0]
     floor = (min(values) / 3) if values else 1e-6
     for ax, causal in zip(axes, (False, True)):
-        for gi, (dtype, d) in enumerate(groups):
-            for kind, marker in KIND_MARKERS.items():
-                sel = [r for r in rows if r["causal"] == causal and (r["dtype"], r["head_dim"]) == (dtype, d)
-                       and r["kind"] == kind and r.get(field) is not None and np.isfinite(r[field])]
-                if not sel:
-                    continue
-                ax.scatter([r["n_k"] for r in sel], [max(r[field], floor) for r in sel], marker=marker, s=28,
-                           color=PALETTE[gi % len(PALETTE)], alpha=0.85, label=f"{dtype} d={d} {kind}")
+        for d in dims:
+            for dtype in dtypes:
+                for kind in kinds:
+                    sel = [r for r in rows if r["causal"] == causal and r["head_dim"] == d and r["dtype"] == dtype
+                           and r["kind"] == kind and r.get(field) is not None and np.isfinite(r[field])]
+                    if not sel:
+                        continue
+                    color = dim_color[d]
+                    ax.scatter([r["n_k"] for r in sel], [max(r[field], floor) for r in sel], marker=KIND_MARKERS[kind],
+                               s=34, facecolors="none" if hollow[dtype] else color, edgecolors=color, linewidths=1.2,
+                               alpha=0.85)
         ring = [r for r in rows if r["causal"] == causal and r["shape"] in flagged and r.get(field) is not None]
         if ring:
-            ax.scatter([r["n_k"] for r in ring], [max(r[field], floor) for r in ring], s=120, facecolors="none",
-                       edgecolors="#b3261e", linewidths=1.5, label="flagged")
+            ax.scatter([r["n_k"] for r in ring], [max(r[field], floor) for r in ring], s=130, facecolors="none",
+                       edgecolors="#b3261e", linewidths=1.5)
         if threshold is not None:
-            ax.axhline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:g}")
+            ax.axhline(threshold, color="k", ls="--", lw=1)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("key length n_k")
         ax.set_title("causal" if causal else "full (non-causal)")
     axes[0].set_ylabel(ylabel)
-    legend = {}  # one entry per label over both panels
-    for ax in axes:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(label, handle)
-    fig.legend(list(legend.values()), list(legend), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
+
+    def mark(**kw: Any) -> Any:
+        return Line2D([], [], ls="none", **kw)
+
+    handles = [mark(marker="s", color=dim_color[d], ms=7, label=f"d={d}") for d in dims]
+    handles += [mark(marker=KIND_MARKERS[k], color="#444444", ms=7, label=k) for k in kinds]
+    handles += [mark(marker="o", ms=7, markeredgecolor="#444444", markerfacecolor="none" if hollow[t] else "#444444",
+                     label=f"{t} ({'hollow' if hollow[t] else 'filled'})") for t in dtypes]
+    if flagged:
+        handles.append(mark(marker="o", ms=11, markerfacecolor="none", markeredgecolor="#b3261e", label="flagged"))
+    if threshold is not None:
+        handles.append(Line2D([], [], color="k", ls="--", lw=1, label=f"threshold {threshold:g}"))
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=9)
     zeros = sum(1 for r in rows if r.get(field) == 0)
     if zeros:
-        fig.text(0.01, 0.01, f"{zeros} shapes with error exactly 0 drawn at {floor:.1e}", fontsize=7)
+        fig.text(0.01, 0.01, f"{zeros} shapes with error exactly 0 drawn at {floor:.1e}", fontsize=9, color="#333333")
     return _finish(fig, title)
 
 

@@ -83,8 +83,6 @@ def check_machine(params: Params) -> None:
 def check_hub_model(model: str, revision: str | None = None, timeout_s: float = 10.0) -> None:
     """A model named by a hub id must be in the local Hugging Face cache or on a hub this machine reaches: asked once,
     with a short timeout, before any work (else every notebook would fail on it, each after the hub client's retries)."""
-    import os
-
     if model in MODELS or model.startswith("random:") or looks_like_path(model):
         return
     from huggingface_hub import constants, try_to_load_from_cache

@@ -148,7 +148,9 @@ def line_ending_task(n: int | None, context_lines: int = 2, n_choices: int = 4, 
         answer = rng.randrange(n_choices)
         choices = wrong[:answer] + [ending] + wrong[answer:]
         context = "\n".join(lines[i - context_lines: i]) + "\n" + head
-        items.append(MCItem(f"line {i}", f"{head} …", context, choices, answer, labels=[c.strip() for c in choices]))
+        # the question as a reader of the flips table needs it: the lines before, then the half line to complete
+        items.append(MCItem(f"line {i}", context.replace("\n", " / ") + " …", context, choices, answer,
+                            labels=[c.strip() for c in choices]))
     return Task("line ending", "multiple_choice",
                 f"which of {n_choices} endings completes a line of Hamlet or the Sonnets (held out from the built-in model's "
                 f"training), after {context_lines} lines and the line's first half; the wrong endings are second halves of "

@@ -222,11 +222,18 @@ def repeat_agreement(first: dict[str, Any], again: dict[str, Any], implementatio
     return out
 
 
-def stability_rows(stability: dict[str, Any]) -> list[dict[str, Any]]:
-    """The repeat check as table rows: each figure's two medians (ms), their difference, and whether the verdict took it."""
+def stability_rows(stability: dict[str, Any], on_gpu: bool = True) -> list[dict[str, Any]]:
+    """The repeat check as table rows: each figure's two medians (ms), their difference, and whether the verdict took
+    it (on the CPU there is no verdict, and the column says so)."""
     judged = set(stability.get("judged", []))
+
+    def said(key: str) -> str:
+        if not on_gpu:
+            return "no: CPU timings, no verdict"
+        return "yes" if key in judged else ""
+
     return [{"figure": key.removesuffix("_gpu") + (" GPU busy time" if key.endswith("_gpu") else " elapsed"),
-             "first_ms": first, "again_ms": again, "diff_pct": stability[key], "judged": "yes" if key in judged else ""}
+             "first_ms": first, "again_ms": again, "diff_pct": stability[key], "judged": said(key)}
             for key, (first, again) in stability.get("medians_ms", {}).items()]
 
 
@@ -307,9 +314,11 @@ class Sweep:
     lengths: list[int]
     batches: list[int]
     context: str  # what ran where, for every caption
+    where: str = ""  # where alone (device, dtype): the figures' second title line (their first names what is compared)
     served: dict[str, Any] = field(default_factory=dict)  # servers: the servers measured, their order and clock
     stability: dict[str, Any] = field(default_factory=dict)  # in process: the repeated point
     copy: str | None = None  # servers: the baseline's copy (A/A control)
+    on_gpu: bool = True  # False: CPU timings, which get no verdict
 
     @property
     def candidate_rows(self) -> list[dict[str, Any]]:
@@ -333,12 +342,13 @@ def run(engine: Any, p: Any, where: str, on_gpu: bool, progress_log: str | Path 
 
         rows, served = serving.sweep(engine, lengths, batches, p.decode_tokens, p.repeats, p.warmup, p.seed,
                                      aa_control=p.aa_control, max_batch_tokens=p.max_batch_tokens, progress_log=progress_log)
-        return Sweep(rows, engine.baseline, engine.candidate, lengths, batches, context, served=served,
-                     copy=engine.copy if p.aa_control else None)
+        return Sweep(rows, engine.baseline, engine.candidate, lengths, batches, context, where, served=served,
+                     copy=engine.copy if p.aa_control else None, on_gpu=on_gpu)
     rows, stability = sweep(engine, engine.pair, lengths, batches, p.decode_tokens, p.repeats, p.warmup, p.seed,
                             repeat_point=p.repeat_point, kernel_time=p.kernel_time, tolerance_pct=p.stability_max_pct,
                             progress_log=progress_log)
-    return Sweep(rows, engine.baseline, engine.candidate, lengths, batches, context, stability=stability)
+    return Sweep(rows, engine.baseline, engine.candidate, lengths, batches, context, where, stability=stability,
+                 on_gpu=on_gpu)
 
 
 def tables(s: Sweep) -> list[tuple[list[dict[str, Any]], str, list[str]]]:
@@ -369,7 +379,7 @@ def tables(s: Sweep) -> list[tuple[list[dict[str, Any]], str, list[str]]]:
     if failed:
         out.append((failed, "Points that did not run", ["input_length", "batch", "implementation", "status", "error"]))
     if s.stability:
-        out.append((stability_rows(s.stability), f"The same point measured twice: batch {s.stability['batch']}, length "
+        out.append((stability_rows(s.stability, s.on_gpu), f"The same point measured twice: batch {s.stability['batch']}, length "
                     f"{s.stability['input_length']} (medians) — {s.context}", ["figure", "first_ms", "again_ms", "diff_pct", "judged"]))
     return out
 
@@ -380,20 +390,23 @@ def speedup_maps(s: Sweep) -> list[tuple[str, str]]:
     maps = [("prefill_speedup", f"prefill speedup ({speedup})"), ("decode_speedup", f"decode speedup, elapsed ({speedup})"),
             ("decode_kernel_speedup", f"decode speedup in GPU busy time ({speedup})"),
             ("aa_prefill_speedup", f"A/A control: prefill ({aa}, must be 1)"), ("aa_decode_speedup", f"A/A control: decode ({aa}, must be 1)")]
-    return [(key, f"{label} — {s.context}") for key, label in maps if any(key in r for r in s.candidate_rows)]
+    return [(key, f"{label}\n{s.where}" if s.where else label) for key, label in maps
+            if any(key in r for r in s.candidate_rows)]
 
 
-def prefill_curves(s: Sweep, max_batches: int = 3) -> tuple[dict[str, list[int]], dict[str, list[float]]]:
-    """Prefill tokens/s against input length, per backend and (the first few) batch sizes."""
+def prefill_curves(s: Sweep, max_batches: int = 3) -> tuple[dict[str, list[int]], dict[str, list[float]], dict[str, str]]:
+    """Prefill tokens/s against input length, per backend and (the first few) batch sizes: (xs, ys, the role of each
+    series: baseline or candidate, for the report's colours; the batch sizes differ by line style)."""
     shown = [b for b in s.batches if any(r["batch"] == b for r in s.candidate_rows)][:max_batches]
-    xs, ys = {}, {}
-    for label in (s.baseline, s.candidate):
+    xs, ys, roles = {}, {}, {}
+    for role, label in (("baseline", s.baseline), ("candidate", s.candidate)):
         for b in shown:
             pts = sorted((r["input_length"], r["prefill_tok_s"]) for r in s.rows
                          if r["implementation"] == label and r["batch"] == b and r["status"] == "ok")
             xs[f"{label}, batch {b}"] = [x for x, _ in pts]
             ys[f"{label}, batch {b}"] = [y for _, y in pts]
-    return xs, ys
+            roles[f"{label}, batch {b}"] = role
+    return xs, ys, roles
 
 
 def record(results: Any, s: Sweep, p: Any, on_gpu: bool) -> dict[str, Any]:
@@ -430,7 +443,7 @@ def record(results: Any, s: Sweep, p: Any, on_gpu: bool) -> dict[str, Any]:
             else:
                 results.note(f"CPU timings, A/A control ({kind}): {format_number(value)}% (no verdict on CPU); {detail}")
     results.verdict("throughput.points", "coverage", "points measured (not out of memory, over budget or unsupported)",
-                    (m["points"] - m["points_not_run"]) / max(1, m["points"]), ">=", 0.5,
+                    100.0 * (m["points"] - m["points_not_run"]) / max(1, m["points"]), ">=", 50.0, unit="%",
                     detail=f"{m['points_not_run']} of {m['points']} points did not run")
     return m
 

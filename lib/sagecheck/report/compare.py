@@ -82,7 +82,7 @@ def assign_labels(runs: list[Run]) -> None:
         if base.count(label) > 1:
             own = [f"{d['parameter']} {_short_value(d['values'][i])}" if d["parameter"] == "seed" else _short_value(d["values"][i])
                    for d in diffs[:2]]
-            label = " · ".join([label, *own]) if own else label
+            label = ", ".join([label, *own]) if own else label  # "·" separates runs in the headlines, not a run's parts
         run.label = label
     labels = [r.label for r in runs]
     for run in runs:

@@ -206,11 +206,14 @@ def markdown(runs: list[C.Run], data: dict[str, Any]) -> str:
             if "missing" in c:
                 cells.append(c["missing"])
             else:
-                cells.append(f"{'✅' if c['passed'] else '❌'} {_num(c['value'], c.get('unit', ''))}")
-        mark = " ⚠️" if row["verdicts_differ"] else ""
+                cells.append(f"{'pass' if c['passed'] else '**FAIL**'} {_num(c['value'], c.get('unit', ''))}")
+        mark = " (verdict differs)" if row["verdicts_differ"] else ""
         lines.append(f"| {row['notebook'][:2]} | {_md(row['check'])}{mark} | " + " | ".join(map(_md, cells)) + " |")
-    lines += ["", "⚠️: the verdict differs between runs. Full comparison (environment, kernel and serving curves per GPU, "
-              "memory, what was left out and why): `compare.html`."]
+    differing = sum(row["verdicts_differ"] for row in data["checks"])
+    lines += ["", (f"The verdict differs between runs in {differing} check(s). " if differing else
+                   "No verdict differs between the runs. ")
+              + "Full comparison (environment, kernel and serving curves per GPU, memory, what was left out and why): "
+                "`compare.html`."]
     return "\n".join(lines) + "\n"
 
 

@@ -89,7 +89,11 @@ def speed_sentence(res: R.Results | None, candidate: str, baseline: str, cpu_emu
             continue
         faster = [p for p in points if p["verdict"] == "faster"]
         slower = [p for p in points if p["verdict"] == "slower"]
+        same = [p for p in points if p["verdict"] not in ("faster", "slower")]
         text = f"{phase}: faster at {len(faster)} of {len(points)} points, slower at {len(slower)}"
+        if same:  # every point accounted for: the others are within their spread (or the A/A control's)
+            named = " and ".join(f"input {p['input_length']}, batch {p['batch']}" for p in same)
+            text += f", no measurable difference at {len(same) if len(same) > 2 else named}"
         if faster:
             cross = crossover(points)
             best = max(faster, key=lambda p: p["speedup"])
@@ -196,7 +200,7 @@ def code_path_sentence(results: list[R.Results]) -> str:
     failing, idle = cp.failing(), cp.not_exercised()
     ran = [r for r in cp.rows if r["exercised"]]
     text = (f"Code paths: {len(ran) - len(failing)} of {len(ran)} exercised pass"
-            + (f"; failing: " + "; ".join(f"{r['title']} ({_path_figure(r)})" for r in failing) if failing else ""))
+            + ("; failing: " + "; ".join(f"{r['title']} ({_path_figure(r)})" for r in failing) if failing else ""))
     if idle:
         text += "; not exercised: " + "; ".join(f"{r['title']} ({r['why_not']})" for r in idle)
     return text + "."

@@ -48,10 +48,20 @@ def verdict_lines(run: Any) -> list[str]:
     reading, checks, speed = run.reading["overall"], run.reading["failures"], run.reading["speed"]
     notebooks = (f"notebooks: {c['notebooks_ok']} ok, {c['notebooks_failed']} failed, {c['notebooks_skipped']} skipped")
     failed = c["failed"] or c["notebooks_failed"]
-    status = "❌" if failed else "✅" if run.accurate else "⚠️"  # nothing failed, but nothing shows it accurate: a caution
+    # words, not emoji: the HTML report must read the same without an emoji font (nothing failed, but nothing shows it
+    # accurate: a caution)
+    status = "FAIL:" if failed else "PASS:" if run.accurate else "CAUTION:"
     counted = f"**{c['passed']} of {c['verdicts']} checks pass, {c['failed']} fail**; {notebooks}."
-    return [f"{status} **{reading.removeprefix('Reading: ')}**", counted + (f" {checks}" if failed else ""),
-            f"**Speed:** {speed.removeprefix('Speed: ')}"]
+    return [f"**{status} {reading.removeprefix('Reading: ')}**", counted + (f" {checks}" if failed else ""),
+            f"**Speed:** {_without_heading(speed)}"]
+
+
+def _without_heading(speed: str) -> str:
+    """The speed sentence after a "**Speed:**" heading: "Speed of A against B: ..." reads "A against B: ...", not
+    "Speed: Speed of ..."."""
+    for prefix in ("Speed: ", "Speed of "):
+        speed = speed.removeprefix(prefix)
+    return speed[:1].upper() + speed[1:] if speed.startswith("speed") else speed
 
 
 def _model_line(model: dict[str, Any], p: dict[str, Any]) -> str:
@@ -97,7 +107,7 @@ def summary_markdown(run: Any) -> str:
     for r in results:
         for v in r.verdicts:
             unit = f" {v.unit}" if v.unit else ""
-            mark = "✅ pass" if v.passed else "❌ FAIL"
+            mark = "pass" if v.passed else "**FAIL**"
             origin = short(v.source)
             lines.append(
                 f"| {r.notebook} | {_md_cell(v.name)} | {R.format_number(v.value)}{unit} | "

@@ -82,6 +82,8 @@ def smooth_request_keys(k_new: torch.Tensor, k_prefix: torch.Tensor | None,
     if k_prefix is not None and k_prefix.shape[0]:
         sums.index_add_(0, index.prefix_request, k_prefix.float())
     mean = (sums / index.keys_per_request[:, None, None]).to(k_new.dtype)
+    if mean.shape[0] == 1:  # one request (a chunked prefill): its mean broadcast, no gather of a mean per row
+        return k_new - mean, None if k_prefix is None else k_prefix - mean
     smoothed_prefix = None if k_prefix is None else k_prefix - mean[index.prefix_request]
     return k_new - mean[index.new_request], smoothed_prefix
 
@@ -98,6 +100,10 @@ class PrefixGroup:
     rows: torch.Tensor
     slots: torch.Tensor
     key_rows: torch.Tensor
+    # consecutive requests of ``length`` new tokens each (one request always): their queries and prefix keys are
+    # contiguous ranges of the packed rows, (first, end) each, taken as views with no padding and no copy
+    new_range: tuple[int, int] | None = None
+    key_range: tuple[int, int] | None = None
 
 
 @dataclass
@@ -108,6 +114,7 @@ class SplitPlan:
     new_groups: list[PaddedGroup]
     prefix_groups: list[PrefixGroup]
     rows_with_prefix: torch.Tensor  # packed new-token rows of the requests that have a prefix
+    every_row_has_prefix: bool = False  # then the merge takes whole tensors, no rows gathered
 
     @property
     def calls(self) -> int:
@@ -128,10 +135,15 @@ def plan_split(layout: ExtendLayout, device: torch.device | str = "cpu") -> Spli
         rows = torch.cat([torch.arange(new_start[r], new_start[r] + extend[r]) for r in members])
         slots = torch.cat([torch.arange(i * longest, i * longest + extend[r]) for i, r in enumerate(members)])
         key_rows = torch.cat([torch.arange(prefix_start[r], prefix_start[r] + length) for r in members])
-        groups.append(PrefixGroup(len(members), length, longest, rows.to(device), slots.to(device), key_rows.to(device)))
+        consecutive = members == list(range(members[0], members[-1] + 1)) and all(extend[r] == longest for r in members)
+        new_range = (new_start[members[0]], new_start[members[0]] + len(members) * longest) if consecutive else None
+        key_range = (prefix_start[members[0]], prefix_start[members[0]] + len(members) * length) if consecutive else None
+        groups.append(PrefixGroup(len(members), length, longest, rows.to(device), slots.to(device), key_rows.to(device),
+                                  new_range, key_range))
     with_prefix = [torch.arange(new_start[r], new_start[r] + extend[r]) for r, p in enumerate(prefix) if p > 0]
     rows_with_prefix = torch.cat(with_prefix) if with_prefix else torch.zeros(0, dtype=torch.int64)
-    return SplitPlan(SmoothingIndex.build(layout, device), plan(extend, device), groups, rows_with_prefix.to(device))
+    return SplitPlan(SmoothingIndex.build(layout, device), plan(extend, device), groups, rows_with_prefix.to(device),
+                     every_row_has_prefix=all(p > 0 for p in prefix))
 
 
 def _prefix_part(kernel: LseKernel, q: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Tensor,
@@ -141,14 +153,23 @@ def _prefix_part(kernel: LseKernel, q: torch.Tensor, k_prefix: torch.Tensor, v_p
     out = q.new_zeros((q.shape[0], q.shape[1], v_prefix.shape[-1]))
     lse = torch.full((q.shape[0], q.shape[1]), float("-inf"), dtype=torch.float32, device=q.device)
     for g in groups:
-        qg = q.new_zeros((g.count * g.length, *q.shape[1:]))
-        qg[g.slots] = q[g.rows]
-        kg = k_prefix[g.key_rows].view(g.count, g.prefix, *k_prefix.shape[1:])
-        vg = v_prefix[g.key_rows].view(g.count, g.prefix, *v_prefix.shape[1:])
-        o, l = kernel(qg.view(g.count, g.length, *q.shape[1:]), kg.contiguous(), vg.contiguous(), tensor_layout="NHD",
+        if g.new_range is not None:  # views of contiguous rows (module docstring, PrefixGroup)
+            (first, end), (k0, k1) = g.new_range, g.key_range
+            qg, kg, vg = q[first:end], k_prefix[k0:k1], v_prefix[k0:k1]
+        else:
+            qg = q.new_zeros((g.count * g.length, *q.shape[1:]))
+            qg[g.slots] = q[g.rows]
+            kg, vg = k_prefix[g.key_rows], v_prefix[g.key_rows]
+        o, l = kernel(qg.reshape(g.count, g.length, *q.shape[1:]).contiguous(),
+                      kg.reshape(g.count, g.prefix, *k_prefix.shape[1:]).contiguous(),
+                      vg.reshape(g.count, g.prefix, *v_prefix.shape[1:]).contiguous(), tensor_layout="NHD",
                       is_causal=False, sm_scale=scale, smooth_k=False, return_lse=True)
-        out[g.rows] = o.reshape(g.count * g.length, *o.shape[2:])[g.slots]
-        lse[g.rows] = l.transpose(1, 2).reshape(g.count * g.length, -1)[g.slots].float()
+        o = o.reshape(g.count * g.length, *o.shape[2:])
+        l = l.transpose(1, 2).reshape(g.count * g.length, -1)
+        if g.new_range is not None:
+            out[first:end], lse[first:end] = o, l
+        else:
+            out[g.rows], lse[g.rows] = o[g.slots], l[g.slots].float()
     return out, lse
 
 
@@ -161,10 +182,12 @@ def extend_split(kernel: LseKernel, q: torch.Tensor, k_new: torch.Tensor, v_new:
     if layout.has_prefix and (k_prefix is None or v_prefix is None or k_prefix.shape[0] != sum(layout.prefix_lens)):
         raise ValueError(f"{sum(layout.prefix_lens)} prefix keys expected, got {None if k_prefix is None else k_prefix.shape[0]}")
     k_new_s, k_prefix_s = smooth_request_keys(k_new, k_prefix if layout.has_prefix else None, split.smoothing)
+    if not layout.has_prefix:  # a cold prefill: the causal part alone, no log-sum-exp asked for
+        return attend_groups(kernel, q, k_new_s, v_new, split.new_groups, scale)
     out_new, lse_new = attend_groups(kernel, q, k_new_s, v_new, split.new_groups, scale, return_lse=True)
-    if not layout.has_prefix:
-        return out_new
     out_prefix, lse_prefix = _prefix_part(kernel, q, k_prefix_s, v_prefix, split.prefix_groups, scale)
+    if split.every_row_has_prefix:
+        return merge_by_lse(out_prefix, lse_prefix, out_new, lse_new)[0]
     rows = split.rows_with_prefix
     merged, _ = merge_by_lse(out_prefix[rows], lse_prefix[rows], out_new[rows], lse_new[rows])
     out_new[rows] = merged
