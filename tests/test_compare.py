@@ -235,6 +235,10 @@ def test_compare_two_cpu_runs_of_the_built_in_model_with_different_seeds(ci_run,
 
     md = (out / "compare.md").read_text()
     assert len(re.findall(r"^\| \d\d \| ", md, flags=re.M)) == len(rows) and "`seed` 0 / 1" in md
+    # the legend says what is true of these runs: a differing verdict is named only where one differs; no emoji
+    differing = sum(r["verdicts_differ"] for r in rows.values())
+    assert ("No verdict differs between the runs." in md) == (differing == 0)
+    assert md.count("(verdict differs)") == differing and "⚠" not in md and "✅" not in md
     page = (out / "compare.html").read_text()
     assert "Traceback" not in page and len(re.findall(r"<img class=[\"']sc-figure", page)) >= 2
     with report_page(out / "compare.html", 1400, 1000) as view:

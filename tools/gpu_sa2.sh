@@ -110,7 +110,7 @@ EOF
       > "$out/overhead_sa2_builtin.txt" 2>&1
     step "00+04 on the 8B shape, SA2, dispatch measured"
     sa2 timeout ${RUN_S:-420} python3 -m sagecheck run --params params/sglang-llama8b-random.yaml --only 00,04 \
-      -p throughput.repeats=${REPEATS:-3} --out /tmp/r8b_v2 -q > /tmp/r8b_v2.log 2>&1
+      -p throughput.repeats=${REPEATS:-5} ${EXTRA_P:-} --out /tmp/r8b_v2 -q > /tmp/r8b_v2.log 2>&1
     tail -5 /tmp/r8b_v2.log; step "done"
     tar -C /tmp -czf "$out/r8b.tgz" --exclude='random-model' --exclude='*.safetensors' r8b_v2 r8b_v2.log 2>/dev/null;;
 esac
