@@ -92,3 +92,13 @@ def test_every_shape_figure_names_each_encoding_once_in_a_readable_font():
     assert min(t.get_fontsize() for t in legend.get_texts()) >= 8
     (note,) = [t for t in fig.texts if "exactly 0" in t.get_text()]
     assert note.get_fontsize() >= 8 and note.get_text().startswith("24 shapes")
+
+
+def test_the_drift_figure_ticks_whole_layers_only():
+    records = [{"mode": mode, "kind": kind, "bucket": "all", "layer": layer, "candidate_layer": layer, "rel_l2": 0.01 * (layer + 1)}
+               for mode in ("compounded", "isolated", "control") for kind in ("attention", "hidden") for layer in range(4)]
+    fig = plots.drift_by_layer(records, "rel_l2", "t", control="sdpa-fp8kv")
+    fig.canvas.draw()
+    for ax in fig.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
