@@ -132,6 +132,9 @@ def test_report_reads_cleanly_in_chromium_at_1400_px(ci_run):
         problems = {stem: page.evaluate(_SECTION_OVERFLOW_JS, stem)["problems"] for stem in stems}
         assert not any(problems.values()), {k: v for k, v in problems.items() if v}
         assert page.evaluate("document.documentElement.scrollWidth") <= 1400
+        # the PR block wraps at spaces, never inside a word ("0.56⏎5x"), whatever JupyterLab's own pre rules say
+        pre = page.locator("pre.sc-pre")
+        assert pre.count() == 1 and pre.evaluate("e => getComputedStyle(e).wordBreak") == "normal"
         page.screenshot(path=str(out / "report-1400px.png"), full_page=True)
 
 
