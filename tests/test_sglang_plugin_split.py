@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sagecheck.attention.sage2_fp8_emulated import sage2_fp8_emulated
 from sagecheck.sglang_plugin import split as S
@@ -202,3 +203,47 @@ def test_gpu_split_on_sageattn_equals_the_whole_sequence_within_the_kernels_erro
     assert not any(math.isnan(x) for x in err_split)
     # the FP8 kernel's error in 08 on the H200: 0.036 median, 0.039 worst; the split is the same kernel on other blocks
     assert max(err_split) < 0.06 and max(err_split) < 1.5 * max(err_whole)
+
+
+@pytest.mark.parametrize("prefix, extend", [([0], [300]), ([4096 // 8], [512]), ([200, 200, 0, 57], [16, 16, 40, 9])])
+def test_a_layer_reads_nothing_back_to_the_host_and_calls_the_kernel_only_as_planned(prefix, extend):
+    """Per layer, after the batch's plan: no scalar read back to the host (``.item()``: a device synchronization on a
+    GPU), no tensor made from host data (``torch.tensor(list)``: a host-to-device copy in every layer, as the smoothing
+    index was before it was built once per batch; ``varlen.smooth_keys`` without its index fails here), and one
+    kernel call per planned call."""
+    layout = V.ExtendLayout.build(prefix, extend)
+    plan = S.plan_split(layout)  # per batch: may build tensors from host lists
+    q, k, v, kp, vp = make_batch(prefix, extend)
+    calls = []
+    kernel = lse_kernel(calls)
+    with Ops() as ops:
+        S.extend_split(kernel, q, k, v, kp if layout.has_prefix else None, vp if layout.has_prefix else None, layout, plan,
+                       0.125)
+    host_reads = [n for n in ops.names if n.startswith(("_local_scalar_dense", "item", "tolist"))]
+    from_host = [n for n in ops.names if n.startswith(("lift_fresh", "scalar_tensor"))]
+    assert not host_reads and not from_host, (host_reads, from_host)
+    assert len(calls) == (plan.calls if layout.has_prefix else len(plan.new_groups))
+
+
+def test_the_host_read_check_sees_an_index_built_from_host_lists_in_the_layer():
+    """The check above catches the defect it is for: smoothing that builds its index from the host in every layer."""
+    k = torch.randn(300, 2, 16)
+    with Ops() as ops:
+        V.smooth_keys(k, [100, 200], None)
+    assert any(n.startswith("lift_fresh") for n in ops.names)
+    index = V.SeqIndex.build([100, 200])  # built once per batch: the layer then makes nothing from host data
+    with Ops() as ops:
+        V.smooth_keys(k, [100, 200], index)
+    assert not any(n.startswith("lift_fresh") for n in ops.names)
+
+
+class Ops(TorchDispatchMode):
+    """The ATen operators run inside it, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
