@@ -37,20 +37,6 @@ BATCHES = {
 }
 
 
-def cuda_ms(fn, warmup: int = 3, repeats: int = 20) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b))
-    return out
-
-
 def runtime_calls(fn) -> dict[str, int]:
     """CUDA runtime calls of one call of ``fn`` (after a warm-up), by name."""
     from torch.profiler import ProfilerActivity, profile
@@ -77,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sagecheck.sglang_plugin import batched as B
     from sagecheck.sglang_plugin import split as S
+    from sagecheck.sglang_plugin.dispatch import cuda_ms
     from sagecheck.sglang_plugin import varlen as V
 
     heads, kv_heads, d = SHAPES[a.shape]
@@ -137,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         for label, fn in (("before", before), ("after", after), ("kernel", alone if calls else None)):
             if fn is None:
                 continue
-            t = cuda_ms(fn)
+            t = cuda_ms(fn, warmup=3, repeats=20)
             row[f"{label}_ms"] = statistics.median(t)
             row[f"{label}_p10_p90"] = [sorted(t)[2], sorted(t)[-3]]
             row[f"{label}_runtime_calls"] = runtime_calls(fn)
@@ -153,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                 extend_attention_fwd(q, k, v, o, kbuf, vbuf, qo, kv_indptr, kv_indices, None, True, None, max(extend), 1.0,
                                      1.0, scale, logit_cap=0.0, sliding_window_size=-1, sinks=None, window_kv_offsets=None,
                                      xai_temperature_len=-1, page_size=1)
-            row["triton_ms"] = statistics.median(cuda_ms(triton))
+            row["triton_ms"] = statistics.median(cuda_ms(triton, warmup=3, repeats=20))
         rows.append(row)
         print(f"{name:>30}: before {row['before_ms']:.3f} ms, after {row['after_ms']:.3f} ms, kernel "
               f"{row.get('kernel_ms', float('nan')):.3f} ms, triton {row.get('triton_ms', float('nan')):.3f} ms; "

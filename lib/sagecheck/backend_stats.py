@@ -32,16 +32,23 @@ def settle_s() -> float:
     return write_interval_s() + 0.1
 
 
-def read(folder: str | Path | None) -> dict[str, Any] | None:
-    """One server's files merged: the configuration of each rank and the counters summed; None when there are none."""
+def _json_files(folder: str | Path | None, pattern: str) -> list[dict[str, Any]]:
+    """The readable JSON files of ``folder`` matching ``pattern``, in name order (a file being replaced or cut short is
+    skipped: the writer rewrites it whole); none where the folder is missing."""
     if folder is None or not Path(folder).is_dir():
-        return None
-    ranks = []
-    for path in sorted(Path(folder).glob("rank*.json")):
+        return []
+    found = []
+    for path in sorted(Path(folder).glob(pattern)):
         try:
-            ranks.append(json.loads(path.read_text()))
+            found.append(json.loads(path.read_text()))
         except (OSError, json.JSONDecodeError):
             continue
+    return found
+
+
+def read(folder: str | Path | None) -> dict[str, Any] | None:
+    """One server's files merged: the configuration of each rank and the counters summed; None when there are none."""
+    ranks = _json_files(folder, "rank*.json")
     if not ranks:
         return None
     # every tensor-parallel rank runs every batch (on its share of the heads): a server's count is the largest of its
@@ -111,12 +118,5 @@ def read_census(folder: str | Path | None) -> dict[str, Any] | None:
     """A server's census: every process's file merged (:func:`sagecheck.census.merge`); None where none was written."""
     from sagecheck.census import merge
 
-    if folder is None or not Path(folder).is_dir():
-        return None
-    found = []
-    for path in sorted(Path(folder).glob("census-*.json")):
-        try:
-            found.append(json.loads(path.read_text()).get("census") or {})
-        except (OSError, json.JSONDecodeError):
-            continue
+    found = [f.get("census") or {} for f in _json_files(folder, "census-*.json")]
     return merge(found) if found else None

@@ -532,21 +532,9 @@ def measure(engine: Any, p: Any, control_engine: Any = None) -> tuple[Plan, list
         cand = run_backend(cb, pl, p, settle)
     with engine.backend(engine.baseline) as bb:
         base = run_backend(bb, pl, p, 0.0)
-        for name in ("decode_graphs", "decode_eager"):
-            if name in cand.logprobs:
-                gen, _ = cand.logprobs[name]
-                batch = pl.decode_prompts if name == "decode_graphs" else pl.eager_prompts
-                full = bb.cold_logprobs([pr + g.tokens for pr, g in zip(batch, gen)]).logprobs
-                base.cross[name] = [lp[len(pr) - 1:] for pr, lp in zip(batch, full)]
+        _with_cross(bb, cand, pl, base)
     control = cold_control(engine, control_engine, pl, base) if control_engine is not None else float("nan")
-    check = None
-    if cand.ranks is not None:
-        config = engine.model_config()
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-
-        def check(stats: Any) -> dict[str, Any]:
-            return backend_stats.head_split(stats, heads, kv_heads, pl.tp)
+    check = _head_split_check(engine.model_config(), pl.tp) if cand.ranks is not None else None
     results = judge_all(base, cand, pl, p, check, control, engine.model_config())
     pl.replay = replay_census(results, cand, p)
     judge_integration(results, engine, control_engine, pl, p, cand, base)
@@ -554,6 +542,13 @@ def measure(engine: Any, p: Any, control_engine: Any = None) -> tuple[Plan, list
 
 
 EMULATIONS = ("sage-emulated", "sage2-fp8-emulated")
+
+
+def _head_split_check(config: Any, tp: int) -> Callable[[Any], dict[str, Any]]:
+    """The per-rank check of a server's statistics: each rank ran its share of the model's query and KV heads."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return lambda stats: backend_stats.head_split(stats, heads, kv_heads, tp)
 
 
 def _with_cross(bb: Any, ran: Ran, pl: Plan, into: Ran) -> None:

@@ -59,9 +59,7 @@ def verdict_lines(run: Any) -> list[str]:
 def _without_heading(speed: str) -> str:
     """The speed sentence after a "**Speed:**" heading: "Speed of A against B: ..." reads "A against B: ...", not
     "Speed: Speed of ..."."""
-    for prefix in ("Speed: ", "Speed of "):
-        speed = speed.removeprefix(prefix)
-    return speed[:1].upper() + speed[1:] if speed.startswith("speed") else speed
+    return speed.removeprefix("Speed: ").removeprefix("Speed of ")
 
 
 def _model_line(model: dict[str, Any], p: dict[str, Any]) -> str:

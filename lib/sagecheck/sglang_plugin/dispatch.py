@@ -26,6 +26,7 @@ another (different rounding; 10's batch-invariance path is judged with ``kernel`
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from statistics import median
 from typing import Any, Callable, Sequence
 
 LENGTHS = (256, 512, 1024, 2048, 4096, 8192, 16384)
@@ -98,12 +99,6 @@ def cuda_ms(fn: Callable[[], Any], warmup: int = WARMUP, repeats: int = REPEATS)
         end.synchronize()
         times.append(start.elapsed_time(end))
     return tuple(times)
-
-
-def median(xs: Sequence[float]) -> float:
-    s = sorted(xs)
-    n = len(s)
-    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
 
 
 @dataclass
