@@ -420,6 +420,29 @@ def test_the_sglang_sweep_measures_three_servers_interleaved(tmp_path):
     assert s["prefill_points_faster"] + s["prefill_points_slower"] + s["prefill_points_no_difference"] == 3
 
 
+def test_the_sweep_says_where_the_candidates_prefill_ran(tmp_path):
+    """SAGE_ATTN_DISPATCH=400 on the stand-in: the plugin's own rule sends the batches of 16-token requests to Triton's
+    route and those of 600 tokens to the kernel; each point's row says so from the candidate server's counters."""
+    from sagecheck.metrics import serving as ST
+
+    engine = SGLangEngine(params("sglang.sage_attn_dispatch=400"), tmp_path)
+    try:
+        rows, served = ST.sweep(engine, [16, 600], [1], 3, 5, 1, 0, aa_control=False)
+    finally:
+        engine.close()
+    cand = {r["input_length"]: r for r in rows if r["implementation"] == "sage_attn"}
+    # one warm-up and 5 repeats per point: 6 requests, one batch each, two at 600 tokens (chunks of 512)
+    assert (cand[16]["prefill_on"], cand[16]["prefill_batches_triton"], cand[16]["prefill_batches_kernel"]) == (
+        "Triton (dispatch rule)", 6, 0)
+    assert (cand[600]["prefill_on"], cand[600]["prefill_batches_kernel"], cand[600]["prefill_batches_triton"]) == ("kernel", 12, 0)
+    assert "prefill_on" not in next(r for r in rows if r["implementation"] == "fa3")
+    assert served["dispatch"] == {"rule": "the kernel from 400 keys per request (SAGE_ATTN_DISPATCH=400)",
+                                  "measured": {"mode": "set", "keys": 400, "source": "SAGE_ATTN_DISPATCH=400", "lengths": [],
+                                               "kernel_ms": [], "triton_ms": [], "kernel_alone_ms": [], "error": "", "timing": ""}}
+    s = ST.summary(rows, "sage_attn")
+    assert (s["prefill_points_routed"], s["prefill_points_on_kernel"], s["prefill_points_on_triton"]) == (2, 1, 1)
+
+
 # ------------------------------------------------------------------ the notebooks on engine: sglang
 
 
@@ -470,6 +493,10 @@ def test_notebooks_on_the_sglang_engine(tmp_path, builtin):
     assert len(aa) == 4 and t.metrics["aa_prefill_abs_diff_pct_median"] == pytest.approx(float(np.median(aa)))
     assert t.metrics["aa_prefill_abs_diff_pct_median"] >= 0 and any("A/A control (prefill)" in n for n in t.notes)
     assert [s["mem_fraction_static"] for s in t.metrics["servers"]["servers"].values()] == [0.283, 0.567, 0.85]
+    # every point's prefill on the (emulated) kernel, by the candidate's counters: 1 warm-up + 5 repeats, one batch each
+    assert {(r["prefill_on"], r["prefill_batches_kernel"]) for r in t.tables["throughput"] if r["implementation"] == "sage_attn"} \
+        == {("kernel", 6)} and t.metrics["prefill_points_on_kernel"] == 4
+    assert t.metrics["dispatch"]["rule"].startswith("every extend batch on the kernel (stand-in") and "dispatch" not in t.tables
     for nb in ("02_logits", "03_perplexity", "04_throughput", "07_context_length", "09_tasks", "10_code_paths"):
         assert "prefill batches on the kernel" in R.load(out / "results" / f"{nb}.json").metrics["candidate_ran"]
     mem = R.load(out / "results" / "05_memory.json")

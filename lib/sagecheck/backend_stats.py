@@ -84,6 +84,28 @@ def describe(stats: dict[str, Any] | None) -> str:
             f"{len(stats['ranks'])} rank(s), {cfg.get('q_heads_per_rank')} query / {cfg.get('kv_heads_per_rank')} KV heads per rank")
 
 
+def prefill_route(counted: dict[str, int] | None) -> dict[str, Any] | None:
+    """Where a piece of work's prefill batches ran, from the change of the counters (:mod:`sagecheck.metrics.counted`):
+    ``{"on": ..., "kernel": n, "triton": n, "fallbacks": n}``; ``on`` is ``kernel``, ``Triton (dispatch rule)``,
+    ``kernel and Triton`` or ``the baseline (fallback)``. None where the backend counts nothing (not sagecheck's plugin)
+    or counted no prefill batch."""
+    if not counted:
+        return None
+    kernel, triton = counted.get("extend_batches_kernel", 0), counted.get("extend_batches_triton", 0)
+    fallbacks = sum(v for k, v in counted.items() if k.startswith("fallback:"))
+    if kernel and triton:
+        on = "kernel and Triton"
+    elif kernel:
+        on = "kernel"
+    elif triton:
+        on = "Triton (dispatch rule)"
+    elif fallbacks:
+        on = "the baseline (fallback)"
+    else:
+        return None
+    return {"on": on, "kernel": kernel, "triton": triton, "fallbacks": fallbacks}
+
+
 def expected_heads_per_rank(heads: int, kv_heads: int, tp: int) -> tuple[int, int]:
     """Query and KV heads one tensor-parallel rank should hold: SGLang splits the query heads evenly and the KV heads
     too, replicating them where there are fewer KV heads than ranks (each rank then holds one)."""

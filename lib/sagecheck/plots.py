@@ -162,16 +162,22 @@ def grid(records: list[dict[str, Any]], key: str, rows: list[Any], cols: list[An
 
 
 def heatmap(matrix: np.ndarray, rows: list[Any], cols: list[Any], title: str, xlabel: str, ylabel: str, fmt: str = "{:.2f}",
-            center: float | None = 1.0, min_span: float = 0.0) -> Any:
+            center: float | None = 1.0, min_span: float = 0.0, notes: np.ndarray | None = None) -> Any:
     """``seaborn.heatmap`` with each cell's value written in it (dark cells get light text). Cells coloured around
     ``center`` (red below, green above); ``min_span``: the colour scale covers at least center ± min_span, so that a map
     whose cells all lie within 1% of the centre does not paint that 1% as deep red and green. Without a centre, one
-    sequential scale. Empty cells read "n/a"."""
+    sequential scale. Empty cells read "n/a". ``notes``: text under each cell's value (a matrix laid out as ``matrix``), where not empty."""
     data = np.asarray(matrix, dtype=float)
-    text = np.array([["n/a" if not np.isfinite(v) else fmt.format(v) for v in row] for row in data]).reshape(data.shape)
-    width = min(11.0, max(6.0, 1.6 + 0.75 * len(cols) + 0.08 * max(len(t) for t in text.flat) * len(cols)))
-    # at least 2.6 in high: with one or two rows the colour bar would be a stub of ~40 px
-    fig, ax = plt.subplots(figsize=(width, max(2.6, 1.3 + 0.42 * len(rows))))
+    text = np.array([["n/a" if not np.isfinite(v) else fmt.format(v) for v in row] for row in data], dtype=object).reshape(data.shape)
+    two_lines = notes is not None and any(str(n) for n in np.asarray(notes).flat)
+    if two_lines:
+        for (i, j), note in np.ndenumerate(np.asarray(notes, dtype=object)):
+            if note and np.isfinite(data[i, j]):
+                text[i, j] = f"{text[i, j]}\n{note}"
+    longest = max(len(line) for t in text.flat for line in str(t).split("\n"))
+    width = min(11.0, max(6.0, 1.6 + 0.75 * len(cols) + 0.08 * longest * len(cols)))
+    # at least 2.6 in high: with one or two rows the colour bar would be a stub of ~40 px; two lines a cell need more
+    fig, ax = plt.subplots(figsize=(width, max(2.6, 1.3 + (0.62 if two_lines else 0.42) * len(rows))))
     finite = data[np.isfinite(data)]
     kw: dict[str, Any] = {"cmap": "rocket_r"}
     if center is not None and finite.size:
@@ -195,13 +201,14 @@ def heatmap(matrix: np.ndarray, rows: list[Any], cols: list[Any], title: str, xl
 
 def lines(xs: dict[str, list[float]], ys: dict[str, list[float]], xlabel: str, ylabel: str, title: str, logx: bool = True,
           logy: bool = False, yerr: dict[str, tuple[list[float], list[float]]] | None = None,
-          ylim: tuple[float, float] | None = None, colors: dict[str, str] | None = None, dodge: float = 0.0) -> Any:
+          ylim: tuple[float, float] | None = None, colors: dict[str, str] | None = None, dodge: float = 0.0,
+          marks: dict[str, float] | None = None) -> Any:
     """One line per series, each its own style and marker (equal series stay visible one over the other); ``ylim``
     fixes the y axis (an accuracy from 0 to 1, not zoomed onto a one-point dip). ``dodge``: series set apart sideways
     by this fraction of an octave each (log x) or of the x spacing, so that series with equal values (an accuracy of
     1 everywhere) do not hide one another; the x label says so. A series of one point is drawn as its marker alone.
     Where no series has two points there is no line to draw: the values are shown as a table instead (and None
-    returned)."""
+    returned). ``marks``: vertical dotted lines at these x values, each with its label in the legend."""
     if all(len(v) < 2 for v in ys.values()):
         from IPython.display import display
 
@@ -223,6 +230,8 @@ def lines(xs: dict[str, list[float]], ys: dict[str, list[float]], xlabel: str, y
         one = len(x) == 1
         ax.plot(x, ys[label], linestyle="none" if one else style, marker=marker, ms=5 if k == 0 else 4, lw=2.2 if k == 0 else 1.4,
                 color=color, label=f"{label} (one point)" if one else label, alpha=0.9)
+    for label, x in (marks or {}).items():
+        ax.axvline(x, linestyle=":", color="#444444", lw=1.2, label=label)
     if dodge:
         xlabel += " (series set slightly apart to stay visible)"
     if logx:

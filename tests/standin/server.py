@@ -7,7 +7,8 @@ and loaded. Built-in backends ``fa3``, ``flashinfer`` (the default), ``triton``,
 ``torch_native`` compute SDPA; ``sage_attn`` computes sagecheck's emulation of SageAttention
 1.0.6 in prefill (and in decode with ``SAGE_ATTN_DECODE=sage``), refuses to start where
 ``import sageattention`` fails (the plugin's own check and message), and writes the plugin's
-statistics to ``SAGE_ATTN_STATS_DIR``. Any other name is refused by the argument parser with
+statistics to ``SAGE_ATTN_STATS_DIR``; with ``SAGE_ATTN_DISPATCH=N`` the plugin's dispatch rule sends
+a batch of shorter requests to Triton's route (computed here by SDPA, counted as the plugin counts it). Any other name is refused by the argument parser with
 exit code 2, as SGLang does. Failure modes for the tests, chosen by ``SAGECHECK_STANDIN_MODE``:
 ``crash`` (dies while starting), ``hang`` (never becomes ready), ``die-after:N`` (exits after
 answering N /generate requests), and after N answered /generate requests, on every later one:
@@ -51,6 +52,8 @@ class State:
     radix = None
     chunk = 8192
     graph_max_bs = 16
+    baseline = "sdpa"
+    crossover = None  # SAGE_ATTN_DISPATCH=N: the plugin's rule (sglang_plugin.dispatch), Triton's route computed by the baseline
 
 
 def entries(values, ids):
@@ -132,6 +135,13 @@ def handle_generate(req: dict):
     # decode steps replay a CUDA graph up to the largest captured batch, unless graphs are off (kernel decode needs them off)
     graph = not State.args.disable_cuda_graph and State.decode != "sage" and len(batch) <= State.graph_max_bs
     outs = []
+    on_kernel = True
+    if State.crossover is not None:  # the plugin's own rule on the batch's lengths (its cached prefixes before it runs)
+        from sagecheck.sglang_plugin.dispatch import to_kernel
+
+        prefix = [State.radix.match(seq, prefix_limit(len(seq), want_lp, st)) for seq, st in zip(batch, starts)]
+        on_kernel = to_kernel(prefix, [len(seq) - p for seq, p in zip(batch, prefix)], State.crossover)
+        impl = impl if on_kernel else State.baseline
     with State.lock, engine.backend(impl) as b, torch.inference_mode():
         rounds, with_prefix = 1, False
         for seq, start in zip(batch, starts):
@@ -172,10 +182,11 @@ def handle_generate(req: dict):
                     meta["output_top_logprobs"] = top_rows(out_rows)
             outs.append({"text": engine.tokenizer.decode(gen), "output_ids": gen, "meta_info": meta})
     if State.stats is not None:  # what the plugin counts: the prefill batches (chunks), then the decode steps
-        State.stats.count("extend_batches_kernel", rounds)
-        State.stats.count("extend_tokens_kernel", sum(len(x) for x in batch))
+        route = "kernel" if on_kernel else "triton"
+        State.stats.count(f"extend_batches_{route}", rounds)
+        State.stats.count(f"extend_tokens_{route}", sum(len(x) for x in batch))
         if with_prefix:
-            State.stats.count("extend_batches_with_prefix", rounds if rounds > 1 else 1)
+            State.stats.count("extend_batches_with_prefix" + ("" if on_kernel else "_triton"), rounds if rounds > 1 else 1)
         steps = max(0, n_new - 1)
         if graph:
             State.stats.count("decode_graph_replays", steps)
@@ -353,16 +364,25 @@ def main(argv=None):
 
         cfg = model.config
         settings = Settings.from_env()
-        # no GPU to measure a crossover on and no Triton kernel: every prefill batch runs on the (emulated) kernel
-        assert settings.dispatch in ("measured", "kernel"), "the stand-in has no Triton route for SAGE_ATTN_DISPATCH=N"
-        dispatch = {"mode": "kernel", "keys": 0, "source": "stand-in: no GPU to measure on, every batch on the emulated kernel"}
+        # no GPU to measure a crossover on: "measured" runs every prefill batch on the (emulated) kernel; a crossover
+        # set (SAGE_ATTN_DISPATCH=N) is the plugin's rule, its Triton route computed by the baseline (SDPA here)
+        from sagecheck.sglang_plugin import dispatch as plugin_dispatch
+
+        State.crossover = plugin_dispatch.from_setting(settings.dispatch)
+        if State.crossover is None or State.crossover.mode == "kernel":
+            State.crossover = None
+            dispatch = {"mode": "kernel", "keys": 0, "source": "stand-in: no GPU to measure on, every batch on the emulated kernel"}
+            rule = "every extend batch on the kernel (stand-in: no GPU to measure on)"
+        else:
+            dispatch, rule = State.crossover.as_dict(), State.crossover.describe()
         State.stats = RankStats([Stats(settings.stats_dir, {
-            "dispatch": dispatch, "dispatch_rule": "every extend batch on the kernel (stand-in: no GPU to measure on)",
+            "dispatch": dispatch, "dispatch_rule": rule,
             "backend": State.name, "kernel": "sage-emulated (stand-in: sagecheck's emulation of SageAttention 1.0.6)",
             "sageattention_version": package_version("sageattention"), "decode": State.decode, "decode_cuda_graphs": not args.disable_cuda_graph,
             "tp_rank": rank, "tp_size": args.tp_size, "q_heads_per_rank": cfg.num_attention_heads // args.tp_size,
             "kv_heads_per_rank": max(1, cfg.num_key_value_heads // args.tp_size), "head_dim": cfg.head_dim})
             for rank in range(args.tp_size)])
+    State.baseline = baseline
     State.engine = HFEngine(model, models.load_tokenizer(src), torch.device("cpu"), dtype, baseline=baseline, phases=phases)
     State.ready = True
     print("The server is fired up and ready to roll!", flush=True)

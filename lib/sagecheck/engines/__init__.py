@@ -143,6 +143,12 @@ class Backend(abc.ABC):
         """Per tensor-parallel rank, what it holds and ran (a backend that writes such statistics); None otherwise."""
         return None
 
+    def dispatch(self) -> dict[str, Any] | None:
+        """Where the backend sends each prefill batch, kernel or baseline kernel, and what that rule came from (sagecheck's
+        plugin: ``rule``, its sentence, and ``measured``, the measurement at start: per length, the backend's kernel
+        path, the bare kernel and the baseline's kernel, ms per layer); None where the backend has no such rule."""
+        return None
+
     def kernel_phases(self) -> frozenset[str]:
         """Where this backend means to call the attention kernel (``prefill``, ``decode``): a path of another phase is
         served by the baseline's kernel by design, and its kernel calls are not looked for."""

@@ -29,7 +29,6 @@ off, the candidate falling back to the baseline), is "not exercised", never "pas
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from itertools import zip_longest
 from typing import Any, Callable
@@ -37,6 +36,7 @@ from typing import Any, Callable
 import numpy as np
 
 from sagecheck import backend_stats, census
+from sagecheck.metrics.counted import Counted
 from sagecheck.results import one_line
 from sagecheck.engines import SERVERS, Generated
 
@@ -216,34 +216,6 @@ class Ran:
     ranks: Any = None
 
 
-class _Counted:
-    """The change of a backend's counters and of its census of kernel calls caused by each path. A server writes both at
-    intervals, so a reading waits ``settle_s`` for the last path's to land; the settled reading after one path is the
-    reading before the next (one wait per path, not two)."""
-
-    def __init__(self, backend: Any, settle_s: float) -> None:
-        self.backend, self.settle_s = backend, settle_s
-        self.last: tuple[dict[str, int] | None, dict[str, Any] | None] = (None, None)
-        self.settled = False
-
-    def _read(self) -> tuple[dict[str, int] | None, dict[str, Any] | None]:
-        now, kernels = self.backend.counters(), self.backend.census()
-        if (now is not None or kernels is not None) and self.settle_s:
-            time.sleep(self.settle_s)
-            now, kernels = self.backend.counters(), self.backend.census()
-        return now, kernels
-
-    def __call__(self, fn: Callable[[], Any]) -> tuple[Any, dict[str, int], dict[str, Any]]:
-        (before, census_before) = self.last if self.settled else self._read()
-        out = fn()
-        (after, census_after) = self.last = self._read()
-        self.settled = True
-        kernel_calls = census.difference(census_after, census_before) if census_after is not None else {}
-        if before is None or after is None:
-            return out, {}, kernel_calls
-        return out, {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}, kernel_calls
-
-
 def _decode(backend: Any, prompts: list[list[int]], n: int) -> tuple[list[Generated], list[np.ndarray]]:
     """Greedy decode of the prompts in one batch, and a cold prefill of each generated sequence (its log-probabilities
     of the generated tokens)."""
@@ -256,7 +228,7 @@ def _decode(backend: Any, prompts: list[list[int]], n: int) -> tuple[list[Genera
 def run_backend(backend: Any, pl: Plan, p: Any, settle_s: float) -> Ran:
     """Every path that can run on this engine, on one backend."""
     out = Ran(implementation=getattr(backend, "implementation", backend.label), kernel_phases=backend.kernel_phases())
-    counted = _Counted(backend, settle_s)
+    counted = Counted(backend, settle_s)
 
     def path(name: str, fn: Callable[[], Any]) -> None:
         if name in pl.why_not:

@@ -25,7 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from sagecheck import backend_stats
 from sagecheck.engines import Engine, EngineError
+from sagecheck.metrics.counted import Counted
 from sagecheck.metrics.timing import Samples, paired_ratio, progress_logger, random_prompts, speedup_fields, timing_row
 
 CLOCK = "client wall clock (streamed /generate)"
@@ -59,8 +61,9 @@ def measure_interleaved(backends: dict[str, Any], labels: list[str], prompts: li
 
 
 def point_rows(samples: dict[str, dict[str, Samples]], baseline: str, candidate: str, copy: str, batch: int, length: int,
-               decode_steps: int, backends: dict[str, str]) -> list[dict[str, Any]]:
-    """Table rows of one point: each server's figures; the candidate's speedup, the A/A speedup and the verdict of each phase."""
+               decode_steps: int, backends: dict[str, str], route: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Table rows of one point: each server's figures; the candidate's speedup, the A/A speedup and the verdict of each
+    phase, and where its prefill batches ran (``route``: :func:`sagecheck.backend_stats.prefill_route`)."""
     rows = []
     base = samples[baseline]
     control = samples.get(copy)
@@ -70,6 +73,9 @@ def point_rows(samples: dict[str, dict[str, Samples]], baseline: str, candidate:
         if label != baseline:
             row.update(speedup_fields(base, s))
         if label == candidate:
+            if route is not None:
+                row.update({"prefill_on": route["on"], "prefill_batches_kernel": route["kernel"],
+                            "prefill_batches_triton": route["triton"]})
             for kind in ("prefill", "decode"):
                 speed = paired_ratio(base[kind], s[kind])
                 aa = paired_ratio(base[kind], control[kind]) if control else None
@@ -114,6 +120,9 @@ def _sweep(engine: Engine, stack: ExitStack, lengths: list[int], batches: list[i
         raise EngineError(f"the baseline server cannot be reached, no point can be measured: {servers[baseline]['error']}",
                           cause=servers[baseline]["error"])
     running = [label for label in labels if label in clients]
+    # where the candidate's prefill batches ran at each point: its own counters, read around the point
+    counted = Counted(clients[candidate], backend_stats.settle_s()) if candidate in clients else None
+    dispatch = clients[candidate].dispatch() if candidate in clients else None
     vocab = len(engine.tokenizer)
     decode_steps = max(1, decode_tokens - 1)
 
@@ -137,21 +146,23 @@ def _sweep(engine: Engine, stack: ExitStack, lengths: list[int], batches: list[i
             prompts = random_prompts(vocab, batch, length, seed, torch.device("cpu")).tolist()
             t0 = time.perf_counter()
             try:
-                samples = measure_interleaved(clients, running, prompts, decode_tokens, repeats, warmup)
+                samples, delta, _ = counted(lambda: measure_interleaved(clients, running, prompts, decode_tokens, repeats,
+                                                                        warmup))
             except EngineError as e:
                 why = e.cause.splitlines()[0][:300]
                 rows += [{"batch": batch, "input_length": length, "implementation": label, "status": "error", "error": why}
                          for label in labels]
                 log(f"batch {batch} length {length}: error {why}")
                 continue
-            new = point_rows(samples, baseline, candidate, copy, batch, length, decode_steps, backends)
+            new = point_rows(samples, baseline, candidate, copy, batch, length, decode_steps, backends,
+                             backend_stats.prefill_route(delta))
             wall = time.perf_counter() - t0
             for r in new:
                 r["point_wall_s"] = wall
             rows += new + not_run
             log(f"batch {batch} length {length}: ok in {wall:.1f} s")
     return rows, {"servers": servers, "order": "rotated per repeat: " + ", ".join(running), "clock": CLOCK,
-                  "decode_steps_per_request": decode_steps}
+                  "decode_steps_per_request": decode_steps, "dispatch": dispatch}
 
 
 def summary(rows: list[dict[str, Any]], candidate: str) -> dict[str, Any]:
@@ -171,6 +182,11 @@ def summary(rows: list[dict[str, Any]], candidate: str) -> dict[str, Any]:
         out[f"aa_{kind}_abs_diff_pct_max"] = float(np.max(aa)) if aa else None
         for verdict in ("faster", "slower", "no difference"):
             out[f"{kind}_points_{verdict.replace(' ', '_')}"] = sum(r.get(f"{kind}_vs_aa") == verdict for r in cand)
+    # where the candidate's prefill ran, by its own counters (sagecheck's plugin; absent for a backend that counts nothing)
+    routed = [r for r in cand if r.get("prefill_on")]
+    out["prefill_points_routed"] = len(routed)
+    out["prefill_points_on_kernel"] = sum(r["prefill_on"] == "kernel" for r in routed)
+    out["prefill_points_on_triton"] = sum(r["prefill_on"] == "Triton (dispatch rule)" for r in routed)
     points = {(r["batch"], r["input_length"]) for r in rows}
     out["points"] = len(points)
     out["points_not_run"] = len(points - {(r["batch"], r["input_length"]) for r in cand})

@@ -364,6 +364,8 @@ def tables(s: Sweep) -> list[tuple[list[dict[str, Any]], str, list[str]]]:
     else:
         cols += ["decode_tok_s_per_seq", "decode_tok_s_total", "decode_speedup", "decode_speedup_p10", "decode_speedup_p90"]
     cand = s.candidate_rows
+    if any(r.get("prefill_on") for r in cand):  # where its prefill ran, by its server's counters
+        cols[2:2] = ["prefill_on"]
     out.append((cand, f"Candidate {s.candidate} vs {s.baseline} — {s.context}", cols))
     busy = [c for c in ("prefill_gpu_busy_pct", "prefill_kernel_speedup", "decode_gpu_ms_per_token", "decode_gpu_busy_pct",
                         "decode_kernel_speedup") if any(c in r for r in cand)]
@@ -392,6 +394,96 @@ def speedup_maps(s: Sweep) -> list[tuple[str, str]]:
             ("aa_prefill_speedup", f"A/A control: prefill ({aa}, must be 1)"), ("aa_decode_speedup", f"A/A control: decode ({aa}, must be 1)")]
     return [(key, f"{label}\n{s.where}" if s.where else label) for key, label in maps
             if any(key in r for r in s.candidate_rows)]
+
+
+def map_notes(s: Sweep, key: str) -> np.ndarray | None:
+    """Under each cell of the prefill speedup map (``key`` of :func:`speedup_maps`), where the candidate's prefill did not
+    run on its kernel (its server's counters, :func:`sagecheck.backend_stats.prefill_route`): a speedup there measures
+    the integration, not the kernel. None for the other maps, where the candidate counts nothing or where it ran every
+    point on its kernel."""
+    if key != "prefill_speedup":
+        return None
+    notes = np.full((len(s.batches), len(s.lengths)), "", dtype=object)  # laid out as plots.grid lays out the values
+    for r in s.candidate_rows:
+        if r.get("prefill_on") not in (None, "kernel") and r["batch"] in s.batches and r["input_length"] in s.lengths:
+            notes[s.batches.index(r["batch"]), s.lengths.index(r["input_length"])] = f"on {r['prefill_on'].split(' (')[0]}"
+    return notes if any(notes.flat) else None
+
+
+# --------------------------------------------------------------------------- the candidate's dispatch rule (servers)
+
+INTEGRATION_SOURCE = ("target set for sagecheck's sage_attn (throughput.integration_max_pct): its attention per layer "
+                      "close to the bare kernel's own time at the same shape, where the kernel beats Triton's")
+
+
+def dispatch_rows(s: Sweep) -> list[dict[str, Any]]:
+    """The candidate server's measurement at start (its dispatch rule's, :meth:`~sagecheck.engines.Backend.dispatch`):
+    per request length, ms per layer of its kernel path (what serving runs: smoothing, padding, the calls), of the bare
+    kernel on inputs prepared beforehand and of Triton's extend kernel; the path's time over the bare kernel's; whether
+    the bare kernel beats Triton there; and where the rule sends one request of that length. Empty where the candidate
+    has no rule or measured nothing (a crossover set by hand)."""
+    measured = ((s.served or {}).get("dispatch") or {}).get("measured") or {}
+    lengths = measured.get("lengths") or []
+    path, bare, triton = (measured.get(k) or [None] * len(lengths) for k in ("kernel_ms", "kernel_alone_ms", "triton_ms"))
+    keys, mode = measured.get("keys"), measured.get("mode")
+    rows = []
+    for n, p_ms, b_ms, t_ms in zip(lengths, path, bare, triton):
+        rows.append({"keys_per_request": n, "kernel_path_ms": p_ms, "bare_kernel_ms": b_ms, "triton_ms": t_ms,
+                     "path_over_bare_pct": (p_ms / b_ms - 1) * 100 if p_ms and b_ms else None,
+                     "bare_kernel_beats_triton": bool(b_ms is not None and t_ms is not None and b_ms <= t_ms),
+                     "sent_to": "kernel" if mode == "kernel" or (keys is not None and n >= keys) else "Triton"})
+    return rows
+
+
+def dispatch_words(s: Sweep, limit_pct: float) -> str | None:
+    """Where the candidate's prefill ran in this sweep and by which rule, in a few sentences; None where it has no rule."""
+    dispatch = (s.served or {}).get("dispatch")
+    if not dispatch:
+        return None
+    routed = [r for r in s.candidate_rows if r.get("prefill_on")]
+    on_kernel = [r for r in routed if r["prefill_on"] == "kernel"]
+    text = f"**Where {s.candidate} ran its prefill.** Its dispatch rule: {dispatch.get('rule')}."
+    if routed:
+        text += (f" By its server's counters, the kernel ran every prefill batch at {len(on_kernel)} of {len(routed)} points "
+                 f"({sum(r.get('prefill_batches_kernel', 0) for r in routed)} batches on the kernel, "
+                 f"{sum(r.get('prefill_batches_triton', 0) for r in routed)} on Triton's extend kernel).")
+        if len(on_kernel) < len(routed):
+            text += (" Where the speedup map reads \"on Triton\", the candidate's prefill ran the baseline's own kernel "
+                     "inside the candidate's backend: that speedup measures the integration, not the kernel.")
+    check = integration_check(dispatch_rows(s))
+    if check is not None:
+        text += (f" Its kernel path takes {check['value']:.0f}% longer than the bare kernel at {check['at']} keys (the worst "
+                 f"where the bare kernel beats Triton's; target: at most {limit_pct:g}%).")
+    return text
+
+
+def dispatch_caption(s: Sweep) -> str:
+    measured = ((s.served or {}).get("dispatch") or {}).get("measured") or {}
+    return (f"The {s.candidate} server's measurement at start, its dispatch rule's ({measured.get('source', '?')}; "
+            f"{measured.get('timing') or 'ms per layer'}): its kernel path (smoothing, padding, the calls), the bare kernel "
+            f"on inputs prepared beforehand, Triton's extend kernel")
+
+
+def dispatch_curves(s: Sweep) -> tuple[dict[str, list[int]], dict[str, list[float]], dict[str, float]]:
+    """The measurement of :func:`dispatch_rows` as three curves against the request length, and the crossover's mark."""
+    rows = dispatch_rows(s)
+    series = {"sage_attn's kernel path": "kernel_path_ms", "the bare kernel": "bare_kernel_ms", "Triton's extend kernel": "triton_ms"}
+    xs = {label: [r["keys_per_request"] for r in rows if r[key] is not None] for label, key in series.items()}
+    ys = {label: [r[key] for r in rows if r[key] is not None] for label, key in series.items()}
+    keys = (((s.served or {}).get("dispatch") or {}).get("measured") or {}).get("keys")
+    marks = {f"crossover: the kernel from {keys} keys": keys} if keys else {}
+    return {k: v for k, v in xs.items() if v}, {k: v for k, v in ys.items() if v}, marks
+
+
+def integration_check(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The kernel path's worst time over the bare kernel's (%), at the lengths where the bare kernel beats Triton's (where
+    the kernel pays, so its integration's cost decides whether serving gains); None where there is no such length."""
+    judged = [r for r in rows if r["bare_kernel_beats_triton"] and r["path_over_bare_pct"] is not None]
+    if not judged:
+        return None
+    worst = max(judged, key=lambda r: r["path_over_bare_pct"])
+    return {"value": worst["path_over_bare_pct"], "at": worst["keys_per_request"],
+            "lengths": [r["keys_per_request"] for r in judged]}
 
 
 def prefill_curves(s: Sweep, max_batches: int = 3) -> tuple[dict[str, list[int]], dict[str, list[float]], dict[str, str]]:
@@ -442,6 +534,27 @@ def record(results: Any, s: Sweep, p: Any, on_gpu: bool) -> dict[str, Any]:
                                 "the baseline", value, "<=", p.aa_max_pct, unit="%", detail=detail)
             else:
                 results.note(f"CPU timings, A/A control ({kind}): {format_number(value)}% (no verdict on CPU); {detail}")
+    dispatch = (s.served or {}).get("dispatch")
+    if dispatch:
+        rows = dispatch_rows(s)
+        results.metric("dispatch", {**dispatch, "rows": rows})
+        if rows:
+            results.table("dispatch", rows)
+        check = integration_check(rows)
+        timing = (dispatch.get("measured") or {}).get("timing") or "ms per layer"
+        where = f"the {s.candidate} server's measurement at start: one layer, one request of L keys, {timing}"
+        if check is None:
+            results.note(f"{s.candidate}'s kernel path against the bare kernel: not judged, "
+                         + ("the bare kernel beat Triton's at no measured length" if rows else
+                            f"its server measured nothing ({dispatch.get('rule')})"))
+        elif not on_gpu:
+            results.note(f"CPU timings, {s.candidate}'s kernel path over the bare kernel: {format_number(check['value'])}% "
+                         f"(no verdict on CPU); {where}")
+        else:
+            results.verdict("throughput.integration", "speed", f"{s.candidate}'s kernel path over the bare kernel, where the "
+                            "kernel beats Triton's", check["value"], "<=", p.integration_max_pct, unit="%",
+                            detail=f"worst at {check['at']} keys of {', '.join(map(str, check['lengths']))}; {where}; "
+                                   f"{dispatch.get('rule')}", source=INTEGRATION_SOURCE)
     results.verdict("throughput.points", "coverage", "points measured (not out of memory, over budget or unsupported)",
                     100.0 * (m["points"] - m["points_not_run"]) / max(1, m["points"]), ">=", 50.0, unit="%",
                     detail=f"{m['points_not_run']} of {m['points']} points did not run")

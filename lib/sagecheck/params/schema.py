@@ -167,6 +167,9 @@ class ThroughputParams(_Section):
     aa_max_pct: float = Field(3.0, gt=0, description="verdict: |A/A speedup - 1| (median over points) at most this many %")
     max_batch_tokens: Optional[int] = Field(None, ge=1, description="skip points whose batch x (input + decode tokens) "
                                                                     "exceeds this (recorded as not run)")
+    integration_max_pct: float = Field(10.0, gt=0, description="verdict (sagecheck's sage_attn server): its kernel path's time "
+                                                               "per layer at most this many % over the bare kernel's, where the "
+                                                               "kernel beats Triton's (the server's own measurement at start)")
 
 
 class MemoryParams(_Section):

@@ -114,6 +114,13 @@ def speed_sentence(res: R.Results | None, candidate: str, baseline: str, cpu_emu
     if not parts:
         return "Speed: no point of 04_throughput ran."
     sentence = f"Speed of {candidate} against {baseline}: " + "; ".join(parts) + "."
+    routed = [r for r in rows if r.get("status") == "ok" and r.get("prefill_on")]
+    elsewhere = [r for r in routed if r["prefill_on"] != "kernel"]
+    if elsewhere:  # the candidate's own counters: at these points no kernel ran, the speedup is the integration's
+        named = ", ".join(f"input {r['input_length']} batch {r['batch']}" for r in elsewhere[:4])
+        sentence += (f" Its kernel ran the prefill at {len(routed) - len(elsewhere)} of {len(routed)} points; at the others "
+                     f"({named}{', ...' if len(elsewhere) > 4 else ''}) its prefill ran wholly or partly on the baseline's "
+                     "kernel (its dispatch rule or a fallback), so those speedups measure the backend's overhead, not the kernel.")
     aa = tp.aa_failed
     if aa:
         worst = max(aa, key=lambda v: v.value or 0)
@@ -158,6 +165,8 @@ def failures_sentence(results: list[R.Results]) -> str:
         means = FAILURE_MEANS.get(nb, "see the notebook")
         if all(v.kind == "coverage" for v in vs):
             means = "too few points of the sweep ran" if nb == "04_throughput" else "part of what it measures could not run"
+        elif all(v.kind == "speed" for v in vs):
+            means = "the backend's kernel path spends more time around the kernel than its target allows"
         elif all(v.id.startswith("tasks.") and v.kind == "control" for v in vs):
             means = "a task the baseline cannot answer above its reference level, so its delta says nothing either way"
         parts.append(f"{nb} ({len(vs)}: {means})")

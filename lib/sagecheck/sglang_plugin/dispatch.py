@@ -47,6 +47,7 @@ class Crossover:
     triton_ms: tuple[float, ...] = ()
     kernel_alone_ms: tuple[float, ...] = ()
     error: str = ""
+    timing: str = ""  # how each figure was timed
 
     def as_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -112,9 +113,13 @@ class Timers:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+CUDA_TIMING = f"ms per layer, median of {REPEATS} CUDA-event timings after {WARMUP} warm-ups"
+
+
 def measure(timers: Timers, max_length: int, where: str, lengths: Sequence[int] = LENGTHS,
-            time: Callable[[Callable[[], Any]], Sequence[float]] = cuda_ms) -> Crossover:
-    """The crossover at the lengths up to ``max_length``, timed by ``time`` (median of its repeats)."""
+            time: Callable[[Callable[[], Any]], Sequence[float]] = cuda_ms, timing: str = CUDA_TIMING) -> Crossover:
+    """The crossover at the lengths up to ``max_length``, timed by ``time`` (median of its repeats; ``timing`` says
+    how, for the statistics)."""
     used = [n for n in lengths if n <= max_length] or [min(lengths)]
     kernel, triton, alone = [], [], []
     for n in used:
@@ -123,7 +128,8 @@ def measure(timers: Timers, max_length: int, where: str, lengths: Sequence[int] 
         if timers.kernel_alone is not None:
             alone.append(median(time(timers.kernel_alone(n))))
     return Crossover("measured", crossover_from(used, kernel, triton), f"measured at start: {where}", tuple(used),
-                     tuple(round(x, 4) for x in kernel), tuple(round(x, 4) for x in triton), tuple(round(x, 4) for x in alone))
+                     tuple(round(x, 4) for x in kernel), tuple(round(x, 4) for x in triton), tuple(round(x, 4) for x in alone),
+                     timing=timing)
 
 
 def from_setting(setting: str) -> Crossover | None:

@@ -134,6 +134,13 @@ class SGLangBackend(Backend):
     def rank_report(self) -> dict[str, Any] | None:
         return self.plugin_stats()
 
+    def dispatch(self) -> dict[str, Any] | None:
+        stats = self.plugin_stats()
+        cfg = (stats or {}).get("config", {})
+        if not cfg.get("dispatch_rule"):
+            return None
+        return {"rule": cfg["dispatch_rule"], "measured": cfg.get("dispatch") or {}}
+
     def kernel_phases(self) -> frozenset[str]:
         """sagecheck's sage_attn: prefill, and decode where its statistics say it decodes on the kernel; another backend
         (a fork's): every phase."""

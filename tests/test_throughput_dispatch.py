@@ -1,0 +1,145 @@
+"""04 says where the candidate's prefill ran at each point (its server's counters) and judges its kernel path against
+the bare kernel from the server's own measurement at start (issue 35: sage_attn worth enabling)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+
+from sagecheck import backend_stats, plots  # noqa: E402
+from sagecheck import results as R  # noqa: E402
+from sagecheck.metrics import throughput as T  # noqa: E402
+from sagecheck.params import Params, NotebookParams  # noqa: E402
+from sagecheck.report import recommendation as rec  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _close():
+    yield
+    plt.close("all")
+
+
+# the H200 measurement of 2026-12-05 (README): one layer, 32/8 heads of 128, bf16, ms
+H200 = {"lengths": [256, 512, 1024, 2048, 4096, 8192, 16384],
+        "kernel_ms": [0.76, 0.75, 0.72, 0.73, 0.78, 1.35, 3.42],
+        "kernel_alone_ms": [0.28, 0.26, 0.27, 0.30, 0.46, 0.97, 2.98],
+        "triton_ms": [0.07, 0.07, 0.12, 0.27, 0.83, 2.93, 11.36]}
+
+
+def dispatch(kernel_ms=None, keys=4096, **measured):
+    m = {"mode": "measured", "keys": keys, "source": "measured at start: NVIDIA H200, 32 query / 8 KV heads of 128, "
+                                                      "bfloat16, one request of L tokens",
+         "timing": "ms per layer, median of 7 CUDA-event timings after 2 warm-ups", **H200, **measured}
+    if kernel_ms is not None:
+        m["kernel_ms"] = kernel_ms
+    return {"rule": f"the kernel from {keys} keys per request ({m['source']})", "measured": m}
+
+
+def sweep(dispatch_facts, routes=None):
+    """An SGLang sweep of 2 lengths x 1 batch; ``routes``: the candidate's prefill_on per length."""
+    rows = []
+    for n in (128, 8192):
+        rows.append({"implementation": "triton", "batch": 1, "input_length": n, "status": "ok"})
+        cand = {"implementation": "sage_attn", "batch": 1, "input_length": n, "status": "ok", "prefill_speedup": 1.0 if n == 128 else 1.2,
+                "prefill_vs_aa": "no difference" if n == 128 else "faster", "decode_speedup": 1.0, "decode_vs_aa": "no difference",
+                "aa_prefill_speedup": 1.0, "aa_decode_speedup": 1.0}
+        if routes:
+            on = routes[n]
+            cand.update({"prefill_on": on, "prefill_batches_kernel": 7 if on == "kernel" else 0,
+                         "prefill_batches_triton": 7 if on != "kernel" else 0})
+        rows.append(cand)
+    served = {"servers": {}, "order": "rotated", "clock": "client", "dispatch": dispatch_facts}
+    return T.Sweep(rows, "triton", "sage_attn", [128, 8192], [1], "H200, sage_attn vs triton", "H200", served=served,
+                   copy="triton copy")
+
+
+def test_prefill_route_from_the_counters_change():
+    assert backend_stats.prefill_route({"extend_batches_kernel": 6, "decode_graph_replays": 18}) == {
+        "on": "kernel", "kernel": 6, "triton": 0, "fallbacks": 0}
+    assert backend_stats.prefill_route({"extend_batches_triton": 6})["on"] == "Triton (dispatch rule)"
+    assert backend_stats.prefill_route({"extend_batches_triton": 2, "extend_batches_kernel": 4})["on"] == "kernel and Triton"
+    assert backend_stats.prefill_route({"fallback:sliding-window layer": 64})["on"] == "the baseline (fallback)"
+    # a backend that counts nothing, or a point whose prefill it did not count: no claim
+    assert backend_stats.prefill_route({}) is None and backend_stats.prefill_route({"decode_graph_replays": 3}) is None
+
+
+def test_the_measurement_table_judges_only_where_the_bare_kernel_beats_triton():
+    rows = T.dispatch_rows(sweep(dispatch()))
+    assert [r["keys_per_request"] for r in rows] == H200["lengths"]
+    by = {r["keys_per_request"]: r for r in rows}
+    assert by[8192]["path_over_bare_pct"] == pytest.approx((1.35 / 0.97 - 1) * 100)
+    assert [r["sent_to"] for r in rows] == ["Triton"] * 4 + ["kernel"] * 3
+    assert [r["bare_kernel_beats_triton"] for r in rows] == [False] * 4 + [True] * 3
+    check = T.integration_check(rows)
+    # 256 keys: 171% over the bare kernel, but the kernel does not pay there; 4096: 70%, the worst of 4096-16384
+    assert check["at"] == 4096 and check["value"] == pytest.approx((0.78 / 0.46 - 1) * 100)
+    assert check["lengths"] == [4096, 8192, 16384]
+
+
+def record(tmp_path, s, on_gpu=True):
+    res = R.Results("04_throughput", tmp_path)
+    T.record(res, s, NotebookParams(Params(), "04_throughput"), on_gpu)
+    return res
+
+
+def test_an_integration_that_costs_40_percent_fails_and_one_within_5_passes(tmp_path):
+    slow = record(tmp_path / "slow", sweep(dispatch()))  # the H200 figures: 70% over at 4096 keys
+    v = slow.find("throughput.integration")
+    assert v.kind == "speed" and not v.passed and v.threshold == 10.0 and "target set for sagecheck's sage_attn" in v.source
+    assert "worst at 4096 keys of 4096, 8192, 16384" in v.detail and "median of 7 CUDA-event timings" in v.detail
+    lean = [a * 1.04 for a in H200["kernel_alone_ms"]]
+    good = record(tmp_path / "good", sweep(dispatch(kernel_ms=lean)))
+    assert good.find("throughput.integration").passed and good.find("throughput.integration").value == pytest.approx(4.0)
+    assert good.tables["dispatch"][0]["keys_per_request"] == 256 and good.metrics["dispatch"]["measured"]["keys"] == 4096
+    # the failing check reads as what it is in the report's opening, not as inconclusive speed figures
+    failures = rec.failures_sentence([slow])
+    assert "04_throughput (1: the backend's kernel path spends more time around the kernel" in failures
+
+
+def test_cpu_timings_and_a_rule_set_by_hand_get_no_verdict(tmp_path):
+    cpu = record(tmp_path / "cpu", sweep(dispatch()), on_gpu=False)
+    assert cpu.find("throughput.integration") is None and any("no verdict on CPU" in n and "69.57%" in n for n in cpu.notes)
+    by_hand = {"rule": "the kernel from 400 keys per request (SAGE_ATTN_DISPATCH=400)",
+               "measured": {"mode": "set", "keys": 400, "source": "SAGE_ATTN_DISPATCH=400"}}
+    res = record(tmp_path / "set", sweep(by_hand))
+    assert res.find("throughput.integration") is None and T.dispatch_rows(sweep(by_hand)) == []
+    assert any("not judged, its server measured nothing" in n for n in res.notes)
+    # where the bare kernel never beats Triton's (a small model), nothing is judged either
+    never = dispatch(keys=None, kernel_alone_ms=[t * 2 for t in H200["triton_ms"]])
+    res = record(tmp_path / "never", sweep(never))
+    assert res.find("throughput.integration") is None and any("beat Triton's at no measured length" in n for n in res.notes)
+
+
+def test_points_on_triton_are_marked_on_the_map_in_the_table_and_in_the_opening(tmp_path):
+    s = sweep(dispatch(), routes={128: "Triton (dispatch rule)", 8192: "kernel"})
+    notes = T.map_notes(s, "prefill_speedup")
+    assert notes.tolist() == [["on Triton", ""]] and T.map_notes(s, "decode_speedup") is None
+    fig = plots.heatmap(plots.grid(s.candidate_rows, "prefill_speedup", s.batches, s.lengths), s.batches, s.lengths, "t",
+                        "input length", "batch size", notes=notes)
+    assert sorted(t.get_text() for t in fig.axes[0].texts) == ["1.00\non Triton", "1.20"]
+    (_, _, cols) = T.tables(s)[1]
+    assert cols[:3] == ["input_length", "batch", "prefill_on"]
+    words = T.dispatch_words(s, 10.0)
+    assert "the kernel ran every prefill batch at 1 of 2 points (7 batches on the kernel, 7 on Triton's" in words
+    assert "measures the integration, not the kernel" in words and "70% longer than the bare kernel at 4096 keys" in words
+    res = record(tmp_path, s)
+    speed = rec.speed_sentence(res, "sage_attn", "triton", False)
+    assert "Its kernel ran the prefill at 1 of 2 points; at the others (input 128 batch 1)" in speed
+    # every point on the kernel: nothing to mark, nothing said
+    on_kernel = sweep(dispatch(), routes={128: "kernel", 8192: "kernel"})
+    assert T.map_notes(on_kernel, "prefill_speedup") is None
+    assert "Its kernel ran" not in rec.speed_sentence(record(tmp_path / "k", on_kernel), "sage_attn", "triton", False)
+
+
+def test_the_measurement_is_drawn_with_its_crossover():
+    xs, ys, marks = T.dispatch_curves(sweep(dispatch()))
+    assert set(ys) == {"sage_attn's kernel path", "the bare kernel", "Triton's extend kernel"}
+    assert marks == {"crossover: the kernel from 4096 keys": 4096}
+    fig = plots.lines(xs, ys, "keys per request", "ms per layer", "t", logy=True, marks=marks)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "crossover: the kernel from 4096 keys" in labels and len(labels) == 4
+    assert T.dispatch_caption(sweep(dispatch())).startswith("The sage_attn server's measurement at start")
