@@ -41,6 +41,30 @@ def test_a_call_is_counted_by_configuration_and_its_sequences_by_class():
     assert census.difference(snap, {}).keys() == snap.keys() and census.difference(snap, snap) == {}
 
 
+@pytest.mark.parametrize("bound", [None, 3])
+def test_device_counts_are_classified_when_read_as_host_counts_are(monkeypatch, bound):
+    """A packed call's counts stay unread until the census is read (or, with nobody reading, until ``bound`` calls wait);
+    then they count exactly as the same lengths given on the host."""
+    import random
+
+    if bound is not None:
+        monkeypatch.setattr(census, "PENDING_CALLS", bound)
+    rng = random.Random(0)
+    calls = [([rng.choice([1, 5, 64, 70, 300]) for _ in range(rng.randint(1, 4))]) for _ in range(20)]
+    host, device = fresh(), fresh()
+    for causal in (True, False):
+        for q in calls:
+            k = [n + rng.choice([0, 0, 37, 128]) for n in q]
+            for c, lens in ((host, (q, k)), (device, (torch.tensor(q, dtype=torch.int32), torch.tensor(k, dtype=torch.int32)))):
+                c.record("sageattn_varlen", "k", causal=causal, sm_scale=None, head_dim=64, q_heads=8, kv_heads=2,
+                         dtype="float16", layout="varlen", q_lens=lens[0], k_lens=lens[1])
+        if bound is None:
+            assert sum(len(c.pending) for c in device._counts.values()) == 20 * (1 + (not causal))  # nothing read yet
+    assert device.snapshot() == host.snapshot()
+    assert all(not c.pending for c in device._counts.values())
+    assert sum(e["causal_short_q"] for e in host.snapshot().values()) > 0
+
+
 def test_the_contract_of_a_configuration():
     def entry(**config):
         base = {"entry": "sageattn", "kernel": "k", "causal": False, "layout": "HND", "dtype": "bfloat16", "head_dim": 128,
@@ -93,6 +117,32 @@ def test_a_backend_that_bound_sageattn_at_import_is_recorded_with_the_kernel_it_
     (entry,) = census.difference(census.snapshot(), before).values()
     assert entry["config"]["entry"] == "sageattn" and entry["config"]["kernel"] == "sageattn_qk_int8_pv_fp16_triton"
     assert entry["config"]["causal"] and entry["sequences"] == 2 and entry["config"]["q_heads"] == 4
+
+
+def test_a_server_in_production_wraps_nothing_one_sagecheck_started_wraps_every_binding(fake_sageattention, monkeypatch,
+                                                                                       tmp_path):
+    """The plugin's census costs a server nothing unless sagecheck asked for it (SAGE_ATTN_STATS_DIR)."""
+    from sagecheck import sglang_plugin
+
+    fork = importlib.import_module("a_fork_backend")
+    monkeypatch.delenv("SAGE_ATTN_STATS_DIR", raising=False)
+    sglang_plugin.start_census()
+    assert not getattr(fork.sageattn, census._WRAPPED, False)
+    assert not any(isinstance(f, census._Finder) for f in sys.meta_path)
+    monkeypatch.setenv("SAGE_ATTN_STATS_DIR", str(tmp_path / "stats"))
+    monkeypatch.setattr(census, "start_writer", lambda path, interval: None)  # no thread left writing after the test
+    monkeypatch.setattr(sglang_plugin.start_census, "started", False, raising=False)  # undone after the test
+    sglang_plugin.start_census()
+    assert getattr(fork.sageattn, census._WRAPPED, False)
+
+
+def test_a_paused_census_records_nothing_and_reads_no_arguments(fake_sageattention):
+    sa = importlib.import_module("sageattention")
+    census.install()
+    before = census.snapshot()
+    with census.CENSUS.paused():
+        sa.sageattn("not a tensor", None, None)  # the facts of the call are not even read
+    assert census.difference(census.snapshot(), before) == {}
 
 
 def test_a_sageattention_imported_after_the_census_started_is_recorded(fake_sageattention):

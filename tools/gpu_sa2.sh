@@ -15,6 +15,10 @@
 #                                                      # side (SA2 compiled meanwhile), then the GPU tests with SA2
 #   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT speed8b  # sage_attn's per-layer overhead (benchmarks/backend_overhead.py) and
 #                                                      # 00+04 on the 8B shape with SA2, the dispatch rule measured
+#   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT builtin35  # the census's cost per call on the GPU, then (in the background)
+#                                                      # 00,02,03,04,07 on the built-in model with the dispatch rule
+#                                                      # measured, 1.0.6 then SA2, one after the other, and their compare
+#   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT wait35   # wait for them (at most ~9 min per call), pack what is there
 set -u
 kit=${1:?kit}; src=${2:?sa2 source}; build=${3:?build.sh}; out=${4:?out}; phase=${5:?phase}
 site=/tmp/sgl-site
@@ -113,5 +117,27 @@ EOF
       -p throughput.repeats=${REPEATS:-5} ${EXTRA_P:-} --out /tmp/r8b_v2 -q > /tmp/r8b_v2.log 2>&1
     tail -5 /tmp/r8b_v2.log; step "done"
     tar -C /tmp -czf "$out/r8b.tgz" --exclude='random-model' --exclude='*.safetensors' r8b_v2 r8b_v2.log 2>/dev/null;;
+  builtin35)
+    ensure_sa2
+    step "census cost per call on the GPU"
+    python3 benchmarks/census_overhead.py --device cuda --json "$out/census_overhead_cuda.json" 2>&1 | tail -6
+    cat > /tmp/b35.sh <<EOF
+cd $PWD
+sa2() { PYTHONPATH=/tmp/sa2:\$PYTHONPATH "\$@"; }
+run() { python3 -m sagecheck run --params params/sglang-builtin-gpu.yaml --only 00,02,03,04,07 \
+  -p sglang.sage_attn_dispatch=measured -p throughput.repeats=${REPEATS:-5} --out "\$@"; }
+echo "v1 start \$(date +%T)"; run /tmp/b35_v1 -q > /tmp/b35_v1.log 2>&1
+echo "v2 start \$(date +%T)"; sa2 run /tmp/b35_v2 -q > /tmp/b35_v2.log 2>&1
+echo "compare \$(date +%T)"; python3 -m sagecheck compare /tmp/b35_v1 /tmp/b35_v2 --out /tmp/b35_compare > /tmp/b35_compare.log 2>&1
+echo "done \$(date +%T)"; touch /tmp/b35.done
+EOF
+    setsid bash /tmp/b35.sh > /tmp/b35.log 2>&1 < /dev/null &
+    sleep 5; cat /tmp/b35.log;;
+  wait35)
+    t0=$(date +%s)
+    while [ ! -f /tmp/b35.done ] && [ $(( $(date +%s) - t0 )) -lt ${WAIT_S:-540} ]; do sleep 5; done
+    cat /tmp/b35.log; tail -2 /tmp/b35_v1.log /tmp/b35_v2.log 2>/dev/null
+    tar -C /tmp -czf "$out/b35.tgz" --exclude='*.safetensors' b35_v1 b35_v2 b35_compare b35_v1.log b35_v2.log \
+      b35_compare.log b35.log 2>/dev/null;;
 esac
 ls -la "$out"

@@ -12,7 +12,8 @@ those with fewer queries than keys (the kernel's causal mask assumes as many que
 Where the calls come from:
 
 * in an SGLang server process, from sageattention's public functions, wrapped in place by :func:`install` (sagecheck's
-  plugin calls it in every scheduler process, whatever backend serves): the module's attributes, the ``core`` module's
+  plugin calls it in every scheduler process of a server given a statistics folder, ``SAGE_ATTN_STATS_DIR``, as
+  sagecheck starts its candidate; whatever backend serves; a server in production wraps nothing): the module's attributes, the ``core`` module's
   kernels they dispatch to, and every name already bound to one of them in a loaded module (a backend that did
   ``from sageattention import sageattn`` at its import is recorded too), and an import hook for a sageattention
   imported later;
@@ -39,6 +40,7 @@ KEY_BLOCK = 64
 SUPPORTED_HEAD_DIMS = (64, 96, 128)  # sageattention's kernels (others are padded by sageattn, refused by its varlen)
 SUPPORTED_DTYPES = ("float16", "bfloat16")
 SCALE_RTOL = 1e-4
+PENDING_CALLS = 100_000  # device calls kept unread at most: beyond, the call that adds one classifies them (waits)
 
 
 def class_label(index: int) -> str:
@@ -63,8 +65,9 @@ def key_class(n: int) -> str:
 
 
 class _Counts:
-    """One configuration's counters; host integers, and for calls on a device, device counters (no synchronization per
-    call: the lengths of a varlen call are read on the host only when a snapshot is taken)."""
+    """One configuration's counters, host integers. A call whose per-sequence counts are device tensors (a packed call's
+    ``cu_seqlens`` differences) is kept as it is, with the stream it ran on, and classified later in bulk
+    (:func:`classify_pending`) by whoever reads the census: the call itself launches nothing and waits for nothing."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
@@ -73,7 +76,7 @@ class _Counts:
         self.host = {"sequences": 0, "causal_short_q": 0}
         self.k_classes: dict[str, int] = {}
         self.q_classes: dict[str, int] = {}
-        self.device: Any = None  # a tensor of slots on the calls' device (sequences, short, q classes, k classes x 2)
+        self.pending: list[tuple[Any, Any, Any]] = []  # device calls not classified yet: q and k lengths, stream
 
     def add_host(self, q_lens: Sequence[int], k_lens: Sequence[int], causal: bool) -> None:
         self.host["sequences"] += len(q_lens)
@@ -83,47 +86,58 @@ class _Counts:
             if causal and nq < nk:
                 self.host["causal_short_q"] += 1
 
-    def add_device(self, q_lens: Any, k_lens: Any, causal: bool) -> None:
+    def add_device(self, q_lens: Any, k_lens: Any) -> None:
+        """A call's counts on a device (their causal flag is the configuration's): kept for :func:`classify_pending`."""
         import torch
 
-        n = len(CLASS_EDGES)
-        if self.device is None:  # made once: no copy from the host in later calls
-            self.device = torch.zeros(2 + n + 2 * n, dtype=torch.int64, device=q_lens.device)
-            self.edges = torch.tensor(CLASS_EDGES, device=q_lens.device)
-        edges = self.edges
-        q_idx = torch.bucketize(q_lens.to(torch.int64), edges, right=True) - 1
-        k_idx = torch.bucketize(k_lens.to(torch.int64), edges, right=True) - 1
-        partial = (k_lens.to(torch.int64) % KEY_BLOCK != 0).to(torch.int64)
-        ones = torch.ones_like(q_idx)
-        self.device[0] += q_lens.numel()
-        if causal:
-            self.device[1] += (q_lens < k_lens).sum()
-        self.device.scatter_add_(0, 2 + q_idx.clamp_min(0), ones)
-        self.device.scatter_add_(0, 2 + n + 2 * k_idx.clamp_min(0) + partial, ones)
+        self.host["sequences"] += q_lens.numel()
+        stream = torch.cuda.current_stream(q_lens.device) if q_lens.is_cuda else None
+        self.pending.append((q_lens, k_lens, stream))
+
+    def add_classified(self, counts: dict[str, Any]) -> None:
+        """Classes of device calls, from :func:`classify_pending`."""
+        self.host["causal_short_q"] += counts["causal_short_q"]
+        for field in ("q_classes", "k_classes"):
+            mine = getattr(self, field)
+            for label, n in counts[field].items():
+                mine[label] = mine.get(label, 0) + n
 
     def as_dict(self) -> dict[str, Any]:
-        out = {"config": self.config, "calls": self.calls, "captured": self.captured, **self.host,
-               "q_classes": dict(self.q_classes), "k_classes": dict(self.k_classes)}
-        if self.device is not None:
-            n = len(CLASS_EDGES)
-            slots = self.device.tolist()
-            out["sequences"] += slots[0]
-            out["causal_short_q"] += slots[1]
-            for i in range(n):
-                if slots[2 + i]:
-                    label = class_label(i)
-                    out["q_classes"][label] = out["q_classes"].get(label, 0) + slots[2 + i]
-                for partial in (0, 1):
-                    count = slots[2 + n + 2 * i + partial]
-                    if count:
-                        label = class_label(i) + (" partial" if partial else "")
-                        out["k_classes"][label] = out["k_classes"].get(label, 0) + count
-        return out
+        return {"config": self.config, "calls": self.calls, "captured": self.captured, **self.host,
+                "q_classes": dict(self.q_classes), "k_classes": dict(self.k_classes)}
+
+
+def classify_pending(pending: list[tuple[Any, Any, Any]], causal: bool) -> dict[str, Any]:
+    """Device calls' sequences by class, in one go (a dozen tensor operations and one copy to the host, whatever the
+    number of calls), after the reading thread's stream has waited for the streams the calls ran on (a server's forward
+    runs on a stream of its own), so that no count is read before it is made."""
+    import torch
+
+    first = pending[0][0]
+    if first.is_cuda:  # before anything reads them
+        here = torch.cuda.current_stream(first.device)
+        for stream in {s for _, _, s in pending if s is not None}:
+            here.wait_stream(stream)
+    q_lens = torch.cat([q.reshape(-1) for q, _, _ in pending]).to(torch.int64)
+    k_lens = torch.cat([k.reshape(-1) for _, k, _ in pending]).to(torch.int64)
+    n = len(CLASS_EDGES)
+    edges = torch.tensor(CLASS_EDGES, device=q_lens.device)
+    q_idx = (torch.bucketize(q_lens, edges, right=True) - 1).clamp_min(0)
+    k_idx = (torch.bucketize(k_lens, edges, right=True) - 1).clamp_min(0)
+    partial = (k_lens % KEY_BLOCK != 0).to(torch.int64)
+    short = (q_lens < k_lens).sum() if causal else torch.zeros((), dtype=torch.int64, device=q_lens.device)
+    counts = torch.cat([torch.bincount(q_idx, minlength=n), torch.bincount(2 * k_idx + partial, minlength=2 * n),
+                        short.reshape(1)]).tolist()
+    q_classes = {class_label(i): counts[i] for i in range(n) if counts[i]}
+    k_classes = {class_label(i) + (" partial" if p else ""): counts[n + 2 * i + p] for i in range(n) for p in (0, 1)
+                 if counts[n + 2 * i + p]}
+    return {"causal_short_q": counts[-1], "q_classes": q_classes, "k_classes": k_classes}
 
 
 class Census:
     def __init__(self) -> None:
         self._counts: dict[str, _Counts] = {}
+        self._by_args: dict[tuple, _Counts] = {}  # the same configurations by the arguments of record()
         self._lock = threading.Lock()
         self._depth = threading.local()
         self.version = 0  # bumped by every call: a writer writes only what changed
@@ -135,31 +149,54 @@ class Census:
         the kernel can be called again (``module:function``), for replaying its configurations."""
         if getattr(self._depth, "paused", False):
             return
-        config = {"entry": entry, "kernel": kernel, "causal": bool(causal), "layout": layout, "dtype": dtype,
-                  "head_dim": int(head_dim), "q_heads": int(q_heads), "kv_heads": int(kv_heads),
-                  "sm_scale": None if sm_scale is None else float(f"{float(sm_scale):.6g}"), "emulated": bool(emulated),
-                  "ref": ref or f"sageattention:{kernel}"}
-        key = json.dumps(config, sort_keys=True)
+        # the configuration's JSON key is made once per configuration; a call looks it up by a tuple (a few µs a call)
+        fast = (entry, kernel, bool(causal), layout, dtype, int(head_dim), int(q_heads), int(kv_heads), sm_scale,
+                bool(emulated), ref)
         with self._lock:
             self.version += 1
-            counts = self._counts.get(key)
+            counts = self._by_args.get(fast)
             if counts is None:
-                counts = self._counts[key] = _Counts(config)
+                config = {"entry": entry, "kernel": kernel, "causal": bool(causal), "layout": layout, "dtype": dtype,
+                          "head_dim": int(head_dim), "q_heads": int(q_heads), "kv_heads": int(kv_heads),
+                          "sm_scale": None if sm_scale is None else float(f"{float(sm_scale):.6g}"), "emulated": bool(emulated),
+                          "ref": ref or f"sageattention:{kernel}"}
+                key = json.dumps(config, sort_keys=True)
+                counts = self._counts.get(key)
+                if counts is None:
+                    counts = self._counts[key] = _Counts(config)
+                self._by_args[fast] = counts
             counts.calls += 1
             if captured:  # a graph being captured: its replays run no Python, and no counter may be created in it
                 counts.captured += 1
             elif isinstance(q_lens, (list, tuple)):
                 counts.add_host(q_lens, k_lens, causal)
             else:
-                counts.add_device(q_lens, k_lens, causal)
+                counts.add_device(q_lens, k_lens)
+                if len(counts.pending) >= PENDING_CALLS:  # nobody reads this census: keep its memory bounded
+                    counts.add_classified(classify_pending(counts.pending, counts.config["causal"]))
+                    counts.pending = []
 
     def snapshot(self) -> dict[str, Any]:
+        """Every configuration's counts so far. Device calls not classified yet are taken out under the lock and
+        classified outside it (a wait for the device that never holds up a call being recorded), then added."""
+        with self._lock:
+            taken = [(c, c.pending) for c in self._counts.values() if c.pending]
+            for c, _ in taken:
+                c.pending = []
+        for c, pending in taken:
+            classified = classify_pending(pending, c.config["causal"])
+            with self._lock:
+                c.add_classified(classified)
         with self._lock:
             return {key: c.as_dict() for key, c in self._counts.items()}
 
     def reset(self) -> None:
         with self._lock:
             self._counts.clear()
+            self._by_args.clear()
+
+    def is_paused(self) -> bool:
+        return getattr(self._depth, "paused", False)
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -340,7 +377,7 @@ def _shape_facts(name: str, args: tuple, kwargs: dict) -> dict[str, Any]:
         q_lens, k_lens = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
         return {"layout": "varlen", "q_heads": q.shape[1], "kv_heads": k.shape[1], "head_dim": q.shape[2],
                 "dtype": str(q.dtype).removeprefix("torch."), "q_lens": q_lens, "k_lens": k_lens, "causal": is_causal,
-                "sm_scale": sm_scale}
+                "sm_scale": sm_scale, "on_cuda": q.is_cuda}
     layout = kwargs.get("tensor_layout", args[3] if len(args) > 3 and isinstance(args[3], str) else "HND")
     b = q.shape[0]
     if layout == "HND":
@@ -349,7 +386,7 @@ def _shape_facts(name: str, args: tuple, kwargs: dict) -> dict[str, Any]:
         heads, kv_heads, n_q, n_k = q.shape[2], k.shape[2], q.shape[1], k.shape[1]
     return {"layout": layout, "q_heads": heads, "kv_heads": kv_heads, "head_dim": q.shape[-1],
             "dtype": str(q.dtype).removeprefix("torch."), "q_lens": [n_q] * b, "k_lens": [n_k] * b, "causal": is_causal,
-            "sm_scale": sm_scale}
+            "sm_scale": sm_scale, "on_cuda": q.is_cuda}
 
 
 def wrapped(name: str, fn: Any) -> Any:
@@ -367,11 +404,14 @@ def wrapped(name: str, fn: Any) -> Any:
                 return fn(*args, **kwargs)
             _dispatched.name = name
             out = fn(*args, **kwargs)
+            if CENSUS.is_paused():
+                return out
             try:
                 import torch
 
                 facts = _shape_facts(name, args, kwargs)
-                captured = bool(torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+                captured = bool(facts["on_cuda"] and torch.cuda.is_current_stream_capturing())
+                del facts["on_cuda"]
                 CENSUS.record(name, _dispatched.name, captured=captured, **facts)
             except Exception:  # noqa: BLE001 - the census never breaks a call
                 pass

@@ -28,24 +28,27 @@ def create_backend(model_runner):  # noqa: ANN001 - SGLang's ModelRunner
 
 
 def start_census() -> None:
-    """Record every call into sageattention in this process, whatever backend serves (sagecheck's, a fork's, any
-    plugin's): its functions wrapped where they are bound (:func:`sagecheck.census.install`), and, where the server was
-    given a statistics folder, the census written there for the notebooks (once per process)."""
+    """Where the server was given a statistics folder (sagecheck started it for a report), record every call into
+    sageattention in this process, whatever backend serves (sagecheck's, a fork's, any plugin's): its functions wrapped
+    where they are bound (:func:`sagecheck.census.install`), the census written there for the notebooks (once per
+    process). Elsewhere (a server in production) nothing is wrapped: no call pays for bookkeeping nobody reads."""
     import os
 
     from sagecheck import census
     from sagecheck.backend_stats import census_path, write_interval_s
 
-    census.install()
     folder = os.environ.get("SAGE_ATTN_STATS_DIR")
-    if folder and not getattr(start_census, "started", False):
+    if not folder:
+        return
+    census.install()
+    if not getattr(start_census, "started", False):
         start_census.started = True  # type: ignore[attr-defined]
         census.start_writer(census_path(folder), write_interval_s())
 
 
 def register() -> None:
     """The entry point: add ``sage_attn`` to SGLang's attention backends (idempotent), and start the census of kernel
-    calls (:func:`start_census`)."""
+    calls where a report asked for it (:func:`start_census`)."""
     from sglang.srt import server_args
     from sglang.srt.layers.attention import attention_registry
 
