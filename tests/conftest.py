@@ -139,6 +139,27 @@ def _chromium() -> str | None:
     return None
 
 
+# what of one report section runs off a page of the current width, or scrolls sideways: every element from the cell of
+# the section's marker (``stem``) up to the next section's
+SECTION_OVERFLOW_JS = """(stem) => {
+  const cells = Array.from(document.querySelectorAll('.jp-Cell'));
+  const start = cells.findIndex(c => c.querySelector('#nb-' + stem));
+  let end = cells.findIndex((c, i) => i > start && c.querySelector('.sc-section'));
+  if (end < 0) end = cells.length;
+  const width = document.documentElement.clientWidth, out = [];
+  for (const cell of cells.slice(start, end)) {
+    for (const el of [cell, ...cell.querySelectorAll('*')]) {
+      const r = el.getBoundingClientRect();
+      if (r.width === 0) continue;
+      if (r.right > width + 1) out.push('beyond the page: ' + el.tagName + ' ' + Math.round(r.right));
+      if (el.scrollWidth > el.clientWidth + 1 && getComputedStyle(el).overflowX !== 'visible')
+        out.push('scrolls: ' + el.tagName + '.' + el.className + ' ' + el.scrollWidth + '>' + el.clientWidth);
+    }
+  }
+  return {cells: end - start, problems: out.slice(0, 10)};
+}"""
+
+
 @contextmanager
 def report_page(out: Path, width: int, height: int):
     """``out`` (an HTML file, or a run folder's report.html) open in headless Chromium (skipped where there is none,

@@ -11,7 +11,7 @@ import nbformat
 import pytest
 
 from sagecheck import results as R
-from tests.conftest import CI_PARAMS, ROOT, report_page, run_cli
+from tests.conftest import SECTION_OVERFLOW_JS, CI_PARAMS, ROOT, report_page, run_cli
 
 pytestmark = pytest.mark.slow
 from tests.conftest import SECRET
@@ -95,26 +95,6 @@ def test_summary_table_is_visible_in_chromium(ci_run):
         page.screenshot(path=str(out / "report.png"), full_page=False)
 
 
-# every element of one report section: from its marker's cell up to the next section's
-_SECTION_OVERFLOW_JS = """(stem) => {
-  const cells = Array.from(document.querySelectorAll('.jp-Cell'));
-  const start = cells.findIndex(c => c.querySelector('#nb-' + stem));
-  let end = cells.findIndex((c, i) => i > start && c.querySelector('.sc-section'));
-  if (end < 0) end = cells.length;
-  const width = document.documentElement.clientWidth, out = [];
-  for (const cell of cells.slice(start, end)) {
-    for (const el of [cell, ...cell.querySelectorAll('*')]) {
-      const r = el.getBoundingClientRect();
-      if (r.width === 0) continue;
-      if (r.right > width + 1) out.push('beyond the page: ' + el.tagName + ' ' + Math.round(r.right));
-      if (el.scrollWidth > el.clientWidth + 1 && getComputedStyle(el).overflowX !== 'visible')
-        out.push('scrolls: ' + el.tagName + '.' + el.className + ' ' + el.scrollWidth + '>' + el.clientWidth);
-    }
-  }
-  return {cells: end - start, problems: out.slice(0, 10)};
-}"""
-
-
 def test_report_reads_cleanly_in_chromium_at_1400_px(ci_run):
     """Every section fits 1400 px with its folded tables open (a screenshot of each is kept); no stderr box anywhere; the
     recommendation on top."""
@@ -125,11 +105,11 @@ def test_report_reads_cleanly_in_chromium_at_1400_px(ci_run):
         assert rec.is_visible() and rec.locator("li").count() >= 2 and "Speed of sage-emulated against sdpa" in rec.inner_text()
         assert page.locator("details.sc-folded").count() >= 2  # 08's full accuracy table and its speed table
         page.evaluate("document.querySelectorAll('details').forEach(d => d.open = true)")
-        kernel = page.evaluate(_SECTION_OVERFLOW_JS, "08_kernel")
+        kernel = page.evaluate(SECTION_OVERFLOW_JS, "08_kernel")
         assert kernel["cells"] > 3
         stems = page.evaluate("Array.from(document.querySelectorAll('.sc-section')).map(e => e.id.replace('nb-', ''))")
         assert len(stems) == len(list((ROOT / "notebooks").glob("*.ipynb")))
-        problems = {stem: page.evaluate(_SECTION_OVERFLOW_JS, stem)["problems"] for stem in stems}
+        problems = {stem: page.evaluate(SECTION_OVERFLOW_JS, stem)["problems"] for stem in stems}
         assert not any(problems.values()), {k: v for k, v in problems.items() if v}
         assert page.evaluate("document.documentElement.scrollWidth") <= 1400
         # the PR block wraps at spaces, never inside a word ("0.56⏎5x"), whatever JupyterLab's own pre rules say

@@ -24,7 +24,7 @@ from sagecheck.engines.sglang import SGLangEngine, launch_spec
 from sagecheck.engines.sglang.client import ClientError, SGLangClient
 from sagecheck.engines.sglang.server import LaunchSpec, Server, ServerError, free_port
 from sagecheck.params import load_params
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, SECTION_OVERFLOW_JS, report_page, run_cli
 from tests.standin.forked import unforked
 
 STANDIN = ROOT / "tests" / "standin"
@@ -443,6 +443,35 @@ def test_the_sweep_says_where_the_candidates_prefill_ran(tmp_path):
     assert (s["prefill_points_routed"], s["prefill_points_on_kernel"], s["prefill_points_on_triton"]) == (2, 1, 1)
 
 
+@pytest.mark.slow
+def test_04_shows_the_candidates_measurement_at_start_and_follows_it(tmp_path):
+    """The stand-in measures its crossover at start as the plugin does, on the CPU (the plugin's varlen path on the
+    emulation, the emulation alone, SDPA for Triton): 04 shows the measurement as a table and a figure, gives CPU
+    timings no verdict, and each point's route follows the crossover measured."""
+    import nbformat
+
+    from sagecheck import results as R
+
+    out = tmp_path / "measured"
+    done = run_cli("run", "--params", str(SGLANG_PARAMS), "--only", "04", "-p", "sglang.sage_attn_dispatch=measured",
+                   "--out", str(out), "-q", env={"PYTHONPATH": os.environ["PYTHONPATH"], "SAGECHECK_STANDIN_DISPATCH": "cpu"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    t = R.load(out / "results" / "04_throughput.json")
+    measured = t.metrics["dispatch"]["measured"]
+    assert measured["mode"] == "measured" and measured["lengths"] == [16, 32, 64, 128, 256]
+    assert "CPU timings" in measured["timing"] and measured["source"].startswith("measured at start: stand-in on a CPU")
+    rows = t.tables["dispatch"]
+    assert len(rows) == 5 and all(r["kernel_path_ms"] > 0 and r["bare_kernel_ms"] > 0 and r["triton_ms"] > 0 for r in rows)
+    assert t.find("throughput.integration") is None  # CPU timings: a note at most, never a verdict
+    keys = measured["keys"]
+    for r in (r for r in t.tables["throughput"] if r["implementation"] == "sage_attn"):
+        want = "kernel" if keys is not None and r["input_length"] >= keys else "Triton (dispatch rule)"
+        assert r["prefill_on"] == want, (r["input_length"], keys)
+    nb = nbformat.read(out / "notebooks" / "04_throughput.ipynb", as_version=4)
+    cell = next(c for c in nb.cells if c.get("id") == "dispatch-rule")
+    assert [o for o in cell.outputs if "image/png" in o.get("data", {})] and "measurement for its dispatch rule" in str(cell.outputs)
+
+
 # ------------------------------------------------------------------ the notebooks on engine: sglang
 
 
@@ -517,6 +546,11 @@ def test_notebooks_on_the_sglang_engine(tmp_path, builtin):
     paths = {r["id"]: r for r in R.load(out / "results" / "10_code_paths.json").tables["paths"]}
     assert all(r["passed"] for r in paths.values() if r["exercised"]) and not paths["tp_ranks"]["exercised"]
     assert {p for p, r in paths.items() if r["exercised"]} == {"cold", "prefix", "chunked", "decode_graphs", "decode_eager", "batch"}
+    # the SGLang report's wide tables (04's per phase, 10's) fit a 1400-px page
+    with report_page(out, 1400, 1000) as page:
+        page.evaluate("document.querySelectorAll('details').forEach(d => d.open = true)")
+        problems = {stem: page.evaluate(SECTION_OVERFLOW_JS, stem)["problems"] for stem in ("04_throughput", "10_code_paths")}
+        assert not any(problems.values()), problems
     # the run's three servers, started once for every notebook, and 01's three that must not start
     logs = sorted(p.name.rsplit("-", 1)[0] for p in (out / "logs").glob("sglang-*.log"))
     assert logs == ["sglang-baseline-fa3", "sglang-baseline_copy-fa3", "sglang-candidate-sage_attn", "sglang-no_such_backend",

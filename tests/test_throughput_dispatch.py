@@ -121,8 +121,9 @@ def test_points_on_triton_are_marked_on_the_map_in_the_table_and_in_the_opening(
     fig = plots.heatmap(plots.grid(s.candidate_rows, "prefill_speedup", s.batches, s.lengths), s.batches, s.lengths, "t",
                         "input length", "batch size", notes=notes)
     assert sorted(t.get_text() for t in fig.axes[0].texts) == ["1.00\non Triton", "1.20"]
-    (_, _, cols) = T.tables(s)[1]
-    assert cols[:3] == ["input_length", "batch", "prefill_on"]
+    (_, prefill_caption, cols), (_, decode_caption, decode_cols) = T.tables(s)[1:3]
+    assert cols[:3] == ["input_length", "batch", "prefill_on"] and "prefill_vs_aa" in cols and "decode_speedup" not in cols
+    assert ", prefill — " in prefill_caption and ", decode — " in decode_caption and "decode_vs_aa" in decode_cols
     words = T.dispatch_words(s, 10.0)
     assert "the kernel ran every prefill batch at 1 of 2 points (7 batches on the kernel, 7 on Triton's" in words
     assert "measures the integration, not the kernel" in words and "70% longer than the bare kernel at 4096 keys" in words
@@ -142,4 +143,4 @@ def test_the_measurement_is_drawn_with_its_crossover():
     fig = plots.lines(xs, ys, "keys per request", "ms per layer", "t", logy=True, marks=marks)
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert "crossover: the kernel from 4096 keys" in labels and len(labels) == 4
-    assert T.dispatch_caption(sweep(dispatch())).startswith("The sage_attn server's measurement at start")
+    assert T.dispatch_caption(sweep(dispatch())).startswith("The sage_attn server's measurement for its dispatch rule (measured at start: NVIDIA H200")

@@ -8,7 +8,9 @@ and loaded. Built-in backends ``fa3``, ``flashinfer`` (the default), ``triton``,
 1.0.6 in prefill (and in decode with ``SAGE_ATTN_DECODE=sage``), refuses to start where
 ``import sageattention`` fails (the plugin's own check and message), and writes the plugin's
 statistics to ``SAGE_ATTN_STATS_DIR``; with ``SAGE_ATTN_DISPATCH=N`` the plugin's dispatch rule sends
-a batch of shorter requests to Triton's route (computed here by SDPA, counted as the plugin counts it). Any other name is refused by the argument parser with
+a batch of shorter requests to Triton's route (computed here by SDPA, counted as the plugin counts it); with
+``SAGE_ATTN_DISPATCH=measured`` and ``SAGECHECK_STANDIN_DISPATCH=cpu`` the crossover is measured at start as the plugin
+measures it, on this CPU (the plugin's varlen path on the emulation, the emulation alone, SDPA), and followed. Any other name is refused by the argument parser with
 exit code 2, as SGLang does. Failure modes for the tests, chosen by ``SAGECHECK_STANDIN_MODE``:
 ``crash`` (dies while starting), ``hang`` (never becomes ready), ``die-after:N`` (exits after
 answering N /generate requests), and after N answered /generate requests, on every later one:
@@ -300,6 +302,72 @@ def candidate_phases(name):
     return ("prefill", "decode") if os.environ.get("SAGE_ATTN_DECODE") == "sage" else ("prefill",)
 
 
+def measure_dispatch_on_cpu(cfg, max_length: int):
+    """The plugin's measurement at start, on this CPU (``SAGECHECK_STANDIN_DISPATCH=cpu``): one layer of one request of L
+    tokens through the plugin's own varlen path (packing, smoothing) on sagecheck's emulation of sageattn_varlen, the
+    emulated kernel alone on keys smoothed beforehand, and SDPA standing for Triton's extend kernel; the crossover the
+    plugin's rule takes from them. CPU timings, labelled so."""
+    from sagecheck.attention.baseline import sdpa
+    from sagecheck.sglang_plugin import dispatch as plugin_dispatch
+    from sagecheck.sglang_plugin.varlen import ExtendLayout, extend_attention
+
+    heads, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    scale = d ** -0.5
+
+    def sage_emulated_hnd(q, k, v, causal, sm_scale, smooth_k):
+        from sagecheck.attention.sage_emulated import sage_emulated
+        from sagecheck.census import CENSUS
+
+        with CENSUS.paused():  # the measurement's calls stand for no request's
+            o = sage_emulated(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], causal=causal,
+                              scale=sm_scale, smooth_k=smooth_k)
+        return o[0].transpose(0, 1)
+
+    def emulated_varlen(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, sm_scale=None, smooth_k=True):
+        out = torch.empty(q.shape, dtype=q.dtype)
+        for i in range(len(cu_q) - 1):
+            a, b, c, e = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(cu_k[i + 1])
+            o = sage_emulated_hnd(q[a:b], k[c:e], v[c:e], is_causal, sm_scale, smooth_k)
+            out[a:b] = o
+        return out
+
+    def inputs(n):
+        g = torch.Generator().manual_seed(n)
+        return (torch.randn(n, heads, d, generator=g), torch.randn(n, kv_heads, d, generator=g) + 1,
+                torch.randn(n, kv_heads, d, generator=g))
+
+    def kernel_path(n):
+        q, k, v = inputs(n)
+        layout = ExtendLayout.build([0], [n])
+        return lambda: extend_attention(emulated_varlen, q, k, v, None, None, layout, scale)
+
+    def alone(n):
+        q, k, v = inputs(n)
+        k = k - k.mean(0, keepdim=True)
+        return lambda: sage_emulated_hnd(q, k, v, True, scale, False)
+
+    def triton(n):
+        q, k, v = inputs(n)
+        qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+        return lambda: sdpa(qh, kh, vh, causal=True, scale=scale)
+
+    def cpu_ms(fn, warmup=1, repeats=5):
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return times
+
+    where = f"stand-in on a CPU, {heads} query / {kv_heads} KV heads of {d}, float32, one request of L tokens"
+    return plugin_dispatch.measure(plugin_dispatch.Timers(kernel_path, triton, alone), max_length, where,
+                                   lengths=(16, 32, 64, 128, 256), time=cpu_ms,
+                                   timing="ms per layer, median of 5 CPU timings (perf_counter) after 1 warm-up; SDPA "
+                                          "stands for Triton's extend kernel")
+
+
 class RankStats:
     """The statistics of each tensor-parallel rank, as SGLang's scheduler processes write them (one file per rank,
     every batch counted on each); the stand-in computes on one process."""
@@ -369,6 +437,8 @@ def main(argv=None):
         from sagecheck.sglang_plugin import dispatch as plugin_dispatch
 
         State.crossover = plugin_dispatch.from_setting(settings.dispatch)
+        if State.crossover is None and os.environ.get("SAGECHECK_STANDIN_DISPATCH") == "cpu":
+            State.crossover = measure_dispatch_on_cpu(model.config, model.config.max_position_embeddings)
         if State.crossover is None or State.crossover.mode == "kernel":
             State.crossover = None
             dispatch = {"mode": "kernel", "keys": 0, "source": "stand-in: no GPU to measure on, every batch on the emulated kernel"}

@@ -358,15 +358,18 @@ def tables(s: Sweep) -> list[tuple[list[dict[str, Any]], str, list[str]]]:
         out.append(([{"server": k, **v} for k, v in s.served["servers"].items()],
                     f"The servers measured ({s.served['order']}; {s.served['clock']})", []))
     cols = ["input_length", "batch", "ttft_ms", "prefill_tok_s", "prefill_speedup", "prefill_speedup_p10", "prefill_speedup_p90"]
-    if s.copy:
-        cols += ["aa_prefill_speedup", "prefill_vs_aa", "decode_ms_per_token", "decode_speedup", "decode_speedup_p10",
-                 "decode_speedup_p90", "aa_decode_speedup", "decode_vs_aa"]
+    cand = s.candidate_rows
+    if s.copy:  # each phase with its A/A control: one table each, so that neither runs off a 1400-px page
+        cols += ["aa_prefill_speedup", "prefill_vs_aa"]
+        if any(r.get("prefill_on") for r in cand):  # where its prefill ran, by its server's counters
+            cols[2:2] = ["prefill_on"]
+        out.append((cand, f"Candidate {s.candidate} vs {s.baseline}, prefill — {s.context}", cols))
+        out.append((cand, f"Candidate {s.candidate} vs {s.baseline}, decode — {s.context}",
+                    ["input_length", "batch", "decode_ms_per_token", "decode_tok_s_total", "decode_speedup", "decode_speedup_p10",
+                     "decode_speedup_p90", "aa_decode_speedup", "decode_vs_aa"]))
     else:
         cols += ["decode_tok_s_per_seq", "decode_tok_s_total", "decode_speedup", "decode_speedup_p10", "decode_speedup_p90"]
-    cand = s.candidate_rows
-    if any(r.get("prefill_on") for r in cand):  # where its prefill ran, by its server's counters
-        cols[2:2] = ["prefill_on"]
-    out.append((cand, f"Candidate {s.candidate} vs {s.baseline} — {s.context}", cols))
+        out.append((cand, f"Candidate {s.candidate} vs {s.baseline} — {s.context}", cols))
     busy = [c for c in ("prefill_gpu_busy_pct", "prefill_kernel_speedup", "decode_gpu_ms_per_token", "decode_gpu_busy_pct",
                         "decode_kernel_speedup") if any(c in r for r in cand)]
     if busy:
@@ -459,7 +462,7 @@ def dispatch_words(s: Sweep, limit_pct: float) -> str | None:
 
 def dispatch_caption(s: Sweep) -> str:
     measured = ((s.served or {}).get("dispatch") or {}).get("measured") or {}
-    return (f"The {s.candidate} server's measurement at start, its dispatch rule's ({measured.get('source', '?')}; "
+    return (f"The {s.candidate} server's measurement for its dispatch rule ({measured.get('source', '?')}; "
             f"{measured.get('timing') or 'ms per layer'}): its kernel path (smoothing, padding, the calls), the bare kernel "
             f"on inputs prepared beforehand, Triton's extend kernel")
 
