@@ -163,6 +163,50 @@ def test_each_wrong_kernel_call_fails_the_kernel_check_of_its_own_paths_and_no_o
     assert {p for p, v in got.items() if v is False} <= reach, (name, got)
 
 
+@pytest.fixture(scope="module")
+def judged_split(tmp_path_factory, builtin):
+    """sage_attn's prefill with SageAttention 2 (SAGE_ATTN_PREFILL=batched: on the stand-in, the plugin's own split on
+    the emulated SA2 kernel) and the variant with a defect in the split, against one baseline server, judged."""
+    old = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(STANDIN), str(FAULT_SITE), str(ROOT / "lib"), old])
+    out = {}
+    try:
+        with ServerSet(load(SGLANG_PARAMS, []), tmp_path_factory.mktemp("baseline"), ["baseline"]) as baseline:
+            for name in ("sage_attn", "sage_attn_split_own_means"):
+                params = load(SGLANG_PARAMS, [f"sglang_attention_backend={name}", "sglang.sage_attn_prefill=batched"])
+                cand_dir = tmp_path_factory.mktemp(name)
+                with ServerSet(params, cand_dir, ["candidate"]) as candidate:
+                    engine = SGLangEngine(params, cand_dir, servers={**baseline.as_dicts(), **candidate.as_dicts()})
+                    out[name] = C.measure(engine, NotebookParams(params, "10_code_paths"), builtin)
+    finally:
+        os.environ["PYTHONPATH"] = old
+    return out
+
+
+@pytest.mark.slow
+def test_the_plugins_split_passes_every_path_and_a_defect_in_it_fails_the_prefix_paths(judged_split):
+    """With SageAttention 2 the plugin splits a prefix extend in two kernel calls merged by log-sum-exp: the split
+    passes every path, inside the kernel's contract and as close to the baseline as a correct integration of the same
+    kernel; each part smoothed by its own mean fails the paths that extend a cached prefix, by far."""
+    _, results = judged_split["sage_attn"]
+    rows = {r.path: r for r in results}
+    assert all(r.passed is not False for r in results), {r.path: r.figures for r in results}
+    assert "extend_batches_split" in rows["prefix"].evidence and "extend_batches_split" in rows["chunked"].evidence
+    for path in ("prefix", "chunked"):
+        assert rows[path].figures["integration"]["emulation"] == "sage2-fp8-emulated"
+        assert rows[path].figures["integration"]["passed"] and not rows[path].figures["kernel"]["violating_calls"]
+    # the extend's two calls: the prefix part not causal, the new part causal (square: no violation above)
+    kinds = {c["configuration"].split(": ")[1].split(",")[0] for c in rows["prefix"].figures["kernel"]["configurations"]}
+    assert kinds == {"causal", "non-causal"}, rows["prefix"].figures["kernel"]["configurations"]
+    _, wrong = judged_split["sage_attn_split_own_means"]
+    got = verdicts(wrong)
+    assert got["prefix"] is False and got["chunked"] is False and got["cold"] and got["batch"], got
+    # decode prompts are prefilled as an extend over the cached BOS token: the defect reaches them too, nothing else
+    assert {p for p, v in got.items() if v is False} <= {"prefix", "chunked", "decode_graphs", "decode_eager"}, got
+    low = {r.path: r.figures["ratio_vs_baseline_low"] for r in wrong if r.path in ("prefix", "chunked")}
+    assert min(low.values()) > 5, low  # not a near miss: 10-22x the baseline's own path-to-path difference on the stand-in
+
+
 def test_the_right_backend_and_the_baseline_have_no_kernel_violation(judged):
     plan, results = judged["sage_attn"]
     looked = [r for r in results if r.figures.get("kernel") is not None]

@@ -30,6 +30,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
+from tests.standin import split_prefill
+
 BUILTIN = ("fa3", "flashinfer", "triton", "torch_native")  # all computed with SDPA here
 
 
@@ -55,6 +57,7 @@ class State:
     chunk = 8192
     graph_max_bs = 16
     baseline = "sdpa"
+    split = False  # SAGE_ATTN_PREFILL=batched: prefix extends through the plugin's split (SageAttention 2, emulated)
     crossover = None  # SAGE_ATTN_DISPATCH=N: the plugin's rule (sglang_plugin.dispatch), Triton's route computed by the baseline
 
 
@@ -189,6 +192,8 @@ def handle_generate(req: dict):
         State.stats.count(f"extend_tokens_{route}", sum(len(x) for x in batch))
         if with_prefix:
             State.stats.count("extend_batches_with_prefix" + ("" if on_kernel else "_triton"), rounds if rounds > 1 else 1)
+            if State.split and on_kernel:
+                State.stats.count("extend_batches_split", rounds if rounds > 1 else 1)
         steps = max(0, n_new - 1)
         if graph:
             State.stats.count("decode_graph_replays", steps)
@@ -368,6 +373,20 @@ def measure_dispatch_on_cpu(cfg, max_length: int):
                                           "stands for Triton's extend kernel")
 
 
+def split_candidate(fault):
+    """The candidate's attention where sage_attn's prefill is SageAttention 2's (``SAGE_ATTN_PREFILL=batched``): the
+    plugin's own split on the emulated kernel (:mod:`tests.standin.split_prefill`), or a variant's defective split."""
+    from sagecheck.registry import ATTENTION
+
+    if fault not in (None, "split_own_means"):
+        raise SystemExit(f"standin: the variant {State.name} has no stand-in computation with SAGE_ATTN_PREFILL=batched")
+    name = "sage_attn-split" if fault is None else "sage_attn-split-own-means"
+    if name not in ATTENTION:
+        target = ("tests.standin.split_prefill:prefill" if fault is None else "tests.standin.split_prefill:prefill_own_means")
+        ATTENTION.register(name, target, role="candidate", description=f"stand-in: {split_prefill.KERNEL}")
+    return name
+
+
 class RankStats:
     """The statistics of each tensor-parallel rank, as SGLang's scheduler processes write them (one file per rank,
     every batch counted on each); the stand-in computes on one process."""
@@ -419,19 +438,24 @@ def main(argv=None):
     if State.name not in BUILTIN:
         assert State.name in ATTENTION_BACKENDS, f"{State.name} passed the parser but no plugin registered it"
         phases = candidate_phases(State.name)
-        State.backend = "sage-emulated"
-        if State.name != "sage_attn":  # a deliberately wrong variant (tests/faults): the emulation with its one defect
-            from sagecheck_faults import FAULTS
-            from tests.standin import faults
-
-            baseline, State.backend = faults.install(FAULTS[State.name], args.tp_size)
-        State.decode = "sage" if "decode" in phases else "triton"
         from sagecheck.environment import package_version
         from sagecheck.sglang_plugin.settings import Settings
         from sagecheck.sglang_plugin.stats import Stats
 
-        cfg = model.config
         settings = Settings.from_env()
+        State.backend, kernel = "sage-emulated", "sage-emulated (stand-in: sagecheck's emulation of SageAttention 1.0.6)"
+        State.split = settings.prefill == "batched"  # SageAttention 2's sageattn (emulated): prefix extends split
+        fault = None
+        if State.name != "sage_attn":  # a deliberately wrong variant (tests/faults): the emulation with its one defect
+            from sagecheck_faults import FAULTS
+            from tests.standin import faults
+
+            fault = FAULTS[State.name]
+            baseline, State.backend = faults.install(fault, args.tp_size)
+        if State.split:
+            State.backend, kernel = split_candidate(fault), split_prefill.KERNEL
+        State.decode = "sage" if "decode" in phases else "triton"
+        cfg = model.config
         # no GPU to measure a crossover on: "measured" runs every prefill batch on the (emulated) kernel; a crossover
         # set (SAGE_ATTN_DISPATCH=N) is the plugin's rule, its Triton route computed by the baseline (SDPA here)
         from sagecheck.sglang_plugin import dispatch as plugin_dispatch
@@ -447,7 +471,9 @@ def main(argv=None):
             dispatch, rule = State.crossover.as_dict(), State.crossover.describe()
         State.stats = RankStats([Stats(settings.stats_dir, {
             "dispatch": dispatch, "dispatch_rule": rule,
-            "backend": State.name, "kernel": "sage-emulated (stand-in: sagecheck's emulation of SageAttention 1.0.6)",
+            "backend": State.name, "kernel": kernel, "prefill": "batched" if State.split else "varlen",
+            "prefix_extend": ("split: the new tokens against the prefix and against themselves, merged by log-sum-exp"
+                              if State.split else "whole sequence: the prefix's rows computed too"),
             "sageattention_version": package_version("sageattention"), "decode": State.decode, "decode_cuda_graphs": not args.disable_cuda_graph,
             "tp_rank": rank, "tp_size": args.tp_size, "q_heads_per_rank": cfg.num_attention_heads // args.tp_size,
             "kv_heads_per_rank": max(1, cfg.num_key_value_heads // args.tp_size), "head_dim": cfg.head_dim})

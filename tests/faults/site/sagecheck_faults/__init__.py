@@ -13,7 +13,11 @@ are never part of sagecheck:
 * ``sage_attn_stale_graph``: a replayed decode graph reads the sequence lengths of the step before (the newest key
   is left out), as when replay metadata is not refreshed; eager decode is right;
 * ``sage_attn_head_split``: each tensor-parallel rank reads the KV heads of rank 0 (its own share of the query heads,
-  the wrong KV heads): no effect on one rank.
+  the wrong KV heads): no effect on one rank;
+* ``sage_attn_split_own_means``: with SageAttention 2 (the split of a prefix extend, ``SAGE_ATTN_PREFILL=batched`` on
+  the stand-in), each part's keys are smoothed by their own mean, not by the request's over all its keys: the two
+  log-sum-exps carry different shifts and the merge weights the prefix and the new tokens wrongly
+  (:mod:`sagecheck_faults.split`).
 
 Defects of the kernel call itself, which the census of kernel calls (``sagecheck.census``) holds to the kernel's
 contract whatever the output shows:
@@ -31,7 +35,8 @@ from __future__ import annotations
 FAULTS = {"sage_attn_prefix_fault": "prefix", "sage_attn_padded_decode": "padded_decode",
           "sage_attn_stale_graph": "stale_graph", "sage_attn_head_split": "head_split",
           "sage_attn_causal_prefix": "causal_prefix", "sage_attn_prefix_fallback": "prefix_fallback",
-          "sage_attn_wrong_scale": "wrong_scale", "sage_attn_padded_kernel": "padded_kernel"}
+          "sage_attn_wrong_scale": "wrong_scale", "sage_attn_padded_kernel": "padded_kernel",
+          "sage_attn_split_own_means": "split_own_means"}
 
 
 def register() -> None:

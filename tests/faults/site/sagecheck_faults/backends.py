@@ -85,7 +85,7 @@ def faulty_backend(fault: str) -> type:
     # uncorrected decode (the stand-in emulates that kernel)
     return {"prefix": PrefixFault, "padded_decode": PaddedDecodeFault, "stale_graph": StaleGraphFault,
             "head_split": HeadSplitFault, "causal_prefix": CausalPrefixFault, "prefix_fallback": PrefixFallbackFault,
-            "wrong_scale": WrongScaleFault, "padded_kernel": PaddedDecodeFault}[fault]
+            "wrong_scale": WrongScaleFault, "padded_kernel": PaddedDecodeFault, "split_own_means": SplitOwnMeansFault}[fault]
 
 
 class CausalPrefixFault(SageAttnBackend):
@@ -135,3 +135,14 @@ class WrongScaleFault(SageAttnBackend):
         def call(*args: Any, sm_scale: float | None = None, **kwargs: Any) -> Any:
             return kernel(*args, sm_scale=None if sm_scale is None else 1.25 * sm_scale, **kwargs)
         return call
+
+
+class SplitOwnMeansFault(SageAttnBackend):
+    """The split of a prefix extend with each part smoothed by its own mean (:mod:`sagecheck_faults.split`)."""
+
+    def _kernel_extend(self, q3, k3, v3, k_prefix, v_prefix, layout, groups, plan, scale):
+        if plan is None:
+            return super()._kernel_extend(q3, k3, v3, k_prefix, v_prefix, layout, groups, plan, scale)
+        from sagecheck_faults.split import extend_split_own_means
+
+        return extend_split_own_means(self.batched_kernel, q3, k3, v3, k_prefix, v_prefix, layout, plan, scale)
