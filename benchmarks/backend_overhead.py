@@ -12,7 +12,8 @@ shape (query / KV heads, head dim, bf16) and a few batches, times with CUDA even
 * ``triton``: SGLang's Triton extend kernel on the same batch (the baseline's attention).
 
 and counts, with torch's profiler, the CUDA runtime calls of one layer of each path (copies, synchronizations,
-allocations by cudaMalloc, kernel launches). Writes a JSON file and prints a table.
+allocations by cudaMalloc, kernel launches), and where each path's time goes: its top kernels and ops by device time
+and by host time (what the path spends beyond the bare kernel, part by part). Writes a JSON file and prints a table.
 
     PYTHONPATH=lib python3 benchmarks/backend_overhead.py --out overhead.json [--shape llama8b|builtin]
 """
@@ -37,21 +38,31 @@ BATCHES = {
 }
 
 
-def runtime_calls(fn) -> dict[str, int]:
-    """CUDA runtime calls of one call of ``fn`` (after a warm-up), by name."""
+def profiled(fn, top: int = 8) -> dict[str, object]:
+    """One call of ``fn`` (after a warm-up) under torch's profiler: its CUDA runtime calls by name, and where its time
+    goes: the ``top`` entries by device time (kernels and the ops that launched them) and by host time, in ms."""
     from torch.profiler import ProfilerActivity, profile
 
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
         fn()
-        torch.cuda.synchronize()
+        sync()
+    events = [ev for ev in prof.key_averages() if ev.key != "cudaDeviceSynchronize"]
     counts: dict[str, int] = {}
-    for ev in prof.key_averages():
-        name = ev.key
-        if name.startswith("cuda") and name != "cudaDeviceSynchronize":
-            counts[name] = counts.get(name, 0) + ev.count
-    return counts
+    for ev in events:
+        if ev.key.startswith("cuda"):
+            counts[ev.key] = counts.get(ev.key, 0) + ev.count
+
+    def ranked(attr: str) -> list[dict[str, object]]:
+        best = sorted(events, key=lambda ev: getattr(ev, attr), reverse=True)[:top]
+        return [{"name": ev.key[:120], "count": ev.count, "ms": round(getattr(ev, attr) / 1e3, 4)} for ev in best
+                if getattr(ev, attr) > 0]
+
+    return {"runtime_calls": counts, "by_device_time": ranked("self_device_time_total"),
+            "by_host_time": ranked("self_cpu_time_total")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
             t = cuda_ms(fn, warmup=3, repeats=20)
             row[f"{label}_ms"] = statistics.median(t)
             row[f"{label}_p10_p90"] = [sorted(t)[2], sorted(t)[-3]]
-            row[f"{label}_runtime_calls"] = runtime_calls(fn)
+            prof = profiled(fn)
+            row[f"{label}_runtime_calls"] = prof["runtime_calls"]
+            row[f"{label}_by_device_time"], row[f"{label}_by_host_time"] = prof["by_device_time"], prof["by_host_time"]
         if extend_attention_fwd is not None:
             kbuf = torch.cat([kp, k]) if kp is not None else k
             vbuf = torch.cat([vp, v]) if vp is not None else v
@@ -145,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:>30}: before {row['before_ms']:.3f} ms, after {row['after_ms']:.3f} ms, kernel "
               f"{row.get('kernel_ms', float('nan')):.3f} ms, triton {row.get('triton_ms', float('nan')):.3f} ms; "
               f"runtime calls before {row['before_runtime_calls']}, after {row['after_runtime_calls']}", flush=True)
+        for part in row["after_by_device_time"][:5]:
+            print(f"{'':>32}after, device: {part['ms']:.3f} ms in {part['count']} x {part['name']}", flush=True)
+        for part in row["after_by_host_time"][:3]:
+            print(f"{'':>32}after, host:   {part['ms']:.3f} ms in {part['count']} x {part['name']}", flush=True)
     out = {"gpu": torch.cuda.get_device_name(), "shape": {"name": a.shape, "q_heads": heads, "kv_heads": kv_heads, "head_dim": d},
            "sageattn_returns_lse": lse, "rows": rows}
     a.out.write_text(json.dumps(out, indent=1))

@@ -1,0 +1,44 @@
+"""The benchmarks' own logic on the CPU, so that a GPU session spends its time measuring, not finding a typo: the census
+cost benchmark runs end to end; the overhead benchmark's profile names where a call's time goes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import torch
+
+from tests.conftest import ROOT
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_overhead_profile_ranks_a_calls_parts_by_time():
+    overhead = load("backend_overhead")
+    x = torch.randn(256, 256)
+    prof = overhead.profiled(lambda: (x @ x).sum())
+    names = [p["name"] for p in prof["by_host_time"]]
+    assert "aten::mm" in names and all(p["ms"] > 0 and p["count"] >= 1 for p in prof["by_host_time"])
+    assert prof["runtime_calls"] == {} and prof["by_device_time"] == []  # no GPU here: no device time, no CUDA call
+
+
+def test_the_census_cost_benchmark_runs_and_a_call_costs_microseconds(tmp_path, monkeypatch):
+    from sagecheck import census
+
+    fresh = census.Census()  # the benchmark's calls land in a census of their own, not this process's
+    monkeypatch.setattr(census, "CENSUS", fresh)
+    monkeypatch.setattr(census, "snapshot", fresh.snapshot)
+    bench = load("census_overhead")
+    out = tmp_path / "census.json"
+    assert bench.main(["--calls", "200", "--json", str(out)]) == 0
+    got = json.loads(out.read_text())["us_per_call"]
+    assert set(got) == {"bare no-op", "padded call (sageattn, NHD)", "packed call (sageattn_varlen)",
+                        "packed call, census paused"}
+    # recording costs something, pausing almost nothing; well under a millisecond either way on any machine
+    assert got["bare no-op"] < got["packed call, census paused"] < got["packed call (sageattn_varlen)"] < 1000
+    assert {e["config"]["entry"] for e in fresh.snapshot().values()} == {"sageattn", "sageattn_varlen"}
