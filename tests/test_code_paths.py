@@ -74,23 +74,18 @@ CENSUS_VARIANTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def judged(tmp_path_factory, builtin):
-    """Every variant against the baseline server on the stand-in, judged: {candidate: (plan, results)}. Variants whose
-    servers take the same arguments share one baseline server (each gets its own candidate server)."""
+def judge_on_the_standin(tmp_path_factory, control, groups: dict[tuple[str, ...], list[tuple[str, list[str]]]]) -> dict:
+    """Each candidate against a baseline server on the stand-in, judged: {name: (plan, results)}. ``groups``: per
+    baseline's overrides, the candidates (backend name, their overrides) that share that baseline server (each gets its
+    own candidate server)."""
     old = os.environ.get("PYTHONPATH", "")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(STANDIN), str(FAULT_SITE), str(ROOT / "lib"), old])
     out = {}
-    control = builtin  # the accepted-precision control, in process on the same model (as the notebook measures it)
     try:
-        by_args: dict[tuple[str, ...], list[str]] = {}
-        for name, (overrides, _) in {**VARIANTS, **CENSUS_VARIANTS}.items():
-            by_args.setdefault(tuple(overrides), []).append(name)
-        for overrides, names in by_args.items():
-            log_dir = tmp_path_factory.mktemp("baseline")
-            with ServerSet(load(SGLANG_PARAMS, list(overrides)), log_dir, ["baseline"]) as baseline:
-                for name in names:
-                    params = load(SGLANG_PARAMS, [f"sglang_attention_backend={name}", *overrides])
+        for overrides, candidates in groups.items():
+            with ServerSet(load(SGLANG_PARAMS, list(overrides)), tmp_path_factory.mktemp("baseline"), ["baseline"]) as baseline:
+                for name, own in candidates:
+                    params = load(SGLANG_PARAMS, [f"sglang_attention_backend={name}", *own])
                     cand_dir = tmp_path_factory.mktemp(name)
                     with ServerSet(params, cand_dir, ["candidate"]) as candidate:
                         engine = SGLangEngine(params, cand_dir, servers={**baseline.as_dicts(), **candidate.as_dicts()})
@@ -98,6 +93,17 @@ def judged(tmp_path_factory, builtin):
     finally:
         os.environ["PYTHONPATH"] = old
     return out
+
+
+@pytest.fixture(scope="module")
+def judged(tmp_path_factory, builtin):
+    """Every variant against the baseline server on the stand-in, judged: {candidate: (plan, results)}. Variants whose
+    servers take the same arguments share one baseline server. The accepted-precision control runs in process on the
+    same model (as the notebook measures it)."""
+    groups: dict[tuple[str, ...], list[tuple[str, list[str]]]] = {}
+    for name, (overrides, _) in {**VARIANTS, **CENSUS_VARIANTS}.items():
+        groups.setdefault(tuple(overrides), []).append((name, list(overrides)))
+    return judge_on_the_standin(tmp_path_factory, builtin, groups)
 
 
 def verdicts(results: list[C.PathResult]) -> dict[str, bool | None]:
@@ -167,20 +173,8 @@ def test_each_wrong_kernel_call_fails_the_kernel_check_of_its_own_paths_and_no_o
 def judged_split(tmp_path_factory, builtin):
     """sage_attn's prefill with SageAttention 2 (SAGE_ATTN_PREFILL=batched: on the stand-in, the plugin's own split on
     the emulated SA2 kernel) and the variant with a defect in the split, against one baseline server, judged."""
-    old = os.environ.get("PYTHONPATH", "")
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(STANDIN), str(FAULT_SITE), str(ROOT / "lib"), old])
-    out = {}
-    try:
-        with ServerSet(load(SGLANG_PARAMS, []), tmp_path_factory.mktemp("baseline"), ["baseline"]) as baseline:
-            for name in ("sage_attn", "sage_attn_split_own_means"):
-                params = load(SGLANG_PARAMS, [f"sglang_attention_backend={name}", "sglang.sage_attn_prefill=batched"])
-                cand_dir = tmp_path_factory.mktemp(name)
-                with ServerSet(params, cand_dir, ["candidate"]) as candidate:
-                    engine = SGLangEngine(params, cand_dir, servers={**baseline.as_dicts(), **candidate.as_dicts()})
-                    out[name] = C.measure(engine, NotebookParams(params, "10_code_paths"), builtin)
-    finally:
-        os.environ["PYTHONPATH"] = old
-    return out
+    batched = ["sglang.sage_attn_prefill=batched"]
+    return judge_on_the_standin(tmp_path_factory, builtin, {(): [("sage_attn", batched), ("sage_attn_split_own_means", batched)]})
 
 
 @pytest.mark.slow
