@@ -399,6 +399,24 @@ def test_speedups_are_judged_against_the_aa_interval():
     assert classify(Samples(np.array([1.5] * 5), "x"), None) == "no A/A control"
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6])
+def test_each_server_runs_in_each_position_and_after_each_other_equally_often(n):
+    from collections import Counter
+
+    from sagecheck.metrics.serving import balanced_orders
+
+    orders = balanced_orders(n)
+    assert len(orders) == (2 * n if n % 2 and n > 1 else n) and all(sorted(o) == list(range(n)) for o in orders)
+    positions = Counter((i, server) for o in orders for i, server in enumerate(o))
+    assert len(set(positions.values())) == 1 and len(positions) == n * n
+    after = Counter((a, b) for o in orders for a, b in zip(o, o[1:]))
+    assert len(set(after.values())) <= 1 and len(after) == n * (n - 1)  # every ordered pair, as often as any other
+    # the cyclic rotation it replaces (baseline 0, candidate 1, copy 2) ran the candidate right after the baseline in
+    # two repeats of three and the A/A copy never: the control did not share the candidate's neighbours
+    rotated = [[(x + i) % 3 for x in range(3)] for i in range(3)]
+    assert Counter((a, b) for o in rotated for a, b in zip(o, o[1:]))[(0, 2)] == 0
+
+
 def test_the_sglang_sweep_measures_three_servers_interleaved(tmp_path):
     from sagecheck.metrics import serving as ST
 
@@ -407,7 +425,8 @@ def test_the_sglang_sweep_measures_three_servers_interleaved(tmp_path):
         rows, served = ST.sweep(engine, [16, 600], [1, 2], 3, 5, 1, 0, aa_control=True, max_batch_tokens=1000)
     finally:
         engine.close()
-    assert set(served["servers"]) == {"fa3", "sage_attn", "fa3 copy"} and "rotated per repeat" in served["order"]
+    assert set(served["servers"]) == {"fa3", "sage_attn", "fa3 copy"} and "Williams design" in served["order"]
+    assert served["orders_balanced"] is False and "5 repeats: not a multiple of 6" in served["order"]
     ok = [r for r in rows if r["status"] == "ok"]
     assert {(r["input_length"], r["batch"]) for r in ok} == {(16, 1), (16, 2), (600, 1)}
     over = [r for r in rows if r["status"] == "over the token budget"]
@@ -522,9 +541,10 @@ def test_notebooks_on_the_sglang_engine(tmp_path, builtin):
     assert len(aa) == 4 and t.metrics["aa_prefill_abs_diff_pct_median"] == pytest.approx(float(np.median(aa)))
     assert t.metrics["aa_prefill_abs_diff_pct_median"] >= 0 and any("A/A control (prefill)" in n for n in t.notes)
     assert [s["mem_fraction_static"] for s in t.metrics["servers"]["servers"].values()] == [0.283, 0.567, 0.85]
-    # every point's prefill on the (emulated) kernel, by the candidate's counters: 1 warm-up + 5 repeats, one batch each
+    # every point's prefill on the (emulated) kernel, by the candidate's counters: 1 warm-up + 6 repeats, one batch each
     assert {(r["prefill_on"], r["prefill_batches_kernel"]) for r in t.tables["throughput"] if r["implementation"] == "sage_attn"} \
-        == {("kernel", 6)} and t.metrics["prefill_points_on_kernel"] == 4
+        == {("kernel", 7)} and t.metrics["prefill_points_on_kernel"] == 4
+    assert t.metrics["servers"]["orders_balanced"] and "6 orders of a Williams design" in t.metrics["servers"]["order"]
     assert t.metrics["dispatch"]["rule"].startswith("every extend batch on the kernel (stand-in") and "dispatch" not in t.tables
     for nb in ("02_logits", "03_perplexity", "04_throughput", "07_context_length", "09_tasks", "10_code_paths"):
         assert "prefill batches on the kernel" in R.load(out / "results" / f"{nb}.json").metrics["candidate_ran"]

@@ -5,8 +5,11 @@ Per point (input length, batch size) and repeat, each server gets the same rando
 one streamed batch request after its prefix cache is flushed, timed at the client as
 ``sglang.bench_one_batch_server`` times it (:meth:`~sagecheck.engines.Backend.streamed_timing`): TTFT is
 the time to the last request's first token, decode the rest, per token ``(end - TTFT) /
-(decode_tokens - 1)``. The order of the servers rotates from repeat to repeat, so that a drift
-of the machine hits all alike.
+(decode_tokens - 1)``. The order of the servers changes from repeat to repeat by a Williams design
+(:func:`balanced_orders`): over a cycle of its orders (2 for two servers, 6 for three) each server runs in each
+position, and right after each other server, equally often, so that neither a drift of the machine nor what the
+server before left behind (a warm GPU, a busy host) favours one server; with repeats a multiple of the cycle the
+balance is exact, and the results say whether it was.
 
 The A/A control: the baseline's copy is another server of the same backend, started with the
 same flags. Its "speedup" over the baseline must be 1; its spread at a point is the smallest
@@ -44,14 +47,29 @@ def classify(speedup: Samples, control: Samples | None) -> str:
     return "no difference"
 
 
+def balanced_orders(n: int) -> list[list[int]]:
+    """A Williams design for ``n`` servers: orders of ``0..n-1`` in which each server holds each position equally often
+    and follows each other server equally often (``n`` orders for an even ``n``, ``2n`` for an odd one)."""
+    first, low, high = [0], 1, n - 1
+    while len(first) < n:  # 0, 1, n-1, 2, n-2, ...
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    orders = [[(x + i) % n for x in first] for i in range(n)]
+    return orders + [order[::-1] for order in orders] if n % 2 and n > 1 else orders
+
+
 def measure_interleaved(backends: dict[str, Any], labels: list[str], prompts: list[list[int]], decode_tokens: int,
                         repeats: int, warmup: int) -> dict[str, dict[str, Samples]]:
-    """One point on every server: per repeat, each server in rotated order gets the prompts as one streamed request
-    after its prefix cache is flushed. Prefill = TTFT (ms), decode = the rest of the request (ms)."""
+    """One point on every server: per repeat, each server in the order of :func:`balanced_orders` (the timed repeats
+    from its first order on) gets the prompts as one streamed request after its prefix cache is flushed. Prefill = TTFT
+    (ms), decode = the rest of the request (ms)."""
     times: dict[str, dict[str, list[float]]] = {label: {"prefill": [], "decode": []} for label in labels}
+    orders = balanced_orders(len(labels))
     for r in range(warmup + repeats):
-        shift = r % len(labels)
-        for label in labels[shift:] + labels[:shift]:
+        for label in (labels[i] for i in orders[(r - warmup) % len(orders)]):
             backends[label].reset_cache()
             ttft, total = backends[label].streamed_timing(prompts, decode_tokens)
             if r >= warmup:
@@ -161,7 +179,11 @@ def _sweep(engine: Engine, stack: ExitStack, lengths: list[int], batches: list[i
                 r["point_wall_s"] = wall
             rows += new + not_run
             log(f"batch {batch} length {length}: ok in {wall:.1f} s")
-    return rows, {"servers": servers, "order": "rotated per repeat: " + ", ".join(running), "clock": CLOCK,
+    cycle = len(balanced_orders(len(running)))
+    order = (f"per repeat, one of the {cycle} orders of a Williams design over {', '.join(running)} (each server in each "
+             f"position and after each other server equally often); {repeats} repeats: "
+             + ("balanced" if repeats % cycle == 0 else f"not a multiple of {cycle}, so not exactly balanced"))
+    return rows, {"servers": servers, "order": order, "orders_balanced": repeats % cycle == 0, "clock": CLOCK,
                   "decode_steps_per_request": decode_steps, "dispatch": dispatch}
 
 

@@ -537,6 +537,8 @@ def record(results: Any, s: Sweep, p: Any, on_gpu: bool) -> dict[str, Any]:
                                 "the baseline", value, "<=", p.aa_max_pct, unit="%", detail=detail)
             else:
                 results.note(f"CPU timings, A/A control ({kind}): {format_number(value)}% (no verdict on CPU); {detail}")
+    if s.served and s.served.get("orders_balanced") is False:
+        results.note(f"The servers' order: {s.served['order']} (throughput.repeats a multiple of the design's cycle balances it)")
     dispatch = (s.served or {}).get("dispatch")
     if dispatch:
         rows = dispatch_rows(s)
