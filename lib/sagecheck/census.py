@@ -13,10 +13,10 @@ Where the calls come from:
 
 * in an SGLang server process, from sageattention's public functions, wrapped in place by :func:`install` (sagecheck's
   plugin calls it in every scheduler process of a server given a statistics folder, ``SAGE_ATTN_STATS_DIR``, as
-  sagecheck starts its candidate; whatever backend serves; a server in production wraps nothing): the module's attributes, the ``core`` module's
-  kernels they dispatch to, and every name already bound to one of them in a loaded module (a backend that did
-  ``from sageattention import sageattn`` at its import is recorded too), and an import hook for a sageattention
-  imported later;
+  sagecheck starts its candidate, whatever backend serves; a server in production wraps nothing): the module's
+  attributes, the ``core`` module's kernels they dispatch to, and every name already bound to one of them in a loaded
+  module (a backend that did ``from sageattention import sageattn`` at its import is recorded too), and an import hook
+  for a sageattention imported later;
 * in process, from the emulations (:mod:`sagecheck.attention.sage_emulated`, :mod:`~sagecheck.attention.sage2_fp8_emulated`),
   which stand for a correct integration of the kernel and record their calls as one makes them (a causal extend over a
   cached prefix with the prefix's rows: as many queries as keys), and from any implementation that calls
