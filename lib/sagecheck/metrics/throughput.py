@@ -470,7 +470,8 @@ def dispatch_caption(s: Sweep) -> str:
 def dispatch_curves(s: Sweep) -> tuple[dict[str, list[int]], dict[str, list[float]], dict[str, float]]:
     """The measurement of :func:`dispatch_rows` as three curves against the request length, and the crossover's mark."""
     rows = dispatch_rows(s)
-    series = {"sage_attn's kernel path": "kernel_path_ms", "the bare kernel": "bare_kernel_ms", "Triton's extend kernel": "triton_ms"}
+    series = {f"{s.candidate}'s kernel path": "kernel_path_ms", "the bare kernel": "bare_kernel_ms",
+              "Triton's extend kernel": "triton_ms"}
     xs = {label: [r["keys_per_request"] for r in rows if r[key] is not None] for label, key in series.items()}
     ys = {label: [r[key] for r in rows if r[key] is not None] for label, key in series.items()}
     keys = (((s.served or {}).get("dispatch") or {}).get("measured") or {}).get("keys")
