@@ -75,21 +75,22 @@ CENSUS_VARIANTS = {
 
 
 def judge_on_the_standin(tmp_path_factory, control, groups: dict[tuple[str, ...], list[tuple[str, list[str]]]]) -> dict:
-    """Each candidate against a baseline server on the stand-in, judged: {name: (plan, results)}. ``groups``: per
-    baseline's overrides, the candidates (backend name, their overrides) that share that baseline server (each gets its
-    own candidate server)."""
+    """Each candidate against a baseline server on the stand-in, judged: {label: (plan, results)}. ``groups``: per
+    baseline's overrides, the candidates (``name`` or ``label=name``: the backend, their overrides) that share that
+    baseline server (each gets its own candidate server)."""
     old = os.environ.get("PYTHONPATH", "")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(STANDIN), str(FAULT_SITE), str(ROOT / "lib"), old])
     out = {}
     try:
         for overrides, candidates in groups.items():
             with ServerSet(load(SGLANG_PARAMS, list(overrides)), tmp_path_factory.mktemp("baseline"), ["baseline"]) as baseline:
-                for name, own in candidates:
+                for spec, own in candidates:
+                    label, _, name = spec.rpartition("=")
                     params = load(SGLANG_PARAMS, [f"sglang_attention_backend={name}", *own])
                     cand_dir = tmp_path_factory.mktemp(name)
                     with ServerSet(params, cand_dir, ["candidate"]) as candidate:
                         engine = SGLangEngine(params, cand_dir, servers={**baseline.as_dicts(), **candidate.as_dicts()})
-                        out[name] = C.measure(engine, NotebookParams(params, "10_code_paths"), control)
+                        out[label or name] = C.measure(engine, NotebookParams(params, "10_code_paths"), control)
     finally:
         os.environ["PYTHONPATH"] = old
     return out
@@ -170,19 +171,23 @@ def test_each_wrong_kernel_call_fails_the_kernel_check_of_its_own_paths_and_no_o
 
 
 @pytest.fixture(scope="module")
-def judged_split(tmp_path_factory, builtin):
-    """sage_attn's prefill with SageAttention 2 (SAGE_ATTN_PREFILL=batched: on the stand-in, the plugin's own split on
-    the emulated SA2 kernel) and the variant with a defect in the split, against one baseline server, judged."""
-    batched = ["sglang.sage_attn_prefill=batched"]
-    return judge_on_the_standin(tmp_path_factory, builtin, {(): [("sage_attn", batched), ("sage_attn_split_own_means", batched)]})
+def judged_plugin(tmp_path_factory, builtin):
+    """Against one baseline server: sage_attn's prefill with SageAttention 2 (SAGE_ATTN_PREFILL=batched: on the
+    stand-in, the plugin's own split on the emulated SA2 kernel) and the variant with a defect in the split; sage_attn
+    with a dispatch rule that sends short requests to Triton (SAGE_ATTN_DISPATCH=100: the batch path's 32-token
+    requests) and the variant that runs them on the kernel, counted as Triton's."""
+    batched, routed = ["sglang.sage_attn_prefill=batched"], ["sglang.sage_attn_dispatch=100"]
+    return judge_on_the_standin(tmp_path_factory, builtin, {(): [
+        ("split=sage_attn", batched), ("sage_attn_split_own_means", batched),
+        ("routed=sage_attn", routed), ("sage_attn_route_miscount", routed)]})
 
 
 @pytest.mark.slow
-def test_the_plugins_split_passes_every_path_and_a_defect_in_it_fails_the_prefix_paths(judged_split):
+def test_the_plugins_split_passes_every_path_and_a_defect_in_it_fails_the_prefix_paths(judged_plugin):
     """With SageAttention 2 the plugin splits a prefix extend in two kernel calls merged by log-sum-exp: the split
     passes every path, inside the kernel's contract and as close to the baseline as a correct integration of the same
     kernel; each part smoothed by its own mean fails the paths that extend a cached prefix, by far."""
-    _, results = judged_split["sage_attn"]
+    _, results = judged_plugin["split"]
     rows = {r.path: r for r in results}
     assert all(r.passed is not False for r in results), {r.path: r.figures for r in results}
     assert "extend_batches_split" in rows["prefix"].evidence and "extend_batches_split" in rows["chunked"].evidence
@@ -192,13 +197,32 @@ def test_the_plugins_split_passes_every_path_and_a_defect_in_it_fails_the_prefix
     # the extend's two calls: the prefix part not causal, the new part causal (square: no violation above)
     kinds = {c["configuration"].split(": ")[1].split(",")[0] for c in rows["prefix"].figures["kernel"]["configurations"]}
     assert kinds == {"causal", "non-causal"}, rows["prefix"].figures["kernel"]["configurations"]
-    _, wrong = judged_split["sage_attn_split_own_means"]
+    _, wrong = judged_plugin["sage_attn_split_own_means"]
     got = verdicts(wrong)
     assert got["prefix"] is False and got["chunked"] is False and got["cold"] and got["batch"], got
     # decode prompts are prefilled as an extend over the cached BOS token: the defect reaches them too, nothing else
     assert {p for p, v in got.items() if v is False} <= {"prefix", "chunked", "decode_graphs", "decode_eager"}, got
     low = {r.path: r.figures["ratio_vs_baseline_low"] for r in wrong if r.path in ("prefix", "chunked")}
     assert min(low.values()) > 5, low  # not a near miss: 10-22x the baseline's own path-to-path difference on the stand-in
+
+
+@pytest.mark.slow
+def test_a_path_on_the_dispatch_rules_triton_route_is_judged_as_that_route_and_a_miscounted_one_fails(judged_plugin):
+    """The batch path's short requests go to Triton by the rule: the path is judged by its answers (the baseline's
+    own kernel: no difference) and by the census agreeing with the counters; the variant that runs them on the kernel
+    while counting them as Triton's gives near-baseline answers, and only that agreement shows it."""
+    _, results = judged_plugin["routed"]
+    rows = {r.path: r for r in results}
+    assert rows["batch"].exercised and rows["batch"].passed and rows["batch"].figures["route"] == C.TRITON_ROUTE
+    assert rows["batch"].figures["route_kernel_calls"] == 0 and "extend_batches_triton" in rows["batch"].evidence
+    assert rows["prefix"].passed and "route" not in rows["prefix"].figures  # 160-token requests: on the kernel
+    assert "On Triton by the dispatch rule** (batch invariance)" in C.sentence(results)
+    _, wrong = judged_plugin["sage_attn_route_miscount"]
+    got = verdicts(wrong)
+    assert {p for p, v in got.items() if v is False} == {"batch"}, got
+    bad = {r.path: r for r in wrong}["batch"].figures
+    assert bad["output_passed"] and bad["route_kernel_calls"] > 0  # its answers pass: the census shows it
+    assert "kernel call(s) where its counters say on Triton (dispatch rule)" in C.sentence(wrong)
 
 
 def test_the_right_backend_and_the_baseline_have_no_kernel_violation(judged):
@@ -226,9 +250,12 @@ def test_counters_that_contradict_the_path_make_it_not_exercised():
     assert "no batch with a cached prefix" in C._counters_say_not("prefix", {"extend_batches_kernel": 2}, "sage_attn")
     assert "replayed no CUDA graph" in C._counters_say_not("decode_graphs", {"decode_batches_triton": 7}, "sage_attn")
     assert C._counters_say_not("decode_graphs", {"decode_graph_replays": 7}, "sage_attn") is None
-    # sage_attn's dispatch rule sent the path's batches to Triton: the kernel is not judged there, whatever the output
-    routed = C._counters_say_not("chunked", {"extend_batches_triton": 3, "extend_batches_with_prefix_triton": 2}, "sage_attn")
-    assert "sent every prefill batch of this path to Triton" in routed and "sage_attn_dispatch=kernel" in routed
-    assert C._counters_say_not("chunked", {"extend_batches_triton": 1, "extend_batches_kernel": 2,
-                                           "extend_batches_with_prefix": 2}, "sage_attn") is None
+    # sage_attn's dispatch rule sent the path's batches to Triton: judged as that route (not "not exercised"), unless
+    # its counters show no batch with a cached prefix on a prefix path
+    on_triton = {"extend_batches_triton": 3, "extend_batches_with_prefix_triton": 2}
+    assert C.triton_route("chunked", on_triton) and C._counters_say_not("chunked", on_triton, "sage_attn") is None
+    assert "no batch with a cached prefix" in C._counters_say_not("prefix", {"extend_batches_triton": 3}, "sage_attn")
+    mixed = {"extend_batches_triton": 1, "extend_batches_kernel": 2, "extend_batches_with_prefix": 2}
+    assert not C.triton_route("chunked", mixed) and C._counters_say_not("chunked", mixed, "sage_attn") is None
+    assert not C.triton_route("decode_eager", {"extend_batches_triton": 3})  # decode paths are not routed
     time.sleep(0)

@@ -48,7 +48,8 @@ case $phase in
     fi
     step "code paths with SA2"
     PYTHONPATH=$PWD/tests/faults/site:/tmp/sa2:$PYTHONPATH python3 tests/faults/gpu_code_paths.py \
-      --params params/sglang-builtin-gpu.yaml --out /tmp/cp --variants sage_attn,sage_attn_prefix_fault,sage_attn_split_own_means \
+      --params params/sglang-builtin-gpu.yaml --out /tmp/cp \
+      --variants sage_attn,sage_attn_prefix_fault,sage_attn_split_own_means,sage_attn_routed,sage_attn_route_miscount \
       2>&1 | tail -60
     grep -h '"kernel"\|"prefill"' /tmp/cp/logs-tp1/*/sage_attn-stats-*/rank*.json 2>/dev/null | sort | uniq
     step "done"

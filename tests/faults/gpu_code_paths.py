@@ -34,6 +34,10 @@ VARIANTS = {  # name: (--attention-backend, overrides, the path it must fail or 
     "sage_attn_head_split": ("sage_attn_head_split", [], "tp_ranks"),
     # with SageAttention 2 on the path (gpu_sa2.sh's sa2): the split of a prefix extend, each part smoothed by its own mean
     "sage_attn_split_own_means": ("sage_attn_split_own_means", [], "prefix"),
+    # the dispatch rule from 200 keys: the batch path's 120-token requests on Triton (params/sglang-builtin-gpu.yaml),
+    # judged as that route; the variant runs them on the kernel, counted as Triton's
+    "sage_attn_routed": ("sage_attn", ["sglang.sage_attn_dispatch=200"], None),
+    "sage_attn_route_miscount": ("sage_attn_route_miscount", ["sglang.sage_attn_dispatch=200"], "batch"),
 }
 
 

@@ -57,6 +57,7 @@ class State:
     chunk = 8192
     graph_max_bs = 16
     baseline = "sdpa"
+    variant = None  # the defect of a deliberately wrong variant (tests/faults), None for sage_attn itself
     split = False  # SAGE_ATTN_PREFILL=batched: prefix extends through the plugin's split (SageAttention 2, emulated)
     crossover = None  # SAGE_ATTN_DISPATCH=N: the plugin's rule (sglang_plugin.dispatch), Triton's route computed by the baseline
 
@@ -146,7 +147,8 @@ def handle_generate(req: dict):
 
         prefix = [State.radix.match(seq, prefix_limit(len(seq), want_lp, st)) for seq, st in zip(batch, starts)]
         on_kernel = to_kernel(prefix, [len(seq) - p for seq, p in zip(batch, prefix)], State.crossover)
-        impl = impl if on_kernel else State.baseline
+        if State.variant != "route_miscount":  # that variant runs the kernel all the same, counted as Triton's
+            impl = impl if on_kernel else State.baseline
     with State.lock, engine.backend(impl) as b, torch.inference_mode():
         rounds, with_prefix = 1, False
         for seq, start in zip(batch, starts):
@@ -450,7 +452,7 @@ def main(argv=None):
             from sagecheck_faults import FAULTS
             from tests.standin import faults
 
-            fault = FAULTS[State.name]
+            fault = State.variant = FAULTS[State.name]
             baseline, State.backend = faults.install(fault, args.tp_size)
         if State.split:
             State.backend, kernel = split_candidate(fault), split_prefill.KERNEL

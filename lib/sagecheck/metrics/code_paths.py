@@ -24,7 +24,11 @@ resampled for both means) giving its lower 99% bound. A path fails where either 
 (``tests/test_code_paths.py`` holds both). The baseline against itself (an A/A run) gives ratios of 1.
 
 A path that did not run, or whose evidence does not show it ran (no cached tokens, one chunk only, graphs
-off, the candidate falling back to the baseline), is "not exercised", never "pass".
+off, the candidate falling back to the baseline), is "not exercised", never "pass". A prefill path whose batches the
+candidate's own dispatch rule sent to the baseline's kernel (sagecheck's sage_attn measures where its kernel pays) is
+judged as that route, "on Triton": the backend serves that shape so, and its route must give the baseline's answers
+too; no kernel call is looked for there, and the kernel itself is judged on the paths that reached it
+(``sglang.sage_attn_dispatch=kernel`` sends every path there).
 """
 
 from __future__ import annotations
@@ -337,6 +341,16 @@ def _lengths(lengths: list[int]) -> str:
     return ", ".join(map(str, lengths)) if len(lengths) <= 12 else f"{lengths[0]} to {lengths[-1]} ({len(lengths)} lengths)"
 
 
+TRITON_ROUTE = "on Triton (dispatch rule)"
+PREFILL_PATHS = ("cold", "prefix", "chunked", "batch")
+
+
+def triton_route(name: str, counted: dict[str, int]) -> bool:
+    """Whether the candidate's dispatch rule sent every prefill batch of this path to the baseline's kernel (its
+    counters: batches on Triton, none on the kernel)."""
+    return name in PREFILL_PATHS and bool(counted.get("extend_batches_triton")) and not counted.get("extend_batches_kernel")
+
+
 def _counters_say_not(name: str, counted: dict[str, int], implementation: str) -> str | None:
     """Where the candidate's own counters contradict the path: it fell back to the baseline, ran in other phases only,
     or its server ran another path."""
@@ -344,14 +358,11 @@ def _counters_say_not(name: str, counted: dict[str, int], implementation: str) -
         if counted.get(f"fallbacks:{implementation}"):
             return "the candidate fell back to the baseline on every attention call of this path"
         return "the candidate ran no attention call on this path (its phases leave this path to the baseline)"
-    if counted.get("extend_batches_triton") and name in ("prefix", "chunked", "cold", "batch") and \
-            not counted.get("extend_batches_kernel"):
-        return ("the dispatch rule of the candidate's server sent every prefill batch of this path to Triton (the kernel "
-                "only where it pays on this GPU): the kernel did not run here; sglang.sage_attn_dispatch=kernel judges it on "
-                "every path")
-    if any(k.startswith("fallback:") for k in counted) and name in ("prefix", "chunked", "cold", "batch") and \
-            not counted.get("extend_batches_kernel"):
+    if any(k.startswith("fallback:") for k in counted) and name in PREFILL_PATHS and not counted.get("extend_batches_kernel") \
+            and not triton_route(name, counted):
         return "the candidate's server ran no prefill batch on its kernel (every batch fell back)"
+    if name in ("prefix", "chunked") and triton_route(name, counted) and not counted.get("extend_batches_with_prefix_triton"):
+        return "the candidate's server counted no batch with a cached prefix"
     if name in ("prefix", "chunked") and "extend_batches_kernel" in counted and not counted.get("extend_batches_with_prefix"):
         return "the candidate's server counted no batch with a cached prefix"
     if name == "decode_graphs" and ("decode_batches_triton" in counted or "decode_batches_kernel" in counted) \
@@ -434,7 +445,12 @@ def judge_all(base: Ran, cand: Ran, pl: Plan, p: Any,
         words, why = evidence(name, cand, pl)
         if facts:
             words += "; compared: " + "; ".join(f"{k.replace('_', ' ')} {v}" for k, v in facts.items())
+        routed = triton_route(name, cand.counted.get(name, {}))
         calls = kernel_calls(name, cand, model_config)
+        # on the rule's Triton route no kernel call is made by design: the route is judged by its answers, and by the
+        # census agreeing with the counters (a kernel call there means the counters misreport where batches ran)
+        route_calls = (calls or {}).get("step_calls", 0) if routed else 0
+        calls = None if routed else calls
         if calls is not None and not calls["step_calls"]:
             why = why or "the candidate made no kernel call on this path (another kernel served it: a fallback)"
         if why or not len(aligned):
@@ -459,6 +475,9 @@ def judge_all(base: Ran, cand: Ran, pl: Plan, p: Any,
                             reference_fails=bool(ref is not None and (ref.passed is False or (
                                 not ref.exercised and (ref.figures.get("kernel") or {}).get("step_calls") == 0))))
         figures["output_passed"] = figures["passed"]  # the difference against the controls alone
+        if routed:
+            figures["route"], figures["route_kernel_calls"] = TRITON_ROUTE, route_calls
+            figures["passed"] = bool(figures["passed"]) and not route_calls
         if calls is not None:
             figures["kernel"] = calls
             figures["passed"] = bool(figures["passed"]) and not calls["violating_calls"]
@@ -563,7 +582,7 @@ def judge_integration(results: list[PathResult], engine: Any, control_engine: An
     with in_process.backend(in_process.baseline) as bb:
         _with_cross(bb, emu, pl, ref_base)
     for r in results:
-        if not r.exercised or r.path in ("cold", "tp_ranks") or r.path not in emu.logprobs:
+        if not r.exercised or r.path in ("cold", "tp_ranks") or r.path not in emu.logprobs or r.figures.get("route"):
             continue
         a_c, _ = align(r.path, base, cand, pl)
         a_e, _ = align(r.path, ref_base, emu, pl)
@@ -611,7 +630,8 @@ def table(results: list[PathResult]) -> list[dict[str, Any]]:
     rows = []
     for r in results:
         f = r.figures
-        rows.append({"path": r.title, "result": "not exercised" if not r.exercised else ("pass" if r.passed else "FAIL"),
+        result = "not exercised" if not r.exercised else ("pass" if r.passed else "FAIL")
+        rows.append({"path": r.title, "result": result + (f", {f['route']}" if f.get("route") else ""),
                      "positions": f.get("positions"), "|cand - base| (nats)": f.get("vs_baseline_mean"),
                      "control |base path - base ref|": f.get("control_mean"),
                      "ratio vs baseline (99% low)": _ratio(f, "ratio_vs_baseline"), "ratio vs own reference (99% low)":
@@ -661,8 +681,9 @@ def record(results: Any, paths: list[PathResult], pl: Plan, p: Any, control: str
         if not r.exercised:
             continue
         f = r.figures
+        title = f"{r.title}, {f['route']}" if f.get("route") else r.title
         if r.path == "cold":
-            results.verdict("code_path.cold", "code_path", f"{r.title}: mean |candidate - baseline| log-probability",
+            results.verdict("code_path.cold", "code_path", f"{title}: mean |candidate - baseline| log-probability",
                             f["vs_baseline_mean"], "<=", f["accepted_control_mean"], unit="nats",
                             detail=f"{f['positions']} positions; {r.evidence}",
                             source=from_control(control, f"the same {f['positions']} positions",
@@ -676,7 +697,7 @@ def record(results: Any, paths: list[PathResult], pl: Plan, p: Any, control: str
                    if f.get("reference_fails") else "")
             anchored = (f"allowed the cold prefill's error {f['anchor_error_mean']:.3g} nats; "
                         if f.get("anchor_error_mean") is not None else "")
-            results.verdict(f"code_path.{r.path}", "code_path", f"{r.title}: excess over its control (99% lower bound)",
+            results.verdict(f"code_path.{r.path}", "code_path", f"{title}: excess over its control (99% lower bound)",
                             f["excess"], "<=", p.ratio_max,
                             detail=(how + anchored + f"vs baseline {f['ratio_vs_baseline']:.2f} (low {f['ratio_vs_baseline_low']:.2f}), vs its "
                                     f"own reference {f['ratio_vs_self']:.2f} (low {f['ratio_vs_self_low']:.2f}); "
@@ -685,6 +706,12 @@ def record(results: Any, paths: list[PathResult], pl: Plan, p: Any, control: str
                             source="control of this run: the baseline's own difference between this path and its reference "
                                    "(k), and the candidate's error on the reference (e); " +
                                    parameter("code_paths.ratio_max", p.ratio_max, "the most a 99% lower bound may exceed"))
+    for r in paths:  # a path its counters put on the dispatch rule's Triton route: the census must see no kernel call
+        if r.exercised and r.figures.get("route"):
+            results.verdict(f"code_path.{r.path}.route", "code_path", f"{r.title}: kernel calls where the counters say "
+                            f"{r.figures['route']}", r.figures["route_kernel_calls"], "==", 0,
+                            detail=one_line(r.evidence, 400),
+                            source="the candidate's own counters against the census of its kernel calls on the same path")
     for r in paths:  # beside each path's error, a correct integration's (the kernel's emulation through the same path)
         g = r.figures.get("integration")
         if g is None:
@@ -750,14 +777,22 @@ def sentence(paths: list[PathResult]) -> str:
     if failing:
         parts.append("**Failing:** " + "; ".join(f"{r.title} ({_figure_words(r)})" for r in failing) + ".")
     if passing:
-        parts.append(f"**Passing ({len(passing)}):** " + ", ".join(r.title for r in passing) + ".")
+        parts.append(f"**Passing ({len(passing)}):** " + ", ".join(
+            r.title + (f" ({r.figures['route']})" if r.figures.get("route") else "") for r in passing) + ".")
     if idle:
         parts.append("**Not exercised:** " + "; ".join(f"{r.title} ({r.why_not})" for r in idle) + ".")
+    routed = [r.title for r in paths if r.figures.get("route")]
+    if routed:
+        parts.append(f"**On Triton by the dispatch rule** ({', '.join(routed)}): the candidate's server sent every prefill "
+                     "batch of these paths to the baseline's kernel, so they judge that route and not the kernel "
+                     "(sglang.sage_attn_dispatch=kernel judges the kernel on every path).")
     return " ".join(parts)
 
 
 def _figure_words(r: PathResult) -> str:
     f = r.figures
+    if f.get("route_kernel_calls"):
+        return f"{f['route_kernel_calls']} kernel call(s) where its counters say {f['route']}"
     k = f.get("kernel") or {}
     if k.get("violating_calls"):
         return "; ".join(k["violations"])

@@ -180,6 +180,8 @@ def failures_sentence(results: list[R.Results]) -> str:
 
 
 def _path_figure(row: dict[str, Any]) -> str:
+    if row.get("route_kernel_calls"):
+        return f"{row['route_kernel_calls']} kernel call(s) where its counters say {row['route']}"
     kernel = row.get("kernel") or {}
     if kernel.get("violations"):
         return "kernel calls outside the kernel's contract: " + "; ".join(kernel["violations"])
@@ -212,6 +214,9 @@ def code_path_sentence(results: list[R.Results]) -> str:
             + ("; failing: " + "; ".join(f"{r['title']} ({_path_figure(r)})" for r in failing) if failing else ""))
     if idle:
         text += "; not exercised: " + "; ".join(f"{r['title']} ({r['why_not']})" for r in idle)
+    routed = [r["title"] for r in ran if r.get("route")]
+    if routed:
+        text += (f"; judged on the dispatch rule's Triton route, not on the kernel: {', '.join(routed)}")
     return text + "."
 
 

@@ -17,7 +17,10 @@ are never part of sagecheck:
 * ``sage_attn_split_own_means``: with SageAttention 2 (the split of a prefix extend, ``SAGE_ATTN_PREFILL=batched`` on
   the stand-in), each part's keys are smoothed by their own mean, not by the request's over all its keys: the two
   log-sum-exps carry different shifts and the merge weights the prefix and the new tokens wrongly
-  (:mod:`sagecheck_faults.split`).
+  (:mod:`sagecheck_faults.split`);
+* ``sage_attn_route_miscount``: a batch the dispatch rule sends to Triton runs on the kernel all the same, counted as
+  Triton's (the route decided on stale state): its answers are near the baseline's, the census of kernel calls on a
+  path its counters put on Triton is what shows it.
 
 Defects of the kernel call itself, which the census of kernel calls (``sagecheck.census``) holds to the kernel's
 contract whatever the output shows:
@@ -36,7 +39,7 @@ FAULTS = {"sage_attn_prefix_fault": "prefix", "sage_attn_padded_decode": "padded
           "sage_attn_stale_graph": "stale_graph", "sage_attn_head_split": "head_split",
           "sage_attn_causal_prefix": "causal_prefix", "sage_attn_prefix_fallback": "prefix_fallback",
           "sage_attn_wrong_scale": "wrong_scale", "sage_attn_padded_kernel": "padded_kernel",
-          "sage_attn_split_own_means": "split_own_means"}
+          "sage_attn_split_own_means": "split_own_means", "sage_attn_route_miscount": "route_miscount"}
 
 
 def register() -> None:

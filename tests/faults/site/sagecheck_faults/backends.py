@@ -85,7 +85,8 @@ def faulty_backend(fault: str) -> type:
     # uncorrected decode (the stand-in emulates that kernel)
     return {"prefix": PrefixFault, "padded_decode": PaddedDecodeFault, "stale_graph": StaleGraphFault,
             "head_split": HeadSplitFault, "causal_prefix": CausalPrefixFault, "prefix_fallback": PrefixFallbackFault,
-            "wrong_scale": WrongScaleFault, "padded_kernel": PaddedDecodeFault, "split_own_means": SplitOwnMeansFault}[fault]
+            "wrong_scale": WrongScaleFault, "padded_kernel": PaddedDecodeFault, "split_own_means": SplitOwnMeansFault,
+            "route_miscount": RouteMiscountFault}[fault]
 
 
 class CausalPrefixFault(SageAttnBackend):
@@ -146,3 +147,17 @@ class SplitOwnMeansFault(SageAttnBackend):
         from sagecheck_faults.split import extend_split_own_means
 
         return extend_split_own_means(self.batched_kernel, q3, k3, v3, k_prefix, v_prefix, layout, plan, scale)
+
+
+class RouteMiscountFault(SageAttnBackend):
+    """A batch the dispatch rule sends to Triton runs on the kernel, still counted as Triton's."""
+
+    def init_forward_metadata(self, forward_batch: Any) -> None:
+        super().init_forward_metadata(forward_batch)
+        if self._batch_route == "triton":
+            from sagecheck.sglang_plugin.varlen import ExtendLayout, extend_lengths
+
+            prefix, extend = extend_lengths(forward_batch)
+            self._batch_route = "kernel"
+            self._layout = ExtendLayout.build(prefix, extend, self.device)
+            self._groups, self._split = self._plans(self._layout)
