@@ -108,9 +108,10 @@ class _Counts:
 
 
 def classify_pending(pending: list[tuple[Any, Any, Any]], causal: bool) -> dict[str, Any]:
-    """Device calls' sequences by class, in one go (a dozen tensor operations and one copy to the host, whatever the
-    number of calls), after the reading thread's stream has waited for the streams the calls ran on (a server's forward
-    runs on a stream of its own), so that no count is read before it is made."""
+    """Device calls' sequences by class, in one go: after the reading thread's stream has waited for the streams the
+    calls ran on (a server's forward runs on a stream of its own), so that no count is read before it is made, the
+    counts are gathered on the device and copied to the host once, and classified there by a dozen tensor operations
+    whatever the number of calls (on the CPU: no kernel that deterministic mode would refuse)."""
     import torch
 
     first = pending[0][0]
@@ -118,14 +119,14 @@ def classify_pending(pending: list[tuple[Any, Any, Any]], causal: bool) -> dict[
         here = torch.cuda.current_stream(first.device)
         for stream in {s for _, _, s in pending if s is not None}:
             here.wait_stream(stream)
-    q_lens = torch.cat([q.reshape(-1) for q, _, _ in pending]).to(torch.int64)
-    k_lens = torch.cat([k.reshape(-1) for _, k, _ in pending]).to(torch.int64)
+    q_lens = torch.cat([q.reshape(-1) for q, _, _ in pending]).to(torch.int64).cpu()
+    k_lens = torch.cat([k.reshape(-1) for _, k, _ in pending]).to(torch.int64).cpu()
     n = len(CLASS_EDGES)
-    edges = torch.tensor(CLASS_EDGES, device=q_lens.device)
+    edges = torch.tensor(CLASS_EDGES)
     q_idx = (torch.bucketize(q_lens, edges, right=True) - 1).clamp_min(0)
     k_idx = (torch.bucketize(k_lens, edges, right=True) - 1).clamp_min(0)
     partial = (k_lens % KEY_BLOCK != 0).to(torch.int64)
-    short = (q_lens < k_lens).sum() if causal else torch.zeros((), dtype=torch.int64, device=q_lens.device)
+    short = (q_lens < k_lens).sum() if causal else torch.zeros((), dtype=torch.int64)
     counts = torch.cat([torch.bincount(q_idx, minlength=n), torch.bincount(2 * k_idx + partial, minlength=2 * n),
                         short.reshape(1)]).tolist()
     q_classes = {class_label(i): counts[i] for i in range(n) if counts[i]}
