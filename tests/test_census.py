@@ -136,13 +136,19 @@ def test_a_server_in_production_wraps_nothing_one_sagecheck_started_wraps_every_
     assert getattr(fork.sageattn, census._WRAPPED, False)
 
 
-def test_a_paused_census_records_nothing_and_reads_no_arguments(fake_sageattention):
+def test_a_paused_census_records_nothing_and_reads_no_arguments(fake_sageattention, monkeypatch):
     sa = importlib.import_module("sageattention")
     census.install()
+    read = []
+    facts = census._shape_facts
+    monkeypatch.setattr(census, "_shape_facts", lambda *a: read.append(a[0]) or facts(*a))
+    q = torch.zeros(1, 2, 8, 64, dtype=torch.bfloat16)
     before = census.snapshot()
     with census.CENSUS.paused():
-        sa.sageattn("not a tensor", None, None)  # the facts of the call are not even read
-    assert census.difference(census.snapshot(), before) == {}
+        sa.sageattn(q, q, q)
+    assert census.difference(census.snapshot(), before) == {} and read == []  # not even the call's facts are read
+    sa.sageattn(q, q, q)  # the same call unpaused: read and recorded
+    assert read == ["sageattn"] and census.calls(census.difference(census.snapshot(), before)) == 1
 
 
 def test_a_sageattention_imported_after_the_census_started_is_recorded(fake_sageattention):

@@ -96,7 +96,7 @@ def prefill_route(counted: dict[str, int] | None) -> dict[str, Any] | None:
     if kernel and triton:
         on = "kernel and Triton"
     elif kernel:
-        on = "kernel"
+        on = ON_KERNEL
     elif triton:
         on = "Triton (dispatch rule)"
     elif fallbacks:
@@ -104,6 +104,16 @@ def prefill_route(counted: dict[str, int] | None) -> dict[str, Any] | None:
     else:
         return None
     return {"on": on, "kernel": kernel, "triton": triton, "fallbacks": fallbacks}
+
+
+ON_KERNEL = "kernel"
+
+
+def off_kernel(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Of a sweep's measured rows, (those whose route was counted, those of them whose prefill did not run wholly on the
+    kernel): the ``prefill_on`` of :func:`prefill_route`."""
+    routed = [r for r in rows if r.get("status", "ok") == "ok" and r.get("prefill_on")]
+    return routed, [r for r in routed if r["prefill_on"] != ON_KERNEL]
 
 
 def expected_heads_per_rank(heads: int, kv_heads: int, tp: int) -> tuple[int, int]:

@@ -163,10 +163,11 @@ def grid(records: list[dict[str, Any]], key: str, rows: list[Any], cols: list[An
 
 def heatmap(matrix: np.ndarray, rows: list[Any], cols: list[Any], title: str, xlabel: str, ylabel: str, fmt: str = "{:.2f}",
             center: float | None = 1.0, min_span: float = 0.0, notes: np.ndarray | None = None) -> Any:
-    """``seaborn.heatmap`` with each cell's value written in it (dark cells get light text). Cells coloured around
-    ``center`` (red below, green above); ``min_span``: the colour scale covers at least center ± min_span, so that a map
-    whose cells all lie within 1% of the centre does not paint that 1% as deep red and green. Without a centre, one
-    sequential scale. Empty cells read "n/a". ``notes``: text under each cell's value (a matrix laid out as ``matrix``), where not empty."""
+    """``seaborn.heatmap`` with each cell's value written in it, in one dark colour with a light halo. Cells coloured
+    around ``center`` (red below, green above); ``min_span``: the colour scale covers at least center ± min_span, so that
+    a map whose cells all lie within 1% of the centre does not paint that 1% as deep red and green. Without a centre,
+    one sequential scale. Empty cells read "n/a". ``notes``: text under each cell's value (a matrix laid out as
+    ``matrix``), where not empty."""
     data = np.asarray(matrix, dtype=float)
     text = np.array([["n/a" if not np.isfinite(v) else fmt.format(v) for v in row] for row in data], dtype=object).reshape(data.shape)
     two_lines = notes is not None and any(str(n) for n in np.asarray(notes).flat)

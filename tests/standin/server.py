@@ -339,9 +339,7 @@ def measure_dispatch_on_cpu(cfg, max_length: int):
         return out
 
     def inputs(n):
-        g = torch.Generator().manual_seed(n)
-        return (torch.randn(n, heads, d, generator=g), torch.randn(n, kv_heads, d, generator=g) + 1,
-                torch.randn(n, kv_heads, d, generator=g))
+        return plugin_dispatch.request_inputs(n, heads, kv_heads, d, torch.float32, "cpu")
 
     def kernel_path(n):
         q, k, v = inputs(n)

@@ -361,9 +361,8 @@ def _counters_say_not(name: str, counted: dict[str, int], implementation: str) -
     if any(k.startswith("fallback:") for k in counted) and name in PREFILL_PATHS and not counted.get("extend_batches_kernel") \
             and not triton_route(name, counted):
         return "the candidate's server ran no prefill batch on its kernel (every batch fell back)"
-    if name in ("prefix", "chunked") and triton_route(name, counted) and not counted.get("extend_batches_with_prefix_triton"):
-        return "the candidate's server counted no batch with a cached prefix"
-    if name in ("prefix", "chunked") and "extend_batches_kernel" in counted and not counted.get("extend_batches_with_prefix"):
+    with_prefix = counted.get("extend_batches_with_prefix_triton" if triton_route(name, counted) else "extend_batches_with_prefix")
+    if name in ("prefix", "chunked") and ("extend_batches_kernel" in counted or triton_route(name, counted)) and not with_prefix:
         return "the candidate's server counted no batch with a cached prefix"
     if name == "decode_graphs" and ("decode_batches_triton" in counted or "decode_batches_kernel" in counted) \
             and not counted.get("decode_graph_replays"):

@@ -205,9 +205,9 @@ def summary(rows: list[dict[str, Any]], candidate: str) -> dict[str, Any]:
         for verdict in ("faster", "slower", "no difference"):
             out[f"{kind}_points_{verdict.replace(' ', '_')}"] = sum(r.get(f"{kind}_vs_aa") == verdict for r in cand)
     # where the candidate's prefill ran, by its own counters (sagecheck's plugin; absent for a backend that counts nothing)
-    routed = [r for r in cand if r.get("prefill_on")]
+    routed, elsewhere = backend_stats.off_kernel(cand)
     out["prefill_points_routed"] = len(routed)
-    out["prefill_points_on_kernel"] = sum(r["prefill_on"] == "kernel" for r in routed)
+    out["prefill_points_on_kernel"] = len(routed) - len(elsewhere)
     out["prefill_points_on_triton"] = sum(r["prefill_on"] == "Triton (dispatch rule)" for r in routed)
     points = {(r["batch"], r["input_length"]) for r in rows}
     out["points"] = len(points)

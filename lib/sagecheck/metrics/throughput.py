@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from sagecheck import backend_stats
 from sagecheck.attention import AttentionUnavailable, UnsupportedCall
 from sagecheck.engines import SERVERS
 from sagecheck.metrics.timing import (Samples, Stopwatch, gc_paused, gpu_busy_ms, progress_logger, random_prompts,
@@ -404,13 +405,14 @@ def map_notes(s: Sweep, key: str) -> np.ndarray | None:
     run on its kernel (its server's counters, :func:`sagecheck.backend_stats.prefill_route`): a speedup there measures
     the integration, not the kernel. None for the other maps, where the candidate counts nothing or where it ran every
     point on its kernel."""
-    if key != "prefill_speedup":
+    _, elsewhere = backend_stats.off_kernel(s.candidate_rows)
+    if key != "prefill_speedup" or not elsewhere:
         return None
     notes = np.full((len(s.batches), len(s.lengths)), "", dtype=object)  # laid out as plots.grid lays out the values
-    for r in s.candidate_rows:
-        if r.get("prefill_on") not in (None, "kernel") and r["batch"] in s.batches and r["input_length"] in s.lengths:
+    for r in elsewhere:
+        if r["batch"] in s.batches and r["input_length"] in s.lengths:
             notes[s.batches.index(r["batch"]), s.lengths.index(r["input_length"])] = f"on {r['prefill_on'].split(' (')[0]}"
-    return notes if any(notes.flat) else None
+    return notes
 
 
 # --------------------------------------------------------------------------- the candidate's dispatch rule (servers)
@@ -443,14 +445,13 @@ def dispatch_words(s: Sweep, limit_pct: float) -> str | None:
     dispatch = (s.served or {}).get("dispatch")
     if not dispatch:
         return None
-    routed = [r for r in s.candidate_rows if r.get("prefill_on")]
-    on_kernel = [r for r in routed if r["prefill_on"] == "kernel"]
+    routed, elsewhere = backend_stats.off_kernel(s.candidate_rows)
     text = f"**Where {s.candidate} ran its prefill.** Its dispatch rule: {dispatch.get('rule')}."
     if routed:
-        text += (f" By its server's counters, the kernel ran every prefill batch at {len(on_kernel)} of {len(routed)} points "
-                 f"({sum(r.get('prefill_batches_kernel', 0) for r in routed)} batches on the kernel, "
+        text += (f" By its server's counters, the kernel ran every prefill batch at {len(routed) - len(elsewhere)} of "
+                 f"{len(routed)} points ({sum(r.get('prefill_batches_kernel', 0) for r in routed)} batches on the kernel, "
                  f"{sum(r.get('prefill_batches_triton', 0) for r in routed)} on Triton's extend kernel).")
-        if len(on_kernel) < len(routed):
+        if elsewhere:
             text += (" Where the speedup map reads \"on Triton\", the candidate's prefill ran the baseline's own kernel "
                      "inside the candidate's backend: that speedup measures the integration, not the kernel.")
     check = integration_check(dispatch_rows(s))

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from sagecheck import results as R
+from sagecheck.backend_stats import off_kernel
 from sagecheck.report.facts import engine_facts
 from sagecheck.thresholds import ACCEPTED_PRECISION_WORDS
 from sagecheck.metrics.code_paths import CodePathResults
@@ -114,8 +115,7 @@ def speed_sentence(res: R.Results | None, candidate: str, baseline: str, cpu_emu
     if not parts:
         return "Speed: no point of 04_throughput ran."
     sentence = f"Speed of {candidate} against {baseline}: " + "; ".join(parts) + "."
-    routed = [r for r in rows if r.get("status") == "ok" and r.get("prefill_on")]
-    elsewhere = [r for r in routed if r["prefill_on"] != "kernel"]
+    routed, elsewhere = off_kernel(rows)
     if elsewhere:  # the candidate's own counters: at these points no kernel ran, the speedup is the integration's
         named = ", ".join(f"input {r['input_length']} batch {r['batch']}" for r in elsewhere[:4])
         sentence += (f" Its kernel ran the prefill at {len(routed) - len(elsewhere)} of {len(routed)} points; at the others "

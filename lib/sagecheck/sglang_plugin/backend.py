@@ -167,10 +167,7 @@ class SageAttnBackend(TritonAttnBackend):
         heads, kv_heads, dev, scale = self.num_head, self.num_kv_head, self.device, d ** -0.5
 
         def inputs(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            g = torch.Generator(device=dev).manual_seed(n)
-            return (torch.randn(n, heads, d, device=dev, dtype=dtype, generator=g),
-                    torch.randn(n, kv_heads, d, device=dev, dtype=dtype, generator=g) + 1,
-                    torch.randn(n, kv_heads, d, device=dev, dtype=dtype, generator=g))
+            return dispatch.request_inputs(n, heads, kv_heads, d, dtype, dev)
 
         def kernel_path(n: int):
             q, k, v = inputs(n)

@@ -102,6 +102,17 @@ def cuda_ms(fn: Callable[[], Any], warmup: int = WARMUP, repeats: int = REPEATS)
     return tuple(times)
 
 
+def request_inputs(n: int, heads: int, kv_heads: int, d: int, dtype: Any, device: Any) -> tuple[Any, Any, Any]:
+    """Q, K, V ``[n, heads, d]`` of one request of ``n`` tokens for the measurement (seeded by ``n``; K off-centre by 1,
+    so that smoothing has a mean to remove)."""
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(n)
+    return (torch.randn(n, heads, d, device=device, dtype=dtype, generator=g),
+            torch.randn(n, kv_heads, d, device=device, dtype=dtype, generator=g) + 1,
+            torch.randn(n, kv_heads, d, device=device, dtype=dtype, generator=g))
+
+
 @dataclass
 class Timers:
     """What :func:`measure` times at one length ``L`` (each a call that runs one layer's attention of one request of

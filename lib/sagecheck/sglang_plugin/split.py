@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 import torch
 
 from sagecheck.sglang_plugin.batched import PaddedGroup, attend_groups, plan
-from sagecheck.sglang_plugin.varlen import ExtendLayout
+from sagecheck.sglang_plugin.varlen import ExtendLayout, request_means
 
 LseKernel = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 """``sageattn(q, k, v, tensor_layout="NHD", is_causal=..., sm_scale=..., smooth_k=False, return_lse=True)``: the
@@ -57,8 +57,9 @@ def merge_by_lse(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor,
 
 @dataclass
 class SmoothingIndex:
-    """Which request each new token and each prefix key belongs to, and each request's key count, on the device: built
-    once per batch, so that smoothing in each layer copies nothing from the host."""
+    """Which request each new token and each prefix key belongs to, and each request's key count (the layout's
+    :class:`~sagecheck.sglang_plugin.varlen.SeqIndex` lengths), on the device: built once per batch, so that smoothing
+    in each layer copies nothing from the host."""
 
     new_request: torch.Tensor
     prefix_request: torch.Tensor
@@ -69,19 +70,18 @@ class SmoothingIndex:
         requests = torch.arange(len(layout.extend_lens))
         new = torch.repeat_interleave(requests, torch.tensor(layout.extend_lens, dtype=torch.int64))
         prefix = torch.repeat_interleave(requests, torch.tensor(layout.prefix_lens, dtype=torch.int64))
-        counts = torch.tensor(layout.seq_lens, dtype=torch.float32)
+        counts = layout.seq_index.lengths if layout.seq_index is not None else torch.tensor(layout.seq_lens, dtype=torch.float32)
         return cls(new.to(device), prefix.to(device), counts.to(device))
 
 
 def smooth_request_keys(k_new: torch.Tensor, k_prefix: torch.Tensor | None,
                         index: SmoothingIndex) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The new and prefix keys minus their request's mean over all its keys (per head; the mean taken in float32 and
-    rounded to K's dtype, as :func:`sagecheck.sglang_plugin.varlen.smooth_keys`), out of place."""
-    sums = torch.zeros((index.keys_per_request.shape[0], *k_new.shape[1:]), dtype=torch.float32, device=k_new.device)
-    sums.index_add_(0, index.new_request, k_new.float())
+    """The new and prefix keys minus their request's mean over all its keys (per head; the mean of
+    :func:`sagecheck.sglang_plugin.varlen.request_means`, as ``smooth_keys`` takes it), out of place."""
+    parts = [(k_new, index.new_request)]
     if k_prefix is not None and k_prefix.shape[0]:
-        sums.index_add_(0, index.prefix_request, k_prefix.float())
-    mean = (sums / index.keys_per_request[:, None, None]).to(k_new.dtype)
+        parts.append((k_prefix, index.prefix_request))
+    mean = request_means(parts, index.keys_per_request)
     if mean.shape[0] == 1:  # one request (a chunked prefill): its mean broadcast, no gather of a mean per row
         return k_new - mean, None if k_prefix is None else k_prefix - mean
     smoothed_prefix = None if k_prefix is None else k_prefix - mean[index.prefix_request]

@@ -129,10 +129,19 @@ def smooth_keys(k: torch.Tensor, seq_lens: Sequence[int], index: SeqIndex | None
     """
     if index is None:
         index = SeqIndex.build(seq_lens, k.device)
-    sums = torch.zeros((index.lengths.shape[0], *k.shape[1:]), dtype=torch.float32,
-                       device=k.device).index_add_(0, index.seq_id, k.float())
-    mean = (sums / index.lengths[:, None, None]).to(k.dtype)
-    return k - mean[index.seq_id]
+    return k - request_means([(k, index.seq_id)], index.lengths)[index.seq_id]
+
+
+def request_means(parts: Sequence[tuple[torch.Tensor, torch.Tensor]], key_counts: torch.Tensor) -> torch.Tensor:
+    """Each request's mean key ``[requests, kv_heads, head_dim]``, in the keys' dtype: the rows of every part
+    (``(keys, the request of each row)``, on the device) summed per request in float32, divided by ``key_counts``
+    (float32, one per request) and rounded, as ``k.mean(dim=seq)`` does for one request. Several parts: a request's
+    keys in two tensors (its cached prefix and its new tokens, :mod:`.split`)."""
+    first = parts[0][0]
+    sums = torch.zeros((key_counts.shape[0], *first.shape[1:]), dtype=torch.float32, device=first.device)
+    for keys, request in parts:
+        sums.index_add_(0, request, keys.float())
+    return (sums / key_counts[:, None, None]).to(first.dtype)
 
 
 def varlen(kernel: VarlenKernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
