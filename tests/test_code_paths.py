@@ -191,6 +191,7 @@ def test_the_plugins_split_passes_every_path_and_a_defect_in_it_fails_the_prefix
     rows = {r.path: r for r in results}
     assert all(r.passed is not False for r in results), {r.path: r.figures for r in results}
     assert "extend_batches_split" in rows["prefix"].evidence and "extend_batches_split" in rows["chunked"].evidence
+    assert "extend_kernel_calls" in rows["prefix"].evidence  # the split's calls counted, as the plugin counts them
     for path in ("prefix", "chunked"):
         assert rows[path].figures["integration"]["emulation"] == "sage2-fp8-emulated"
         assert rows[path].figures["integration"]["passed"] and not rows[path].figures["kernel"]["violating_calls"]

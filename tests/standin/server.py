@@ -150,11 +150,14 @@ def handle_generate(req: dict):
         if State.variant != "route_miscount":  # that variant runs the kernel all the same, counted as Triton's
             impl = impl if on_kernel else State.baseline
     with State.lock, engine.backend(impl) as b, torch.inference_mode():
-        rounds, with_prefix = 1, False
+        rounds, with_prefix, kernel_calls = 1, False, 0
         for seq, start in zip(batch, starts):
             cached = State.radix.match(seq, prefix_limit(len(seq), want_lp, start))
             logits, cache, chunks = prefill(b, seq, cached)  # logits[i] belongs to position cached + i
             rounds, with_prefix = max(rounds, chunks), with_prefix or cached > 0 or chunks > 1
+            # the split's sageattn calls per layer, as the plugin counts them: one for a cold prefill, two for an extend
+            # over a cached prefix (every chunk after the first is one)
+            kernel_calls += 2 if cached else 2 * chunks - 1
             logp = torch.log_softmax(logits, dim=-1)
             gen, out_lp, out_rows = [], [], [logp[-1]]
             tok = int(logp[-1].argmax())
@@ -196,6 +199,8 @@ def handle_generate(req: dict):
             State.stats.count("extend_batches_with_prefix" + ("" if on_kernel else "_triton"), rounds if rounds > 1 else 1)
             if State.split and on_kernel:
                 State.stats.count("extend_batches_split", rounds if rounds > 1 else 1)
+        if State.split and on_kernel:  # one request per call here: no padded token
+            State.stats.count("extend_kernel_calls", kernel_calls)
         steps = max(0, n_new - 1)
         if graph:
             State.stats.count("decode_graph_replays", steps)
