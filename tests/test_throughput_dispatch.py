@@ -103,6 +103,10 @@ def test_an_integration_that_costs_40_percent_fails_and_one_within_5_passes(tmp_
 def test_cpu_timings_and_a_rule_set_by_hand_get_no_verdict(tmp_path):
     cpu = record(tmp_path / "cpu", sweep(dispatch()), on_gpu=False)
     assert cpu.find("throughput.integration") is None and any("no verdict on CPU" in n and "69.57%" in n for n in cpu.notes)
+    # the opening says so too, for servers timed in a CPU run (the stand-in's), not only for the in-process emulation
+    caveat = "These are CPU timings (this run's device is the CPU; 04 gives them no verdict)"
+    assert caveat in rec.speed_sentence(cpu, "sage_attn", "triton", False)
+    assert caveat not in rec.speed_sentence(record(tmp_path / "gpu", sweep(dispatch())), "sage_attn", "triton", False)
     by_hand = {"rule": "the kernel from 400 keys per request (SAGE_ATTN_DISPATCH=400)",
                "measured": {"mode": "set", "keys": 400, "source": "SAGE_ATTN_DISPATCH=400"}}
     res = record(tmp_path / "set", sweep(by_hand))

@@ -129,6 +129,9 @@ def speed_sentence(res: R.Results | None, candidate: str, baseline: str, cpu_emu
                      f"limit {R.format_number(worst.threshold)}{unit}), so smaller differences are not resolved.")
     if cpu_emulation:
         sentence += " These are CPU timings of the plain-torch emulation: they say nothing about the kernel's speed on a GPU."
+    elif res.metrics.get("context", {}).get("on_gpu") is False:  # servers (the stand-in's) timed in a run on the CPU
+        sentence += (" These are CPU timings (this run's device is the CPU; 04 gives them no verdict): faster and slower "
+                     "say how the points compare with the A/A spread here, nothing about speed on a GPU.")
     return sentence
 
 
