@@ -19,6 +19,9 @@
 #                                                      # 00,02,03,04,07 on the built-in model with the dispatch rule
 #                                                      # measured, 1.0.6 then SA2, one after the other, and their compare
 #   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT wait35   # wait for them (at most ~9 min per call), pack what is there
+#   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT all35    # (in the background) speed8b's run, then `paths`' code paths with SA2,
+#                                                      # then 00,02,03,07 on the built-in model with SA2 and 1.0.6, compared
+#   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT wait35all # wait for it (WAIT_S, default 540 s), pack what is there
 set -u
 kit=${1:?kit}; src=${2:?sa2 source}; build=${3:?build.sh}; out=${4:?out}; phase=${5:?phase}
 site=/tmp/sgl-site
@@ -135,6 +138,35 @@ echo "done \$(date +%T)"; touch /tmp/b35.done
 EOF
     setsid bash /tmp/b35.sh > /tmp/b35.log 2>&1 < /dev/null &
     sleep 5; cat /tmp/b35.log;;
+  all35)  # in the background, one after the other: the 8B-shape speed run with SA2 (alone on the GPU: its timings), then
+          # 10's paths with SA2 and the wrong variants, then 00,02,03,07 on the built-in model with SA2 and 1.0.6 and
+          # their compare; `wait35all` waits for it and packs what is there
+    ensure_sa2
+    cat > /tmp/all35.sh <<EOF
+cd $PWD
+sa2() { PYTHONPATH=/tmp/sa2:\$PYTHONPATH "\$@"; }
+mkdir -p /tmp/all35
+echo "overhead \$(date +%T)"; sa2 python3 benchmarks/backend_overhead.py --out /tmp/all35/overhead_sa2.json > /tmp/all35/overhead_sa2.txt 2>&1
+echo "8b start \$(date +%T)"; sa2 timeout ${RUN_S:-480} python3 -m sagecheck run --params params/sglang-llama8b-random.yaml --only 00,04 \
+  -p throughput.repeats=${REPEATS:-12} ${EXTRA_P:-} --out /tmp/all35/r8b_v2 -q > /tmp/all35/r8b_v2.log 2>&1
+echo "paths start \$(date +%T)"; PYTHONPATH=$PWD/tests/faults/site:/tmp/sa2:\$PYTHONPATH timeout 420 python3 tests/faults/gpu_code_paths.py \
+  --params params/sglang-builtin-gpu.yaml --out /tmp/all35/cp_v2 \
+  --variants sage_attn,sage_attn_split_own_means,sage_attn_routed,sage_attn_route_miscount > /tmp/all35/paths_v2.md 2>&1
+echo "accuracy start \$(date +%T)"
+sa2 timeout 480 python3 -m sagecheck run --params params/sglang-builtin-gpu.yaml --only 00,02,03,07 --out /tmp/all35/acc_v2 -q > /tmp/all35/acc_v2.log 2>&1 &
+sleep 30
+timeout 450 python3 -m sagecheck run --params params/sglang-builtin-gpu.yaml --only 00,02,03,07 --out /tmp/all35/acc_v1 -q > /tmp/all35/acc_v1.log 2>&1
+wait
+python3 -m sagecheck compare /tmp/all35/acc_v1 /tmp/all35/acc_v2 --out /tmp/all35/acc_compare > /tmp/all35/acc_compare.log 2>&1
+echo "done \$(date +%T)"; touch /tmp/all35.done
+EOF
+    setsid bash /tmp/all35.sh > /tmp/all35.log 2>&1 < /dev/null &
+    sleep 2; cat /tmp/all35.log;;
+  wait35all)
+    t0=$(date +%s)
+    while [ ! -f /tmp/all35.done ] && [ $(( $(date +%s) - t0 )) -lt ${WAIT_S:-540} ]; do sleep 5; done
+    cat /tmp/all35.log; tail -3 /tmp/all35/*.log 2>/dev/null; tail -4 /tmp/all35/overhead_sa2.txt 2>/dev/null
+    tar -C /tmp -czf "$out/all35.tgz" --exclude='random-model' --exclude='*.safetensors' all35.log all35 2>/dev/null;;
   wait35)
     t0=$(date +%s)
     while [ ! -f /tmp/b35.done ] && [ $(( $(date +%s) - t0 )) -lt ${WAIT_S:-540} ]; do sleep 5; done
