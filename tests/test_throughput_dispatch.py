@@ -148,3 +148,33 @@ def test_the_measurement_is_drawn_with_its_crossover():
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert "crossover: the kernel from 4096 keys" in labels and len(labels) == 4
     assert T.dispatch_caption(sweep(dispatch())).startswith("The sage_attn server's measurement for its dispatch rule (measured at start: NVIDIA H200")
+
+
+def test_a_copy_server_that_did_not_start_is_said_and_its_points_are_judged_on_their_own_intervals(tmp_path):
+    """The 2026-12-05 H100 run: the 8B preset's A/A copy ran out of memory at start. The opening must not say that the
+    A/A control failed by a measured figure, nor call a 1.19x [1.16-1.22] point 'no measurable difference'."""
+    s = sweep(dispatch())
+    oom = ("the SGLang server (--attention-backend triton) exited with code -9 before it was ready: "
+           "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 448.00 MiB.")
+    s.served["servers"] = {"triton copy": {"role": "baseline_copy", "error": oom}}
+    for r in s.rows:
+        if r["implementation"] == "sage_attn":
+            fast = r["input_length"] == 8192
+            r.update(prefill_vs_aa="no A/A control", decode_vs_aa="no A/A control", aa_prefill_speedup=None,
+                     aa_decode_speedup=None, prefill_speedup=1.19 if fast else 0.76,
+                     prefill_speedup_p10=1.16 if fast else 0.71, prefill_speedup_p90=1.22 if fast else 0.88,
+                     decode_speedup_p10=0.97, decode_speedup_p90=1.03)
+    res = record(tmp_path, s)
+    aa = res.find("throughput.aa.prefill")
+    assert not aa.passed and aa.value is None and "did not start" in aa.detail and "OutOfMemoryError" in aa.detail
+    speed = rec.speed_sentence(res, "sage_attn", "triton", False)
+    assert "prefill: faster at 1 of 2 points, slower at 1" in speed and "best 1.19x at input 8192" in speed
+    assert "The A/A control did not run: its copy server did not start (the SGLang server" in speed
+    assert "judged by its own 10-90% interval against 1" in speed and "The A/A control failed" not in speed
+    # a copy that served and measured a difference is still a failed control, in the words with its figure
+    measured = record(tmp_path / "measured", sweep(dispatch()))
+    for v in measured.verdicts:
+        if v.id.startswith("throughput.aa."):
+            v.value, v.passed = 5.0, False
+    assert "The A/A control failed (the baseline against its own copy differs by 5 %" in rec.speed_sentence(
+        measured, "sage_attn", "triton", False)

@@ -34,12 +34,13 @@ from sagecheck.metrics.counted import Counted
 from sagecheck.metrics.timing import Samples, paired_ratio, progress_logger, random_prompts, speedup_fields, timing_row
 
 CLOCK = "client wall clock (streamed /generate)"
+NO_CONTROL = "no A/A control"  # a point's class where the A/A control's copy server did not serve
 
 
 def classify(speedup: Samples, control: Samples | None) -> str:
     """``faster`` / ``slower`` where the speedup's 10-90% interval lies above / below the A/A interval, else ``no difference``."""
     if control is None:
-        return "no A/A control"
+        return NO_CONTROL
     if speedup.p10 > control.p90:
         return "faster"
     if speedup.p90 < control.p10:

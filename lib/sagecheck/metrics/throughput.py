@@ -529,11 +529,14 @@ def record(results: Any, s: Sweep, p: Any, on_gpu: bool) -> dict[str, Any]:
     elif st:
         results.note(f"CPU timings: the repeated point differed by {st.get('max_diff_pct', float('nan')):.1f}% (no verdict on CPU)")
     if s.copy:
+        copy_error = (((s.served or {}).get("servers") or {}).get(s.copy) or {}).get("error")
         for kind in ("prefill", "decode"):
             value = m[f"aa_{kind}_abs_diff_pct_median"]
             detail = (f"median over points of |A/A speedup - 1|; worst point {format_number(m[f'aa_{kind}_abs_diff_pct_max'])}%; "
                       f"candidate faster at {m[f'{kind}_points_faster']}, slower at {m[f'{kind}_points_slower']}, "
                       f"no difference at {m[f'{kind}_points_no_difference']} points; {s.context}")
+            if value is None and copy_error:
+                detail = f"not measured: the copy server {s.copy!r} did not start ({copy_error}); {s.context}"
             if on_gpu:
                 results.verdict(f"throughput.aa.{kind}", "control", f"A/A control ({kind}): the baseline's copy measures as "
                                 "the baseline", value, "<=", p.aa_max_pct, unit="%", detail=detail)
@@ -592,14 +595,17 @@ class ThroughputResults:
     labels: dict[str, Any]
     rows: list[dict[str, Any]]
     aa_checks: list[Any]  # the A/A control's verdicts
+    copy_error: str | None = None  # why the A/A control's copy server did not serve (it did not start), where it did not
 
     @classmethod
     def read(cls, res: Any) -> "ThroughputResults | None":
         if res is None:
             return None
         labels = res.metrics.get("labels") or {}
+        servers = (res.metrics.get("servers") or {}).get("servers") or {}
+        copy_error = (servers.get(labels.get("copy")) or {}).get("error") if labels.get("copy") else None
         return cls(res.status, labels, res.tables.get("throughput", []) if res.status == "ok" else [],
-                   [v for v in res.verdicts if v.id.startswith("throughput.aa.")])
+                   [v for v in res.verdicts if v.id.startswith("throughput.aa.")], copy_error or None)
 
     def points(self, role: str = "candidate") -> list[dict[str, Any]]:
         """The rows of the baseline, the candidate or the copy."""

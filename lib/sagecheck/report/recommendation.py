@@ -11,6 +11,7 @@ from sagecheck.backend_stats import off_kernel
 from sagecheck.report.facts import engine_facts
 from sagecheck.thresholds import ACCEPTED_PRECISION_WORDS
 from sagecheck.metrics.code_paths import CodePathResults
+from sagecheck.metrics.serving import NO_CONTROL
 from sagecheck.metrics.throughput import ThroughputResults
 from sagecheck.params import labels
 
@@ -48,6 +49,8 @@ def _phase_points(rows: list[dict[str, Any]], phase: str) -> list[dict[str, Any]
         verdict = r.get(f"{phase}_vs_aa")
         if verdict in ("faster", "slower") and (speedup > 1) != (verdict == "faster"):
             verdict = "no difference"  # beyond a noisy A/A interval, yet on the other side of 1: not a difference to report
+        if verdict == NO_CONTROL:  # the copy server did not serve: judged as in-process rows are (the sentence says so)
+            verdict = None
         if verdict is None:
             lo, hi = r.get(f"{phase}_speedup_p10"), r.get(f"{phase}_speedup_p90")
             verdict = "faster" if lo is not None and lo > 1 else "slower" if hi is not None and hi < 1 else "no difference"
@@ -122,11 +125,16 @@ def speed_sentence(res: R.Results | None, candidate: str, baseline: str, cpu_emu
                      f"({named}{', ...' if len(elsewhere) > 4 else ''}) its prefill ran wholly or partly on the baseline's "
                      "kernel (its dispatch rule or a fallback), so those speedups measure the backend's overhead, not the kernel.")
     aa = tp.aa_failed
-    if aa:
-        worst = max(aa, key=lambda v: v.value or 0)
+    measured = [v for v in aa if v.value is not None]
+    if measured:
+        worst = max(measured, key=lambda v: v.value)
         unit = f" {worst.unit}" if worst.unit else ""
         sentence += (f" The A/A control failed (the baseline against its own copy differs by {R.format_number(worst.value)}{unit}, "
                      f"limit {R.format_number(worst.threshold)}{unit}), so smaller differences are not resolved.")
+    elif aa or any(r.get(f"{ph}_vs_aa") == NO_CONTROL for r in rows for ph in ("prefill", "decode")):
+        why = f": its copy server did not start ({R.one_line(tp.copy_error, 160)})" if tp.copy_error else ""
+        sentence += (f" The A/A control did not run{why}; so each point is judged by its own 10-90% interval against 1, "
+                     "and nothing in this run shows that this setup tells equal from different.")
     if cpu_emulation:
         sentence += " These are CPU timings of the plain-torch emulation: they say nothing about the kernel's speed on a GPU."
     elif res.metrics.get("context", {}).get("on_gpu") is False:  # servers (the stand-in's) timed in a run on the CPU
