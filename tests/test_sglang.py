@@ -432,6 +432,9 @@ def test_the_sglang_sweep_measures_three_servers_interleaved(tmp_path):
     cand = [r for r in ok if r["implementation"] == "sage_attn"]
     assert all(r["prefill_vs_aa"] in ("faster", "slower", "no difference") and r["aa_prefill_speedup"] > 0 for r in cand)
     assert all(r["decode_ms_per_token"] > 0 and r["ttft_ms"] > 0 and r["repeats"] == 5 for r in ok)
+    # every timed repeat is kept, in the order run: its median is the row's
+    assert all(len(r["ttft_ms_by_repeat"]) == 5 and r["ttft_ms"] == pytest.approx(np.median(r["ttft_ms_by_repeat"]), abs=1e-3)
+               and r["decode_ms_per_token"] == pytest.approx(np.median(r["decode_ms_by_repeat"]) / 2, abs=1e-3) for r in ok)
     s = ST.summary(rows, "sage_attn")
     assert s["points"] == 4 and s["points_not_run"] == 1 and s["aa_decode_abs_diff_pct_median"] is not None
     assert s["prefill_points_faster"] + s["prefill_points_slower"] + s["prefill_points_no_difference"] == 3

@@ -89,6 +89,9 @@ def point_rows(samples: dict[str, dict[str, Samples]], baseline: str, candidate:
     for label, s in samples.items():
         row = timing_row(batch, length, label, s["prefill"], s["decode"], decode_steps)
         row["attention_backend"] = backends.get(label)
+        # each timed repeat in the order run (ms): a drift over the repeats, or one slow server position, shows here
+        row["ttft_ms_by_repeat"] = [round(float(x), 3) for x in s["prefill"].values]
+        row["decode_ms_by_repeat"] = [round(float(x), 3) for x in s["decode"].values]
         if label != baseline:
             row.update(speedup_fields(base, s))
         if label == candidate:
