@@ -42,3 +42,26 @@ def test_the_census_cost_benchmark_runs_and_a_call_costs_microseconds(tmp_path, 
     # recording costs something, pausing almost nothing; well under a millisecond either way on any machine
     assert got["bare no-op"] < got["packed call, census paused"] < got["packed call (sageattn_varlen)"] < 1000
     assert {e["config"]["entry"] for e in fresh.snapshot().values()} == {"sageattn", "sageattn_varlen"}
+
+
+def test_the_ttft_gap_benchmark_runs_its_variants_on_the_stand_in(tmp_path, monkeypatch):
+    """benchmarks/ttft_gap.py against stand-in servers: each variant timed at each length, the speedups paired with the
+    baseline's repeats, and the variant with every batch on Triton by the rule counted so by its own server."""
+    import os
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "tests" / "standin"), str(ROOT / "lib"),
+                                                      os.environ.get("PYTHONPATH", "")]))
+    gap = load("ttft_gap")
+    out = tmp_path / "gap.json"
+    assert gap.main(["--params", str(ROOT / "tests" / "params_sglang.yaml"), "--out", str(out), "--lengths", "16,48",
+                     "--repeats", "3", "--warmup", "1", "--decode-tokens", "3",
+                     "--variants", "triton,sage_attn_all_triton,sage_attn_no_stats"]) == 0
+    got = json.loads(out.read_text())
+    assert got["errors"] == {} and set(got["lengths"]) == {"16", "48"}
+    for rows in got["lengths"].values():
+        assert set(rows) == {"triton", "sage_attn_all_triton", "sage_attn_no_stats"}
+        assert all(len(r["ttft_ms_by_repeat"]) == 3 and 0 < r["prefill_ms"][1] <= r["prefill_ms"][0] <= r["prefill_ms"][2]
+                   for r in rows.values())
+        assert "prefill_speedup" not in rows["triton"] and rows["sage_attn_no_stats"]["prefill_speedup"][0] > 0
+        assert rows["sage_attn_all_triton"]["prefill_batches"] == {"kernel": 0, "triton": 4}  # 1 warm-up + 3 repeats
+        assert "prefill_batches" not in rows["sage_attn_no_stats"]  # no statistics folder: nothing counted

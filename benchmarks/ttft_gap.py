@@ -1,0 +1,187 @@
+"""Where sage_attn's extra time to first token at short inputs comes from (issue 35: 0.75x triton's at 128 x 1 on the
+H200, 0.76x on the H100, though those batches ran Triton's own extend kernel by the dispatch rule).
+
+Servers that differ in one thing each start side by side with the preset's flags, and take turns (a Williams design,
+as 04's) at streamed requests of each length after a cache flush:
+
+* ``triton``: the baseline (the preset's ``sglang_baseline_backend``, triton in the 8B preset); ``triton_copy``: the same
+  again (the A/A spread);
+* ``sage_attn``: as 04 serves it (dispatch measured at start, statistics written);
+* ``sage_attn_all_triton``: every extend batch on Triton by the rule (``SAGE_ATTN_DISPATCH`` = 10^9: no measurement at
+  start, the backend's Triton route only);
+* ``sage_attn_no_stats``: as served, but with no statistics folder (no counters written, no census wrapper).
+
+Per variant and length: the median time to first token and decode time with their 10-90% range, and the paired
+ratio triton / variant (above 1: faster than triton); for the variants that write statistics, where their prefill
+batches ran. If ``sage_attn_all_triton`` matches triton, the cost is the kernel route or the start-up measurement; if it
+does not, it is the backend's class around Triton's kernel; ``sage_attn_no_stats`` tells the statistics' share.
+
+    PYTHONPATH=lib python3 benchmarks/ttft_gap.py --params params/sglang-llama8b-random.yaml --out gap.json \\
+        [--lengths 128,512] [--batch 1] [--repeats 12] [-p sglang.extra_args=[...]]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+VARIANTS = {  # name: (attention backend, SAGE_ATTN_DISPATCH or None for the baseline, statistics written)
+    "triton": (None, None, False),
+    "triton_copy": (None, None, False),
+    "sage_attn": ("sage_attn", "measured", True),
+    "sage_attn_all_triton": ("sage_attn", str(10**9), True),
+    "sage_attn_no_stats": ("sage_attn", "measured", False),
+}
+
+
+class Timed:
+    """What :func:`sagecheck.metrics.serving.measure_interleaved` needs of a server: a cache flush and a timed request."""
+
+    def __init__(self, url: str) -> None:
+        from sagecheck.engines.sglang.client import SGLangClient
+
+        self.client = SGLangClient(url)
+
+    def reset_cache(self) -> None:
+        self.client.flush_cache()
+
+    def streamed_timing(self, prompts: list[list[int]], decode_tokens: int) -> tuple[float, float]:
+        return self.client.streamed_timing(prompts, decode_tokens)
+
+
+def variant_env(params: Any, name: str, log_dir: Path) -> dict[str, str]:
+    from sagecheck.engines.sglang.servers import CANDIDATE, role_env
+
+    backend, dispatch, stats = VARIANTS[name]
+    if backend is None:
+        return {}
+    env = {**role_env(params, CANDIDATE, log_dir / name), "SAGE_ATTN_DISPATCH": dispatch}
+    if not stats:
+        env.pop("SAGE_ATTN_STATS_DIR")
+    return env
+
+
+def summarize(samples: dict[str, dict[str, Any]], baseline: str = "triton") -> dict[str, dict[str, Any]]:
+    """Per variant: medians and 10-90% ranges (ms) of both phases and the paired speedup over ``baseline``."""
+    from sagecheck.metrics.timing import paired_ratio
+
+    base = samples[baseline]
+    out = {}
+    for name, s in samples.items():
+        row: dict[str, Any] = {}
+        for phase in ("prefill", "decode"):
+            x = s[phase]
+            row[f"{phase}_ms"] = [x.median, x.p10, x.p90]
+            if name != baseline:
+                ratio = paired_ratio(base[phase], x)
+                row[f"{phase}_speedup"] = [ratio.median, ratio.p10, ratio.p90]
+        row["ttft_ms_by_repeat"] = [round(float(v), 3) for v in s["prefill"].values]
+        out[name] = row
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sagecheck import backend_stats
+    from sagecheck.engines.sglang.server import Server, ServerError, launch_spec
+    from sagecheck.engines.sglang.servers import SIDE_BY_SIDE_FRACTION
+    from sagecheck.metrics.serving import measure_interleaved
+    from sagecheck.metrics.timing import random_prompts
+    from sagecheck.sources import load
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--lengths", default="128,512")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--decode-tokens", type=int, default=16)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("-p", dest="overrides", action="append", default=[])
+    args = ap.parse_args(argv)
+    names = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown or "triton" not in names:
+        ap.error(f"variants: {unknown or ''} not among {sorted(VARIANTS)}; 'triton' (the baseline) must be one")
+    out = Path(args.out)
+    log_dir = out.parent / f"{out.stem}-logs"
+    params = load(args.params, args.overrides)
+
+    launched, ready, errors = {}, {}, {}
+    for name in names:
+        backend = VARIANTS[name][0] or params.sglang_baseline_backend
+        env = variant_env(params, name, log_dir)
+        spec = launch_spec(params, backend, log_dir, mem_fraction_static=params.sglang.mem_fraction_static or SIDE_BY_SIDE_FRACTION)
+        server = Server(spec, log_dir, params.sglang.startup_timeout_s, env=env, name=name)
+        launched[name] = (server.launch(), env)
+        time.sleep(1.0)
+    try:
+        for name, (server, env) in launched.items():
+            try:
+                server.wait_ready()
+                ready[name] = (Timed(server.url), env.get("SAGE_ATTN_STATS_DIR"))
+            except ServerError as e:
+                errors[name] = e.cause
+                print(f"did not start: {name}: {e.cause}", flush=True)
+        if "triton" not in ready:
+            raise SystemExit(f"the baseline did not start: {errors.get('triton')}")
+        running = [n for n in names if n in ready]
+        vocab = _vocab(params)
+        report: dict[str, Any] = {"params": args.params, "overrides": args.overrides, "batch": args.batch,
+                                  "repeats": args.repeats, "errors": errors, "lengths": {}}
+        for length in (int(x) for x in args.lengths.split(",")):
+            prompts = random_prompts(vocab, args.batch, length, params.seed, _cpu()).tolist()
+            before = {n: _counts(d) for n, (_, d) in ready.items() if d}
+            samples = measure_interleaved({n: t for n, (t, _) in ready.items()}, running, prompts, args.decode_tokens,
+                                          args.repeats, args.warmup)
+            time.sleep(2 * backend_stats.settle_s())
+            rows = summarize(samples)
+            for n, counts in before.items():
+                after = _counts(ready[n][1])
+                rows[n]["prefill_batches"] = {k.removeprefix("extend_batches_"): after.get(k, 0) - counts.get(k, 0)
+                                              for k in ("extend_batches_kernel", "extend_batches_triton")}
+            report["lengths"][str(length)] = rows
+            print(table(length, args.batch, rows), flush=True)
+    finally:
+        for server, _ in launched.values():
+            server.stop()
+    out.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def table(length: int, batch: int, rows: dict[str, dict[str, Any]]) -> str:
+    def rng(v: list[float] | None) -> str:
+        return "" if v is None else f"{v[0]:.3g} [{v[1]:.3g}-{v[2]:.3g}]"
+
+    lines = [f"\n### input {length}, batch {batch}", "| variant | TTFT ms | prefill speedup | decode ms | decode speedup | "
+             "prefill batches |", "|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {rng(r['prefill_ms'])} | {rng(r.get('prefill_speedup'))} | {rng(r['decode_ms'])} | "
+                     f"{rng(r.get('decode_speedup'))} | {r.get('prefill_batches', '')} |")
+    return "\n".join(lines)
+
+
+def _counts(stats_dir: str | None) -> dict[str, int]:
+    from sagecheck import backend_stats
+
+    return dict(((backend_stats.read(stats_dir) or {}).get("counts") or {})) if stats_dir else {}
+
+
+def _vocab(params: Any) -> int:
+    from sagecheck import models
+
+    return len(models.load_tokenizer(models.resolve(params.model, params.revision)))
+
+
+def _cpu():
+    import torch
+
+    return torch.device("cpu")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
