@@ -62,3 +62,40 @@ def test_the_setting_fixes_the_rule_or_leaves_it_to_the_measurement():
     for bad in ("fast", "-1", "0", "4k"):
         with pytest.raises(SageAttnUnavailable, match="not a dispatch rule; use measured, kernel or a number"):
             Settings.from_env({"SAGE_ATTN_DISPATCH": bad})
+
+
+def test_requests_over_a_cached_prefix_follow_their_own_measured_crossover():
+    """The H100 of 2026-12-05: a cold request of 8192 keys ran faster on the kernel path, a chunk of 4096 after a
+    cached 4096 slower (the split's gathers and merge). Where the prefix path is measured, a prefix extend needs its
+    own crossover; a cold request keeps the cold one."""
+    timers = D.Timers(lambda n: (lambda: 1.0), lambda n: (lambda: n / 4096),  # cold: the kernel from 4096 keys
+                      kernel_path_prefix=lambda n: (lambda: 2.0), triton_prefix=lambda n: (lambda: n / 8192))
+    got = D.measure(timers, max_length=16384, where="a test", time=lambda fn: [fn()])
+    assert got.keys == 4096 and got.prefix_measured and got.prefix_keys == 16384
+    assert got.prefix_kernel_ms == (2.0,) * 7 and got.prefix_triton_ms[-1] == pytest.approx(2.0)
+    assert D.to_kernel([0], [8192], got), "a cold request of 8192 keys: the kernel"
+    assert not D.to_kernel([4096], [4096], got), "a chunk of 4096 after 4096: Triton, by the prefix crossover"
+    assert D.to_kernel([8192], [8192], got)
+    # a batch mostly of cold long work stays on the kernel though one request has a short cached prefix
+    assert D.to_kernel([0, 100], [8192, 100], got)
+    assert "the kernel from 4096 keys per request, over a cached prefix from 16384 keys" in got.describe()
+    never = D.measure(D.Timers(lambda n: (lambda: 1.0), lambda n: (lambda: n / 4096), kernel_path_prefix=lambda n: (lambda: 9.0),
+                               triton_prefix=lambda n: (lambda: 0.1)), 16384, "a test", time=lambda fn: [fn()])
+    assert never.prefix_keys is None and not D.to_kernel([8192], [8192], never) and "over a cached prefix never" in never.describe()
+    # a crossover set by hand or a measurement without the prefix timers: prefix extends follow the one crossover
+    assert D.to_kernel([4096], [4096], D.Crossover("set", 4096, "test"))
+    cold_only = D.measure(D.Timers(lambda n: (lambda: 1.0), lambda n: (lambda: n / 4096)), 16384, "a test", time=lambda fn: [fn()])
+    assert not cold_only.prefix_measured and D.to_kernel([4096], [4096], cold_only)
+
+
+def test_a_failed_prefix_measurement_leaves_the_cold_crossover_and_says_why():
+    def broken(n):
+        raise RuntimeError("no prefix buffer\nsecond line")
+
+    got = D.measure(D.Timers(lambda n: (lambda: 1.0), lambda n: (lambda: n / 4096), kernel_path_prefix=broken,
+                             triton_prefix=lambda n: (lambda: 1.0)), 16384, "a test", time=lambda fn: [fn()])
+    assert got.keys == 4096 and not got.prefix_measured and got.prefix_kernel_ms == ()
+    assert got.error == "the prefix measurement failed: RuntimeError: no prefix buffer"
+    assert got.describe() == "the kernel from 4096 keys per request (measured at start: a test; the prefix measurement " \
+                             "failed: RuntimeError: no prefix buffer)"
+    assert D.to_kernel([4096], [4096], got)  # the cold rule for every request, as before the prefix measurement

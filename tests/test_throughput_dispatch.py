@@ -148,6 +148,22 @@ def test_the_measurement_is_drawn_with_its_crossover():
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert "crossover: the kernel from 4096 keys" in labels and len(labels) == 4
     assert T.dispatch_caption(sweep(dispatch())).startswith("The sage_attn server's measurement for its dispatch rule (measured at start: NVIDIA H200")
+    assert "prefix_sent_to" not in T.dispatch_rows(sweep(dispatch()))[0]  # no prefix measured: no prefix columns
+
+
+def test_the_prefix_measurement_is_tabled_drawn_and_routed():
+    """A server that also timed requests whose first half is cached (the split's path): its rows, curves and mark."""
+    prefix = dispatch(prefix_measured=True, prefix_keys=16384, prefix_kernel_ms=[1.6, 1.6, 1.7, 1.8, 2.0, 3.8, 6.0],
+                      prefix_triton_ms=[0.1, 0.1, 0.1, 0.2, 0.6, 2.4, 8.5])
+    rows = T.dispatch_rows(sweep(prefix))
+    assert [r["prefix_sent_to"] for r in rows] == ["Triton"] * 6 + ["kernel"]
+    assert [r["sent_to"] for r in rows] == ["Triton"] * 4 + ["kernel"] * 3  # the cold route keeps its own crossover
+    assert rows[5]["prefix_kernel_path_ms"] == 3.8 and rows[5]["prefix_triton_ms"] == 2.4
+    xs, ys, marks = T.dispatch_curves(sweep(prefix))
+    assert ys["sage_attn's kernel path, first half cached"][-1] == 6.0 and len(xs["Triton's extend kernel, first half cached"]) == 7
+    assert marks == {"crossover: the kernel from 4096 keys": 4096, "over a cached prefix: from 16384 keys": 16384}
+    fig = plots.lines(xs, ys, "keys per request", "ms per layer", "t", logy=True, marks=marks)
+    assert len(fig.axes[0].get_legend().get_texts()) == 7
 
 
 def test_a_copy_server_that_did_not_start_is_said_and_its_points_are_judged_on_their_own_intervals(tmp_path):

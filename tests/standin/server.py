@@ -361,6 +361,17 @@ def measure_dispatch_on_cpu(cfg, max_length: int):
         qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
         return lambda: sdpa(qh, kh, vh, causal=True, scale=scale)
 
+    def kernel_path_prefix(n):  # the first half cached: the plugin's whole-sequence varlen path (1.0.6's), emulated
+        q, k, v = inputs(n)
+        p = n // 2
+        layout = ExtendLayout.build([p], [n - p])
+        return lambda: extend_attention(emulated_varlen, q[p:], k[p:], v[p:], k[:p], v[:p], layout, scale)
+
+    def triton_prefix(n):
+        q, k, v = inputs(n)
+        qh, kh, vh = q[n // 2:].transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+        return lambda: sdpa(qh, kh, vh, causal=True, scale=scale)
+
     def cpu_ms(fn, warmup=1, repeats=5):
         for _ in range(warmup):
             fn()
@@ -372,7 +383,9 @@ def measure_dispatch_on_cpu(cfg, max_length: int):
         return times
 
     where = f"stand-in on a CPU, {heads} query / {kv_heads} KV heads of {d}, float32, one request of L tokens"
-    return plugin_dispatch.measure(plugin_dispatch.Timers(kernel_path, triton, alone), max_length, where,
+    timers = plugin_dispatch.Timers(kernel_path, triton, alone, kernel_path_prefix=kernel_path_prefix,
+                                    triton_prefix=triton_prefix)
+    return plugin_dispatch.measure(timers, max_length, where,
                                    lengths=(16, 32, 64, 128, 256), time=cpu_ms,
                                    timing="ms per layer, median of 5 CPU timings (perf_counter) after 1 warm-up; SDPA "
                                           "stands for Triton's extend kernel")

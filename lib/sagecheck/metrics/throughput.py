@@ -425,18 +425,29 @@ def dispatch_rows(s: Sweep) -> list[dict[str, Any]]:
     """The candidate server's measurement at start (its dispatch rule's, :meth:`~sagecheck.engines.Backend.dispatch`):
     per request length, ms per layer of its kernel path (what serving runs: smoothing, padding, the calls), of the bare
     kernel on inputs prepared beforehand and of Triton's extend kernel; the path's time over the bare kernel's; whether
-    the bare kernel beats Triton there; and where the rule sends one request of that length. Empty where the candidate
-    has no rule or measured nothing (a crossover set by hand)."""
+    the bare kernel beats Triton there; and where the rule sends one request of that length; where the server measured
+    them, both paths for a request of as many keys whose first half is a cached prefix, and its route. Empty where the
+    candidate has no rule or measured nothing (a crossover set by hand)."""
     measured = ((s.served or {}).get("dispatch") or {}).get("measured") or {}
     lengths = measured.get("lengths") or []
     path, bare, triton = (measured.get(k) or [None] * len(lengths) for k in ("kernel_ms", "kernel_alone_ms", "triton_ms"))
     keys, mode = measured.get("keys"), measured.get("mode")
+    with_prefix = bool(measured.get("prefix_measured"))
+    prefix_path, prefix_triton = (measured.get(k) or [None] * len(lengths) for k in ("prefix_kernel_ms", "prefix_triton_ms"))
+    prefix_keys = measured.get("prefix_keys")
+
+    def route(limit: int | None, n: int) -> str:
+        return "kernel" if mode == "kernel" or (limit is not None and n >= limit) else "Triton"
+
     rows = []
-    for n, p_ms, b_ms, t_ms in zip(lengths, path, bare, triton):
-        rows.append({"keys_per_request": n, "kernel_path_ms": p_ms, "bare_kernel_ms": b_ms, "triton_ms": t_ms,
-                     "path_over_bare_pct": (p_ms / b_ms - 1) * 100 if p_ms and b_ms else None,
-                     "bare_kernel_beats_triton": bool(b_ms is not None and t_ms is not None and b_ms <= t_ms),
-                     "sent_to": "kernel" if mode == "kernel" or (keys is not None and n >= keys) else "Triton"})
+    for n, p_ms, b_ms, t_ms, pp_ms, pt_ms in zip(lengths, path, bare, triton, prefix_path, prefix_triton):
+        row = {"keys_per_request": n, "kernel_path_ms": p_ms, "bare_kernel_ms": b_ms, "triton_ms": t_ms,
+               "path_over_bare_pct": (p_ms / b_ms - 1) * 100 if p_ms and b_ms else None,
+               "bare_kernel_beats_triton": bool(b_ms is not None and t_ms is not None and b_ms <= t_ms),
+               "sent_to": route(keys, n)}
+        if with_prefix:  # the same keys, the first half a cached prefix (the split's path)
+            row.update({"prefix_kernel_path_ms": pp_ms, "prefix_triton_ms": pt_ms, "prefix_sent_to": route(prefix_keys, n)})
+        rows.append(row)
     return rows
 
 
@@ -472,11 +483,16 @@ def dispatch_curves(s: Sweep) -> tuple[dict[str, list[int]], dict[str, list[floa
     """The measurement of :func:`dispatch_rows` as three curves against the request length, and the crossover's mark."""
     rows = dispatch_rows(s)
     series = {f"{s.candidate}'s kernel path": "kernel_path_ms", "the bare kernel": "bare_kernel_ms",
-              "Triton's extend kernel": "triton_ms"}
-    xs = {label: [r["keys_per_request"] for r in rows if r[key] is not None] for label, key in series.items()}
-    ys = {label: [r[key] for r in rows if r[key] is not None] for label, key in series.items()}
-    keys = (((s.served or {}).get("dispatch") or {}).get("measured") or {}).get("keys")
+              "Triton's extend kernel": "triton_ms",
+              f"{s.candidate}'s kernel path, first half cached": "prefix_kernel_path_ms",
+              "Triton's extend kernel, first half cached": "prefix_triton_ms"}
+    xs = {label: [r["keys_per_request"] for r in rows if r.get(key) is not None] for label, key in series.items()}
+    ys = {label: [r[key] for r in rows if r.get(key) is not None] for label, key in series.items()}
+    measured = ((s.served or {}).get("dispatch") or {}).get("measured") or {}
+    keys, prefix_keys = measured.get("keys"), measured.get("prefix_keys")
     marks = {f"crossover: the kernel from {keys} keys": keys} if keys else {}
+    if prefix_keys and measured.get("prefix_measured"):
+        marks[f"over a cached prefix: from {prefix_keys} keys"] = prefix_keys
     return {k: v for k, v in xs.items() if v}, {k: v for k, v in ys.items() if v}, marks
 
 

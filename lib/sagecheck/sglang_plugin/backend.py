@@ -161,7 +161,8 @@ class SageAttnBackend(TritonAttnBackend):
 
     def _timers(self, d: int, dtype: torch.dtype) -> dispatch.Timers:
         """One layer's attention of one request of ``n`` tokens: this backend's kernel path, Triton's extend kernel (as
-        the Triton backend calls it) and the bare kernel on K smoothed beforehand."""
+        the Triton backend calls it) and the bare kernel on K smoothed beforehand; and both paths again for a request
+        of ``n`` keys whose first half is a cached prefix."""
         import inspect
 
         heads, kv_heads, dev, scale = self.num_head, self.num_kv_head, self.device, d ** -0.5
@@ -185,6 +186,29 @@ class SageAttnBackend(TritonAttnBackend):
                                                      1.0, scale, logit_cap=0.0, sliding_window_size=-1, sinks=None,
                                                      window_kv_offsets=None, xai_temperature_len=-1, page_size=self.page_size)
 
+        def prefix_inputs(n: int):
+            """A request of ``n`` keys whose first ``n // 2`` are cached: the new tokens' Q, K, V, the cache and the
+            prefix's slots in it (gathered in every layer, as :meth:`forward_extend` does)."""
+            q, k, v = inputs(n)
+            p = n // 2
+            return q[p:], k[p:], v[p:], k[:p].contiguous(), v[:p].contiguous(), torch.arange(p, device=dev), p
+
+        def kernel_path_prefix(n: int):
+            q, k, v, k_cache, v_cache, slots, p = prefix_inputs(n)
+            layout = ExtendLayout.build([p], [n - p], dev)
+            groups, plan = self._plans(layout)
+            return lambda: self._kernel_extend(q, k, v, k_cache[slots], v_cache[slots], layout, groups, plan, scale)
+
+        def triton_prefix(n: int):
+            q, k, v, k_cache, v_cache, slots, p = prefix_inputs(n)
+            o = torch.empty_like(q)
+            qo = torch.tensor([0, n - p], dtype=torch.int32, device=dev)
+            kv_indptr = torch.tensor([0, p], dtype=torch.int32, device=dev)
+            return lambda: self.extend_attention_fwd(q, k, v, o, k_cache, v_cache, qo, kv_indptr, slots, None, True, None,
+                                                     n - p, 1.0, 1.0, scale, logit_cap=0.0, sliding_window_size=-1,
+                                                     sinks=None, window_kv_offsets=None, xai_temperature_len=-1,
+                                                     page_size=self.page_size)
+
         def alone(n: int):
             q, k, v = inputs(n)
             k = k - k.float().mean(0, keepdim=True).to(k.dtype)
@@ -195,7 +219,7 @@ class SageAttnBackend(TritonAttnBackend):
             bare, cu = inspect.unwrap(self.kernel), torch.tensor([0, n], dtype=torch.int32, device=dev)
             return lambda: bare(q, k, v, cu, cu, n, n, is_causal=True, sm_scale=scale, smooth_k=False)
 
-        return dispatch.Timers(kernel_path, triton, alone)
+        return dispatch.Timers(kernel_path, triton, alone, kernel_path_prefix=kernel_path_prefix, triton_prefix=triton_prefix)
 
     def _plans(self, layout: ExtendLayout) -> tuple[list[batched.PaddedGroup], split.SplitPlan | None]:
         """Per batch: the padded calls of a whole-sequence extend, or the split's plan (prefix extends merged by

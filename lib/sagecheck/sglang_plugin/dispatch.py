@@ -9,10 +9,18 @@ dtype; the backend's whole kernel path (smoothing, padding, the calls) against T
 :data:`LENGTHS` up to the context length. The crossover is the shortest length from which the kernel path is at
 least as fast at every longer measured length (:func:`crossover_from`); none if it never is.
 
+An extend over a cached prefix (a chunked prefill's later chunks, a radix-cache hit) runs another path: the split
+of :mod:`.split` with SageAttention 2, which gathers the prefix's keys and merges two calls. On an H100 (2026-12-05,
+README) it took 3.84 ms per layer for a chunk of 4096 after 4096 against Triton's 2.39 ms, though a cold request of
+8192 keys was 1.51 against 3.04. So where the backend's timers can, the same measurement times requests of ``L`` keys
+whose first half is a cached prefix (:attr:`Timers.kernel_path_prefix`, :attr:`Timers.triton_prefix`), and those
+requests have a crossover of their own (``prefix_keys``; none where the kernel path never caught up).
+
 **The rule, per batch** (:func:`to_kernel`): a request's cost grows with its query-key pairs (``p·e + e(e+1)/2``
 for ``p`` cached and ``e`` new tokens), and whether the kernel beats Triton on it with its key count ``p + e``. The
-batch goes to the kernel when at least half of its pairs are in requests of at least the crossover's key count.
-One batch is one route: every layer of it runs the same kernel (a request is never half on each).
+batch goes to the kernel when at least half of its pairs are in requests of at least their crossover's key count
+(the prefix crossover for a request with a cached prefix, where it was measured). One batch is one route: every layer
+of it runs the same kernel (a request is never half on each).
 
 ``SAGE_ATTN_DISPATCH`` (:mod:`.settings`): ``measured`` (default) as above; ``kernel``: every extend batch on the
 kernel (what 10's verification of every path needs, and the backend before this rule); a number ``N``: the kernel
@@ -48,16 +56,32 @@ class Crossover:
     kernel_alone_ms: tuple[float, ...] = ()
     error: str = ""
     timing: str = ""  # how each figure was timed
+    # requests whose first half is a cached prefix, where measured: their own crossover and timings
+    prefix_measured: bool = False
+    prefix_keys: int | None = None
+    prefix_kernel_ms: tuple[float, ...] = ()
+    prefix_triton_ms: tuple[float, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
+    def keys_for(self, prefix: int) -> int | None:
+        """The key count from which a request with ``prefix`` cached tokens goes to the kernel (None: never)."""
+        return self.prefix_keys if prefix and self.prefix_measured else self.keys
+
     def describe(self) -> str:
         if self.mode == "kernel":
             return f"every extend batch on the kernel ({self.source})"
+        if self.prefix_measured:
+            prefix = (f"over a cached prefix from {self.prefix_keys} keys" if self.prefix_keys is not None else
+                      "over a cached prefix never (slower at every measured length)")
+            cold = (f"from {self.keys} keys per request" if self.keys is not None else
+                    "never for a request without a prefix (slower at every measured length)")
+            return f"the kernel {cold}, {prefix} ({self.source})"
+        said = f"; {self.error}" if self.error and self.mode == "measured" else ""  # the prefix part that failed
         if self.keys is None:
-            return f"every extend batch on Triton: the kernel was slower at every measured length ({self.source})"
-        return f"the kernel from {self.keys} keys per request ({self.source})"
+            return f"every extend batch on Triton: the kernel was slower at every measured length ({self.source}{said})"
+        return f"the kernel from {self.keys} keys per request ({self.source}{said})"
 
 
 def crossover_from(lengths: Sequence[int], kernel_ms: Sequence[float], triton_ms: Sequence[float]) -> int | None:
@@ -74,13 +98,12 @@ def to_kernel(prefix_lens: Sequence[int], extend_lens: Sequence[int], crossover:
     """Whether an extend batch runs on the kernel (module docstring)."""
     if crossover.mode == "kernel":
         return True
-    if crossover.keys is None:
-        return False
     total = long = 0
     for p, e in zip(prefix_lens, extend_lens):
         pairs = p * e + e * (e + 1) // 2
         total += pairs
-        if p + e >= crossover.keys:
+        limit = crossover.keys_for(p)
+        if limit is not None and p + e >= limit:
             long += pairs
     return total > 0 and long >= KERNEL_SHARE * total
 
@@ -122,6 +145,9 @@ class Timers:
     triton: Callable[[int], Callable[[], Any]]
     kernel_alone: Callable[[int], Callable[[], Any]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # one request of L keys whose first L // 2 are a cached prefix: the backend's path and Triton's extend (both or none)
+    kernel_path_prefix: Callable[[int], Callable[[], Any]] | None = None
+    triton_prefix: Callable[[int], Callable[[], Any]] | None = None
 
 
 CUDA_TIMING = f"ms per layer, median of {REPEATS} CUDA-event timings after {WARMUP} warm-ups"
@@ -132,15 +158,30 @@ def measure(timers: Timers, max_length: int, where: str, lengths: Sequence[int] 
     """The crossover at the lengths up to ``max_length``, timed by ``time`` (median of its repeats; ``timing`` says
     how, for the statistics)."""
     used = [n for n in lengths if n <= max_length] or [min(lengths)]
-    kernel, triton, alone = [], [], []
+    with_prefix = timers.kernel_path_prefix is not None and timers.triton_prefix is not None
+    kernel, triton, alone, prefix_kernel, prefix_triton = [], [], [], [], []
+    prefix_error = ""
     for n in used:
         kernel.append(median(time(timers.kernel_path(n))))
         triton.append(median(time(timers.triton(n))))
         if timers.kernel_alone is not None:
             alone.append(median(time(timers.kernel_alone(n))))
+        if with_prefix:
+            try:
+                prefix_kernel.append(median(time(timers.kernel_path_prefix(n))))
+                prefix_triton.append(median(time(timers.triton_prefix(n))))
+            except Exception as e:  # noqa: BLE001 - the cold crossover stands; prefixes follow it, said in the facts
+                with_prefix, prefix_kernel, prefix_triton = False, [], []
+                prefix_error = f"the prefix measurement failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+    def rounded(xs: list[float]) -> tuple[float, ...]:
+        return tuple(round(x, 4) for x in xs)
+
     return Crossover("measured", crossover_from(used, kernel, triton), f"measured at start: {where}", tuple(used),
-                     tuple(round(x, 4) for x in kernel), tuple(round(x, 4) for x in triton), tuple(round(x, 4) for x in alone),
-                     timing=timing)
+                     rounded(kernel), rounded(triton), rounded(alone), error=prefix_error, timing=timing,
+                     prefix_measured=with_prefix,
+                     prefix_keys=crossover_from(used, prefix_kernel, prefix_triton) if with_prefix else None,
+                     prefix_kernel_ms=rounded(prefix_kernel), prefix_triton_ms=rounded(prefix_triton))
 
 
 def from_setting(setting: str) -> Crossover | None:

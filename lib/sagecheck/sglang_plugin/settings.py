@@ -19,8 +19,8 @@ environment (the scheduler processes inherit it from ``launch_server``):
     either way, and ``varlen`` pads nothing).
 ``SAGE_ATTN_DISPATCH``
     Which extend batches run on the kernel (:mod:`.dispatch`). ``measured`` (default): where the kernel path beat
-    Triton's extend kernel in a measurement made when the server starts, on its GPU and model shapes; the rest on
-    Triton. ``kernel``: every extend batch (10's verification of every path). A number ``N``: the kernel for batches
+    Triton's extend kernel in a measurement made when the server starts, on its GPU and model shapes (requests over
+    a cached prefix by a crossover of their own); the rest on Triton. ``kernel``: every extend batch (10's verification of every path). A number ``N``: the kernel for batches
     whose pairs lie mostly in requests of at least ``N`` keys.
 ``SAGE_ATTN_STATS_DIR``
     A folder where each scheduler process writes what it ran (:mod:`.stats`); unset: nothing is written.
