@@ -97,14 +97,15 @@ def test_each_kernel_is_a_fresh_child_of_the_server_with_the_launchers_environme
 def test_an_interrupt_reaches_the_kernel_and_its_exit_status_comes_back(server, tmp_path):
     k = Kernel(server, str(tmp_path))
     try:
-        sent = k.kc.execute("import time; time.sleep(60)")
+        # stop_on_error off: else ipykernel aborts requests that come in just after this cell's error (the next one's
+        # reply read 'aborted' and it printed nothing, twice on CI's loaded 2 cores)
+        sent = k.kc.execute("import time; time.sleep(60)", stop_on_error=False)
         time.sleep(1)
         started = time.monotonic()
         k.km.interrupt_kernel()  # SIGINT to the launcher's process group: relayed to the kernel
         interrupted = k.reply_to(sent, timeout=20)
         assert time.monotonic() - started < 20 and interrupted["ename"] == "KeyboardInterrupt", interrupted
-        # alive and answering, judged by the shell reply, which carries the expression's value: a printed line comes on
-        # IOPub, where once (CI, 2 loaded cores, ipykernel 7.4) the cell after the interrupt's line never arrived
+        # alive and answering: the shell reply carries the expression's value
         _, reply = k.run("answer = 6 * 7", user_expressions={"answer": "answer"})
         assert reply["status"] == "ok" and reply["user_expressions"]["answer"]["data"]["text/plain"] == "42", reply
         k.kc.execute("import os; os._exit(3)")

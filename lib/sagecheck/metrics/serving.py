@@ -31,10 +31,10 @@ import torch
 from sagecheck import backend_stats
 from sagecheck.engines import Engine, EngineError
 from sagecheck.metrics.counted import Counted
-from sagecheck.metrics.timing import Samples, paired_ratio, progress_logger, random_prompts, speedup_fields, timing_row
+from sagecheck.metrics.timing import (NO_CONTROL, Samples, paired_ratio, progress_logger, random_prompts, speedup_fields,
+                                      timing_row)
 
 CLOCK = "client wall clock (streamed /generate)"
-NO_CONTROL = "no A/A control"  # a point's class where the A/A control's copy server did not serve
 
 
 def classify(speedup: Samples, control: Samples | None) -> str:

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+NO_CONTROL = "no A/A control"  # a served point's class where the A/A control's copy did not serve (serving.classify)
+
 if TYPE_CHECKING:  # torch is imported where it is used: the report reads these modules' results without it
     import torch
 

@@ -11,8 +11,8 @@ from sagecheck.backend_stats import off_kernel
 from sagecheck.report.facts import engine_facts
 from sagecheck.thresholds import ACCEPTED_PRECISION_WORDS
 from sagecheck.metrics.code_paths import CodePathResults
-from sagecheck.metrics.serving import NO_CONTROL
 from sagecheck.metrics.throughput import ThroughputResults
+from sagecheck.metrics.timing import NO_CONTROL
 from sagecheck.params import labels
 
 
