@@ -81,9 +81,14 @@ def test_requests_over_a_cached_prefix_follow_their_own_measured_crossover():
     assert "the kernel from 4096 keys per request, over a cached prefix from 16384 keys" in got.describe()
     never = D.measure(D.Timers(lambda n: (lambda: 1.0), lambda n: (lambda: n / 4096), kernel_path_prefix=lambda n: (lambda: 9.0),
                                triton_prefix=lambda n: (lambda: 0.1)), 16384, "a test", time=lambda fn: [fn()])
-    assert never.prefix_keys is None and not D.to_kernel([8192], [8192], never) and "over a cached prefix never" in never.describe()
+    assert never.prefix_keys is None and not D.to_kernel([8192], [8192], never) and "extends over a cached prefix on Triton" in never.describe()
     # a crossover set by hand or a measurement without the prefix timers: prefix extends follow the one crossover
     assert D.to_kernel([4096], [4096], D.Crossover("set", 4096, "test"))
+    neither = D.measure(D.Timers(lambda n: (lambda: 9.0), lambda n: (lambda: 0.1), kernel_path_prefix=lambda n: (lambda: 9.0),
+                                 triton_prefix=lambda n: (lambda: 0.1)), 16384, "a test", time=lambda fn: [fn()])
+    assert neither.describe().startswith("every extend batch on Triton: the kernel was slower at every measured length, "
+                                         "with a cached prefix or without")
+    assert not D.to_kernel([0, 4096], [16384, 4096], neither)
     cold_only = D.measure(D.Timers(lambda n: (lambda: 1.0), lambda n: (lambda: n / 4096)), 16384, "a test", time=lambda fn: [fn()])
     assert not cold_only.prefix_measured and D.to_kernel([4096], [4096], cold_only)
 

@@ -73,11 +73,17 @@ class Crossover:
         if self.mode == "kernel":
             return f"every extend batch on the kernel ({self.source})"
         if self.prefix_measured:
-            prefix = (f"over a cached prefix from {self.prefix_keys} keys" if self.prefix_keys is not None else
-                      "over a cached prefix never (slower at every measured length)")
-            cold = (f"from {self.keys} keys per request" if self.keys is not None else
-                    "never for a request without a prefix (slower at every measured length)")
-            return f"the kernel {cold}, {prefix} ({self.source})"
+            cold, prefix = self.keys, self.prefix_keys
+            if cold is None and prefix is None:
+                return (f"every extend batch on Triton: the kernel was slower at every measured length, with a cached "
+                        f"prefix or without ({self.source})")
+            if prefix is None:
+                return (f"the kernel from {cold} keys per request without a cached prefix; extends over a cached prefix "
+                        f"on Triton (slower at every measured length) ({self.source})")
+            if cold is None:
+                return (f"the kernel only over a cached prefix, from {prefix} keys (without one, slower at every "
+                        f"measured length) ({self.source})")
+            return f"the kernel from {cold} keys per request, over a cached prefix from {prefix} keys ({self.source})"
         said = f"; {self.error}" if self.error and self.mode == "measured" else ""  # the prefix part that failed
         if self.keys is None:
             return f"every extend batch on Triton: the kernel was slower at every measured length ({self.source}{said})"
