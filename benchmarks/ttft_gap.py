@@ -38,21 +38,6 @@ VARIANTS = {  # name: (attention backend, SAGE_ATTN_DISPATCH or None for the bas
 }
 
 
-class Timed:
-    """What :func:`sagecheck.metrics.serving.measure_interleaved` needs of a server: a cache flush and a timed request."""
-
-    def __init__(self, url: str) -> None:
-        from sagecheck.engines.sglang.client import SGLangClient
-
-        self.client = SGLangClient(url)
-
-    def reset_cache(self) -> None:
-        self.client.flush_cache()
-
-    def streamed_timing(self, prompts: list[list[int]], decode_tokens: int) -> tuple[float, float]:
-        return self.client.streamed_timing(prompts, decode_tokens)
-
-
 def variant_env(params: Any, name: str, log_dir: Path) -> dict[str, str]:
     from sagecheck.engines.sglang.servers import CANDIDATE, role_env
 
@@ -85,9 +70,12 @@ def summarize(samples: dict[str, dict[str, Any]], baseline: str = "triton") -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sagecheck import backend_stats
+    from sagecheck import backend_stats, models
+    from sagecheck.engines.sglang import SGLangBackend
+    from sagecheck.engines.sglang.client import SGLangClient
     from sagecheck.engines.sglang.server import Server, ServerError, launch_spec
-    from sagecheck.engines.sglang.servers import SIDE_BY_SIDE_FRACTION
+    from sagecheck.engines.sglang.servers import (BASELINE, CANDIDATE, SIDE_BY_SIDE_FRACTION, ServerHandle,
+                                                  counters_when_ready)
     from sagecheck.metrics.serving import measure_interleaved
     from sagecheck.metrics.timing import random_prompts
     from sagecheck.sources import load
@@ -123,25 +111,30 @@ def main(argv: list[str] | None = None) -> int:
         for name, (server, env) in launched.items():
             try:
                 server.wait_ready()
-                ready[name] = (Timed(server.url), env.get("SAGE_ATTN_STATS_DIR"))
+                stats = env.get("SAGE_ATTN_STATS_DIR")
+                handle = ServerHandle(CANDIDATE if VARIANTS[name][0] else BASELINE, VARIANTS[name][0], url=server.url,
+                                      pid=server.process.pid, stats_dir=stats, env=env,
+                                      stats_at_start=counters_when_ready(stats))
+                ready[name] = SGLangBackend(SGLangClient(server.url), name, handle, {})
             except ServerError as e:
                 errors[name] = e.cause
                 print(f"did not start: {name}: {e.cause}", flush=True)
         if "triton" not in ready:
             raise SystemExit(f"the baseline did not start: {errors.get('triton')}")
         running = [n for n in names if n in ready]
-        vocab = _vocab(params)
+        vocab = len(models.load_tokenizer(models.resolve(params.model, params.revision)))
         report: dict[str, Any] = {"params": args.params, "overrides": args.overrides, "batch": args.batch,
                                   "repeats": args.repeats, "errors": errors, "lengths": {}}
         for length in (int(x) for x in args.lengths.split(",")):
-            prompts = random_prompts(vocab, args.batch, length, params.seed, _cpu()).tolist()
-            before = {n: _counts(d) for n, (_, d) in ready.items() if d}
-            samples = measure_interleaved({n: t for n, (t, _) in ready.items()}, running, prompts, args.decode_tokens,
-                                          args.repeats, args.warmup)
+            prompts = random_prompts(vocab, args.batch, length, params.seed, "cpu").tolist()
+            # where each counting variant's prefill ran: its counters around the measurement (they are written at
+            # intervals, so read once more after they settle)
+            before = {n: counts for n, counts in ((n, b.counters()) for n, b in ready.items()) if counts is not None}
+            samples = measure_interleaved(ready, running, prompts, args.decode_tokens, args.repeats, args.warmup)
             time.sleep(2 * backend_stats.settle_s())
             rows = summarize(samples)
             for n, counts in before.items():
-                after = _counts(ready[n][1])
+                after = ready[n].counters() or {}
                 rows[n]["prefill_batches"] = {k.removeprefix("extend_batches_"): after.get(k, 0) - counts.get(k, 0)
                                               for k in ("extend_batches_kernel", "extend_batches_triton")}
             report["lengths"][str(length)] = rows
@@ -163,24 +156,6 @@ def table(length: int, batch: int, rows: dict[str, dict[str, Any]]) -> str:
         lines.append(f"| {name} | {rng(r['prefill_ms'])} | {rng(r.get('prefill_speedup'))} | {rng(r['decode_ms'])} | "
                      f"{rng(r.get('decode_speedup'))} | {r.get('prefill_batches', '')} |")
     return "\n".join(lines)
-
-
-def _counts(stats_dir: str | None) -> dict[str, int]:
-    from sagecheck import backend_stats
-
-    return dict(((backend_stats.read(stats_dir) or {}).get("counts") or {})) if stats_dir else {}
-
-
-def _vocab(params: Any) -> int:
-    from sagecheck import models
-
-    return len(models.load_tokenizer(models.resolve(params.model, params.revision)))
-
-
-def _cpu():
-    import torch
-
-    return torch.device("cpu")
 
 
 if __name__ == "__main__":

@@ -65,3 +65,10 @@ def test_the_ttft_gap_benchmark_runs_its_variants_on_the_stand_in(tmp_path, monk
         assert "prefill_speedup" not in rows["triton"] and rows["sage_attn_no_stats"]["prefill_speedup"][0] > 0
         assert rows["sage_attn_all_triton"]["prefill_batches"] == {"kernel": 0, "triton": 4}  # 1 warm-up + 3 repeats
         assert "prefill_batches" not in rows["sage_attn_no_stats"]  # no statistics folder: nothing counted
+
+
+def test_the_merge_makes_fewer_calls_than_the_max_subtracted_form_did():
+    """benchmarks/merge_calls.py on the merge as it is: 14 top-level aten calls on torch 2.13, where the form it
+    replaced (the larger log-sum-exp subtracted, then a division) made 22; a return to that form fails here."""
+    got = load("merge_calls").count(256, 4, 16)
+    assert 0 < got["top_level_calls"] <= 14 < 22 and got["all_calls"] >= got["top_level_calls"]

@@ -79,6 +79,11 @@ def test_requests_over_a_cached_prefix_follow_their_own_measured_crossover():
     # a batch mostly of cold long work stays on the kernel though one request has a short cached prefix
     assert D.to_kernel([0, 100], [8192, 100], got)
     assert "the kernel from 4096 keys per request, over a cached prefix from 16384 keys" in got.describe()
+    # the facts the report reads carry the rule's answer per measured length, for a cold request and a half-cached one
+    facts = got.as_dict()
+    assert facts["routes"] == ["Triton"] * 4 + ["kernel"] * 3 and facts["prefix_routes"] == ["Triton"] * 6 + ["kernel"]
+    assert "prefix_routes" not in D.measure(D.Timers(lambda n: (lambda: 1.0), lambda n: (lambda: n / 4096)), 16384, "t",
+                                            time=lambda fn: [fn()]).as_dict()
     never = D.measure(D.Timers(lambda n: (lambda: 1.0), lambda n: (lambda: n / 4096), kernel_path_prefix=lambda n: (lambda: 9.0),
                                triton_prefix=lambda n: (lambda: 0.1)), 16384, "a test", time=lambda fn: [fn()])
     assert never.prefix_keys is None and not D.to_kernel([8192], [8192], never) and "extends over a cached prefix on Triton" in never.describe()

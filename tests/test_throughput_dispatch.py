@@ -153,8 +153,10 @@ def test_the_measurement_is_drawn_with_its_crossover():
 
 def test_the_prefix_measurement_is_tabled_drawn_and_routed():
     """A server that also timed requests whose first half is cached (the split's path): its rows, curves and mark."""
+    # the plugin's facts (its Crossover.as_dict): the timings and, per length, where its rule sends such a request
     prefix = dispatch(prefix_measured=True, prefix_keys=16384, prefix_kernel_ms=[1.6, 1.6, 1.7, 1.8, 2.0, 3.8, 6.0],
-                      prefix_triton_ms=[0.1, 0.1, 0.1, 0.2, 0.6, 2.4, 8.5])
+                      prefix_triton_ms=[0.1, 0.1, 0.1, 0.2, 0.6, 2.4, 8.5], routes=["Triton"] * 4 + ["kernel"] * 3,
+                      prefix_routes=["Triton"] * 6 + ["kernel"])
     rows = T.dispatch_rows(sweep(prefix))
     assert [r["prefix_sent_to"] for r in rows] == ["Triton"] * 6 + ["kernel"]
     assert [r["sent_to"] for r in rows] == ["Triton"] * 4 + ["kernel"] * 3  # the cold route keeps its own crossover

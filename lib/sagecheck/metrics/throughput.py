@@ -432,21 +432,20 @@ def dispatch_rows(s: Sweep) -> list[dict[str, Any]]:
     lengths = measured.get("lengths") or []
     path, bare, triton = (measured.get(k) or [None] * len(lengths) for k in ("kernel_ms", "kernel_alone_ms", "triton_ms"))
     keys, mode = measured.get("keys"), measured.get("mode")
-    with_prefix = bool(measured.get("prefix_measured"))
+    # the rule's own answer per length (the plugin's ``routes``); a server of before it wrote them: the one crossover
+    routes = measured.get("routes") or ["kernel" if mode == "kernel" or (keys is not None and n >= keys) else "Triton"
+                                        for n in lengths]
+    prefix_routes = measured.get("prefix_routes")
     prefix_path, prefix_triton = (measured.get(k) or [None] * len(lengths) for k in ("prefix_kernel_ms", "prefix_triton_ms"))
-    prefix_keys = measured.get("prefix_keys")
-
-    def route(limit: int | None, n: int) -> str:
-        return "kernel" if mode == "kernel" or (limit is not None and n >= limit) else "Triton"
-
     rows = []
-    for n, p_ms, b_ms, t_ms, pp_ms, pt_ms in zip(lengths, path, bare, triton, prefix_path, prefix_triton):
+    for i, (n, p_ms, b_ms, t_ms) in enumerate(zip(lengths, path, bare, triton)):
         row = {"keys_per_request": n, "kernel_path_ms": p_ms, "bare_kernel_ms": b_ms, "triton_ms": t_ms,
                "path_over_bare_pct": (p_ms / b_ms - 1) * 100 if p_ms and b_ms else None,
                "bare_kernel_beats_triton": bool(b_ms is not None and t_ms is not None and b_ms <= t_ms),
-               "sent_to": route(keys, n)}
-        if with_prefix:  # the same keys, the first half a cached prefix (the split's path)
-            row.update({"prefix_kernel_path_ms": pp_ms, "prefix_triton_ms": pt_ms, "prefix_sent_to": route(prefix_keys, n)})
+               "sent_to": routes[i]}
+        if prefix_routes:  # the same keys, the first half a cached prefix (the split's path)
+            row.update({"prefix_kernel_path_ms": prefix_path[i], "prefix_triton_ms": prefix_triton[i],
+                        "prefix_sent_to": prefix_routes[i]})
         rows.append(row)
     return rows
 
@@ -545,7 +544,7 @@ def record(results: Any, s: Sweep, p: Any, on_gpu: bool) -> dict[str, Any]:
     elif st:
         results.note(f"CPU timings: the repeated point differed by {st.get('max_diff_pct', float('nan')):.1f}% (no verdict on CPU)")
     if s.copy:
-        copy_error = (((s.served or {}).get("servers") or {}).get(s.copy) or {}).get("error")
+        copy_error = server_error(s.served, s.copy)
         for kind in ("prefill", "decode"):
             value = m[f"aa_{kind}_abs_diff_pct_median"]
             detail = (f"median over points of |A/A speedup - 1|; worst point {format_number(m[f'aa_{kind}_abs_diff_pct_max'])}%; "
@@ -603,6 +602,12 @@ def headline(m: dict[str, Any], context: str) -> str | None:
 # --------------------------------------------------------------------------- reading 04's results back
 
 
+def server_error(served: dict[str, Any] | None, label: str | None) -> str | None:
+    """Why the server of ``label`` did not serve the sweep (it did not start), from the sweep's ``served`` facts; None
+    where it served or was not asked for."""
+    return (((served or {}).get("servers") or {}).get(label) or {}).get("error") or None if label else None
+
+
 @dataclass
 class ThroughputResults:
     """04's results as the recommendation and ``compare`` read them."""
@@ -618,10 +623,9 @@ class ThroughputResults:
         if res is None:
             return None
         labels = res.metrics.get("labels") or {}
-        servers = (res.metrics.get("servers") or {}).get("servers") or {}
-        copy_error = (servers.get(labels.get("copy")) or {}).get("error") if labels.get("copy") else None
         return cls(res.status, labels, res.tables.get("throughput", []) if res.status == "ok" else [],
-                   [v for v in res.verdicts if v.id.startswith("throughput.aa.")], copy_error or None)
+                   [v for v in res.verdicts if v.id.startswith("throughput.aa.")],
+                   server_error(res.metrics.get("servers"), labels.get("copy")))
 
     def points(self, role: str = "candidate") -> list[dict[str, Any]]:
         """The rows of the baseline, the candidate or the copy."""

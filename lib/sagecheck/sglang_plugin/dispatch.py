@@ -63,7 +63,18 @@ class Crossover:
     prefix_triton_ms: tuple[float, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """The facts, and where :func:`to_kernel` sends one request of each measured length (``routes``) and, where
+        measured, one of as many keys whose first half is cached (``prefix_routes``): the rule's own answer, which the
+        report reads instead of applying the rule again."""
+        facts = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+        def route(prefix: int, new: int) -> str:
+            return "kernel" if to_kernel([prefix], [new], self) else "Triton"
+
+        facts["routes"] = [route(0, n) for n in self.lengths]
+        if self.prefix_measured:
+            facts["prefix_routes"] = [route(n // 2, n - n // 2) for n in self.lengths]
+        return facts
 
     def keys_for(self, prefix: int) -> int | None:
         """The key count from which a request with ``prefix`` cached tokens goes to the kernel (None: never)."""

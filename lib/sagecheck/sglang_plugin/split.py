@@ -46,8 +46,8 @@ def merge_by_lse(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor,
     """Attention over two disjoint key sets from each one's output ``[tokens, heads, d]`` and log-sum-exp
     ``[tokens, heads]``: (the output in ``o_b``'s dtype, the log-sum-exp of the union). A row that saw no key of one
     set has ``-inf`` there and takes the other's output unchanged."""
-    # each weight exp(l - l_union), l_union = logaddexp(lA, lB): the weights sum to 1, no division. 12 aten calls where
-    # the max-subtracted form made 24 (torch profiler, CPU, 2026-12-05); every layer of an extend over a prefix runs it
+    # each weight exp(l - l_union), l_union = logaddexp(lA, lB): the weights sum to 1, no division. 14 top-level aten
+    # calls where the max-subtracted form made 22 (benchmarks/merge_calls.py); every layer of a prefix extend runs it
     lse = torch.logaddexp(lse_a, lse_b)
     work = torch.promote_types(o_b.dtype, torch.float32)  # float32 at least
     out = o_a.to(work) * torch.exp(lse_a - lse)[..., None] + o_b.to(work) * torch.exp(lse_b - lse)[..., None]
