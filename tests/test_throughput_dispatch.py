@@ -165,7 +165,9 @@ def test_the_prefix_measurement_is_tabled_drawn_and_routed():
     assert ys["sage_attn's kernel path, first half cached"][-1] == 6.0 and len(xs["Triton's extend kernel, first half cached"]) == 7
     assert marks == {"crossover: the kernel from 4096 keys": 4096, "over a cached prefix: from 16384 keys": 16384}
     fig = plots.lines(xs, ys, "keys per request", "ms per layer", "t", logy=True, marks=marks)
-    assert len(fig.axes[0].get_legend().get_texts()) == 7
+    legend = fig.axes[0].get_legend()
+    assert len(legend.get_texts()) == 7 and legend.get_bbox_to_anchor().x0 > fig.axes[0].bbox.x1  # beside the lines
+    assert "prefix_*: both paths for a request" in T.dispatch_caption(sweep(prefix))
 
 
 def test_a_copy_server_that_did_not_start_is_said_and_its_points_are_judged_on_their_own_intervals(tmp_path):

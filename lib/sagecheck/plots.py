@@ -243,7 +243,10 @@ def lines(xs: dict[str, list[float]], ys: dict[str, list[float]], xlabel: str, y
         ax.set_ylim(*ylim)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize=8)
+    if len(ys) + len(marks or {}) > 4:  # a long legend inside the axes covers lines: beside them (as the bar chart's)
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    else:
+        ax.legend(fontsize=8)
     return _finish(fig, title)
 
 

@@ -475,7 +475,9 @@ def dispatch_caption(s: Sweep) -> str:
     measured = ((s.served or {}).get("dispatch") or {}).get("measured") or {}
     return (f"The {s.candidate} server's measurement for its dispatch rule ({measured.get('source', '?')}; "
             f"{measured.get('timing') or 'ms per layer'}): its kernel path (smoothing, padding, the calls), the bare kernel "
-            f"on inputs prepared beforehand, Triton's extend kernel")
+            f"on inputs prepared beforehand, Triton's extend kernel"
+            + ("; prefix_*: both paths for a request of as many keys whose first half is a cached prefix, and where the "
+               "rule sends it" if measured.get("prefix_routes") else ""))
 
 
 def dispatch_curves(s: Sweep) -> tuple[dict[str, list[int]], dict[str, list[float]], dict[str, float]]:
