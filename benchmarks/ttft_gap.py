@@ -16,6 +16,11 @@ ratio triton / variant (above 1: faster than triton); for the variants that writ
 batches ran. If ``sage_attn_all_triton`` matches triton, the cost is the kernel route or the start-up measurement; if it
 does not, it is the backend's class around Triton's kernel; ``sage_attn_no_stats`` tells the statistics' share.
 
+``--profile N``: after the timings, each server runs N more requests of the first length (one output token each) under
+torch's profiler (SGLang's ``/start_profile``), and each variant's trace is set against the baseline's by
+``trace_diff.py``: the events that make up the difference, per request (``profile`` in the output; the traces stay in
+the log folder).
+
     PYTHONPATH=lib python3 benchmarks/ttft_gap.py --params params/sglang-llama8b-random.yaml --out gap.json \\
         [--lengths 128,512] [--batch 1] [--repeats 12] [-p sglang.extra_args=[...]]
 """
@@ -89,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--profile", type=int, default=0, help="requests profiled per server (0: none)")
     ap.add_argument("-p", dest="overrides", action="append", default=[])
     args = ap.parse_args(argv)
     names = [v for v in args.variants.split(",") if v]
@@ -139,11 +145,47 @@ def main(argv: list[str] | None = None) -> int:
                                               for k in ("extend_batches_kernel", "extend_batches_triton")}
             report["lengths"][str(length)] = rows
             print(table(length, args.batch, rows), flush=True)
+        if args.profile:
+            length = int(args.lengths.split(",")[0])
+            prompts = random_prompts(vocab, args.batch, length, params.seed, "cpu").tolist()
+            report["profile"] = profile_all(ready, running, prompts, args.profile, log_dir / "profiles")
     finally:
         for server, _ in launched.values():
             server.stop()
     out.write_text(json.dumps(report, indent=1))
     return 0
+
+
+def profile_all(ready: dict[str, Any], names: list[str], prompts: list[list[int]], requests: int,
+                folder: Path) -> dict[str, Any]:
+    """Each server's trace of ``requests`` prefills of ``prompts`` (one output token each, cache flushed before each),
+    and every variant's difference from the baseline's (:mod:`trace_diff`)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("trace_diff", Path(__file__).with_name("trace_diff.py"))
+    trace_diff = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trace_diff)
+    summaries = {}
+    for name in names:
+        client = ready[name].client
+        client.start_profile(str(folder / name), name)
+        try:
+            for _ in range(requests):
+                ready[name].reset_cache()
+                client.streamed_timing(prompts, 1)
+        finally:
+            client.stop_profile()
+        traces = sorted((folder / name).glob(f"{name}-TP-0*.trace.json*"))
+        if not traces:
+            raise SystemExit(f"{name}: /stop_profile wrote no trace in {folder / name}")
+        summaries[name] = trace_diff.summary(trace_diff.load(traces[0]), requests)
+    out = {}
+    for name in names:
+        if name != "triton":
+            rep = trace_diff.report(summaries["triton"], summaries[name], ("triton", name))
+            print(f"\n### profile: {name} against triton\n" + trace_diff.markdown(rep), flush=True)
+            out[name] = rep
+    return out
 
 
 def table(length: int, batch: int, rows: dict[str, dict[str, Any]]) -> str:

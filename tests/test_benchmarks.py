@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import pytest
 import torch
 
 from tests.conftest import ROOT
@@ -55,7 +56,7 @@ def test_the_ttft_gap_benchmark_runs_its_variants_on_the_stand_in(tmp_path, monk
     out = tmp_path / "gap.json"
     assert gap.main(["--params", str(ROOT / "tests" / "params_sglang.yaml"), "--out", str(out), "--lengths", "16,48",
                      "--repeats", "3", "--warmup", "1", "--decode-tokens", "3",
-                     "--variants", "triton,sage_attn_all_triton,sage_attn_no_stats"]) == 0
+                     "--variants", "triton,sage_attn_all_triton,sage_attn_no_stats", "--profile", "2"]) == 0
     got = json.loads(out.read_text())
     assert got["errors"] == {} and set(got["lengths"]) == {"16", "48"}
     for rows in got["lengths"].values():
@@ -65,6 +66,46 @@ def test_the_ttft_gap_benchmark_runs_its_variants_on_the_stand_in(tmp_path, monk
         assert "prefill_speedup" not in rows["triton"] and rows["sage_attn_no_stats"]["prefill_speedup"][0] > 0
         assert rows["sage_attn_all_triton"]["prefill_batches"] == {"kernel": 0, "triton": 4}  # 1 warm-up + 3 repeats
         assert "prefill_batches" not in rows["sage_attn_no_stats"]  # no statistics folder: nothing counted
+    # --profile: each server's two profiled requests (at the first length) in a trace, each variant set against triton's
+    assert set(got["profile"]) == {"sage_attn_all_triton", "sage_attn_no_stats"}
+    for rep in got["profile"].values():
+        assert rep["requests"] == [2, 2] and rep["labels"][0] == "triton"
+        ops = rep["categories"]["cpu_op"]
+        assert all(side["calls"] > 0 and side["us"] > 0 for side in ops)  # the stand-in's forwards, on both sides
+        assert rep["top"] and all(r["category"] == "cpu_op" for r in rep["top"])
+    assert len(list((tmp_path / "gap-logs" / "profiles" / "triton").glob("triton-TP-0.trace.json.gz"))) == 1
+
+
+def test_a_trace_difference_is_summed_per_request_and_its_gpu_time_counted_once_where_kernels_overlap(tmp_path):
+    """trace_diff on two hand-made traces of 2 requests: the figures per request, worked out by hand."""
+    import gzip
+
+    diff = load("trace_diff")
+
+    def trace(path, events):
+        with gzip.open(path, "wt") as f:
+            json.dump({"traceEvents": events}, f)
+        return path
+
+    base = [{"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 10},
+            {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 50, "dur": 10},
+            {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 5, "dur": 20},
+            {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 55, "dur": 20},
+            {"ph": "i", "cat": "cpu_op", "name": "marker", "ts": 1}]  # an instant event: no duration, not counted
+    other = base[:4] + [{"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 30, "dur": 300},
+                        {"ph": "X", "cat": "kernel", "name": "quant", "ts": 15, "dur": 20},  # overlaps gemm by 10
+                        {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD", "ts": 100, "dur": 4}]
+    a = diff.summary(diff.load(trace(tmp_path / "a.trace.json.gz", base)), 2)
+    b = diff.summary(diff.load(trace(tmp_path / "b.trace.json.gz", other)), 2)
+    assert a["gpu_busy_us"] == 20 and b["gpu_busy_us"] == (30 + 20 + 4) / 2  # [5, 35) and [55, 75) and [100, 104)
+    assert a["categories"]["cpu_op"] == {"calls": 1, "us": 10}
+    rep = diff.report(a, b, ("base", "other"), top=3)
+    assert [(r["name"], r["extra_us"]) for r in rep["top"]] == [("cudaStreamSynchronize", 150), ("quant", 10),
+                                                              ("Memcpy HtoD", 2)]
+    assert rep["top"][0]["base_calls"] == 0 and rep["top"][0]["other_calls"] == 0.5
+    assert "| cuda_runtime | cudaStreamSynchronize | 0.0 | 0.5 | 0 | 150 | +150 |" in diff.markdown(rep)
+    with pytest.raises(ValueError, match="requests must be at least 1"):
+        diff.summary([], 0)
 
 
 def test_the_merge_makes_fewer_calls_than_the_max_subtracted_form_did():

@@ -23,7 +23,7 @@
 #                                                      # then 00,02,03,07 on the built-in model with SA2 and 1.0.6, compared
 #   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT wait35all # wait for it (WAIT_S, default 540 s), pack what is there
 #   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT gap      # benchmarks/ttft_gap.py on the 8B shape: which part of sage_attn costs
-#                                                      # the extra time to first token at 128 x 1
+#                                                      # the extra time to first token at 128 x 1 (timed, then profiled)
 set -u
 kit=${1:?kit}; src=${2:?sa2 source}; build=${3:?build.sh}; out=${4:?out}; phase=${5:?phase}
 site=/tmp/sgl-site
@@ -173,12 +173,17 @@ EOF
         # smaller KV cache and prefill graphs up to 2048 tokens: five servers of ~18 GB fit an H200 (GAP_VARIANTS fewer on
         # an 80 GB H100)
     ensure_sa2
+    # five servers of ~18 GB on an H200 (141 GB); three on an 80 GB H100
+    gib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+    if [ "${gib:-0}" -gt 100000 ]; then all=triton,triton_copy,sage_attn,sage_attn_all_triton,sage_attn_no_stats
+    else all=triton,sage_attn,sage_attn_all_triton; fi
     sa2 timeout ${RUN_S:-540} python3 benchmarks/ttft_gap.py --params params/sglang-llama8b-random.yaml --out "$out/gap.json" \
-      --variants ${GAP_VARIANTS:-triton,triton_copy,sage_attn,sage_attn_all_triton,sage_attn_no_stats} --repeats ${REPEATS:-12} \
+      --variants ${GAP_VARIANTS:-$all} --repeats ${REPEATS:-12} --profile ${PROFILE:-8} \
       -p sglang.max_total_tokens=8192 \
       -p "sglang.extra_args=[--sampling-backend, pytorch, --grammar-backend, none, --cuda-graph-max-bs, '32', --chunked-prefill-size, '2048']" \
       2>&1 | grep -v "Ignore import error" | tail -40
-    tar -C "$out" -czf "$out/gap-logs.tgz" gap-logs 2>/dev/null; rm -rf "$out/gap-logs";;
+    tar -C "$out" -czf "$out/gap-logs.tgz" --exclude='*.trace.json.gz' --exclude='random-model' gap-logs 2>/dev/null
+    tar -C "$out" -cf "$out/gap-traces.tar" gap-logs/profiles 2>/dev/null; rm -rf "$out/gap-logs";;
   wait35)
     t0=$(date +%s)
     while [ ! -f /tmp/b35.done ] && [ $(( $(date +%s) - t0 )) -lt ${WAIT_S:-540} ]; do sleep 5; done

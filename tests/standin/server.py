@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import torch
 
@@ -60,6 +61,7 @@ class State:
     variant = None  # the defect of a deliberately wrong variant (tests/faults), None for sage_attn itself
     split = False  # SAGE_ATTN_PREFILL=batched: prefix extends through the plugin's split (SageAttention 2, emulated)
     crossover = None  # SAGE_ATTN_DISPATCH=N: the plugin's rule (sglang_plugin.dispatch), Triton's route computed by the baseline
+    profile = None  # between /start_profile and /stop_profile: {"dir", "id", "events"}
 
 
 def entries(values, ids):
@@ -223,6 +225,32 @@ def stream_chunks(req: dict, outs):
             yield {"text": "", "output_ids": o["output_ids"][: j + 1], "meta_info": meta, "index": i}
 
 
+def profiled(fn):
+    """``fn()``, under torch's profiler while a profile is on (SGLang's ``/start_profile``): its CPU ops are kept as
+    Chrome trace events. Each request is profiled in its own handler thread, where torch's profiler sees its ops."""
+    if State.profile is None:
+        return fn()
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        result = fn()
+    State.profile["events"].extend({"ph": "X", "cat": "cpu_op", "name": e.name, "ts": e.time_range.start,
+                                    "dur": e.time_range.elapsed_us(), "pid": os.getpid(), "tid": e.thread}
+                                   for e in prof.events())
+    return result
+
+
+def write_profile() -> None:
+    """SGLang's file: ``{output_dir}/{profile_id}-TP-0.trace.json.gz``."""
+    import gzip
+
+    folder = Path(State.profile["dir"])
+    folder.mkdir(parents=True, exist_ok=True)
+    with gzip.open(folder / f"{State.profile['id']}-TP-0.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": State.profile["events"]}, f)
+    State.profile = None
+
+
 class Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):
         sys.stderr.write("standin: " + (fmt % args) + "\n")
@@ -271,6 +299,16 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/flush_cache":
             State.radix.flush()
             return self._send(200, b"Cache flushed.\n", "text/plain")
+        if self.path == "/start_profile":
+            req = json.loads(body or b"{}")
+            State.profile = {"dir": req.get("output_dir") or "/tmp", "id": req.get("profile_id") or str(time.time()),
+                             "events": []}
+            return self._send(200, b"Start profiling.\n", "text/plain")
+        if self.path == "/stop_profile":
+            if State.profile is None:
+                return self._send(500, {"error": {"message": "Profiling is not in progress. Call /start_profile first."}})
+            write_profile()
+            return self._send(200, b"Stop profiling. This will take some time.\n", "text/plain")
         if self.path != "/generate":
             return self._send(404, {"error": {"message": f"no route {self.path}"}})
         if not State.ready:
@@ -289,7 +327,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(200, b'{"meta_info": {"input_token_logprobs": [[-1.0, 5, nul', "application/json")
         try:
             req = json.loads(body)
-            outs = handle_generate(req)
+            outs = profiled(lambda: handle_generate(req))
         except Exception as e:  # reported like SGLang's error response
             return self._send(400, {"error": {"message": f"{type(e).__name__}: {e}"}})
         if not req.get("stream"):

@@ -11,6 +11,9 @@
 * ``GET /get_server_info``: the server arguments (``attention_backend``, ``dtype``, ...)
   merged with the scheduler's info (``max_total_num_tokens``, ...) and ``internal_states``.
 * ``GET|POST /flush_cache``: empties the radix (prefix) cache between measurements.
+* ``POST /start_profile`` takes ``ProfileReq`` (``output_dir``, ``profile_id``, ``activities``, ``with_stack``,
+  ``record_shapes``): torch's profiler in every scheduler process until ``POST /stop_profile``, which writes
+  ``{output_dir}/{profile_id}-TP-{rank}.trace.json.gz`` (Chrome's trace format) before it answers.
 * ``"stream": true``: server-sent events, ``data: {...}`` per chunk (a batch's chunks carry
   their request's ``index`` and ``meta_info.completion_tokens``), then ``data: [DONE]``; an
   error arrives as a chunk ``{"error": {"message": ...}}``.
@@ -73,6 +76,17 @@ class SGLangClient:
                 if "answered 400" not in str(e) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
+
+    def start_profile(self, output_dir: str, profile_id: str, activities: tuple[str, ...] = ("CPU", "GPU")) -> None:
+        """Torch's profiler on, without Python stacks or shapes (a scheduler idles in a Python loop: with stacks its
+        trace grows with wall time, not with the work)."""
+        self._request("POST", "/start_profile", json={"output_dir": output_dir, "profile_id": profile_id,
+                                                        "activities": list(activities), "with_stack": False,
+                                                        "record_shapes": False})
+
+    def stop_profile(self) -> None:
+        """Profiler off; SGLang answers once the trace is written."""
+        self._request("POST", "/stop_profile")
 
     def generate(self, input_ids: list[int] | list[list[int]], max_new_tokens: int = 1, **extra: Any) -> Any:
         payload = {
