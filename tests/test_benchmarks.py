@@ -54,11 +54,11 @@ def test_the_ttft_gap_benchmark_runs_its_variants_on_the_stand_in(tmp_path, monk
                                                       os.environ.get("PYTHONPATH", "")]))
     gap = load("ttft_gap")
     out = tmp_path / "gap.json"
-    assert gap.main(["--params", str(ROOT / "tests" / "params_sglang.yaml"), "--out", str(out), "--lengths", "16,48",
+    assert gap.main(["--params", str(ROOT / "tests" / "params_sglang.yaml"), "--out", str(out), "--lengths", "16,48,16",
                      "--repeats", "3", "--warmup", "1", "--decode-tokens", "3",
                      "--variants", "triton,sage_attn_all_triton,sage_attn_no_stats", "--profile", "2"]) == 0
     got = json.loads(out.read_text())
-    assert got["errors"] == {} and set(got["lengths"]) == {"16", "48"}
+    assert got["errors"] == {} and set(got["lengths"]) == {"16", "48", "16 (again)"}
     for rows in got["lengths"].values():
         assert set(rows) == {"triton", "sage_attn_all_triton", "sage_attn_no_stats"}
         assert all(len(r["ttft_ms_by_repeat"]) == 3 and 0 < r["prefill_ms"][1] <= r["prefill_ms"][0] <= r["prefill_ms"][2]

@@ -178,7 +178,7 @@ EOF
     if [ "${gib:-0}" -gt 100000 ]; then all=triton,triton_copy,sage_attn,sage_attn_all_triton,sage_attn_no_stats
     else all=triton,sage_attn,sage_attn_all_triton; fi
     sa2 timeout ${RUN_S:-540} python3 benchmarks/ttft_gap.py --params params/sglang-llama8b-random.yaml --out "$out/gap.json" \
-      --variants ${GAP_VARIANTS:-$all} --repeats ${REPEATS:-12} --profile ${PROFILE:-8} \
+      --variants ${GAP_VARIANTS:-$all} --repeats ${REPEATS:-12} --profile ${PROFILE:-8} --lengths ${LENGTHS:-128,512,128} \
       -p sglang.max_total_tokens=8192 \
       -p "sglang.extra_args=[--sampling-backend, pytorch, --grammar-backend, none, --cuda-graph-max-bs, '32', --chunked-prefill-size, '2048']" \
       2>&1 | grep -v "Ignore import error" | tail -40
