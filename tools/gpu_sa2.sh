@@ -144,12 +144,16 @@ EOF
           # 10's paths with SA2 and the wrong variants, then 00,02,03,07 on the built-in model with SA2 and 1.0.6 and
           # their compare; `wait35all` waits for it and packs what is there
     ensure_sa2
+    # three 8B servers: the H200 preset (141 GB), else the one sized for an 80 GB card
+    gib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+    preset=params/sglang-llama8b-random.yaml; [ "${gib:-0}" -gt 100000 ] || preset=params/sglang-llama8b-random-h100.yaml
+    echo "8B preset: $preset"
     cat > /tmp/all35.sh <<EOF
 cd $PWD
 sa2() { PYTHONPATH=/tmp/sa2:\$PYTHONPATH "\$@"; }
 mkdir -p /tmp/all35
 echo "overhead \$(date +%T)"; sa2 python3 benchmarks/backend_overhead.py --out /tmp/all35/overhead_sa2.json > /tmp/all35/overhead_sa2.txt 2>&1
-echo "8b start \$(date +%T)"; sa2 timeout ${RUN_S:-480} python3 -m sagecheck run --params params/sglang-llama8b-random.yaml --only 00,04 \
+echo "8b start \$(date +%T)"; sa2 timeout ${RUN_S:-480} python3 -m sagecheck run --params $preset --only 00,04 \
   -p throughput.repeats=${REPEATS:-12} ${EXTRA_P:-} --out /tmp/all35/r8b_v2 -q > /tmp/all35/r8b_v2.log 2>&1
 echo "paths start \$(date +%T)"; PYTHONPATH=$PWD/tests/faults/site:/tmp/sa2:\$PYTHONPATH timeout 420 python3 tests/faults/gpu_code_paths.py \
   --params params/sglang-builtin-gpu.yaml --out /tmp/all35/cp_v2 \
