@@ -21,6 +21,8 @@
 #   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT wait35   # wait for them (at most ~9 min per call), pack what is there
 #   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT all35    # (in the background) speed8b's run, then `paths`' code paths with SA2,
 #                                                      # then 00,02,03,07 on the built-in model with SA2 and 1.0.6, compared
+#                                                      # (GAP=1: `gap`'s measurement first, on its own servers)
+#   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT waitgap  # wait for that first step (WAIT_S), bring its tables and traces
 #   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT wait35all # wait for it (WAIT_S, default 540 s), pack what is there
 #   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT gap      # benchmarks/ttft_gap.py on the 8B shape: which part of sage_attn costs
 #                                                      # the extra time to first token at 128 x 1 (timed, then profiled)
@@ -148,10 +150,20 @@ EOF
     gib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
     preset=params/sglang-llama8b-random.yaml; [ "${gib:-0}" -gt 100000 ] || preset=params/sglang-llama8b-random-h100.yaml
     echo "8B preset: $preset"
+    gap_variants=triton,sage_attn,sage_attn_all_triton  # three ~18 GB servers fit an 80 GB card; five an H200
+    [ "${gib:-0}" -gt 100000 ] && gap_variants=triton,triton_copy,sage_attn,sage_attn_all_triton,sage_attn_no_stats
     cat > /tmp/all35.sh <<EOF
 cd $PWD
 sa2() { PYTHONPATH=/tmp/sa2:\$PYTHONPATH "\$@"; }
 mkdir -p /tmp/all35
+if [ "${GAP:-0}" = 1 ]; then
+  echo "gap start \$(date +%T)"
+  sa2 timeout 420 python3 benchmarks/ttft_gap.py --params params/sglang-llama8b-random.yaml --out /tmp/all35/gap.json \
+    --variants $gap_variants --repeats ${GAP_REPEATS:-12} --profile 8 --lengths 128,512,128 -p sglang.max_total_tokens=8192 \
+    -p "sglang.extra_args=[--sampling-backend, pytorch, --grammar-backend, none, --cuda-graph-max-bs, '32', --chunked-prefill-size, '2048']" \
+    2>&1 | grep -v "Ignore import error" > /tmp/all35/gap.md
+  touch /tmp/all35/gap.done
+fi
 echo "overhead \$(date +%T)"; sa2 python3 benchmarks/backend_overhead.py --out /tmp/all35/overhead_sa2.json > /tmp/all35/overhead_sa2.txt 2>&1
 echo "8b start \$(date +%T)"; sa2 timeout ${RUN_S:-480} python3 -m sagecheck run --params $preset --only 00,04 \
   -p throughput.repeats=${REPEATS:-12} ${EXTRA_P:-} --out /tmp/all35/r8b_v2 -q > /tmp/all35/r8b_v2.log 2>&1
@@ -168,11 +180,19 @@ echo "done \$(date +%T)"; touch /tmp/all35.done
 EOF
     setsid bash /tmp/all35.sh > /tmp/all35.log 2>&1 < /dev/null &
     sleep 2; cat /tmp/all35.log;;
+  waitgap)  # all35 started with GAP=1: wait for its ttft_gap.py step (WAIT_S), bring its tables and traces back
+    t0=$(date +%s)
+    while [ ! -f /tmp/all35/gap.done ] && [ $(( $(date +%s) - t0 )) -lt ${WAIT_S:-540} ]; do sleep 5; done
+    cat /tmp/all35.log; tail -60 /tmp/all35/gap.md 2>/dev/null
+    cp /tmp/all35/gap.json /tmp/all35/gap.md "$out/" 2>/dev/null
+    tar -C /tmp/all35 -czf "$out/gap-logs.tgz" --exclude='*.trace.json.gz' --exclude='random-model' gap-logs 2>/dev/null
+    tar -C /tmp/all35 -cf "$out/gap-traces.tar" gap-logs/profiles 2>/dev/null;;
   wait35all)
     t0=$(date +%s)
     while [ ! -f /tmp/all35.done ] && [ $(( $(date +%s) - t0 )) -lt ${WAIT_S:-540} ]; do sleep 5; done
     cat /tmp/all35.log; tail -3 /tmp/all35/*.log 2>/dev/null; tail -4 /tmp/all35/overhead_sa2.txt 2>/dev/null
-    tar -C /tmp -czf "$out/all35.tgz" --exclude='random-model' --exclude='*.safetensors' all35.log all35 2>/dev/null;;
+    tar -C /tmp -czf "$out/all35.tgz" --exclude='random-model' --exclude='*.safetensors' --exclude='*.trace.json.gz' \
+      all35.log all35 2>/dev/null;;
   gap)  # where sage_attn's extra time to first token at 128 x 1 comes from (benchmarks/ttft_gap.py), 8B shape with a
         # smaller KV cache and prefill graphs up to 2048 tokens: five servers of ~18 GB fit an H200 (GAP_VARIANTS fewer on
         # an 80 GB H100)
