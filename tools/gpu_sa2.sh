@@ -159,7 +159,7 @@ mkdir -p /tmp/all35
 if [ "${GAP:-0}" = 1 ]; then
   echo "gap start \$(date +%T)"
   sa2 timeout 420 python3 benchmarks/ttft_gap.py --params params/sglang-llama8b-random.yaml --out /tmp/all35/gap.json \
-    --variants $gap_variants --repeats ${GAP_REPEATS:-12} --profile 8 --lengths 128,512,128 -p sglang.max_total_tokens=8192 \
+    --variants $gap_variants --repeats ${GAP_REPEATS:-12} --profile 8 --lengths ${GAP_LENGTHS:-128,512,128} -p sglang.max_total_tokens=8192 \
     -p "sglang.extra_args=[--sampling-backend, pytorch, --grammar-backend, none, --cuda-graph-max-bs, '32', --chunked-prefill-size, '2048']" \
     2>&1 | grep -v "Ignore import error" > /tmp/all35/gap.md
   touch /tmp/all35/gap.done
@@ -192,7 +192,8 @@ EOF
     while [ ! -f /tmp/all35.done ] && [ $(( $(date +%s) - t0 )) -lt ${WAIT_S:-540} ]; do sleep 5; done
     cat /tmp/all35.log; tail -3 /tmp/all35/*.log 2>/dev/null; tail -4 /tmp/all35/overhead_sa2.txt 2>/dev/null
     tar -C /tmp -czf "$out/all35.tgz" --exclude='random-model' --exclude='*.safetensors' --exclude='*.trace.json.gz' \
-      all35.log all35 2>/dev/null;;
+      all35.log all35 2>/dev/null
+    [ -f /tmp/all35/gap.md ] && { tail -60 /tmp/all35/gap.md; tar -C /tmp/all35 -cf "$out/gap-traces.tar" gap-logs/profiles 2>/dev/null; };;
   gap)  # where sage_attn's extra time to first token at 128 x 1 comes from (benchmarks/ttft_gap.py), 8B shape with a
         # smaller KV cache and prefill graphs up to 2048 tokens: five servers of ~18 GB fit an H200 (GAP_VARIANTS fewer on
         # an 80 GB H100)
