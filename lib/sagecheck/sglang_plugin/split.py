@@ -12,7 +12,8 @@ each request is two calls of the kernel's own cases, ``p·e + e²/2`` pairs:
 * **new part**: the ``e`` new queries against their own keys, causal and square.
 
 Each returns its output ``o`` and log-sum-exp ``l``; attention over the union of the two key sets is exactly
-``(e^lA·oA + e^lB·oB) / (e^lA + e^lB)`` (:func:`merge_by_lse`, in float32, each weight ``e^(l - logaddexp(lA, lB))``).
+``(e^lA·oA + e^lB·oB) / (e^lA + e^lB)`` (:func:`merge_by_lse`, in float32: B's output moved towards A's by A's share
+``sigmoid(lA - lB)``).
 
 **One smoothing for both calls.** K is smoothed (its mean subtracted) before quantization. Smoothing by a mean ``μ``
 shifts every score of a row by the same ``-q·μ·scale``, which softmax ignores but a log-sum-exp does not: two calls
@@ -41,17 +42,18 @@ LseKernel = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 output ``[batch, tokens, heads, d]`` and each row's log-sum-exp ``[batch, heads, tokens]`` (natural log)."""
 
 
-def merge_by_lse(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor,
-                 lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_by_lse(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor,
+                 with_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention over two disjoint key sets from each one's output ``[tokens, heads, d]`` and log-sum-exp
-    ``[tokens, heads]``: (the output in ``o_b``'s dtype, the log-sum-exp of the union). A row that saw no key of one
-    set has ``-inf`` there and takes the other's output unchanged."""
-    # each weight exp(l - l_union), l_union = logaddexp(lA, lB): the weights sum to 1, no division. 14 top-level aten
-    # calls where the max-subtracted form made 22 (benchmarks/merge_calls.py); every layer of a prefix extend runs it
-    lse = torch.logaddexp(lse_a, lse_b)
-    work = torch.promote_types(o_b.dtype, torch.float32)  # float32 at least
-    out = o_a.to(work) * torch.exp(lse_a - lse)[..., None] + o_b.to(work) * torch.exp(lse_b - lse)[..., None]
-    return out.to(o_b.dtype), lse
+    ``[tokens, heads]``: (the output in ``o_b``'s dtype, the log-sum-exp of the union, or ``None`` without
+    ``with_lse``). A row that saw no key of set A has ``-inf`` there and takes B's output unchanged."""
+    # A's share of each row is e^lA / (e^lA + e^lB) = sigmoid(lA - lB): the output is B's moved that far towards A's,
+    # one lerp in float32 (at least). 8 top-level aten calls where exp(l - logaddexp(lA, lB)) weights made 14 and the
+    # max-subtracted form 22 (benchmarks/merge_calls.py); every layer of a prefix extend on the kernel runs it
+    work = torch.promote_types(o_b.dtype, torch.float32)
+    share_a = torch.sigmoid(lse_a - lse_b).to(work)[..., None]
+    out = torch.lerp(o_b.to(work), o_a.to(work), share_a).to(o_b.dtype)
+    return out, (torch.logaddexp(lse_a, lse_b) if with_lse else None)
 
 
 @dataclass
@@ -149,6 +151,16 @@ def _prefix_part(kernel: LseKernel, q: torch.Tensor, k_prefix: torch.Tensor, v_p
                  groups: Sequence[PrefixGroup], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The new queries against their request's prefix keys (not causal): output ``[new tokens, heads, d_v]`` and
     log-sum-exp ``[new tokens, heads]``; ``-inf`` on the rows of requests without a prefix."""
+    if len(groups) == 1 and groups[0].new_range == (0, q.shape[0]):
+        # every new row in one call with no padding (a chunk of a chunked prefill; equal requests after one shared
+        # prompt): the kernel's output and log-sum-exp are the answer, no zero-filled tensors to copy them into
+        g = groups[0]
+        k0, k1 = g.key_range
+        o, l = kernel(q.reshape(g.count, g.length, *q.shape[1:]).contiguous(),
+                      k_prefix[k0:k1].reshape(g.count, g.prefix, *k_prefix.shape[1:]).contiguous(),
+                      v_prefix[k0:k1].reshape(g.count, g.prefix, *v_prefix.shape[1:]).contiguous(), tensor_layout="NHD",
+                      is_causal=False, sm_scale=scale, smooth_k=False, return_lse=True)
+        return o.reshape(q.shape[0], *o.shape[2:]), l.transpose(1, 2).reshape(q.shape[0], -1).float()
     out = q.new_zeros((q.shape[0], q.shape[1], v_prefix.shape[-1]))
     lse = torch.full((q.shape[0], q.shape[1]), float("-inf"), dtype=torch.float32, device=q.device)
     for g in groups:
@@ -186,9 +198,9 @@ def extend_split(kernel: LseKernel, q: torch.Tensor, k_new: torch.Tensor, v_new:
     out_new, lse_new = attend_groups(kernel, q, k_new_s, v_new, split.new_groups, scale, return_lse=True)
     out_prefix, lse_prefix = _prefix_part(kernel, q, k_prefix_s, v_prefix, split.prefix_groups, scale)
     if split.every_row_has_prefix:
-        return merge_by_lse(out_prefix, lse_prefix, out_new, lse_new)[0]
+        return merge_by_lse(out_prefix, lse_prefix, out_new, lse_new, with_lse=False)[0]
     rows = split.rows_with_prefix
-    merged, _ = merge_by_lse(out_prefix[rows], lse_prefix[rows], out_new[rows], lse_new[rows])
+    merged, _ = merge_by_lse(out_prefix[rows], lse_prefix[rows], out_new[rows], lse_new[rows], with_lse=False)
     out_new[rows] = merged
     return out_new
 
