@@ -116,25 +116,24 @@ def attend_groups(kernel: BatchedKernel, q: torch.Tensor, k: torch.Tensor, v: to
     """Causal attention of each packed sequence over itself, K already smoothed: ``[tokens, heads, d_v]``, and with
     ``return_lse`` each row's log-sum-exp ``[tokens, heads]`` (float32) too, from the kernel's own."""
     extra = {"return_lse": True} if return_lse else {}
+
+    def call(group: PaddedGroup) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One group's call: its output and log-sum-exp as padded rows ``[count * length, ...]``."""
+        o = kernel(_padded(q, group).contiguous(), _padded(k, group).contiguous(), _padded(v, group).contiguous(),
+                   tensor_layout="NHD", is_causal=True, sm_scale=scale, smooth_k=False, **extra)
+        o, l = o if return_lse else (o, None)
+        rows = group.count * group.length
+        return o.reshape(rows, *o.shape[2:]), None if l is None else l.transpose(1, 2).reshape(rows, -1).float()
+
     if len(groups) == 1 and groups[0].packed_range == (0, q.shape[0]):
         # the whole batch in one call with no padding (one request; equal lengths): the kernel's output is the answer,
         # not copied into another tensor
-        group = groups[0]
-        o = kernel(_padded(q, group).contiguous(), _padded(k, group).contiguous(), _padded(v, group).contiguous(),
-                   tensor_layout="NHD", is_causal=True, sm_scale=scale, smooth_k=False, **extra)
-        if not return_lse:
-            return o.reshape(q.shape[0], q.shape[1], v.shape[-1])
-        o, l = o
-        return o.reshape(q.shape[0], q.shape[1], v.shape[-1]), l.transpose(1, 2).reshape(q.shape[0], -1).float()
+        o, l = call(groups[0])
+        return (o, l) if return_lse else o
     out = q.new_empty((q.shape[0], q.shape[1], v.shape[-1]))
     lse = torch.empty((q.shape[0], q.shape[1]), dtype=torch.float32, device=q.device) if return_lse else None
     for group in groups:
-        o = kernel(_padded(q, group).contiguous(), _padded(k, group).contiguous(), _padded(v, group).contiguous(),
-                   tensor_layout="NHD", is_causal=True, sm_scale=scale, smooth_k=False, **extra)
-        if return_lse:
-            o, l = o
-            l = l.transpose(1, 2).reshape(group.count * group.length, -1)  # [b, heads, n] -> rows
-        o = o.reshape(group.count * group.length, *o.shape[2:])
+        o, l = call(group)
         if group.packed_range is not None:
             first, end = group.packed_range
             out[first:end] = o

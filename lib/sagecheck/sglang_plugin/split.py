@@ -48,7 +48,7 @@ def merge_by_lse(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_
     ``[tokens, heads]``: (the output in ``o_b``'s dtype, the log-sum-exp of the union, or ``None`` without
     ``with_lse``). A row that saw no key of set A has ``-inf`` there and takes B's output unchanged."""
     # A's share of each row is e^lA / (e^lA + e^lB) = sigmoid(lA - lB): the output is B's moved that far towards A's,
-    # one lerp in float32 (at least). 8 top-level aten calls where exp(l - logaddexp(lA, lB)) weights made 14 and the
+    # one lerp in float32 (at least). 9 top-level aten calls where exp(l - logaddexp(lA, lB)) weights made 14 and the
     # max-subtracted form 22 (benchmarks/merge_calls.py); every layer of a prefix extend on the kernel runs it
     work = torch.promote_types(o_b.dtype, torch.float32)
     share_a = torch.sigmoid(lse_a - lse_b).to(work)[..., None]
@@ -151,19 +151,9 @@ def _prefix_part(kernel: LseKernel, q: torch.Tensor, k_prefix: torch.Tensor, v_p
                  groups: Sequence[PrefixGroup], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The new queries against their request's prefix keys (not causal): output ``[new tokens, heads, d_v]`` and
     log-sum-exp ``[new tokens, heads]``; ``-inf`` on the rows of requests without a prefix."""
-    if len(groups) == 1 and groups[0].new_range == (0, q.shape[0]):
-        # every new row in one call with no padding (a chunk of a chunked prefill; equal requests after one shared
-        # prompt): the kernel's output and log-sum-exp are the answer, no zero-filled tensors to copy them into
-        g = groups[0]
-        k0, k1 = g.key_range
-        o, l = kernel(q.reshape(g.count, g.length, *q.shape[1:]).contiguous(),
-                      k_prefix[k0:k1].reshape(g.count, g.prefix, *k_prefix.shape[1:]).contiguous(),
-                      v_prefix[k0:k1].reshape(g.count, g.prefix, *v_prefix.shape[1:]).contiguous(), tensor_layout="NHD",
-                      is_causal=False, sm_scale=scale, smooth_k=False, return_lse=True)
-        return o.reshape(q.shape[0], *o.shape[2:]), l.transpose(1, 2).reshape(q.shape[0], -1).float()
-    out = q.new_zeros((q.shape[0], q.shape[1], v_prefix.shape[-1]))
-    lse = torch.full((q.shape[0], q.shape[1]), float("-inf"), dtype=torch.float32, device=q.device)
-    for g in groups:
+
+    def call(g: PrefixGroup) -> tuple[torch.Tensor, torch.Tensor]:
+        """One group's call: its output and log-sum-exp as padded rows ``[count * length, ...]``."""
         if g.new_range is not None:  # views of contiguous rows (module docstring, PrefixGroup)
             (first, end), (k0, k1) = g.new_range, g.key_range
             qg, kg, vg = q[first:end], k_prefix[k0:k1], v_prefix[k0:k1]
@@ -175,12 +165,22 @@ def _prefix_part(kernel: LseKernel, q: torch.Tensor, k_prefix: torch.Tensor, v_p
                       kg.reshape(g.count, g.prefix, *k_prefix.shape[1:]).contiguous(),
                       vg.reshape(g.count, g.prefix, *v_prefix.shape[1:]).contiguous(), tensor_layout="NHD",
                       is_causal=False, sm_scale=scale, smooth_k=False, return_lse=True)
-        o = o.reshape(g.count * g.length, *o.shape[2:])
-        l = l.transpose(1, 2).reshape(g.count * g.length, -1)
+        rows = g.count * g.length
+        return o.reshape(rows, *o.shape[2:]), l.transpose(1, 2).reshape(rows, -1).float()
+
+    if len(groups) == 1 and groups[0].new_range == (0, q.shape[0]):
+        # every new row in one call with no padding (a chunk of a chunked prefill; equal requests after one shared
+        # prompt): the kernel's output and log-sum-exp are the answer, no zero-filled tensors to copy them into
+        return call(groups[0])
+    out = q.new_zeros((q.shape[0], q.shape[1], v_prefix.shape[-1]))
+    lse = torch.full((q.shape[0], q.shape[1]), float("-inf"), dtype=torch.float32, device=q.device)
+    for g in groups:
+        o, l = call(g)
         if g.new_range is not None:
+            first, end = g.new_range
             out[first:end], lse[first:end] = o, l
         else:
-            out[g.rows], lse[g.rows] = o[g.slots], l[g.slots].float()
+            out[g.rows], lse[g.rows] = o[g.slots], l[g.slots]
     return out, lse
 
 

@@ -142,9 +142,7 @@ def request_means(parts: Sequence[tuple[torch.Tensor, torch.Tensor]], key_counts
         # one request (a long prefill, a chunked prefill): one float32 reduction per part, reading K once. The
         # indexed sum below converts K to float32 first and adds it row by row (0.105 of 1.74 ms per layer at 8192
         # keys on an H100, benchmarks/backend_overhead.py)
-        sums = sum(torch.sum(keys, 0, keepdim=True, dtype=torch.float32) for keys, _ in parts if keys.shape[0])
-        if not isinstance(sums, torch.Tensor):  # no key at all
-            sums = torch.zeros((1, *first.shape[1:]), dtype=torch.float32, device=first.device)
+        sums = sum(torch.sum(keys, 0, keepdim=True, dtype=torch.float32) for keys, _ in parts)
         return (sums / key_counts[:, None, None]).to(first.dtype)
     sums = torch.zeros((key_counts.shape[0], *first.shape[1:]), dtype=torch.float32, device=first.device)
     for keys, request in parts:
