@@ -44,6 +44,7 @@ ensure_sa2() {
   tar -C /tmp/sa2 -czf "$out/sa2.tgz" --exclude='*.o' --exclude=build sageattention
 }
 step() { echo "== $(date +%T) $*"; }
+large_gpu() { [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)" -gt 100000 ]; }  # an H200
 case $phase in
   check|paths)
     ensure_sa2
@@ -147,21 +148,16 @@ EOF
           # their compare; `wait35all` waits for it and packs what is there
     ensure_sa2
     # three 8B servers: the H200 preset (141 GB), else the one sized for an 80 GB card
-    gib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
-    preset=params/sglang-llama8b-random.yaml; [ "${gib:-0}" -gt 100000 ] || preset=params/sglang-llama8b-random-h100.yaml
+    preset=params/sglang-llama8b-random.yaml; large_gpu || preset=params/sglang-llama8b-random-h100.yaml
     echo "8B preset: $preset"
-    gap_variants=triton,sage_attn,sage_attn_all_triton  # three ~18 GB servers fit an 80 GB card; five an H200
-    [ "${gib:-0}" -gt 100000 ] && gap_variants=triton,triton_copy,sage_attn,sage_attn_all_triton,sage_attn_no_stats
     cat > /tmp/all35.sh <<EOF
 cd $PWD
 sa2() { PYTHONPATH=/tmp/sa2:\$PYTHONPATH "\$@"; }
 mkdir -p /tmp/all35
 if [ "${GAP:-0}" = 1 ]; then
   echo "gap start \$(date +%T)"
-  sa2 timeout 420 python3 benchmarks/ttft_gap.py --params params/sglang-llama8b-random.yaml --out /tmp/all35/gap.json \
-    --variants $gap_variants --repeats ${GAP_REPEATS:-12} --profile 8 --lengths ${GAP_LENGTHS:-128,512,128} -p sglang.max_total_tokens=8192 \
-    -p "sglang.extra_args=[--sampling-backend, pytorch, --grammar-backend, none, --cuda-graph-max-bs, '32', --chunked-prefill-size, '2048']" \
-    2>&1 | grep -v "Ignore import error" > /tmp/all35/gap.md
+  RUN_S=420 REPEATS=${GAP_REPEATS:-12} LENGTHS=${GAP_LENGTHS:-128,512,128} bash tools/gpu_sa2.sh $kit $src $build /tmp/all35 gap \
+    > /tmp/all35/gap-phase.log 2>&1
   touch /tmp/all35/gap.done
 fi
 echo "overhead \$(date +%T)"; sa2 python3 benchmarks/backend_overhead.py --out /tmp/all35/overhead_sa2.json > /tmp/all35/overhead_sa2.txt 2>&1
@@ -184,29 +180,26 @@ EOF
     t0=$(date +%s)
     while [ ! -f /tmp/all35/gap.done ] && [ $(( $(date +%s) - t0 )) -lt ${WAIT_S:-540} ]; do sleep 5; done
     cat /tmp/all35.log; tail -60 /tmp/all35/gap.md 2>/dev/null
-    cp /tmp/all35/gap.json /tmp/all35/gap.md "$out/" 2>/dev/null
-    tar -C /tmp/all35 -czf "$out/gap-logs.tgz" --exclude='*.trace.json.gz' --exclude='random-model' gap-logs 2>/dev/null
-    tar -C /tmp/all35 -cf "$out/gap-traces.tar" gap-logs/profiles 2>/dev/null;;
+    cp /tmp/all35/gap.json /tmp/all35/gap.md /tmp/all35/gap-logs.tgz /tmp/all35/gap-traces.tar "$out/" 2>/dev/null;;
   wait35all)
     t0=$(date +%s)
     while [ ! -f /tmp/all35.done ] && [ $(( $(date +%s) - t0 )) -lt ${WAIT_S:-540} ]; do sleep 5; done
     cat /tmp/all35.log; tail -3 /tmp/all35/*.log 2>/dev/null; tail -4 /tmp/all35/overhead_sa2.txt 2>/dev/null
     tar -C /tmp -czf "$out/all35.tgz" --exclude='random-model' --exclude='*.safetensors' --exclude='*.trace.json.gz' \
       all35.log all35 2>/dev/null
-    [ -f /tmp/all35/gap.md ] && { tail -60 /tmp/all35/gap.md; tar -C /tmp/all35 -cf "$out/gap-traces.tar" gap-logs/profiles 2>/dev/null; };;
+    [ -f /tmp/all35/gap.md ] && tail -60 /tmp/all35/gap.md;;  # its logs and traces are in all35.tgz
   gap)  # where sage_attn's extra time to first token at 128 x 1 comes from (benchmarks/ttft_gap.py), 8B shape with a
         # smaller KV cache and prefill graphs up to 2048 tokens: five servers of ~18 GB fit an H200 (GAP_VARIANTS fewer on
         # an 80 GB H100)
     ensure_sa2
     # five servers of ~18 GB on an H200 (141 GB); three on an 80 GB H100
-    gib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
-    if [ "${gib:-0}" -gt 100000 ]; then all=triton,triton_copy,sage_attn,sage_attn_all_triton,sage_attn_no_stats
+    if large_gpu; then all=triton,triton_copy,sage_attn,sage_attn_all_triton,sage_attn_no_stats
     else all=triton,sage_attn,sage_attn_all_triton; fi
     sa2 timeout ${RUN_S:-540} python3 benchmarks/ttft_gap.py --params params/sglang-llama8b-random.yaml --out "$out/gap.json" \
       --variants ${GAP_VARIANTS:-$all} --repeats ${REPEATS:-12} --profile ${PROFILE:-8} --lengths ${LENGTHS:-128,512,128} \
       -p sglang.max_total_tokens=8192 \
       -p "sglang.extra_args=[--sampling-backend, pytorch, --grammar-backend, none, --cuda-graph-max-bs, '32', --chunked-prefill-size, '2048']" \
-      2>&1 | grep -v "Ignore import error" | tail -40
+      2>&1 | grep -v "Ignore import error" | tee "$out/gap.md" | tail -60
     tar -C "$out" -czf "$out/gap-logs.tgz" --exclude='*.trace.json.gz' --exclude='random-model' gap-logs 2>/dev/null
     tar -C "$out" -cf "$out/gap-traces.tar" gap-logs/profiles 2>/dev/null; rm -rf "$out/gap-logs";;
   wait35)

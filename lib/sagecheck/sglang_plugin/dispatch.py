@@ -10,9 +10,10 @@ dtype; the backend's whole kernel path (smoothing, padding, the calls) against T
 least as fast at every longer measured length (:func:`crossover_from`); none if it never is.
 
 An extend over a cached prefix (a chunked prefill's later chunks, a radix-cache hit) runs another path: the split
-of :mod:`.split` with SageAttention 2, which gathers the prefix's keys and merges two calls. On an H100 (2026-12-05,
-README) it took 3.84 ms per layer for a chunk of 4096 after 4096 against Triton's 2.39 ms, though a cold request of
-8192 keys was 1.51 against 3.04. So where the backend's timers can, the same measurement times requests of ``L`` keys
+of :mod:`.split` with SageAttention 2, which gathers the prefix's keys and merges two calls, and costs more per key
+than a cold request. On an H200 (2026-12-05, README) the candidate's start-up measurement put cold requests on the
+kernel from 4096 keys and half-cached ones from 8192 (1.37 ms per layer against Triton's 0.58 at 4096 keys). So where
+the backend's timers can, the same measurement times requests of ``L`` keys
 whose first half is a cached prefix (:attr:`Timers.kernel_path_prefix`, :attr:`Timers.triton_prefix`), and those
 requests have a crossover of their own (``prefix_keys``; none where the kernel path never caught up).
 
