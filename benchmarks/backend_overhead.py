@@ -9,7 +9,9 @@ shape (query / KV heads, head dim, bf16) and a few batches, times with CUDA even
   everything per batch built once);
 * ``kernel``: the bare ``sageattn`` call(s) the path makes on inputs prepared beforehand (K smoothed, padded), the
   kernel's own time at the same shapes;
-* ``triton``: SGLang's Triton extend kernel on the same batch (the baseline's attention).
+* ``triton``: SGLang's Triton extend kernel on the same batch (the baseline's attention);
+* ``*_gpu_ms``: ``before``, ``after`` and ``kernel`` again on the GPU alone, the host ahead
+  (:func:`sagecheck.sglang_plugin.dispatch.device_ms`): what each costs a forward pass whose host runs ahead of its GPU.
 
 and counts, with torch's profiler, the CUDA runtime calls of one layer of each path (copies, synchronizations,
 allocations by cudaMalloc, kernel launches), and where each path's time goes: its top kernels and ops by device time
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sagecheck.sglang_plugin import batched as B
     from sagecheck.sglang_plugin import split as S
-    from sagecheck.sglang_plugin.dispatch import cuda_ms
+    from sagecheck.sglang_plugin.dispatch import cuda_ms, device_ms, median_or_none
     from sagecheck.sglang_plugin import varlen as V
 
     heads, kv_heads, d = SHAPES[a.shape]
@@ -138,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             t = cuda_ms(fn, warmup=3, repeats=20)
             row[f"{label}_ms"] = statistics.median(t)
             row[f"{label}_p10_p90"] = [sorted(t)[2], sorted(t)[-3]]
+            row[f"{label}_gpu_ms"] = median_or_none(device_ms(fn, warmup=3, repeats=20))  # the GPU alone, host ahead
             prof = profiled(fn)
             row[f"{label}_runtime_calls"] = prof["runtime_calls"]
             row[f"{label}_by_device_time"], row[f"{label}_by_host_time"] = prof["by_device_time"], prof["by_host_time"]
@@ -158,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:>30}: before {row['before_ms']:.3f} ms, after {row['after_ms']:.3f} ms, kernel "
               f"{row.get('kernel_ms', float('nan')):.3f} ms, triton {row.get('triton_ms', float('nan')):.3f} ms; "
               f"runtime calls before {row['before_runtime_calls']}, after {row['after_runtime_calls']}", flush=True)
+        gpu = ", ".join(f"{label} {row[f'{label}_gpu_ms']:.3f}" if row.get(f"{label}_gpu_ms") is not None else
+                        f"{label} not timed (waits for the GPU)" for label in ("before", "after", "kernel")
+                        if f"{label}_gpu_ms" in row)
+        print(f"{'':>32}GPU alone (host ahead), ms: {gpu}", flush=True)
         for part in row["after_by_device_time"][:5]:
             print(f"{'':>32}after, device: {part['ms']:.3f} ms in {part['count']} x {part['name']}", flush=True)
         for part in row["after_by_host_time"][:3]:

@@ -18,6 +18,10 @@ does not, it is the backend's class around Triton's kernel; ``sage_attn_no_stats
 On the H200 (2026-12-05, README) none of these: triton's own copy read 1.16x triton at 128 x 1, and the profiles showed
 the same GPU work on every server with host times that differed between processes of the same code.
 
+``--steps N``: after the timings, at each length, every server's decode is timed step by step (N steps of one request,
+interleaved, as the client sees the tokens arrive): whether a variant's decode is slower right after its prefill or at
+every step (04 read sage_attn's decode after a kernel prefill of 8192 tokens at 0.96-0.97x triton's on the H200).
+
 ``--profile N``: after the timings, each server runs N more requests of the first length (one output token each) under
 torch's profiler (SGLang's ``/start_profile``), and each variant's trace is set against the baseline's by
 ``trace_diff.py``: the events that make up the difference, per request (``profile`` in the output; the traces stay in
@@ -97,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--profile", type=int, default=0, help="requests profiled per server (0: none)")
+    ap.add_argument("--steps", type=int, default=0,
+                    help="decode steps timed one by one per request at each length (0: none; batch 1, the first prompt)")
     ap.add_argument("-p", dest="overrides", action="append", default=[])
     args = ap.parse_args(argv)
     names = [v for v in args.variants.split(",") if v]
@@ -150,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
             key = str(length) if str(length) not in report["lengths"] else f"{length} (again)"
             report["lengths"][key] = rows
             print(table(length, args.batch, rows), flush=True)
+        if args.steps:
+            report["steps"] = {}
+            for length in dict.fromkeys(int(x) for x in args.lengths.split(",")):
+                prompt = random_prompts(vocab, 1, length, params.seed, "cpu").tolist()[0]
+                report["steps"][str(length)] = timed_steps(ready, running, prompt, args.steps, args.repeats, args.warmup)
+                print(steps_table(length, report["steps"][str(length)]["summary"]), flush=True)
         if args.profile:
             length = int(args.lengths.split(",")[0])
             prompts = random_prompts(vocab, args.batch, length, params.seed, "cpu").tolist()
@@ -191,6 +203,60 @@ def profile_all(ready: dict[str, Any], names: list[str], prompts: list[list[int]
             print(f"\n### profile: {name} against triton\n" + trace_diff.markdown(rep), flush=True)
             out[name] = rep
     return out
+
+
+STEP_SEGMENTS = ((1, 4), (5, 16), (17, None))  # decode steps (1 = the first after the first token), ends inclusive
+
+
+def timed_steps(ready: dict[str, Any], names: list[str], prompt: list[int], tokens: int, repeats: int,
+                warmup: int) -> dict[str, Any]:
+    """Each decode step of one request of ``prompt``, per server, interleaved as the timings are (a Williams design,
+    cache flushed before each request): whether a server's decode is slower only right after its prefill (a transient:
+    the GPU's clocks after a heavy prefill, work the prefill left behind) or at every step. ``requests``: every timed
+    request's wall-clock start (s, to align with a GPU clock log) and token times (ms); ``summary``: per server and
+    segment of steps, the median ms per step [p10-p90] over the repeats and, against triton, the paired speedup."""
+    import numpy as np
+
+    from sagecheck.metrics.serving import balanced_orders
+
+    orders = balanced_orders(len(names))
+    requests: list[dict[str, Any]] = []
+    for r in range(warmup + repeats):
+        for name in (names[i] for i in orders[(r - warmup) % len(orders)]):
+            ready[name].reset_cache()
+            start = time.time()
+            times = ready[name].client.token_times(prompt, tokens + 1)
+            if r >= warmup:
+                requests.append({"server": name, "started_unix_s": round(start, 4), "token_ms": [round(t, 3) for t in times]})
+    summary: dict[str, Any] = {}
+    per_step = {n: np.array([np.diff(q["token_ms"]) for q in requests if q["server"] == n]) for n in names}
+    for name in names:
+        row = {}
+        for first, last in STEP_SEGMENTS:
+            if first > tokens:
+                continue
+            cols = slice(first - 1, last)
+            mean = per_step[name][:, cols].mean(axis=1)  # each request's ms per step over the segment
+            key = f"steps {first}-{last if last and last <= tokens else tokens}"
+            row[key] = {"ms_per_step": [float(np.median(mean)), float(np.percentile(mean, 10)), float(np.percentile(mean, 90))]}
+            if name != "triton":
+                ratio = per_step["triton"][:, cols].mean(axis=1) / mean  # paired by repeat: the same turn of the design
+                row[key]["speedup"] = [float(np.median(ratio)), float(np.percentile(ratio, 10)), float(np.percentile(ratio, 90))]
+        summary[name] = row
+    return {"tokens": tokens, "requests": requests, "summary": summary}
+
+
+def steps_table(length: int, summary: dict[str, Any]) -> str:
+    segments = list(next(iter(summary.values())))
+    lines = [f"\n### decode steps after a prefill of {length} (batch 1): ms per step, median [p10-p90]; speedup over triton",
+             "| variant | " + " | ".join(segments) + " |", "|---" * (len(segments) + 1) + "|"]
+    for name, row in summary.items():
+        cells = []
+        for seg in segments:
+            ms, sp = row[seg]["ms_per_step"], row[seg].get("speedup")
+            cells.append(f"{ms[0]:.3g} [{ms[1]:.3g}-{ms[2]:.3g}]" + (f"; {sp[0]:.3f} [{sp[1]:.3f}-{sp[2]:.3f}]" if sp else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def table(length: int, batch: int, rows: dict[str, dict[str, Any]]) -> str:

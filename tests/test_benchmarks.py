@@ -56,7 +56,7 @@ def test_the_ttft_gap_benchmark_runs_its_variants_on_the_stand_in(tmp_path, monk
     out = tmp_path / "gap.json"
     assert gap.main(["--params", str(ROOT / "tests" / "params_sglang.yaml"), "--out", str(out), "--lengths", "16,48,16",
                      "--repeats", "3", "--warmup", "1", "--decode-tokens", "3",
-                     "--variants", "triton,sage_attn_all_triton,sage_attn_no_stats", "--profile", "2"]) == 0
+                     "--variants", "triton,sage_attn_all_triton,sage_attn_no_stats", "--profile", "2", "--steps", "6"]) == 0
     got = json.loads(out.read_text())
     assert got["errors"] == {} and set(got["lengths"]) == {"16", "48", "16 (again)"}
     for rows in got["lengths"].values():
@@ -66,6 +66,17 @@ def test_the_ttft_gap_benchmark_runs_its_variants_on_the_stand_in(tmp_path, monk
         assert "prefill_speedup" not in rows["triton"] and rows["sage_attn_no_stats"]["prefill_speedup"][0] > 0
         assert rows["sage_attn_all_triton"]["prefill_batches"] == {"kernel": 0, "triton": 4}  # 1 warm-up + 3 repeats
         assert "prefill_batches" not in rows["sage_attn_no_stats"]  # no statistics folder: nothing counted
+    # --steps: each server's decode step by step at each length (once per distinct length), paired with triton's
+    assert set(got["steps"]) == {"16", "48"}
+    steps = got["steps"]["48"]
+    assert steps["tokens"] == 6 and len(steps["requests"]) == 3 * 3
+    assert all(len(q["token_ms"]) == 7 and q["token_ms"] == sorted(q["token_ms"]) and q["started_unix_s"] > 0
+               for q in steps["requests"])
+    assert set(steps["summary"]["triton"]) == {"steps 1-4", "steps 5-6"}
+    for name in ("sage_attn_all_triton", "sage_attn_no_stats"):
+        seg = steps["summary"][name]["steps 1-4"]
+        assert 0 < seg["ms_per_step"][1] <= seg["ms_per_step"][0] <= seg["ms_per_step"][2] and seg["speedup"][0] > 0
+    assert "speedup" not in steps["summary"]["triton"]["steps 1-4"]
     # --profile: each server's two profiled requests (at the first length) in a trace, each variant set against triton's
     assert set(got["profile"]) == {"sage_attn_all_triton", "sage_attn_no_stats"}
     for rep in got["profile"].values():

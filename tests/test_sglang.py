@@ -460,7 +460,8 @@ def test_the_sweep_says_where_the_candidates_prefill_ran(tmp_path):
                                   "measured": {"mode": "set", "keys": 400, "source": "SAGE_ATTN_DISPATCH=400", "lengths": [],
                                                "kernel_ms": [], "triton_ms": [], "kernel_alone_ms": [], "error": "", "timing": "",
                                                "prefix_measured": False, "prefix_keys": None, "prefix_kernel_ms": [],
-                                               "prefix_triton_ms": [], "routes": []}}
+                                               "prefix_triton_ms": [], "kernel_device_ms": [], "kernel_alone_device_ms": [],
+                                               "device_timing": "", "routes": []}}
     s = ST.summary(rows, "sage_attn")
     assert (s["prefill_points_routed"], s["prefill_points_on_kernel"], s["prefill_points_on_triton"]) == (2, 1, 1)
 

@@ -109,3 +109,51 @@ def test_a_failed_prefix_measurement_leaves_the_cold_crossover_and_says_why():
     assert got.describe() == "the kernel from 4096 keys per request (measured at start: a test; the prefix measurement " \
                              "failed: RuntimeError: no prefix buffer)"
     assert D.to_kernel([4096], [4096], got)  # the cold rule for every request, as before the prefix measurement
+
+
+def test_device_timings_are_kept_beside_the_route_timings_and_a_call_that_waits_is_not_timed():
+    """``device_time`` (the GPU's own time, dispatch.device_ms) times the kernel path and the bare kernel again; the
+    route keeps ``time``'s figures. A length whose call could not be timed on the GPU alone (None) stays None."""
+    timers = D.Timers(lambda n: (lambda: 1.0), lambda n: (lambda: n / 4096), lambda n: (lambda: 0.5))
+    gpu = {1.0: 0.55, 0.5: 0.5}
+
+    def device_time(fn):
+        ms = fn()
+        return [None] if ms == 1.0 and gpu.get("waits") else [gpu[ms]]
+
+    got = D.measure(timers, max_length=1024, where="a test", time=lambda fn: [fn()], device_time=device_time)
+    assert got.kernel_device_ms == (0.55, 0.55, 0.55) and got.kernel_alone_device_ms == (0.5, 0.5, 0.5)
+    assert got.kernel_ms == (1.0, 1.0, 1.0) and got.keys is None, "the route is the host-inclusive timing's"
+    assert "host ahead" in got.device_timing and got.as_dict()["kernel_device_ms"] == [0.55, 0.55, 0.55]
+    gpu["waits"] = True
+    assert D.measure(timers, 1024, "a test", time=lambda fn: [fn()], device_time=device_time).kernel_device_ms == (None,) * 3
+    # without a bare-kernel timer there is nothing to set the path against: no device timings, none said
+    bare_less = D.Timers(timers.kernel_path, timers.triton)
+    got = D.measure(bare_less, 1024, "a test", time=lambda fn: [fn()], device_time=device_time)
+    assert got.kernel_device_ms == () and got.device_timing == ""
+    assert D.median_or_none([1.0, None, 2.0]) is None and D.median_or_none([1.0, 3.0, 2.0]) == 2.0
+
+
+@pytest.mark.gpu
+def test_device_ms_times_the_gpu_alone_and_refuses_a_call_that_waits_for_it():
+    """On a GPU: a call whose host work (2 ms of sleep) outlasts its GPU work reads its GPU time in device_ms, not the
+    host's 2 ms that cuda_ms reads; a GPU-bound matmul reads alike in both; a call that synchronizes is not timed."""
+    import time
+
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+
+    def host_bound():
+        time.sleep(0.002)
+        x.add_(0)
+
+    host, gpu = D.median_or_none(D.cuda_ms(host_bound)), D.median_or_none(D.device_ms(host_bound))
+    assert host >= 1.9 and gpu is not None and gpu < 0.5, (host, gpu)
+    matmul = lambda: x @ x  # noqa: E731 - ~0.2 ms of GPU work, launched in microseconds
+    a, b = D.median_or_none(D.cuda_ms(matmul)), D.median_or_none(D.device_ms(matmul))
+    assert b is not None and abs(a - b) / a < 0.25, (a, b)
+    waits = lambda: x.sum().item()  # noqa: E731
+    assert D.device_ms(waits, warmup=1, repeats=2) == (None, None)

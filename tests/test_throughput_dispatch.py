@@ -198,3 +198,31 @@ def test_a_copy_server_that_did_not_start_is_said_and_its_points_are_judged_on_t
             v.value, v.passed = 5.0, False
     assert "The A/A control failed (the baseline against its own copy differs by 5 %" in rec.speed_sentence(
         measured, "sage_attn", "triton", False)
+
+
+def test_the_integration_is_judged_on_the_gpu_time_where_the_server_measured_it(tmp_path):
+    """A server that also timed both calls on the GPU alone (dispatch.device_ms): the verdict reads the GPU's time, the
+    host-inclusive reading stays in its detail and in the words; a path that adds 40% on the GPU still fails; a length
+    the server could not time so sends the verdict back to the host-inclusive figures."""
+    gpu_timing = "GPU time with the host ahead: median of 7 CUDA-event timings after 2 warm-ups"
+    bare = [0.20, 0.20, 0.21, 0.25, 0.42, 0.95, 2.95]
+    lean = dispatch(kernel_device_ms=[b * 1.05 for b in bare], kernel_alone_device_ms=bare, device_timing=gpu_timing)
+    rows = T.dispatch_rows(sweep(lean))
+    assert rows[4]["path_over_bare_gpu_pct"] == pytest.approx(5.0) and rows[4]["bare_kernel_gpu_ms"] == 0.42
+    res = record(tmp_path / "lean", sweep(lean))
+    v = res.find("throughput.integration")
+    assert v.passed and v.value == pytest.approx(5.0) and "on the GPU's own time" in v.source
+    assert gpu_timing in v.detail and "with the host's time in it" in v.detail and "69.57% at 4096 keys" in v.detail
+    words = T.dispatch_words(sweep(lean), 10.0)
+    assert "5% longer than the bare kernel at" in words and "on the GPU" in words and "70% at 4096 keys" in words
+    assert "*_gpu_*: the kernel path and the bare kernel on the GPU alone" in T.dispatch_caption(sweep(lean))
+    heavy = [b * (1.4 if n == 8192 else 1.02) for b, n in zip(bare, H200["lengths"])]
+    slow = record(tmp_path / "slow", sweep(dispatch(kernel_device_ms=heavy, kernel_alone_device_ms=bare,
+                                                    device_timing=gpu_timing)))
+    v = slow.find("throughput.integration")
+    assert not v.passed and v.value == pytest.approx(40.0) and "worst at 8192 keys" in v.detail
+    untimed = [b * 1.05 for b in bare]
+    untimed[5] = None  # 8192 keys: the call waited for the GPU, so it has no GPU-alone time
+    partly = T.integration_check(T.dispatch_rows(sweep(dispatch(kernel_device_ms=untimed, kernel_alone_device_ms=bare,
+                                                                device_timing=gpu_timing))))
+    assert partly["basis"] == "host and GPU" and partly["value"] == pytest.approx((0.78 / 0.46 - 1) * 100)

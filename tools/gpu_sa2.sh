@@ -154,9 +154,12 @@ EOF
 cd $PWD
 sa2() { PYTHONPATH=/tmp/sa2:\$PYTHONPATH "\$@"; }
 mkdir -p /tmp/all35
+echo "device-time test \$(date +%T)"; python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_sglang_plugin_dispatch.py \
+  > /tmp/all35/device_time_test.txt 2>&1
 if [ "${GAP:-0}" = 1 ]; then
   echo "gap start \$(date +%T)"
-  RUN_S=420 REPEATS=${GAP_REPEATS:-12} LENGTHS=${GAP_LENGTHS:-128,512,128} bash tools/gpu_sa2.sh $kit $src $build /tmp/all35 gap \
+  RUN_S=${GAP_RUN_S:-420} REPEATS=${GAP_REPEATS:-12} LENGTHS=${GAP_LENGTHS:-128,512,128} PROFILE=${PROFILE:-8} STEPS=${STEPS:-0} \
+    GAP_KV=${GAP_KV:-8192} GAP_CHUNK=${GAP_CHUNK:-2048} bash tools/gpu_sa2.sh $kit $src $build /tmp/all35 gap \
     > /tmp/all35/gap-phase.log 2>&1
   touch /tmp/all35/gap.done
 fi
@@ -180,7 +183,8 @@ EOF
     t0=$(date +%s)
     while [ ! -f /tmp/all35/gap.done ] && [ $(( $(date +%s) - t0 )) -lt ${WAIT_S:-540} ]; do sleep 5; done
     cat /tmp/all35.log; tail -60 /tmp/all35/gap.md 2>/dev/null
-    cp /tmp/all35/gap.json /tmp/all35/gap.md /tmp/all35/gap-logs.tgz /tmp/all35/gap-traces.tar "$out/" 2>/dev/null;;
+    cp /tmp/all35/gap.json /tmp/all35/gap.md /tmp/all35/gap-logs.tgz /tmp/all35/gap-traces.tar /tmp/all35/gpu-clocks.csv \
+      "$out/" 2>/dev/null;;
   wait35all)
     t0=$(date +%s)
     while [ ! -f /tmp/all35.done ] && [ $(( $(date +%s) - t0 )) -lt ${WAIT_S:-540} ]; do sleep 5; done
@@ -192,14 +196,20 @@ EOF
         # smaller KV cache and prefill graphs up to 2048 tokens: five servers of ~18 GB fit an H200 (GAP_VARIANTS fewer on
         # an 80 GB H100)
     ensure_sa2
-    # five servers of ~18 GB on an H200 (141 GB); three on an 80 GB H100
-    if large_gpu; then all=triton,triton_copy,sage_attn,sage_attn_all_triton,sage_attn_no_stats
-    else all=triton,sage_attn,sage_attn_all_triton; fi
+    # five servers of ~18 GB on an H200 (141 GB), prefill graphs as its preset; three on an 80 GB H100, prefill graphs up
+    # to 2048 tokens as its preset. GAP_KV / GAP_CHUNK: KV tokens and chunked-prefill size per server (8192 / 2048;
+    # for decode after an 8192-token prefill: GAP_KV=8400 GAP_CHUNK=8192 LENGTHS=8192 STEPS=48)
+    if large_gpu; then all=triton,triton_copy,sage_attn,sage_attn_all_triton,sage_attn_no_stats; graphs=""
+    else all=triton,sage_attn,sage_attn_all_triton; graphs=", --cuda-graph-max-bs-prefill, '2048'"; fi
+    nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+      --format=csv -lms 50 > "$out/gpu-clocks.csv" 2>/dev/null &
+    smi=$!
     sa2 timeout ${RUN_S:-540} python3 benchmarks/ttft_gap.py --params params/sglang-llama8b-random.yaml --out "$out/gap.json" \
       --variants ${GAP_VARIANTS:-$all} --repeats ${REPEATS:-12} --profile ${PROFILE:-8} --lengths ${LENGTHS:-128,512,128} \
-      -p sglang.max_total_tokens=8192 \
-      -p "sglang.extra_args=[--sampling-backend, pytorch, --grammar-backend, none, --cuda-graph-max-bs, '32', --chunked-prefill-size, '2048']" \
+      --steps ${STEPS:-0} -p sglang.max_total_tokens=${GAP_KV:-8192} \
+      -p "sglang.extra_args=[--sampling-backend, pytorch, --grammar-backend, none, --cuda-graph-max-bs, '32', --chunked-prefill-size, '${GAP_CHUNK:-2048}'$graphs]" \
       2>&1 | grep -v "Ignore import error" | tee "$out/gap.md" | tail -60
+    kill $smi 2>/dev/null
     tar -C "$out" -czf "$out/gap-logs.tgz" --exclude='*.trace.json.gz' --exclude='random-model' gap-logs 2>/dev/null
     tar -C "$out" -cf "$out/gap-traces.tar" gap-logs/profiles 2>/dev/null; rm -rf "$out/gap-logs";;
   wait35)

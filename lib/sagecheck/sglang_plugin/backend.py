@@ -152,7 +152,8 @@ class SageAttnBackend(TritonAttnBackend):
                  f"{str(dtype).replace('torch.', '')}, one request of L tokens")
         try:
             with census.CENSUS.paused():  # the measurement's calls stand for no request's
-                return dispatch.measure(self._timers(d, dtype), int(model_runner.model_config.context_len), where)
+                return dispatch.measure(self._timers(d, dtype), int(model_runner.model_config.context_len), where,
+                                        device_time=dispatch.device_ms)
         except Exception as e:  # noqa: BLE001 - a failed measurement must not stop the server: said in the statistics
             return dispatch.Crossover("kernel", 0, "the measurement at start failed: every extend batch on the kernel",
                                       error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")

@@ -62,6 +62,10 @@ class Crossover:
     prefix_keys: int | None = None
     prefix_kernel_ms: tuple[float, ...] = ()
     prefix_triton_ms: tuple[float, ...] = ()
+    # the kernel path and the bare kernel on the GPU alone (device_ms; None where a call could not be timed so)
+    kernel_device_ms: tuple[float | None, ...] = ()
+    kernel_alone_device_ms: tuple[float | None, ...] = ()
+    device_timing: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         """The facts, and where :func:`to_kernel` sends one request of each measured length (``routes``) and, where
@@ -143,6 +147,63 @@ def cuda_ms(fn: Callable[[], Any], warmup: int = WARMUP, repeats: int = REPEATS)
     return tuple(times)
 
 
+HOLD_MS = 5.0  # how long device_ms holds the GPU back before each timed call (doubled once where too short)
+
+
+def device_ms(fn: Callable[[], Any], warmup: int = WARMUP, repeats: int = REPEATS,
+              hold_ms: float = HOLD_MS) -> tuple[float | None, ...]:
+    """Each of ``repeats`` calls of ``fn`` timed on the GPU alone, in ms: the GPU's own time, with the host ahead.
+
+    :func:`cuda_ms` times a call from the host's launch of its first kernel, so that where a call's host work (Python,
+    launches) outlasts its GPU work, it measures the host. In a serving forward pass the host runs ahead of the GPU
+    (a layer's GEMMs keep it busy while attention is launched), and the attention costs what the GPU spends on it.
+    Here a sleep kernel holds the GPU for ``hold_ms`` while the host launches the call between two events, so the
+    events time the GPU's work alone. A timing is kept only where the host had launched the whole call before the GPU
+    reached its first event (that event had not completed); else the hold is doubled once and the call timed again,
+    and where it is still not, the timing is None: ``fn`` waits for the GPU (a host synchronization) or its host work
+    outlasts the hold."""
+    import torch
+
+    cycles_per_ms = sleep_cycles_per_ms()
+    for _ in range(warmup):
+        fn()
+    times: list[float | None] = []
+    for _ in range(repeats):
+        timing = None
+        for hold in (hold_ms, 2 * hold_ms):
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(int(hold * cycles_per_ms))
+            start.record()
+            fn()
+            end.record()
+            ahead = not start.query()  # the GPU was still held when the host had launched the whole call
+            end.synchronize()
+            if ahead:
+                timing = start.elapsed_time(end)
+                break
+        times.append(timing)
+    return tuple(times)
+
+
+def sleep_cycles_per_ms(cycles: int = 10_000_000) -> float:
+    """``torch.cuda._sleep``'s cycles per ms on this GPU, timed (its clock under load, not the nominal rate)."""
+    import torch
+
+    torch.cuda._sleep(cycles // 10)  # warm
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    end.synchronize()
+    return cycles / max(start.elapsed_time(end), 1e-3)
+
+
+def median_or_none(values: Sequence[float | None]) -> float | None:
+    """The median of the timings, None where any is None (a call that could not be timed so is not partly timed)."""
+    return None if not values or any(v is None for v in values) else median(values)
+
+
 def request_inputs(n: int, heads: int, kv_heads: int, d: int, dtype: Any, device: Any) -> tuple[Any, Any, Any]:
     """Q, K, V ``[n, heads, d]`` of one request of ``n`` tokens for the measurement (seeded by ``n``; K off-centre by 1,
     so that smoothing has a mean to remove)."""
@@ -168,22 +229,34 @@ class Timers:
     triton_prefix: Callable[[int], Callable[[], Any]] | None = None
 
 
+DEVICE_TIMING = (f"GPU time with the host ahead: median of {REPEATS} CUDA-event timings after {WARMUP} warm-ups, the GPU "
+                 f"held by a sleep kernel while the host launched the call")
 CUDA_TIMING = f"ms per layer, median of {REPEATS} CUDA-event timings after {WARMUP} warm-ups"
 
 
 def measure(timers: Timers, max_length: int, where: str, lengths: Sequence[int] = LENGTHS,
-            time: Callable[[Callable[[], Any]], Sequence[float]] = cuda_ms, timing: str = CUDA_TIMING) -> Crossover:
+            time: Callable[[Callable[[], Any]], Sequence[float]] = cuda_ms, timing: str = CUDA_TIMING,
+            device_time: Callable[[Callable[[], Any]], Sequence[float | None]] | None = None,
+            device_timing: str = DEVICE_TIMING) -> Crossover:
     """The crossover at the lengths up to ``max_length``, timed by ``time`` (median of its repeats; ``timing`` says
-    how, for the statistics)."""
+    how, for the statistics). With ``device_time`` (:func:`device_ms`) and a bare-kernel timer, the kernel path and the
+    bare kernel are also timed on the GPU alone: what the integration adds on the GPU, apart from its host time (the
+    route keeps ``time``'s figures, which include the host's)."""
     used = [n for n in lengths if n <= max_length] or [min(lengths)]
     with_prefix = timers.kernel_path_prefix is not None and timers.triton_prefix is not None
+    on_device = device_time is not None and timers.kernel_alone is not None
     kernel, triton, alone, prefix_kernel, prefix_triton = [], [], [], [], []
+    kernel_device: list[float | None] = []
+    alone_device: list[float | None] = []
     prefix_error = ""
     for n in used:
         kernel.append(median(time(timers.kernel_path(n))))
         triton.append(median(time(timers.triton(n))))
         if timers.kernel_alone is not None:
             alone.append(median(time(timers.kernel_alone(n))))
+        if on_device:
+            kernel_device.append(median_or_none(device_time(timers.kernel_path(n))))
+            alone_device.append(median_or_none(device_time(timers.kernel_alone(n))))
         if with_prefix:
             try:
                 prefix_kernel.append(median(time(timers.kernel_path_prefix(n))))
@@ -192,14 +265,16 @@ def measure(timers: Timers, max_length: int, where: str, lengths: Sequence[int] 
                 with_prefix, prefix_kernel, prefix_triton = False, [], []
                 prefix_error = f"the prefix measurement failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
-    def rounded(xs: list[float]) -> tuple[float, ...]:
-        return tuple(round(x, 4) for x in xs)
+    def rounded(xs: list[float | None]) -> tuple[float | None, ...]:
+        return tuple(None if x is None else round(x, 4) for x in xs)
 
     return Crossover("measured", crossover_from(used, kernel, triton), f"measured at start: {where}", tuple(used),
                      rounded(kernel), rounded(triton), rounded(alone), error=prefix_error, timing=timing,
                      prefix_measured=with_prefix,
                      prefix_keys=crossover_from(used, prefix_kernel, prefix_triton) if with_prefix else None,
-                     prefix_kernel_ms=rounded(prefix_kernel), prefix_triton_ms=rounded(prefix_triton))
+                     prefix_kernel_ms=rounded(prefix_kernel), prefix_triton_ms=rounded(prefix_triton),
+                     kernel_device_ms=rounded(kernel_device), kernel_alone_device_ms=rounded(alone_device),
+                     device_timing=device_timing if on_device else "")
 
 
 def from_setting(setting: str) -> Crossover | None:

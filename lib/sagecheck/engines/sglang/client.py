@@ -145,6 +145,34 @@ class SGLangClient:
             result.append((tokens, [e[0] for e in entries]))
         return result
 
+    def token_times(self, prompt: list[int], max_new_tokens: int) -> list[float]:
+        """When each output token of one streamed request arrived, ms from the request (as :meth:`streamed_timing`
+        times it): the first is the time to first token, the gaps after it are the decode steps as the client sees
+        them. A chunk that carries several tokens gives each of them its arrival time."""
+        payload = {"input_ids": prompt, "stream": True,
+                   "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True}}
+        times: list[float] = []
+        t0 = time.perf_counter()
+        try:
+            with self.session.post(self.url + "/generate", json=payload, stream=True, timeout=self.timeout_s) as r:
+                if r.status_code >= 400:
+                    raise ClientError(f"POST /generate answered {r.status_code}: {r.text[:500]}")
+                for line in r.iter_lines():
+                    if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
+                        continue
+                    chunk = json.loads(line[5:].strip())
+                    if "error" in chunk:
+                        raise ClientError(f"POST /generate (streamed) failed: {chunk['error']}")
+                    now = (time.perf_counter() - t0) * 1e3
+                    times.extend([now] * (int(chunk["meta_info"].get("completion_tokens", 0)) - len(times)))
+        except requests.RequestException as e:
+            if self.on_failure:
+                self.on_failure()
+            raise ClientError(f"POST {self.url}/generate (streamed) failed: {e}") from None
+        if len(times) != max_new_tokens:
+            raise ClientError(f"streamed /generate: {len(times)} of {max_new_tokens} tokens arrived")
+        return times
+
     def streamed_timing(self, batch: list[list[int]], max_new_tokens: int) -> tuple[float, float]:
         """(time to the last request's first token, time to the end), ms, of one streamed batch request.
 
