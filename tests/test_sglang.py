@@ -257,7 +257,16 @@ def test_a_server_set_starts_matched_servers_side_by_side_and_stops_them(tmp_pat
 
         varying = ("--port", "--attention-backend")
         assert without(commands[0], *varying) == without(commands[1], *varying) == without(commands[2], *varying)
+        # the candidate measures its dispatch rule at start: it was launched first and the others once it had measured
+        assert handles["candidate"]["measured_alone_s"] > 0 and handles["baseline"]["measured_alone_s"] is None
+        started = {role: process_start_ticks(h["pid"]) for role, h in handles.items()}
+        assert started["candidate"] < started["baseline"] and started["candidate"] < started["baseline_copy"]
     assert all(no_server_left(pid) for pid in pids)
+
+
+def process_start_ticks(pid: int) -> int:
+    """When a process started, in clock ticks since boot (Linux's /proc/PID/stat, field 22)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
 
 
 def test_without_a_kv_cap_the_servers_start_one_after_the_other_with_stepped_fractions(tmp_path):
@@ -456,7 +465,7 @@ def test_the_sweep_says_where_the_candidates_prefill_ran(tmp_path):
         "Triton (dispatch rule)", 6, 0)
     assert (cand[600]["prefill_on"], cand[600]["prefill_batches_kernel"], cand[600]["prefill_batches_triton"]) == ("kernel", 12, 0)
     assert "prefill_on" not in next(r for r in rows if r["implementation"] == "fa3")
-    assert served["dispatch"] == {"rule": "the kernel from 400 keys per request (SAGE_ATTN_DISPATCH=400)",
+    assert served["dispatch"] == {"rule": "the kernel from 400 keys per request (SAGE_ATTN_DISPATCH=400)", "measured_alone_s": None,
                                   "measured": {"mode": "set", "keys": 400, "source": "SAGE_ATTN_DISPATCH=400", "lengths": [],
                                                "kernel_ms": [], "triton_ms": [], "kernel_alone_ms": [], "error": "", "timing": "",
                                                "prefix_measured": False, "prefix_keys": None, "prefix_kernel_ms": [],

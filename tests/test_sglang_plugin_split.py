@@ -284,3 +284,40 @@ def test_several_requests_keep_their_own_means():
     mean = V.request_means([(k, plan.smoothing.new_request)], plan.smoothing.keys_per_request)
     want = torch.stack([k[:100].double().mean(0), k[100:].double().mean(0)]).to(k.dtype)
     assert torch.allclose(mean.double(), want.double(), atol=1e-3, rtol=1e-2) and not torch.equal(mean[0], mean[1])
+
+
+def test_a_plan_built_for_the_gpu_holds_the_host_plans_values():
+    """The plans' host tensors go to the device by varlen.to_device (pinned, not waited for on CUDA; a plain copy
+    elsewhere): on the CPU the same tensors as built there."""
+    prefix, extend = [0, 300, 1000], [512, 77, 129]
+    layout = V.ExtendLayout.build(prefix, extend, "cpu")
+    assert V.to_device(layout.cu_seqlens, "cpu") is layout.cu_seqlens
+    plan = S.plan_split(layout, "cpu")
+    assert plan.smoothing.keys_per_request.tolist() == [512.0, 377.0, 1129.0]
+    assert plan.rows_with_prefix.tolist() == list(range(512, 512 + 77 + 129))
+
+
+@pytest.mark.gpu
+def test_gpu_building_a_batchs_plans_does_not_wait_for_the_gpu():
+    """A batch's layout and split plan on CUDA: the same values as built on the host, and no stream or device
+    synchronization while they are built (the H100 profile of 2026-12-05 had 7 per prefill batch before)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    prefix, extend = [0, 300, 1000, 300], [512, 77, 129, 64]
+    host = V.ExtendLayout.build(prefix, extend, "cpu")
+    host_plan = S.plan_split(host, "cpu")
+    torch.cuda.synchronize()
+    torch.cuda._sleep(50_000_000)  # the GPU busy: a synchronization would wait for it
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        layout = V.ExtendLayout.build(prefix, extend, "cuda")
+        plan = S.plan_split(layout, "cuda")
+    syncs = [e.key for e in prof.key_averages() if "Synchronize" in e.key]
+    torch.cuda.synchronize()
+    assert syncs == []
+    assert torch.equal(layout.new_pos.cpu(), host.new_pos) and torch.equal(layout.seq_index.seq_id.cpu(), host.seq_index.seq_id)
+    assert torch.equal(plan.rows_with_prefix.cpu(), host_plan.rows_with_prefix)
+    assert all(torch.equal(a.key_rows.cpu(), b.key_rows) and torch.equal(a.slots.cpu(), b.slots)
+               for a, b in zip(plan.prefix_groups, host_plan.prefix_groups))
+    assert all(torch.equal(a.rows.cpu(), b.rows) for a, b in zip(plan.new_groups, host_plan.new_groups))

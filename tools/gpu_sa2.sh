@@ -28,6 +28,17 @@
 #                                                      # the extra time to first token at 128 x 1 (timed, then profiled)
 set -u
 kit=${1:?kit}; src=${2:?sa2 source}; build=${3:?build.sh}; out=${4:?out}; phase=${5:?phase}
+case $phase in serve8b|builtin35|all35)  # they go on in the background after the call returns, while the next call of the
+  # device tool copies the working tree in again: a run that read a file then (07's tokenizer, 2026-12-05) failed. They
+  # run from a copy of the tree of their own (the kit and the SA2 build linked, read at the first call only)
+  if [ "${SAGECHECK_TREE_COPY:-}" != 1 ]; then
+    copy=/tmp/sagecheck-tree; rm -rf $copy; mkdir -p $copy
+    tar -C "$PWD" --exclude=./.kit --exclude=./.sa2build --exclude=./.sa2src --exclude=./outputs -cf - . | tar -C $copy -xf -
+    for d in .kit .sa2build .sa2src; do [ -e "$d" ] && ln -s "$PWD/$d" "$copy/$d"; done
+    case $out in /*) ;; *) out=$PWD/$out;; esac
+    cd $copy && SAGECHECK_TREE_COPY=1 exec bash tools/gpu_sa2.sh "$kit" "$src" "$build" "$out" "$phase"
+  fi;;
+esac
 site=/tmp/sgl-site
 [ -f $site/.unpacked ] || { mkdir -p $site && xz -dc "$kit" | tar -x -C $site && touch $site/.unpacked; }
 meta=/tmp/sagecheck-meta/sagecheck-0.1.0.dist-info  # sagecheck's plugin entry point for a checkout that is not installed
@@ -212,6 +223,13 @@ EOF
     kill $smi 2>/dev/null
     tar -C "$out" -czf "$out/gap-logs.tgz" --exclude='*.trace.json.gz' --exclude='random-model' gap-logs 2>/dev/null
     tar -C "$out" -cf "$out/gap-traces.tar" gap-logs/profiles 2>/dev/null; rm -rf "$out/gap-logs";;
+  quick)  # the plugin's GPU tests with SA2 (split, dispatch timing) and the per-layer overhead on the 8B shape (GPU alone)
+    ensure_sa2
+    step "GPU tests with SA2"; sa2 timeout ${TESTS_S:-120} python3 -m pytest -q -m gpu -p no:cacheprovider \
+      tests/test_sglang_plugin_split.py tests/test_sglang_plugin_dispatch.py 2>&1 | tail -4
+    step "overhead per layer, SA2, 8B shape"
+    sa2 timeout ${OVERHEAD_S:-150} python3 benchmarks/backend_overhead.py --out "$out/overhead_sa2.json" > "$out/overhead_sa2.txt" 2>&1
+    grep -v "after, \(device\|host\)" "$out/overhead_sa2.txt" | grep -v Warning | tail -20; step "done";;
   wait35)
     t0=$(date +%s)
     while [ ! -f /tmp/b35.done ] && [ $(( $(date +%s) - t0 )) -lt ${WAIT_S:-540} ]; do sleep 5; done

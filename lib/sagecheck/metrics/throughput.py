@@ -485,9 +485,11 @@ def dispatch_words(s: Sweep, limit_pct: float) -> str | None:
 
 
 def dispatch_caption(s: Sweep) -> str:
-    measured = ((s.served or {}).get("dispatch") or {}).get("measured") or {}
+    dispatch = (s.served or {}).get("dispatch") or {}
+    measured = dispatch.get("measured") or {}
+    alone = "; taken before the other servers were launched, the GPU to itself" if dispatch.get("measured_alone_s") else ""
     return (f"The {s.candidate} server's measurement for its dispatch rule ({measured.get('source', '?')}; "
-            f"{measured.get('timing') or 'ms per layer'}): its kernel path (smoothing, padding, the calls), the bare kernel "
+            f"{measured.get('timing') or 'ms per layer'}{alone}): its kernel path (smoothing, padding, the calls), the bare kernel "
             f"on inputs prepared beforehand, Triton's extend kernel"
             + ("; prefix_*: both paths for a request of as many keys whose first half is a cached prefix, and where the "
                "rule sends it" if measured.get("prefix_routes") else "")

@@ -36,7 +36,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from sagecheck.sglang_plugin.settings import INSTEAD, SageAttnUnavailable
-from sagecheck.sglang_plugin.varlen import SeqIndex, smooth_keys
+from sagecheck.sglang_plugin.varlen import SeqIndex, smooth_keys, to_device
 
 BatchedKernel = Callable[..., torch.Tensor]  # sageattn's signature
 MAX_PADDED_WORK = 0.25  # a group's padded causal work may exceed its requests' own by this fraction
@@ -97,7 +97,7 @@ def plan(seq_lens: Sequence[int], device: torch.device | str = "cpu",
         slots = torch.cat([torch.arange(i * length, i * length + lens[r]) for i, r in enumerate(members)])
         contiguous = all(lens[r] == length for r in members) and members == list(range(members[0], members[-1] + 1))
         packed_range = (starts[members[0]], starts[members[0]] + len(members) * length) if contiguous else None
-        groups.append(PaddedGroup(len(members), length, rows.to(device), slots.to(device), packed_range))
+        groups.append(PaddedGroup(len(members), length, to_device(rows, device), to_device(slots, device), packed_range))
     return groups
 
 

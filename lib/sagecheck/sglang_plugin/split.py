@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 import torch
 
 from sagecheck.sglang_plugin.batched import PaddedGroup, attend_groups, plan
-from sagecheck.sglang_plugin.varlen import ExtendLayout, request_means
+from sagecheck.sglang_plugin.varlen import ExtendLayout, request_means, to_device
 
 LseKernel = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 """``sageattn(q, k, v, tensor_layout="NHD", is_causal=..., sm_scale=..., smooth_k=False, return_lse=True)``: the
@@ -72,7 +72,7 @@ class SmoothingIndex:
         new = torch.repeat_interleave(requests, torch.tensor(layout.extend_lens, dtype=torch.int64))
         prefix = torch.repeat_interleave(requests, torch.tensor(layout.prefix_lens, dtype=torch.int64))
         counts = layout.seq_index.lengths if layout.seq_index is not None else torch.tensor(layout.seq_lens, dtype=torch.float32)
-        return cls(new.to(device), prefix.to(device), counts.to(device))
+        return cls(to_device(new, device), to_device(prefix, device), to_device(counts, device))
 
 
 def smooth_request_keys(k_new: torch.Tensor, k_prefix: torch.Tensor | None,
@@ -139,11 +139,11 @@ def plan_split(layout: ExtendLayout, device: torch.device | str = "cpu") -> Spli
         consecutive = members == list(range(members[0], members[-1] + 1)) and all(extend[r] == longest for r in members)
         new_range = (new_start[members[0]], new_start[members[0]] + len(members) * longest) if consecutive else None
         key_range = (prefix_start[members[0]], prefix_start[members[0]] + len(members) * length) if consecutive else None
-        groups.append(PrefixGroup(len(members), length, longest, rows.to(device), slots.to(device), key_rows.to(device),
-                                  new_range, key_range))
+        groups.append(PrefixGroup(len(members), length, longest, to_device(rows, device), to_device(slots, device),
+                                  to_device(key_rows, device), new_range, key_range))
     with_prefix = [torch.arange(new_start[r], new_start[r] + extend[r]) for r, p in enumerate(prefix) if p > 0]
     rows_with_prefix = torch.cat(with_prefix) if with_prefix else torch.zeros(0, dtype=torch.int64)
-    return SplitPlan(SmoothingIndex.build(layout, device), plan(extend, device), groups, rows_with_prefix.to(device),
+    return SplitPlan(SmoothingIndex.build(layout, device), plan(extend, device), groups, to_device(rows_with_prefix, device),
                      every_row_has_prefix=all(p > 0 for p in prefix))
 
 

@@ -139,7 +139,9 @@ class SGLangBackend(Backend):
         cfg = (stats or {}).get("config", {})
         if not cfg.get("dispatch_rule"):
             return None
-        return {"rule": cfg["dispatch_rule"], "measured": cfg.get("dispatch") or {}}
+        # measured_alone_s: the server set launched the others once this one had measured (servers.ServerSet.start)
+        return {"rule": cfg["dispatch_rule"], "measured": cfg.get("dispatch") or {},
+                "measured_alone_s": self.handle.measured_alone_s}
 
     def kernel_phases(self) -> frozenset[str]:
         """sagecheck's sage_attn: prefill, and decode where its statistics say it decodes on the kernel; another backend

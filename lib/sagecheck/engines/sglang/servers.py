@@ -16,7 +16,10 @@ first's), which leaves each about the same room. With ``sglang.max_total_tokens`
 (``--max-total-tokens``: the same KV capacity for all, so that no server's batching differs) a
 server takes only that, and the set starts side by side, every server with the same fraction
 (``sglang.mem_fraction_static`` or 0.85): identical command lines, and the one to two minutes of
-start-up paid once instead of per server (mostly imports).
+start-up paid once instead of per server (mostly imports). One exception: a candidate that times kernels at start
+(sage_attn's dispatch rule) is launched first and the others once it has measured, so that its timings are not taken
+while the others load weights and capture CUDA graphs on the same GPU (on an H100, 2026-12-05, the bare kernel at
+16384 keys read 5.5 ms and the kernel path, which makes that call and more, 3.2 ms, in one such measurement).
 
 A server that fails to start is recorded with its error; the notebooks that need it fail with
 that error, the others run.
@@ -91,6 +94,9 @@ class ServerHandle:
     env: dict[str, str] = field(default_factory=dict)
     error: str | None = None
     stats_at_start: dict[str, int] = field(default_factory=dict)  # the plugin's counters once ready (warm-up, graph capture)
+    # seconds from its launch to its start-up measurement, taken before the set's other servers were launched (None:
+    # it measured nothing at start, or not alone)
+    measured_alone_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,6 +117,13 @@ def role_env(params: Any, role: str, log_dir: Path) -> dict[str, str]:
     return {"SAGE_ATTN_DECODE": params.sglang.sage_attn_decode, "SAGE_ATTN_PREFILL": params.sglang.sage_attn_prefill,
             "SAGE_ATTN_DISPATCH": params.sglang.sage_attn_dispatch,
             "SAGE_ATTN_STATS_DIR": str(Path(log_dir) / f"sage_attn-stats-{role}")}
+
+
+def measures_at_start(params: Any, role: str) -> bool:
+    """Whether the role's server times kernels when it starts: sage_attn's dispatch rule, measured (it writes its
+    statistics, where the measurement shows up)."""
+    return (role == CANDIDATE and params.sglang_attention_backend == "sage_attn"
+            and params.sglang.sage_attn_dispatch == "measured")
 
 
 def counters_when_ready(stats_dir: str | None) -> dict[str, int]:
@@ -148,10 +161,34 @@ class ServerSet:
                 self._ready(*self._launch(role, stepped_fraction(len(self.servers) + 1, self.params.sglang.mem_fraction_static)))
             return self
         fraction = self.params.sglang.mem_fraction_static or SIDE_BY_SIDE_FRACTION
-        launched = [self._launch(role, fraction) for role in self.roles]  # all processes start now ...
+        # a server that times kernels at start (sage_attn's dispatch rule) measures first, with the GPU to itself: started
+        # beside the others it timed its kernels while they loaded and captured CUDA graphs on the same GPU
+        first = [role for role in self.roles if measures_at_start(self.params, role)]
+        launched = [self._launch(role, fraction) for role in first]
+        for server, handle in launched:
+            self._wait_measured(server, handle)
+        launched += [self._launch(role, fraction) for role in self.roles if role not in first]  # the rest start now ...
+        self.handles = {role: self.handles[role] for role in self.roles}  # in the roles' order, as asked
         for server, handle in launched:  # ... and are waited for in turn: together, the slowest one's start-up
             self._ready(server, handle)
         return self
+
+    def _wait_measured(self, server: Server | None, handle: ServerHandle, poll_s: float = 0.5) -> None:
+        """Until the server's statistics hold its start-up measurement (every rank's), it exits, or its start-up time
+        runs out (then :meth:`_ready` says why); the time it took is in ``handle.measured_alone_s``."""
+        from sagecheck import backend_stats
+
+        if server is None:
+            return
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < self.params.sglang.startup_timeout_s and server.process.poll() is None:
+            stats = backend_stats.read(handle.stats_dir) or {}
+            ranks = stats.get("ranks") or []
+            if len(ranks) >= max(1, self.params.sglang.tp) and all("dispatch" in r for r in ranks):
+                handle.measured_alone_s = round(time.monotonic() - t0, 1)
+                self._say(f"the {handle.role} server measured its kernels at start ({handle.measured_alone_s} s)")
+                return
+            time.sleep(poll_s)
 
     def start_role(self, role: str) -> ServerHandle:
         """Start one more server, with the next stepped fraction (servers started one after the other)."""
