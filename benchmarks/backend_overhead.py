@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     kernel = B.on_default_stream(sageattn)
     bare = inspect.unwrap(sageattn)
     lse = S.takes_lse(sageattn)
+    from sagecheck.environment import sageattention_package
+
+    kernel_smooths = sageattention_package()["generation"] == 2  # as the backend decides (split.extend_split)
     try:
         from sglang.srt.layers.attention.triton_ops.extend_attention import extend_attention_fwd
     except ImportError:
@@ -114,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             if plan is None:
                 return V.extend_with(lambda qa, ka, va: B.causal_attention(kernel, qa, ka, va, seq_lens, groups, scale,
                                                                            layout.seq_index), q, k, v, kp, vp, layout)
-            return S.extend_split(kernel, q, k, v, kp, vp, layout, plan, scale)
+            return S.extend_split(kernel, q, k, v, kp, vp, layout, plan, scale, kernel_smooths=kernel_smooths)
 
         # the kernel alone: the same calls on inputs made beforehand
         calls = []

@@ -321,3 +321,36 @@ def test_gpu_building_a_batchs_plans_does_not_wait_for_the_gpu():
     assert all(torch.equal(a.key_rows.cpu(), b.key_rows) and torch.equal(a.slots.cpu(), b.slots)
                for a, b in zip(plan.prefix_groups, host_plan.prefix_groups))
     assert all(torch.equal(a.rows.cpu(), b.rows) for a, b in zip(plan.new_groups, host_plan.new_groups))
+
+
+def test_a_kernel_that_smooths_without_writing_k_smooths_a_cold_batch_that_pads_nothing():
+    """With SageAttention 2 (``kernel_smooths``) a cold batch of calls without padding hands K unsmoothed to the kernel,
+    which takes each request's own mean (its call's sequence, per batch element): the same answer as the plugin's own
+    smoothing, within the rounding of the mean's sum. A padded group, a prefix, or a kernel that smooths in place
+    (1.0.6) keep the plugin's smoothing (``smooth_k=False``)."""
+    seen = []
+
+    def kernel(q, k, v, tensor_layout="NHD", is_causal=False, sm_scale=None, smooth_k=True, return_lse=False):
+        seen.append(smooth_k)
+        return sage2_lse(q, k, v, tensor_layout, is_causal, sm_scale, smooth_k, return_lse)
+
+    def run(prefix, extend, kernel_smooths):
+        q, k, v, kp, vp = make_batch(prefix, extend, dtype=torch.bfloat16)
+        k = k + 3  # off-centre, so that smoothing matters
+        k0 = k.clone()
+        layout = V.ExtendLayout.build(prefix, extend)
+        seen.clear()
+        out = S.extend_split(kernel, q, k, v, kp if layout.has_prefix else None, vp if layout.has_prefix else None,
+                             layout, S.plan_split(layout), 0.125, kernel_smooths=kernel_smooths)
+        assert torch.equal(k, k0), "K is never written"
+        return out, list(seen)
+
+    for extend in ([300], [64, 64, 64]):  # one request; equal requests in one call
+        fused, calls = run([0] * len(extend), extend, True)
+        assert calls == [True]
+        ours, calls = run([0] * len(extend), extend, False)
+        assert calls == [False]
+        assert (fused.float() - ours.float()).abs().max() <= 0.02 * ours.float().abs().max()
+    assert run([0, 0], [300, 200], True)[1] == [True, True], "two lengths apart: two calls, neither padded"
+    assert run([0, 0], [300, 290], True)[1] == [False], "a padded group: the kernel would average the padding in"
+    assert set(run([40], [30], True)[1]) == {False}, "a prefix: both parts smoothed by the request's mean, here"

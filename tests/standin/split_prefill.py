@@ -50,7 +50,7 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool =
     for i in range(q.shape[0]):
         q3, k3, v3 = (x[i].transpose(0, 1) for x in (q, k, v))
         out = extend(sageattn, q3, k3[prefix:], v3[prefix:], k3[:prefix] if prefix else None, v3[:prefix] if prefix else None,
-                     layout, plan, scale)
+                     layout, plan, scale, kernel_smooths=True)  # as the plugin calls it with SageAttention 2
         outs.append(out.transpose(0, 1))
     return torch.stack(outs)
 

@@ -127,6 +127,9 @@ class SageAttnBackend(TritonAttnBackend):
         # decode on the kernel reads each request's length on the host (the Triton backend opts out of that copy)
         self.needs_cpu_seq_lens = self.settings.decode == "sage"
         self.lse_split = self.prefill == "batched" and split.takes_lse(self.batched_kernel)
+        # SageAttention 2's sageattn smooths K without writing it (1.0.6's subtracts the mean in place): a cold batch
+        # that pads nothing lets it smooth (split.extend_split)
+        self.kernel_smooths = self.prefill == "batched" and sageattention_package()["generation"] == 2
         self.stats.config["prefix_extend"] = ("split: the new tokens against the prefix and against themselves, merged by "
                                               "log-sum-exp" if self.lse_split else
                                               "whole sequence: the prefix's rows computed too (the kernel returns no log-sum-exp)")
@@ -236,7 +239,8 @@ class SageAttnBackend(TritonAttnBackend):
                        plan: split.SplitPlan | None, scale: float) -> torch.Tensor:
         """The extend on the kernel: ``[new tokens, heads, d_v]``."""
         if plan is not None:
-            return split.extend_split(self.batched_kernel, q3, k3, v3, k_prefix, v_prefix, layout, plan, scale)
+            return split.extend_split(self.batched_kernel, q3, k3, v3, k_prefix, v_prefix, layout, plan, scale,
+                                      kernel_smooths=self.kernel_smooths)
         if self.prefill == "batched":
             def attend(q_all: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor) -> torch.Tensor:
                 return batched.causal_attention(self.batched_kernel, q_all, k_all, v_all, layout.seq_lens, groups, scale,

@@ -112,15 +112,17 @@ def _padded(x: torch.Tensor, group: PaddedGroup) -> torch.Tensor:
 
 
 def attend_groups(kernel: BatchedKernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: list[PaddedGroup],
-                  scale: float, return_lse: bool = False) -> Any:
+                  scale: float, return_lse: bool = False, smooth_k: bool = False) -> Any:
     """Causal attention of each packed sequence over itself, K already smoothed: ``[tokens, heads, d_v]``, and with
-    ``return_lse`` each row's log-sum-exp ``[tokens, heads]`` (float32) too, from the kernel's own."""
+    ``return_lse`` each row's log-sum-exp ``[tokens, heads]`` (float32) too, from the kernel's own. ``smooth_k``: K is
+    not smoothed yet and the kernel smooths it (each call's sequences by their own mean: right only where no group
+    pads, and only for a kernel that does not write K, SageAttention 2's)."""
     extra = {"return_lse": True} if return_lse else {}
 
     def call(group: PaddedGroup) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One group's call: its output and log-sum-exp as padded rows ``[count * length, ...]``."""
         o = kernel(_padded(q, group).contiguous(), _padded(k, group).contiguous(), _padded(v, group).contiguous(),
-                   tensor_layout="NHD", is_causal=True, sm_scale=scale, smooth_k=False, **extra)
+                   tensor_layout="NHD", is_causal=True, sm_scale=scale, smooth_k=smooth_k, **extra)
         o, l = o if return_lse else (o, None)
         rows = group.count * group.length
         return o.reshape(rows, *o.shape[2:]), None if l is None else l.transpose(1, 2).reshape(rows, -1).float()

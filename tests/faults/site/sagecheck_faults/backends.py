@@ -146,7 +146,8 @@ class SplitOwnMeansFault(SageAttnBackend):
             return super()._kernel_extend(q3, k3, v3, k_prefix, v_prefix, layout, groups, plan, scale)
         from sagecheck_faults.split import extend_split_own_means
 
-        return extend_split_own_means(self.batched_kernel, q3, k3, v3, k_prefix, v_prefix, layout, plan, scale)
+        return extend_split_own_means(self.batched_kernel, q3, k3, v3, k_prefix, v_prefix, layout, plan, scale,
+                                      self.kernel_smooths)
 
 
 class RouteMiscountFault(SageAttnBackend):

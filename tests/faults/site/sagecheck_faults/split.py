@@ -10,12 +10,13 @@ from sagecheck.sglang_plugin import split
 from sagecheck.sglang_plugin.batched import attend_groups
 
 
-def extend_split_own_means(kernel, q, k_new, v_new, k_prefix, v_prefix, layout, plan, scale) -> torch.Tensor:
+def extend_split_own_means(kernel, q, k_new, v_new, k_prefix, v_prefix, layout, plan, scale,
+                           kernel_smooths: bool = False) -> torch.Tensor:
     """The split with each part's keys smoothed by their own mean (the new keys' over the batch's new tokens, the
     prefix's over its prefix keys) instead of each request's mean over all its keys: the two log-sum-exps are shifted
     by different ``q·μ``, so the merge weights the prefix and the new tokens wrongly. A batch without a prefix is right."""
     if not layout.has_prefix:
-        return split.extend_split(kernel, q, k_new, v_new, k_prefix, v_prefix, layout, plan, scale)
+        return split.extend_split(kernel, q, k_new, v_new, k_prefix, v_prefix, layout, plan, scale, kernel_smooths)
 
     def own_mean(k: torch.Tensor) -> torch.Tensor:
         return k - k.float().mean(0, keepdim=True).to(k.dtype)
