@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import requests
@@ -145,45 +145,10 @@ class SGLangClient:
             result.append((tokens, [e[0] for e in entries]))
         return result
 
-    def token_times(self, prompt: list[int], max_new_tokens: int) -> list[float]:
-        """When each output token of one streamed request arrived, ms from the request (as :meth:`streamed_timing`
-        times it): the first is the time to first token, the gaps after it are the decode steps as the client sees
-        them. A chunk that carries several tokens gives each of them its arrival time."""
-        payload = {"input_ids": prompt, "stream": True,
+    def _streamed(self, input_ids: list[int] | list[list[int]], max_new_tokens: int) -> Iterator[tuple[float, dict]]:
+        """A streamed greedy ``/generate`` (``ignore_eos``): each chunk as it arrives, with ``time.perf_counter()`` then."""
+        payload = {"input_ids": input_ids, "stream": True,
                    "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True}}
-        times: list[float] = []
-        t0 = time.perf_counter()
-        try:
-            with self.session.post(self.url + "/generate", json=payload, stream=True, timeout=self.timeout_s) as r:
-                if r.status_code >= 400:
-                    raise ClientError(f"POST /generate answered {r.status_code}: {r.text[:500]}")
-                for line in r.iter_lines():
-                    if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
-                        continue
-                    chunk = json.loads(line[5:].strip())
-                    if "error" in chunk:
-                        raise ClientError(f"POST /generate (streamed) failed: {chunk['error']}")
-                    now = (time.perf_counter() - t0) * 1e3
-                    times.extend([now] * (int(chunk["meta_info"].get("completion_tokens", 0)) - len(times)))
-        except requests.RequestException as e:
-            if self.on_failure:
-                self.on_failure()
-            raise ClientError(f"POST {self.url}/generate (streamed) failed: {e}") from None
-        if len(times) != max_new_tokens:
-            raise ClientError(f"streamed /generate: {len(times)} of {max_new_tokens} tokens arrived")
-        return times
-
-    def streamed_timing(self, batch: list[list[int]], max_new_tokens: int) -> tuple[float, float]:
-        """(time to the last request's first token, time to the end), ms, of one streamed batch request.
-
-        The method of ``sglang.bench_one_batch_server`` (``run_one_case``): a streamed
-        ``/generate``, ``ignore_eos``, timed at the client from the request to the chunk in which
-        the last request reports its first completion token, and to the end of the stream.
-        """
-        payload = {"input_ids": batch, "stream": True,
-                   "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True}}
-        first: dict[int, float] = {}
-        t0 = time.perf_counter()
         try:
             with self.session.post(self.url + "/generate", json=payload, stream=True, timeout=self.timeout_s) as r:
                 if r.status_code >= 400:
@@ -197,12 +162,36 @@ class SGLangClient:
                     chunk = json.loads(body)
                     if "error" in chunk:
                         raise ClientError(f"POST /generate (streamed) failed: {chunk['error']}")
-                    if chunk["meta_info"].get("completion_tokens", 0) >= 1:
-                        first.setdefault(int(chunk.get("index", 0)), time.perf_counter())
+                    yield time.perf_counter(), chunk
         except requests.RequestException as e:
             if self.on_failure:
                 self.on_failure()
             raise ClientError(f"POST {self.url}/generate (streamed) failed: {e}") from None
+
+    def token_times(self, prompt: list[int], max_new_tokens: int) -> list[float]:
+        """When each output token of one streamed request arrived, ms from the request (as :meth:`streamed_timing`
+        times it): the first is the time to first token, the gaps after it are the decode steps as the client sees
+        them. A chunk that carries several tokens gives each of them its arrival time."""
+        times: list[float] = []
+        t0 = time.perf_counter()
+        for now, chunk in self._streamed(prompt, max_new_tokens):
+            times.extend([(now - t0) * 1e3] * (int(chunk["meta_info"].get("completion_tokens", 0)) - len(times)))
+        if len(times) != max_new_tokens:
+            raise ClientError(f"streamed /generate: {len(times)} of {max_new_tokens} tokens arrived")
+        return times
+
+    def streamed_timing(self, batch: list[list[int]], max_new_tokens: int) -> tuple[float, float]:
+        """(time to the last request's first token, time to the end), ms, of one streamed batch request.
+
+        The method of ``sglang.bench_one_batch_server`` (``run_one_case``): a streamed
+        ``/generate``, ``ignore_eos``, timed at the client from the request to the chunk in which
+        the last request reports its first completion token, and to the end of the stream.
+        """
+        first: dict[int, float] = {}
+        t0 = time.perf_counter()
+        for now, chunk in self._streamed(batch, max_new_tokens):
+            if chunk["meta_info"].get("completion_tokens", 0) >= 1:
+                first.setdefault(int(chunk.get("index", 0)), now)
         end = time.perf_counter()
         if len(first) != len(batch):
             raise ClientError(f"streamed /generate: {len(first)} of {len(batch)} requests returned a token")
