@@ -25,7 +25,9 @@
 #   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT waitgap  # wait for that first step (WAIT_S), bring its tables and traces
 #   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT wait35all # wait for it (WAIT_S, default 540 s), pack what is there
 #   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT gap      # benchmarks/ttft_gap.py on the 8B shape: which part of sage_attn costs
-#                                                      # the extra time to first token at 128 x 1 (timed, then profiled)
+#                                                      # the extra time to first token at 128 x 1 (timed, then profiled;
+#                                                      # STEPS=N: each decode step too, GPU clocks logged)
+#   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT quick    # the plugin's GPU tests with SA2 and backend_overhead.py (~1 min)
 set -u
 kit=${1:?kit}; src=${2:?sa2 source}; build=${3:?build.sh}; out=${4:?out}; phase=${5:?phase}
 case $phase in serve8b|builtin35|all35)  # they go on in the background after the call returns, while the next call of the
