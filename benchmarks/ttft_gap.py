@@ -22,7 +22,8 @@ the same GPU work on every server with host times that differed between processe
 interleaved, as the client sees the tokens arrive): whether a variant's decode is slower right after its prefill or at
 every step (04 read sage_attn's decode after a kernel prefill of 8192 tokens at 0.96-0.97x triton's on the H200).
 
-``--profile N``: after the timings, each server runs N more requests of the first length (one output token each) under
+``--profile N``: after the timings, each server runs N more requests of the first length (``--profile-tokens`` output
+tokens each, 1 by default) under
 torch's profiler (SGLang's ``/start_profile``), and each variant's trace is set against the baseline's by
 ``trace_diff.py``: the events that make up the difference, per request (``profile`` in the output; the traces stay in
 the log folder).
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--profile", type=int, default=0, help="requests profiled per server (0: none)")
+    ap.add_argument("--profile-tokens", type=int, default=1, help="output tokens of each profiled request")
     ap.add_argument("--steps", type=int, default=0,
                     help="decode steps timed one by one per request at each length (0: none; batch 1, the first prompt)")
     ap.add_argument("-p", dest="overrides", action="append", default=[])
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             length = int(args.lengths.split(",")[0])
             prompts = random_prompts(vocab, args.batch, length, params.seed, "cpu").tolist()
-            report["profile"] = profile_all(ready, running, prompts, args.profile, log_dir / "profiles")
+            report["profile"] = profile_all(ready, running, prompts, args.profile, log_dir / "profiles", args.profile_tokens)
     finally:
         for server, _ in launched.values():
             server.stop()
@@ -183,9 +185,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def profile_all(ready: dict[str, Any], names: list[str], prompts: list[list[int]], requests: int,
-                folder: Path) -> dict[str, Any]:
-    """Each server's trace of ``requests`` prefills of ``prompts`` (one output token each, cache flushed before each),
-    and every variant's difference from the baseline's (:mod:`trace_diff`)."""
+                folder: Path, tokens: int = 1) -> dict[str, Any]:
+    """Each server's trace of ``requests`` requests of ``prompts`` (``tokens`` output tokens each: 1 profiles the
+    prefill, more its decode steps too; cache flushed before each), and every variant's difference from the baseline's
+    (:mod:`trace_diff`)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("trace_diff", Path(__file__).with_name("trace_diff.py"))
@@ -198,7 +201,7 @@ def profile_all(ready: dict[str, Any], names: list[str], prompts: list[list[int]
         try:
             for _ in range(requests):
                 ready[name].reset_cache()
-                client.streamed_timing(prompts, 1)
+                client.streamed_timing(prompts, tokens)
         finally:
             client.stop_profile()
         traces = sorted((folder / name).glob(f"{name}-TP-0*.trace.json*"))

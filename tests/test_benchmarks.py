@@ -56,7 +56,7 @@ def test_the_ttft_gap_benchmark_runs_its_variants_on_the_stand_in(tmp_path, monk
     out = tmp_path / "gap.json"
     assert gap.main(["--params", str(ROOT / "tests" / "params_sglang.yaml"), "--out", str(out), "--lengths", "16,48,16",
                      "--repeats", "3", "--warmup", "1", "--decode-tokens", "3",
-                     "--variants", "triton,sage_attn_all_triton,sage_attn_no_stats", "--profile", "2", "--steps", "6"]) == 0
+                     "--variants", "triton,sage_attn_all_triton,sage_attn_no_stats", "--profile", "2", "--profile-tokens", "3", "--steps", "6"]) == 0
     got = json.loads(out.read_text())
     assert got["errors"] == {} and set(got["lengths"]) == {"16", "48", "16 (again)"}
     for rows in got["lengths"].values():
@@ -106,6 +106,13 @@ def test_a_trace_difference_is_summed_per_request_and_its_gpu_time_counted_once_
     other = base[:4] + [{"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 30, "dur": 300},
                         {"ph": "X", "cat": "kernel", "name": "quant", "ts": 15, "dur": 20},  # overlaps gemm by 10
                         {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD", "ts": 100, "dur": 4}]
+    # two decode steps back to back, then a prefill: windows 900 and 1100 us, one period of 1500 us
+    steps = [{"ph": "X", "cat": "gpu_user_annotation", "name": "step[DECODE bs=1]", "ts": 1000, "dur": 900},
+             {"ph": "X", "cat": "gpu_user_annotation", "name": "step[DECODE bs=1]", "ts": 2500, "dur": 1100},
+             {"ph": "X", "cat": "gpu_user_annotation", "name": "step[EXTEND bs=1 toks=128]", "ts": 5000, "dur": 300},
+             {"ph": "X", "cat": "user_annotation", "name": "step[DECODE bs=1]", "ts": 900, "dur": 50}]  # host side
+    assert diff.step_timing(steps) == {"DECODE": {"steps": 2, "gpu_window_us": 1000.0, "period_us": 1500.0},
+                                       "EXTEND": {"steps": 1, "gpu_window_us": 300.0, "period_us": None}}
     a = diff.summary(diff.load(trace(tmp_path / "a.trace.json.gz", base)), 2)
     b = diff.summary(diff.load(trace(tmp_path / "b.trace.json.gz", other)), 2)
     assert a["gpu_busy_us"] == 20 and b["gpu_busy_us"] == (30 + 20 + 4) / 2  # [5, 35) and [55, 75) and [100, 104)
@@ -115,6 +122,8 @@ def test_a_trace_difference_is_summed_per_request_and_its_gpu_time_counted_once_
                                                               ("Memcpy HtoD", 2)]
     assert rep["top"][0]["base_calls"] == 0 and rep["top"][0]["other_calls"] == 0.5
     assert "| cuda_runtime | cudaStreamSynchronize | 0.0 | 0.5 | 0 | 150 | +150 |" in diff.markdown(rep)
+    with_steps = diff.report({**a, "steps": diff.step_timing(steps)}, b, ("base", "other"))
+    assert "| DECODE | 2 | 0 | 1000 |  | 1500 |  |" in diff.markdown(with_steps)
     with pytest.raises(ValueError, match="requests must be at least 1"):
         diff.summary([], 0)
 

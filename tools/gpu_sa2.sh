@@ -171,7 +171,7 @@ echo "device-time test \$(date +%T)"; python3 -m pytest -q -m gpu -p no:cachepro
   > /tmp/all35/device_time_test.txt 2>&1
 if [ "${GAP:-0}" = 1 ]; then
   echo "gap start \$(date +%T)"
-  RUN_S=${GAP_RUN_S:-420} REPEATS=${GAP_REPEATS:-12} LENGTHS=${GAP_LENGTHS:-128,512,128} PROFILE=${PROFILE:-8} STEPS=${STEPS:-0} \
+  RUN_S=${GAP_RUN_S:-420} REPEATS=${GAP_REPEATS:-12} LENGTHS=${GAP_LENGTHS:-128,512,128} PROFILE=${PROFILE:-8} PROFILE_TOKENS=${PROFILE_TOKENS:-1} STEPS=${STEPS:-0} \
     GAP_KV=${GAP_KV:-8192} GAP_CHUNK=${GAP_CHUNK:-2048} bash tools/gpu_sa2.sh $kit $src $build /tmp/all35 gap \
     > /tmp/all35/gap-phase.log 2>&1
   touch /tmp/all35/gap.done
@@ -218,7 +218,7 @@ EOF
       --format=csv -lms 50 > "$out/gpu-clocks.csv" 2>/dev/null &
     smi=$!
     sa2 timeout ${RUN_S:-540} python3 benchmarks/ttft_gap.py --params params/sglang-llama8b-random.yaml --out "$out/gap.json" \
-      --variants ${GAP_VARIANTS:-$all} --repeats ${REPEATS:-12} --profile ${PROFILE:-8} --lengths ${LENGTHS:-128,512,128} \
+      --variants ${GAP_VARIANTS:-$all} --repeats ${REPEATS:-12} --profile ${PROFILE:-8} --profile-tokens ${PROFILE_TOKENS:-1} --lengths ${LENGTHS:-128,512,128} \
       --steps ${STEPS:-0} -p sglang.max_total_tokens=${GAP_KV:-8192} \
       -p "sglang.extra_args=[--sampling-backend, pytorch, --grammar-backend, none, --cuda-graph-max-bs, '32', --chunked-prefill-size, '${GAP_CHUNK:-2048}'$graphs]" \
       2>&1 | grep -v "Ignore import error" | tee "$out/gap.md" | tail -60
