@@ -85,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     kernel = B.on_default_stream(sageattn)
     bare = inspect.unwrap(sageattn)
     lse = S.takes_lse(sageattn)
-    from sagecheck.environment import sageattention_package
+    from sagecheck.environment import sageattention_smooths_out_of_place
 
-    kernel_smooths = sageattention_package()["generation"] == 2  # as the backend decides (split.extend_split)
+    kernel_smooths = sageattention_smooths_out_of_place()  # as the backend decides (split.extend_split)
     try:
         from sglang.srt.layers.attention.triton_ops.extend_attention import extend_attention_fwd
     except ImportError:

@@ -24,20 +24,12 @@ def count(tokens: int, heads: int, dim: int, with_lse: bool = False) -> dict[str
     g = torch.Generator().manual_seed(0)
     o_a, o_b = (torch.randn(tokens, heads, dim, generator=g).bfloat16() for _ in range(2))
     lse_a, lse_b = (torch.randn(tokens, heads, generator=g) * 3 for _ in range(2))
-    merge = (lambda: merge_by_lse(o_a, lse_a, o_b, lse_b, with_lse=with_lse)) if _takes_with_lse(merge_by_lse) else \
-        (lambda: merge_by_lse(o_a, lse_a, o_b, lse_b))  # a commit from before with_lse: its merge always made the union's
-    merge()
+    merge_by_lse(o_a, lse_a, o_b, lse_b, with_lse=with_lse)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        merge()
+        merge_by_lse(o_a, lse_a, o_b, lse_b, with_lse=with_lse)
     events = [e for e in prof.events() if e.name.startswith("aten::")]
     top = [e for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
     return {"top_level_calls": len(top), "all_calls": len(events)}
-
-
-def _takes_with_lse(fn) -> bool:
-    import inspect
-
-    return "with_lse" in inspect.signature(fn).parameters
 
 
 def main(argv: list[str] | None = None) -> int:

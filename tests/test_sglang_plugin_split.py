@@ -286,9 +286,9 @@ def test_several_requests_keep_their_own_means():
     assert torch.allclose(mean.double(), want.double(), atol=1e-3, rtol=1e-2) and not torch.equal(mean[0], mean[1])
 
 
-def test_a_plan_built_for_the_gpu_holds_the_host_plans_values():
-    """The plans' host tensors go to the device by varlen.to_device (pinned, not waited for on CUDA; a plain copy
-    elsewhere): on the CPU the same tensors as built there."""
+def test_off_the_gpu_a_plans_tensors_are_taken_as_built():
+    """The plans' host tensors go to the device by varlen.to_device (pinned, not waited for, on CUDA: the GPU test
+    below); on the CPU the tensor itself, and the plan's values as built."""
     prefix, extend = [0, 300, 1000], [512, 77, 129]
     layout = V.ExtendLayout.build(prefix, extend, "cpu")
     assert V.to_device(layout.cu_seqlens, "cpu") is layout.cu_seqlens

@@ -24,6 +24,12 @@ def package_version(name: str) -> str:
         return "not installed"
 
 
+def sageattention_smooths_out_of_place() -> bool:
+    """Whether the importable sageattention's ``smooth_k`` leaves K unwritten: SageAttention 2 subtracts the mean
+    inside K's quantization; 1.0.6 does ``k -= km`` on the caller's tensor (``core.py`` of each)."""
+    return sageattention_package()["generation"] == 2
+
+
 def sageattention_package() -> dict[str, Any]:
     """Which sageattention ``import sageattention`` finds, without importing it (that would load Triton or CUDA
     libraries): its version (the package metadata where the found files are that package's, else a source build on the

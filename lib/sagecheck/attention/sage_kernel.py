@@ -136,9 +136,9 @@ def load_kernel():
             f"attention 'sage' needs a CUDA GPU, and this machine has none (torch {torch.__version__}); {CPU_ALTERNATIVE}"
         )
     sageattn = entry_point()
-    from sagecheck.environment import sageattention_package
+    from sagecheck.environment import sageattention_smooths_out_of_place
 
-    smooths_in_place = sageattention_package()["generation"] == 1
+    smooths_in_place = not sageattention_smooths_out_of_place()
 
     def sage(q, k, v, *, causal: bool = False, scale: float | None = None, mask: torch.Tensor | None = None, smooth_k: bool = True):
         b, h, h_kv, n_q, n_k, d = check_shapes(q, k, v, causal)

@@ -45,7 +45,8 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
 from sagecheck import census
-from sagecheck.environment import package_version, sageattention_label, sageattention_package
+from sagecheck.environment import (package_version, sageattention_label, sageattention_package,
+                                   sageattention_smooths_out_of_place)
 import sagecheck.sglang_plugin.batched as batched
 import sagecheck.sglang_plugin.dispatch as dispatch
 import sagecheck.sglang_plugin.split as split
@@ -127,9 +128,8 @@ class SageAttnBackend(TritonAttnBackend):
         # decode on the kernel reads each request's length on the host (the Triton backend opts out of that copy)
         self.needs_cpu_seq_lens = self.settings.decode == "sage"
         self.lse_split = self.prefill == "batched" and split.takes_lse(self.batched_kernel)
-        # SageAttention 2's sageattn smooths K without writing it (1.0.6's subtracts the mean in place): a cold batch
-        # that pads nothing lets it smooth (split.extend_split)
-        self.kernel_smooths = self.prefill == "batched" and sageattention_package()["generation"] == 2
+        # a kernel that smooths K without writing it (SageAttention 2) smooths a cold batch that pads nothing itself
+        self.kernel_smooths = self.prefill == "batched" and sageattention_smooths_out_of_place()
         self.stats.config["prefix_extend"] = ("split: the new tokens against the prefix and against themselves, merged by "
                                               "log-sum-exp" if self.lse_split else
                                               "whole sequence: the prefix's rows computed too (the kernel returns no log-sum-exp)")

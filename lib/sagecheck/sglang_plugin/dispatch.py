@@ -250,13 +250,15 @@ def measure(timers: Timers, max_length: int, where: str, lengths: Sequence[int] 
     alone_device: list[float | None] = []
     prefix_error = ""
     for n in used:
-        kernel.append(median(time(timers.kernel_path(n))))
+        path = timers.kernel_path(n)  # each call made once per length (its inputs), timed by both clocks
+        kernel.append(median(time(path)))
         triton.append(median(time(timers.triton(n))))
-        if timers.kernel_alone is not None:
-            alone.append(median(time(timers.kernel_alone(n))))
+        bare = timers.kernel_alone(n) if timers.kernel_alone is not None else None
+        if bare is not None:
+            alone.append(median(time(bare)))
         if on_device:
-            kernel_device.append(median_or_none(device_time(timers.kernel_path(n))))
-            alone_device.append(median_or_none(device_time(timers.kernel_alone(n))))
+            kernel_device.append(median_or_none(device_time(path)))
+            alone_device.append(median_or_none(device_time(bare)))
         if with_prefix:
             try:
                 prefix_kernel.append(median(time(timers.kernel_path_prefix(n))))
