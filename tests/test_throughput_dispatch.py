@@ -216,8 +216,8 @@ def test_the_integration_is_judged_on_the_gpu_time_where_the_server_measured_it(
     words = T.dispatch_words(sweep(lean), 10.0)
     assert "5% longer than the bare kernel at" in words and "on the GPU" in words and "70% at 4096 keys" in words
     assert "*_gpu_*: the kernel path and the bare kernel on the GPU alone" in T.dispatch_caption(sweep(lean))
-    assert "the GPU to itself" not in T.dispatch_caption(sweep(lean))
-    assert "taken before the other servers were launched, the GPU to itself" in T.dispatch_caption(
+    assert "the device to itself" not in T.dispatch_caption(sweep(lean))
+    assert "taken before the other servers were launched, the device to itself" in T.dispatch_caption(
         sweep({**lean, "measured_alone_s": 31.5}))
     heavy = [b * (1.4 if n == 8192 else 1.02) for b, n in zip(bare, H200["lengths"])]
     slow = record(tmp_path / "slow", sweep(dispatch(kernel_device_ms=heavy, kernel_alone_device_ms=bare,

@@ -487,7 +487,7 @@ def dispatch_words(s: Sweep, limit_pct: float) -> str | None:
 def dispatch_caption(s: Sweep) -> str:
     dispatch = (s.served or {}).get("dispatch") or {}
     measured = dispatch.get("measured") or {}
-    alone = "; taken before the other servers were launched, the GPU to itself" if dispatch.get("measured_alone_s") else ""
+    alone = "; taken before the other servers were launched, the device to itself" if dispatch.get("measured_alone_s") else ""
     return (f"The {s.candidate} server's measurement for its dispatch rule ({measured.get('source', '?')}; "
             f"{measured.get('timing') or 'ms per layer'}{alone}): its kernel path (smoothing, padding, the calls), the bare kernel "
             f"on inputs prepared beforehand, Triton's extend kernel"
