@@ -21,6 +21,9 @@ the same GPU work on every server with host times that differed between processe
 ``--steps N``: after the timings, at each length, every server's decode is timed step by step (N steps of one request,
 interleaved, as the client sees the tokens arrive): whether a variant's decode is slower right after its prefill or at
 every step (04 read sage_attn's decode after a kernel prefill of 8192 tokens at 0.96-0.97x triton's on the H200).
+``--step-prompts K``: the repeats take K prompts in turn, and each server's ms per step is given per prompt too: a
+server whose prefill differs decodes other tokens from other KV values, so its gap is set against how far one server's
+decode moves from one prompt to the next.
 
 ``--profile N``: after the timings, each server runs N more requests of the first length (``--profile-tokens`` output
 tokens each, 1 by default) under
@@ -105,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile-tokens", type=int, default=1, help="output tokens of each profiled request")
     ap.add_argument("--steps", type=int, default=0,
                     help="decode steps timed one by one per request at each length (0: none; batch 1, the first prompt)")
+    ap.add_argument("--step-prompts", type=int, default=1,
+                    help="--steps: prompts taken in turn, one per repeat (more than 1: whether a server's decode time "
+                         "depends on what it decodes, the control for a gap between servers whose outputs differ)")
     ap.add_argument("-p", dest="overrides", action="append", default=[])
     args = ap.parse_args(argv)
     names = [v for v in args.variants.split(",") if v]
@@ -170,9 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.steps:
             report["steps"] = {}
             for length in dict.fromkeys(int(x) for x in args.lengths.split(",")):
-                prompt = random_prompts(vocab, 1, length, params.seed, "cpu").tolist()[0]
-                report["steps"][str(length)] = timed_steps(ready, running, prompt, args.steps, args.repeats, args.warmup)
-                print(steps_table(length, report["steps"][str(length)]["summary"]), flush=True)
+                prompts = [random_prompts(vocab, 1, length, params.seed + i, "cpu").tolist()[0]
+                           for i in range(args.step_prompts)]
+                report["steps"][str(length)] = timed_steps(ready, running, prompts, args.steps, args.repeats, args.warmup)
+                print(steps_table(length, report["steps"][str(length)]), flush=True)
         if args.profile:
             length = int(args.lengths.split(",")[0])
             prompts = random_prompts(vocab, args.batch, length, params.seed, "cpu").tolist()
@@ -220,13 +227,16 @@ def profile_all(ready: dict[str, Any], names: list[str], prompts: list[list[int]
 STEP_SEGMENTS = ((1, 4), (5, 16), (17, None))  # decode steps (1 = the first after the first token), ends inclusive
 
 
-def timed_steps(ready: dict[str, Any], names: list[str], prompt: list[int], tokens: int, repeats: int,
+def timed_steps(ready: dict[str, Any], names: list[str], prompts: list[list[int]], tokens: int, repeats: int,
                 warmup: int) -> dict[str, Any]:
-    """Each decode step of one request of ``prompt``, per server, interleaved as the timings are (a Williams design,
-    cache flushed before each request): whether a server's decode is slower only right after its prefill (a transient:
-    the GPU's clocks after a heavy prefill, work the prefill left behind) or at every step. ``requests``: every timed
-    request's wall-clock start (s, to align with a GPU clock log) and token times (ms); ``summary``: per server and
-    segment of steps, the median ms per step [p10-p90] over the repeats and, against triton, the paired speedup."""
+    """Each decode step of one request, per server, interleaved as the timings are (a Williams design, cache flushed
+    before each request): whether a server's decode is slower only right after its prefill (a transient: the GPU's
+    clocks after a heavy prefill, work the prefill left behind) or at every step. Repeat ``r`` decodes
+    ``prompts[r % len(prompts)]`` on every server. ``requests``: every timed request's prompt, wall-clock start (s, to
+    align with a GPU clock log) and token times (ms); ``summary``: per server and segment of steps, the median ms per
+    step [p10-p90] over the repeats and, against triton, the paired speedup; ``by_prompt``: per server, the median ms
+    per step of every step after each prompt, so that a gap between servers can be set against how much one server's
+    decode moves from one prompt to another (servers whose prefills differ decode different tokens)."""
     import numpy as np
 
     from sagecheck.metrics.serving import balanced_orders
@@ -234,14 +244,17 @@ def timed_steps(ready: dict[str, Any], names: list[str], prompt: list[int], toke
     orders = balanced_orders(len(names))
     requests: list[dict[str, Any]] = []
     for r in range(warmup + repeats):
+        which = (r - warmup) % len(prompts)
         for name in (names[i] for i in orders[(r - warmup) % len(orders)]):
             ready[name].reset_cache()
             start = time.time()
-            times = ready[name].client.token_times(prompt, tokens + 1)
+            times = ready[name].client.token_times(prompts[which], tokens + 1)
             if r >= warmup:
-                requests.append({"server": name, "started_unix_s": round(start, 4), "token_ms": [round(t, 3) for t in times]})
+                requests.append({"server": name, "prompt": which, "started_unix_s": round(start, 4),
+                                 "token_ms": [round(t, 3) for t in times]})
     summary: dict[str, Any] = {}
     per_step = {n: np.array([np.diff(q["token_ms"]) for q in requests if q["server"] == n]) for n in names}
+    prompt_of = {n: np.array([q["prompt"] for q in requests if q["server"] == n]) for n in names}
     for name in names:
         row = {}
         for first, last in STEP_SEGMENTS:
@@ -252,13 +265,16 @@ def timed_steps(ready: dict[str, Any], names: list[str], prompt: list[int], toke
             key = f"steps {first}-{last if last and last <= tokens else tokens}"
             row[key] = {"ms_per_step": [float(np.median(mean)), float(np.percentile(mean, 10)), float(np.percentile(mean, 90))]}
             if name != "triton":
-                ratio = per_step["triton"][:, cols].mean(axis=1) / mean  # paired by repeat: the same turn of the design
+                ratio = per_step["triton"][:, cols].mean(axis=1) / mean  # paired by repeat: the same turn, the same prompt
                 row[key]["speedup"] = [float(np.median(ratio)), float(np.percentile(ratio, 10)), float(np.percentile(ratio, 90))]
         summary[name] = row
-    return {"tokens": tokens, "requests": requests, "summary": summary}
+    by_prompt = {n: [float(np.median(per_step[n][prompt_of[n] == i].mean(axis=1))) if (prompt_of[n] == i).any() else None
+                     for i in range(len(prompts))] for n in names}
+    return {"tokens": tokens, "prompts": len(prompts), "requests": requests, "summary": summary, "by_prompt": by_prompt}
 
 
-def steps_table(length: int, summary: dict[str, Any]) -> str:
+def steps_table(length: int, steps: dict[str, Any]) -> str:
+    summary = steps["summary"]
     segments = list(next(iter(summary.values())))
     lines = [f"\n### decode steps after a prefill of {length} (batch 1): ms per step, median [p10-p90]; speedup over triton",
              "| variant | " + " | ".join(segments) + " |", "|---" * (len(segments) + 1) + "|"]
@@ -268,6 +284,15 @@ def steps_table(length: int, summary: dict[str, Any]) -> str:
             ms, sp = row[seg]["ms_per_step"], row[seg].get("speedup")
             cells.append(f"{ms[0]:.3g} [{ms[1]:.3g}-{ms[2]:.3g}]" + (f"; {sp[0]:.3f} [{sp[1]:.3f}-{sp[2]:.3f}]" if sp else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if steps.get("prompts", 1) > 1:
+        n = steps["prompts"]
+        lines += [f"\nms per step (all {steps['tokens']} steps), median per prompt: how much a server's decode moves with "
+                  "what it decodes", "| variant | " + " | ".join(f"prompt {i}" for i in range(n)) + " | max/min |",
+                  "|---" * (n + 2) + "|"]
+        for name, row in steps["by_prompt"].items():
+            got = [v for v in row if v is not None]
+            lines.append(f"| {name} | " + " | ".join("" if v is None else f"{v:.4g}" for v in row) +
+                         f" | {max(got) / min(got):.4f} |")
     return "\n".join(lines)
 
 

@@ -56,7 +56,7 @@ def test_the_ttft_gap_benchmark_runs_its_variants_on_the_stand_in(tmp_path, monk
     out = tmp_path / "gap.json"
     assert gap.main(["--params", str(ROOT / "tests" / "params_sglang.yaml"), "--out", str(out), "--lengths", "16,48,16",
                      "--repeats", "3", "--warmup", "1", "--decode-tokens", "3",
-                     "--variants", "triton,sage_attn_all_triton,sage_attn_no_stats", "--profile", "2", "--profile-tokens", "3", "--steps", "6"]) == 0
+                     "--variants", "triton,sage_attn_all_triton,sage_attn_no_stats", "--profile", "2", "--profile-tokens", "3", "--steps", "6", "--step-prompts", "2"]) == 0
     got = json.loads(out.read_text())
     assert got["errors"] == {} and set(got["lengths"]) == {"16", "48", "16 (again)"}
     for rows in got["lengths"].values():
@@ -77,6 +77,12 @@ def test_the_ttft_gap_benchmark_runs_its_variants_on_the_stand_in(tmp_path, monk
         seg = steps["summary"][name]["steps 1-4"]
         assert 0 < seg["ms_per_step"][1] <= seg["ms_per_step"][0] <= seg["ms_per_step"][2] and seg["speedup"][0] > 0
     assert "speedup" not in steps["summary"]["triton"]["steps 1-4"]
+    # --step-prompts 2: repeats 0 and 2 decode prompt 0, repeat 1 prompt 1, on every server; medians per prompt
+    assert [q["prompt"] for q in steps["requests"] if q["server"] == "triton"] == [0, 1, 0]
+    for name, row in steps["by_prompt"].items():
+        mine = [q for q in steps["requests"] if q["server"] == name]
+        one = [sum(b - a for a, b in zip(q["token_ms"], q["token_ms"][1:])) / 6 for q in mine if q["prompt"] == 1]
+        assert len(row) == 2 and row[1] == pytest.approx(one[0], rel=1e-6)
     # --profile: each server's two profiled requests (at the first length) in a trace, each variant set against triton's
     assert set(got["profile"]) == {"sage_attn_all_triton", "sage_attn_no_stats"}
     for rep in got["profile"].values():

@@ -21,7 +21,8 @@
 #   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT wait35   # wait for them (at most ~9 min per call), pack what is there
 #   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT all35    # (in the background) speed8b's run, then `paths`' code paths with SA2,
 #                                                      # then 00,02,03,07 on the built-in model with SA2 and 1.0.6, compared
-#                                                      # (GAP=1: `gap`'s measurement first, on its own servers)
+#                                                      # (GAP=1: `gap`'s measurement first, on its own servers; V1_8B=1:
+#                                                      # the 8B run again with 1.0.6, and the two compared)
 #   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT waitgap  # wait for that first step (WAIT_S), bring its tables and traces
 #   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT wait35all # wait for it (WAIT_S, default 540 s), pack what is there
 #   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT gap      # benchmarks/ttft_gap.py on the 8B shape: which part of sage_attn costs
@@ -171,7 +172,7 @@ echo "device-time test \$(date +%T)"; python3 -m pytest -q -m gpu -p no:cachepro
   > /tmp/all35/device_time_test.txt 2>&1
 if [ "${GAP:-0}" = 1 ]; then
   echo "gap start \$(date +%T)"
-  RUN_S=${GAP_RUN_S:-420} REPEATS=${GAP_REPEATS:-12} LENGTHS=${GAP_LENGTHS:-128,512,128} PROFILE=${PROFILE:-8} PROFILE_TOKENS=${PROFILE_TOKENS:-1} STEPS=${STEPS:-0} \
+  RUN_S=${GAP_RUN_S:-420} REPEATS=${GAP_REPEATS:-12} LENGTHS=${GAP_LENGTHS:-128,512,128} PROFILE=${PROFILE:-8} PROFILE_TOKENS=${PROFILE_TOKENS:-1} STEPS=${STEPS:-0} STEP_PROMPTS=${STEP_PROMPTS:-1} \
     GAP_KV=${GAP_KV:-8192} GAP_CHUNK=${GAP_CHUNK:-2048} bash tools/gpu_sa2.sh $kit $src $build /tmp/all35 gap \
     > /tmp/all35/gap-phase.log 2>&1
   touch /tmp/all35/gap.done
@@ -179,6 +180,11 @@ fi
 echo "overhead \$(date +%T)"; sa2 python3 benchmarks/backend_overhead.py --out /tmp/all35/overhead_sa2.json > /tmp/all35/overhead_sa2.txt 2>&1
 echo "8b start \$(date +%T)"; sa2 timeout ${RUN_S:-480} python3 -m sagecheck run --params $preset --only 00,04 \
   -p throughput.repeats=${REPEATS:-12} ${EXTRA_P:-} --out /tmp/all35/r8b_v2 -q > /tmp/all35/r8b_v2.log 2>&1
+if [ "${V1_8B:-0}" = 1 ]; then  # the same run with 1.0.6 (sageattn_varlen), and the two compared
+  echo "8b 1.0.6 start \$(date +%T)"; timeout ${RUN_S:-480} python3 -m sagecheck run --params $preset --only 00,04 \
+    -p throughput.repeats=${REPEATS:-12} ${EXTRA_P:-} --out /tmp/all35/r8b_v1 -q > /tmp/all35/r8b_v1.log 2>&1
+  python3 -m sagecheck compare /tmp/all35/r8b_v1 /tmp/all35/r8b_v2 --out /tmp/all35/r8b_compare > /tmp/all35/r8b_compare.log 2>&1
+fi
 echo "paths start \$(date +%T)"; PYTHONPATH=$PWD/tests/faults/site:/tmp/sa2:\$PYTHONPATH timeout 420 python3 tests/faults/gpu_code_paths.py \
   --params params/sglang-builtin-gpu.yaml --out /tmp/all35/cp_v2 \
   --variants sage_attn,sage_attn_split_own_means,sage_attn_routed,sage_attn_route_miscount > /tmp/all35/paths_v2.md 2>&1
@@ -219,7 +225,7 @@ EOF
     smi=$!
     sa2 timeout ${RUN_S:-540} python3 benchmarks/ttft_gap.py --params params/sglang-llama8b-random.yaml --out "$out/gap.json" \
       --variants ${GAP_VARIANTS:-$all} --repeats ${REPEATS:-12} --profile ${PROFILE:-8} --profile-tokens ${PROFILE_TOKENS:-1} --lengths ${LENGTHS:-128,512,128} \
-      --steps ${STEPS:-0} -p sglang.max_total_tokens=${GAP_KV:-8192} \
+      --steps ${STEPS:-0} --step-prompts ${STEP_PROMPTS:-1} -p sglang.max_total_tokens=${GAP_KV:-8192} \
       -p "sglang.extra_args=[--sampling-backend, pytorch, --grammar-backend, none, --cuda-graph-max-bs, '32', --chunked-prefill-size, '${GAP_CHUNK:-2048}'$graphs]" \
       2>&1 | grep -v "Ignore import error" | tee "$out/gap.md" | tail -60
     kill $smi 2>/dev/null
