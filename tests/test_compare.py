@@ -156,6 +156,18 @@ def test_labels_name_the_gpu_the_tensor_parallel_size_then_what_differs(tmp_path
         run.__dict__.pop("facts", None)
     C.assign_labels(runs)
     assert [r.label for r in runs] == ["H200 (x)", "H200 (y)"]
+    # the kernel's version tells runs apart (a source build of SageAttention 2 by its first word)
+    for run, version in zip(runs, ("1.0.6", "2.x built from source (no package metadata) at /tmp/sa2/sageattention")):
+        run.results["00_environment"].metrics["versions"] = {"sageattention": version}
+    C.assign_labels(runs)
+    assert [r.label for r in runs] == ["H200, sageattention 1.0.6", "H200, sageattention 2.x"]
+    # two runs alike in everything, in folders of the same name: as many of their paths' parts as tell them apart
+    twins = [C.Run(tmp_path / parent / "all" / "acc", {}, {"engine": "hf"}, {}) for parent in ("monday", "tuesday")]
+    for run in twins:
+        run.results = {"00_environment": R.Results("00_environment", tmp_path, metrics={"gpu": "NVIDIA H200"},
+                                                   environment={"engine": engine_facts(run.params)})}
+    C.assign_labels(twins)
+    assert [r.label for r in twins] == ["H200 (monday/all/acc)", "H200 (tuesday/all/acc)"]
     assert C.gpu_short("none (CPU only)") == "CPU" and C.gpu_short("NVIDIA GeForce RTX 4090") == "RTX 4090"
     assert C.gpu_short("NVIDIA A100-SXM4-80GB") == "A100"
 

@@ -30,7 +30,10 @@ from sagecheck.report.summary import commit_label
 LABEL_FIELDS: dict[str, Callable[[Run], Any]] = {
     "model": lambda r: r.params.get("model"), "engine": lambda r: r.params.get("engine"),
     "candidate": lambda r: r.facts["labels"]["candidate"], "dtype": lambda r: r.params.get("dtype"),
-    "seed": lambda r: r.params.get("seed")}
+    "seed": lambda r: r.params.get("seed"),
+    # the kernel under test: its version's first word ("1.0.6"; "2.x" for a source build, described at length)
+    "sageattention": lambda r: (str(_version(r.environment, "sageattention") or "none").split() or ["none"])[0]}
+NAMED_FIELDS = ("seed", "sageattention")  # their values mean nothing without the name
 
 
 # --------------------------------------------------------------------------- runs
@@ -80,14 +83,26 @@ def assign_labels(runs: list[Run]) -> None:
     for i, run in enumerate(runs):
         label = base[i]
         if base.count(label) > 1:
-            own = [f"{d['parameter']} {_short_value(d['values'][i])}" if d["parameter"] == "seed" else _short_value(d["values"][i])
-                   for d in diffs[:2]]
+            own = [f"{d['parameter']} {_short_value(d['values'][i])}" if d["parameter"] in NAMED_FIELDS
+                   else _short_value(d["values"][i]) for d in diffs[:2]]
             label = ", ".join([label, *own]) if own else label  # "·" separates runs in the headlines, not a run's parts
         run.label = label
     labels = [r.label for r in runs]
-    for run in runs:
+    tails = distinct_tails([r.path for r in runs])
+    for run, tail in zip(runs, tails):
         if labels.count(run.label) > 1:
-            run.label = f"{run.label} ({run.path.name})"
+            run.label = f"{run.label} ({tail})"
+
+
+def distinct_tails(paths: list[Path]) -> list[str]:
+    """Each folder by as few of its path's last parts as tell it from the others: ``acc_v2`` where the names differ,
+    ``h100-s5/all35/acc_v2`` beside ``h100-s6/all35/acc_v2``."""
+    parts = [p.resolve().parts for p in paths]
+    for k in range(1, max(map(len, parts)) + 1):
+        tails = ["/".join(ps[-k:]) for ps in parts]
+        if all(tails.count(t) == 1 or len(ps) <= k for t, ps in zip(tails, parts)):
+            return tails
+    return [str(p) for p in paths]
 
 
 def _short_value(value: Any) -> str:
