@@ -122,6 +122,12 @@ def test_keys_are_smoothed_per_sequence_and_head_out_of_place():
     for sl in (slice(0, 4), slice(4, 10)):
         assert torch.allclose(out[sl], before[sl] - before[sl].mean(0, keepdim=True), atol=1e-6)
         assert out[sl].mean(0).abs().max() < 1e-5
+    # one request: its mean broadcast, bit for bit what the per-row gather gives, K's dtype kept
+    one = (torch.randn(300, 2, 8) + 3).bfloat16()
+    got = V.smooth_keys(one, [300])
+    gathered = one - V.request_means([(one, torch.zeros(300, dtype=torch.long))], torch.tensor([300.0]))[torch.zeros(300, dtype=torch.long)]
+    assert got.dtype == torch.bfloat16 and got.shape == one.shape and torch.equal(got, gathered)
+    assert torch.equal(got, one - one.mean(0, keepdim=True))  # sageattention's own k.mean(dim=seq), then k - km
 
 
 # ------------------------------------------------------------------ extend: prefixes handled exactly

@@ -142,7 +142,9 @@ def smooth_keys(k: torch.Tensor, seq_lens: Sequence[int], index: SeqIndex | None
     """
     if index is None:
         index = SeqIndex.build(seq_lens, k.device)
-    return k - request_means([(k, index.seq_id)], index.lengths)[index.seq_id]
+    means = request_means([(k, index.seq_id)], index.lengths)
+    # one request (a long prefill): its mean broadcast over K, with no gather of a row per token
+    return k - (means if means.shape[0] == 1 else means[index.seq_id])
 
 
 def request_means(parts: Sequence[tuple[torch.Tensor, torch.Tensor]], key_counts: torch.Tensor) -> torch.Tensor:
