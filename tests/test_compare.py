@@ -107,7 +107,7 @@ def test_a_run_of_another_model_is_left_out_of_the_measurements_with_why(tmp_pat
     checks = C.check_rows(runs)
     assert [(c["check"], c["verdicts_differ"]) for c in checks] == [("mean KL", True)]
     data = C.comparison_data(runs)
-    assert any("1 check(s) with a different verdict" in s and "H100 pass, H200 fail" in s for s in data["headline"])
+    assert any("1 check(s) with a different verdict" in s and "H100 pass · H200 fail" in s for s in data["headline"])
     assert not any("Serving speedup" in s for s in data["headline"])  # one run left: nothing side by side
 
 
@@ -132,7 +132,7 @@ def test_points_not_measured_alike_are_left_out_and_named(tmp_path):
     sage = next(p for p in kn.points if p["implementation"] == "sage")
     assert sage["runs"]["H100"]["over_sdpa"] == pytest.approx(0.5) and sage["runs"]["H200"]["over_sdpa"] == pytest.approx(0.55)
     text = " ".join(C.headline(runs, sections, C.check_rows(runs)))
-    assert "prefill H100 0.80x, H200 0.90x" in text and "H100 0.50x, H200 0.55x" in text and "H200 1.10x" in text
+    assert "prefill H100 0.80x · H200 0.90x" in text and "H100 0.50x · H200 0.55x" in text and "H200 1.10x" in text
     assert "6 point(s) not measured alike" in text and "(not measured in any run): memory" in text
 
 
@@ -170,6 +170,21 @@ def test_labels_name_the_gpu_the_tensor_parallel_size_then_what_differs(tmp_path
     assert [r.label for r in twins] == ["H200 (monday/all/acc)", "H200 (tuesday/all/acc)"]
     assert C.gpu_short("none (CPU only)") == "CPU" and C.gpu_short("NVIDIA GeForce RTX 4090") == "RTX 4090"
     assert C.gpu_short("NVIDIA A100-SXM4-80GB") == "A100"
+
+
+def test_runs_alike_in_parameters_are_said_to_differ_in_what_ran_them(tmp_path):
+    """Two runs of the same parameters with two versions of the kernel on the same GPU: the page names the kernel's
+    version as what differs (not "the machine"), and the labels carry it."""
+    a = make_run(tmp_path / "v1" / "run", base_params())
+    b = make_run(tmp_path / "v2" / "run", base_params(),
+                 env={**GPU_ENV, "versions": {**GPU_ENV["versions"], "sageattention": "2.x built from source"}})
+    out = tmp_path / "cmp"
+    done = run_cli("compare", str(a), str(b), "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    page = (out / "compare.html").read_text()
+    banner = re.search(r'id="compare-params-warning">(.*?)</div>', page, flags=re.S).group(1)
+    assert "they differ only in what ran them: sageattention (shaded below)" in " ".join(banner.split())
+    assert "H100, sageattention 1.0.6 · H100, sageattention 2.x" in page
 
 
 def test_a_check_missing_from_a_run_says_why(tmp_path):

@@ -34,6 +34,7 @@ LABEL_FIELDS: dict[str, Callable[[Run], Any]] = {
     # the kernel under test: its version's first word ("1.0.6"; "2.x" for a source build, described at length)
     "sageattention": lambda r: (str(_version(r.environment, "sageattention") or "none").split() or ["none"])[0]}
 NAMED_FIELDS = ("seed", "sageattention")  # their values mean nothing without the name
+RUN_SEP = " · "  # between runs in a sentence: a run's label may hold commas ("H100, sageattention 2.x")
 
 
 # --------------------------------------------------------------------------- runs
@@ -394,11 +395,11 @@ def headline(runs: list[Run], sections: dict[str, Comparison], checks: list[dict
     """Two to five sentences computed from the comparison: the runs' checks, where verdicts differ, speed per machine."""
     out = []
     counts = [r.counts for r in runs]
-    out.append("Checks passed: " + ", ".join(f"{r.label} {c['passed']}/{c['verdicts']} in {len(r.measured)} notebooks" + (
+    out.append("Checks passed: " + RUN_SEP.join(f"{r.label} {c['passed']}/{c['verdicts']} in {len(r.measured)} notebooks" + (
         f" ({c['notebooks_failed']} notebook(s) failed)" if c["notebooks_failed"] else "") for r, c in zip(runs, counts)) + ".")
     differ = [row for row in checks if row["verdicts_differ"]]
     if differ:
-        names = "; ".join(f"{row['notebook'][:2]} {row['check']} (" + ", ".join(
+        names = "; ".join(f"{row['notebook'][:2]} {row['check']} (" + RUN_SEP.join(
             f"{label} {'pass' if c.get('passed') else 'fail'}" for label, c in zip((r.label for r in runs), row["runs"])
             if "missing" not in c) + ")" for row in differ[:4])
         more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
@@ -412,7 +413,7 @@ def headline(runs: list[Run], sections: dict[str, Comparison], checks: list[dict
         for phase in ("prefill", "decode"):
             meds = [(label, _median(tp.series(label, f"{phase}_speedup"))) for label in tp.runs]
             if any(m is not None for _, m in meds):
-                parts.append(f"{phase} " + ", ".join(f"{label} {m:.2f}x" for label, m in meds if m is not None))
+                parts.append(f"{phase} " + RUN_SEP.join(f"{label} {m:.2f}x" for label, m in meds if m is not None))
         out.append(f"Serving speedup of the candidate, median over the {len(tp.points)} points measured in every run: "
                    + "; ".join(parts) + ".")
         apart = [f"{label}: {n_prefill} prefill and {n_decode} decode" for label, n_prefill, n_decode in
@@ -421,21 +422,21 @@ def headline(runs: list[Run], sections: dict[str, Comparison], checks: list[dict
                    + f" of {len(tp.points)}.")
         noisy = [f"{label} {aa['pct']:.1f} %" for label, aa in aa_control(runs, tp.runs).items() if aa and not aa["passed"]]
         if noisy:
-            out.append("The A/A control (the baseline against its own copy) failed in " + ", ".join(noisy)
+            out.append("The A/A control (the baseline against its own copy) failed in " + RUN_SEP.join(noisy)
                        + " (median |A/A - 1|, the larger phase): speedup differences between runs smaller than that are not resolved.")
     kn = sections["kernel"]
     side_by_side = kn.points if len(kn.runs) > 1 else []
     cand = [p for p in side_by_side if p["implementation"] != "sdpa" and all(p["runs"][lb]["over_sdpa"] for lb in kn.runs)]
     if cand:
-        meds = ", ".join(f"{label} {_median([p['runs'][label]['over_sdpa'] for p in cand]):.2f}x" for label in kn.runs)
+        meds = RUN_SEP.join(f"{label} {_median([p['runs'][label]['over_sdpa'] for p in cand]):.2f}x" for label in kn.runs)
         first = kn.runs[0]
-        across = ", ".join(f"{label} {_median([p['runs'][label]['tops'] / p['runs'][first]['tops'] for p in cand]):.2f}x"
+        across = RUN_SEP.join(f"{label} {_median([p['runs'][label]['tops'] / p['runs'][first]['tops'] for p in cand]):.2f}x"
                            for label in kn.runs[1:])
         out.append(f"Kernel throughput over sdpa (08, median over {len(cand)} shapes timed in every run): {meds}; "
                    f"the kernel's TOPS against {first}'s, median: {across}.")
     elif side_by_side:
         first = kn.runs[0]
-        ratios = ", ".join(f"{label} {_median([p['runs'][label]['tops'] / p['runs'][first]['tops'] for p in kn.points]):.2f}x"
+        ratios = RUN_SEP.join(f"{label} {_median([p['runs'][label]['tops'] / p['runs'][first]['tops'] for p in kn.points]):.2f}x"
                            for label in kn.runs[1:])
         out.append(f"Kernel timings (08) of {len(kn.points)} shapes in every run; TOPS against {first}, median: {ratios}.")
     points = sum(len(c.left_out_points) for c in sections.values())
@@ -444,7 +445,7 @@ def headline(runs: list[Run], sections: dict[str, Comparison], checks: list[dict
     if points or whole:
         out.append("Left out, each listed with why: " + "; ".join(
             ([f"{points} point(s) not measured alike in every run"] if points else [])
-            + ([", ".join(whole)] if whole else [])) + ".")
+            + ([RUN_SEP.join(whole)] if whole else [])) + ".")
     if nowhere:
         out.append("Not part of these runs (not measured in any run): " + ", ".join(nowhere) + ".")
     return out

@@ -169,6 +169,7 @@ def page_html(runs: list[C.Run], data: dict[str, Any], sections: dict[str, C.Com
               for r, c in zip(runs, (x["counts"] for x in data["runs"]))],
         environment=[[cell(row["fact"])] + [cell(v) for v in row["values"]] for row in data["environment"]],
         environment_cls=["sc-differs" if row["differs"] else "" for row in data["environment"]],
+        environment_differs=[row["fact"] for row in data["environment"] if row["differs"]],
         differences=[[cell(d["parameter"], code=True)] + [cell(C._short_value(v)) for v in d["values"]]
                      for d in data["param_differences"]],
         notebooks=nb_rows, checks=checks, checks_cls=check_cls,
@@ -185,7 +186,7 @@ def _md(text: Any) -> str:
 def markdown(runs: list[C.Run], data: dict[str, Any]) -> str:
     """The comparison for a PR: the headline, what ran where, and every check per run."""
     labels = [r.label for r in runs]
-    lines = [f"### sagecheck comparison: {', '.join(labels)}", ""]
+    lines = [f"### sagecheck comparison: {' · '.join(labels)}", ""]
     lines += [f"- {_md(s)}" for s in data["headline"]]
     lines += ["", "| | " + " | ".join(map(_md, labels)) + " |", "|---|" + "---|" * len(labels)]
     for row in data["environment"]:
