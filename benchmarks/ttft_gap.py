@@ -9,7 +9,10 @@ as 04's) at streamed requests of each length after a cache flush:
 * ``sage_attn``: as 04 serves it (dispatch measured at start, statistics written);
 * ``sage_attn_all_triton``: every extend batch on Triton by the rule (``SAGE_ATTN_DISPATCH`` = 10^9: no measurement at
   start, the backend's Triton route only);
-* ``sage_attn_no_stats``: as served, but with no statistics folder (no counters written, no census wrapper).
+* ``sage_attn_no_stats``: as served, but with no statistics folder (no counters written, no census wrapper);
+* ``sage_attn_shadow`` (``benchmarks/probes``): as served, but where a batch goes to the kernel, Triton's extend kernel
+  runs after the kernel path and its output is returned: the baseline's outputs and KV values, with whatever the kernel
+  path leaves in the process (the probe of a decode that is slower after a kernel prefill).
 
 Per variant and length: the median time to first token and decode time with their 10-90% range, and the paired
 ratio triton / variant (above 1: faster than triton); for the variants that write statistics, where their prefill
@@ -50,7 +53,9 @@ VARIANTS = {  # name: (attention backend, SAGE_ATTN_DISPATCH or None for the bas
     "sage_attn": ("sage_attn", "measured", True),
     "sage_attn_all_triton": ("sage_attn", str(10**9), True),
     "sage_attn_no_stats": ("sage_attn", "measured", False),
+    "sage_attn_shadow": ("sage_attn_shadow", "measured", True),  # benchmarks/probes: the kernel path run, Triton's output
 }
+PROBES_SITE = Path(__file__).resolve().parent / "probes"  # the probe variants' SGLang plugin (sagecheck_probes)
 
 
 def variant_env(params: Any, name: str, log_dir: Path) -> dict[str, str]:
@@ -62,6 +67,10 @@ def variant_env(params: Any, name: str, log_dir: Path) -> dict[str, str]:
     env = {**role_env(params, CANDIDATE, log_dir / name), "SAGE_ATTN_DISPATCH": dispatch}
     if not stats:
         env.pop("SAGE_ATTN_STATS_DIR")
+    if backend != "sage_attn":  # a probe variant: its plugin on the server's path
+        import os
+
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROBES_SITE), os.environ.get("PYTHONPATH", "")) if p)
     return env
 
 
