@@ -22,9 +22,27 @@ def test_an_unpacked_copy_inside_another_repository_reports_no_commit(tmp_path, 
     monkeypatch.setattr(environment, "project_root", lambda: copy)
     assert environment.git_info.__wrapped__()["sha"] == "unknown (not run from a git checkout of sagecheck)"
     _git(copy, "init", "-q")  # its own checkout: its own commit
-    _git(copy, "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q", "--allow-empty", "-m", "own")
+    _git(copy, "add", "pyproject.toml")
+    _git(copy, "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q", "-m", "own")
     own = subprocess.run(["git", "rev-parse", "HEAD"], cwd=copy, capture_output=True, text=True).stdout.strip()
-    assert environment.git_info.__wrapped__()["sha"] == own
+    assert environment.git_info.__wrapped__() == {"sha": own, "dirty": False}
+    # changes not committed: marked, with a fingerprint of exactly those changes
+    (copy / "pyproject.toml").write_text("[project]\nname = 'sagecheck'\nversion = '1'\n")
+    first = environment.git_info.__wrapped__()
+    assert first["dirty"] is True and len(first["changes"]) == 12
+    assert environment.git_info.__wrapped__()["changes"] == first["changes"]  # the same tree: the same fingerprint
+    (copy / "lib" / "sagecheck" / "new.py").write_text("x = 1\n")  # a new file git would add: part of the code that ran
+    with_new = environment.git_info.__wrapped__()["changes"]
+    (copy / "lib" / "sagecheck" / "new.py").write_text("x = 2\n")
+    assert len({first["changes"], with_new, environment.git_info.__wrapped__()["changes"]}) == 3
+    (copy / ".gitignore").write_text("outputs/\n")
+    _git(copy, "add", ".gitignore")
+    (copy / "lib" / "sagecheck" / "new.py").unlink()
+    (copy / "pyproject.toml").write_text("[project]\nname = 'sagecheck'\n")
+    _git(copy, "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q", "-m", "ignore outputs")
+    (copy / "outputs").mkdir()
+    (copy / "outputs" / "run.json").write_text("{}")  # what git ignores is not code
+    assert environment.git_info.__wrapped__()["dirty"] is False
 
 
 def test_the_version_of_sagecheck_is_recorded():
@@ -35,6 +53,8 @@ def test_the_summary_says_when_the_code_that_ran_was_not_the_recorded_commit():
     from sagecheck.report.summary import commit_label
 
     assert commit_label({"sha": "ad1d2b1384f05bb71baf958e8e4d07319b858de0", "dirty": True}) == "ad1d2b1384f0 + uncommitted changes"
+    assert commit_label({"sha": "ad1d2b1384f05bb71baf958e8e4d07319b858de0", "dirty": True, "changes": "0123456789ab"}) == \
+        "ad1d2b1384f0 + uncommitted changes 0123456789ab"
     assert commit_label({"sha": "ad1d2b1384f05bb71baf958e8e4d07319b858de0", "dirty": False}) == "ad1d2b1384f0"
     assert commit_label({"sha": "unknown (installed package)", "dirty": None}) == "unknown (installed package)"
 

@@ -96,10 +96,29 @@ def git_info() -> dict[str, Any]:
         if not top or Path(top).resolve() != root.resolve():
             return {"sha": "unknown (not run from a git checkout of sagecheck)", "dirty": None}
         sha = git("rev-parse", "HEAD") or "unknown (no commit)"
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        changed = git("diff", "HEAD", "--binary")
+        new_files = sorted(n for n in git("ls-files", "--others", "--exclude-standard").splitlines() if n)
     except (OSError, subprocess.SubprocessError):
         return {"sha": "unknown (git not available)", "dirty": None}
-    return {"sha": sha, "dirty": dirty}
+    if not changed and not new_files:
+        return {"sha": sha, "dirty": False}
+    return {"sha": sha, "dirty": True, "changes": uncommitted_fingerprint(changed, new_files, root)}
+
+
+def uncommitted_fingerprint(diff: str, new_files: list[str], root: Path) -> str:
+    """12 hex digits of SHA-256 over the checkout's changes from its commit (tracked files' diff, then each file git
+    does not ignore nor track, by name and content): two runs of the same uncommitted tree carry the same, so a
+    reviewer can tell "the same code, not committed" from "other code" where the commit alone cannot."""
+    import hashlib
+
+    h = hashlib.sha256(diff.encode())
+    for name in new_files:
+        h.update(b"\0" + name.encode() + b"\0")
+        try:
+            h.update((root / name).read_bytes())
+        except OSError:
+            h.update(b"(unreadable)")
+    return h.hexdigest()[:12]
 
 
 def cpu_name() -> str:
@@ -203,7 +222,8 @@ def facts(env: dict[str, Any], params: Any) -> dict[str, Any]:
         "Python": env["python"],
         "CPU": f"{env['cpu']} ({env['cpu_count']} logical cores, torch uses {env['torch_threads']} threads)",
         "OS": env["os"],
-        "git commit": f"{env['git']['sha']}{' (uncommitted changes)' if env['git']['dirty'] else ''}",
+        "git commit": env["git"]["sha"] + (" (uncommitted changes" + (f" {env['git']['changes']}" if env["git"].get("changes")
+                                                                   else "") + ")" if env["git"]["dirty"] else ""),
         "parameters hash": params_hash(params),
         "device used": str(device),
         "dtype used": runtime.dtype_name(runtime.resolve_dtype(params.dtype, device)),

@@ -35,7 +35,10 @@ def _short_sha(sha: Any) -> str:
 
 def commit_label(git: dict[str, Any]) -> str:
     """The recorded commit, and that the code that ran differed from it where the checkout was dirty."""
-    return _short_sha(git.get("sha")) + (" + uncommitted changes" if git.get("dirty") else "")
+    if not git.get("dirty"):
+        return _short_sha(git.get("sha"))
+    changes = f" {git['changes']}" if git.get("changes") else ""
+    return _short_sha(git.get("sha")) + f" + uncommitted changes{changes}"
 
 
 def _md_cell(text: str) -> str:
