@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", type=int, default=0, help="requests profiled per server (0: none)")
     ap.add_argument("--profile-tokens", type=int, default=1, help="output tokens of each profiled request")
     ap.add_argument("--steps", type=int, default=0,
-                    help="decode steps timed one by one per request at each length (0: none; batch 1, the first prompt)")
+                    help="decode steps timed one by one per request at each length (0: none; batch 1, --step-prompts prompts)")
     ap.add_argument("--step-prompts", type=int, default=1,
                     help="--steps: prompts taken in turn, one per repeat (more than 1: whether a server's decode time "
                          "depends on what it decodes, the control for a gap between servers whose outputs differ)")
