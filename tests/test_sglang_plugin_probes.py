@@ -71,3 +71,26 @@ def test_the_shadow_probe_returns_tritons_output_after_the_kernel_path(monkeypat
     assert all("PYTHONPATH" not in gap.variant_env(params, n, tmp_path) for n in gap.VARIANTS if n != "sage_attn_shadow")
     entry = (ROOT / "benchmarks" / "probes" / "sagecheck_probes-0.1.dist-info" / "entry_points.txt").read_text()
     assert "sagecheck_probes = sagecheck_probes:register" in entry
+
+
+def test_the_probes_plugin_is_found_by_its_entry_point_and_registers_its_backend():
+    """With ``benchmarks/probes`` on the path (as ttft_gap puts it), SGLang's plugin loader finds ``sagecheck_probes``
+    by its entry point, and its ``register`` makes ``sage_attn_shadow`` a backend choice with a factory (here on the
+    stand-in's SGLang modules, in a process of its own)."""
+    import subprocess
+    import sys
+
+    code = ("from importlib.metadata import entry_points\n"
+            "eps = {e.name: e.value for e in entry_points(group='sglang.srt.plugins')}\n"
+            "import sagecheck_probes\n"
+            "sagecheck_probes.register()\n"
+            "sagecheck_probes.register()\n"  # idempotent, as SGLang may load plugins in several processes
+            "from sglang.srt import server_args\n"
+            "from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS\n"
+            "print(eps.get('sagecheck_probes'), server_args.ATTENTION_BACKEND_CHOICES.count('sage_attn_shadow'),"
+            " callable(ATTENTION_BACKENDS.get('sage_attn_shadow')))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks" / "probes"), str(ROOT / "tests" / "standin"),
+                                                        str(ROOT / "lib")])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["sagecheck_probes:register", "1", "True"]

@@ -13,20 +13,20 @@ for the variants that need it), never part of sagecheck.
 
 from __future__ import annotations
 
-PROBES = ("sage_attn_shadow",)
+PROBES = {"sage_attn_shadow": "ShadowKernelBackend"}  # backend name: its class in sagecheck_probes.backends
 
 
 def register() -> None:
     from sglang.srt import server_args
     from sglang.srt.layers.attention import attention_registry
 
-    for name in PROBES:
+    for name, cls in PROBES.items():
         if name not in server_args.ATTENTION_BACKEND_CHOICES:
             server_args.add_attention_backend_choices([name])
 
-    def create(model_runner):  # noqa: ANN001 - SGLang's ModelRunner
-        from sagecheck_probes.backends import ShadowKernelBackend
+        def create(model_runner, cls=cls):  # noqa: ANN001 - SGLang's ModelRunner
+            from sagecheck_probes import backends
 
-        return ShadowKernelBackend(model_runner)
+            return getattr(backends, cls)(model_runner)
 
-    attention_registry.register_attention_backend("sage_attn_shadow")(create)
+        attention_registry.register_attention_backend(name)(create)
