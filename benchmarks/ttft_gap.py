@@ -12,7 +12,9 @@ as 04's) at streamed requests of each length after a cache flush:
 * ``sage_attn_no_stats``: as served, but with no statistics folder (no counters written, no census wrapper);
 * ``sage_attn_shadow`` (``benchmarks/probes``): as served, but where a batch goes to the kernel, Triton's extend kernel
   runs after the kernel path and its output is returned: the baseline's outputs and KV values, with whatever the kernel
-  path leaves in the process (the probe of a decode that is slower after a kernel prefill).
+  path leaves in the process (the probe of a decode that is slower after a kernel prefill);
+* ``sage_attn_release`` (``benchmarks/probes``): as served, but after a batch on the kernel the caching allocator's
+  unused memory is handed back before the next batch (whether the memory SageAttention 2's calls hold slows the decode).
 
 Per variant and length: the median time to first token and decode time with their 10-90% range, and the paired
 ratio triton / variant (above 1: faster than triton); for the variants that write statistics, where their prefill
@@ -54,6 +56,7 @@ VARIANTS = {  # name: (attention backend, SAGE_ATTN_DISPATCH or None for the bas
     "sage_attn_all_triton": ("sage_attn", str(10**9), True),
     "sage_attn_no_stats": ("sage_attn", "measured", False),
     "sage_attn_shadow": ("sage_attn_shadow", "measured", True),  # benchmarks/probes: the kernel path run, Triton's output
+    "sage_attn_release": ("sage_attn_release", "measured", True),  # benchmarks/probes: unused memory handed back after it
 }
 PROBES_SITE = Path(__file__).resolve().parent / "probes"  # the probe variants' SGLang plugin (sagecheck_probes)
 

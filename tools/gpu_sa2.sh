@@ -218,7 +218,8 @@ EOF
     # five servers of ~18 GB on an H200 (141 GB), prefill graphs as its preset; three on an 80 GB H100, prefill graphs up
     # to 2048 tokens as its preset. GAP_KV / GAP_CHUNK: KV tokens and chunked-prefill size per server (8192 / 2048;
     # for decode after an 8192-token prefill: GAP_KV=8400 GAP_CHUNK=8192 LENGTHS=8192 STEPS=48; its probe:
-    # GAP_VARIANTS=triton,sage_attn,sage_attn_shadow, the kernel path run but Triton's output returned)
+    # GAP_VARIANTS=triton,sage_attn,sage_attn_shadow,sage_attn_release on an H200 (five fit); on an H100 (three fit)
+    # triton,sage_attn,sage_attn_shadow, then triton,sage_attn,sage_attn_release)
     if large_gpu; then all=triton,triton_copy,sage_attn,sage_attn_all_triton,sage_attn_no_stats; graphs=""
     else all=triton,sage_attn,sage_attn_all_triton; graphs=", --cuda-graph-max-bs-prefill, '2048'"; fi
     nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \

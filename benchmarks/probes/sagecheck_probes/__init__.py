@@ -9,11 +9,15 @@ for the variants that need it), never part of sagecheck.
   in the process is still there. The probe for issue 35's decode after a kernel prefill (0.97x triton's with
   SageAttention 2 on the H100, 1.00x with 1.0.6): if the shadow decodes at 1.00x, the slowdown comes with the
   different values the kernel's prefill writes; if at 0.97x, with something the kernel path leaves in the process.
+* ``sage_attn_release``: ``sage_attn`` as served, but after each batch on the kernel the caching allocator's unused
+  memory is handed back once, before the next batch (SageAttention 2's calls take theirs from the default stream's
+  pool, held until SGLang's cache flush after the request). If it decodes at 1.00x where ``sage_attn`` does not, the
+  held memory is what slows the decode.
 """
 
 from __future__ import annotations
 
-PROBES = {"sage_attn_shadow": "ShadowKernelBackend"}  # backend name: its class in sagecheck_probes.backends
+PROBES = {"sage_attn_shadow": "ShadowKernelBackend", "sage_attn_release": "ReleaseAfterKernelBackend"}  # backend name: its class in sagecheck_probes.backends
 
 
 def register() -> None:
