@@ -180,9 +180,11 @@ fi
 echo "overhead \$(date +%T)"; sa2 python3 benchmarks/backend_overhead.py --out /tmp/all35/overhead_sa2.json > /tmp/all35/overhead_sa2.txt 2>&1
 echo "8b start \$(date +%T)"; sa2 timeout ${RUN_S:-480} python3 -m sagecheck run --params $preset --only 00,04 \
   -p throughput.repeats=${REPEATS:-12} ${EXTRA_P:-} --out /tmp/all35/r8b_v2 -q > /tmp/all35/r8b_v2.log 2>&1
-if [ "${V1_8B:-0}" = 1 ]; then  # the same run with 1.0.6 (sageattn_varlen), and the two compared
+if [ "${V1_8B:-0}" = 1 ]; then  # the same run with 1.0.6, and the two compared (V1_PREFILL=batched: 1.0.6's sageattn,
+  # which sizes nothing from the GPU, instead of its sageattn_varlen, which waits for the GPU in every call)
   echo "8b 1.0.6 start \$(date +%T)"; timeout ${RUN_S:-480} python3 -m sagecheck run --params $preset --only 00,04 \
-    -p throughput.repeats=${REPEATS:-12} ${EXTRA_P:-} --out /tmp/all35/r8b_v1 -q > /tmp/all35/r8b_v1.log 2>&1
+    -p throughput.repeats=${REPEATS:-12} -p sglang.sage_attn_prefill=${V1_PREFILL:-auto} ${EXTRA_P:-} \
+    --out /tmp/all35/r8b_v1 -q > /tmp/all35/r8b_v1.log 2>&1
   python3 -m sagecheck compare /tmp/all35/r8b_v1 /tmp/all35/r8b_v2 --out /tmp/all35/r8b_compare > /tmp/all35/r8b_compare.log 2>&1
 fi
 echo "paths start \$(date +%T)"; PYTHONPATH=$PWD/tests/faults/site:/tmp/sa2:\$PYTHONPATH timeout 420 python3 tests/faults/gpu_code_paths.py \
