@@ -481,6 +481,8 @@ def dispatch_words(s: Sweep, limit_pct: float) -> str | None:
             wall = check["host_and_gpu"]
             text += (f" Timed with the host's time in it (one layer's attention alone, back to back, so that its Python "
                      f"and launches count where they outlast the GPU's work), {wall['value']:.0f}% at {wall['at']} keys.")
+        elif untimed_words(check):
+            text += f" That figure is {untimed_words(check)}."
     return text
 
 
@@ -521,7 +523,9 @@ def integration_check(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     Judged on the GPU's own time (``basis`` "gpu") where the server measured it at every judged length: in a prefill
     long enough for the kernel to pay, the host launches a layer's attention while the GPU still runs the GEMMs before
     it, so what the integration costs the server is its GPU work. Else on the timings with the host's time in them
-    (``basis`` "host and GPU"), the stricter reading; ``host_and_gpu`` keeps that reading's worst either way."""
+    (``basis`` "host and GPU"), the stricter reading; ``host_and_gpu`` keeps that reading's worst either way.
+    ``untimed_on_gpu``: where the server tried the GPU alone and could not, the judged lengths and which call waited
+    for the GPU within itself (:func:`sagecheck.sglang_plugin.dispatch.device_ms` times no call that synchronizes)."""
     judged = [r for r in rows if r["bare_kernel_beats_triton"] and r["path_over_bare_pct"] is not None]
     if not judged:
         return None
@@ -529,9 +533,24 @@ def integration_check(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     on_gpu = all(r.get("path_over_bare_gpu_pct") is not None for r in judged)
     key = "path_over_bare_gpu_pct" if on_gpu else "path_over_bare_pct"
     worst = max(judged, key=lambda r: r[key])
+    untimed = [{"keys": r["keys_per_request"], "waited": [name for name, k in (("the kernel path", "kernel_path_gpu_ms"),
+                                                                               ("the bare kernel", "bare_kernel_gpu_ms"))
+                                                          if r.get(k) is None]}
+               for r in judged if "path_over_bare_gpu_pct" in r and r["path_over_bare_gpu_pct"] is None]
     return {"value": worst[key], "at": worst["keys_per_request"], "lengths": [r["keys_per_request"] for r in judged],
-            "basis": "gpu" if on_gpu else "host and GPU",
+            "basis": "gpu" if on_gpu else "host and GPU", "untimed_on_gpu": untimed,
             "host_and_gpu": {"value": wall["path_over_bare_pct"], "at": wall["keys_per_request"]}}
+
+
+def untimed_words(check: dict[str, Any]) -> str:
+    """Why the integration is judged with the host's time in it, where the server tried the GPU alone ('' if not)."""
+    untimed = check.get("untimed_on_gpu") or []
+    if check["basis"] == "gpu" or not untimed:
+        return ""
+    waited = sorted({w for u in untimed for w in u["waited"]}, reverse=True)
+    return (f"not on the GPU's own time: {' and '.join(waited)} waited for the GPU within the call at "
+            f"{', '.join(str(u['keys']) for u in untimed)} keys, and a call that synchronizes cannot be timed on the GPU "
+            f"alone, so with the host's time in it")
 
 
 def prefill_curves(s: Sweep, max_batches: int = 3) -> tuple[dict[str, list[int]], dict[str, list[float]], dict[str, str]]:
@@ -600,6 +619,8 @@ def record(results: Any, s: Sweep, p: Any, on_gpu: bool) -> dict[str, Any]:
             wall = check["host_and_gpu"]
             timing = (f"{measured.get('device_timing')}; with the host's time in it ({timing}): "
                       f"{format_number(wall['value'])}% at {wall['at']} keys")
+        if check is not None and untimed_words(check):
+            timing += f"; {untimed_words(check)}"
         where = f"the {s.candidate} server's measurement at start: one layer, one request of L keys, {timing}"
         if check is None:
             results.note(f"{s.candidate}'s kernel path against the bare kernel: not judged, "
