@@ -212,6 +212,8 @@ def facts(env: dict[str, Any], params: Any) -> dict[str, Any]:
     from sagecheck.params import params_hash
 
     device = runtime.resolve_device(params.device)
+    git = env["git"]
+    changes = f" {git['changes']}" if git.get("changes") else ""  # the fingerprint of what was not committed
     return {
         "GPU": env["gpu"],
         "GPU memory (GiB)": env["gpu_memory_gib"] if env["gpus"] else "n/a",
@@ -222,8 +224,7 @@ def facts(env: dict[str, Any], params: Any) -> dict[str, Any]:
         "Python": env["python"],
         "CPU": f"{env['cpu']} ({env['cpu_count']} logical cores, torch uses {env['torch_threads']} threads)",
         "OS": env["os"],
-        "git commit": env["git"]["sha"] + (" (uncommitted changes" + (f" {env['git']['changes']}" if env["git"].get("changes")
-                                                                   else "") + ")" if env["git"]["dirty"] else ""),
+        "git commit": git["sha"] + (f" (uncommitted changes{changes})" if git["dirty"] else ""),
         "parameters hash": params_hash(params),
         "device used": str(device),
         "dtype used": runtime.dtype_name(runtime.resolve_dtype(params.dtype, device)),

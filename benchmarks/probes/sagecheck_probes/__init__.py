@@ -17,7 +17,8 @@ for the variants that need it), never part of sagecheck.
 
 from __future__ import annotations
 
-PROBES = {"sage_attn_shadow": "ShadowKernelBackend", "sage_attn_release": "ReleaseAfterKernelBackend"}  # backend name: its class in sagecheck_probes.backends
+# backend name: its class in sagecheck_probes.backends
+PROBES = {"sage_attn_shadow": "ShadowKernelBackend", "sage_attn_release": "ReleaseAfterKernelBackend"}
 
 
 def register() -> None:

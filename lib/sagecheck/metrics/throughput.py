@@ -481,8 +481,8 @@ def dispatch_words(s: Sweep, limit_pct: float) -> str | None:
             wall = check["host_and_gpu"]
             text += (f" Timed with the host's time in it (one layer's attention alone, back to back, so that its Python "
                      f"and launches count where they outlast the GPU's work), {wall['value']:.0f}% at {wall['at']} keys.")
-        elif untimed_words(check):
-            text += f" That figure is {untimed_words(check)}."
+        elif why := untimed_words(check):
+            text += f" That figure is {why}."
     return text
 
 
@@ -619,8 +619,8 @@ def record(results: Any, s: Sweep, p: Any, on_gpu: bool) -> dict[str, Any]:
             wall = check["host_and_gpu"]
             timing = (f"{measured.get('device_timing')}; with the host's time in it ({timing}): "
                       f"{format_number(wall['value'])}% at {wall['at']} keys")
-        if check is not None and untimed_words(check):
-            timing += f"; {untimed_words(check)}"
+        if check is not None and (why := untimed_words(check)):
+            timing += f"; {why}"
         where = f"the {s.candidate} server's measurement at start: one layer, one request of L keys, {timing}"
         if check is None:
             results.note(f"{s.candidate}'s kernel path against the bare kernel: not judged, "
