@@ -117,12 +117,11 @@ def markdown(rep: dict[str, Any]) -> str:
     if rep.get("steps"):
         lines += ["", f"| step | {a} steps | {b} steps | {a} GPU window us | {b} GPU window us | {a} period us | {b} period us |",
                   "|---|---|---|---|---|---|---|"]
+        def us(v: Any) -> str:
+            return "" if v is None else f"{v:.0f}"
+
         for kind, (x, y) in rep["steps"].items():
             x, y = x or {}, y or {}
-
-            def us(v: Any) -> str:
-                return "" if v is None else f"{v:.0f}"
-
             lines.append(f"| {kind} | {x.get('steps', 0)} | {y.get('steps', 0)} | {us(x.get('gpu_window_us'))} | "
                          f"{us(y.get('gpu_window_us'))} | {us(x.get('period_us'))} | {us(y.get('period_us'))} |")
     lines += ["", f"| category | name | {a} calls | {b} calls | {a} us | {b} us | extra us |", "|---|---|---|---|---|---|---|"]

@@ -252,6 +252,7 @@ def timed_steps(ready: dict[str, Any], names: list[str], prompts: list[list[int]
     import numpy as np
 
     from sagecheck.metrics.serving import balanced_orders
+    from sagecheck.metrics.timing import Samples, paired_ratio
 
     orders = balanced_orders(len(names))
     requests: list[dict[str, Any]] = []
@@ -273,12 +274,12 @@ def timed_steps(ready: dict[str, Any], names: list[str], prompts: list[list[int]
             if first > tokens:
                 continue
             cols = slice(first - 1, last)
-            mean = per_step[name][:, cols].mean(axis=1)  # each request's ms per step over the segment
+            mean = Samples(per_step[name][:, cols].mean(axis=1), "client")  # each request's ms per step over the segment
             key = f"steps {first}-{last if last and last <= tokens else tokens}"
-            row[key] = {"ms_per_step": [float(np.median(mean)), float(np.percentile(mean, 10)), float(np.percentile(mean, 90))]}
-            if name != "triton":
-                ratio = per_step["triton"][:, cols].mean(axis=1) / mean  # paired by repeat: the same turn, the same prompt
-                row[key]["speedup"] = [float(np.median(ratio)), float(np.percentile(ratio, 10)), float(np.percentile(ratio, 90))]
+            row[key] = {"ms_per_step": [mean.median, mean.p10, mean.p90]}
+            if name != "triton":  # paired by repeat: the same turn, the same prompt
+                ratio = paired_ratio(Samples(per_step["triton"][:, cols].mean(axis=1), "client"), mean)
+                row[key]["speedup"] = [ratio.median, ratio.p10, ratio.p90]
         summary[name] = row
     by_prompt = {n: [float(np.median(per_step[n][prompt_of[n] == i].mean(axis=1))) if (prompt_of[n] == i).any() else None
                      for i in range(len(prompts))] for n in names}

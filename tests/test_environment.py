@@ -26,19 +26,27 @@ def test_an_unpacked_copy_inside_another_repository_reports_no_commit(tmp_path, 
     _git(copy, "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q", "-m", "own")
     own = subprocess.run(["git", "rev-parse", "HEAD"], cwd=copy, capture_output=True, text=True).stdout.strip()
     assert environment.git_info.__wrapped__() == {"sha": own, "dirty": False}
-    # changes not committed: marked, with a fingerprint of exactly those changes
+    # changes not committed: marked, with a fingerprint of the files that ran
     (copy / "pyproject.toml").write_text("[project]\nname = 'sagecheck'\nversion = '1'\n")
     first = environment.git_info.__wrapped__()
-    assert first["dirty"] is True and len(first["changes"]) == 12
-    assert environment.git_info.__wrapped__()["changes"] == first["changes"]  # the same tree: the same fingerprint
+    assert first["dirty"] is True and len(first["tree"]) == 12
+    assert environment.git_info.__wrapped__()["tree"] == first["tree"]  # the same tree: the same fingerprint
     (copy / "lib" / "sagecheck" / "new.py").write_text("x = 1\n")  # a new file git would add: part of the code that ran
-    with_new = environment.git_info.__wrapped__()["changes"]
+    with_new = environment.git_info.__wrapped__()
+    assert with_new["dirty"] is True
     (copy / "lib" / "sagecheck" / "new.py").write_text("x = 2\n")
-    assert len({first["changes"], with_new, environment.git_info.__wrapped__()["changes"]}) == 3
+    as_it_ran = environment.git_info.__wrapped__()["tree"]
+    assert len({first["tree"], with_new["tree"], as_it_ran}) == 3
+    # the fingerprint is of the files, not of the commit: committed as they are, a checkout of that commit reads the same
+    _git(copy, "add", "-A")
+    _git(copy, "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q", "-m", "as it ran")
+    assert environment.git_info.__wrapped__()["dirty"] is False
+    files = subprocess.run(["git", "ls-files"], cwd=copy, capture_output=True, text=True).stdout.splitlines()
+    assert environment.source_fingerprint(copy, files) == as_it_ran
+    (copy / "lib" / "sagecheck" / "new.py").unlink()
+    _git(copy, "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q", "-am", "without new.py")
     (copy / ".gitignore").write_text("outputs/\n")
     _git(copy, "add", ".gitignore")
-    (copy / "lib" / "sagecheck" / "new.py").unlink()
-    (copy / "pyproject.toml").write_text("[project]\nname = 'sagecheck'\n")
     _git(copy, "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q", "-m", "ignore outputs")
     (copy / "outputs").mkdir()
     (copy / "outputs" / "run.json").write_text("{}")  # what git ignores is not code
@@ -53,8 +61,8 @@ def test_the_summary_says_when_the_code_that_ran_was_not_the_recorded_commit():
     from sagecheck.report.summary import commit_label
 
     assert commit_label({"sha": "ad1d2b1384f05bb71baf958e8e4d07319b858de0", "dirty": True}) == "ad1d2b1384f0 + uncommitted changes"
-    assert commit_label({"sha": "ad1d2b1384f05bb71baf958e8e4d07319b858de0", "dirty": True, "changes": "0123456789ab"}) == \
-        "ad1d2b1384f0 + uncommitted changes 0123456789ab"
+    assert commit_label({"sha": "ad1d2b1384f05bb71baf958e8e4d07319b858de0", "dirty": True, "tree": "0123456789ab"}) == \
+        "ad1d2b1384f0 + uncommitted changes (source 0123456789ab)"
     assert commit_label({"sha": "ad1d2b1384f05bb71baf958e8e4d07319b858de0", "dirty": False}) == "ad1d2b1384f0"
     assert commit_label({"sha": "unknown (installed package)", "dirty": None}) == "unknown (installed package)"
 

@@ -229,12 +229,12 @@ def test_the_integration_is_judged_on_the_gpu_time_where_the_server_measured_it(
     partly = T.integration_check(T.dispatch_rows(sweep(dispatch(kernel_device_ms=untimed, kernel_alone_device_ms=bare,
                                                                 device_timing=gpu_timing))))
     assert partly["basis"] == "host and GPU" and partly["value"] == pytest.approx((0.78 / 0.46 - 1) * 100)
-    assert partly["untimed_on_gpu"] == [{"keys": 8192, "waited": ["the kernel path"]}]
+    assert partly["untimed_on_gpu"] == [{"keys": 8192, "calls": ["the kernel path"]}]
     # a kernel that synchronizes in every call (1.0.6's sageattn_varlen): neither call has a GPU-alone time, and the
     # verdict and the words say why it reads the host-inclusive figures
     synced = dispatch(kernel_device_ms=[None] * len(bare), kernel_alone_device_ms=[None] * len(bare), device_timing=gpu_timing)
     v = record(tmp_path / "synced", sweep(synced)).find("throughput.integration")
-    why = ("not on the GPU's own time: the kernel path and the bare kernel waited for the GPU within the call at 4096, "
+    why = ("not on the GPU's own time: the kernel path and the bare kernel could not be timed on the GPU alone at 4096, "
            "8192, 16384 keys")
     assert why in v.detail and why in T.dispatch_words(sweep(synced), 10.0)
     assert "not on the GPU's own time" not in T.dispatch_words(sweep(lean), 10.0)  # timed on the GPU: nothing to explain

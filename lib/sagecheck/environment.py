@@ -96,28 +96,27 @@ def git_info() -> dict[str, Any]:
         if not top or Path(top).resolve() != root.resolve():
             return {"sha": "unknown (not run from a git checkout of sagecheck)", "dirty": None}
         sha = git("rev-parse", "HEAD") or "unknown (no commit)"
-        changed = git("diff", "HEAD", "--binary")
-        new_files = sorted(n for n in git("ls-files", "--others", "--exclude-standard").splitlines() if n)
+        changed = git("status", "--porcelain", "--untracked-files=normal")  # tracked changes and new files git would add
+        files = git("ls-files", "--cached", "--others", "--exclude-standard").splitlines()
     except (OSError, subprocess.SubprocessError):
         return {"sha": "unknown (git not available)", "dirty": None}
-    if not changed and not new_files:
+    if not changed:
         return {"sha": sha, "dirty": False}
-    return {"sha": sha, "dirty": True, "changes": uncommitted_fingerprint(changed, new_files, root)}
+    return {"sha": sha, "dirty": True, "tree": source_fingerprint(root, files)}
 
 
-def uncommitted_fingerprint(diff: str, new_files: list[str], root: Path) -> str:
-    """12 hex digits of SHA-256 over the checkout's changes from its commit (tracked files' diff, then each file git
-    does not ignore nor track, by name and content): two runs of the same uncommitted tree carry the same, so a
-    reviewer can tell "the same code, not committed" from "other code" where the commit alone cannot."""
+def source_fingerprint(root: Path, files: list[str]) -> str:
+    """12 hex digits of SHA-256 over the source as it is on disk: every file git tracks or would add (not what it
+    ignores), by path and content. It depends on the files alone, not on the commit they sit on, so a run from a copy
+    of the tree whose git history is older (a lent GPU machine's) and a checkout of the commit that holds the same files
+    read alike, and different code reads differently."""
     import hashlib
 
-    h = hashlib.sha256(diff.encode())
-    for name in new_files:
-        h.update(b"\0" + name.encode() + b"\0")
-        try:
-            h.update((root / name).read_bytes())
-        except OSError:
-            h.update(b"(unreadable)")
+    h = hashlib.sha256()
+    for name in sorted(set(files)):
+        path = root / name
+        if path.is_file():  # a tracked file deleted in the working tree is not part of what ran
+            h.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
     return h.hexdigest()[:12]
 
 
@@ -213,7 +212,7 @@ def facts(env: dict[str, Any], params: Any) -> dict[str, Any]:
 
     device = runtime.resolve_device(params.device)
     git = env["git"]
-    changes = f" {git['changes']}" if git.get("changes") else ""  # the fingerprint of what was not committed
+    tree = f", source {git['tree']}" if git.get("tree") else ""  # the fingerprint of the files that ran
     return {
         "GPU": env["gpu"],
         "GPU memory (GiB)": env["gpu_memory_gib"] if env["gpus"] else "n/a",
@@ -224,7 +223,7 @@ def facts(env: dict[str, Any], params: Any) -> dict[str, Any]:
         "Python": env["python"],
         "CPU": f"{env['cpu']} ({env['cpu_count']} logical cores, torch uses {env['torch_threads']} threads)",
         "OS": env["os"],
-        "git commit": git["sha"] + (f" (uncommitted changes{changes})" if git["dirty"] else ""),
+        "git commit": git["sha"] + (f" (uncommitted changes{tree})" if git["dirty"] else ""),
         "parameters hash": params_hash(params),
         "device used": str(device),
         "dtype used": runtime.dtype_name(runtime.resolve_dtype(params.dtype, device)),

@@ -524,8 +524,9 @@ def integration_check(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     long enough for the kernel to pay, the host launches a layer's attention while the GPU still runs the GEMMs before
     it, so what the integration costs the server is its GPU work. Else on the timings with the host's time in them
     (``basis`` "host and GPU"), the stricter reading; ``host_and_gpu`` keeps that reading's worst either way.
-    ``untimed_on_gpu``: where the server tried the GPU alone and could not, the judged lengths and which call waited
-    for the GPU within itself (:func:`sagecheck.sglang_plugin.dispatch.device_ms` times no call that synchronizes)."""
+    ``untimed_on_gpu``: where the server tried the GPU alone and could not, the judged lengths and which calls
+    (:func:`sagecheck.sglang_plugin.dispatch.device_ms` times no call that synchronizes, nor one whose host work
+    outlasts its hold of the GPU)."""
     judged = [r for r in rows if r["bare_kernel_beats_triton"] and r["path_over_bare_pct"] is not None]
     if not judged:
         return None
@@ -533,7 +534,7 @@ def integration_check(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     on_gpu = all(r.get("path_over_bare_gpu_pct") is not None for r in judged)
     key = "path_over_bare_gpu_pct" if on_gpu else "path_over_bare_pct"
     worst = max(judged, key=lambda r: r[key])
-    untimed = [{"keys": r["keys_per_request"], "waited": [name for name, k in (("the kernel path", "kernel_path_gpu_ms"),
+    untimed = [{"keys": r["keys_per_request"], "calls": [name for name, k in (("the kernel path", "kernel_path_gpu_ms"),
                                                                                ("the bare kernel", "bare_kernel_gpu_ms"))
                                                           if r.get(k) is None]}
                for r in judged if "path_over_bare_gpu_pct" in r and r["path_over_bare_gpu_pct"] is None]
@@ -547,10 +548,10 @@ def untimed_words(check: dict[str, Any]) -> str:
     untimed = check.get("untimed_on_gpu") or []
     if check["basis"] == "gpu" or not untimed:
         return ""
-    waited = sorted({w for u in untimed for w in u["waited"]}, reverse=True)
-    return (f"not on the GPU's own time: {' and '.join(waited)} waited for the GPU within the call at "
-            f"{', '.join(str(u['keys']) for u in untimed)} keys, and a call that synchronizes cannot be timed on the GPU "
-            f"alone, so with the host's time in it")
+    calls = sorted({w for u in untimed for w in u["calls"]}, reverse=True)
+    return (f"not on the GPU's own time: {' and '.join(calls)} could not be timed on the GPU alone at "
+            f"{', '.join(str(u['keys']) for u in untimed)} keys (a call that waits for the GPU within itself, or whose "
+            f"host work outlasts the GPU's hold, cannot be), so with the host's time in it")
 
 
 def prefill_curves(s: Sweep, max_batches: int = 3) -> tuple[dict[str, list[int]], dict[str, list[float]], dict[str, str]]:

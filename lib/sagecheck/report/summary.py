@@ -37,8 +37,8 @@ def commit_label(git: dict[str, Any]) -> str:
     """The recorded commit, and that the code that ran differed from it where the checkout was dirty."""
     if not git.get("dirty"):
         return _short_sha(git.get("sha"))
-    changes = f" {git['changes']}" if git.get("changes") else ""
-    return _short_sha(git.get("sha")) + f" + uncommitted changes{changes}"
+    tree = f" (source {git['tree']})" if git.get("tree") else ""
+    return _short_sha(git.get("sha")) + f" + uncommitted changes{tree}"
 
 
 def _md_cell(text: str) -> str:

@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 import torch
 
 from sagecheck.sglang_plugin.batched import PaddedGroup, attend_groups, plan
-from sagecheck.sglang_plugin.varlen import ExtendLayout, request_means, to_device
+from sagecheck.sglang_plugin.varlen import ExtendLayout, minus_request_means, request_means, to_device
 
 LseKernel = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 """``sageattn(q, k, v, tensor_layout="NHD", is_causal=..., sm_scale=..., smooth_k=False, return_lse=True)``: the
@@ -83,10 +83,8 @@ def smooth_request_keys(k_new: torch.Tensor, k_prefix: torch.Tensor | None,
     if k_prefix is not None and k_prefix.shape[0]:
         parts.append((k_prefix, index.prefix_request))
     mean = request_means(parts, index.keys_per_request)
-    if mean.shape[0] == 1:  # one request (a chunked prefill): its mean broadcast, no gather of a mean per row
-        return k_new - mean, None if k_prefix is None else k_prefix - mean
-    smoothed_prefix = None if k_prefix is None else k_prefix - mean[index.prefix_request]
-    return k_new - mean[index.new_request], smoothed_prefix
+    smoothed_prefix = None if k_prefix is None else minus_request_means(k_prefix, mean, index.prefix_request)
+    return minus_request_means(k_new, mean, index.new_request), smoothed_prefix
 
 
 @dataclass

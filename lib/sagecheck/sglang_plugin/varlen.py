@@ -142,9 +142,13 @@ def smooth_keys(k: torch.Tensor, seq_lens: Sequence[int], index: SeqIndex | None
     """
     if index is None:
         index = SeqIndex.build(seq_lens, k.device)
-    means = request_means([(k, index.seq_id)], index.lengths)
-    # one request (a long prefill): its mean broadcast over K, with no gather of a row per token
-    return k - (means if means.shape[0] == 1 else means[index.seq_id])
+    return minus_request_means(k, request_means([(k, index.seq_id)], index.lengths), index.seq_id)
+
+
+def minus_request_means(keys: torch.Tensor, means: torch.Tensor, request: torch.Tensor) -> torch.Tensor:
+    """``keys`` minus the mean of each row's request (``means[request]``), out of place; one request's mean (a long
+    prefill, a chunked prefill) broadcast, with no gather of a mean per row."""
+    return keys - (means if means.shape[0] == 1 else means[request])
 
 
 def request_means(parts: Sequence[tuple[torch.Tensor, torch.Tensor]], key_counts: torch.Tensor) -> torch.Tensor:
