@@ -14,7 +14,11 @@ as 04's) at streamed requests of each length after a cache flush:
   runs after the kernel path and its output is returned: the baseline's outputs and KV values, with whatever the kernel
   path leaves in the process (the probe of a decode that is slower after a kernel prefill);
 * ``sage_attn_release`` (``benchmarks/probes``): as served, but after a batch on the kernel the caching allocator's
-  unused memory is handed back before the next batch (whether the memory SageAttention 2's calls hold slows the decode).
+  unused memory is handed back before the next batch (whether the memory SageAttention 2's calls hold slows the decode);
+* ``sage_attn_varlen``: every extend batch on the kernel path with ``SAGE_ATTN_PREFILL=varlen`` (``sageattn_varlen``:
+  Triton kernels on SGLang's own stream, where SageAttention 2's ``sageattn`` runs its CUDA kernel on the default
+  stream, :mod:`sagecheck.sglang_plugin.batched`): whether a decode slower after a kernel prefill follows the batched
+  path on the default stream or any 8-bit prefill.
 
 Per variant and length: the median time to first token and decode time with their 10-90% range, and the paired
 ratio triton / variant (above 1: faster than triton); for the variants that write statistics, where their prefill
@@ -57,6 +61,10 @@ VARIANTS = {  # name: (attention backend, SAGE_ATTN_DISPATCH or None for the bas
     "sage_attn_no_stats": ("sage_attn", "measured", False),
     "sage_attn_shadow": ("sage_attn_shadow", "measured", True),  # benchmarks/probes: the kernel path run, Triton's output
     "sage_attn_release": ("sage_attn_release", "measured", True),  # benchmarks/probes: unused memory handed back after it
+    "sage_attn_varlen": ("sage_attn", "kernel", True),  # every extend on sageattn_varlen (VARIANT_SETTINGS)
+}
+VARIANT_SETTINGS = {  # the backend's settings (environment) a variant changes beyond the dispatch rule
+    "sage_attn_varlen": {"SAGE_ATTN_PREFILL": "varlen"},
 }
 PROBES_SITE = Path(__file__).resolve().parent / "probes"  # the probe variants' SGLang plugin (sagecheck_probes)
 
@@ -67,7 +75,7 @@ def variant_env(params: Any, name: str, log_dir: Path) -> dict[str, str]:
     backend, dispatch, stats = VARIANTS[name]
     if backend is None:
         return {}
-    env = {**role_env(params, CANDIDATE, log_dir / name), "SAGE_ATTN_DISPATCH": dispatch}
+    env = {**role_env(params, CANDIDATE, log_dir / name), "SAGE_ATTN_DISPATCH": dispatch, **VARIANT_SETTINGS.get(name, {})}
     if not stats:
         env.pop("SAGE_ATTN_STATS_DIR")
     if backend != "sage_attn":  # a probe variant: its plugin on the server's path

@@ -142,3 +142,19 @@ def test_the_probes_plugin_is_found_by_its_entry_point_and_registers_its_backend
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["sagecheck_probes:register", "sage_attn_shadow:1:True", "sage_attn_release:1:True"]
+
+
+def test_ttft_gap_varlen_variant_runs_every_extend_on_sageattn_varlen(tmp_path):
+    """``sage_attn_varlen`` is the served backend with two settings changed, which the plugin reads back as such: the
+    packed ``sageattn_varlen`` path for prefill, and every extend batch on it (so an 8192-token prefill is on the
+    kernel whatever the start-up measurement would say)."""
+    gap = load("ttft_gap")
+    from sagecheck.sglang_plugin.settings import Settings
+    from sagecheck.sources import load as load_params
+
+    params = load_params(str(ROOT / "tests" / "params_sglang.yaml"), [])
+    env = gap.variant_env(params, "sage_attn_varlen", tmp_path)
+    settings = Settings.from_env(env)
+    assert (settings.prefill, settings.dispatch) == ("varlen", "kernel") and settings.stats_dir is not None
+    assert gap.VARIANTS["sage_attn_varlen"][0] == "sage_attn" and "PYTHONPATH" not in env
+    assert gap.variant_env(params, "sage_attn", tmp_path)["SAGE_ATTN_PREFILL"] == "auto"

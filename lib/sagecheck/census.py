@@ -33,6 +33,8 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Sequence
 
+from sagecheck import cuda_capture
+
 # query and key counts per sequence are counted in these classes (lower edges), the key count also by whether it is a
 # multiple of the kernel's key block: a partial last block is where a non-causal kernel's masked-out slots live
 CLASS_EDGES = (1, 2, 16, 64, 128, 512, 2048, 8192, 32768)
@@ -174,22 +176,34 @@ class Census:
             else:
                 counts.add_device(q_lens, k_lens)
                 if len(counts.pending) >= PENDING_CALLS:  # nobody reads this census: keep its memory bounded
-                    counts.add_classified(classify_pending(counts.pending, counts.config["causal"]))
-                    counts.pending = []
+                    with cuda_capture.outside_capture() as free:
+                        if free:
+                            counts.add_classified(classify_pending(counts.pending, counts.config["causal"]))
+                            counts.pending = []
 
     def snapshot(self) -> dict[str, Any]:
         """Every configuration's counts so far. Device calls not classified yet are taken out under the lock and
-        classified outside it (a wait for the device that never holds up a call being recorded), then added."""
-        with self._lock:
-            taken = [(c, c.pending) for c in self._counts.values() if c.pending]
-            for c, _ in taken:
-                c.pending = []
-        for c, pending in taken:
-            classified = classify_pending(pending, c.config["causal"])
-            with self._lock:
-                c.add_classified(classified)
+        classified outside it (a wait for the device that never holds up a call being recorded), then added; while a
+        CUDA graph is being captured they stay unread (:mod:`sagecheck.cuda_capture`: device work then would break the
+        capture), so their sequences are missing from the classes until a later snapshot (:meth:`has_pending`)."""
+        with cuda_capture.outside_capture() as free:
+            if free:
+                with self._lock:
+                    taken = [(c, c.pending) for c in self._counts.values() if c.pending]
+                    for c, _ in taken:
+                        c.pending = []
+                for c, pending in taken:
+                    classified = classify_pending(pending, c.config["causal"])
+                    with self._lock:
+                        c.add_classified(classified)
+                del taken  # the device tensors freed before a capture may begin
         with self._lock:
             return {key: c.as_dict() for key, c in self._counts.items()}
+
+    def has_pending(self) -> bool:
+        """Whether device calls wait to be classified (a snapshot taken during a capture left them)."""
+        with self._lock:
+            return any(c.pending for c in self._counts.values())
 
     def reset(self) -> None:
         with self._lock:
@@ -327,14 +341,17 @@ def label(config: dict[str, Any]) -> str:
 
 
 def start_writer(path: Any, interval_s: float) -> None:
-    """Write this process's census to ``path`` every ``interval_s`` while it changes (a daemon thread; a server
-    process's census is read from there, :func:`sagecheck.backend_stats.read_census`)."""
+    """Write this process's census to ``path`` every ``interval_s`` while it changes or holds device calls not yet
+    classified (a daemon thread; a server process's census is read from there,
+    :func:`sagecheck.backend_stats.read_census`). The thread does device work (:meth:`Census.snapshot`), so CUDA graph
+    captures are tracked from here on, and it does none while one is underway (:mod:`sagecheck.cuda_capture`)."""
     import os
     import sys
     import time
     from pathlib import Path
 
     path = Path(path)
+    cuda_capture.track()
 
     def write() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -348,7 +365,7 @@ def start_writer(path: Any, interval_s: float) -> None:
             time.sleep(interval_s)
             try:
                 now = CENSUS.version
-                if now != last:
+                if now != last or CENSUS.has_pending():
                     write()
                     last = now
             except Exception as e:  # noqa: BLE001 - the census must never take a server down, nor stop being written
