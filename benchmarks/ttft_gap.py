@@ -32,7 +32,9 @@ interleaved, as the client sees the tokens arrive): whether a variant's decode i
 every step (04 read sage_attn's decode after a kernel prefill of 8192 tokens at 0.96-0.97x triton's on the H200).
 ``--step-prompts K``: the repeats take K prompts in turn, and each server's ms per step is given per prompt too: a
 server whose prefill differs decodes other tokens from other KV values, so its gap is set against how far one server's
-decode moves from one prompt to the next.
+decode moves from one prompt to the next. ``--decode-after-s S``: the same again, but each timed request decodes a
+prompt prefilled S seconds before (a radix-cache hit): whether the slower decode outlasts the moments after the
+prefill. ``steps_by_clock.py`` sets each step against the GPU's SM clock logged meanwhile (``tools/gpu_sa2.sh gap``).
 
 ``--profile N``: after the timings, each server runs N more requests of the first length (``--profile-tokens`` output
 tokens each, 1 by default) under
@@ -131,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--step-prompts", type=int, default=1,
                     help="--steps: prompts taken in turn, one per repeat (more than 1: whether a server's decode time "
                          "depends on what it decodes, the control for a gap between servers whose outputs differ)")
+    ap.add_argument("--decode-after-s", default="",
+                    help="--steps: also time the decode of a cached prompt this many seconds after its prefill (comma "
+                         "list; each a table of its own): whether a slower decode outlasts the moments after the prefill")
     ap.add_argument("-p", dest="overrides", action="append", default=[])
     args = ap.parse_args(argv)
     names = [v for v in args.variants.split(",") if v]
@@ -198,8 +203,11 @@ def main(argv: list[str] | None = None) -> int:
             for length in dict.fromkeys(int(x) for x in args.lengths.split(",")):
                 prompts = [random_prompts(vocab, 1, length, params.seed + i, "cpu").tolist()[0]
                            for i in range(args.step_prompts)]
-                report["steps"][str(length)] = timed_steps(ready, running, prompts, args.steps, args.repeats, args.warmup)
-                print(steps_table(length, report["steps"][str(length)]), flush=True)
+                for after in [None, *(float(x) for x in args.decode_after_s.split(",") if x)]:
+                    key = str(length) if after is None else f"{length} after {after:g} s"
+                    report["steps"][key] = timed_steps(ready, running, prompts, args.steps, args.repeats, args.warmup,
+                                                       after)
+                    print(steps_table(length, report["steps"][key]), flush=True)
         if args.profile:
             length = int(args.lengths.split(",")[0])
             prompts = random_prompts(vocab, args.batch, length, params.seed, "cpu").tolist()
@@ -248,7 +256,7 @@ STEP_SEGMENTS = ((1, 4), (5, 16), (17, None))  # decode steps (1 = the first aft
 
 
 def timed_steps(ready: dict[str, Any], names: list[str], prompts: list[list[int]], tokens: int, repeats: int,
-                warmup: int) -> dict[str, Any]:
+                warmup: int, after_s: float | None = None) -> dict[str, Any]:
     """Each decode step of one request, per server, interleaved as the timings are (a Williams design, cache flushed
     before each request): whether a server's decode is slower only right after its prefill (a transient: the GPU's
     clocks after a heavy prefill, work the prefill left behind) or at every step. Repeat ``r`` decodes
@@ -256,7 +264,12 @@ def timed_steps(ready: dict[str, Any], names: list[str], prompts: list[list[int]
     align with a GPU clock log) and token times (ms); ``summary``: per server and segment of steps, the median ms per
     step [p10-p90] over the repeats and, against triton, the paired speedup; ``by_prompt``: per server, the median ms
     per step of every step after each prompt, so that a gap between servers can be set against how much one server's
-    decode moves from one prompt to another (servers whose prefills differ decode different tokens)."""
+    decode moves from one prompt to another (servers whose prefills differ decode different tokens).
+
+    ``after_s``: the prompt is first prefilled by a request of one token, and the timed request, sent ``after_s``
+    seconds later, finds it in the radix cache: its decode follows the same prefill's work in the process, but not the
+    GPU's state right after it (a decode as slow after the pause is held back by what the prefill left in the process;
+    one that is not, by the moments after a heavy prefill). Its own extend is the prompt's last token."""
     import numpy as np
 
     from sagecheck.metrics.serving import balanced_orders
@@ -268,6 +281,9 @@ def timed_steps(ready: dict[str, Any], names: list[str], prompts: list[list[int]
         which = (r - warmup) % len(prompts)
         for name in (names[i] for i in orders[(r - warmup) % len(orders)]):
             ready[name].reset_cache()
+            if after_s is not None:
+                ready[name].client.token_times(prompts[which], 1)
+                time.sleep(after_s)
             start = time.time()
             times = ready[name].client.token_times(prompts[which], tokens + 1)
             if r >= warmup:
@@ -291,13 +307,16 @@ def timed_steps(ready: dict[str, Any], names: list[str], prompts: list[list[int]
         summary[name] = row
     by_prompt = {n: [float(np.median(per_step[n][prompt_of[n] == i].mean(axis=1))) if (prompt_of[n] == i).any() else None
                      for i in range(len(prompts))] for n in names}
-    return {"tokens": tokens, "prompts": len(prompts), "requests": requests, "summary": summary, "by_prompt": by_prompt}
+    return {"tokens": tokens, "prompts": len(prompts), "after_s": after_s, "requests": requests, "summary": summary,
+            "by_prompt": by_prompt}
 
 
 def steps_table(length: int, steps: dict[str, Any]) -> str:
     summary = steps["summary"]
     segments = list(next(iter(summary.values())))
-    lines = [f"\n### decode steps after a prefill of {length} (batch 1): ms per step, median [p10-p90]; speedup over triton",
+    when = (f"of a cached prompt of {length}, {steps['after_s']:g} s after its prefill" if steps.get("after_s") is not None
+            else f"after a prefill of {length}")
+    lines = [f"\n### decode steps {when} (batch 1): ms per step, median [p10-p90]; speedup over triton",
              "| variant | " + " | ".join(segments) + " |", "|---" * (len(segments) + 1) + "|"]
     for name, row in summary.items():
         cells = []

@@ -56,7 +56,8 @@ def test_the_ttft_gap_benchmark_runs_its_variants_on_the_stand_in(tmp_path, monk
     out = tmp_path / "gap.json"
     assert gap.main(["--params", str(ROOT / "tests" / "params_sglang.yaml"), "--out", str(out), "--lengths", "16,48,16",
                      "--repeats", "3", "--warmup", "1", "--decode-tokens", "3",
-                     "--variants", "triton,sage_attn_all_triton,sage_attn_no_stats", "--profile", "2", "--profile-tokens", "3", "--steps", "6", "--step-prompts", "2"]) == 0
+                     "--variants", "triton,sage_attn_all_triton,sage_attn_no_stats", "--profile", "2", "--profile-tokens", "3", "--steps", "6", "--step-prompts", "2",
+                     "--decode-after-s", "0.2"]) == 0
     got = json.loads(out.read_text())
     assert got["errors"] == {} and set(got["lengths"]) == {"16", "48", "16 (again)"}
     for rows in got["lengths"].values():
@@ -66,10 +67,16 @@ def test_the_ttft_gap_benchmark_runs_its_variants_on_the_stand_in(tmp_path, monk
         assert "prefill_speedup" not in rows["triton"] and rows["sage_attn_no_stats"]["prefill_speedup"][0] > 0
         assert rows["sage_attn_all_triton"]["prefill_batches"] == {"kernel": 0, "triton": 4}  # 1 warm-up + 3 repeats
         assert "prefill_batches" not in rows["sage_attn_no_stats"]  # no statistics folder: nothing counted
-    # --steps: each server's decode step by step at each length (once per distinct length), paired with triton's
-    assert set(got["steps"]) == {"16", "48"}
+    # --steps: each server's decode step by step at each length (once per distinct length), paired with triton's;
+    # --decode-after-s: again, each timed request 0.2 s after its prompt's prefill
+    assert set(got["steps"]) == {"16", "48", "16 after 0.2 s", "48 after 0.2 s"}
     steps = got["steps"]["48"]
-    assert steps["tokens"] == 6 and len(steps["requests"]) == 3 * 3
+    assert steps["tokens"] == 6 and len(steps["requests"]) == 3 * 3 and steps["after_s"] is None
+    later = got["steps"]["48 after 0.2 s"]
+    assert later["after_s"] == 0.2 and len(later["requests"]) == 3 * 3
+    # each server's timed requests follow a one-token request and the pause: at least 0.2 s between two of them
+    starts = sorted(q["started_unix_s"] for q in later["requests"])
+    assert min(b - a for a, b in zip(starts, starts[1:])) >= 0.2
     assert all(len(q["token_ms"]) == 7 and q["token_ms"] == sorted(q["token_ms"]) and q["started_unix_s"] > 0
                for q in steps["requests"])
     assert set(steps["summary"]["triton"]) == {"steps 1-4", "steps 5-6"}
@@ -144,3 +151,51 @@ def test_the_merge_makes_fewer_calls_than_the_forms_before_it():
     assert merge_calls.count(256, 4, 16, with_lse=True)["top_level_calls"] == got["top_level_calls"] + 1
 
 
+
+
+def test_steps_by_clock_sets_each_decode_step_against_the_clock_logged_then(tmp_path, capsys):
+    """benchmarks/steps_by_clock.py on a hand-made clock log and ttft_gap requests: the GPU at 1600 MHz under its power
+    cap for the first second, 1950 MHz after; triton's steps of 10 ms at 1950, sage_attn's of 11 ms at 1600 and of
+    10.2 ms at 1950: 1.02 at the same clock, and the phases' clocks as laid out."""
+    import datetime as dt
+
+    sbc = load("steps_by_clock")
+    t0 = 1_796_000_000.0
+    rows = ["timestamp, clocks.current.sm [MHz], clocks.current.memory [MHz], power.draw [W], temperature.gpu, "
+            "clocks_event_reasons.active"]
+    for i in range(60):  # every 50 ms for 3 s
+        t = t0 + i * 0.05
+        when = dt.datetime.fromtimestamp(t, tz=dt.timezone.utc).strftime("%Y/%m/%d %H:%M:%S.%f")[:-3]
+        sm, reasons = (1600, "0x0000000000000004") if i < 20 else (1950, "0x0000000000000000")
+        rows.append(f"{when}, {sm} MHz, 2619 MHz, {500 if i < 20 else 450}.00 W, 40, {reasons}")
+    rows.append("2026/12/05 18:53")  # a last line cut off by the logger's end
+    clocks = tmp_path / "clocks.csv"
+    clocks.write_text("\n".join(rows) + "\n")
+
+    def request(server, start, first_ms, step_ms, steps=8):
+        return {"server": server, "prompt": 0, "started_unix_s": start,
+                "token_ms": [first_ms + i * step_ms for i in range(steps + 1)]}
+
+    reqs = [request("sage_attn", t0, 100.0, 11.0),  # prefill [t0, t0 + 0.1), steps until t0 + 0.188: at 1600
+            request("triton", t0 + 1.5, 100.0, 10.0), request("sage_attn", t0 + 2.2, 100.0, 10.2)]  # at 1950
+    gap = tmp_path / "gap.json"
+    gap.write_text(json.dumps({"steps": {"8192": {"requests": reqs}}}))
+    samples = sbc.read_clocks(clocks)
+    assert len(samples) == 60 and samples[0].sm_mhz == 1600 and samples[-1].reasons == 0
+    bins = sbc.by_clock(sbc.step_clocks(reqs, samples), 60)
+    assert set(bins) == {1560, 1920}
+    assert bins[1560] == {"sage_attn": {"median_ms": pytest.approx(11.0), "steps": 8}}
+    assert bins[1920]["triton"] == {"median_ms": pytest.approx(10.0), "steps": 8}
+    assert bins[1920]["sage_attn"]["median_ms"] == pytest.approx(10.2)
+    equal = sbc.at_equal_clock(bins)
+    assert equal == {"sage_attn": {"bin_mhz": 1920, "steps": 8, "ratio": pytest.approx(1.02)}}
+    phases = sbc.phase_clocks(reqs, samples)
+    prefill = phases["sage_attn"]["prefill"]  # samples at t0 and t0 + 0.05 (first request), 2.2 and 2.25 s (second)
+    assert prefill["samples"] == 4 and prefill["sm_min_mhz"] == 1600 and prefill["power_capped"] == 0.5
+    assert phases["triton"]["steps 1-4"]["sm_median_mhz"] == 1950 and phases["triton"]["steps 1-4"]["power_capped"] == 0
+    out = tmp_path / "by_clock.json"
+    assert sbc.main([str(gap), str(clocks), "--json", str(out)]) == 0
+    assert "sage_attn: 1.0200 at 1920-1979 MHz (8 steps)" in capsys.readouterr().out
+    assert json.loads(out.read_text())["at_equal_clock"]["sage_attn"]["bin_mhz"] == 1920
+    with pytest.raises(SystemExit, match="no decode steps at length 512"):
+        sbc.main([str(gap), str(clocks), "--length", "512"])

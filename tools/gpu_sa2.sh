@@ -221,7 +221,8 @@ EOF
     # to 2048 tokens as its preset. GAP_KV / GAP_CHUNK: KV tokens and chunked-prefill size per server (8192 / 2048;
     # for decode after an 8192-token prefill: GAP_KV=8400 GAP_CHUNK=8192 LENGTHS=8192 STEPS=48; its probe:
     # GAP_VARIANTS=triton,sage_attn,sage_attn_shadow,sage_attn_release on an H200 (five fit); on an H100 (three fit)
-    # triton,sage_attn,sage_attn_shadow, then triton,sage_attn,sage_attn_release)
+    # triton,sage_attn,sage_attn_shadow, then triton,sage_attn,sage_attn_release; DECODE_AFTER_S=2: the decode of the
+    # same prompts again 2 s after their prefill, whether the slower decode outlasts the moments after a kernel prefill)
     if large_gpu; then all=triton,triton_copy,sage_attn,sage_attn_all_triton,sage_attn_no_stats; graphs=""
     else all=triton,sage_attn,sage_attn_all_triton; graphs=", --cuda-graph-max-bs-prefill, '2048'"; fi
     nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
@@ -229,10 +230,14 @@ EOF
     smi=$!
     sa2 timeout ${RUN_S:-540} python3 benchmarks/ttft_gap.py --params params/sglang-llama8b-random.yaml --out "$out/gap.json" \
       --variants ${GAP_VARIANTS:-$all} --repeats ${REPEATS:-12} --profile ${PROFILE:-8} --profile-tokens ${PROFILE_TOKENS:-1} --lengths ${LENGTHS:-128,512,128} \
-      --steps ${STEPS:-0} --step-prompts ${STEP_PROMPTS:-1} -p sglang.max_total_tokens=${GAP_KV:-8192} \
+      --steps ${STEPS:-0} --step-prompts ${STEP_PROMPTS:-1} --decode-after-s "${DECODE_AFTER_S:-}" \
+      -p sglang.max_total_tokens=${GAP_KV:-8192} \
       -p "sglang.extra_args=[--sampling-backend, pytorch, --grammar-backend, none, --cuda-graph-max-bs, '32', --chunked-prefill-size, '${GAP_CHUNK:-2048}'$graphs]" \
       2>&1 | grep -v "Ignore import error" | tee "$out/gap.md" | tail -60
     kill $smi 2>/dev/null
+    # each decode step against the SM clock logged meanwhile (a slower decode the clock explains, or one at the same clock)
+    [ "${STEPS:-0}" != 0 ] && python3 benchmarks/steps_by_clock.py "$out/gap.json" "$out/gpu-clocks.csv" \
+      --json "$out/steps_by_clock.json" 2>&1 | tee "$out/steps_by_clock.md" | tail -25
     tar -C "$out" -czf "$out/gap-logs.tgz" --exclude='*.trace.json.gz' --exclude='random-model' gap-logs 2>/dev/null
     tar -C "$out" -cf "$out/gap-traces.tar" gap-logs/profiles 2>/dev/null; rm -rf "$out/gap-logs";;
   quick)  # the plugin's GPU tests with SA2 (split, dispatch timing) and the per-layer overhead on the 8B shape (GPU alone)

@@ -1,0 +1,188 @@
+"""Decode steps against the GPU's clock: whether a server decodes slower after its prefill because its GPU runs at a
+lower SM clock then, or at the same clock too (issue 35's decode after a SageAttention 2 prefill).
+
+Reads ``ttft_gap.py --steps``'s JSON (each request's start and the arrival time of each token, per server) and the
+``nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active
+--format=csv -lms 50`` log that ``tools/gpu_sa2.sh gap`` writes beside it, and gives:
+
+* per server and phase (its prefill, decode steps 1-4, 5-16, 17 on): the SM clock's median and minimum, the median
+  power, and the share of samples in which the driver reports the software power cap (reason bit 0x4);
+* each decode step's time by the SM clock nearest its middle, binned (``--bin-mhz``): a slowdown the clock explains
+  reads the same at the same clock; one it does not stays in every bin;
+* per server, its median step over the baseline's in the bin where both have the most steps.
+
+The servers take turns on one GPU, so a sample belongs to the server whose request ran then. nvidia-smi writes local
+time; the GPU machine's clock is UTC (``--utc-offset-h`` otherwise).
+
+    python3 benchmarks/steps_by_clock.py gap.json gpu-clocks.csv [--length 8192] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import csv
+import datetime as dt
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, NamedTuple
+
+POWER_CAP = 0x4  # nvidia-smi's clocks_event_reasons: software power cap
+PHASES = (("prefill", None, 0), ("steps 1-4", 0, 4), ("steps 5-16", 4, 16), ("steps 17+", 16, None))
+
+
+class Sample(NamedTuple):
+    t: float  # unix seconds
+    sm_mhz: float
+    power_w: float
+    reasons: int
+
+
+def read_clocks(path: str | Path, utc_offset_h: float = 0.0) -> list[Sample]:
+    """The samples of an nvidia-smi CSV log (header skipped, rows it could not read, such as a last one cut off by the
+    logger's end, left out), in time order."""
+    out = []
+    with open(path, newline="") as f:
+        rows = csv.reader(f)
+        next(rows, None)
+        for row in rows:
+            try:
+                when = dt.datetime.strptime(row[0].strip(), "%Y/%m/%d %H:%M:%S.%f")
+                t = when.replace(tzinfo=dt.timezone.utc).timestamp() - utc_offset_h * 3600
+                out.append(Sample(t, float(row[1].split()[0]), float(row[3].split()[0]), int(row[5].strip(), 16)))
+            except (ValueError, IndexError):
+                continue
+    return sorted(out, key=lambda s: s.t)
+
+
+def requests(gap: dict[str, Any], length: str) -> list[dict[str, Any]]:
+    steps = gap.get("steps", {}).get(length)
+    if not steps:
+        raise SystemExit(f"no decode steps at length {length} in this file (ttft_gap.py --steps); lengths: "
+                         f"{sorted(gap.get('steps', {}))}")
+    return steps["requests"]
+
+
+def _between(clocks: list[Sample], times: list[float], a: float, b: float) -> list[Sample]:
+    return clocks[bisect.bisect_left(times, a):bisect.bisect_left(times, b)]
+
+
+def phase_clocks(reqs: list[dict[str, Any]], clocks: list[Sample]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per server and phase: the SM clock's median and minimum (MHz), median power (W), the share of samples under the
+    software power cap, and how many samples."""
+    times = [s.t for s in clocks]
+    got: dict[str, dict[str, list[Sample]]] = {}
+    for r in reqs:
+        t0, token_s = r["started_unix_s"], [ms / 1e3 for ms in r["token_ms"]]
+        last = len(token_s) - 1
+        for name, lo, hi in PHASES:
+            if lo is not None and lo >= last:
+                continue  # a request of fewer steps
+            a = t0 if lo is None else t0 + token_s[lo]
+            b = t0 + token_s[last if hi is None else min(hi, last)]
+            got.setdefault(r["server"], {}).setdefault(name, []).extend(_between(clocks, times, a, b))
+    return {server: {name: {"sm_median_mhz": statistics.median(s.sm_mhz for s in samples),
+                            "sm_min_mhz": min(s.sm_mhz for s in samples),
+                            "power_median_w": statistics.median(s.power_w for s in samples),
+                            "power_capped": sum(bool(s.reasons & POWER_CAP) for s in samples) / len(samples),
+                            "samples": len(samples)}
+                     for name, samples in phases.items() if samples}
+            for server, phases in got.items()}
+
+
+def step_clocks(reqs: list[dict[str, Any]], clocks: list[Sample], max_gap_s: float = 0.03) -> list[dict[str, Any]]:
+    """Every decode step (from one token to the next): its server, index (1: the step after the prefill's token), time
+    (ms) and the SM clock of the sample nearest its middle; a step with no sample within ``max_gap_s`` is left out."""
+    times = [s.t for s in clocks]
+    out = []
+    for r in reqs:
+        t0, ms = r["started_unix_s"], r["token_ms"]
+        for i in range(1, len(ms)):
+            mid = t0 + (ms[i - 1] + ms[i]) / 2e3
+            j = bisect.bisect_left(times, mid)
+            near = min((k for k in (j - 1, j) if 0 <= k < len(times)), key=lambda k: abs(times[k] - mid), default=None)
+            if near is None or abs(times[near] - mid) > max_gap_s:
+                continue
+            out.append({"server": r["server"], "step": i, "ms": ms[i] - ms[i - 1], "sm_mhz": clocks[near].sm_mhz})
+    return out
+
+
+def by_clock(steps: list[dict[str, Any]], bin_mhz: int = 60) -> dict[int, dict[str, dict[str, float]]]:
+    """Median step time and count per SM clock bin (its lower edge, MHz) and server."""
+    bins: dict[int, dict[str, list[float]]] = {}
+    for s in steps:
+        lo = int(s["sm_mhz"] // bin_mhz * bin_mhz)
+        bins.setdefault(lo, {}).setdefault(s["server"], []).append(s["ms"])
+    return {lo: {server: {"median_ms": statistics.median(v), "steps": len(v)} for server, v in sorted(row.items())}
+            for lo, row in sorted(bins.items())}
+
+
+def at_equal_clock(bins: dict[int, dict[str, dict[str, float]]], baseline: str = "triton") -> dict[str, dict[str, Any]]:
+    """Per server: its median step over the baseline's in the bin where the two have the most steps together (the
+    fewer of the two counts is what is maximized): above 1, slower at the same clock."""
+    out = {}
+    servers = {s for row in bins.values() for s in row} - {baseline}
+    for server in sorted(servers):
+        shared = [(min(row[server]["steps"], row[baseline]["steps"]), lo) for lo, row in bins.items()
+                  if server in row and baseline in row]
+        if not shared:
+            continue
+        n, lo = max(shared)
+        out[server] = {"bin_mhz": lo, "steps": n,
+                       "ratio": bins[lo][server]["median_ms"] / bins[lo][baseline]["median_ms"]}
+    return out
+
+
+def tables(phases: dict, bins: dict, equal: dict, bin_mhz: int, baseline: str) -> str:
+    servers = sorted({s for row in bins.values() for s in row} | set(phases))
+    lines = ["SM clock by phase: median / min MHz, median W, share of samples under the software power cap",
+             "| server | " + " | ".join(n for n, _, _ in PHASES) + " |", "|---|" + "---|" * len(PHASES)]
+    for s in servers:
+        cells = []
+        for name, _, _ in PHASES:
+            p = phases.get(s, {}).get(name)
+            cells.append(f"{p['sm_median_mhz']:.0f} / {p['sm_min_mhz']:.0f}, {p['power_median_w']:.0f} W, "
+                         f"{p['power_capped']:.0%} (n{p['samples']})" if p else "")
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    lines += ["", "ms per decode step by the SM clock at its middle: median (steps)",
+              "| SM MHz | " + " | ".join(servers) + " |", "|---|" + "---|" * len(servers)]
+    for lo, row in bins.items():
+        lines.append(f"| {lo}-{lo + bin_mhz - 1} | " + " | ".join(
+            f"{row[s]['median_ms']:.2f} ({row[s]['steps']})" if s in row else "" for s in servers) + " |")
+    lines += ["", f"at the same clock, over {baseline} (the bin where both have most steps):"]
+    for s, e in equal.items():
+        lines.append(f"  {s}: {e['ratio']:.4f} at {e['bin_mhz']}-{e['bin_mhz'] + bin_mhz - 1} MHz ({e['steps']} steps)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("gap_json")
+    ap.add_argument("clocks_csv")
+    ap.add_argument("--length", default=None, help="the prefill length whose decode steps to read (default: the first)")
+    ap.add_argument("--baseline", default="triton")
+    ap.add_argument("--bin-mhz", type=int, default=60)
+    ap.add_argument("--utc-offset-h", type=float, default=0.0)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    gap = json.loads(Path(args.gap_json).read_text())
+    length = args.length or next(iter(gap.get("steps", {})), "")
+    reqs = requests(gap, length)
+    clocks = read_clocks(args.clocks_csv, args.utc_offset_h)
+    if not clocks:
+        raise SystemExit(f"no clock samples in {args.clocks_csv}")
+    phases = phase_clocks(reqs, clocks)
+    bins = by_clock(step_clocks(reqs, clocks), args.bin_mhz)
+    equal = at_equal_clock(bins, args.baseline)
+    print(f"decode after a prefill of {length} tokens\n" + tables(phases, bins, equal, args.bin_mhz, args.baseline))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"length": length, "phases": phases,
+                                               "by_clock": {str(k): v for k, v in bins.items()},
+                                               "at_equal_clock": equal}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
