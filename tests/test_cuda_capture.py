@@ -158,3 +158,30 @@ def test_on_a_gpu_the_census_read_during_a_capture_leaves_it_whole_where_a_bare_
     assert read_from_another_thread_during_a_capture(c.snapshot) is None
     (entry,) = c.snapshot().values()
     assert entry["k_classes"] == {"64-127": 1, "128-511 partial": 1}
+
+
+def test_recording_and_reading_from_two_threads_never_wait_on_each_other(monkeypatch):
+    """A call that makes the census read its waiting device calls (``PENDING_CALLS`` reached) and a reader on another
+    thread take the capture lock and the census's lock in the same order: both threads finish."""
+    monkeypatch.setattr(census, "PENDING_CALLS", 1)
+    c = census.Census()
+    stop = threading.Event()
+
+    def record():
+        for _ in range(3000):
+            record_device_call(c)
+
+    def read():
+        while not stop.is_set():
+            c.snapshot()
+
+    reader = threading.Thread(target=read, daemon=True)
+    recorder = threading.Thread(target=record, daemon=True)
+    reader.start()
+    recorder.start()
+    recorder.join(30)
+    stop.set()
+    reader.join(30)
+    assert not recorder.is_alive() and not reader.is_alive()
+    (entry,) = c.snapshot().values()
+    assert entry["calls"] == 3000 and entry["k_classes"] == {"2-15 partial": 3000, "128-511 partial": 3000}

@@ -155,6 +155,7 @@ class Census:
         # the configuration's JSON key is made once per configuration; a call looks it up by a tuple (a few µs a call)
         fast = (entry, kernel, bool(causal), layout, dtype, int(head_dim), int(q_heads), int(kv_heads), sm_scale,
                 bool(emulated), ref)
+        full = None
         with self._lock:
             self.version += 1
             counts = self._by_args.get(fast)
@@ -176,29 +177,35 @@ class Census:
             else:
                 counts.add_device(q_lens, k_lens)
                 if len(counts.pending) >= PENDING_CALLS:  # nobody reads this census: keep its memory bounded
-                    with cuda_capture.outside_capture() as free:
-                        if free:
-                            counts.add_classified(classify_pending(counts.pending, counts.config["causal"]))
-                            counts.pending = []
+                    full = counts
+        if full is not None:
+            self._read_pending([full])
 
     def snapshot(self) -> dict[str, Any]:
         """Every configuration's counts so far. Device calls not classified yet are taken out under the lock and
         classified outside it (a wait for the device that never holds up a call being recorded), then added; while a
         CUDA graph is being captured they stay unread (:mod:`sagecheck.cuda_capture`: device work then would break the
         capture), so their sequences are missing from the classes until a later snapshot (:meth:`has_pending`)."""
-        with cuda_capture.outside_capture() as free:
-            if free:
-                with self._lock:
-                    taken = [(c, c.pending) for c in self._counts.values() if c.pending]
-                    for c, _ in taken:
-                        c.pending = []
-                for c, pending in taken:
-                    classified = classify_pending(pending, c.config["causal"])
-                    with self._lock:
-                        c.add_classified(classified)
-                del taken  # the device tensors freed before a capture may begin
+        self._read_pending()
         with self._lock:
             return {key: c.as_dict() for key, c in self._counts.items()}
+
+    def _read_pending(self, only: list[_Counts] | None = None) -> None:
+        """Classify the device calls waiting in ``only`` (default: every configuration), unless a CUDA graph is being
+        captured. Locks in one order only: the capture lock, then the census's (a call being recorded holds the
+        census's alone)."""
+        with cuda_capture.outside_capture() as free:
+            if not free:
+                return
+            with self._lock:
+                taken = [(c, c.pending) for c in (self._counts.values() if only is None else only) if c.pending]
+                for c, _ in taken:
+                    c.pending = []
+            for c, pending in taken:
+                classified = classify_pending(pending, c.config["causal"])
+                with self._lock:
+                    c.add_classified(classified)
+            del taken  # the device tensors freed before a capture may begin
 
     def has_pending(self) -> bool:
         """Whether device calls wait to be classified (a snapshot taken during a capture left them)."""
