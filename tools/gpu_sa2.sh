@@ -222,7 +222,9 @@ EOF
     # for decode after an 8192-token prefill: GAP_KV=8400 GAP_CHUNK=8192 LENGTHS=8192 STEPS=48; its probe:
     # GAP_VARIANTS=triton,sage_attn,sage_attn_shadow,sage_attn_release on an H200 (five fit); on an H100 (three fit)
     # triton,sage_attn,sage_attn_shadow, then triton,sage_attn,sage_attn_release; DECODE_AFTER_S=2: the decode of the
-    # same prompts again 2 s after their prefill, whether the slower decode outlasts the moments after a kernel prefill)
+    # same prompts again 2 s after their prefill, whether the slower decode outlasts the moments after a kernel prefill,
+    # with GAP_VARIANTS=triton,sage_attn,sage_attn_all_triton on an H100, all_triton the control; with STEPS, each step
+    # is set against the SM clock logged meanwhile, steps_by_clock.md)
     if large_gpu; then all=triton,triton_copy,sage_attn,sage_attn_all_triton,sage_attn_no_stats; graphs=""
     else all=triton,sage_attn,sage_attn_all_triton; graphs=", --cuda-graph-max-bs-prefill, '2048'"; fi
     nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
