@@ -242,7 +242,8 @@ EOF
       --json "$out/steps_by_clock.json" 2>&1 | tee "$out/steps_by_clock.md" | tail -25
     tar -C "$out" -czf "$out/gap-logs.tgz" --exclude='*.trace.json.gz' --exclude='random-model' gap-logs 2>/dev/null
     tar -C "$out" -cf "$out/gap-traces.tar" gap-logs/profiles 2>/dev/null; rm -rf "$out/gap-logs";;
-  quick)  # the plugin's GPU tests with SA2 (split, dispatch timing, the census during a capture) and the per-layer overhead on the 8B shape (GPU alone)
+  quick)  # the plugin's GPU tests with SA2 (split, dispatch timing, the census during a capture) and the per-layer
+          # overhead on the 8B shape (GPU alone)
     ensure_sa2
     step "GPU tests with SA2"; sa2 timeout ${TESTS_S:-120} python3 -m pytest -q -m gpu -p no:cacheprovider \
       tests/test_sglang_plugin_split.py tests/test_sglang_plugin_dispatch.py tests/test_cuda_capture.py 2>&1 | tail -4
