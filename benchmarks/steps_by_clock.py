@@ -15,6 +15,8 @@ The servers take turns on one GPU, so a sample belongs to the server whose reque
 time; the GPU machine's clock is UTC (``--utc-offset-h`` otherwise).
 
     python3 benchmarks/steps_by_clock.py gap.json gpu-clocks.csv [--length 8192] [--json out.json]
+
+Every set of decode steps in the file is read (``--steps`` per length, and ``--decode-after-s``'s), each in its tables.
 """
 
 from __future__ import annotations
@@ -161,26 +163,29 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("gap_json")
     ap.add_argument("clocks_csv")
-    ap.add_argument("--length", default=None, help="the prefill length whose decode steps to read (default: the first)")
+    ap.add_argument("--length", default=None,
+                    help="which decode steps to read: a key of the file's steps, such as 8192 or '8192 after 2 s' "
+                         "(default: every one)")
     ap.add_argument("--baseline", default="triton")
     ap.add_argument("--bin-mhz", type=int, default=60)
     ap.add_argument("--utc-offset-h", type=float, default=0.0)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     gap = json.loads(Path(args.gap_json).read_text())
-    length = args.length or next(iter(gap.get("steps", {})), "")
-    reqs = requests(gap, length)
+    keys = [args.length] if args.length else list(gap.get("steps", {}))
+    runs = {key: requests(gap, key) for key in keys or [""]}
     clocks = read_clocks(args.clocks_csv, args.utc_offset_h)
     if not clocks:
         raise SystemExit(f"no clock samples in {args.clocks_csv}")
-    phases = phase_clocks(reqs, clocks)
-    bins = by_clock(step_clocks(reqs, clocks), args.bin_mhz)
-    equal = at_equal_clock(bins, args.baseline)
-    print(f"decode after a prefill of {length} tokens\n" + tables(phases, bins, equal, args.bin_mhz, args.baseline))
+    out = {}
+    for key, reqs in runs.items():
+        phases = phase_clocks(reqs, clocks)
+        bins = by_clock(step_clocks(reqs, clocks), args.bin_mhz)
+        equal = at_equal_clock(bins, args.baseline)
+        print(f"\n## decode steps: {key}\n" + tables(phases, bins, equal, args.bin_mhz, args.baseline))
+        out[key] = {"phases": phases, "by_clock": {str(k): v for k, v in bins.items()}, "at_equal_clock": equal}
     if args.json:
-        Path(args.json).write_text(json.dumps({"length": length, "phases": phases,
-                                               "by_clock": {str(k): v for k, v in bins.items()},
-                                               "at_equal_clock": equal}, indent=1))
+        Path(args.json).write_text(json.dumps(out, indent=1))
     return 0
 
 

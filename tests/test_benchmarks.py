@@ -179,7 +179,7 @@ def test_steps_by_clock_sets_each_decode_step_against_the_clock_logged_then(tmp_
     reqs = [request("sage_attn", t0, 100.0, 11.0),  # prefill [t0, t0 + 0.1), steps until t0 + 0.188: at 1600
             request("triton", t0 + 1.5, 100.0, 10.0), request("sage_attn", t0 + 2.2, 100.0, 10.2)]  # at 1950
     gap = tmp_path / "gap.json"
-    gap.write_text(json.dumps({"steps": {"8192": {"requests": reqs}}}))
+    gap.write_text(json.dumps({"steps": {"8192": {"requests": reqs}, "8192 after 2 s": {"requests": reqs[1:]}}}))
     samples = sbc.read_clocks(clocks)
     assert len(samples) == 60 and samples[0].sm_mhz == 1600 and samples[-1].reasons == 0
     bins = sbc.by_clock(sbc.step_clocks(reqs, samples), 60)
@@ -194,8 +194,14 @@ def test_steps_by_clock_sets_each_decode_step_against_the_clock_logged_then(tmp_
     assert prefill["samples"] == 4 and prefill["sm_min_mhz"] == 1600 and prefill["power_capped"] == 0.5
     assert phases["triton"]["steps 1-4"]["sm_median_mhz"] == 1950 and phases["triton"]["steps 1-4"]["power_capped"] == 0
     out = tmp_path / "by_clock.json"
-    assert sbc.main([str(gap), str(clocks), "--json", str(out)]) == 0
-    assert "sage_attn: 1.0200 at 1920-1979 MHz (8 steps)" in capsys.readouterr().out
-    assert json.loads(out.read_text())["at_equal_clock"]["sage_attn"]["bin_mhz"] == 1920
+    assert sbc.main([str(gap), str(clocks), "--json", str(out)]) == 0  # every set of steps in the file
+    printed = capsys.readouterr().out
+    assert "## decode steps: 8192\n" in printed and "## decode steps: 8192 after 2 s\n" in printed
+    assert printed.count("sage_attn: 1.0200 at 1920-1979 MHz (8 steps)") == 2  # the later set lacks the 1600 MHz request
+    got = json.loads(out.read_text())
+    assert got["8192"]["at_equal_clock"]["sage_attn"]["bin_mhz"] == 1920
+    assert "1560" in got["8192"]["by_clock"] and "1560" not in got["8192 after 2 s"]["by_clock"]
+    assert sbc.main([str(gap), str(clocks), "--length", "8192 after 2 s"]) == 0
+    assert "## decode steps: 8192\n" not in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no decode steps at length 512"):
         sbc.main([str(gap), str(clocks), "--length", "512"])

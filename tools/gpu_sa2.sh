@@ -239,7 +239,7 @@ EOF
     kill $smi 2>/dev/null
     # each decode step against the SM clock logged meanwhile (a slower decode the clock explains, or one at the same clock)
     [ "${STEPS:-0}" != 0 ] && python3 benchmarks/steps_by_clock.py "$out/gap.json" "$out/gpu-clocks.csv" \
-      --json "$out/steps_by_clock.json" 2>&1 | tee "$out/steps_by_clock.md" | tail -25
+      --json "$out/steps_by_clock.json" 2>&1 | tee "$out/steps_by_clock.md" | tail -50
     tar -C "$out" -czf "$out/gap-logs.tgz" --exclude='*.trace.json.gz' --exclude='random-model' gap-logs 2>/dev/null
     tar -C "$out" -cf "$out/gap-traces.tar" gap-logs/profiles 2>/dev/null; rm -rf "$out/gap-logs";;
   quick)  # the plugin's GPU tests with SA2 (split, dispatch timing, the census during a capture) and the per-layer
