@@ -205,7 +205,7 @@ EOF
     while [ ! -f /tmp/all35/gap.done ] && [ $(( $(date +%s) - t0 )) -lt ${WAIT_S:-540} ]; do sleep 5; done
     cat /tmp/all35.log; tail -60 /tmp/all35/gap.md 2>/dev/null
     cp /tmp/all35/gap.json /tmp/all35/gap.md /tmp/all35/gap-logs.tgz /tmp/all35/gap-traces.tar /tmp/all35/gpu-clocks.csv \
-      "$out/" 2>/dev/null;;
+      /tmp/all35/steps_by_clock.md /tmp/all35/steps_by_clock.json "$out/" 2>/dev/null;;
   wait35all)
     t0=$(date +%s)
     while [ ! -f /tmp/all35.done ] && [ $(( $(date +%s) - t0 )) -lt ${WAIT_S:-540} ]; do sleep 5; done
