@@ -173,7 +173,8 @@ echo "device-time test \$(date +%T)"; python3 -m pytest -q -m gpu -p no:cachepro
 if [ "${GAP:-0}" = 1 ]; then
   echo "gap start \$(date +%T)"
   RUN_S=${GAP_RUN_S:-420} REPEATS=${GAP_REPEATS:-12} LENGTHS=${GAP_LENGTHS:-128,512,128} PROFILE=${PROFILE:-8} PROFILE_TOKENS=${PROFILE_TOKENS:-1} STEPS=${STEPS:-0} STEP_PROMPTS=${STEP_PROMPTS:-1} \
-    GAP_KV=${GAP_KV:-8192} GAP_CHUNK=${GAP_CHUNK:-2048} bash tools/gpu_sa2.sh $kit $src $build /tmp/all35 gap \
+    GAP_KV=${GAP_KV:-8192} GAP_CHUNK=${GAP_CHUNK:-2048} DECODE_AFTER_S=${DECODE_AFTER_S:-} \
+    bash tools/gpu_sa2.sh $kit $src $build /tmp/all35 gap \
     > /tmp/all35/gap-phase.log 2>&1
   touch /tmp/all35/gap.done
 fi
