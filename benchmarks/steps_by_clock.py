@@ -32,7 +32,20 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 POWER_CAP = 0x4  # nvidia-smi's clocks_event_reasons: software power cap
-PHASES = (("prefill", None, 0), ("steps 1-4", 0, 4), ("steps 5-16", 4, 16), ("steps 17+", 16, None))
+
+
+def _step_segments() -> tuple[tuple[int, int | None], ...]:
+    """ttft_gap.py's segments of decode steps, so that both scripts' tables cut the steps alike."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ttft_gap", Path(__file__).with_name("ttft_gap.py"))
+    ttft_gap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ttft_gap)
+    return ttft_gap.STEP_SEGMENTS
+
+
+# (name, first token index, last token index): the prefill ends at token 0, decode step i runs from token i-1 to i
+PHASES = (("prefill", None, 0), *((f"steps {a}-{b}" if b else f"steps {a}+", a - 1, b) for a, b in _step_segments()))
 
 
 class Sample(NamedTuple):

@@ -186,7 +186,7 @@ def _md(text: Any) -> str:
 def markdown(runs: list[C.Run], data: dict[str, Any]) -> str:
     """The comparison for a PR: the headline, what ran where, and every check per run."""
     labels = [r.label for r in runs]
-    lines = [f"### sagecheck comparison: {' · '.join(labels)}", ""]
+    lines = [f"### sagecheck comparison: {C.RUN_SEP.join(labels)}", ""]
     lines += [f"- {_md(s)}" for s in data["headline"]]
     lines += ["", "| | " + " | ".join(map(_md, labels)) + " |", "|---|" + "---|" * len(labels)]
     for row in data["environment"]:
