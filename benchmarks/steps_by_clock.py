@@ -29,9 +29,10 @@ import json
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-POWER_CAP = 0x4  # nvidia-smi's clocks_event_reasons: software power cap
+from sagecheck.gpu_clocks import Sample, clock_stats  # the log's samples and their figures, as 04's clock log has them
+
 
 
 def _step_segments() -> tuple[tuple[int, int | None], ...]:
@@ -48,13 +49,6 @@ def _step_segments() -> tuple[tuple[int, int | None], ...]:
 PHASES = (("prefill", None, 0), *((f"steps {a}-{b}" if b else f"steps {a}+", a - 1, b) for a, b in _step_segments()))
 
 
-class Sample(NamedTuple):
-    t: float  # unix seconds
-    sm_mhz: float
-    power_w: float
-    reasons: int
-
-
 def read_clocks(path: str | Path, utc_offset_h: float = 0.0) -> list[Sample]:
     """The samples of an nvidia-smi CSV log (header skipped, rows it could not read, such as a last one cut off by the
     logger's end, left out), in time order."""
@@ -66,7 +60,7 @@ def read_clocks(path: str | Path, utc_offset_h: float = 0.0) -> list[Sample]:
             try:
                 when = dt.datetime.strptime(row[0].strip(), "%Y/%m/%d %H:%M:%S.%f")
                 t = when.replace(tzinfo=dt.timezone.utc).timestamp() - utc_offset_h * 3600
-                out.append(Sample(t, float(row[1].split()[0]), float(row[3].split()[0]), int(row[5].strip(), 16)))
+                out.append(Sample(t, 0, float(row[1].split()[0]), float(row[3].split()[0]), int(row[5].strip(), 16)))
             except (ValueError, IndexError):
                 continue
     return sorted(out, key=lambda s: s.t)
@@ -98,13 +92,15 @@ def phase_clocks(reqs: list[dict[str, Any]], clocks: list[Sample]) -> dict[str, 
             a = t0 if lo is None else t0 + token_s[lo]
             b = t0 + token_s[last if hi is None else min(hi, last)]
             got.setdefault(r["server"], {}).setdefault(name, []).extend(_between(clocks, times, a, b))
-    return {server: {name: {"sm_median_mhz": statistics.median(s.sm_mhz for s in samples),
-                            "sm_min_mhz": min(s.sm_mhz for s in samples),
-                            "power_median_w": statistics.median(s.power_w for s in samples),
-                            "power_capped": sum(bool(s.reasons & POWER_CAP) for s in samples) / len(samples),
-                            "samples": len(samples)}
-                     for name, samples in phases.items() if samples}
-            for server, phases in got.items()}
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for server, phases in got.items():
+        for name, samples in phases.items():
+            if st := clock_stats(samples):
+                out.setdefault(server, {})[name] = {
+                    "sm_median_mhz": st["sm_median_mhz"], "sm_min_mhz": st["sm_min_mhz"],
+                    "power_median_w": st["power_median_w"], "power_capped": st["power_capped_pct"] / 100,
+                    "samples": st["samples"]}
+    return out
 
 
 def step_clocks(reqs: list[dict[str, Any]], clocks: list[Sample], max_gap_s: float = 0.03) -> list[dict[str, Any]]:

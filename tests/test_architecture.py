@@ -22,7 +22,7 @@ LIB = ROOT / "lib" / "sagecheck"
 # every top-level module or package of lib/sagecheck, by layer (README's Development section lists the same)
 LAYERS = {
     "__init__": 0, "params": 0, "registry": 0, "results": 0, "environment": 0, "runtime": 0, "redact": 0, "notebooks": 0,
-    "thresholds": 0, "backend_stats": 0, "census": 0, "cuda_capture": 0,
+    "thresholds": 0, "backend_stats": 0, "census": 0, "cuda_capture": 0, "gpu_clocks": 0,
     "attention": 1, "data": 1, "models": 1, "sources": 1,
     "engines": 2, "sglang_plugin": 2,
     "metrics": 3,

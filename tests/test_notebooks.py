@@ -24,6 +24,12 @@ def result(out: Path, name: str) -> R.Results:
     return res
 
 
+def notebook_text(out: Path, name: str) -> str:
+    """Everything the executed notebook shows (its outputs, as text)."""
+    executed = nbformat.read(out / "notebooks" / f"{name}.ipynb", as_version=4)
+    return json.dumps([c.get("outputs", []) for c in executed.cells])
+
+
 def ids(res: R.Results) -> set[str]:
     return {v.id for v in res.verdicts}
 
@@ -96,6 +102,11 @@ def test_04_throughput(ci_run):
     assert t.metrics["context"]["on_gpu"] is False and "CPU" in t.metrics["context"]["description"]
     assert t.metrics["labels"] == {"baseline": "sdpa", "candidate": "sage-emulated", "copy": None}
     assert any("CPU timings" in n for n in t.notes) and ids(t) == {"throughput.points"}
+    # no GPU clocks on the CPU, and the notebook says why instead of showing empty columns
+    clocks = t.metrics["gpu_clocks"]
+    assert clocks["logged"] is False and clocks["why_not"] == "the run is on the CPU, not a GPU" and clocks["samples"] == 0
+    assert clocks["lower_decode_clocks"] == [] and not any("decode_sm_mhz" in r for r in rows)
+    assert "GPU clocks: not logged (the run is on the CPU, not a GPU)." in notebook_text(ci_run[1], "04_throughput")
 
 
 def test_05_memory(ci_run):

@@ -563,6 +563,10 @@ def test_notebooks_on_the_sglang_engine(tmp_path, builtin):
     assert {(r["prefill_on"], r["prefill_batches_kernel"]) for r in t.tables["throughput"] if r["implementation"] == "sage_attn"} \
         == {("kernel", 7)} and t.metrics["prefill_points_on_kernel"] == 4
     assert t.metrics["servers"]["orders_balanced"] and "6 orders of a Williams design" in t.metrics["servers"]["order"]
+    # the stand-in servers run on the CPU: no GPU clocks, and the results say why
+    clocks = t.metrics["gpu_clocks"]
+    assert clocks["logged"] is False and clocks["why_not"] == "the run is on the CPU, not a GPU" and "gpu_clocks" not in \
+        t.metrics["servers"]
     assert t.metrics["dispatch"]["rule"].startswith("every extend batch on the kernel (stand-in") and "dispatch" not in t.tables
     for nb in ("02_logits", "03_perplexity", "04_throughput", "07_context_length", "09_tasks", "10_code_paths"):
         assert "prefill batches on the kernel" in R.load(out / "results" / f"{nb}.json").metrics["candidate_ran"]

@@ -13,6 +13,7 @@
 #   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT v2       # 00+08 with 1.0.6, SA2 auto and SA2's Triton kernel, compare
 #   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT census   # 10's paths and kernel census on real servers, 1.0.6 and SA2 side by
 #                                                      # side (SA2 compiled meanwhile), then the GPU tests with SA2
+#                                                      # (the census during a prefill-graph capture included)
 #   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT speed8b  # sage_attn's per-layer overhead (benchmarks/backend_overhead.py) and
 #                                                      # 00+04 on the 8B shape with SA2, the dispatch rule measured
 #   tools/gpu_sa2.sh KIT SA2_SRC BUILD_SH OUT builtin35  # the census's cost per call on the GPU, then (in the background)
@@ -127,8 +128,10 @@ EOF
       --out /tmp/cp_v2 --variants sage_attn > "$out/paths_v2.md" 2>&1
     wait $ppid; step "paths done"
     tar -C /tmp -czf "$out/census.tgz" --exclude='*.safetensors' cp_v1 cp_v2 2>/dev/null
-    sa2 timeout ${TESTS_S:-100} python3 -m pytest -q -m gpu -s tests/test_sglang_plugin_split.py tests/test_sglang_plugin.py \
-      -p no:cacheprovider > "$out/gpu_tests_sa2.txt" 2>&1; tail -3 "$out/gpu_tests_sa2.txt"
+    sa2 timeout ${TESTS_S:-150} python3 -m pytest -q -m gpu -s tests/test_sglang_plugin_split.py tests/test_sglang_plugin.py \
+      tests/test_sglang_plugin_dispatch.py tests/test_cuda_capture.py tests/test_gpu_clocks.py -p no:cacheprovider \
+      > "$out/gpu_tests_sa2.txt" 2>&1
+    tail -3 "$out/gpu_tests_sa2.txt"
     step "done";;
   speed8b)
     ensure_sa2
@@ -243,11 +246,12 @@ EOF
       --json "$out/steps_by_clock.json" 2>&1 | tee "$out/steps_by_clock.md" | tail -50
     tar -C "$out" -czf "$out/gap-logs.tgz" --exclude='*.trace.json.gz' --exclude='random-model' gap-logs 2>/dev/null
     tar -C "$out" -cf "$out/gap-traces.tar" gap-logs/profiles 2>/dev/null; rm -rf "$out/gap-logs";;
-  quick)  # the plugin's GPU tests with SA2 (split, dispatch timing, the census during a capture) and the per-layer
-          # overhead on the 8B shape (GPU alone)
+  quick)  # the plugin's GPU tests with SA2 (split, dispatch timing, the census during a capture, the clock log) and
+          # the per-layer overhead on the 8B shape (GPU alone)
     ensure_sa2
     step "GPU tests with SA2"; sa2 timeout ${TESTS_S:-120} python3 -m pytest -q -m gpu -p no:cacheprovider \
-      tests/test_sglang_plugin_split.py tests/test_sglang_plugin_dispatch.py tests/test_cuda_capture.py 2>&1 | tail -4
+      tests/test_sglang_plugin_split.py tests/test_sglang_plugin_dispatch.py tests/test_cuda_capture.py \
+      tests/test_gpu_clocks.py 2>&1 | tail -4
     step "overhead per layer, SA2, 8B shape"
     sa2 timeout ${OVERHEAD_S:-150} python3 benchmarks/backend_overhead.py --out "$out/overhead_sa2.json" > "$out/overhead_sa2.txt" 2>&1
     grep -v "after, \(device\|host\)" "$out/overhead_sa2.txt" | grep -v Warning | tail -20; step "done";;

@@ -263,6 +263,11 @@ class Engine(abc.ABC):
         default)."""
         raise NotAvailable(self.name, CALL_COUNTS)
 
+    def timed_gpus(self) -> tuple[list[int] | None, str]:
+        """The CUDA devices (ordinals as this process numbers them) the engine's timed work runs on, for the GPU clock
+        log beside the timings (:mod:`sagecheck.gpu_clocks`); None and why where it cannot say."""
+        return None, f"the {self.name} engine does not say which GPU it times"
+
     # the parameters (dotted paths) whose values this engine's speed and memory figures depend on: runs that differ in
     # one are not compared point by point (``compare``)
     speed_depends_on: tuple[str, ...] = ("model", "revision", "dtype", "engine", "baseline", "candidate", "candidate_phases",

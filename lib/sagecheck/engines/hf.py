@@ -96,6 +96,11 @@ class HFEngine(Engine):
     def current_implementation(self) -> str:
         return attn_hf.sagecheck_name(self._model.config._attn_implementation)
 
+    def timed_gpus(self) -> tuple[list[int] | None, str]:
+        if self._device.type != "cuda":
+            return None, f"the run is on the {self._device.type.upper()}, not a GPU"
+        return [self._device.index if self._device.index is not None else torch.cuda.current_device()], ""
+
     @contextmanager
     def backend(self, label: str, layers: set[int] | None = None) -> Iterator["HFBackend"]:
         """Run ``label``'s implementation inside the block (only in ``layers`` if given; the baseline elsewhere)."""

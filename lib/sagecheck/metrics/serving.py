@@ -30,6 +30,7 @@ import torch
 
 from sagecheck import backend_stats
 from sagecheck.engines import Engine, EngineError
+from sagecheck.gpu_clocks import ClockLog
 from sagecheck.metrics.counted import Counted
 from sagecheck.metrics.timing import (NO_CONTROL, Samples, paired_ratio, progress_logger, random_prompts, speedup_fields,
                                       timing_row)
@@ -63,19 +64,24 @@ def balanced_orders(n: int) -> list[list[int]]:
 
 
 def measure_interleaved(backends: dict[str, Any], labels: list[str], prompts: list[list[int]], decode_tokens: int,
-                        repeats: int, warmup: int) -> dict[str, dict[str, Samples]]:
+                        repeats: int, warmup: int, windows: list[tuple[str, float, float, float]] | None = None,
+                        ) -> dict[str, dict[str, Samples]]:
     """One point on every server: per repeat, each server in the order of :func:`balanced_orders` (the timed repeats
     from its first order on) gets the prompts as one streamed request after its prefix cache is flushed. Prefill = TTFT
-    (ms), decode = the rest of the request (ms)."""
+    (ms), decode = the rest of the request (ms). ``windows``: each timed request's (label, start, first token, end) in
+    unix seconds is appended to it (the GPU clock log's samples of each server, :mod:`sagecheck.gpu_clocks`)."""
     times: dict[str, dict[str, list[float]]] = {label: {"prefill": [], "decode": []} for label in labels}
     orders = balanced_orders(len(labels))
     for r in range(warmup + repeats):
         for label in (labels[i] for i in orders[(r - warmup) % len(orders)]):
             backends[label].reset_cache()
+            start = time.time()
             ttft, total = backends[label].streamed_timing(prompts, decode_tokens)
             if r >= warmup:
                 times[label]["prefill"].append(ttft)
                 times[label]["decode"].append(max(total - ttft, 1e-6))
+                if windows is not None:
+                    windows.append((label, start, start + ttft / 1e3, start + total / 1e3))
     return {label: {k: Samples(np.asarray(v), CLOCK) for k, v in t.items()} for label, t in times.items()}
 
 
@@ -142,6 +148,7 @@ def _sweep(engine: Engine, stack: ExitStack, lengths: list[int], batches: list[i
         raise EngineError(f"the baseline server cannot be reached, no point can be measured: {servers[baseline]['error']}",
                           cause=servers[baseline]["error"])
     running = [label for label in labels if label in clients]
+    clocks = stack.enter_context(ClockLog(*engine.timed_gpus()))  # each server's GPU clocks while its requests ran
     # where the candidate's prefill batches ran at each point: its own counters, read around the point
     counted = Counted(clients[candidate], backend_stats.settle_s()) if candidate in clients else None
     dispatch = clients[candidate].dispatch() if candidate in clients else None
@@ -167,9 +174,10 @@ def _sweep(engine: Engine, stack: ExitStack, lengths: list[int], batches: list[i
                 continue
             prompts = random_prompts(vocab, batch, length, seed, torch.device("cpu")).tolist()
             t0 = time.perf_counter()
+            windows: list[tuple[str, float, float, float]] = []
             try:
                 samples, delta, _ = counted(lambda: measure_interleaved(clients, running, prompts, decode_tokens, repeats,
-                                                                        warmup))
+                                                                        warmup, windows))
             except EngineError as e:
                 why = e.cause.splitlines()[0][:300]
                 rows += [{"batch": batch, "input_length": length, "implementation": label, "status": "error", "error": why}
@@ -181,6 +189,7 @@ def _sweep(engine: Engine, stack: ExitStack, lengths: list[int], batches: list[i
             wall = time.perf_counter() - t0
             for r in new:
                 r["point_wall_s"] = wall
+                r.update(clocks.phase_fields(windows, r["implementation"]))
             rows += new + not_run
             log(f"batch {batch} length {length}: ok in {wall:.1f} s")
     cycle = len(balanced_orders(len(running)))
@@ -188,7 +197,7 @@ def _sweep(engine: Engine, stack: ExitStack, lengths: list[int], batches: list[i
              f"position and after each other server equally often); {repeats} repeats: "
              + ("balanced" if repeats % cycle == 0 else f"not a multiple of {cycle}, so not exactly balanced"))
     return rows, {"servers": servers, "order": order, "orders_balanced": repeats % cycle == 0, "clock": CLOCK,
-                  "decode_steps_per_request": decode_steps, "dispatch": dispatch}
+                  "decode_steps_per_request": decode_steps, "dispatch": dispatch, "gpu_clocks": clocks.facts()}
 
 
 def summary(rows: list[dict[str, Any]], candidate: str) -> dict[str, Any]:

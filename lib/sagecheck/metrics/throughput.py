@@ -28,6 +28,7 @@ import numpy as np
 from sagecheck import backend_stats
 from sagecheck.attention import AttentionUnavailable, UnsupportedCall
 from sagecheck.engines import SERVERS
+from sagecheck.gpu_clocks import CLOCK_STEP_MHZ, ClockLog
 from sagecheck.metrics.timing import (Samples, Stopwatch, gc_paused, gpu_busy_ms, progress_logger, random_prompts,
                                       speedup_fields, timing_row)
 
@@ -43,8 +44,9 @@ def _wall_ms(fn: Any, device: torch.device) -> float:
 
 
 def _one_repeat(backend: Any, prompts: torch.Tensor, decode_tokens: int, device: torch.device,
-                kernel_time: bool = False) -> tuple[float, float]:
-    """(prefill ms, decode ms) of one repeat: elapsed time, or with ``kernel_time`` the GPU's busy time."""
+                kernel_time: bool = False, stamps: list[float] | None = None) -> tuple[float, float]:
+    """(prefill ms, decode ms) of one repeat: elapsed time, or with ``kernel_time`` the GPU's busy time. ``stamps``: the
+    repeat's start, the prefill's end and the decode's end (unix seconds, each after the GPU finished) are put in it."""
     state: dict[str, Any] = {}
 
     def prefill() -> None:
@@ -57,7 +59,12 @@ def _one_repeat(backend: Any, prompts: torch.Tensor, decode_tokens: int, device:
             state["tokens"] = logits.argmax(-1)
 
     measure = gpu_busy_ms if kernel_time else _wall_ms
-    pre, dec = measure(prefill, device), measure(decode, device)
+    t0 = time.time()
+    pre = measure(prefill, device)
+    t1 = time.time()
+    dec = measure(decode, device)
+    if stamps is not None:
+        stamps[:] = [t0, t1, time.time()]
     state.clear()
     return pre, dec
 
@@ -71,11 +78,13 @@ def _free(device: torch.device) -> None:
 
 
 def measure_point(engine: Any, implementations: tuple[str, str], batch: int, length: int, decode_tokens: int,
-                  repeats: int, warmup: int, seed: int) -> dict[str, Any]:
+                  repeats: int, warmup: int, seed: int,
+                  windows: list[tuple[str, float, float, float]] | None = None) -> dict[str, Any]:
     """Elapsed-time samples of both implementations at one point, or a status.
 
     ``{"status": "ok", "samples": {impl: {"prefill": Samples, "decode": Samples}}}``, else
-    ``{"status": "out of memory" | "unsupported", "error": ...}``.
+    ``{"status": "out of memory" | "unsupported", "error": ...}``. ``windows``: each timed repeat's (implementation,
+    start, prefill's end, decode's end) is appended to it (:mod:`sagecheck.gpu_clocks`).
     """
     import torch
 
@@ -88,11 +97,14 @@ def measure_point(engine: Any, implementations: tuple[str, str], batch: int, len
             for r in range(warmup + repeats):
                 order = implementations if r % 2 == 0 else implementations[::-1]
                 for impl in order:
+                    stamps: list[float] = []
                     with engine.backend(impl) as backend:
-                        pre, dec = _one_repeat(backend, prompts, decode_tokens, device)
+                        pre, dec = _one_repeat(backend, prompts, decode_tokens, device, stamps=stamps)
                     if r >= warmup:
                         samples[impl]["prefill"].append(pre)
                         samples[impl]["decode"].append(dec)
+                        if windows is not None:
+                            windows.append((impl, *stamps))
     except torch.cuda.OutOfMemoryError as e:
         _free(device)
         return {"status": "out of memory", "error": str(e).splitlines()[0][:200]}
@@ -240,7 +252,8 @@ def stability_rows(stability: dict[str, Any], on_gpu: bool = True) -> list[dict[
 
 def sweep(engine: Any, implementations: tuple[str, str], lengths: list[int], batches: list[int], decode_tokens: int,
           repeats: int, warmup: int, seed: int, repeat_point: bool = True, kernel_time: str = "repeated",
-          tolerance_pct: float = 3.0, progress_log: str | Path | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+          tolerance_pct: float = 3.0, progress_log: str | Path | None = None,
+          clocks: ClockLog | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every (length, batch) point, then the largest point that ran measured once more.
 
     Returns the table rows (with each point's wall time, warm-up included) and the
@@ -254,7 +267,8 @@ def sweep(engine: Any, implementations: tuple[str, str], lengths: list[int], bat
     the rest of the process (README, GPU runs; ``benchmarks/profiler_aftereffect.py``; pytorch/pytorch#144455 reports CUPTI staying
     attached as the cause). The repeated point's two profiled repeats therefore run back to
     back at the end. Each finished step appends a line to
-    ``progress_log`` so a long sweep can be watched, and what ran is known if it is cut off.
+    ``progress_log`` so a long sweep can be watched, and what ran is known if it is cut off. ``clocks``: an open GPU
+    clock log, whose samples of each implementation's timed prefills and decodes go in its rows.
     """
     log = progress_logger(progress_log)
     if kernel_time not in ("all", "repeated", "off"):
@@ -262,10 +276,13 @@ def sweep(engine: Any, implementations: tuple[str, str], lengths: list[int], bat
 
     points: dict[tuple[int, int], dict[str, Any]] = {}
     walls: dict[tuple[int, int], float] = {}
+    windows: dict[tuple[int, int], list[tuple[str, float, float, float]]] = {}
     for length in lengths:
         for batch in batches:
             t0 = time.perf_counter()
-            point = measure_point(engine, implementations, batch, length, decode_tokens, repeats, warmup, seed)
+            windows[(batch, length)] = []
+            point = measure_point(engine, implementations, batch, length, decode_tokens, repeats, warmup, seed,
+                                  windows[(batch, length)])
             walls[(batch, length)] = time.perf_counter() - t0
             points[(batch, length)] = point
             log(f"batch {batch} length {length}: {point['status']} in {walls[(batch, length)]:.1f} s")
@@ -292,6 +309,8 @@ def sweep(engine: Any, implementations: tuple[str, str], lengths: list[int], bat
         new = point_records(point, implementations, batch, length, decode_tokens)
         for r in new:
             r["point_wall_s"] = walls[(batch, length)]
+            if clocks is not None and r["status"] == "ok":
+                r.update(clocks.phase_fields(windows[(batch, length)], r["implementation"]))
         rows += new
     stability: dict[str, Any] = {}
     if repeated is not None:
@@ -320,6 +339,7 @@ class Sweep:
     stability: dict[str, Any] = field(default_factory=dict)  # in process: the repeated point
     copy: str | None = None  # servers: the baseline's copy (A/A control)
     on_gpu: bool = True  # False: CPU timings, which get no verdict
+    gpu_clocks: dict[str, Any] = field(default_factory=dict)  # what the GPU clock log logged (ClockLog.facts)
 
     @property
     def candidate_rows(self) -> list[dict[str, Any]]:
@@ -344,12 +364,13 @@ def run(engine: Any, p: Any, where: str, on_gpu: bool, progress_log: str | Path 
         rows, served = serving.sweep(engine, lengths, batches, p.decode_tokens, p.repeats, p.warmup, p.seed,
                                      aa_control=p.aa_control, max_batch_tokens=p.max_batch_tokens, progress_log=progress_log)
         return Sweep(rows, engine.baseline, engine.candidate, lengths, batches, context, where, served=served,
-                     copy=engine.copy if p.aa_control else None, on_gpu=on_gpu)
-    rows, stability = sweep(engine, engine.pair, lengths, batches, p.decode_tokens, p.repeats, p.warmup, p.seed,
-                            repeat_point=p.repeat_point, kernel_time=p.kernel_time, tolerance_pct=p.stability_max_pct,
-                            progress_log=progress_log)
+                     copy=engine.copy if p.aa_control else None, on_gpu=on_gpu, gpu_clocks=served.pop("gpu_clocks", {}))
+    with ClockLog(*engine.timed_gpus()) as clocks:
+        rows, stability = sweep(engine, engine.pair, lengths, batches, p.decode_tokens, p.repeats, p.warmup, p.seed,
+                                repeat_point=p.repeat_point, kernel_time=p.kernel_time, tolerance_pct=p.stability_max_pct,
+                                progress_log=progress_log, clocks=clocks)
     return Sweep(rows, engine.baseline, engine.candidate, lengths, batches, context, where, stability=stability,
-                 on_gpu=on_gpu)
+                 on_gpu=on_gpu, gpu_clocks=clocks.facts())
 
 
 def tables(s: Sweep) -> list[tuple[list[dict[str, Any]], str, list[str]]]:
@@ -381,6 +402,11 @@ def tables(s: Sweep) -> list[tuple[list[dict[str, Any]], str, list[str]]]:
                 ["input_length", "batch", "implementation", *(["attention_backend"] if s.served else []), "ttft_ms",
                  "prefill_tok_s", "decode_tok_s_per_seq", "decode_tok_s_total", "prefill_spread_pct", "decode_spread_pct",
                  *[c for c in ("decode_gpu_ms_per_token", "decode_gpu_busy_pct") if any(c in r for r in others)]]))
+    clocked = [r for r in s.rows if r["status"] == "ok" and "decode_clock_samples" in r]
+    if clocked:
+        out.append((clocked, f"GPU clocks while each ran (SM clock sampled every {s.gpu_clocks.get('interval_ms')} ms: "
+                             f"median MHz and samples; limited: the share of samples the driver held the clock down for "
+                             f"power or heat) — {s.context}", CLOCK_COLUMNS))
     failed = [r for r in s.rows if r["status"] != "ok"]
     if failed:
         out.append((failed, "Points that did not run", ["input_length", "batch", "implementation", "status", "error"]))
@@ -388,6 +414,63 @@ def tables(s: Sweep) -> list[tuple[list[dict[str, Any]], str, list[str]]]:
         out.append((stability_rows(s.stability, s.on_gpu), f"The same point measured twice: batch {s.stability['batch']}, length "
                     f"{s.stability['input_length']} (medians) — {s.context}", ["figure", "first_ms", "again_ms", "diff_pct", "judged"]))
     return out
+
+
+CLOCK_COLUMNS = ["input_length", "batch", "implementation", "prefill_sm_mhz", "prefill_clock_limited_pct",
+                 "prefill_clock_samples", "decode_sm_mhz", "decode_sm_min_mhz", "decode_clock_limited_pct",
+                 "decode_clock_samples"]
+
+
+def lower_decode_clocks(s: Sweep) -> list[dict[str, Any]]:
+    """The points where the candidate decoded at a lower median SM clock than the baseline: by two clock steps or more
+    and by more than the A/A copy's own difference from the baseline there (where it ran)."""
+    by = {(r["batch"], r["input_length"], r["implementation"]): r for r in s.rows
+          if r["status"] == "ok" and r.get("decode_sm_mhz") is not None}
+    out = []
+    for (b, n, impl), cand in by.items():
+        base = by.get((b, n, s.baseline))
+        if impl != s.candidate or base is None:
+            continue
+        copy = by.get((b, n, s.copy)) if s.copy else None
+        gap = base["decode_sm_mhz"] - cand["decode_sm_mhz"]
+        aa_gap = abs(base["decode_sm_mhz"] - copy["decode_sm_mhz"]) if copy else 0.0
+        if gap >= 2 * CLOCK_STEP_MHZ and gap > aa_gap:
+            out.append({"batch": b, "input_length": n, "candidate_mhz": cand["decode_sm_mhz"],
+                        "baseline_mhz": base["decode_sm_mhz"], "copy_mhz": copy["decode_sm_mhz"] if copy else None,
+                        "candidate_limited_pct": cand.get("decode_clock_limited_pct"),
+                        "baseline_limited_pct": base.get("decode_clock_limited_pct"),
+                        "decode_speedup": cand.get("decode_speedup")})
+    return sorted(out, key=lambda r: (r["input_length"], r["batch"]))
+
+
+def clock_words(s: Sweep) -> str | None:
+    """What the GPU clock log logged, or why nothing; and where the candidate decoded at a lower clock than the
+    baseline (its decode speedup there includes the clock). None where the sweep has no record of the log."""
+    from sagecheck.results import format_number
+
+    c = s.gpu_clocks
+    if not c:
+        return None
+    if not c.get("logged"):
+        return f"GPU clocks: not logged ({c.get('why_not') or 'no reason given'})."
+    gpus = ", ".join(f"{g['index']} ({g['name']})" for g in c.get("gpus", []))
+    turns = "the servers take turns on it" if s.served else "the implementations take turns"
+    words = (f"GPU clocks: SM clock, power and the driver's reasons for holding the clock down sampled every "
+             f"{c['interval_ms']} ms through {c.get('source', 'NVML')} on GPU {gpus}, {c['samples']} samples; each row's "
+             f"are those taken while its own timed requests ran ({turns}).")
+    if c.get("why_not"):
+        words += f" The log ended early: {c['why_not']}."
+    lower = lower_decode_clocks(s)
+    if lower:
+        points = "; ".join(
+            f"{r['input_length']} x {r['batch']}: {r['candidate_mhz']:.0f} against {r['baseline_mhz']:.0f} MHz"
+            + (f" (A/A copy {r['copy_mhz']:.0f})" if r["copy_mhz"] is not None else "")
+            + f", held down in {format_number(r['candidate_limited_pct'])}% and {format_number(r['baseline_limited_pct'])}% "
+              f"of the samples, decode speedup {format_number(r['decode_speedup'])}" for r in lower)
+        words += (f" **The candidate decoded at a lower SM clock than the baseline** at {points}. Its decode speedup "
+                  f"there includes that clock: a prefill that draws more power just before a decode lowers the clock "
+                  f"the decode runs at (a power cap), whether or not the decode's own work differs.")
+    return words
 
 
 def speedup_maps(s: Sweep) -> list[tuple[str, str]]:
@@ -581,6 +664,7 @@ def record(results: Any, s: Sweep, p: Any, on_gpu: bool) -> dict[str, Any]:
         results.metric(key, value)
     results.metric("stability", s.stability)
     results.metric("servers", s.served)
+    results.metric("gpu_clocks", {**s.gpu_clocks, "lower_decode_clocks": lower_decode_clocks(s)})
     results.table("throughput", s.rows)
     st = s.stability
     if st and on_gpu:

@@ -293,6 +293,23 @@ class SGLangEngine(Engine):
     def from_params(cls, params: Any, log_dir: str | Path | None = None, **_: Any) -> "SGLangEngine":
         return cls(params, Path(log_dir) if log_dir else Path.cwd() / "sglang-logs", servers=getattr(params, "servers", None))
 
+    def timed_gpus(self) -> tuple[list[int] | None, str]:
+        """The servers sagecheck starts run on this machine, side by side, on the first ``sglang.tp`` GPUs it shows from
+        SGLang's ``--base-gpu-id`` (0 unless ``sglang.extra_args`` sets it); servers given by URL may run anywhere."""
+        s = self.params.sglang
+        if s.url or s.baseline_url:
+            return None, "the servers were given by URL (sglang.url): they may run on another machine"
+        if str(self.params.device) == "cpu":
+            return None, "the run is on the CPU, not a GPU"
+        args = [str(a) for a in s.extra_args]
+        base = 0
+        for i, a in enumerate(args):
+            if a.startswith("--base-gpu-id="):
+                base = int(a.split("=", 1)[1])
+            elif a == "--base-gpu-id" and i + 1 < len(args):
+                base = int(args[i + 1])
+        return list(range(base, base + s.tp)), ""
+
     def model_config(self) -> Any:
         from sagecheck import models
 

@@ -1,0 +1,288 @@
+"""The GPU clock log beside 04's timings (sagecheck.gpu_clocks): which NVML GPU a CUDA device is, the samples of each
+timed request's own server or implementation, the figures of a set of samples, and the words 04 says of them."""
+
+from __future__ import annotations
+
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from sagecheck import gpu_clocks as G
+
+H100 = ("NVIDIA H100 80GB HBM3", "GPU-aaaa-1111")
+H100B = ("NVIDIA H100 80GB HBM3", "GPU-bbbb-2222")
+L4 = ("NVIDIA L4", "GPU-cccc-3333")
+
+
+SAME = [H100, H100B, (H100[0], "GPU-dddd-4444")]
+MIXED = [H100, H100B, L4]
+
+
+@pytest.mark.parametrize("devices, env, ordinals, want", [
+    (SAME, {}, [0, 1], [0, 1]),  # no CUDA_VISIBLE_DEVICES, GPUs of one model: CUDA's order is the PCI bus order
+    (SAME, {"CUDA_VISIBLE_DEVICES": "1"}, [0], [1]),
+    (SAME, {"CUDA_VISIBLE_DEVICES": "2, 0"}, [0, 1], [0, 2]),
+    (MIXED, {"CUDA_VISIBLE_DEVICES": "GPU-bbbb"}, [0], [1]),  # a UUID prefix, as CUDA takes it; any order then
+    (MIXED, {"CUDA_VISIBLE_DEVICES": "GPU-cccc-3333,GPU-aaaa-1111"}, [1], [0]),
+    (MIXED, {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}, [2], [2]),  # mixed models, but CUDA told to count by bus
+])
+def test_a_cuda_device_is_the_nvml_gpu_its_environment_names(devices, env, ordinals, want):
+    assert G.nvml_targets(ordinals, devices, env) == (want, None)
+
+
+@pytest.mark.parametrize("env, ordinals, why", [
+    ({}, [0], "fastest first"),  # GPUs of different models: CUDA's default order is not NVML's
+    ({"CUDA_VISIBLE_DEVICES": "0"}, [1], "not among CUDA_VISIBLE_DEVICES=0"),
+    ({"CUDA_VISIBLE_DEVICES": "MIG-1234"}, [0], "MIG instance"),
+    ({"CUDA_VISIBLE_DEVICES": "GPU-"}, [0], "matches 3 of NVML's GPUs"),
+    ({"CUDA_VISIBLE_DEVICES": "7"}, [0], "not among NVML's 3 GPUs"),
+    ({"CUDA_VISIBLE_DEVICES": "first"}, [0], "neither an index nor a GPU UUID"),
+])
+def test_a_cuda_device_it_cannot_tell_is_not_guessed(env, ordinals, why):
+    got, words = G.nvml_targets(ordinals, [H100, H100B, L4], env)
+    assert got is None and why in words
+
+
+def test_the_figures_of_a_set_of_samples():
+    samples = [G.Sample(0.0, 0, 1980, 120.0, 0x0), G.Sample(0.05, 0, 1590, 510.0, 0x4),
+               G.Sample(0.10, 0, 1800, 500.0, 0x4 | 0x1), G.Sample(0.15, 0, 1965, None, 0x1),
+               G.Sample(0.20, 0, 1700, 480.0, 0x40)]
+    st = G.clock_stats(samples)
+    assert st == {"sm_median_mhz": 1800, "sm_min_mhz": 1590, "power_median_w": 490.0, "limited_pct": 60.0,
+                  "power_capped_pct": 40.0, "samples": 5}  # idle (0x1) holds nothing down; thermal (0x40) does
+    assert G.clock_stats([]) is None
+    assert G.reason_words(0x4 | 0x40 | 0x1) == "software power cap, hardware thermal slowdown"
+
+
+class RunningReader:
+    """A GPU whose SM clock is that of whoever runs on it now (``running[0]``), every reading stamped by the log."""
+
+    def __init__(self, clocks: dict[str, float], running: list[str], fail_after: int | None = None) -> None:
+        self.clocks, self.running, self.reads, self.fail_after, self.closed = clocks, running, 0, fail_after, False
+
+    def gpus(self):
+        return [{"index": 3, "name": "stand-in GPU", "uuid": "GPU-0"}]
+
+    def read(self):
+        self.reads += 1
+        if self.fail_after is not None and self.reads > self.fail_after:
+            raise RuntimeError("GPU is lost")
+        who = self.running[0]
+        return [(3, self.clocks[who], 400.0, 0x4 if who.startswith("sage_attn") else 0x0)]
+
+    def close(self):
+        self.closed = True
+
+
+class TimedServer:
+    """A stand-in server: its prefill and decode take fixed times, during which it is the one running on the GPU."""
+
+    def __init__(self, name: str, running: list[str], prefill_s: float, decode_s: float) -> None:
+        self.name, self.running, self.prefill_s, self.decode_s = name, running, prefill_s, decode_s
+
+    def reset_cache(self):
+        pass
+
+    def streamed_timing(self, prompts, decode_tokens):
+        t0 = time.perf_counter()
+        self.running[0] = f"{self.name}:prefill"
+        time.sleep(self.prefill_s)
+        ttft = (time.perf_counter() - t0) * 1e3
+        self.running[0] = f"{self.name}:decode"
+        time.sleep(self.decode_s)
+        total = (time.perf_counter() - t0) * 1e3
+        self.running[0] = "idle"
+        return ttft, total
+
+
+def test_each_timed_request_gets_the_samples_taken_while_it_ran():
+    """Three servers take turns; the GPU's clock is that of the one running. Each row's prefill and decode clocks are
+    its own server's, none of another's or of the idle time between requests."""
+    from sagecheck.metrics.serving import measure_interleaved
+
+    names = ["triton", "sage_attn", "triton copy"]
+    clocks = {"idle": 300.0}
+    for i, n in enumerate(names):
+        clocks[f"{n}:prefill"], clocks[f"{n}:decode"] = 1500.0 + 100 * i, 1800.0 + 60 * i
+    running = ["idle"]
+    servers = {n: TimedServer(n, running, 0.04, 0.06) for n in names}
+    windows = []
+    with G.ClockLog([0], reader=RunningReader(clocks, running), interval_s=0.002) as log:
+        measure_interleaved(servers, names, [[1, 2]], 4, repeats=6, warmup=1, windows=windows)
+    assert len(windows) == 18 and {w[0] for w in windows} == set(names)
+    assert all(a < b < c for _, a, b, c in windows)
+    assert log.facts()["logged"] and log.facts()["gpus"][0]["index"] == 3 and log.facts()["samples"] > 100
+    for n in names:
+        f = log.phase_fields(windows, n)
+        assert f["prefill_sm_mhz"] == clocks[f"{n}:prefill"] and f["decode_sm_mhz"] == clocks[f"{n}:decode"], (n, f)
+        assert f["prefill_clock_samples"] >= 30 and f["decode_clock_samples"] >= 60
+        # only sage_attn's GPU is held down: no other server's request gets its samples (at a window's edge a sample
+        # may be of the moment between its own phases, or of the idle gap, never of another server)
+        assert f["decode_clock_limited_pct"] >= 95 if n == "sage_attn" else f["decode_clock_limited_pct"] == 0.0
+    assert log._reader.closed
+
+
+def test_a_clock_log_that_cannot_log_says_why_and_logs_nothing():
+    log = G.ClockLog(None, "the run is on the CPU, not a GPU")
+    with log:
+        pass
+    assert log.facts()["logged"] is False and log.facts()["why_not"] == "the run is on the CPU, not a GPU"
+    assert log.phase_fields([("a", 0.0, 1.0, 2.0)], "a") == {}
+
+    class Unmappable(RunningReader):
+        def gpus(self):
+            raise LookupError("CUDA device 0 is a MIG instance (MIG-1): NVML's clocks are the whole GPU's")
+
+    with G.ClockLog([0], reader=Unmappable({}, ["idle"])) as log:
+        pass
+    assert not log.logging and "MIG instance" in log.facts()["why_not"]
+
+
+def test_a_gpu_that_stops_answering_ends_the_log_and_keeps_its_samples():
+    reader = RunningReader({"idle": 1000.0}, ["idle"], fail_after=5)
+    with G.ClockLog([0], reader=reader, interval_s=0.001) as log:
+        deadline = time.time() + 5
+        while log.why_not is None and time.time() < deadline:
+            time.sleep(0.01)
+    assert len(log.samples) == 5 and "stopped answering after 5 samples" in log.why_not and "GPU is lost" in log.why_not
+    assert log.facts()["logged"] is True
+
+
+def test_nvml_is_read_as_its_api_gives_it(monkeypatch):
+    """The NVML reader against a stand-in of pynvml's API: the GPU of CUDA_VISIBLE_DEVICES, milliwatts to watts, the
+    clocks event reasons (the older throttle-reasons call where the newer is missing), and NVML shut down after."""
+    calls = []
+
+    class NVMLError(Exception):
+        pass
+
+    handles = {i: SimpleNamespace(i=i) for i in range(2)}
+    fake = SimpleNamespace(
+        NVML_CLOCK_SM=1, NVMLError=NVMLError,
+        nvmlInit=lambda: calls.append("init"), nvmlShutdown=lambda: calls.append("shutdown"),
+        nvmlDeviceGetCount=lambda: 2, nvmlDeviceGetHandleByIndex=lambda i: handles[i],
+        nvmlDeviceGetName=lambda h: [b"NVIDIA H100 80GB HBM3", "NVIDIA H100 80GB HBM3"][h.i],
+        nvmlDeviceGetUUID=lambda h: f"GPU-{h.i}",
+        nvmlDeviceGetClockInfo=lambda h, kind: {1: 1755 + h.i}[kind],
+        nvmlDeviceGetPowerUsage=lambda h: 512_500,
+        nvmlDeviceGetCurrentClocksThrottleReasons=lambda h: 0x4)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    r = G.NvmlReader([0])
+    assert r.gpus() == [{"index": 1, "name": "NVIDIA H100 80GB HBM3", "uuid": "GPU-1"}]
+    assert r.read() == [(1, 1756.0, 512.5, 0x4)]
+    r.close()
+    assert calls == ["init", "shutdown"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-9")
+    with G.ClockLog([0]) as log:  # the mapping fails: NVML is shut down again and the log says why
+        pass
+    assert not log.logging and "MIG instance" in log.why_not and calls[-2:] == ["init", "shutdown"]
+
+
+def test_without_nvml_the_log_says_so(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails
+    with G.ClockLog([0]) as log:
+        pass
+    assert not log.logging and log.why_not.startswith("NVML not available (")
+
+
+def rows(cand_mhz, base_mhz, copy_mhz=None, n=8192):
+    def row(impl, mhz):
+        return {"status": "ok", "batch": 1, "input_length": n, "implementation": impl, "decode_sm_mhz": mhz,
+                "decode_clock_limited_pct": 100.0, "decode_speedup": 0.98, "decode_clock_samples": 40}
+    out = [row("sage_attn", cand_mhz), row("triton", base_mhz)]
+    return out + ([row("triton copy", copy_mhz)] if copy_mhz is not None else [])
+
+
+def sweep(rows_, copy="triton copy", facts=None):
+    from sagecheck.metrics.throughput import Sweep
+
+    return Sweep(rows_, "triton", "sage_attn", [8192], [1], "H100, sage_attn vs triton", served={"servers": {}, "order": "a Williams design",
+                                                                         "clock": "client wall clock"},
+                 copy=copy, gpu_clocks=facts if facts is not None else {
+                     "logged": True, "why_not": None, "interval_ms": 50, "samples": 900, "source": "NVML (pynvml)",
+                     "gpus": [{"index": 0, "name": "NVIDIA H100 80GB HBM3", "uuid": "GPU-0"}]})
+
+
+def test_04_says_where_the_candidate_decoded_at_a_lower_clock():
+    from sagecheck.metrics import throughput as T
+
+    low = sweep(rows(1800, 1965, 1950))
+    (flag,) = T.lower_decode_clocks(low)
+    assert (flag["candidate_mhz"], flag["baseline_mhz"], flag["copy_mhz"]) == (1800, 1965, 1950)
+    words = T.clock_words(low)
+    assert "every 50 ms" in words and "GPU 0 (NVIDIA H100 80GB HBM3), 900 samples" in words
+    assert "lower SM clock than the baseline** at 8192 x 1: 1800 against 1965 MHz (A/A copy 1950)" in words
+    assert "decode speedup 0.98" in words
+    # one clock step apart, or no further than the A/A copy is from the baseline: the same clock
+    assert T.lower_decode_clocks(sweep(rows(1950, 1965, 1965))) == []
+    assert T.lower_decode_clocks(sweep(rows(1900, 1965, 1890))) == []
+    assert "lower SM clock" not in T.clock_words(sweep(rows(1950, 1965, 1965)))
+    assert len(T.lower_decode_clocks(sweep(rows(1900, 1965), copy=None))) == 1  # no copy: two steps suffice
+    clocked = [t for t in T.tables(low) if t[1].startswith("GPU clocks while each ran")]
+    assert len(clocked) == 1 and len(clocked[0][0]) == 3 and "every 50 ms" in clocked[0][1]
+
+
+def test_04_says_why_it_logged_no_clocks():
+    from sagecheck.metrics import throughput as T
+
+    s = sweep(rows(1800, 1965), facts={"logged": False, "why_not": "the run is on the CPU, not a GPU"})
+    assert T.clock_words(s) == "GPU clocks: not logged (the run is on the CPU, not a GPU)."
+    assert T.clock_words(sweep(rows(1800, 1965), facts={})) is None
+
+
+def test_the_engines_say_which_gpus_they_time(tmp_path):
+    from sagecheck.engines.sglang import SGLangEngine
+    from sagecheck.sources import load
+
+    def engine(*overrides):
+        e = SGLangEngine.__new__(SGLangEngine)
+        e.params = load(None, ["engine=sglang", *overrides])
+        return e
+
+    assert engine().timed_gpus() == ([0], "")
+    assert engine("sglang.tp=2", "sglang.extra_args=[--base-gpu-id, '2']").timed_gpus() == ([2, 3], "")
+    assert engine("sglang.extra_args=[--base-gpu-id=1]").timed_gpus() == ([1], "")
+    got, why = engine("sglang.url=http://elsewhere:30000").timed_gpus()
+    assert got is None and "given by URL" in why
+    assert engine("device=cpu").timed_gpus() == (None, "the run is on the CPU, not a GPU")
+
+
+def test_the_in_process_sweep_gives_each_implementation_its_own_clocks(builtin):
+    """The built-in model on the CPU, a stand-in GPU whose clock is that of the attention implementation the model
+    runs now: each row's clocks are its own implementation's."""
+    from sagecheck.metrics import throughput as T
+
+    clocks = {"sdpa": 1965.0, "sage-emulated": 1590.0}
+    running = [None]
+
+    class ImplementationReader(RunningReader):
+        def read(self):
+            return [(0, clocks.get(builtin.current_implementation(), 0.0), 300.0, 0)]
+
+    with G.ClockLog([0], reader=ImplementationReader({}, running), interval_s=0.001) as log:
+        rows_, _ = T.sweep(builtin, ("sdpa", "sage-emulated"), [64], [2], decode_tokens=6, repeats=3, warmup=0, seed=0,
+                           repeat_point=False, clocks=log)
+    for r in rows_:
+        assert r["decode_clock_samples"] > 0 and r["decode_sm_mhz"] == clocks[r["implementation"]], r
+        assert r["prefill_clock_samples"] > 0 and r["prefill_sm_mhz"] == clocks[r["implementation"]], r
+
+
+@pytest.mark.gpu
+def test_the_gpu_clock_log_reads_this_gpu():
+    """On a GPU: NVML's GPU for CUDA device 0 is the one torch names, and its samples are real clocks."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    with G.ClockLog([0], interval_s=0.01) as log:
+        x = torch.randn(4096, 4096, device="cuda")
+        for _ in range(50):
+            x = x @ x / 64
+        torch.cuda.synchronize()
+        time.sleep(0.1)
+    assert log.logging, log.why_not
+    assert log.gpus[0]["name"] == torch.cuda.get_device_name(0)
+    assert len(log.samples) >= 5 and all(s.sm_mhz > 100 and s.power_w and s.power_w > 10 for s in log.samples)
