@@ -50,6 +50,17 @@ def test_sentences_name_the_crossover_and_the_worst_point(tmp_path):
     assert out[-1].startswith("Reading: accurate by these checks, and worth enabling")
 
 
+def test_a_decode_at_a_lower_gpu_clock_is_said_beside_the_speed(tmp_path):
+    """04's clock log found the candidate's decode at a lower SM clock: the PR's speed sentence says so, and only then."""
+    tp = _throughput(tmp_path, {(1, 128): (1.0, "no difference"), (1, 8192): (1.24, "faster")})
+    assert "lower SM clock" not in rec.sentences([tp], SGLANG)[0]
+    tp.metric("gpu_clocks", {"logged": True, "lower_decode_clocks": [
+        {"batch": 1, "input_length": 8192, "candidate_mhz": 1800.0, "baseline_mhz": 1965.0, "copy_mhz": 1950.0}]})
+    speed = rec.sentences([tp], SGLANG)[0]
+    assert ("At 1 point its GPU decoded at a lower SM clock than the baseline's (input 8192 batch 1: 1800 against 1965 "
+            "MHz; 04's GPU clock log)") in speed
+
+
 def test_a_failed_aa_control_and_failing_accuracy_are_said(tmp_path):
     tp = _throughput(tmp_path, {(1, 128): (0.9, "faster")}, aa_pct=8.0)  # "faster" than a noisy A/A, yet below 1
     logits = R.Results("02_logits", tmp_path)

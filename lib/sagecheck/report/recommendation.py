@@ -124,6 +124,13 @@ def speed_sentence(res: R.Results | None, candidate: str, baseline: str, cpu_emu
         sentence += (f" Its kernel ran the prefill at {len(routed) - len(elsewhere)} of {len(routed)} points; at the others "
                      f"({named}{', ...' if len(elsewhere) > 4 else ''}) its prefill ran wholly or partly on the baseline's "
                      "kernel (its dispatch rule or a fallback), so those speedups measure the backend's overhead, not the kernel.")
+    lower = (res.metrics.get("gpu_clocks") or {}).get("lower_decode_clocks") or []
+    if lower:  # 04's GPU clock log: the candidate's decode ran at a lower SM clock than the baseline's and its copy's
+        named = "; ".join(f"input {r['input_length']} batch {r['batch']}: {r['candidate_mhz']:.0f} against "
+                          f"{r['baseline_mhz']:.0f} MHz" for r in lower[:3])
+        sentence += (f" At {len(lower)} point{'s' if len(lower) > 1 else ''} its GPU decoded at a lower SM clock than the "
+                     f"baseline's ({named}{', ...' if len(lower) > 3 else ''}; 04's GPU clock log): a decode speedup there "
+                     "includes the GPU's power state after the prefill.")
     aa = tp.aa_failed
     measured = [v for v in aa if v.value is not None]
     if measured:
