@@ -74,3 +74,20 @@ def test_an_sglang_candidate_other_than_sage_attn_is_named_not_reported_unknown(
 
     engine = SimpleNamespace(handles={CANDIDATE: SimpleNamespace(error=None)}, params=SimpleNamespace(sglang_attention_backend="triton"))
     assert SGLangEngine.candidate_ran(engine) == "--attention-backend triton, not sagecheck's sage_attn (no plugin statistics)"
+
+
+def test_00_shows_the_gpus_power_limit_where_nvml_gives_it():
+    """A GPU capped below its default power limit runs power-dense kernels at lower clocks: 00 says the limit in force
+    (from NVML, through sagecheck.gpu_clocks), and says so where it is not known."""
+    from sagecheck.sources import load
+
+    env = environment.collect()
+    gpu = {"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_gib": 79.2, "driver": "580.1", "power_limit_w": 500.0,
+           "power_limit_default_w": 700.0, "sm_clock_max_mhz": 1980.0}
+    env.update(gpus=[gpu], gpu=gpu["name"], gpu_memory_gib=79.2)
+    facts = environment.facts(env, load(None, ["device=cpu"]))
+    assert facts["GPU limits"] == "power limit 500 W of 700 W default, SM clock up to 1980 MHz"
+    env["gpus"] = [{k: v for k, v in gpu.items() if k not in ("power_limit_w", "power_limit_default_w", "sm_clock_max_mhz")}]
+    assert environment.facts(env, load(None, ["device=cpu"]))["GPU limits"] == "not known (NVML did not say)"
+    env["gpus"] = []
+    assert environment.facts(env, load(None, ["device=cpu"]))["GPU limits"] == "n/a"

@@ -167,14 +167,21 @@ def test_nvml_is_read_as_its_api_gives_it(monkeypatch):
         nvmlDeviceGetUUID=lambda h: f"GPU-{h.i}",
         nvmlDeviceGetClockInfo=lambda h, kind: {1: 1755 + h.i}[kind],
         nvmlDeviceGetPowerUsage=lambda h: 512_500,
-        nvmlDeviceGetCurrentClocksThrottleReasons=lambda h: 0x4)
+        nvmlDeviceGetCurrentClocksThrottleReasons=lambda h: 0x4,
+        nvmlDeviceGetEnforcedPowerLimit=lambda h: 500_000, nvmlDeviceGetPowerManagementDefaultLimit=lambda h: 700_000,
+        nvmlDeviceGetMaxClockInfo=lambda h, kind: {1: 1980}[kind])
     monkeypatch.setitem(sys.modules, "pynvml", fake)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
     r = G.NvmlReader([0])
-    assert r.gpus() == [{"index": 1, "name": "NVIDIA H100 80GB HBM3", "uuid": "GPU-1"}]
+    assert r.gpus() == [{"index": 1, "name": "NVIDIA H100 80GB HBM3", "uuid": "GPU-1", "power_limit_w": 500.0,
+                         "power_limit_default_w": 700.0, "sm_clock_max_mhz": 1980.0}]
     assert r.read() == [(1, 1756.0, 512.5, 0x4)]
     r.close()
     assert calls == ["init", "shutdown"]
+    # 00's record of each GPU: its limits, by the same mapping
+    assert G.gpu_limits(0) == {"power_limit_w": 500.0, "power_limit_default_w": 700.0, "sm_clock_max_mhz": 1980.0}
+    del fake.nvmlDeviceGetPowerManagementDefaultLimit  # a driver that does not say: None, not a failure
+    assert G.gpu_limits(0)["power_limit_default_w"] is None and calls[-2:] == ["init", "shutdown"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-9")
     with G.ClockLog([0]) as log:  # the mapping fails: NVML is shut down again and the log says why
         pass
@@ -186,6 +193,15 @@ def test_without_nvml_the_log_says_so(monkeypatch):
     with G.ClockLog([0]) as log:
         pass
     assert not log.logging and log.why_not.startswith("NVML not available (")
+    assert G.gpu_limits(0) == {}
+
+
+def test_a_gpus_limits_in_words():
+    assert G.limit_words({"power_limit_w": 500.0, "power_limit_default_w": 700.0, "sm_clock_max_mhz": 1980.0}) == \
+        "power limit 500 W of 700 W default, SM clock up to 1980 MHz"
+    assert G.limit_words({"power_limit_w": 700.0, "power_limit_default_w": 700.0}) == "power limit 700 W (its default)"
+    assert G.limit_words({"power_limit_w": 700.0, "power_limit_default_w": None}) == "power limit 700 W"
+    assert G.limit_words({"name": "x"}) == ""
 
 
 def rows(cand_mhz, base_mhz, copy_mhz=None, n=8192):
@@ -203,7 +219,8 @@ def sweep(rows_, copy="triton copy", facts=None):
                                                                          "clock": "client wall clock"},
                  copy=copy, gpu_clocks=facts if facts is not None else {
                      "logged": True, "why_not": None, "interval_ms": 50, "samples": 900, "source": "NVML (pynvml)",
-                     "gpus": [{"index": 0, "name": "NVIDIA H100 80GB HBM3", "uuid": "GPU-0"}]})
+                     "gpus": [{"index": 0, "name": "NVIDIA H100 80GB HBM3", "uuid": "GPU-0", "power_limit_w": 500.0,
+                               "power_limit_default_w": 700.0, "sm_clock_max_mhz": 1980.0}]})
 
 
 def test_04_says_where_the_candidate_decoded_at_a_lower_clock():
@@ -213,7 +230,8 @@ def test_04_says_where_the_candidate_decoded_at_a_lower_clock():
     (flag,) = T.lower_decode_clocks(low)
     assert (flag["candidate_mhz"], flag["baseline_mhz"], flag["copy_mhz"]) == (1800, 1965, 1950)
     words = T.clock_words(low)
-    assert "every 50 ms" in words and "GPU 0 (NVIDIA H100 80GB HBM3), 900 samples" in words
+    assert "every 50 ms" in words and ("GPU 0 (NVIDIA H100 80GB HBM3, power limit 500 W of 700 W default, SM clock up "
+                                       "to 1980 MHz), 900 samples") in words
     assert "lower SM clock than the baseline** at 8192 x 1: 1800 against 1965 MHz (A/A copy 1950)" in words
     assert "decode speedup 0.98" in words
     # one clock step apart, or no further than the A/A copy is from the baseline: the same clock
@@ -285,4 +303,5 @@ def test_the_gpu_clock_log_reads_this_gpu():
         time.sleep(0.1)
     assert log.logging, log.why_not
     assert log.gpus[0]["name"] == torch.cuda.get_device_name(0)
+    assert log.gpus[0]["power_limit_w"] > 50 and log.gpus[0]["sm_clock_max_mhz"] > 500
     assert len(log.samples) >= 5 and all(s.sm_mhz > 100 and s.power_w and s.power_w > 10 for s in log.samples)

@@ -14,6 +14,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from sagecheck.gpu_clocks import gpu_limits, limit_words
+
 PACKAGES = ("sagecheck", "torch", "triton", "transformers", "tokenizers", "sglang", "sageattention", "papermill", "nbconvert", "numpy")
 
 
@@ -150,6 +152,9 @@ def gpu_info() -> list[dict[str, Any]]:
                 "compute_capability": f"{props.major}.{props.minor}",
                 "multiprocessors": props.multi_processor_count,
                 "driver": driver,
+                # a GPU capped below its default power limit runs power-dense kernels, and the work after them, at
+                # lower clocks: runs compare at the same limit only
+                **gpu_limits(i),
             }
         )
     return gpus
@@ -217,6 +222,7 @@ def facts(env: dict[str, Any], params: Any) -> dict[str, Any]:
         "GPU": env["gpu"],
         "GPU memory (GiB)": env["gpu_memory_gib"] if env["gpus"] else "n/a",
         "GPUs visible": len(env["gpus"]),
+        "GPU limits": (limit_words(env["gpus"][0]) or "not known (NVML did not say)") if env["gpus"] else "n/a",
         "driver": env["driver"],
         "CUDA (torch build)": env["cuda"],
         "cuDNN": env["cudnn"],

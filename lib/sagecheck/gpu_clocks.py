@@ -101,8 +101,9 @@ class NvmlReader:
             targets, why = nvml_targets(ordinals, devices)
             if targets is None:
                 raise LookupError(why)
-            self._gpus = [{"index": i, "name": devices[i][0], "uuid": devices[i][1]} for i in targets]
             self._handles = [(i, pynvml.nvmlDeviceGetHandleByIndex(i)) for i in targets]
+            self._gpus = [{"index": i, "name": devices[i][0], "uuid": devices[i][1], **limits(pynvml, h)}
+                          for i, h in self._handles]
             self._reasons = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
                 pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
         except BaseException:
@@ -124,6 +125,47 @@ class NvmlReader:
 
     def close(self) -> None:
         self.nv.nvmlShutdown()
+
+
+def limits(nv: Any, handle: Any) -> dict[str, float | None]:
+    """The GPU's power limit in force and its default (W), and its highest SM clock (MHz): a GPU capped below its
+    default limit holds a power-dense kernel, and the work after it, at lower clocks. None where NVML does not say."""
+    def ask(fn: str, *args: Any, scale: float = 1.0) -> float | None:
+        try:
+            return getattr(nv, fn)(handle, *args) / scale
+        except Exception:
+            return None
+
+    return {"power_limit_w": ask("nvmlDeviceGetEnforcedPowerLimit", scale=1e3),
+            "power_limit_default_w": ask("nvmlDeviceGetPowerManagementDefaultLimit", scale=1e3),
+            "sm_clock_max_mhz": ask("nvmlDeviceGetMaxClockInfo", getattr(nv, "NVML_CLOCK_SM", 1))}
+
+
+def gpu_limits(ordinal: int) -> dict[str, Any]:
+    """:func:`limits` of this process's CUDA device ``ordinal`` (its NVML GPU); {} where NVML or the mapping is not
+    available."""
+    try:
+        reader = NvmlReader([ordinal])
+    except Exception:
+        return {}
+    try:
+        (gpu,) = reader.gpus()
+        return {k: gpu[k] for k in ("power_limit_w", "power_limit_default_w", "sm_clock_max_mhz")}
+    finally:
+        reader.close()
+
+
+def limit_words(gpu: Mapping[str, Any]) -> str:
+    """'power limit 500 W of 700 W default, SM clock up to 1980 MHz' (the parts NVML gave)."""
+    parts = []
+    if gpu.get("power_limit_w") is not None:
+        default = gpu.get("power_limit_default_w")
+        parts.append(f"power limit {gpu['power_limit_w']:.0f} W"
+                     + (f" of {default:.0f} W default" if default is not None and default != gpu["power_limit_w"]
+                        else " (its default)" if default is not None else ""))
+    if gpu.get("sm_clock_max_mhz") is not None:
+        parts.append(f"SM clock up to {gpu['sm_clock_max_mhz']:.0f} MHz")
+    return ", ".join(parts)
 
 
 def _text(x: Any) -> str:

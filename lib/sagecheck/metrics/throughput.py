@@ -28,7 +28,7 @@ import numpy as np
 from sagecheck import backend_stats
 from sagecheck.attention import AttentionUnavailable, UnsupportedCall
 from sagecheck.engines import SERVERS
-from sagecheck.gpu_clocks import CLOCK_STEP_MHZ, ClockLog
+from sagecheck.gpu_clocks import CLOCK_STEP_MHZ, ClockLog, limit_words
 from sagecheck.metrics.timing import (Samples, Stopwatch, gc_paused, gpu_busy_ms, progress_logger, random_prompts,
                                       speedup_fields, timing_row)
 
@@ -453,7 +453,7 @@ def clock_words(s: Sweep) -> str | None:
         return None
     if not c.get("logged"):
         return f"GPU clocks: not logged ({c.get('why_not') or 'no reason given'})."
-    gpus = ", ".join(f"{g['index']} ({g['name']})" for g in c.get("gpus", []))
+    gpus = ", ".join(f"{g['index']} ({', '.join(x for x in (g['name'], limit_words(g)) if x)})" for g in c.get("gpus", []))
     turns = "the servers take turns on it" if s.served else "the implementations take turns"
     words = (f"GPU clocks: SM clock, power and the driver's reasons for holding the clock down sampled every "
              f"{c['interval_ms']} ms through {c.get('source', 'NVML')} on GPU {gpus}, {c['samples']} samples; each row's "

@@ -156,6 +156,8 @@ ENVIRONMENT_FIELDS: list[tuple[str, Callable[[Run], Any]]] = [
     ("GPU", lambda r: r.environment.get("gpu")),
     ("GPUs in the machine", lambda r: len(r.environment.get("gpus") or []) or None),
     ("GPU memory (GiB)", lambda r: r.environment.get("gpu_memory_gib")),
+    # a GPU capped below its default limit runs power-dense kernels, and the decode after them, at lower clocks
+    ("GPU power limit (W)", lambda r: ((r.environment.get("gpus") or [{}])[0]).get("power_limit_w")),
     ("driver", lambda r: r.environment.get("driver")),
     ("CUDA", lambda r: r.environment.get("cuda")),
     ("torch", lambda r: _version(r.environment, "torch")),
