@@ -17,6 +17,9 @@ time; the GPU machine's clock is UTC (``--utc-offset-h`` otherwise).
     python3 benchmarks/steps_by_clock.py gap.json gpu-clocks.csv [--length 8192] [--json out.json]
 
 Every set of decode steps in the file is read (``--steps`` per length, and ``--decode-after-s``'s), each in its tables.
+Without ``gpu-clocks.csv`` it reads the samples ttft_gap.py logged itself through NVML (``sagecheck.gpu_clocks``, as 04
+logs them; stamped with that process's clock, so no time zone enters): the two logs of one run should give the same
+tables.
 """
 
 from __future__ import annotations
@@ -64,6 +67,12 @@ def read_clocks(path: str | Path, utc_offset_h: float = 0.0) -> list[Sample]:
             except (ValueError, IndexError):
                 continue
     return sorted(out, key=lambda s: s.t)
+
+
+def own_clocks(gap: dict[str, Any]) -> list[Sample]:
+    """The samples ttft_gap.py logged in its own process (``steps_clocks``: unix time, GPU, SM MHz, W, reasons)."""
+    return sorted((Sample(t, gpu, sm, power, reasons) for t, gpu, sm, power, reasons in
+                   (gap.get("steps_clocks") or {}).get("samples", [])), key=lambda s: s.t)
 
 
 def requests(gap: dict[str, Any], length: str) -> list[dict[str, Any]]:
@@ -154,8 +163,12 @@ def tables(phases: dict, bins: dict, equal: dict, bin_mhz: int, baseline: str) -
         cells = []
         for name, _, _ in PHASES:
             p = phases.get(s, {}).get(name)
-            cells.append(f"{p['sm_median_mhz']:.0f} / {p['sm_min_mhz']:.0f}, {p['power_median_w']:.0f} W, "
-                         f"{p['power_capped']:.0%} (n{p['samples']})" if p else "")
+            if not p:
+                cells.append("")
+                continue
+            power = "?" if p["power_median_w"] is None else f"{p['power_median_w']:.0f}"  # NVML may not say
+            cells.append(f"{p['sm_median_mhz']:.0f} / {p['sm_min_mhz']:.0f}, {power} W, {p['power_capped']:.0%} "
+                         f"(n{p['samples']})")
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     lines += ["", "ms per decode step by the SM clock at its middle: median (steps)",
               "| SM MHz | " + " | ".join(servers) + " |", "|---|" + "---|" * len(servers)]
@@ -171,7 +184,8 @@ def tables(phases: dict, bins: dict, equal: dict, bin_mhz: int, baseline: str) -
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("gap_json")
-    ap.add_argument("clocks_csv")
+    ap.add_argument("clocks_csv", nargs="?", default=None,
+                    help="nvidia-smi's log (default: the samples ttft_gap.py logged itself through NVML, in the JSON)")
     ap.add_argument("--length", default=None,
                     help="which decode steps to read: a key of the file's steps, such as 8192 or '8192 after 2 s' "
                          "(default: every one)")
@@ -183,9 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     gap = json.loads(Path(args.gap_json).read_text())
     keys = [args.length] if args.length else list(gap.get("steps", {}))
     runs = {key: requests(gap, key) for key in keys or [""]}
-    clocks = read_clocks(args.clocks_csv, args.utc_offset_h)
+    clocks = read_clocks(args.clocks_csv, args.utc_offset_h) if args.clocks_csv else own_clocks(gap)
     if not clocks:
-        raise SystemExit(f"no clock samples in {args.clocks_csv}")
+        raise SystemExit(f"no clock samples in {args.clocks_csv or args.gap_json}"
+                         + ("" if args.clocks_csv else f" ({(gap.get('steps_clocks') or {}).get('why_not')})"))
     out = {}
     for key, reqs in runs.items():
         phases = phase_clocks(reqs, clocks)

@@ -108,7 +108,8 @@ def summarize(samples: dict[str, dict[str, Any]], baseline: str = "triton") -> d
 
 def main(argv: list[str] | None = None) -> int:
     from sagecheck import backend_stats, models
-    from sagecheck.engines.sglang import SGLangBackend
+    from sagecheck.engines.sglang import SGLangBackend, servers_gpus
+    from sagecheck.gpu_clocks import ClockLog
     from sagecheck.engines.sglang.client import SGLangClient
     from sagecheck.engines.sglang.server import Server, ServerError, launch_spec
     from sagecheck.engines.sglang.servers import (BASELINE, CANDIDATE, SIDE_BY_SIDE_FRACTION, ServerHandle,
@@ -200,14 +201,19 @@ def main(argv: list[str] | None = None) -> int:
             print(table(length, args.batch, rows), flush=True)
         if args.steps:
             report["steps"] = {}
-            for length in dict.fromkeys(int(x) for x in args.lengths.split(",")):
-                prompts = [random_prompts(vocab, 1, length, params.seed + i, "cpu").tolist()[0]
-                           for i in range(args.step_prompts)]
-                for after in [None, *(float(x) for x in args.decode_after_s.split(",") if x)]:
-                    key = str(length) if after is None else f"{length} after {after:g} s"
-                    report["steps"][key] = timed_steps(ready, running, prompts, args.steps, args.repeats, args.warmup,
-                                                       after)
-                    print(steps_table(length, report["steps"][key]), flush=True)
+            # the GPU's clocks meanwhile, from this process as 04 logs them (steps_by_clock.py reads them, or an
+            # nvidia-smi log beside this file)
+            with ClockLog(*servers_gpus(params)) as clocks:
+                for length in dict.fromkeys(int(x) for x in args.lengths.split(",")):
+                    prompts = [random_prompts(vocab, 1, length, params.seed + i, "cpu").tolist()[0]
+                               for i in range(args.step_prompts)]
+                    for after in [None, *(float(x) for x in args.decode_after_s.split(",") if x)]:
+                        key = str(length) if after is None else f"{length} after {after:g} s"
+                        report["steps"][key] = timed_steps(ready, running, prompts, args.steps, args.repeats,
+                                                           args.warmup, after)
+                        print(steps_table(length, report["steps"][key]), flush=True)
+            report["steps_clocks"] = {**clocks.facts(), "samples": [[round(x.t, 4), x.gpu, x.sm_mhz, x.power_w, x.reasons]
+                                                                    for x in clocks.samples]}
         if args.profile:
             length = int(args.lengths.split(",")[0])
             prompts = random_prompts(vocab, args.batch, length, params.seed, "cpu").tolist()

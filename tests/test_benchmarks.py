@@ -70,6 +70,9 @@ def test_the_ttft_gap_benchmark_runs_its_variants_on_the_stand_in(tmp_path, monk
     # --steps: each server's decode step by step at each length (once per distinct length), paired with triton's;
     # --decode-after-s: again, each timed request 0.2 s after its prompt's prefill
     assert set(got["steps"]) == {"16", "48", "16 after 0.2 s", "48 after 0.2 s"}
+    # its own clock log beside the steps: the stand-in's servers run on the CPU, so it says why it has none
+    assert got["steps_clocks"]["logged"] is False and got["steps_clocks"]["samples"] == []
+    assert got["steps_clocks"]["why_not"] == "the run is on the CPU, not a GPU"
     steps = got["steps"]["48"]
     assert steps["tokens"] == 6 and len(steps["requests"]) == 3 * 3 and steps["after_s"] is None
     later = got["steps"]["48 after 0.2 s"]
@@ -205,3 +208,14 @@ def test_steps_by_clock_sets_each_decode_step_against_the_clock_logged_then(tmp_
     assert "## decode steps: 8192\n" not in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no decode steps at length 512"):
         sbc.main([str(gap), str(clocks), "--length", "512"])
+    # the same samples as ttft_gap.py logs them itself (NVML, this process's clock): the same tables, without the CSV
+    own = [[x.t, 0, x.sm_mhz, x.power_w, x.reasons] for x in samples]
+    gap.write_text(json.dumps({"steps": {"8192": {"requests": reqs}, "8192 after 2 s": {"requests": reqs[1:]}},
+                               "steps_clocks": {"logged": True, "samples": own[::-1]}}))  # any order
+    assert sbc.main([str(gap), str(clocks)]) == 0
+    from_csv = capsys.readouterr().out
+    assert sbc.main([str(gap)]) == 0 and capsys.readouterr().out == from_csv == printed
+    gap.write_text(json.dumps({"steps": {"8192": {"requests": reqs}},
+                               "steps_clocks": {"logged": False, "why_not": "the run is on the CPU, not a GPU"}}))
+    with pytest.raises(SystemExit, match=r"no clock samples in .*gap.json \(the run is on the CPU, not a GPU\)"):
+        sbc.main([str(gap)])

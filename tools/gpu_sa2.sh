@@ -209,7 +209,7 @@ EOF
     while [ ! -f /tmp/all35/gap.done ] && [ $(( $(date +%s) - t0 )) -lt ${WAIT_S:-540} ]; do sleep 5; done
     cat /tmp/all35.log; tail -60 /tmp/all35/gap.md 2>/dev/null
     cp /tmp/all35/gap.json /tmp/all35/gap.md /tmp/all35/gap-logs.tgz /tmp/all35/gap-traces.tar /tmp/all35/gpu-clocks.csv \
-      /tmp/all35/steps_by_clock.md /tmp/all35/steps_by_clock.json "$out/" 2>/dev/null;;
+      /tmp/all35/steps_by_clock.md /tmp/all35/steps_by_clock.json /tmp/all35/steps_by_clock_nvml.md "$out/" 2>/dev/null;;
   wait35all)
     t0=$(date +%s)
     while [ ! -f /tmp/all35.done ] && [ $(( $(date +%s) - t0 )) -lt ${WAIT_S:-540} ]; do sleep 5; done
@@ -244,6 +244,9 @@ EOF
     # each decode step against the SM clock logged meanwhile (a slower decode the clock explains, or one at the same clock)
     [ "${STEPS:-0}" != 0 ] && python3 benchmarks/steps_by_clock.py "$out/gap.json" "$out/gpu-clocks.csv" \
       --json "$out/steps_by_clock.json" 2>&1 | tee "$out/steps_by_clock.md" | tail -50
+    # the same from the samples ttft_gap.py logged itself through NVML (sagecheck.gpu_clocks, as 04 logs them): the
+    # two logs of one run should give the same tables
+    [ "${STEPS:-0}" != 0 ] && python3 benchmarks/steps_by_clock.py "$out/gap.json" > "$out/steps_by_clock_nvml.md" 2>&1
     tar -C "$out" -czf "$out/gap-logs.tgz" --exclude='*.trace.json.gz' --exclude='random-model' gap-logs 2>/dev/null
     tar -C "$out" -cf "$out/gap-traces.tar" gap-logs/profiles 2>/dev/null; rm -rf "$out/gap-logs";;
   quick)  # the plugin's GPU tests with SA2 (split, dispatch timing, the census during a capture, the clock log) and

@@ -79,6 +79,25 @@ def process_tree_gpu_bytes(pid: int) -> int | None:
         pynvml.nvmlShutdown()
 
 
+def servers_gpus(params: Any) -> tuple[list[int] | None, str]:
+    """The CUDA devices of the servers sagecheck starts (:meth:`SGLangEngine.timed_gpus`): they run on this machine, side
+    by side, on the first ``sglang.tp`` GPUs it shows from SGLang's ``--base-gpu-id`` (0 unless ``sglang.extra_args``
+    sets it); servers given by URL may run anywhere. None and why where they are not on a GPU of this machine."""
+    s = params.sglang
+    if s.url or s.baseline_url:
+        return None, "the servers were given by URL (sglang.url): they may run on another machine"
+    if str(params.device) == "cpu":
+        return None, "the run is on the CPU, not a GPU"
+    args = [str(a) for a in s.extra_args]
+    base = 0
+    for i, a in enumerate(args):
+        if a.startswith("--base-gpu-id="):
+            base = int(a.split("=", 1)[1])
+        elif a == "--base-gpu-id" and i + 1 < len(args):
+            base = int(args[i + 1])
+    return list(range(base, base + s.tp)), ""
+
+
 class SGLangBackend(Backend):
     engine_name = "sglang"
 
@@ -294,21 +313,7 @@ class SGLangEngine(Engine):
         return cls(params, Path(log_dir) if log_dir else Path.cwd() / "sglang-logs", servers=getattr(params, "servers", None))
 
     def timed_gpus(self) -> tuple[list[int] | None, str]:
-        """The servers sagecheck starts run on this machine, side by side, on the first ``sglang.tp`` GPUs it shows from
-        SGLang's ``--base-gpu-id`` (0 unless ``sglang.extra_args`` sets it); servers given by URL may run anywhere."""
-        s = self.params.sglang
-        if s.url or s.baseline_url:
-            return None, "the servers were given by URL (sglang.url): they may run on another machine"
-        if str(self.params.device) == "cpu":
-            return None, "the run is on the CPU, not a GPU"
-        args = [str(a) for a in s.extra_args]
-        base = 0
-        for i, a in enumerate(args):
-            if a.startswith("--base-gpu-id="):
-                base = int(a.split("=", 1)[1])
-            elif a == "--base-gpu-id" and i + 1 < len(args):
-                base = int(args[i + 1])
-        return list(range(base, base + s.tp)), ""
+        return servers_gpus(self.params)
 
     def model_config(self) -> Any:
         from sagecheck import models
