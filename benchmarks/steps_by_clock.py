@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sagecheck.gpu_clocks import Sample, clock_stats  # the log's samples and their figures, as 04's clock log has them
+from sagecheck.gpu_clocks import Sample, clock_stats, samples_within  # as 04's clock log has them
 
 
 
@@ -83,15 +83,10 @@ def requests(gap: dict[str, Any], length: str) -> list[dict[str, Any]]:
     return steps["requests"]
 
 
-def _between(clocks: list[Sample], times: list[float], a: float, b: float) -> list[Sample]:
-    return clocks[bisect.bisect_left(times, a):bisect.bisect_left(times, b)]
-
-
 def phase_clocks(reqs: list[dict[str, Any]], clocks: list[Sample]) -> dict[str, dict[str, dict[str, float]]]:
     """Per server and phase: the SM clock's median and minimum (MHz), median power (W), the share of samples under the
     software power cap, and how many samples."""
-    times = [s.t for s in clocks]
-    got: dict[str, dict[str, list[Sample]]] = {}
+    got: dict[str, dict[str, list[tuple[float, float]]]] = {}  # per server and phase: its windows
     for r in reqs:
         t0, token_s = r["started_unix_s"], [ms / 1e3 for ms in r["token_ms"]]
         last = len(token_s) - 1
@@ -100,11 +95,11 @@ def phase_clocks(reqs: list[dict[str, Any]], clocks: list[Sample]) -> dict[str, 
                 continue  # a request of fewer steps
             a = t0 if lo is None else t0 + token_s[lo]
             b = t0 + token_s[last if hi is None else min(hi, last)]
-            got.setdefault(r["server"], {}).setdefault(name, []).extend(_between(clocks, times, a, b))
+            got.setdefault(r["server"], {}).setdefault(name, []).append((a, b))
     out: dict[str, dict[str, dict[str, float]]] = {}
     for server, phases in got.items():
-        for name, samples in phases.items():
-            if st := clock_stats(samples):
+        for name, windows in phases.items():
+            if st := clock_stats(samples_within(clocks, windows)):
                 out.setdefault(server, {})[name] = {
                     "sm_median_mhz": st["sm_median_mhz"], "sm_min_mhz": st["sm_min_mhz"],
                     "power_median_w": st["power_median_w"], "power_capped": st["power_capped_pct"] / 100,

@@ -251,21 +251,24 @@ def test_04_says_why_it_logged_no_clocks():
     assert T.clock_words(sweep(rows(1800, 1965), facts={})) is None
 
 
-def test_the_engines_say_which_gpus_they_time(tmp_path):
-    from sagecheck.engines.sglang import SGLangEngine
+def test_the_sglang_servers_gpus_are_read_from_their_flags():
+    from sagecheck.engines.sglang import extra_arg, servers_gpus
     from sagecheck.sources import load
 
-    def engine(*overrides):
-        e = SGLangEngine.__new__(SGLangEngine)
-        e.params = load(None, ["engine=sglang", *overrides])
-        return e
+    def gpus(*overrides):
+        return servers_gpus(load(None, ["engine=sglang", *overrides]))
 
-    assert engine().timed_gpus() == ([0], "")
-    assert engine("sglang.tp=2", "sglang.extra_args=[--base-gpu-id, '2']").timed_gpus() == ([2, 3], "")
-    assert engine("sglang.extra_args=[--base-gpu-id=1]").timed_gpus() == ([1], "")
-    got, why = engine("sglang.url=http://elsewhere:30000").timed_gpus()
+    assert gpus() == ([0], "")
+    assert gpus("sglang.tp=2", "sglang.extra_args=[--base-gpu-id, '2']") == ([2, 3], "")
+    assert gpus("sglang.extra_args=[--base-gpu-id=1]") == ([1], "")
+    got, why = gpus("sglang.url=http://elsewhere:30000")
     assert got is None and "given by URL" in why
-    assert engine("device=cpu").timed_gpus() == (None, "the run is on the CPU, not a GPU")
+    assert gpus("device=cpu") == (None, "the run is on the CPU, not a GPU")
+    # the flag reader limits() uses too: either spelling, the last one counting (as argparse does), None where absent
+    assert extra_arg(["--chunked-prefill-size", "512", "--chunked-prefill-size=1024"], "--chunked-prefill-size") == 1024
+    assert extra_arg(["--cuda-graph-max-bs", 4], "--cuda-graph-max-bs") == 4
+    assert extra_arg(["--cuda-graph-max-bs-prefill", "2048"], "--cuda-graph-max-bs") is None
+    assert extra_arg(["--base-gpu-id"], "--base-gpu-id") is None and extra_arg(None, "--tp") is None
 
 
 def test_the_in_process_sweep_gives_each_implementation_its_own_clocks(builtin):

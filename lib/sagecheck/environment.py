@@ -152,8 +152,8 @@ def gpu_info() -> list[dict[str, Any]]:
                 "compute_capability": f"{props.major}.{props.minor}",
                 "multiprocessors": props.multi_processor_count,
                 "driver": driver,
-                # a GPU capped below its default power limit runs power-dense kernels, and the work after them, at
-                # lower clocks: runs compare at the same limit only
+                # the power limit sets how far a power-dense kernel, and the decode after it, holds the clock down:
+                # speed figures of GPUs at different limits differ for that alone (compare shows the limit)
                 **gpu_limits(i),
             }
         )

@@ -238,9 +238,7 @@ class ClockLog:
 
     def between(self, windows: Iterable[tuple[float, float]]) -> list[Sample]:
         """The samples taken within any of ``windows`` ((start, end) unix seconds, end excluded)."""
-        samples = list(self.samples)  # in time order: one thread appends them
-        times = [s.t for s in samples]
-        return [s for a, b in windows for s in samples[bisect.bisect_left(times, a):bisect.bisect_left(times, b)]]
+        return samples_within(list(self.samples), windows)  # in time order: one thread appends them
 
     def phase_fields(self, windows: Sequence[tuple[str, float, float, float]], label: str) -> dict[str, Any]:
         """A timing row's clock fields for ``label``: the samples of its requests' prefills (start to first token) and
@@ -256,6 +254,12 @@ class ClockLog:
                 out.update({f"{phase}_sm_mhz": st["sm_median_mhz"], f"{phase}_sm_min_mhz": st["sm_min_mhz"],
                             f"{phase}_clock_limited_pct": st["limited_pct"]})
         return out
+
+
+def samples_within(samples: Sequence[Sample], windows: Iterable[tuple[float, float]]) -> list[Sample]:
+    """The ``samples`` (in time order) taken within any of ``windows`` ((start, end) unix seconds, end excluded)."""
+    times = [s.t for s in samples]
+    return [s for a, b in windows for s in samples[bisect.bisect_left(times, a):bisect.bisect_left(times, b)]]
 
 
 def clock_stats(samples: Sequence[Sample]) -> dict[str, Any] | None:

@@ -756,6 +756,8 @@ class ThroughputResults:
     rows: list[dict[str, Any]]
     aa_checks: list[Any]  # the A/A control's verdicts
     copy_error: str | None = None  # why the A/A control's copy server did not serve (it did not start), where it did not
+    # the points where the candidate decoded at a lower SM clock than the baseline (:func:`lower_decode_clocks`)
+    lower_decode_clocks: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def read(cls, res: Any) -> "ThroughputResults | None":
@@ -764,7 +766,8 @@ class ThroughputResults:
         labels = res.metrics.get("labels") or {}
         return cls(res.status, labels, res.tables.get("throughput", []) if res.status == "ok" else [],
                    [v for v in res.verdicts if v.id.startswith("throughput.aa.")],
-                   server_error(res.metrics.get("servers"), labels.get("copy")))
+                   server_error(res.metrics.get("servers"), labels.get("copy")),
+                   (res.metrics.get("gpu_clocks") or {}).get("lower_decode_clocks") or [])
 
     def points(self, role: str = "candidate") -> list[dict[str, Any]]:
         """The rows of the baseline, the candidate or the copy."""

@@ -124,7 +124,7 @@ def speed_sentence(res: R.Results | None, candidate: str, baseline: str, cpu_emu
         sentence += (f" Its kernel ran the prefill at {len(routed) - len(elsewhere)} of {len(routed)} points; at the others "
                      f"({named}{', ...' if len(elsewhere) > 4 else ''}) its prefill ran wholly or partly on the baseline's "
                      "kernel (its dispatch rule or a fallback), so those speedups measure the backend's overhead, not the kernel.")
-    lower = (res.metrics.get("gpu_clocks") or {}).get("lower_decode_clocks") or []
+    lower = tp.lower_decode_clocks
     if lower:  # 04's GPU clock log: the candidate's decode ran at a lower SM clock than the baseline's and its copy's
         named = "; ".join(f"input {r['input_length']} batch {r['batch']}: {r['candidate_mhz']:.0f} against "
                           f"{r['baseline_mhz']:.0f} MHz" for r in lower[:3])

@@ -79,6 +79,19 @@ def process_tree_gpu_bytes(pid: int) -> int | None:
         pynvml.nvmlShutdown()
 
 
+def extra_arg(extra_args: Any, name: str) -> int | None:
+    """The integer an SGLang flag is given in ``sglang.extra_args`` (``--name V`` or ``--name=V``; the last one counts,
+    as in argparse), None where it is not given."""
+    args = [str(a) for a in extra_args or []]
+    value = None
+    for i, a in enumerate(args):
+        if a.startswith(name + "="):
+            value = int(a.split("=", 1)[1])
+        elif a == name and i + 1 < len(args):
+            value = int(args[i + 1])
+    return value
+
+
 def servers_gpus(params: Any) -> tuple[list[int] | None, str]:
     """The CUDA devices of the servers sagecheck starts (:meth:`SGLangEngine.timed_gpus`): they run on this machine, side
     by side, on the first ``sglang.tp`` GPUs it shows from SGLang's ``--base-gpu-id`` (0 unless ``sglang.extra_args``
@@ -88,13 +101,7 @@ def servers_gpus(params: Any) -> tuple[list[int] | None, str]:
         return None, "the servers were given by URL (sglang.url): they may run on another machine"
     if str(params.device) == "cpu":
         return None, "the run is on the CPU, not a GPU"
-    args = [str(a) for a in s.extra_args]
-    base = 0
-    for i, a in enumerate(args):
-        if a.startswith("--base-gpu-id="):
-            base = int(a.split("=", 1)[1])
-        elif a == "--base-gpu-id" and i + 1 < len(args):
-            base = int(args[i + 1])
+    base = extra_arg(s.extra_args, "--base-gpu-id") or 0
     return list(range(base, base + s.tp)), ""
 
 
@@ -136,14 +143,11 @@ class SGLangBackend(Backend):
 
     def limits(self) -> Limits:
         """From the server's own arguments (``/get_server_info``), else from the command line sagecheck gave it."""
-        extra = [str(a) for a in (self.params.sglang.extra_args if self.params is not None else [])]
-
-        def flag(name: str) -> int | None:
-            return int(extra[extra.index(name) + 1]) if name in extra[:-1] else None
-
+        extra = self.params.sglang.extra_args if self.params is not None else []
         graphs = not self.info.get("disable_cuda_graph") and not (self.params is not None and self.params.sglang.disable_cuda_graph)
-        return Limits(chunked_prefill_size=self.info.get("chunked_prefill_size") or flag("--chunked-prefill-size"),
-                      cuda_graph_max_bs=self.info.get("cuda_graph_max_bs") or flag("--cuda-graph-max-bs"), cuda_graphs=graphs,
+        return Limits(chunked_prefill_size=self.info.get("chunked_prefill_size") or extra_arg(extra, "--chunked-prefill-size"),
+                      cuda_graph_max_bs=self.info.get("cuda_graph_max_bs") or extra_arg(extra, "--cuda-graph-max-bs"),
+                      cuda_graphs=graphs,
                       tp=int(self.info.get("tp_size") or (self.params.sglang.tp if self.params is not None else 1)))
 
     def counters(self) -> dict[str, int] | None:
