@@ -7,6 +7,7 @@ import sys
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from sagecheck import gpu_clocks as G
@@ -118,6 +119,9 @@ def test_each_timed_request_gets_the_samples_taken_while_it_ran():
         f = log.phase_fields(windows, n)
         assert f["prefill_sm_mhz"] == clocks[f"{n}:prefill"] and f["decode_sm_mhz"] == clocks[f"{n}:decode"], (n, f)
         assert f["prefill_clock_samples"] >= 30 and f["decode_clock_samples"] >= 60
+        # each timed repeat's own median, in the order run
+        assert f["decode_sm_mhz_by_repeat"] == [clocks[f"{n}:decode"]] * 6, f["decode_sm_mhz_by_repeat"]
+        assert f["prefill_sm_mhz_by_repeat"] == [clocks[f"{n}:prefill"]] * 6
         # only sage_attn's GPU is held down: no other server's request gets its samples (at a window's edge a sample
         # may be of the moment between its own phases, or of the idle gap, never of another server)
         assert f["decode_clock_limited_pct"] >= 95 if n == "sage_attn" else f["decode_clock_limited_pct"] == 0.0
@@ -204,9 +208,12 @@ def test_a_gpus_limits_in_words():
     assert G.limit_words({"name": "x"}) == ""
 
 
-def rows(cand_mhz, base_mhz, copy_mhz=None, n=8192):
+def rows(cand_mhz, base_mhz, copy_mhz=None, n=8192, repeats=6):
+    """One point's rows; a clock is one figure for every repeat, or a list of the repeats' (per-repeat medians)."""
     def row(impl, mhz):
-        return {"status": "ok", "batch": 1, "input_length": n, "implementation": impl, "decode_sm_mhz": mhz,
+        each = list(mhz) if isinstance(mhz, (list, tuple)) else [mhz] * repeats
+        return {"status": "ok", "batch": 1, "input_length": n, "implementation": impl, "decode_sm_mhz": float(np.median(
+                [x for x in each if x is not None])), "decode_sm_mhz_by_repeat": each,
                 "decode_clock_limited_pct": 100.0, "decode_speedup": 0.98, "decode_clock_samples": 40}
     out = [row("sage_attn", cand_mhz), row("triton", base_mhz)]
     return out + ([row("triton copy", copy_mhz)] if copy_mhz is not None else [])
@@ -239,8 +246,49 @@ def test_04_says_where_the_candidate_decoded_at_a_lower_clock():
     assert T.lower_decode_clocks(sweep(rows(1900, 1965, 1890))) == []
     assert "lower SM clock" not in T.clock_words(sweep(rows(1950, 1965, 1965)))
     assert len(T.lower_decode_clocks(sweep(rows(1900, 1965), copy=None))) == 1  # no copy: two steps suffice
+    assert (flag["lower_in_repeats"], flag["paired_repeats"], flag["median_gap_mhz"]) == (6, 6, 165.0)
+    assert "lower in 6 of 6 repeats" in words and "sign test, p < 0.05" in words
+    assert T.clock_words(sweep(rows(1950, 1965, 1965))).endswith("It was lower at no point.")
     clocked = [t for t in T.tables(low) if t[1].startswith("GPU clocks while each ran")]
     assert len(clocked) == 1 and len(clocked[0][0]) == 3 and "every 50 ms" in clocked[0][1]
+
+
+def test_a_lower_median_clock_that_swings_from_repeat_to_repeat_is_not_named():
+    """Under a power cap the clock swings on every server alike: the H100 run of 2026-12-05 had medians of 1560
+    (sage_attn, its prefill on Triton's kernel like the baseline's) against 1650 MHz at 128 x 32. Medians two steps
+    apart, but lower in only some repeats, say nothing about the candidate; lower in (nearly) every repeat does."""
+    from sagecheck.metrics import throughput as T
+
+    base = [1700, 1690, 1680, 1500, 1490, 1480]
+    swinging = [1500, 1490, 1480, 1560, 1550, 1540]  # lower in 3 of 6 repeats (by 200 MHz), higher in 3 (by 60)
+    assert np.median(base) - np.median(swinging) == 70 and np.median(np.subtract(base, swinging)) == 70
+    assert T.lower_decode_clocks(sweep(rows(swinging, base, base))) == []
+    five = [b - 90 for b in base[:5]] + [base[5] + 15]  # lower in 5 of 6: p = 7/64, as likely as not by chance
+    assert T.lower_decode_clocks(sweep(rows(five, base, base))) == []
+    twelve_base = base * 2
+    eleven = [b - 90 for b in twelve_base[:11]] + [twelve_base[11] + 15]  # 11 of 12: p = 13/4096
+    (flag,) = T.lower_decode_clocks(sweep(rows(eleven, twelve_base, twelve_base, repeats=12)))
+    assert (flag["lower_in_repeats"], flag["paired_repeats"]) == (11, 12) and flag["sign_test_p"] == 13 / 4096
+    # repeats with no sample in one of the two windows are left out of the pairs; rows without per-repeat clocks
+    # (a run from before they were kept) are not judged
+    gaps = [1800, None, 1800, 1800, 1800, 1800, 1800]
+    (flag,) = T.lower_decode_clocks(sweep(rows(gaps, [1965] * 7, [1965] * 7)))
+    assert flag["paired_repeats"] == 6
+    bare = rows(1800, 1965, 1950)
+    for r in bare:
+        del r["decode_sm_mhz_by_repeat"]
+    assert T.lower_decode_clocks(sweep(bare)) == []
+
+
+def test_the_sign_test_is_the_binomial_tail():
+    from scipy import stats
+
+    for more, fewer in ((6, 0), (5, 1), (11, 1), (3, 3), (0, 4), (9, 2)):
+        assert G.sign_test_p(more, fewer) == pytest.approx(
+            stats.binomtest(more, more + fewer, 0.5, alternative="greater").pvalue, rel=1e-12)
+    assert G.sign_test_p(0, 0) == 1.0
+    assert G.paired_clock_gaps([1965, None, 1950], [1800, 1800, None]) == [165]
+    assert G.paired_clock_gaps([1965], [1800, 1800]) is None and G.paired_clock_gaps(None, [1800]) is None
 
 
 def test_04_says_why_it_logged_no_clocks():

@@ -58,7 +58,11 @@ def test_a_decode_at_a_lower_gpu_clock_is_said_beside_the_speed(tmp_path):
         {"batch": 1, "input_length": 8192, "candidate_mhz": 1800.0, "baseline_mhz": 1965.0, "copy_mhz": 1950.0}]})
     speed = rec.sentences([tp], SGLANG)[0]
     assert ("At 1 point its GPU decoded at a lower SM clock than the baseline's (input 8192 batch 1: 1800 against 1965 "
-            "MHz; 04's GPU clock log)") in speed
+            "MHz; 04's GPU clock log)") in speed  # a run recorded before the repeats were counted
+    tp.metric("gpu_clocks", {"logged": True, "lower_decode_clocks": [
+        {"batch": 1, "input_length": 8192, "candidate_mhz": 1800.0, "baseline_mhz": 1965.0, "copy_mhz": 1950.0,
+         "lower_in_repeats": 6, "paired_repeats": 6}]})
+    assert "(input 8192 batch 1: 1800 against 1965 MHz, in 6 of 6 repeats; 04's GPU clock log)" in rec.sentences([tp], SGLANG)[0]
 
 
 def test_a_failed_aa_control_and_failing_accuracy_are_said(tmp_path):

@@ -133,14 +133,17 @@ EOF
       > "$out/gpu_tests_sa2.txt" 2>&1
     tail -3 "$out/gpu_tests_sa2.txt"
     step "done";;
-  speed8b)
+  speed8b)  # OVERHEAD=0: 00+04 alone; the H200 preset on an H200, else the one sized for an 80 GB card
     ensure_sa2
-    step "overhead per layer, SA2, 8B shape"
-    sa2 python3 benchmarks/backend_overhead.py --out "$out/overhead_sa2.json" > "$out/overhead_sa2.txt" 2>&1; tail -8 "$out/overhead_sa2.txt"
-    sa2 python3 benchmarks/backend_overhead.py --shape builtin --out "$out/overhead_sa2_builtin.json" \
-      > "$out/overhead_sa2_builtin.txt" 2>&1
-    step "00+04 on the 8B shape, SA2, dispatch measured"
-    sa2 timeout ${RUN_S:-420} python3 -m sagecheck run --params params/sglang-llama8b-random.yaml --only 00,04 \
+    preset=params/sglang-llama8b-random.yaml; large_gpu || preset=params/sglang-llama8b-random-h100.yaml
+    if [ "${OVERHEAD:-1}" != 0 ]; then
+      step "overhead per layer, SA2, 8B shape"
+      sa2 python3 benchmarks/backend_overhead.py --out "$out/overhead_sa2.json" > "$out/overhead_sa2.txt" 2>&1; tail -8 "$out/overhead_sa2.txt"
+      sa2 python3 benchmarks/backend_overhead.py --shape builtin --out "$out/overhead_sa2_builtin.json" \
+        > "$out/overhead_sa2_builtin.txt" 2>&1
+    fi
+    step "00+04 on the 8B shape ($preset), SA2, dispatch measured"
+    sa2 timeout ${RUN_S:-420} python3 -m sagecheck run --params $preset --only 00,04 \
       -p throughput.repeats=${REPEATS:-5} ${EXTRA_P:-} --out /tmp/r8b_v2 -q > /tmp/r8b_v2.log 2>&1
     tail -5 /tmp/r8b_v2.log; step "done"
     tar -C /tmp -czf "$out/r8b.tgz" --exclude='random-model' --exclude='*.safetensors' r8b_v2 r8b_v2.log 2>/dev/null;;

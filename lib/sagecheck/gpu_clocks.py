@@ -16,6 +16,7 @@ instance, an order it cannot map) it says why in ``why_not`` and logs nothing: t
 from __future__ import annotations
 
 import bisect
+import math
 import os
 import statistics
 import threading
@@ -243,16 +244,21 @@ class ClockLog:
     def phase_fields(self, windows: Sequence[tuple[str, float, float, float]], label: str) -> dict[str, Any]:
         """A timing row's clock fields for ``label``: the samples of its requests' prefills (start to first token) and
         decodes (first token to end), ``windows`` being (label, start, first token, end) per timed request; {} where
-        nothing was logged."""
+        nothing was logged. ``{phase}_sm_mhz_by_repeat``: the median SM clock of each of the label's windows in the
+        order given (its timed repeats in run order, as ``ttft_ms_by_repeat``), None for a window no sample fell in;
+        whether a lower clock held in every repeat or in a few is told from them (:func:`paired_clock_gaps`)."""
         if not self.logging:
             return {}
         out: dict[str, Any] = {}
+        own = [w for w in windows if w[0] == label]
         for phase, part in (("prefill", lambda w: (w[1], w[2])), ("decode", lambda w: (w[2], w[3]))):
-            st = clock_stats(self.between(part(w) for w in windows if w[0] == label))
+            st = clock_stats(self.between(part(w) for w in own))
             out[f"{phase}_clock_samples"] = st["samples"] if st else 0
             if st:
                 out.update({f"{phase}_sm_mhz": st["sm_median_mhz"], f"{phase}_sm_min_mhz": st["sm_min_mhz"],
                             f"{phase}_clock_limited_pct": st["limited_pct"]})
+                each = [clock_stats(self.between([part(w)])) for w in own]
+                out[f"{phase}_sm_mhz_by_repeat"] = [e["sm_median_mhz"] if e else None for e in each]
         return out
 
 
@@ -274,6 +280,23 @@ def clock_stats(samples: Sequence[Sample]) -> dict[str, Any] | None:
             "limited_pct": 100.0 * sum(bool(s.reasons & LIMITING) for s in samples) / len(samples),
             "power_capped_pct": 100.0 * sum(bool(s.reasons & POWER_CAP) for s in samples) / len(samples),
             "samples": len(samples)}
+
+
+def paired_clock_gaps(first: Sequence[float | None] | None, second: Sequence[float | None] | None) -> list[float] | None:
+    """``first - second`` (MHz) repeat by repeat, where both have a clock (per-repeat medians of two implementations
+    timed in the same repeats: ``*_sm_mhz_by_repeat``); None where either has none or their repeats differ in number."""
+    if not first or not second or len(first) != len(second):
+        return None
+    return [a - b for a, b in zip(first, second) if a is not None and b is not None]
+
+
+def sign_test_p(more: int, fewer: int) -> float:
+    """One-sided sign test: the probability of ``more`` or more of ``more + fewer`` paired differences falling on one
+    side when each side is as likely (ties left out before); 1.0 for no pairs."""
+    n = more + fewer
+    if n == 0:
+        return 1.0
+    return sum(math.comb(n, k) for k in range(more, n + 1)) / 2 ** n
 
 
 def reason_words(mask: int) -> str:
