@@ -24,8 +24,8 @@ Per variant and length: the median time to first token and decode time with thei
 ratio triton / variant (above 1: faster than triton); for the variants that write statistics, where their prefill
 batches ran. If ``sage_attn_all_triton`` matches triton, the cost is the kernel route or the start-up measurement; if it
 does not, it is the backend's class around Triton's kernel; ``sage_attn_no_stats`` tells the statistics' share.
-On the H200 (2026-12-05, README) none of these: triton's own copy read 1.16x triton at 128 x 1, and the profiles showed
-the same GPU work on every server with host times that differed between processes of the same code.
+On the H200 (2026-12-05, benchmarks/RESULTS.md) none of these: triton's own copy read 1.16x triton at 128 x 1, and
+the profiles showed the same GPU work on every server with host times that differed between processes of the same code.
 
 ``--steps N``: after the timings, at each length, every server's decode is timed step by step (N steps of one request,
 interleaved, as the client sees the tokens arrive): whether a variant's decode is slower right after its prefill or at

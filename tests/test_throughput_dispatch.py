@@ -23,7 +23,7 @@ def _close():
     plt.close("all")
 
 
-# the H200 measurement of 2026-12-05 (README): one layer, 32/8 heads of 128, bf16, ms
+# the H200 measurement of 2026-12-05 (benchmarks/RESULTS.md): one layer, 32/8 heads of 128, bf16, ms
 H200 = {"lengths": [256, 512, 1024, 2048, 4096, 8192, 16384],
         "kernel_ms": [0.76, 0.75, 0.72, 0.73, 0.78, 1.35, 3.42],
         "kernel_alone_ms": [0.28, 0.26, 0.27, 0.30, 0.46, 0.97, 2.98],

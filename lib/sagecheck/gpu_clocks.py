@@ -2,9 +2,10 @@
 each timed request can be read with the clock its GPU ran at.
 
 Why: a decode timed right after a power-dense prefill runs at a lower SM clock. On an H100 under its power cap
-(2026-12-05, README) the SM clock in the first 16 decode steps after a SageAttention 2 prefill of 8192 tokens was
-1590-1830 MHz against 1800-1928 after Triton's, with the same decode kernels on both servers: the decode's ratio there
-carries the GPU's power state, and a reviewer cannot tell that from the attention path without the clock beside it.
+(2026-12-05, benchmarks/RESULTS.md) the SM clock in the first 16 decode steps after a SageAttention 2 prefill of 8192
+tokens was 1590-1830 MHz against 1800-1928 after Triton's, with the same decode kernels on both servers: the decode's
+ratio there carries the GPU's power state, and a reviewer cannot tell that from the attention path without the clock
+beside it.
 
 :class:`ClockLog` samples every ``interval_s`` (NVML through ``pynvml``, from a thread of this process: no subprocess,
 and each sample stamped with this process's ``time.time()``, the clock the timings' windows use) the GPUs the timed
@@ -282,7 +283,8 @@ def clock_stats(samples: Sequence[Sample]) -> dict[str, Any] | None:
             "samples": len(samples)}
 
 
-def paired_clock_gaps(first: Sequence[float | None] | None, second: Sequence[float | None] | None) -> list[float] | None:
+def paired_clock_gaps(first: Sequence[float | None] | None,
+                      second: Sequence[float | None] | None) -> list[float] | None:
     """``first - second`` (MHz) repeat by repeat, where both have a clock (per-repeat medians of two implementations
     timed in the same repeats: ``*_sm_mhz_by_repeat``); None where either has none or their repeats differ in number."""
     if not first or not second or len(first) != len(second):

@@ -1,8 +1,8 @@
 """Which extend batches go to the kernel: only where it pays on this GPU, from a measurement made at start.
 
 sageattention's kernels win on long sequences and lose on short ones: on an H200, SageAttention 2's FP8 kernel is
-1.25x SDPA at 16k keys and 0.35x at 1k (README, 08), and a short prefill pays the integration's fixed cost
-(smoothing, quantization launches) in every layer. So ``sage_attn`` sends each extend batch either to the kernel or
+1.25x SDPA at 16k keys and 0.35x at 1k (benchmarks/RESULTS.md, 08), and a short prefill pays the integration's fixed
+cost (smoothing, quantization launches) in every layer. So ``sage_attn`` sends each extend batch either to the kernel or
 to the Triton backend's extend kernel (the baseline's own), by a crossover measured when the server starts, on its
 GPU, at its model's shapes (:func:`measure`): one request of ``L`` tokens, causal, this rank's heads, head dim and
 dtype; the backend's whole kernel path (smoothing, padding, the calls) against Triton's extend, for ``L`` in
@@ -11,9 +11,9 @@ least as fast at every longer measured length (:func:`crossover_from`); none if 
 
 An extend over a cached prefix (a chunked prefill's later chunks, a radix-cache hit) runs another path: the split
 of :mod:`.split` with SageAttention 2, which gathers the prefix's keys and merges two calls, and costs more per key
-than a cold request. On an H200 (2026-12-05, README) the candidate's start-up measurement put cold requests on the
-kernel from 4096 keys and half-cached ones from 8192 (1.37 ms per layer against Triton's 0.58 at 4096 keys). So where
-the backend's timers can, the same measurement times requests of ``L`` keys
+than a cold request. On an H200 (2026-12-05, benchmarks/RESULTS.md) the candidate's start-up measurement put cold
+requests on the kernel from 4096 keys and half-cached ones from 8192 (1.37 ms per layer against Triton's 0.58 at 4096
+keys). So where the backend's timers can, the same measurement times requests of ``L`` keys
 whose first half is a cached prefix (:attr:`Timers.kernel_path_prefix`, :attr:`Timers.triton_prefix`), and those
 requests have a crossover of their own (``prefix_keys``; none where the kernel path never caught up).
 
