@@ -219,10 +219,10 @@ def rows(cand_mhz, base_mhz, copy_mhz=None, n=8192, repeats=6):
     return out + ([row("triton copy", copy_mhz)] if copy_mhz is not None else [])
 
 
-def sweep(rows_, copy="triton copy", facts=None):
+def sweep(rows_, copy="triton copy", facts=None, baseline="triton", candidate="sage_attn"):
     from sagecheck.metrics.throughput import Sweep
 
-    return Sweep(rows_, "triton", "sage_attn", [8192], [1], "H100, sage_attn vs triton", served={"servers": {}, "order": "a Williams design",
+    return Sweep(rows_, baseline, candidate, [8192], [1], "H100, sage_attn vs triton", served={"servers": {}, "order": "a Williams design",
                                                                          "clock": "client wall clock"},
                  copy=copy, gpu_clocks=facts if facts is not None else {
                      "logged": True, "why_not": None, "interval_ms": 50, "samples": 900, "source": "NVML (pynvml)",
@@ -332,11 +332,16 @@ def test_the_in_process_sweep_gives_each_implementation_its_own_clocks(builtin):
             return [(0, clocks.get(builtin.current_implementation(), 0.0), 300.0, 0)]
 
     with G.ClockLog([0], reader=ImplementationReader({}, running), interval_s=0.001) as log:
-        rows_, _ = T.sweep(builtin, ("sdpa", "sage-emulated"), [64], [2], decode_tokens=6, repeats=3, warmup=0, seed=0,
+        rows_, _ = T.sweep(builtin, ("sdpa", "sage-emulated"), [64], [2], decode_tokens=6, repeats=5, warmup=0, seed=0,
                            repeat_point=False, clocks=log)
     for r in rows_:
         assert r["decode_clock_samples"] > 0 and r["decode_sm_mhz"] == clocks[r["implementation"]], r
         assert r["prefill_clock_samples"] > 0 and r["prefill_sm_mhz"] == clocks[r["implementation"]], r
+        assert r["decode_sm_mhz_by_repeat"] == [clocks[r["implementation"]]] * 5, r
+    # lower in all 5 repeats (p = 1/32): 04 names the point
+    (flag,) = T.lower_decode_clocks(sweep([{**r, "decode_speedup": 1.0} for r in rows_], copy=None,
+                                                baseline="sdpa", candidate="sage-emulated"))
+    assert (flag["candidate_mhz"], flag["baseline_mhz"], flag["lower_in_repeats"]) == (1590.0, 1965.0, 5)
 
 
 @pytest.mark.gpu
