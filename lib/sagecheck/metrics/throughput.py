@@ -421,7 +421,8 @@ CLOCK_COLUMNS = ["input_length", "batch", "implementation", "prefill_sm_mhz", "p
                  "decode_clock_samples"]
 
 
-CLOCK_LOWER_P = 0.05  # a one-sided sign test over the repeats: lower in this few repeats by chance is not said
+# a clock lower in no more repeats than chance gives at this level (a one-sided sign test) is not named
+CLOCK_LOWER_P = 0.05
 
 
 def lower_decode_clocks(s: Sweep) -> list[dict[str, Any]]:
@@ -443,7 +444,8 @@ def lower_decode_clocks(s: Sweep) -> list[dict[str, Any]]:
         if not gaps:
             continue
         copy = by.get((b, n, s.copy)) if s.copy else None
-        aa_gaps = paired_clock_gaps(base.get("decode_sm_mhz_by_repeat"), copy.get("decode_sm_mhz_by_repeat")) if copy else None
+        aa_gaps = (paired_clock_gaps(base.get("decode_sm_mhz_by_repeat"), copy.get("decode_sm_mhz_by_repeat"))
+                   if copy else None)
         gap, aa_gap = float(np.median(gaps)), abs(float(np.median(aa_gaps))) if aa_gaps else 0.0
         lower, higher = sum(g > 0 for g in gaps), sum(g < 0 for g in gaps)
         p = sign_test_p(lower, higher)
@@ -476,8 +478,9 @@ def clock_words(s: Sweep) -> str | None:
     if c.get("why_not"):
         words += f" The log ended early: {c['why_not']}."
     words += (f" The candidate's decode clock counts as lower than the baseline's at a point where, over the same "
-              f"repeats, it was lower by {2 * CLOCK_STEP_MHZ} MHz or more (median of the per-repeat differences), in more "
-              f"repeats than chance gives (sign test, p < {CLOCK_LOWER_P}) and by more than the A/A copy's difference.")
+              f"repeats, it was lower by {2 * CLOCK_STEP_MHZ} MHz or more (median of the per-repeat differences), in "
+              f"more repeats than chance gives (sign test, p < {CLOCK_LOWER_P}) and by more than the A/A copy's "
+              f"difference.")
     lower = lower_decode_clocks(s)
     if lower:
         points = "; ".join(

@@ -128,7 +128,8 @@ def speed_sentence(res: R.Results | None, candidate: str, baseline: str, cpu_emu
     if lower:  # 04's GPU clock log: the candidate's decode ran at a lower SM clock than the baseline's and its copy's
         named = "; ".join(f"input {r['input_length']} batch {r['batch']}: {r['candidate_mhz']:.0f} against "
                           f"{r['baseline_mhz']:.0f} MHz"
-                          + (f", in {r['lower_in_repeats']} of {r['paired_repeats']} repeats" if "paired_repeats" in r else "")
+                          + (f", in {r['lower_in_repeats']} of {r['paired_repeats']} repeats"
+                             if "paired_repeats" in r else "")
                           for r in lower[:3])
         sentence += (f" At {len(lower)} point{'s' if len(lower) > 1 else ''} its GPU decoded at a lower SM clock than the "
                      f"baseline's ({named}{', ...' if len(lower) > 3 else ''}; 04's GPU clock log): a decode speedup there "

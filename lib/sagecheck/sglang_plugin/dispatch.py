@@ -1,7 +1,7 @@
 """Which extend batches go to the kernel: only where it pays on this GPU, from a measurement made at start.
 
 sageattention's kernels win on long sequences and lose on short ones: on an H200, SageAttention 2's FP8 kernel is
-1.25x SDPA at 16k keys and 0.35x at 1k (benchmarks/RESULTS.md, 08), and a short prefill pays the integration's fixed
+1.23x SDPA at 16k keys and 0.35x at 1k (benchmarks/RESULTS.md, 08), and a short prefill pays the integration's fixed
 cost (smoothing, quantization launches) in every layer. So ``sage_attn`` sends each extend batch either to the kernel or
 to the Triton backend's extend kernel (the baseline's own), by a crossover measured when the server starts, on its
 GPU, at its model's shapes (:func:`measure`): one request of ``L`` tokens, causal, this rank's heads, head dim and
