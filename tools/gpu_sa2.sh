@@ -60,6 +60,8 @@ ensure_sa2() {
 }
 step() { echo "== $(date +%T) $*"; }
 large_gpu() { [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)" -gt 100000 ]; }  # an H200
+# the 8B-shape preset whose three servers fit this GPU: the H200's (141 GB), else the one sized for an 80 GB card
+preset8b() { if large_gpu; then echo params/sglang-llama8b-random.yaml; else echo params/sglang-llama8b-random-h100.yaml; fi; }
 case $phase in
   check|paths)
     ensure_sa2
@@ -133,9 +135,9 @@ EOF
       > "$out/gpu_tests_sa2.txt" 2>&1
     tail -3 "$out/gpu_tests_sa2.txt"
     step "done";;
-  speed8b)  # OVERHEAD=0: 00+04 alone; the H200 preset on an H200, else the one sized for an 80 GB card
+  speed8b)  # OVERHEAD=0: 00+04 alone, on the preset that fits the GPU (preset8b)
     ensure_sa2
-    preset=params/sglang-llama8b-random.yaml; large_gpu || preset=params/sglang-llama8b-random-h100.yaml
+    preset=$(preset8b)
     if [ "${OVERHEAD:-1}" != 0 ]; then
       step "overhead per layer, SA2, 8B shape"
       sa2 python3 benchmarks/backend_overhead.py --out "$out/overhead_sa2.json" > "$out/overhead_sa2.txt" 2>&1; tail -8 "$out/overhead_sa2.txt"
@@ -167,8 +169,7 @@ EOF
           # 10's paths with SA2 and the wrong variants, then 00,02,03,07 on the built-in model with SA2 and 1.0.6 and
           # their compare; `wait35all` waits for it and packs what is there
     ensure_sa2
-    # three 8B servers: the H200 preset (141 GB), else the one sized for an 80 GB card
-    preset=params/sglang-llama8b-random.yaml; large_gpu || preset=params/sglang-llama8b-random-h100.yaml
+    preset=$(preset8b)
     echo "8B preset: $preset"
     cat > /tmp/all35.sh <<EOF
 cd $PWD

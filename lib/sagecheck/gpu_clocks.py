@@ -17,7 +17,6 @@ instance, an order it cannot map) it says why in ``why_not`` and logs nothing: t
 from __future__ import annotations
 
 import bisect
-import math
 import os
 import statistics
 import threading
@@ -238,10 +237,6 @@ class ClockLog:
         return {"logged": self._thread is not None, "why_not": self.why_not, "gpus": self.gpus,
                 "interval_ms": round(self.interval_s * 1e3), "samples": len(self.samples), "source": "NVML (pynvml)"}
 
-    def between(self, windows: Iterable[tuple[float, float]]) -> list[Sample]:
-        """The samples taken within any of ``windows`` ((start, end) unix seconds, end excluded)."""
-        return samples_within(list(self.samples), windows)  # in time order: one thread appends them
-
     def phase_fields(self, windows: Sequence[tuple[str, float, float, float]], label: str) -> dict[str, Any]:
         """A timing row's clock fields for ``label``: the samples of its requests' prefills (start to first token) and
         decodes (first token to end), ``windows`` being (label, start, first token, end) per timed request; {} where
@@ -252,21 +247,29 @@ class ClockLog:
             return {}
         out: dict[str, Any] = {}
         own = [w for w in windows if w[0] == label]
+        samples = list(self.samples)  # in time order: one thread appends them
         for phase, part in (("prefill", lambda w: (w[1], w[2])), ("decode", lambda w: (w[2], w[3]))):
-            st = clock_stats(self.between(part(w) for w in own))
+            each = samples_by_window(samples, [part(w) for w in own])
+            st = clock_stats([s for window in each for s in window])
             out[f"{phase}_clock_samples"] = st["samples"] if st else 0
             if st:
                 out.update({f"{phase}_sm_mhz": st["sm_median_mhz"], f"{phase}_sm_min_mhz": st["sm_min_mhz"],
-                            f"{phase}_clock_limited_pct": st["limited_pct"]})
-                each = [clock_stats(self.between([part(w)])) for w in own]
-                out[f"{phase}_sm_mhz_by_repeat"] = [e["sm_median_mhz"] if e else None for e in each]
+                            f"{phase}_clock_limited_pct": st["limited_pct"],
+                            f"{phase}_sm_mhz_by_repeat": [statistics.median(s.sm_mhz for s in window) if window else None
+                                                          for window in each]})
         return out
+
+
+def samples_by_window(samples: Sequence[Sample], windows: Iterable[tuple[float, float]]) -> list[list[Sample]]:
+    """Per window of ``windows`` ((start, end) unix seconds, end excluded), the ``samples`` (in time order) taken
+    within it."""
+    times = [s.t for s in samples]
+    return [list(samples[bisect.bisect_left(times, a):bisect.bisect_left(times, b)]) for a, b in windows]
 
 
 def samples_within(samples: Sequence[Sample], windows: Iterable[tuple[float, float]]) -> list[Sample]:
     """The ``samples`` (in time order) taken within any of ``windows`` ((start, end) unix seconds, end excluded)."""
-    times = [s.t for s in samples]
-    return [s for a, b in windows for s in samples[bisect.bisect_left(times, a):bisect.bisect_left(times, b)]]
+    return [s for window in samples_by_window(samples, windows) for s in window]
 
 
 def clock_stats(samples: Sequence[Sample]) -> dict[str, Any] | None:
@@ -294,11 +297,13 @@ def paired_clock_gaps(first: Sequence[float | None] | None,
 
 def sign_test_p(more: int, fewer: int) -> float:
     """One-sided sign test: the probability of ``more`` or more of ``more + fewer`` paired differences falling on one
-    side when each side is as likely (ties left out before); 1.0 for no pairs."""
-    n = more + fewer
-    if n == 0:
+    side when each side is as likely (ties left out before; scipy's exact binomial test, as 09's McNemar); 1.0 for no
+    pairs."""
+    from scipy import stats
+
+    if more + fewer == 0:
         return 1.0
-    return sum(math.comb(n, k) for k in range(more, n + 1)) / 2 ** n
+    return float(stats.binomtest(more, more + fewer, 0.5, alternative="greater").pvalue)
 
 
 def reason_words(mask: int) -> str:
